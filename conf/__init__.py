@@ -1,0 +1,1 @@
+"""Hydra config tree of transferlab (packaged as transferlab.conf so installed commands find it)."""

@@ -1,0 +1,58 @@
+"""Fetching pretrained weights, with a one-line error when they are neither on disk nor online."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from transferlab.errors import UserError
+
+
+def torch_hub_checkpoints() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def hf_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def host_reachable(host: str, timeout: float = 3.0) -> bool:
+    """Whether ``host`` resolves (a fast check before a download that would retry for a minute)."""
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def load_torchvision_state_dict(weights, model_name: str) -> dict[str, torch.Tensor]:
+    """The state dict of a torchvision weight enum member, from TORCH_HOME or downloaded."""
+    filename = os.path.basename(urlparse(weights.url).path)
+    target = torch_hub_checkpoints() / filename
+    try:
+        return weights.get_state_dict(progress=True, check_hash=False)
+    except Exception as exc:  # URLError, hash or unpickling errors
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise UserError(
+            f"pretrained weights for {model_name} ({weights}) are not on disk and could not be "
+            f"downloaded ({reason}): download {weights.url} and put {filename} at {target} "
+            f"(TORCH_HOME moves the cache), or set backbone.pretrained=false to train from scratch"
+        ) from None
+
+
+def timm_weights_hint(model_name: str, hf_hub_id: str | None) -> str:
+    where = f"Hugging Face repo {hf_hub_id}" if hf_hub_id else f"timm's weights for {model_name}"
+    return (
+        f"download {where} on a machine with internet and copy it into the Hugging Face cache "
+        f"{hf_cache_dir()} (HF_HOME moves it), or set backbone.pretrained=false"
+    )

@@ -1,0 +1,309 @@
+"""Typed run configuration: a thin, explicit mapping from the Hydra config to dataclasses.
+
+Hydra composes ``conf/`` into one DictConfig; :func:`load_config` turns it into a
+:class:`RunConfig`. Each config group has one dataclass here; an unknown key is a one-line
+error naming the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from transferlab.errors import UserError, did_you_mean
+
+
+@dataclass
+class BackboneConfig:
+    name: str
+    source: str  # torchvision | timm | efficientnet_lite0_package
+    pretrained: bool = True
+    weights: str = "DEFAULT"  # torchvision weight enum member (e.g. IMAGENET1K_V1) or DEFAULT
+
+
+@dataclass
+class HeadConfig:
+    name: str  # linear | mlp | flatten_dense
+    dropout: float = 0.0
+
+
+@dataclass
+class DatasetConfig:
+    name: str
+    kind: str  # digits | image_folder
+    root: str | None = None
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    image_size: int | None = None  # None: the backbone's native input size
+    crop_pct: float | None = None  # None: the backbone's (resize to size/crop_pct, centre crop)
+
+
+@dataclass
+class AugmentConfig:
+    name: str  # none | crop_flip | standard
+    scale_min: float = 0.08  # crop_flip: RandomResizedCrop's smallest area fraction
+    hflip: float = 0.5  # probability of a horizontal flip
+    rotation: float = 20.0  # standard: degrees
+    shift: float = 0.2  # standard: fraction of width / height
+    shear: float = 0.2  # standard: degrees (as Keras' shear_range)
+    zoom: float = 0.2  # standard: scale in [1 - zoom, 1 + zoom]
+
+
+@dataclass
+class SelectorSpec:
+    """One entry of a stage's ``train`` list (a plain string is ``select`` alone)."""
+
+    select: str
+    lr: float | None = None  # absolute learning rate
+    lr_mult: float = 1.0  # multiplier of optimizer.lr (ignored when lr is set)
+
+
+@dataclass
+class SchedulerSpec:
+    """A learning-rate schedule over one stage's steps (multiplies every group's LR)."""
+
+    name: str = "constant"  # constant | cosine | step | onecycle
+    warmup_steps: int = 0  # linear warm-up from lr / warmup_steps to lr
+    min_lr_mult: float = 0.0  # cosine: the LR it decays to, as a fraction of the LR
+    step_epochs: int = 1  # step: multiply by gamma every step_epochs epochs
+    gamma: float = 0.1
+    pct_start: float = 0.3  # onecycle: fraction of the stage spent rising
+    div_factor: float = 25.0  # onecycle: starts at lr / div_factor
+    final_div_factor: float = 1.0e4  # onecycle: ends at lr / (div_factor * final_div_factor)
+
+
+@dataclass
+class StageSpec:
+    name: str
+    epochs: int
+    train: list[SelectorSpec]
+    # BatchNorm: frozen = layers in frozen parts in eval mode (statistics untouched), the rest
+    # train; train = every layer updates its statistics; eval = every layer in eval mode, even
+    # in trained parts (Keras' base_model(x, training=False)).
+    bn: str = "frozen"
+    reset_optimizer: bool = False  # drop optimizer state (e.g. Adam moments) at the stage start
+    layer_decay: float | None = None  # backbone block i of n trains at lr * decay^(n-1-i)
+    scheduler: SchedulerSpec | None = None  # None: the run's scheduler
+
+
+@dataclass
+class GradualSpec:
+    """Head first, then one more backbone block unfrozen every ``every`` epochs, top down."""
+
+    every: int = 2  # epochs of each stage
+    blocks: int | None = None  # how many blocks to unfreeze in all (None: every block)
+    head_epochs: int | None = None  # epochs of the head-only stage (None: every)
+    block_lr_mult: float = 0.1  # LR of the first (top) unfrozen block, x optimizer.lr
+    decay: float = 1.0  # each block further down trains at decay x the LR of the one above
+    bn: str = "frozen"
+
+
+@dataclass
+class FreezeConfig:
+    """A freeze policy: explicit ``stages``, or a ``gradual`` schedule expanded per backbone.
+
+    Other scalar keys of a preset (``n``, ``k``, ``head_epochs``...) are its knobs: the
+    stages refer to them by interpolation (``blocks[${freeze.n}:]``).
+    """
+
+    name: str
+    stages: list[StageSpec] = field(default_factory=list)
+    gradual: GradualSpec | None = None
+    knobs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_epochs(self) -> int:
+        """Epochs of the explicit stages (a gradual policy's depend on the backbone)."""
+        return sum(s.epochs for s in self.stages)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str  # adam | adamw | sgd | rmsprop
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    decay_norm_and_bias: bool = False  # apply weight decay to norm weights and biases too
+    momentum: float = 0.0
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    alpha: float = 0.99  # RMSprop smoothing constant
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 5
+    batch_size: int = 32
+    eval_batch_size: int | None = None  # None: 2 x batch_size
+    num_workers: int | None = None  # None: picked from the CPU count
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    deterministic: bool = False
+    progress: bool | None = None  # None: a progress bar when stderr is a terminal
+    channels_last: bool = True
+    amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16)
+    log_every_n_steps: int = 1
+
+
+@dataclass
+class RunConfig:
+    name: str
+    seed: int
+    backbone: BackboneConfig
+    head: HeadConfig
+    dataset: DatasetConfig
+    augment: AugmentConfig
+    freeze: FreezeConfig
+    optimizer: OptimizerConfig
+    scheduler: SchedulerSpec
+    trainer: TrainerConfig
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)  # resolved config
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, where)
+    if dataclasses.is_dataclass(tp):
+        return from_mapping(tp, value, where)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise UserError(f"{where} must be a list, got {value!r}")
+        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        items = typing.get_args(tp)
+        if not isinstance(value, list | tuple) or len(value) != len(items):
+            raise UserError(f"{where} must be a list of {len(items)} values, got {value!r}")
+        pairs = enumerate(zip(items, value, strict=True))
+        return tuple(_coerce(t, v, f"{where}[{i}]") for i, (t, v) in pairs)
+    if tp in (int, float) and isinstance(value, bool):
+        raise UserError(f"{where} must be {tp.__name__}, got {value!r}")
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if tp in (int, float, str, bool) and not isinstance(value, tp):
+        raise UserError(f"{where} must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_mapping(cls: type, mapping: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a plain mapping; unknown or missing keys are user errors."""
+    if cls is SelectorSpec and isinstance(mapping, str):
+        return SelectorSpec(select=mapping)
+    if not isinstance(mapping, dict):
+        raise UserError(f"{where} must be a mapping, got {mapping!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in ("raw", "knobs")}
+    hints = typing.get_type_hints(cls)
+    unknown = [k for k in mapping if k not in fields]
+    if cls is FreezeConfig:  # a preset's scalar knobs
+        knobs = {k: mapping[k] for k in unknown if not isinstance(mapping[k], dict | list)}
+        unknown = [k for k in unknown if k not in knobs]
+    if unknown:
+        raise UserError(
+            f"unknown key {where}.{unknown[0]}{did_you_mean(unknown[0], fields)}; "
+            f"valid keys: {', '.join(fields)}"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        if name in mapping:
+            kwargs[name] = _coerce(hints[name], mapping[name], f"{where}.{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise UserError(f"{where}.{name} is required")
+    if cls is FreezeConfig:
+        kwargs["knobs"] = knobs
+    return cls(**kwargs)
+
+
+GROUPS = {
+    "backbone": BackboneConfig,
+    "head": HeadConfig,
+    "dataset": DatasetConfig,
+    "augment": AugmentConfig,
+    "freeze": FreezeConfig,
+    "optimizer": OptimizerConfig,
+    "scheduler": SchedulerSpec,
+    "trainer": TrainerConfig,
+}
+
+
+def load_config(cfg: DictConfig | dict) -> RunConfig:
+    """Resolve the composed Hydra config and map it onto :class:`RunConfig`."""
+    if isinstance(cfg, DictConfig):
+        missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
+        if missing:
+            raise UserError(f"{missing[0]} is not set: add {missing[0]}=... to the command line")
+        try:
+            raw = OmegaConf.to_container(cfg, resolve=True)
+        except Exception as exc:  # interpolation errors, missing env vars
+            raise UserError(f"cannot resolve the config: {exc}") from None
+    else:
+        raw = dict(cfg)
+    raw.pop("hydra", None)
+    missing = [g for g in GROUPS if g not in raw]
+    if missing:
+        raise UserError(f"config group {missing[0]!r} is missing from the composed config")
+    groups = {g: from_mapping(cls, raw[g], g) for g, cls in GROUPS.items()}
+    run = RunConfig(name=str(raw.get("name", "run")), seed=int(raw.get("seed", 0)), raw=raw,
+                    **groups)
+    validate(run)
+    return run
+
+
+SCHEDULERS = ("constant", "cosine", "step", "onecycle")
+BN_MODES = ("frozen", "train", "eval")
+
+
+def validate_stage(stage: StageSpec, where: str) -> None:
+    if stage.epochs < 0:
+        raise UserError(f"{where}.epochs must be >= 0, got {stage.epochs}")
+    if stage.bn not in BN_MODES:
+        raise UserError(f"{where}.bn must be one of {', '.join(BN_MODES)}, got {stage.bn!r}")
+    if not stage.train:
+        raise UserError(f"{where} ({stage.name}) trains nothing: give 'train'")
+    if stage.layer_decay is not None and not 0.0 < stage.layer_decay <= 1.0:
+        raise UserError(f"{where}.layer_decay must be in (0, 1], got {stage.layer_decay}")
+    if stage.scheduler is not None:
+        validate_scheduler(stage.scheduler, f"{where}.scheduler")
+
+
+def validate_scheduler(spec: SchedulerSpec, where: str) -> None:
+    if spec.name not in SCHEDULERS:
+        raise UserError(f"unknown {where}.name {spec.name!r}{did_you_mean(spec.name, SCHEDULERS)};"
+                        f" choose one of {', '.join(SCHEDULERS)}")
+    if spec.warmup_steps < 0 or spec.step_epochs < 1 or not 0.0 < spec.pct_start < 1.0:
+        raise UserError(f"{where}: warmup_steps >= 0, step_epochs >= 1 and 0 < pct_start < 1")
+
+
+def validate(run: RunConfig) -> None:
+    """Cross-field checks that no single dataclass can make."""
+    policy = run.freeze
+    if not policy.stages and policy.gradual is None:
+        raise UserError(f"freeze policy {policy.name!r} has no stages")
+    if policy.stages and policy.gradual is not None:
+        raise UserError(f"freeze policy {policy.name!r} gives both stages and gradual: keep one")
+    for i, stage in enumerate(policy.stages):
+        validate_stage(stage, f"freeze.stages[{i}]")
+    if policy.gradual is not None:
+        if policy.gradual.every < 1:
+            raise UserError(f"freeze.gradual.every must be >= 1, got {policy.gradual.every}")
+        if policy.gradual.bn not in BN_MODES:
+            raise UserError(f"freeze.gradual.bn must be one of {', '.join(BN_MODES)}, got "
+                            f"{policy.gradual.bn!r}")
+    elif sum(s.epochs for s in policy.stages) < 1:
+        raise UserError("the freeze policy runs 0 epochs in total: set trainer.epochs >= 1")
+    validate_scheduler(run.scheduler, "scheduler")
+    if run.trainer.batch_size < 1:
+        raise UserError(f"trainer.batch_size must be >= 1, got {run.trainer.batch_size}")
+    if not 0.0 < run.dataset.val_fraction < 1.0:
+        raise UserError(f"dataset.val_fraction must be in (0, 1), got {run.dataset.val_fraction}")
+    if run.optimizer.lr <= 0:
+        raise UserError(f"optimizer.lr must be > 0, got {run.optimizer.lr}")

@@ -1,0 +1,31 @@
+"""User-facing errors: one line saying what is wrong and how to fix it."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class UserError(Exception):
+    """A mistake in the user's config, data or environment.
+
+    The command-line entry points print ``error: <message>`` on one line and exit with a
+    non-zero code instead of showing a traceback.
+    """
+
+    def __str__(self) -> str:  # always a single line
+        return " ".join(super().__str__().split())
+
+
+def nearest(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
+    """The candidates closest to ``name`` (for "did you mean" hints)."""
+    candidates = list(dict.fromkeys(candidates))
+    close = difflib.get_close_matches(name, candidates, n=n, cutoff=0.4)
+    if not close:
+        close = [c for c in candidates if name.split(".")[0] in c][:n]
+    return close
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    close = nearest(name, candidates)
+    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""

@@ -1,0 +1,89 @@
+"""The plain PyTorch training and evaluation loops."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from transferlab.runtime import Precision
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    acc: float
+    samples: int
+    seconds: float
+
+
+class _Running:
+    def __init__(self):
+        self.loss_sum, self.correct, self.count = 0.0, 0, 0
+
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        n = y.shape[0]
+        self.loss_sum += float(loss) * n
+        self.correct += int((logits.argmax(1) == y).sum())
+        self.count += n
+
+    def stats(self, seconds: float) -> EpochStats:
+        n = max(self.count, 1)
+        return EpochStats(self.loss_sum / n, self.correct / n, self.count, seconds)
+
+
+def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool):
+    fmt = torch.channels_last if channels_last and x.ndim == 4 else torch.contiguous_format
+    non_blocking = device.type == "cuda"
+    return (x.to(device, non_blocking=non_blocking, memory_format=fmt),
+            y.to(device, non_blocking=non_blocking))
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
+                    optimizer: torch.optim.Optimizer, device: torch.device, precision: Precision,
+                    *, channels_last: bool = False, progress: bool = False, desc: str = "train",
+                    before_step: Callable[[torch.optim.Optimizer], None] | None = None
+                    ) -> EpochStats:
+    """One pass over ``loader``; the caller has set train/eval modes and requires_grad.
+
+    ``before_step(optimizer)`` runs before every optimizer step (LR schedule, LR logging).
+    """
+    start, running = time.perf_counter(), _Running()
+    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    for x, y in bar:
+        x, y = _to_device(x, y, device, channels_last)
+        if before_step is not None:
+            before_step(optimizer)
+        with precision.autocast():
+            logits = model(x)
+            loss = criterion(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        precision.scaler.scale(loss).backward()
+        precision.scaler.step(optimizer)
+        precision.scaler.update()
+        running.update(loss.detach(), logits.detach(), y)
+        if progress:
+            s = running.stats(0)
+            bar.set_postfix(loss=f"{s.loss:.4f}", acc=f"{s.acc:.3f}")
+    return running.stats(time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device: torch.device,
+             precision: Precision, *, channels_last: bool = False, progress: bool = False,
+             desc: str = "val") -> EpochStats:
+    """Loss and accuracy of ``model`` over ``loader``; leaves the model in eval mode."""
+    model.eval()
+    start, running = time.perf_counter(), _Running()
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+        x, y = _to_device(x, y, device, channels_last)
+        with precision.autocast():
+            logits = model(x)
+            loss = criterion(logits, y)
+        running.update(loss, logits, y)
+    return running.stats(time.perf_counter() - start)

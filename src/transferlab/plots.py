@@ -1,0 +1,55 @@
+"""Learning-curve figures: accuracy and loss, train vs val, stage boundaries marked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def stage_starts(history: list[dict]) -> list[tuple[int, str]]:
+    """(epoch, stage) where each stage begins, the first one included."""
+    starts, previous = [], None
+    for rec in history:
+        if rec["stage"] != previous:
+            starts.append((rec["epoch"], rec["stage"]))
+        previous = rec["stage"]
+    return starts
+
+
+def learning_curves(history: list[dict], title: str = "") -> Figure:
+    """Two panels (accuracy, loss), train vs val; a dashed line at every stage boundary,
+    each stage labelled with its name where it starts."""
+    epochs = [r["epoch"] for r in history]
+    starts = stage_starts(history)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, metric, label in ((axes[0], "acc", "accuracy"), (axes[1], "loss", "loss")):
+        ax.plot(epochs, [r[f"train_{metric}"] for r in history], "o-", label=f"train {label}")
+        ax.plot(epochs, [r[f"val_{metric}"] for r in history], "s-", label=f"val {label}")
+        for i, (epoch, stage) in enumerate(starts):
+            if i > 0:
+                ax.axvline(epoch - 0.5, color="grey", linestyle="--", linewidth=1)
+            if len(starts) > 1:
+                ax.text(epoch - 0.45 if i else epoch, 0.02, stage, fontsize=8, color="dimgrey",
+                        transform=ax.get_xaxis_transform(), va="bottom")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.set_title(label.capitalize())
+        ax.grid(alpha=0.3)
+        ax.legend()
+        if epochs:
+            ax.set_xticks(epochs if len(epochs) <= 20 else epochs[:: max(1, len(epochs) // 10)])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def save_learning_curves(history: list[dict], path: Path, title: str = "") -> None:
+    fig = learning_curves(history, title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

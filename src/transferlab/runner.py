@@ -1,0 +1,181 @@
+"""One run, end to end: config -> data + model -> stages -> epochs -> logs and artifacts."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from transferlab.backbones import build_backbone, probe_features
+from transferlab.checkpoint import save_checkpoint
+from transferlab.config import RunConfig, load_config
+from transferlab.data import build_splits, make_loaders
+from transferlab.heads import build_head
+from transferlab.loop import evaluate, train_one_epoch
+from transferlab.model import TransferModel
+from transferlab.optim import stage_optimizer
+from transferlab.plots import save_learning_curves
+from transferlab.policy import apply_stage, plan_stages, set_train_mode
+from transferlab.runtime import Precision, pick_device, seed_everything
+from transferlab.schedule import StageSchedule
+from transferlab.summary import stage_table
+from transferlab.tracking import RunTracker
+
+log = logging.getLogger("transferlab")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+
+    @property
+    def best_val_acc(self) -> float:
+        return (self.metrics.get("best") or {}).get("val_acc", 0.0)
+
+
+def run_hparams(run: RunConfig, overrides: list[str] | None, epochs: int) -> dict[str, Any]:
+    """The HParams record: each config group's chosen option, the seed, every override."""
+    hp: dict[str, Any] = {
+        "backbone": run.backbone.name, "head": run.head.name, "dataset": run.dataset.name,
+        "augment": run.augment.name, "freeze": run.freeze.name, "optimizer": run.optimizer.name,
+        "scheduler": run.scheduler.name, "seed": run.seed, "optimizer.lr": run.optimizer.lr,
+        "epochs": epochs, "backbone.pretrained": run.backbone.pretrained,
+    }
+    for item in overrides or []:
+        key, _, value = item.lstrip("+~").partition("=")
+        if key and ("." in key or key not in hp):  # group choices are recorded above
+            hp[key] = _scalar(value)
+    return hp
+
+
+def _scalar(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def error_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def write_failed_metrics(run_dir: Path, exc: BaseException) -> None:
+    """A ``metrics.json`` for a run that failed before training started."""
+    data = {"status": "failed", "error": error_line(exc), "history": [], "best": None,
+            "final": None, "params": {}, "wall_seconds": 0.0}
+    (run_dir / "metrics.json").write_text(json.dumps(data, indent=2))
+
+
+def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
+          overrides: list[str] | None = None) -> RunResult:
+    """Train one composed config; write every artifact under ``run_dir``."""
+    run = cfg if isinstance(cfg, RunConfig) else load_config(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(run.seed, run.trainer.deterministic)
+    device = pick_device(run.trainer.device)
+    precision = Precision(device, run.trainer.amp)
+
+    try:
+        backbone = build_backbone(run.backbone)
+        image_size = run.dataset.image_size or backbone.input.size
+        splits = build_splits(run.dataset, run.augment, backbone.input, image_size)
+        feature_shape = probe_features(backbone, image_size)
+        head = build_head(run.head, feature_shape, splits.num_classes)
+        model = TransferModel(backbone.module, head)
+        plans = plan_stages(model, backbone, run.freeze, run.optimizer.lr)
+        train_loader, val_loader = make_loaders(splits, run.trainer, run.seed, device)
+    except Exception as exc:
+        write_failed_metrics(run_dir, exc)
+        raise
+    log.info("run %s: %s on %s (%d train / %d val images, %d classes, %dpx) on %s, precision %s",
+             run.name, backbone.name, run.dataset.name, len(splits.train), len(splits.val),
+             splits.num_classes, image_size, device, precision.label)
+
+    channels_last = run.trainer.channels_last and len(feature_shape) == 3
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    total_epochs = plans[-1].last_epoch
+    tracker = RunTracker(run_dir, run.raw, run_hparams(run, overrides, total_epochs))
+    if splits.skipped:
+        tracker.extra["skipped_files"] = splits.skipped
+    progress = run.trainer.progress
+    if progress is None:
+        import sys
+
+        progress = sys.stderr.isatty()
+    criterion = nn.CrossEntropyLoss()
+    optimizer, step = None, 0
+    schedule: StageSchedule | None = None
+
+    def before_step(opt: torch.optim.Optimizer) -> None:
+        nonlocal step
+        schedule.apply(opt)
+        step += 1
+        if step % run.trainer.log_every_n_steps == 0:
+            tracker.log_lrs(step, opt)
+
+    status, error = "completed", None
+    try:
+        for plan in plans:
+            if plan.spec.epochs == 0:
+                continue
+            apply_stage(model, plan)
+            optimizer = stage_optimizer(model, plan, run.optimizer, optimizer)
+            schedule = StageSchedule(plan.spec.scheduler or run.scheduler, plan.spec.epochs,
+                                     len(train_loader))
+            total = sum(p.numel() for p in model.parameters())
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            tracker.params = {"total": total, "trainable": trainable}
+            table = stage_table(model, backbone, plan)
+            log.info("\n%s", table)
+            tracker.log_text(f"summary/{plan.name}", table, plan.first_epoch)
+            for epoch in range(plan.first_epoch, plan.last_epoch + 1):
+                set_train_mode(model, plan)
+                tr = train_one_epoch(model, train_loader, criterion, optimizer, device, precision,
+                                     channels_last=channels_last, progress=progress,
+                                     desc=f"epoch {epoch}/{total_epochs} [{plan.name}]",
+                                     before_step=before_step)
+                va = evaluate(model, val_loader, criterion, device, precision,
+                              channels_last=channels_last, progress=progress)
+                record = {
+                    "epoch": epoch, "stage": plan.name,
+                    "train_loss": tr.loss, "train_acc": tr.acc,
+                    "val_loss": va.loss, "val_acc": va.acc,
+                    "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
+                    "seconds": round(tr.seconds + va.seconds, 3),
+                }
+                improved = tracker.log_epoch(record, plan.index)
+                log.info("epoch %d/%d [%s] train loss %.4f acc %.4f | val loss %.4f acc %.4f | "
+                         "%.1fs%s", epoch, total_epochs, plan.name, tr.loss, tr.acc, va.loss,
+                         va.acc, record["seconds"], "  *best" if improved else "")
+                ckpt = dict(model=model, optimizer=optimizer, epoch=epoch,
+                            stage_index=plan.index, stage_name=plan.name, config=run.raw,
+                            history=tracker.history, best=tracker.best, classes=splits.classes)
+                save_checkpoint(run_dir / "checkpoints" / "last.pt", **ckpt)
+                if improved:
+                    save_checkpoint(run_dir / "checkpoints" / "best.pt", **ckpt)
+    except KeyboardInterrupt:
+        status, error = "interrupted", "KeyboardInterrupt"
+        raise
+    except Exception as exc:
+        status, error = "failed", error_line(exc)
+        raise
+    finally:
+        if tracker.history:
+            save_learning_curves(tracker.history, run_dir / "learning_curves.png", run.name)
+        metrics = tracker.finish(status, error)
+    log.info("best val acc %.4f (epoch %d), final val acc %.4f, %.1fs",
+             metrics["best"]["val_acc"], metrics["best"]["epoch"],
+             metrics["final"]["val_acc"], metrics["wall_seconds"])
+    return RunResult(run_dir, metrics)

@@ -1,0 +1,112 @@
+"""Run records: TensorBoard events and ``metrics.json`` (the contract other tools read)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+HPARAM_METRICS = ("best_val_acc", "best_val_loss", "final_val_acc", "final_val_loss")
+
+
+def _hparam_value(value: Any) -> int | float | str | bool:
+    if isinstance(value, bool | int | float | str):
+        return value
+    return json.dumps(value) if value is not None else "null"
+
+
+class RunTracker:
+    """Writes one run's TensorBoard events (``tb/``) and ``metrics.json``.
+
+    ``metrics.json`` is rewritten after every epoch, so readers see a run's progress while it
+    is still going (status ``running``).
+    """
+
+    def __init__(self, run_dir: Path, config: dict, hparams: dict[str, Any]):
+        self.run_dir = run_dir
+        self.metrics_path = run_dir / "metrics.json"
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
+        self.started = time.perf_counter()
+        self.history: list[dict] = []
+        self.best: dict | None = None
+        self.extra: dict[str, Any] = {}
+        self.params: dict[str, int] = {}
+        self.hparams = {k: _hparam_value(v) for k, v in hparams.items()}
+        text = yaml.safe_dump(config, sort_keys=False)
+        self.writer.add_text("config", "```yaml\n" + text + "\n```", 0)
+        for summary in hparams_summary(self.hparams, dict.fromkeys(
+                (f"hparam/{m}" for m in HPARAM_METRICS), 0.0)):
+            self.writer.file_writer.add_summary(summary)
+        self._write("running")
+
+    # -- per step / per epoch -------------------------------------------------------------
+    def log_lrs(self, step: int, optimizer) -> None:
+        seen = set()
+        for group in optimizer.param_groups:
+            name = group.get("name", "all")
+            if name not in seen:
+                seen.add(name)
+                self.writer.add_scalar(f"lr/{name}", group["lr"], step)
+
+    def log_text(self, tag: str, text: str, step: int = 0) -> None:
+        # Markdown renders leading spaces away: keep the table in a code block.
+        self.writer.add_text(tag, "```\n" + text + "\n```", step)
+
+    def log_epoch(self, record: dict, stage_index: int) -> bool:
+        """Record one epoch; returns True when it is the best so far (val acc, then val loss)."""
+        epoch = record["epoch"]
+        self.history.append(record)
+        for split in ("train", "val"):
+            self.writer.add_scalar(f"{split}/loss", record[f"{split}_loss"], epoch)
+            self.writer.add_scalar(f"{split}/acc", record[f"{split}_acc"], epoch)
+        self.writer.add_scalar("stage", stage_index, epoch)
+        improved = self.best is None or (record["val_acc"], -record["val_loss"]) > (
+            self.best["val_acc"], -self.best["val_loss"])
+        if improved:
+            self.best = {k: record[k] for k in ("epoch", "val_acc", "val_loss")}
+        summary = self.summary_metrics()
+        for name in HPARAM_METRICS:
+            self.writer.add_scalar(f"hparam/{name}", summary[name], epoch)
+        self.writer.flush()
+        self._write("running")
+        return improved
+
+    # -- end ------------------------------------------------------------------------------
+    def summary_metrics(self) -> dict[str, float]:
+        final = self.history[-1] if self.history else {}
+        best = self.best or {}
+        return {
+            "best_val_acc": best.get("val_acc", 0.0),
+            "best_val_loss": best.get("val_loss", float("nan")),
+            "final_val_acc": final.get("val_acc", 0.0),
+            "final_val_loss": final.get("val_loss", float("nan")),
+        }
+
+    def finish(self, status: str, error: str | None = None) -> dict:
+        if error:
+            self.extra["error"] = error
+        self.writer.flush()
+        self.writer.close()
+        return self._write(status)
+
+    def _write(self, status: str) -> dict:
+        final = self.history[-1] if self.history else None
+        data = {
+            "status": status,
+            "history": self.history,
+            "best": self.best,
+            "final": ({k: final[k] for k in ("epoch", "val_acc", "val_loss")} if final else None),
+            "params": self.params,
+            "wall_seconds": round(time.perf_counter() - self.started, 3),
+            **self.extra,
+        }
+        tmp = self.metrics_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, self.metrics_path)
+        return data

@@ -1,0 +1,43 @@
+"""``transferlab-train``: compose a run with Hydra and train it.
+
+    transferlab-train                                  # the default experiment
+    transferlab-train backbone=resnet18 freeze=none    # override config groups / fields
+    transferlab-train -m optimizer.lr=1e-3,1e-4        # a sweep (multirun)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from transferlab.errors import UserError
+from transferlab.runner import train
+
+
+@hydra.main(version_base="1.3", config_path="pkg://transferlab.conf", config_name="train")
+def _main(cfg: DictConfig) -> float | None:
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    try:
+        result = train(cfg, run_dir, overrides=list(hc.overrides.task))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        if hc.mode == RunMode.MULTIRUN:
+            return None  # the sweep goes on; this job's metrics.json says why it failed
+        sys.exit(2)
+    print(f"\nRun saved to: {run_dir}\nOpen it in TensorBoard: tensorboard --logdir {run_dir}",
+          flush=True)
+    return result.best_val_acc
+
+
+def main() -> None:
+    _main()
+
+
+if __name__ == "__main__":
+    main()
