@@ -1,0 +1,115 @@
+"""Every backbone option builds, reports its blocks and input, and produces right-shaped logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.transforms import v2 as T
+
+from transferlab.backbones import build_backbone, probe_features
+from transferlab.backbones.base import check_blocks_cover
+from transferlab.config import BackboneConfig, HeadConfig, from_mapping
+from transferlab.data.transforms import eval_transform
+from transferlab.errors import UserError
+from transferlab.heads import build_head
+from transferlab.model import TransferModel
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "backbone"
+OPTIONS = sorted(p.stem for p in CONF.glob("*.yaml"))
+
+
+def backbone_cfg(option: str, **changes) -> BackboneConfig:
+    import yaml
+
+    data = yaml.safe_load((CONF / f"{option}.yaml").read_text())
+    data.update(changes)
+    return from_mapping(BackboneConfig, data, "backbone")
+
+
+def test_every_backbone_option_is_tested():
+    assert {"efficientnet_lite0", "resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small",
+            "efficientnet_b0", "vgg16", "vgg19", "convnext_tiny", "vit_b_16",
+            "timm"} <= set(OPTIONS)
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_backbone_builds_with_random_weights(option):
+    backbone = build_backbone(backbone_cfg(option, pretrained=False))
+    check_blocks_cover(backbone)  # every parameter in exactly one block
+    assert len(backbone.blocks) >= 3
+    spec = backbone.input
+    size = spec.size if spec.fixed_size else 64
+    shape = probe_features(backbone, size)
+    assert backbone.feature_dim == shape[0] > 0
+    head = build_head(HeadConfig(name="linear"), shape, num_classes=7)
+    model = TransferModel(backbone.module, head).eval()
+    with torch.no_grad():
+        logits = model(torch.randn(2, 3, size, size))
+    assert logits.shape == (2, 7)
+
+
+def test_vit_rejects_other_sizes_with_one_line():
+    backbone = build_backbone(backbone_cfg("vit_b_16", pretrained=False))
+    with pytest.raises(UserError, match=r"accepts only 224x224.*dataset.image_size=224") as err:
+        probe_features(backbone, 64)
+    assert "\n" not in str(err.value)
+
+
+def test_vgg_too_small_image_is_a_clear_error():
+    backbone = build_backbone(backbone_cfg("vgg16", pretrained=False))
+    with pytest.raises(UserError, match=r"minimum.*vgg16.*dataset.image_size"):
+        probe_features(backbone, 16)
+
+
+def test_unknown_models_list_close_names():
+    with pytest.raises(UserError, match="resnet18"):
+        build_backbone(BackboneConfig(name="resnet181", source="torchvision", pretrained=False))
+    with pytest.raises(UserError, match="unknown timm model"):
+        build_backbone(BackboneConfig(name="no_such_net", source="timm", pretrained=False))
+
+
+def test_offline_torchvision_weights_error_says_where_to_put_the_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache: the weights must download
+    monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError("no network")))
+    with pytest.raises(UserError) as err:
+        build_backbone(backbone_cfg("resnet18"))
+    message = str(err.value)
+    assert "resnet18-f37072fd.pth" in message and str(tmp_path) in message
+    assert "backbone.pretrained=false" in message and "\n" not in message
+
+
+# -- real ImageNet weights, offline: EfficientNet-Lite0 from its pip package ---------------------
+
+def _top5(backbone, image) -> list[str]:
+    tf = eval_transform(backbone.input, backbone.input.size)
+    x = tf(T.ToImage()(image)).unsqueeze(0)
+    module, head = backbone.module.eval(), backbone.imagenet_head.eval()
+    with torch.no_grad():
+        probs = head(module(x)).softmax(-1)[0]
+    return [backbone.categories[i] for i in probs.topk(5).indices]
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return build_backbone(backbone_cfg("efficientnet_lite0"))
+
+
+def test_lite0_mapping_sees_a_cat_in_chelsea(lite0):
+    skimage_data = pytest.importorskip("skimage.data")
+    top5 = _top5(lite0, skimage_data.chelsea())
+    assert any(name in top5 for name in ("tabby", "tiger cat", "Egyptian cat", "Persian cat")), top5
+
+
+def test_lite0_mapping_sees_espresso_in_coffee(lite0):
+    skimage_data = pytest.importorskip("skimage.data")
+    top5 = _top5(lite0, skimage_data.coffee())
+    assert "espresso" in top5 or "cup" in top5, top5
+
+
+def test_lite0_input_spec_from_timm(lite0):
+    assert lite0.input.mean == (0.5, 0.5, 0.5) and lite0.input.std == (0.5, 0.5, 0.5)
+    assert lite0.input.size == 224 and lite0.input.interpolation == "bicubic"
+    assert len(lite0.categories) == 1000

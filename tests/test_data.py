@@ -1,0 +1,96 @@
+"""Datasets: digits, image folders (given splits or a stratified seeded split), transforms."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from PIL import Image
+
+from transferlab.backbones import InputSpec
+from transferlab.config import AugmentConfig, DatasetConfig
+from transferlab.data import build_splits, stratified_split
+from transferlab.errors import UserError
+
+SPEC = InputSpec(size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+NONE = AugmentConfig(name="none")
+
+
+def make_folder(root, counts: dict[str, int], size=40):
+    for cls, n in counts.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            color = (hash(cls) % 255, i * 7 % 255, 100)
+            Image.new("RGB", (size, size + 8), color).save(root / cls / f"{i}.jpg")
+
+
+def test_digits_splits_are_stratified_and_shaped():
+    cfg = DatasetConfig(name="digits", kind="digits", image_size=64, crop_pct=1.0)
+    splits = build_splits(cfg, NONE, SPEC, 32)
+    assert len(splits.train) + len(splits.val) == 1797 and splits.num_classes == 10
+    x, y = splits.val[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and 0 <= y < 10
+    assert x.min() >= -1.0 and x.max() <= 1.0  # normalised with mean/std 0.5
+    val_counts = Counter(splits.val.labels)
+    assert min(val_counts.values()) >= 34 and len(val_counts) == 10
+
+
+def test_image_folder_with_train_and_val(tmp_path):
+    make_folder(tmp_path / "train", {"ants": 6, "bees": 5})
+    make_folder(tmp_path / "val", {"ants": 3, "bees": 2})
+    (tmp_path / "train" / "ants" / "notes.txt").write_text("not an image")
+    cfg = DatasetConfig(name="f", kind="image_folder", root=str(tmp_path))
+    splits = build_splits(cfg, NONE, SPEC, 32)
+    assert splits.classes == ["ants", "bees"]
+    assert (len(splits.train), len(splits.val)) == (11, 5)
+    assert [p.endswith("notes.txt") for p in splits.skipped] == [True]
+    x, y = splits.train[0]
+    assert x.shape == (3, 32, 32) and y == 0
+
+
+def test_single_folder_split_is_stratified_and_seeded(tmp_path):
+    make_folder(tmp_path, {"a": 20, "b": 10, "c": 10})
+    cfg = DatasetConfig(name="f", kind="image_folder", root=str(tmp_path), val_fraction=0.25)
+    one = build_splits(cfg, NONE, SPEC, 32)
+    two = build_splits(cfg, NONE, SPEC, 32)
+    counts = Counter(y for _, y in one.val.samples)
+    assert counts[0] == 5 and counts[1] in (2, 3) and counts[1] + counts[2] == 5
+    assert one.val.samples == two.val.samples
+    other = build_splits(DatasetConfig(name="f", kind="image_folder", root=str(tmp_path),
+                                       val_fraction=0.25, split_seed=1), NONE, SPEC, 32)
+    assert other.val.samples != one.val.samples
+    assert not set(one.val.samples) & set(one.train.samples)
+
+
+def test_stratified_split_keeps_class_proportions():
+    labels = [0] * 50 + [1] * 30 + [2] * 20
+    keep, held = stratified_split(labels, 0.2, seed=3)
+    assert Counter(labels[i] for i in held) == {0: 10, 1: 6, 2: 4}
+    assert sorted(keep + held) == list(range(100))
+
+
+@pytest.mark.parametrize("layout, message", [
+    ({"train": {"a": 2, "b": 2}}, "no val/"),
+    ({"train": {"a": 2, "b": 2}, "val": {"a": 1, "c": 1}}, "class folders"),
+    ({"only": {"x": 3}}, "2 images"),
+])
+def test_bad_folders_are_clear_errors(tmp_path, layout, message):
+    for split, counts in layout.items():
+        make_folder(tmp_path / split if split != "only" else tmp_path, counts)
+    cfg = DatasetConfig(name="f", kind="image_folder", root=str(tmp_path))
+    with pytest.raises(UserError) as err:
+        build_splits(cfg, NONE, SPEC, 32)
+    assert "\n" not in str(err.value)
+
+
+def test_crop_flip_is_random_and_eval_is_not():
+    from transferlab.data.transforms import eval_transform, train_transform
+
+    image = Image.new("RGB", (50, 40))
+    image.paste((255, 0, 0), (0, 0, 25, 40))
+    aug = train_transform(SPEC, 32, AugmentConfig(name="crop_flip"))
+    outs = {tuple(aug(image).flatten()[:50].tolist()) for _ in range(10)}
+    assert len(outs) > 1
+    det = eval_transform(SPEC, 32)
+    assert torch.equal(det(image), det(image)) and det(image).shape == (3, 32, 32)

@@ -1,0 +1,124 @@
+"""End-to-end runs composed with Hydra's compose API: artifacts, metrics schema, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from transferlab.checkpoint import load_checkpoint
+from transferlab.runner import train
+
+from .conftest import TINY
+
+FAST = ["trainer.num_workers=0", "trainer.progress=false"]
+
+
+def read_events(run_dir):
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_default_run_writes_every_artifact(compose_cfg, tmp_path):
+    cfg = compose_cfg(["trainer.epochs=2", *FAST])
+    assert cfg.backbone.name == "efficientnet_lite0" and cfg.dataset.name == "digits"
+    result = train(cfg, tmp_path)
+
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "completed"
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    for record in metrics["history"]:
+        assert set(record) >= {"epoch", "stage", "train_loss", "train_acc", "val_loss", "val_acc",
+                               "lr", "seconds"}
+        assert record["stage"] == "head" and record["lr"] == {"head": 1e-3}
+        assert 0.0 <= record["val_acc"] <= 1.0
+    best = max(metrics["history"], key=lambda r: (r["val_acc"], -r["val_loss"]))
+    assert metrics["best"] == {k: best[k] for k in ("epoch", "val_acc", "val_loss")}
+    assert metrics["final"]["epoch"] == 2
+    assert metrics["params"]["trainable"] == 1280 * 10 + 10  # linear head only
+    assert metrics["params"]["total"] > 3_000_000
+    assert metrics["wall_seconds"] > 0
+    assert result.best_val_acc == metrics["best"]["val_acc"]
+    # ImageNet features separate digits well even after 2 epochs of a linear probe.
+    assert metrics["best"]["val_acc"] > 0.8
+
+    png = (tmp_path / "learning_curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+    last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    best_ckpt = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    assert last["epoch"] == 2 and last["stage"] == {"index": 0, "name": "head"}
+    assert best_ckpt["epoch"] == metrics["best"]["epoch"]
+    assert {"model", "optimizer", "config", "rng", "classes", "history"} <= set(last)
+    assert last["config"]["backbone"]["name"] == "efficientnet_lite0"
+    assert last["classes"] == [str(d) for d in range(10)]
+
+    events = read_events(tmp_path)
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/acc", "val/loss", "val/acc", "lr/head", "stage"} <= tags
+    assert [e.step for e in events.Scalars("val/acc")] == [1, 2]
+    assert events.Scalars("val/acc")[-1].value == pytest.approx(metrics["final"]["val_acc"])
+    steps_per_epoch = -(-1437 // 32)
+    assert len(events.Scalars("lr/head")) == 2 * steps_per_epoch
+    text_tags = set(events.Tags()["tensors"])
+    assert "config/text_summary" in text_tags and "summary/head/text_summary" in text_tags
+    hparams = hparams_of(tmp_path)
+    assert hparams["backbone"] == "efficientnet_lite0" and hparams["freeze"] == "linear_probe"
+
+
+def hparams_of(run_dir) -> dict:
+    """The HParams plugin's session-start record, read with TensorBoard's own event reader."""
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")
+    data = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    out = {}
+    for key, value in data.session_start_info.hparams.items():
+        kind = value.WhichOneof("kind")
+        out[key] = getattr(value, kind)
+    return out
+
+
+def test_overrides_are_recorded_as_hparams(compose_cfg, tmp_path):
+    overrides = [*TINY, "optimizer=sgd", "optimizer.lr=0.05", *FAST]
+    train(compose_cfg(overrides), tmp_path, overrides=overrides)
+    hp = hparams_of(tmp_path)
+    assert hp["optimizer"] == "sgd" and hp["optimizer.lr"] == pytest.approx(0.05)
+    assert hp["backbone.name"] == "test_efficientnet" and hp["dataset.image_size"] == 32
+
+
+def test_stages_switch_at_the_configured_epoch(compose_cfg, tmp_path):
+    cfg = compose_cfg([*TINY, "optimizer.lr=0.01", *FAST])
+    cfg.freeze = OmegaConf.create({"name": "custom", "stages": [
+        {"name": "head", "epochs": 1, "train": ["head"]},
+        {"name": "top", "epochs": 2, "train": ["head", {"select": "blocks[-2:]", "lr_mult": 0.1}]},
+    ]})
+    train(cfg, tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [h["stage"] for h in metrics["history"]] == ["head", "top", "top"]
+    assert metrics["history"][0]["lr"] == {"head": 0.01}
+    assert metrics["history"][1]["lr"] == {"head": 0.01, "blocks[-2:]": pytest.approx(0.001)}
+    events = read_events(tmp_path)
+    assert [e.value for e in events.Scalars("stage")] == [0, 1, 1]
+    assert "summary/top/text_summary" in events.Tags()["tensors"]
+
+
+def test_frozen_backbone_is_unchanged_by_a_whole_run(compose_cfg, tmp_path):
+    cfg = compose_cfg([*TINY, "head=mlp", "trainer.epochs=2", *FAST])
+    train(cfg, tmp_path)
+    from transferlab.backbones import build_backbone
+    from transferlab.config import load_config
+    from transferlab.runtime import seed_everything
+
+    run = load_config(cfg)
+    seed_everything(run.seed, False)
+    initial = build_backbone(run.backbone).module.state_dict()  # same seed: same random init
+    trained = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["model"]
+    for name, tensor in initial.items():
+        assert torch.equal(trained[f"backbone.{name}"], tensor), name
+    assert any(k.startswith("head.1.running_mean") for k in trained)  # the mlp head's BatchNorm
