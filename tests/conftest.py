@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from torch import nn
+
+from transferlab.backbones import build_backbone, probe_features
+from transferlab.config import BackboneConfig, HeadConfig
+from transferlab.heads import build_head
+from transferlab.model import TransferModel
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
@@ -19,17 +28,56 @@ SHORT = ["dataset.image_size=32", "trainer.epochs=1", "trainer.num_workers=0",
 TINY = ["backbone=timm", "backbone.name=test_efficientnet", "backbone.pretrained=false", *SHORT]
 
 
+# The tiny model of the mechanics tests: its classes and input size.
+TINY_CLASSES = 3
+TINY_SIZE = 32
+
+
+def compose_train(overrides: list[str] | None = None):
+    """The DictConfig that ``transferlab-train <overrides>`` composes from conf/."""
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name="train", overrides=list(overrides or []))
+    finally:
+        GlobalHydra.instance().clear()
+
+
 @pytest.fixture
 def compose_cfg():
     """compose_cfg(overrides) -> the DictConfig transferlab-train would run."""
+    return compose_train
 
-    def _compose(overrides: list[str] | None = None):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name="train", overrides=list(overrides or []))
 
-    yield _compose
-    GlobalHydra.instance().clear()
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (and do not stall on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@functools.cache
+def _pristine(head: str):
+    torch.manual_seed(0)
+    backbone = build_backbone(
+        BackboneConfig(name="test_efficientnet", source="timm", pretrained=False)
+    )
+    shape = probe_features(backbone, TINY_SIZE)
+    model = TransferModel(backbone.module, build_head(HeadConfig(name=head), shape, TINY_CLASSES))
+    return model, backbone
+
+
+def tiny_model(head: str = "linear"):
+    """(TransferModel, Backbone): timm's ~100k-parameter test EfficientNet (with BatchNorm) and
+    a new head for TINY_CLASSES classes.
+
+    Built once per head and deep-copied, so every test gets fresh, identical weights.
+    """
+    model, backbone = copy.deepcopy(_pristine(head))
+    assert model.backbone is backbone.module
+    return model, backbone
 
 
 def hymenoptera_root() -> Path | None:
@@ -47,3 +95,13 @@ def hymenoptera() -> Path:
         pytest.skip("hymenoptera data not found: set TRANSFERLAB_DATA_DIR to the folder that "
                     "holds hymenoptera/{train,val} (.ci/run sets it to ../shared/data)")
     return root
+
+
+def params_under(module: nn.Module, path: str, prefix: str = "backbone") -> set[str]:
+    """Full names of the parameters at a module or parameter path (from the module tree)."""
+    try:
+        sub = module.get_submodule(path)
+    except AttributeError:
+        module.get_parameter(path)  # raises if it is neither
+        return {f"{prefix}.{path}"}
+    return {f"{prefix}.{path}.{n}" for n, _ in sub.named_parameters()}

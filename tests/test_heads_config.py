@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from torch import nn
 
 from transferlab.backbones import build_backbone, probe_features
@@ -27,28 +25,16 @@ from transferlab.errors import UserError
 from transferlab.heads import build_head
 from transferlab.model import TransferModel
 
+from .conftest import compose_train
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and any(p.glob("*.yaml")))
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def compose_train(overrides: list[str] | None = None):
-    """The DictConfig that ``transferlab-train <overrides>`` composes from conf/."""
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return compose("train", overrides=list(overrides or []))
-    finally:
-        GlobalHydra.instance().clear()
 
 
 # --- heads ---------------------------------------------------------------------------------------

@@ -2,56 +2,27 @@
 
 from __future__ import annotations
 
-import copy
-import functools
-
 import pytest
 import torch
 from torch import nn
 
-from transferlab.backbones import build_backbone, probe_features
 from transferlab.config import (
-    BackboneConfig,
     FreezeConfig,
-    HeadConfig,
     OptimizerConfig,
     SelectorSpec,
     StageSpec,
 )
 from transferlab.errors import UserError
-from transferlab.heads import build_head
-from transferlab.model import TransferModel
 from transferlab.optim import build_optimizer, stage_optimizer, torch_param_groups
 from transferlab.policy import apply_stage, plan_stages
 
-NUM_CLASSES = 3
-SIZE = 32
+from .conftest import TINY_CLASSES, TINY_SIZE, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-@functools.cache
-def _pristine(head: str):
-    torch.manual_seed(0)
-    backbone = build_backbone(
-        BackboneConfig(name="test_efficientnet", source="timm", pretrained=False)
-    )
-    shape = probe_features(backbone, SIZE)
-    model = TransferModel(backbone.module, build_head(HeadConfig(name=head), shape, NUM_CLASSES))
-    return model, backbone
-
-
-def tiny_model(head: str = "mlp"):
-    """(TransferModel, Backbone): a fresh copy of timm's tiny test EfficientNet + a head."""
-    model, backbone = copy.deepcopy(_pristine(head))
-    return model, backbone
 
 
 def stage(name: str, *train, epochs: int = 1, reset: bool = False) -> StageSpec:
@@ -65,8 +36,8 @@ def plans_for(model, backbone, *stages: StageSpec, base_lr: float = 1e-3):
 
 def loss_backward(model: nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(4, 3, SIZE, SIZE, generator=g)
-    y = torch.randint(0, NUM_CLASSES, (4,), generator=g)
+    x = torch.randn(4, 3, TINY_SIZE, TINY_SIZE, generator=g)
+    y = torch.randint(0, TINY_CLASSES, (4,), generator=g)
     nn.functional.cross_entropy(model(x), y).backward()
 
 
@@ -83,7 +54,7 @@ def take_steps(model: nn.Module, optimizer: torch.optim.Optimizer, n: int, seed:
 
 @pytest.mark.parametrize("decay_norm_and_bias", [False, True])
 def test_param_groups_weight_decay_and_learning_rates(decay_norm_and_bias):
-    model, backbone = tiny_model()
+    model, backbone = tiny_model("mlp")
     plan = plans_for(model, backbone,
                      stage("s", SelectorSpec("blocks[-1]", lr=0.1),
                            SelectorSpec("head", lr_mult=3.0)), base_lr=1e-3)[0]
@@ -163,7 +134,7 @@ OPTIMIZERS = [
 @pytest.mark.parametrize(("cfg", "cls", "settings"), OPTIMIZERS,
                          ids=[cfg.name for cfg, _, _ in OPTIMIZERS])
 def test_each_optimizer_builds_and_steps(cfg, cls, settings):
-    model, backbone = tiny_model()
+    model, backbone = tiny_model("mlp")
     plan = plans_for(model, backbone, stage("s", "blocks[-2:]", "head"), base_lr=cfg.lr)[0]
     apply_stage(model, plan)
     optimizer = stage_optimizer(model, plan, cfg, None)
@@ -184,14 +155,14 @@ def test_each_optimizer_builds_and_steps(cfg, cls, settings):
 
 
 def test_optimizer_names_are_case_insensitive():
-    model, backbone = tiny_model()
+    model, backbone = tiny_model("mlp")
     plan = plans_for(model, backbone, stage("s", "head"))[0]
     cfg = OptimizerConfig(name="SGD", momentum=0.9)
     assert type(build_optimizer(cfg, torch_param_groups(model, plan, cfg))) is torch.optim.SGD
 
 
 def test_unknown_optimizer_is_a_user_error():
-    model, backbone = tiny_model()
+    model, backbone = tiny_model("mlp")
     plan = plans_for(model, backbone, stage("s", "head"))[0]
     cfg = OptimizerConfig(name="lion")
     with pytest.raises(UserError) as exc:
@@ -201,7 +172,7 @@ def test_unknown_optimizer_is_a_user_error():
 
 
 def test_nesterov_without_momentum_is_a_user_error():
-    model, backbone = tiny_model()
+    model, backbone = tiny_model("mlp")
     plan = plans_for(model, backbone, stage("s", "head"))[0]
     cfg = OptimizerConfig(name="sgd", momentum=0.0, nesterov=True)
     with pytest.raises(UserError, match="momentum"):
@@ -218,7 +189,7 @@ def _state_copy(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict:
 
 @pytest.mark.parametrize("name", ["adam", "adamw"])
 def test_adam_state_carries_over_to_the_next_stage(name):
-    model, backbone = tiny_model()
+    model, backbone = tiny_model("mlp")
     plans = plans_for(model, backbone,
                       stage("one", "blocks[-1]", "head"),
                       stage("two", "blocks[-2:]", "head"))
@@ -255,7 +226,7 @@ def test_adam_state_carries_over_to_the_next_stage(name):
 
 @pytest.mark.parametrize("reset", [True, False])
 def test_reset_optimizer_drops_all_state(reset):
-    model, backbone = tiny_model()
+    model, backbone = tiny_model("mlp")
     plans = plans_for(model, backbone, stage("one", "head"), stage("two", "head", reset=reset))
     cfg = OptimizerConfig(name="adam", lr=1e-2)
     apply_stage(model, plans[0])

@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import copy
-import functools
-
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from transferlab.backbones import build_backbone, probe_features
 from transferlab.config import (
-    BackboneConfig,
     FreezeConfig,
-    HeadConfig,
     OptimizerConfig,
     SelectorSpec,
     StageSpec,
 )
 from transferlab.errors import UserError
-from transferlab.heads import build_head
 from transferlab.loop import train_one_epoch
-from transferlab.model import TransferModel
 from transferlab.optim import stage_optimizer
 from transferlab.policy import (
     apply_stage,
@@ -34,38 +26,13 @@ from transferlab.policy import (
 from transferlab.runtime import Precision
 from transferlab.summary import stage_rows, stage_table
 
-NUM_CLASSES = 3
-SIZE = 32
+from .conftest import TINY_CLASSES, TINY_SIZE, params_under, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-@functools.cache
-def _pristine(head: str):
-    torch.manual_seed(0)
-    backbone = build_backbone(
-        BackboneConfig(name="test_efficientnet", source="timm", pretrained=False)
-    )
-    shape = probe_features(backbone, SIZE)
-    model = TransferModel(backbone.module, build_head(HeadConfig(name=head), shape, NUM_CLASSES))
-    return model, backbone
-
-
-def tiny_model(head: str = "linear"):
-    """(TransferModel, Backbone): timm's ~100k-parameter test EfficientNet (with BatchNorm).
-
-    Built once per head and deep-copied, so every test gets fresh, identical weights.
-    """
-    model, backbone = copy.deepcopy(_pristine(head))
-    assert model.backbone is backbone.module
-    return model, backbone
 
 
 def sel(select: str, lr: float | None = None, lr_mult: float = 1.0) -> SelectorSpec:
@@ -87,19 +54,9 @@ def one_plan(model, backbone, *train, bn: str = "frozen", base_lr: float = 1e-3)
 
 def random_loader(n: int = 24, batch_size: int = 8, seed: int = 1) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, SIZE, SIZE, generator=g) * 2 + 0.5
-    y = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+    x = torch.randn(n, 3, TINY_SIZE, TINY_SIZE, generator=g) * 2 + 0.5
+    y = torch.randint(0, TINY_CLASSES, (n,), generator=g)
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
-
-
-def params_under(module: nn.Module, path: str, prefix: str = "backbone") -> set[str]:
-    """Full names of the parameters at a module or parameter path (from the module tree)."""
-    try:
-        sub = module.get_submodule(path)
-    except AttributeError:
-        module.get_parameter(path)  # raises if it is neither
-        return {f"{prefix}.{path}"}
-    return {f"{prefix}.{path}.{n}" for n, _ in sub.named_parameters()}
 
 
 def in_model_order(model: nn.Module, wanted: set[str]) -> list[str]:

@@ -34,7 +34,7 @@ from transferlab.runtime import Precision, seed_everything
 from transferlab.schedule import StageSchedule, lr_multiplier
 from transferlab.summary import stage_rows, stage_table
 
-from .conftest import CONF_DIR, TINY
+from .conftest import CONF_DIR, TINY, params_under
 
 FAST = ["trainer.num_workers=0", "trainer.progress=false"]
 NUM_CLASSES = 10  # digits, the default dataset
@@ -53,13 +53,7 @@ KNOBS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -79,22 +73,12 @@ def build_model(run):
     return model, backbone
 
 
-def params_at(module: nn.Module, path: str) -> set[str]:
-    """Full (``backbone.``) names of the parameters at a module or parameter path."""
-    try:
-        sub = module.get_submodule(path)
-    except AttributeError:
-        module.get_parameter(path)  # raises if it is neither
-        return {f"backbone.{path}"}
-    return {f"backbone.{path}.{n}" for n, _ in sub.named_parameters()}
-
-
 def block_params(backbone, blocks) -> set[str]:
     """The parameters of ``blocks``, found from the module tree (not from the policy code)."""
     out: set[str] = set()
     for block in blocks:
         for path in block.paths:
-            out |= params_at(backbone.module, path)
+            out |= params_under(backbone.module, path)
     return out
 
 
