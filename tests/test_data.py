@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from transferlab.backbones import InputSpec
-from transferlab.config import AugmentConfig, DatasetConfig
-from transferlab.data import build_splits, stratified_split
+from transferlab.config import AugmentConfig, DatasetConfig, load_config
+from transferlab.data import build_splits, stratified_split, train_subset
 from transferlab.errors import UserError
 
 SPEC = InputSpec(size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -94,3 +94,45 @@ def test_crop_flip_is_random_and_eval_is_not():
     assert len(outs) > 1
     det = eval_transform(SPEC, 32)
     assert torch.equal(det(image), det(image)) and det(image).shape == (3, 32, 32)
+
+
+def _subset_cfg(**kw) -> DatasetConfig:
+    return DatasetConfig(name="t", kind="digits", **kw)
+
+
+def test_train_fraction_keeps_every_class_and_follows_the_seed():
+    labels = [c for c in range(5) for _ in range(40)] + [5, 5]  # class 5 has only two images
+    pick = train_subset(labels, _subset_cfg(train_fraction=0.05, subset_seed=1))
+    kept = [labels[i] for i in pick]
+    assert sorted(set(kept)) == list(range(6))  # the rare class too
+    assert all(kept.count(c) == 2 for c in range(5)) and kept.count(5) == 1
+    assert pick == train_subset(labels, _subset_cfg(train_fraction=0.05, subset_seed=1))
+    assert pick != train_subset(labels, _subset_cfg(train_fraction=0.05, subset_seed=2))
+    assert train_subset(labels, _subset_cfg()) == list(range(len(labels)))
+
+
+def test_samples_per_class_caps_each_class():
+    labels = [0] * 30 + [1] * 3
+    kept = [labels[i] for i in train_subset(labels, _subset_cfg(samples_per_class=5))]
+    assert kept.count(0) == 5 and kept.count(1) == 3
+
+
+def build_splits_for(compose_cfg, overrides):
+    run = load_config(compose_cfg(overrides))
+    return build_splits(run.dataset, run.augment, SPEC, 32)
+
+
+def test_train_fraction_reaches_the_run(compose_cfg):
+    full = build_splits_for(compose_cfg, [])
+    part = build_splits_for(compose_cfg, ["dataset.train_fraction=0.1", "seed=3"])
+    assert len(part.train) == pytest.approx(0.1 * len(full.train), abs=10)
+    assert len(part.val) == len(full.val)  # validation is never subsampled
+    again = build_splits_for(compose_cfg, ["dataset.train_fraction=0.1", "seed=3"])
+    assert torch.equal(part.train.images, again.train.images)
+
+
+@pytest.mark.parametrize("override", ["dataset.train_fraction=0", "dataset.train_fraction=1.5",
+                                      "dataset.samples_per_class=0"])
+def test_bad_subset_is_a_clear_error(override, compose_cfg):
+    with pytest.raises(UserError, match=override.split("=")[0]):
+        load_config(compose_cfg([override]))

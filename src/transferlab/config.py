@@ -39,6 +39,9 @@ class DatasetConfig:
     root: str | None = None
     val_fraction: float = 0.2
     split_seed: int = 0
+    train_fraction: float = 1.0  # keep this fraction of every class of the training split
+    samples_per_class: int | None = None  # or at most this many training images per class
+    subset_seed: int = 0  # draws the training subset (the presets tie it to the run's seed)
     image_size: int | None = None  # None: the backbone's native input size
     crop_pct: float | None = None  # None: the backbone's (resize to size/crop_pct, centre crop)
 
@@ -305,5 +308,11 @@ def validate(run: RunConfig) -> None:
         raise UserError(f"trainer.batch_size must be >= 1, got {run.trainer.batch_size}")
     if not 0.0 < run.dataset.val_fraction < 1.0:
         raise UserError(f"dataset.val_fraction must be in (0, 1), got {run.dataset.val_fraction}")
+    if not 0.0 < run.dataset.train_fraction <= 1.0:
+        raise UserError(f"dataset.train_fraction must be in (0, 1], got "
+                        f"{run.dataset.train_fraction}")
+    if run.dataset.samples_per_class is not None and run.dataset.samples_per_class < 1:
+        raise UserError(f"dataset.samples_per_class must be >= 1 (or null), got "
+                        f"{run.dataset.samples_per_class}")
     if run.optimizer.lr <= 0:
         raise UserError(f"optimizer.lr must be > 0, got {run.optimizer.lr}")

@@ -107,6 +107,8 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
         model.to(memory_format=torch.channels_last)
     total_epochs = plans[-1].last_epoch
     tracker = RunTracker(run_dir, run.raw, run_hparams(run, overrides, total_epochs))
+    tracker.extra["data"] = {"train": len(splits.train), "val": len(splits.val),
+                             "classes": splits.classes}
     if splits.skipped:
         tracker.extra["skipped_files"] = splits.skipped
     progress = run.trainer.progress

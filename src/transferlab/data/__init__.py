@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset
@@ -48,9 +49,28 @@ def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[lis
     return sorted(keep), sorted(held)
 
 
+def train_subset(labels: list[int], cfg: DatasetConfig) -> list[int]:
+    """Indices of the training images a run uses: ``train_fraction`` of every class (at least
+    one image each) or at most ``samples_per_class`` of each, drawn by ``subset_seed``."""
+    if cfg.train_fraction >= 1.0 and cfg.samples_per_class is None:
+        return list(range(len(labels)))
+    rng = np.random.default_rng(cfg.subset_seed)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    keep: list[int] = []
+    for _, members in sorted(by_class.items()):
+        n = max(1, round(cfg.train_fraction * len(members)))
+        if cfg.samples_per_class is not None:
+            n = min(n, cfg.samples_per_class)
+        keep.extend(members[i] for i in rng.permutation(len(members))[:n])
+    return sorted(keep)
+
+
 def _digits(cfg: DatasetConfig, train_tf, eval_tf) -> DataSplits:
     images, labels = digits_images()
     keep, held = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
+    keep = [keep[i] for i in train_subset([labels[i] for i in keep], cfg)]
     pick = lambda idx: (images[idx], [labels[i] for i in idx])  # noqa: E731
     return DataSplits(
         train=TensorImageDataset(*pick(keep), transform=train_tf),
@@ -84,6 +104,7 @@ def _image_folder(cfg: DatasetConfig, train_tf, eval_tf) -> DataSplits:
         classes, skipped = index.classes, index.skipped
     if len(classes) < 2:
         raise UserError(f"{root} has {len(classes)} class folder(s): a classifier needs >= 2")
+    train_samples = [train_samples[i] for i in train_subset([y for _, y in train_samples], cfg)]
     if skipped:
         log.warning("skipped %d file(s) that are not images (%s): %s", len(skipped),
                     ", ".join(sorted({p.suffix or p.name for p in skipped})),
