@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,11 @@ def params_under(module: nn.Module, path: str, prefix: str = "backbone") -> set[
         module.get_parameter(path)  # raises if it is neither
         return {f"{prefix}.{path}"}
     return {f"{prefix}.{path}.{n}" for n, _ in sub.named_parameters()}
+
+
+def cli(args: list[str], cwd, **env) -> subprocess.CompletedProcess:
+    """``transferlab-train <args>`` in a subprocess (the installed entry point's module)."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("TRANSFERLAB_SWE")}
+    environment.update({"HYDRA_FULL_ERROR": "0", **env})
+    return subprocess.run([sys.executable, "-m", "transferlab.train", *args], cwd=cwd,
+                          env=environment, capture_output=True, text=True, timeout=300)

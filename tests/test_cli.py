@@ -3,17 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
-from .conftest import SHORT, TINY
-
-
-def cli(args: list[str], cwd, **env) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "HYDRA_FULL_ERROR": "0", **env}
-    return subprocess.run([sys.executable, "-m", "transferlab.train", *args], cwd=cwd,
-                          env=environment, capture_output=True, text=True, timeout=300)
+from .conftest import SHORT, TINY, cli
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:

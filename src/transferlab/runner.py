@@ -78,14 +78,13 @@ def write_failed_metrics(run_dir: Path, exc: BaseException) -> None:
 def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
           overrides: list[str] | None = None) -> RunResult:
     """Train one composed config; write every artifact under ``run_dir``."""
-    run = cfg if isinstance(cfg, RunConfig) else load_config(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(run.seed, run.trainer.deterministic)
-    device = pick_device(run.trainer.device)
-    precision = Precision(device, run.trainer.amp)
-
     try:
+        run = cfg if isinstance(cfg, RunConfig) else load_config(cfg)
+        seed_everything(run.seed, run.trainer.deterministic)
+        device = pick_device(run.trainer.device)
+        precision = Precision(device, run.trainer.amp)
         backbone = build_backbone(run.backbone)
         image_size = run.dataset.image_size or backbone.input.size
         splits = build_splits(run.dataset, run.augment, backbone.input, image_size)

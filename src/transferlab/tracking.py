@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,10 @@ class RunTracker:
         self.started = time.perf_counter()
         self.history: list[dict] = []
         self.best: dict | None = None
-        self.extra: dict[str, Any] = {}
+        # where and when it ran (sweeps launched in parallel show their worker processes)
+        self.extra: dict[str, Any] = {
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
+            "pid": os.getpid()}
         self.params: dict[str, int] = {}
         self.hparams = {k: _hparam_value(v) for k, v in hparams.items()}
         text = yaml.safe_dump(config, sort_keys=False)

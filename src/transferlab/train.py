@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -17,6 +18,9 @@ from omegaconf import DictConfig
 
 from transferlab.errors import UserError
 from transferlab.runner import train
+from transferlab.sweep import SweepSummary, remember_swept_keys
+
+log = logging.getLogger("transferlab")
 
 
 @hydra.main(version_base="1.3", config_path="pkg://transferlab.conf", config_name="train")
@@ -30,13 +34,24 @@ def _main(cfg: DictConfig) -> float | None:
         if hc.mode == RunMode.MULTIRUN:
             return None  # the sweep goes on; this job's metrics.json says why it failed
         sys.exit(2)
+    except Exception as exc:
+        if hc.mode != RunMode.MULTIRUN:
+            raise
+        # One broken job must not stop the sweep: its log keeps the traceback, its
+        # metrics.json the first line; the summary at the end counts it as failed.
+        log.exception("job failed")
+        print(f"error: job {hc.job.num} failed: {exc}", file=sys.stderr, flush=True)
+        return None
     print(f"\nRun saved to: {run_dir}\nOpen it in TensorBoard: tensorboard --logdir {run_dir}",
           flush=True)
     return result.best_val_acc
 
 
 def main() -> None:
+    remember_swept_keys(sys.argv[1:])
     _main()
+    if SweepSummary.failed_jobs:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,326 @@
+"""``transferlab-compare``: a table (and a figure) of runs, read from their ``metrics.json``.
+
+    transferlab-compare outputs/sweeps/2026-11-23/10-00-00_digits-efficientnet_lite0-linear_probe
+    transferlab-compare outputs/ --sort final_val_loss --format markdown
+    transferlab-compare <sweep> --group-seeds          # mean +- std over seeds
+    transferlab-compare <sweep> --tensorboard          # the command to open it in TensorBoard
+
+It reads files only, so it works on partial sweeps and on runs still going.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import statistics
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+# column -> (header, True when larger is better)
+METRICS = {
+    "best_val_acc": ("best val acc", True),
+    "best_epoch": ("best epoch", False),
+    "final_val_acc": ("final val acc", True),
+    "final_val_loss": ("final val loss", False),
+    "epochs": ("epochs", True),
+    "trainable": ("trainable params", True),
+    "wall_seconds": ("wall s", False),
+}
+SEED_KEYS = ("seed",)
+
+
+@dataclass
+class RunRecord:
+    """One run as ``metrics.json`` and Hydra's ``overrides.yaml`` describe it."""
+
+    path: Path
+    status: str
+    overrides: list[str] = field(default_factory=list)
+    values: dict[str, float | None] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    error: str | None = None
+    runs: int = 1  # > 1 for a group of seeds
+    spread: dict[str, float] = field(default_factory=dict)  # std over the group's seeds
+
+    def value(self, key: str) -> float | None:
+        return self.values.get(key)
+
+
+def _overrides(run_dir: Path) -> list[str]:
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    try:
+        items = yaml.safe_load(path.read_text()) or []
+    except yaml.YAMLError:
+        return []
+    return [str(i) for i in items if not str(i).lstrip("+~").startswith(("hydra.", "hydra/"))]
+
+
+def read_run(run_dir: Path) -> RunRecord:
+    """A run directory's record; ``pending`` before its first ``metrics.json``."""
+    path = run_dir / "metrics.json"
+    overrides = _overrides(run_dir)
+    if not path.is_file():
+        return RunRecord(run_dir, "pending", overrides)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return RunRecord(run_dir, "unreadable", overrides, error=f"metrics.json: {exc}")
+    history = data.get("history") or []
+    best, final = data.get("best") or {}, data.get("final") or {}
+    values = {
+        "best_val_acc": best.get("val_acc"),
+        "best_epoch": best.get("epoch"),
+        "final_val_acc": final.get("val_acc"),
+        "final_val_loss": final.get("val_loss"),
+        "epochs": len(history),
+        "trainable": (data.get("params") or {}).get("trainable"),
+        "wall_seconds": data.get("wall_seconds"),
+    }
+    return RunRecord(run_dir, data.get("status", "unknown"), overrides, values, history,
+                     data.get("error"))
+
+
+def find_runs(paths: Iterable[Path]) -> list[RunRecord]:
+    """Every run under ``paths`` (a run directory, a sweep, or a whole ``outputs/``)."""
+    dirs: dict[Path, None] = {}
+    for root in paths:
+        root = Path(root)
+        if not root.exists():
+            raise FileNotFoundError(f"{root} does not exist")
+        found = [p.parent for p in root.rglob("metrics.json")]
+        found += [p.parent.parent for p in root.rglob(".hydra/overrides.yaml")]
+        for d in sorted(set(found)):
+            dirs.setdefault(d.resolve(), None)
+    return [read_run(d) for d in dirs]
+
+
+def sort_runs(runs: list[RunRecord], key: str, reverse: bool = False) -> list[RunRecord]:
+    """Best first by ``key`` (larger accuracy, smaller loss...); runs without it last."""
+    if key not in METRICS:
+        raise ValueError(f"unknown sort key {key!r}; choose one of {', '.join(METRICS)}")
+    larger_is_better = METRICS[key][1] != reverse
+    have = [r for r in runs if r.value(key) is not None]
+    missing = [r for r in runs if r.value(key) is None]
+    have.sort(key=lambda r: r.value(key), reverse=larger_is_better)
+    return have + missing
+
+
+def _key_of(item: str) -> str:
+    return item.partition("=")[0].lstrip("+~")
+
+
+def group_seeds(runs: list[RunRecord]) -> list[RunRecord]:
+    """Runs whose overrides differ only by ``seed`` merged into one row: mean and std."""
+    groups: dict[tuple[str, ...], list[RunRecord]] = {}
+    for run in runs:
+        key = tuple(sorted(o for o in run.overrides if _key_of(o) not in SEED_KEYS))
+        groups.setdefault(key, []).append(run)
+    merged = []
+    for key, members in groups.items():
+        statuses = sorted({m.status for m in members})
+        status = statuses[0] if len(statuses) == 1 else ", ".join(
+            f"{sum(m.status == s for m in members)} {s}" for s in statuses)
+        values, spread = {}, {}
+        for name in METRICS:
+            xs = [m.value(name) for m in members if m.value(name) is not None]
+            values[name] = statistics.fmean(xs) if xs else None
+            spread[name] = statistics.stdev(xs) if len(xs) > 1 else 0.0
+        seeds = sorted(o.partition("=")[2] for m in members for o in m.overrides
+                       if _key_of(o) in SEED_KEYS)
+        label = [*key, f"seed={','.join(seeds)}"] if seeds else list(key)
+        errors = [m.error for m in members if m.error]
+        merged.append(RunRecord(members[0].path, status, label, values,
+                                members[0].history, errors[0] if errors else None,
+                                runs=len(members), spread=spread))
+    return merged
+
+
+def varying_overrides(runs: list[RunRecord]) -> list[list[str]]:
+    """Each run's overrides, keeping only the keys whose values differ between the runs."""
+    if len(runs) < 2:
+        return [r.overrides for r in runs]
+    seen: dict[str, set[str]] = {}
+    for run in runs:
+        for item in run.overrides:
+            seen.setdefault(_key_of(item), set()).add(item)
+    fixed = {k for k, v in seen.items()
+             if len(v) == 1 and all(any(_key_of(o) == k for o in r.overrides) for r in runs)}
+    return [[o for o in r.overrides if _key_of(o) not in fixed] for r in runs]
+
+
+def _fmt(run: RunRecord, name: str, plus_minus: str = " ± ") -> str:
+    value = run.value(name)
+    if value is None:
+        return "-"
+    if name in ("best_val_acc", "final_val_acc", "final_val_loss"):
+        text = f"{value:.4f}"
+        if run.runs > 1:
+            text += f"{plus_minus}{run.spread.get(name, 0.0):.4f}"
+        return text
+    if name == "wall_seconds":
+        return f"{value:.1f}"
+    if name in ("best_epoch",) and run.runs > 1:
+        return f"{value:.1f}"
+    if isinstance(value, float) and not value.is_integer():
+        return f"{value:.1f}"
+    return f"{int(value):,}" if name == "trainable" else f"{int(value)}"
+
+
+def _run_label(run: RunRecord, root: Path | None) -> str:
+    """The run's directory relative to ``root``; a sweep job's number alone (its name repeats
+    the overrides, which have their own column)."""
+    if root is None:
+        return str(run.path)
+    try:
+        name = str(run.path.relative_to(root.resolve())) or "."
+    except ValueError:
+        return str(run.path)
+    number, sep, _ = name.partition("_")
+    return number if sep and number.isdigit() and "/" not in name else name
+
+
+def _rows(runs: list[RunRecord], root: Path | None) -> tuple[list[str], list[list[str]]]:
+    header = ["run", "overrides", "status"] + [METRICS[m][0] for m in METRICS]
+    if any(r.runs > 1 for r in runs):
+        header.insert(3, "runs")
+    rows = []
+    for run, overrides in zip(runs, varying_overrides(runs), strict=True):
+        status = run.status + (f": {run.error}" if run.error and run.status == "failed" else "")
+        row = [_run_label(run, root), " ".join(overrides) or "-", status]
+        if "runs" in header:
+            row.append(str(run.runs))
+        row += [_fmt(run, m) for m in METRICS]
+        rows.append(row)
+    return header, rows
+
+
+def format_table(runs: list[RunRecord], fmt: str = "table", root: Path | None = None) -> str:
+    """The runs as an aligned text table, a Markdown table or CSV."""
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out)
+        names = list(METRICS)
+        writer.writerow(["run", "overrides", "status", "error", "runs", *names,
+                         *(f"{n}_std" for n in names)])
+        for run, overrides in zip(runs, varying_overrides(runs), strict=True):
+            writer.writerow([str(run.path), " ".join(overrides), run.status, run.error or "",
+                             run.runs, *(_csv(run.value(n)) for n in names),
+                             *(_csv(run.spread.get(n)) if run.runs > 1 else "" for n in names)])
+        return out.getvalue().rstrip("\n")
+    header, rows = _rows(runs, root)
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+        return "\n".join(lines)
+    if fmt != "table":
+        raise ValueError(f"unknown format {fmt!r}; choose table, markdown or csv")
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(header)]
+    left = {0, 1, 2}
+    def line(cells):  # noqa: E306
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+    return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+
+
+def _csv(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def plot_val_curves(runs: list[RunRecord], path: Path, title: str = "") -> Path:
+    """Validation accuracy of every run in one figure; dotted lines at stage boundaries."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from transferlab.plots import stage_starts
+
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    labels = varying_overrides(runs)
+    for run, label in zip(runs, labels, strict=True):
+        if not run.history:
+            continue
+        epochs = [r["epoch"] for r in run.history]
+        (line,) = ax.plot(epochs, [r["val_acc"] for r in run.history], "o-", markersize=3,
+                          label=" ".join(label) or run.path.name)
+        for epoch, _ in stage_starts(run.history)[1:]:
+            ax.axvline(epoch - 0.5, color=line.get_color(), linestyle=":", linewidth=1)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(title or "validation accuracy (dotted: stage boundaries)")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="transferlab-compare",
+        description="Compare transferlab runs: a sweep directory, run directories or outputs/.")
+    p.add_argument("paths", nargs="*", type=Path, default=[Path("outputs")],
+                   help="sweep or run directories, searched recursively (default: outputs)")
+    p.add_argument("--sort", default="best_val_acc", choices=list(METRICS),
+                   help="metric to sort by, best first (default: best_val_acc)")
+    p.add_argument("--reverse", action="store_true", help="worst first")
+    p.add_argument("--format", default="table", choices=["table", "markdown", "csv"])
+    p.add_argument("--group-seeds", action="store_true",
+                   help="merge runs that differ only by seed: mean ± std")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="where to write the validation-accuracy figure (default: "
+                        "<first path>/compare_val_acc.png)")
+    p.add_argument("--no-plot", action="store_true", help="write no figure")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="print the command that opens these runs in TensorBoard")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        runs = find_runs(args.paths)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}: give a sweep directory, a run directory or outputs/",
+              file=sys.stderr)
+        return 2
+    if not runs:
+        print(f"error: no runs (no metrics.json) under {' '.join(map(str, args.paths))}",
+              file=sys.stderr)
+        return 2
+    if args.group_seeds:
+        runs = group_seeds(runs)
+    runs = sort_runs(runs, args.sort, args.reverse)
+    root = args.paths[0] if len(args.paths) == 1 and args.paths[0].is_dir() else None
+    print(format_table(runs, args.format, root=root))
+    if args.plot or (not args.no_plot and args.format != "csv"):
+        target = args.plot or (args.paths[0] if args.paths[0].is_dir()
+                               else args.paths[0].parent) / "compare_val_acc.png"
+        print(f"\nValidation curves: {plot_val_curves(runs, target)}", file=sys.stderr)
+    if args.tensorboard:
+        logdirs = " ".join(str(p) for p in args.paths)
+        if len(args.paths) == 1:
+            print(f"\ntensorboard --logdir {logdirs}")
+        else:
+            spec = ",".join(f"{p.name or p}:{p}" for p in args.paths)
+            print(f"\ntensorboard --logdir_spec {spec}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

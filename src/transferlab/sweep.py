@@ -1,0 +1,144 @@
+"""Multirun support: readable job directory names and the summary printed when a sweep ends.
+
+Job names hold only what varies across the sweep (``3_freeze=two_stage,optimizer.lr=0.001``),
+not every fixed override of the command line. The swept keys are read from the command line
+once, in the launching process, and handed to the jobs through an environment variable so that
+launchers running jobs in other processes (joblib) name them the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("transferlab")
+
+SWEPT_ENV = "TRANSFERLAB_SWEPT_KEYS"
+NAMED_ENV = "TRANSFERLAB_NAME_GIVEN"
+SWEEP_NAME_ENV = "TRANSFERLAB_SWEEP_NAME"
+RESOLVER = "transferlab_job_name"
+SWEEP_RESOLVER = "transferlab_sweep_name"
+MAX_NAME = 120
+
+# Keys never worth a place in a job name: Hydra's own settings and the run name.
+_SKIP = re.compile(r"^(hydra[./]|name$)")
+
+
+def swept_keys(argv: list[str]) -> list[str]:
+    """Keys of the command-line overrides that sweep (`a=1,2`, `range(...)`, `choice(...)`)."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        args, _ = get_args_parser().parse_known_args(argv)
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
+    except Exception:  # Hydra itself reports malformed command lines
+        return []
+    return [o.get_key_element().lstrip("+~") for o in overrides if o.is_sweep_override()]
+
+
+def remember_swept_keys(argv: list[str]) -> None:
+    """Called by the CLI before Hydra starts: what this command line sweeps, and whether it
+    names the run."""
+    os.environ[SWEPT_ENV] = ",".join(swept_keys(argv))
+    os.environ[NAMED_ENV] = "1" if any(a.startswith("name=") for a in argv) else ""
+    os.environ.pop(SWEEP_NAME_ENV, None)
+
+
+def _safe(text: str) -> str:
+    """A value fit for a directory name: no path separators, no spaces, short numbers."""
+    try:
+        number = float(text)
+    except ValueError:
+        pass
+    else:
+        if len(text) > 8 and not number.is_integer():
+            text = f"{number:.4g}"
+    return re.sub(r"[/\\\s:]+", "_", text).strip("_") or "_"
+
+
+def job_name(num: Any, task_overrides: list[str], sweeper_params: list[str] | None = None) -> str:
+    """``<num>_<key=value,...>`` over the swept keys of this job's overrides.
+
+    With nothing swept (``-m seed=0``) every override is named; with no override, the number.
+    """
+    keys = {k for k in os.environ.get(SWEPT_ENV, "").split(",") if k}
+    keys |= set(sweeper_params or [])
+    items = []
+    for item in task_overrides:
+        key, sep, value = item.partition("=")
+        key = key.lstrip("+~")
+        if not sep or _SKIP.match(key):
+            continue
+        items.append((key, value))
+    named = [(k, v) for k, v in items if k in keys] or items
+    text = ",".join(f"{k}={_safe(v)}" for k, v in named)
+    if len(text) > MAX_NAME:
+        text = text[: MAX_NAME - 3] + "..."
+    return f"{num}_{text}" if text else str(num)
+
+
+def _resolve_job_name(num: Any, *, _root_: DictConfig) -> str:
+    task = list(OmegaConf.select(_root_, "hydra.overrides.task", default=[]) or [])
+    params = OmegaConf.select(_root_, "hydra.sweeper.params", default=None)
+    return job_name(num, task, list(params.keys()) if params else None)
+
+
+def sweep_name(name: str, swept: list[str]) -> str:
+    """The sweep directory's name: the run ``name`` when given on the command line, else what
+    the sweep varies (``sweep-freeze,optimizer.lr``), else the default run name."""
+    if os.environ.get(NAMED_ENV) or not swept:
+        return _safe(name)
+    return _safe("sweep-" + ",".join(swept))[:MAX_NAME]
+
+
+def _resolve_sweep_name(*, _root_: DictConfig) -> str:
+    # Every job resolves hydra.sweep.dir with its own config; the first resolution (the
+    # launching process, before any job) is kept so that all jobs share one sweep directory.
+    cached = os.environ.get(SWEEP_NAME_ENV)
+    if cached:
+        return cached
+    swept = [k for k in os.environ.get(SWEPT_ENV, "").split(",") if k]
+    params = OmegaConf.select(_root_, "hydra.sweeper.params", default=None)
+    swept += [k for k in (params.keys() if params else []) if k not in swept]
+    value = sweep_name(str(OmegaConf.select(_root_, "name", default="run")), swept)
+    os.environ[SWEEP_NAME_ENV] = value
+    return value
+
+
+def register_resolver() -> None:
+    if not OmegaConf.has_resolver(RESOLVER):
+        OmegaConf.register_new_resolver(RESOLVER, _resolve_job_name)
+    if not OmegaConf.has_resolver(SWEEP_RESOLVER):
+        OmegaConf.register_new_resolver(SWEEP_RESOLVER, _resolve_sweep_name)
+
+
+register_resolver()  # on import: joblib workers import this module with the task function
+
+
+class SweepSummary(Callback):
+    """Prints the comparison table of a sweep's jobs when it ends, and how many failed."""
+
+    failed_jobs = 0  # read by the CLI to choose its exit code
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from transferlab.compare import find_runs, format_table, sort_runs
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        runs = sort_runs(find_runs([sweep_dir]), "best_val_acc")
+        if not runs:
+            return
+        failed = [r for r in runs if r.status == "failed"]
+        SweepSummary.failed_jobs = len(failed)
+        print(f"\nSweep {sweep_dir}: {len(runs)} job(s), {len(failed)} failed\n"
+              f"{format_table(runs, 'table', root=sweep_dir)}\n"
+              f"Compare: transferlab-compare {sweep_dir}\n"
+              f"Open it in TensorBoard: tensorboard --logdir {sweep_dir}", file=sys.stdout,
+              flush=True)

@@ -1,0 +1,249 @@
+"""Sweeps through the real CLI (multirun, joblib, Optuna), their HParams records, and
+``transferlab-compare`` on the results."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from transferlab import compare
+from transferlab.sweep import job_name, sweep_name, swept_keys
+
+from .conftest import TINY, cli
+
+# A sweep's jobs: the tiny model on a quarter of digits held out (fast, and accuracy separates
+# the learning rates).
+SWEEP = [*TINY, "dataset.val_fraction=0.25"]
+
+
+def sweep_dirs(cwd: Path) -> list[Path]:
+    return sorted((cwd / "outputs" / "sweeps").glob("*/*"))
+
+
+def job_dirs(sweep: Path) -> list[Path]:
+    return sorted((p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                  key=lambda p: int(p.name.partition("_")[0]))
+
+
+def metrics(job: Path) -> dict:
+    return json.loads((job / "metrics.json").read_text())
+
+
+def hparams_of(job: Path) -> dict:
+    """The HParams session-start record of a job, read with TensorBoard's own event reader."""
+    acc = EventAccumulator(str(job / "tb"))
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")
+    starts = [plugin_data_pb2.HParamsPluginData.FromString(raw).session_start_info
+              for tag, raw in content.items() if tag.endswith("session_start_info")]
+    assert len(starts) == 1, sorted(content)
+    out = {}
+    for key, value in starts[0].hparams.items():
+        kind = value.WhichOneof("kind")
+        out[key] = getattr(value, kind)
+    return out
+
+
+def scalar(job: Path, tag: str) -> float:
+    acc = EventAccumulator(str(job / "tb"))
+    acc.Reload()
+    return acc.Scalars(tag)[-1].value
+
+
+def run_compare(capsys, *argv: str) -> list[str]:
+    assert compare.main([*argv]) == 0
+    return capsys.readouterr().out.strip().splitlines()
+
+
+# --- the 4-job sweep -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def four_job_sweep(tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("sweep4")
+    proc = cli(["-m", *SWEEP, "freeze=linear_probe,none", "optimizer.lr=1e-3,1e-2"], cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep,) = sweep_dirs(cwd)
+    assert "job(s), 0 failed" in proc.stdout  # the summary printed when the sweep ends
+    return sweep
+
+
+def test_sweep_runs_every_combination_in_readably_named_jobs(four_job_sweep):
+    assert four_job_sweep.name.endswith("_sweep-freeze,optimizer.lr")
+    names = [p.name for p in job_dirs(four_job_sweep)]
+    # only what the sweep varies names a job, not the fixed overrides (backbone=..., ...)
+    assert names == ["0_freeze=linear_probe,optimizer.lr=0.001",
+                     "1_freeze=linear_probe,optimizer.lr=0.01",
+                     "2_freeze=none,optimizer.lr=0.001", "3_freeze=none,optimizer.lr=0.01"]
+    for job in job_dirs(four_job_sweep):
+        assert metrics(job)["status"] == "completed"
+        assert (job / "checkpoints" / "best.pt").is_file()
+
+
+def test_every_job_records_its_hparams_and_metrics_in_tensorboard(four_job_sweep):
+    expected = [("linear_probe", 0.001), ("linear_probe", 0.01), ("none", 0.001), ("none", 0.01)]
+    for job, (freeze, lr) in zip(job_dirs(four_job_sweep), expected, strict=True):
+        hp = hparams_of(job)
+        assert hp["freeze"] == freeze and hp["optimizer.lr"] == pytest.approx(lr)
+        assert hp["backbone"] == "test_efficientnet" and hp["dataset"] == "digits"
+        assert hp["backbone.name"] == "test_efficientnet"  # an overridden field
+        assert hp["dataset.val_fraction"] == pytest.approx(0.25)
+        assert hp["seed"] == 0
+        m = metrics(job)
+        assert scalar(job, "hparam/best_val_acc") == pytest.approx(m["best"]["val_acc"])
+        assert scalar(job, "hparam/final_val_loss") == pytest.approx(m["final"]["val_loss"])
+
+
+def test_compare_lists_the_jobs_best_first(four_job_sweep, capsys):
+    lines = run_compare(capsys, str(four_job_sweep), "--no-plot")
+    rows = lines[2:]
+    assert len(rows) == 4
+    accs = {job.name.partition("_")[0]: metrics(job)["best"]["val_acc"]
+            for job in job_dirs(four_job_sweep)}
+    order = sorted(accs, key=lambda k: -accs[k])
+    assert [r.split()[0] for r in rows] == order
+    assert lines[0].split()[:3] == ["run", "overrides", "status"]
+    for row in rows:
+        assert "completed" in row and "freeze=" in row and "optimizer.lr=" in row
+        assert "backbone=" not in row  # fixed across the sweep: not a column of differences
+
+
+def test_compare_sorts_by_loss_and_writes_markdown_csv_and_a_figure(four_job_sweep, capsys,
+                                                                   tmp_path):
+    lines = run_compare(capsys, str(four_job_sweep), "--sort", "final_val_loss",
+                        "--format", "markdown", "--plot", str(tmp_path / "curves.png"),
+                        "--tensorboard")
+    assert lines[0].startswith("| run | overrides | status |") and lines[1].startswith("|---")
+    losses = [metrics(j)["final"]["val_loss"] for j in job_dirs(four_job_sweep)]
+    column = [c.strip() for c in lines[0].split("|")].index("final val loss")
+    shown = [float(r.split("|")[column]) for r in lines[2:6]]
+    assert shown == sorted(round(x, 4) for x in losses)
+    assert lines[-1] == f"tensorboard --logdir {four_job_sweep}"
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+    rows = list(csv.DictReader(io.StringIO("\n".join(run_compare(capsys, str(four_job_sweep),
+                                                                  "--format", "csv")))))
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"completed"}
+    by_path = {Path(r["run"]).name: r for r in rows}
+    for job in job_dirs(four_job_sweep):
+        assert float(by_path[job.name]["best_val_acc"]) == pytest.approx(
+            metrics(job)["best"]["val_acc"], abs=1e-5)
+
+
+# --- failures, parallel jobs, Optuna -------------------------------------------------------------
+
+
+def test_a_failing_job_does_not_lose_the_others(tmp_path, capsys):
+    proc = cli(["-m", *SWEEP, "optimizer.lr=1e-3,-1,3e-3,1e-2"], tmp_path)
+    assert proc.returncode == 1, proc.stderr[-2000:]  # the sweep finished, one job failed
+    assert "Traceback" not in proc.stderr
+    (sweep,) = sweep_dirs(tmp_path)
+    statuses = {j.name: metrics(j)["status"] for j in job_dirs(sweep)}
+    assert statuses == {"0_optimizer.lr=0.001": "completed", "1_optimizer.lr=-1": "failed",
+                        "2_optimizer.lr=0.003": "completed", "3_optimizer.lr=0.01": "completed"}
+    assert metrics(sweep / "1_optimizer.lr=-1")["error"] == "optimizer.lr must be > 0, got -1.0"
+    assert "4 job(s), 1 failed" in proc.stdout
+
+    rows = run_compare(capsys, str(sweep), "--no-plot")[2:]
+    assert len(rows) == 4
+    assert sum("completed" in r for r in rows) == 3
+    assert "failed: optimizer.lr must be > 0" in rows[-1]  # no metric: listed last
+
+
+def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
+    proc = cli(["-m", *SWEEP, "trainer.epochs=2", "seed=0,1", "hydra/launcher=joblib",
+                "hydra.launcher.n_jobs=2"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep,) = sweep_dirs(tmp_path)
+    jobs = job_dirs(sweep)
+    assert [j.name for j in jobs] == ["0_seed=0", "1_seed=1"]
+    pids = {metrics(j)["pid"] for j in jobs}
+    assert len(pids) == 2  # two worker processes, one job each
+    assert all(metrics(j)["status"] == "completed" for j in jobs)
+
+
+def test_optuna_search_preset_optimises_the_returned_accuracy(tmp_path):
+    proc = cli(["-m", *SWEEP, "hparams_search=optuna_lr_freeze", "hydra.sweeper.n_trials=2",
+                "hydra.sweeper.params.freeze='choice(linear_probe,none)'"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep,) = sweep_dirs(tmp_path)
+    jobs = job_dirs(sweep)
+    assert len(jobs) == 2
+    best = max(metrics(j)["best"]["val_acc"] for j in jobs)
+    # Optuna's report: the best value is the best val accuracy a job returned
+    result = (sweep / "optimization_results.yaml").read_text()
+    assert f"best_value: {best}" in result
+    for job in jobs:
+        assert "optimizer.lr=" in job.name and "freeze=" in job.name
+
+
+# --- names and tables, without running anything --------------------------------------------------
+
+
+def test_swept_keys_come_from_the_command_line():
+    argv = ["-m", "backbone=resnet18,efficientnet_lite0", "optimizer.lr=1e-3", "seed=range(3)",
+            "+extra=choice(1,2)", "dataset.root=/data/x", "hydra/launcher=joblib"]
+    assert swept_keys(argv) == ["backbone", "seed", "extra"]
+
+
+def test_job_names_hold_the_swept_values_only(monkeypatch):
+    monkeypatch.setenv("TRANSFERLAB_SWEPT_KEYS", "optimizer.lr,dataset.root")
+    task = ["backbone=resnet18", "optimizer.lr=0.0011205837185064174", "dataset.root=/data/a b",
+            "name=x", "hydra.launcher.n_jobs=2"]
+    assert job_name(4, task) == "4_optimizer.lr=0.001121,dataset.root=data_a_b"
+    monkeypatch.setenv("TRANSFERLAB_SWEPT_KEYS", "")
+    assert job_name(0, ["seed=3", "name=x"]) == "0_seed=3"  # nothing swept: every override
+    assert job_name(1, []) == "1"
+    monkeypatch.setenv("TRANSFERLAB_NAME_GIVEN", "")
+    assert sweep_name("digits-x-y", ["freeze", "optimizer.lr"]) == "sweep-freeze,optimizer.lr"
+    assert sweep_name("digits-x-y", []) == "digits-x-y"
+    monkeypatch.setenv("TRANSFERLAB_NAME_GIVEN", "1")
+    assert sweep_name("study/1", ["freeze"]) == "study_1"
+
+
+def _fake_run(root: Path, name: str, overrides: list[str], status: str = "completed",
+              acc: float | None = None, loss: float = 0.5, epochs: int = 3) -> Path:
+    job = root / name
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    history = [{"epoch": e, "stage": "head" if e < 3 else "finetune", "train_loss": 1.0,
+                "train_acc": 0.5, "val_loss": loss, "val_acc": acc or 0.0, "lr": {},
+                "seconds": 1.0} for e in range(1, epochs + 1)]
+    data = {"status": status, "history": history if acc is not None else [],
+            "best": {"epoch": epochs, "val_acc": acc, "val_loss": loss} if acc else None,
+            "final": {"epoch": epochs, "val_acc": acc, "val_loss": loss} if acc else None,
+            "params": {"total": 100, "trainable": 10}, "wall_seconds": 12.0}
+    (job / "metrics.json").write_text(json.dumps(data))
+    return job
+
+
+def test_group_seeds_gives_mean_and_std(tmp_path, capsys):
+    for i, (seed, acc) in enumerate([(0, 0.90), (1, 0.92), (2, 0.94)]):
+        _fake_run(tmp_path, f"{i}_a", ["freeze=two_stage", f"seed={seed}"], acc=acc)
+    for i, (seed, acc) in enumerate([(0, 0.80), (1, 0.84)]):
+        _fake_run(tmp_path, f"{3 + i}_b", ["freeze=linear_probe", f"seed={seed}"], acc=acc)
+    _fake_run(tmp_path, "5_b", ["freeze=linear_probe", "seed=2"], status="running", acc=0.7)
+    (tmp_path / "6_c" / ".hydra").mkdir(parents=True)  # started, no metrics.json yet
+    (tmp_path / "6_c" / ".hydra" / "overrides.yaml").write_text("- freeze=none\n- seed=0\n")
+
+    lines = run_compare(capsys, str(tmp_path), "--group-seeds", "--no-plot")
+    assert "runs" in lines[0].split()
+    two, probe, pending = lines[2:]
+    assert "freeze=two_stage" in two and "seed=0,1,2" in two
+    assert "0.9200 ± 0.0200" in two and " 3 " in two
+    assert "freeze=linear_probe" in probe and "2 completed, 1 running" in probe
+    assert "0.7800 ± 0.0721" in probe
+    assert "freeze=none" in pending and "pending" in pending
+
+
+def test_compare_errors_are_one_line(tmp_path, capsys):
+    assert compare.main([str(tmp_path / "nope")]) == 2
+    assert compare.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error: ") for line in err)
