@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,3 +137,96 @@ def test_train_fraction_reaches_the_run(compose_cfg):
 def test_bad_subset_is_a_clear_error(override, compose_cfg):
     with pytest.raises(UserError, match=override.split("=")[0]):
         load_config(compose_cfg([override]))
+
+
+# --- robustness, test splits, csv, fake and torchvision sets -------------------------------------
+
+
+def test_corrupt_and_non_image_files_are_skipped_and_reported(tmp_path, caplog):
+    make_folder(tmp_path / "train", {"ants": 6, "bees": 5})
+    make_folder(tmp_path / "val", {"ants": 2, "bees": 2})
+    (tmp_path / "train" / "ants" / "notes.txt").write_text("not an image")
+    good = (tmp_path / "train" / "bees" / "0.jpg").read_bytes()
+    (tmp_path / "train" / "bees" / "broken.jpg").write_bytes(good[: len(good) // 2])  # truncated
+    (tmp_path / "val" / "ants" / "fake.png").write_bytes(b"\x89PNG not really")
+    cfg = DatasetConfig(name="f", kind="image_folder", root=str(tmp_path))
+    with caplog.at_level("WARNING"):
+        splits = build_splits(cfg, NONE, SPEC, 32)
+    assert len(splits.train) == 11 and len(splits.val) == 4
+    assert sorted(Path(p).name for p in splits.skipped) == ["broken.jpg", "fake.png",
+                                                            "notes.txt"]
+    assert sum("skipped 3 file(s)" in r.message for r in caplog.records) == 1
+    for i in range(len(splits.train)):  # every image left loads
+        assert splits.train[i][0].shape == (3, 32, 32)
+
+
+def test_test_folder_or_test_fraction_gives_a_test_split(tmp_path):
+    make_folder(tmp_path / "a" / "train", {"x": 10, "y": 10})
+    make_folder(tmp_path / "a" / "val", {"x": 2, "y": 2})
+    make_folder(tmp_path / "a" / "test", {"x": 3, "y": 1})
+    splits = build_splits(DatasetConfig(name="a", kind="image_folder",
+                                        root=str(tmp_path / "a")), NONE, SPEC, 32)
+    assert len(splits.test) == 4 and len(splits.val) == 4 and len(splits.train) == 20
+    make_folder(tmp_path / "b", {"x": 20, "y": 20})
+    cfg = DatasetConfig(name="b", kind="image_folder", root=str(tmp_path / "b"),
+                        val_fraction=0.2, test_fraction=0.2)
+    splits = build_splits(cfg, NONE, SPEC, 32)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (24, 8, 8)
+    assert Counter(y for _, y in splits.test.samples) == {0: 4, 1: 4}
+    names = lambda ds: {p for p, _ in ds.samples}  # noqa: E731
+    assert not names(splits.train) & names(splits.test) and not names(splits.val) & names(
+        splits.test)
+    assert build_splits(DatasetConfig(name="b", kind="image_folder", root=str(tmp_path / "b")),
+                        NONE, SPEC, 32).test is None
+
+
+def test_csv_dataset_round_trip(tmp_path):
+    make_folder(tmp_path / "tmp", {"c0": 8, "c1": 8})
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = ["id,has_cactus"]
+    for cls, flag in (("c0", "0"), ("c1", "1")):
+        for p in sorted((tmp_path / "tmp" / cls).iterdir()):
+            target = images / f"{cls}_{p.name}"
+            p.rename(target)
+            rows.append(f"{target.name},{flag}")
+    rows.append("missing.jpg,1")
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    cfg = DatasetConfig(name="cactus", kind="csv", root=str(images),
+                        csv_file=str(tmp_path / "train.csv"), x_col="id", y_col="has_cactus",
+                        val_fraction=0.25)
+    splits = build_splits(cfg, NONE, SPEC, 32)
+    assert splits.classes == ["0", "1"] and len(splits.train) == 12 and len(splits.val) == 4
+    assert [Path(p).name for p in splits.skipped] == ["missing.jpg"]
+    for path, label in splits.train.samples + splits.val.samples:
+        assert path.name.startswith(f"c{label}_")
+    with pytest.raises(UserError, match="no column 'label'"):
+        build_splits(DatasetConfig(name="c", kind="csv", root=str(images),
+                                   csv_file=str(tmp_path / "train.csv")), NONE, SPEC, 32)
+
+
+def test_fake_dataset_composes_and_feeds_a_run(compose_cfg):
+    run = load_config(compose_cfg(["dataset=fake"]))
+    splits = build_splits(run.dataset, run.augment, SPEC, 32)
+    assert len(splits.train) + len(splits.val) == 200 and splits.num_classes == 4
+    assert splits.train[0][0].shape == (3, 32, 32)
+
+
+def test_a_torchvision_set_offline_is_one_clear_line(compose_cfg, tmp_path):
+    run = load_config(compose_cfg(["dataset=cifar10", f"dataset.root={tmp_path}",
+                                   "dataset.download=false"]))
+    with pytest.raises(UserError) as exc:
+        build_splits(run.dataset, run.augment, SPEC, 32)
+    message = str(exc.value)
+    assert "\n" not in message and "CIFAR10" in message and str(tmp_path / "cifar10") in message
+    assert "dataset.download=true" in message
+
+
+def test_a_split_missing_a_class_is_a_clear_error(tmp_path):
+    make_folder(tmp_path / "train", {"ants": 3, "bees": 3})
+    make_folder(tmp_path / "val", {"ants": 2, "bees": 1})
+    (tmp_path / "val" / "bees" / "0.jpg").unlink()
+    (tmp_path / "val" / "bees" / "x.txt").write_text("")
+    with pytest.raises(UserError, match="holds no readable images"):
+        build_splits(DatasetConfig(name="f", kind="image_folder", root=str(tmp_path)), NONE,
+                     SPEC, 32)

@@ -35,9 +35,19 @@ class HeadConfig:
 @dataclass
 class DatasetConfig:
     name: str
-    kind: str  # digits | image_folder
+    kind: str  # digits | image_folder | csv | torchvision | fake
     root: str | None = None
     val_fraction: float = 0.2
+    test_fraction: float = 0.0  # held out as a test split where the data has none of its own
+    # csv: a table of image file names (x_col, relative to root) and labels (y_col)
+    csv_file: str | None = None
+    x_col: str = "id"
+    y_col: str = "label"
+    # torchvision: one of transferlab.data.torchvision_sets.SETS, downloaded to root
+    download: bool = True
+    # fake: torchvision's FakeData (random images), for smoke tests
+    size: int = 200
+    num_classes: int = 4
     split_seed: int = 0
     train_fraction: float = 1.0  # keep this fraction of every class of the training split
     samples_per_class: int | None = None  # or at most this many training images per class
@@ -308,6 +318,9 @@ def validate(run: RunConfig) -> None:
         raise UserError(f"trainer.batch_size must be >= 1, got {run.trainer.batch_size}")
     if not 0.0 < run.dataset.val_fraction < 1.0:
         raise UserError(f"dataset.val_fraction must be in (0, 1), got {run.dataset.val_fraction}")
+    if not 0.0 <= run.dataset.test_fraction < 1.0 - run.dataset.val_fraction:
+        raise UserError(f"dataset.test_fraction must be in [0, 1 - val_fraction), got "
+                        f"{run.dataset.test_fraction}")
     if not 0.0 < run.dataset.train_fraction <= 1.0:
         raise UserError(f"dataset.train_fraction must be in (0, 1], got "
                         f"{run.dataset.train_fraction}")

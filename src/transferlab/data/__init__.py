@@ -16,7 +16,14 @@ from transferlab.backbones import InputSpec
 from transferlab.config import AugmentConfig, DatasetConfig, TrainerConfig
 from transferlab.data.digits import CLASSES as DIGIT_CLASSES
 from transferlab.data.digits import TensorImageDataset, digits_images
-from transferlab.data.image_folder import ImageFileDataset, class_folders, index_folder
+from transferlab.data.image_folder import (
+    ImageFileDataset,
+    IndexedImages,
+    class_folders,
+    index_folder,
+    read_csv_index,
+)
+from transferlab.data.torchvision_sets import load_torchvision_set
 from transferlab.data.transforms import eval_transform, train_transform
 from transferlab.errors import UserError
 
@@ -25,28 +32,45 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DataSplits:
-    """The train and val datasets of a run (transforms attached) and their class names."""
+    """The train / val (/ test) datasets of a run, transforms attached, and their class names."""
 
     train: Dataset
     val: Dataset
     classes: list[str]
-    skipped: list[str] = field(default_factory=list)  # files found but not used (not images)
+    skipped: list[str] = field(default_factory=list)  # files found but not readable images
+    test: Dataset | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
 
-def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def stratified_split(labels: list[int], fraction: float, seed: int,
+                     what: str = "val_fraction") -> tuple[list[int], list[int]]:
     """Indices (keep, held_out) with ``fraction`` of every class held out, reproducible by seed."""
     indices = list(range(len(labels)))
     try:
         keep, held = train_test_split(indices, test_size=fraction, stratify=labels,
                                       random_state=seed)
     except ValueError as exc:
-        raise UserError(f"cannot split {len(labels)} images with val_fraction={fraction} "
+        raise UserError(f"cannot split {len(labels)} images with {what}={fraction} "
                         f"stratified by class ({exc})") from None
     return sorted(keep), sorted(held)
+
+
+def holdout(labels: list[int], cfg: DatasetConfig, val: bool = True,
+            test: bool = True) -> tuple[list[int], list[int], list[int]]:
+    """(train, val, test) indices: stratified, seeded hold-outs of ``val_fraction`` and
+    ``test_fraction`` of the whole, for the splits the data does not have on its own."""
+    train, held_val, held_test = list(range(len(labels))), [], []
+    if val:
+        train, held_val = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
+    if test and cfg.test_fraction > 0:
+        share = cfg.test_fraction / ((1.0 - cfg.val_fraction) if val else 1.0)
+        keep, out = stratified_split([labels[i] for i in train], share, cfg.split_seed,
+                                     "test_fraction")
+        train, held_test = [train[i] for i in keep], [train[i] for i in out]
+    return train, held_val, held_test
 
 
 def train_subset(labels: list[int], cfg: DatasetConfig) -> list[int]:
@@ -67,26 +91,57 @@ def train_subset(labels: list[int], cfg: DatasetConfig) -> list[int]:
     return sorted(keep)
 
 
+def check_classes(where: str, labels: list[int], classes: list[str]) -> None:
+    """Every class must appear in every split a run trains or is measured on."""
+    missing = sorted(set(range(len(classes))) - set(labels))
+    if missing:
+        names = ", ".join(classes[i] for i in missing[:5])
+        raise UserError(f"the {where} split has no images of class(es) {names}: add some, or "
+                        "lower train_fraction / raise samples_per_class")
+
+
+def assemble(cfg: DatasetConfig, classes: list[str], make, train: list, val: list,
+             test: list | None, label_of, train_tf, eval_tf,
+             skipped: list | None = None) -> DataSplits:
+    """DataSplits from per-split item lists: the training subset drawn, classes checked,
+    ``make(items, transform)`` building each dataset."""
+    if len(classes) < 2:
+        raise UserError(f"dataset {cfg.name} has {len(classes)} class(es): a classifier "
+                        "needs >= 2")
+    train = [train[i] for i in train_subset([label_of(x) for x in train], cfg)]
+    check_classes("train", [label_of(x) for x in train], classes)
+    check_classes("val", [label_of(x) for x in val], classes)
+    skipped = [str(p) for p in (skipped or [])]
+    if skipped:
+        log.warning("skipped %d file(s) that are not readable images: %s%s", len(skipped),
+                    ", ".join(skipped[:5]), " ..." if len(skipped) > 5 else "")
+    return DataSplits(train=make(train, train_tf), val=make(val, eval_tf), classes=classes,
+                      skipped=skipped, test=make(test, eval_tf) if test else None)
+
+
 def _digits(cfg: DatasetConfig, train_tf, eval_tf) -> DataSplits:
     images, labels = digits_images()
-    keep, held = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
-    keep = [keep[i] for i in train_subset([labels[i] for i in keep], cfg)]
-    pick = lambda idx: (images[idx], [labels[i] for i in idx])  # noqa: E731
-    return DataSplits(
-        train=TensorImageDataset(*pick(keep), transform=train_tf),
-        val=TensorImageDataset(*pick(held), transform=eval_tf),
-        classes=list(DIGIT_CLASSES),
-    )
+    train, val, test = holdout(labels, cfg)
+    make = lambda idx, tf: TensorImageDataset(images[idx], [labels[i] for i in idx], tf)  # noqa: E731
+    return assemble(cfg, list(DIGIT_CLASSES), make, train, val, test, labels.__getitem__,
+                    train_tf, eval_tf)
 
 
-def _image_folder(cfg: DatasetConfig, train_tf, eval_tf) -> DataSplits:
+def _folder_root(cfg: DatasetConfig) -> Path:
     if not cfg.root:
         raise UserError(f"dataset {cfg.name} needs a folder: set dataset.root=/path/to/images")
     root = Path(os.path.expanduser(cfg.root))
     if not root.is_dir():
         raise UserError(f"dataset root {root} does not exist: set dataset.root to a folder with "
                         "train/ and val/ class folders, or with class folders to split")
+    return root
+
+
+def _image_folder(cfg: DatasetConfig, train_tf, eval_tf) -> DataSplits:
+    root = _folder_root(cfg)
     subdirs = class_folders(root)
+    make = lambda samples, tf: ImageFileDataset(samples, tf)  # noqa: E731
+    label_of = lambda sample: sample[1]  # noqa: E731
     if "train" in subdirs:
         if "val" not in subdirs:
             raise UserError(f"{root} has train/ but no val/: add val/<class>/ folders, or put the "
@@ -94,30 +149,69 @@ def _image_folder(cfg: DatasetConfig, train_tf, eval_tf) -> DataSplits:
         train = index_folder(root / "train")
         val = index_folder(root / "val", classes=train.classes)
         skipped = train.skipped + val.skipped
-        train_samples, val_samples, classes = train.samples, val.samples, train.classes
+        test_samples = None
+        if "test" in subdirs:
+            test = index_folder(root / "test", classes=train.classes)
+            test_samples, skipped = test.samples, skipped + test.skipped
+        elif cfg.test_fraction > 0:
+            keep, _, out = holdout([y for _, y in train.samples], cfg, val=False)
+            train.samples, test_samples = ([train.samples[i] for i in keep],
+                                           [train.samples[i] for i in out])
+        return assemble(cfg, train.classes, make, train.samples, val.samples, test_samples,
+                        label_of, train_tf, eval_tf, skipped)
+    index = index_folder(root)
+    train_idx, val_idx, test_idx = holdout([y for _, y in index.samples], cfg)
+    pick = lambda idx: [index.samples[i] for i in idx]  # noqa: E731
+    return assemble(cfg, index.classes, make, pick(train_idx), pick(val_idx), pick(test_idx),
+                    label_of, train_tf, eval_tf, index.skipped)
+
+
+def _csv(cfg: DatasetConfig, train_tf, eval_tf) -> DataSplits:
+    root = _folder_root(cfg)
+    table = read_csv_index(root, cfg.csv_file, cfg.x_col, cfg.y_col)
+    train_idx, val_idx, test_idx = holdout([y for _, y in table.samples], cfg)
+    pick = lambda idx: [table.samples[i] for i in idx]  # noqa: E731
+    return assemble(cfg, table.classes, lambda samples, tf: ImageFileDataset(samples, tf),
+                    pick(train_idx), pick(val_idx), pick(test_idx), lambda s: s[1],
+                    train_tf, eval_tf, table.skipped)
+
+
+def _torchvision(cfg: DatasetConfig, train_tf, eval_tf) -> DataSplits:
+    source = load_torchvision_set(cfg)
+    labels = source.labels
+    if source.val is None:  # hold out val (and test, when the set has none) from train
+        train, val, test = holdout(labels, cfg, test=source.test is None)
+        items = lambda idx: [(source.train, i) for i in idx]  # noqa: E731
+        train_items, val_items = items(train), items(val)
+        test_items = items(test) if source.test is None else _all(source.test)
     else:
-        index = index_folder(root)
-        keep, held = stratified_split([y for _, y in index.samples], cfg.val_fraction,
-                                      cfg.split_seed)
-        train_samples = [index.samples[i] for i in keep]
-        val_samples = [index.samples[i] for i in held]
-        classes, skipped = index.classes, index.skipped
-    if len(classes) < 2:
-        raise UserError(f"{root} has {len(classes)} class folder(s): a classifier needs >= 2")
-    train_samples = [train_samples[i] for i in train_subset([y for _, y in train_samples], cfg)]
-    if skipped:
-        log.warning("skipped %d file(s) that are not images (%s): %s", len(skipped),
-                    ", ".join(sorted({p.suffix or p.name for p in skipped})),
-                    ", ".join(str(p) for p in skipped[:5]))
-    return DataSplits(
-        train=ImageFileDataset(train_samples, transform=train_tf),
-        val=ImageFileDataset(val_samples, transform=eval_tf),
-        classes=classes,
-        skipped=[str(p) for p in skipped],
-    )
+        train_items, val_items = _all(source.train), _all(source.val)
+        test_items = _all(source.test) if source.test is not None else None
+    label_of = lambda item: source.label_of(*item)  # noqa: E731
+    make = lambda items, tf: IndexedImages(items, source.label_of, tf)  # noqa: E731
+    return assemble(cfg, source.classes, make, train_items, val_items, test_items, label_of,
+                    train_tf, eval_tf)
 
 
-KINDS = {"digits": _digits, "image_folder": _image_folder}
+def _all(dataset) -> list[tuple]:
+    return [(dataset, i) for i in range(len(dataset))]
+
+
+def _fake(cfg: DatasetConfig, train_tf, eval_tf) -> DataSplits:
+    from torchvision.datasets import FakeData
+
+    side = cfg.image_size or 64
+    data = FakeData(size=cfg.size, image_size=(3, side, side), num_classes=cfg.num_classes,
+                    random_offset=cfg.split_seed)
+    labels = [int(data[i][1]) for i in range(len(data))]
+    train, val, test = holdout(labels, cfg)
+    make = lambda idx, tf: IndexedImages([(data, i) for i in idx], lambda d, i: labels[i], tf)  # noqa: E731
+    return assemble(cfg, [f"class_{i}" for i in range(cfg.num_classes)], make, train, val,
+                    test, labels.__getitem__, train_tf, eval_tf)
+
+
+KINDS = {"digits": _digits, "image_folder": _image_folder, "csv": _csv,
+         "torchvision": _torchvision, "fake": _fake}
 
 
 def build_splits(cfg: DatasetConfig, augment: AugmentConfig, spec: InputSpec,

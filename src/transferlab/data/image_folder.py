@@ -39,13 +39,69 @@ def index_folder(root: Path, classes: list[str] | None = None) -> FolderIndex:
         raise UserError(f"{root} has class folders {found}, expected {classes} (as in train/)")
     samples, skipped = [], []
     for label, name in enumerate(classes):
-        files = sorted(p for p in (root / name).rglob("*") if p.is_file())
-        images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
-        skipped += [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+        files = sorted(p for p in (root / name).rglob("*")
+                       if p.is_file() and not p.name.startswith("."))
+        images = [p for p in files if is_image(p)]
+        skipped += [p for p in files if p not in set(images)]
         if not images:
-            raise UserError(f"class folder {root / name} holds no images "
+            raise UserError(f"class folder {root / name} holds no readable images "
                             f"({', '.join(IMAGE_EXTENSIONS)})")
         samples += [(p, label) for p in images]
+    return FolderIndex(classes, samples, skipped)
+
+
+def is_image(path: Path) -> bool:
+    """An image file PIL can read: known extension, valid header and structure.
+
+    Checked once while indexing, so that a corrupt or truncated file is skipped and reported
+    instead of failing an epoch half-way through.
+    """
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return False
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:  # verify() misses truncated data: decode a thumbnail
+            im.draft("RGB", (32, 32))
+            im.load()
+    except Exception:  # PIL raises many types for broken files
+        return False
+    return True
+
+
+def read_csv_index(root: Path, csv_file: str | None, x_col: str, y_col: str) -> FolderIndex:
+    """A CSV of image file names (``x_col``, relative to ``root``) and labels (``y_col``), the
+    Kaggle layout (e.g. ``id,has_cactus``). Classes are the sorted distinct labels; rows whose
+    file is missing or unreadable are skipped and listed."""
+    import csv
+
+    if not csv_file:
+        raise UserError("dataset kind csv needs dataset.csv_file=/path/to/labels.csv")
+    path = Path(csv_file).expanduser()
+    if not path.is_file():
+        raise UserError(f"dataset.csv_file {path} does not exist")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        for col, key in ((x_col, "x_col"), (y_col, "y_col")):
+            if col not in columns:
+                raise UserError(f"{path} has no column {col!r} (dataset.{key}); its columns: "
+                                f"{', '.join(columns)}")
+        rows = [(r[x_col], r[y_col]) for r in reader]
+    if not rows:
+        raise UserError(f"{path} has no rows")
+    classes = sorted({y for _, y in rows})
+    label = {name: i for i, name in enumerate(classes)}
+    samples, skipped = [], []
+    for name, y in rows:
+        file = root / name
+        if file.is_file() and is_image(file):
+            samples.append((file, label[y]))
+        else:
+            skipped.append(file)
+    if not samples:
+        raise UserError(f"none of the {len(rows)} files named in {path} is a readable image "
+                        f"under {root}: check dataset.root and dataset.x_col")
     return FolderIndex(classes, samples, skipped)
 
 
@@ -63,3 +119,21 @@ class ImageFileDataset(Dataset):
         with Image.open(path) as im:
             image = im.convert("RGB")
         return (self.transform(image) if self.transform else image), label
+
+
+class IndexedImages(Dataset):
+    """Items ``(source dataset, index)`` of datasets yielding (PIL image, label): images turned
+    into RGB (grayscale sets too), labels from ``label_of(source, index)``."""
+
+    def __init__(self, items: list[tuple], label_of, transform=None):
+        self.items, self.label_of, self.transform = items, label_of, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        source, index = self.items[i]
+        image = source[index][0]
+        if isinstance(image, Image.Image):
+            image = image.convert("RGB")
+        return (self.transform(image) if self.transform else image), self.label_of(source, index)
