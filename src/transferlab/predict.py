@@ -1,0 +1,314 @@
+"""``transferlab-predict``: classify image files with a pretrained backbone or a trained run.
+
+    transferlab-predict --backbone efficientnet_lite0 cat.jpg photos/       # ImageNet top-5
+    transferlab-predict --backbone resnet50 --top-k 3 cat.jpg               # a backbone preset
+    transferlab-predict --backbone convnext_nano --backbone-source timm cat.jpg
+    transferlab-predict --run outputs/2026-11-23/10-00-00 photos/           # -> RUN/predictions.csv
+    transferlab-predict --run RUN --checkpoint last --output preds.csv photos/
+
+Folders are searched recursively. Files that are not readable images are listed in one warning
+line and skipped; a missing input path, or no image at all, is a one-line error (exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+import yaml
+from PIL import Image
+from torch import nn
+
+from transferlab.backbones import build_backbone, probe_features
+from transferlab.checkpoint import load_checkpoint
+from transferlab.config import BackboneConfig, from_mapping, load_config
+from transferlab.data.transforms import eval_transform
+from transferlab.errors import UserError, did_you_mean
+from transferlab.heads import build_head
+from transferlab.model import TransferModel
+from transferlab.runtime import pick_device
+
+SHOWN_SKIPPED = 10  # file names listed in the warning line (then "... and N more")
+
+
+# -- inputs --------------------------------------------------------------------------------------
+
+def collect_files(paths: list[str]) -> list[Path]:
+    """The files named by ``paths`` (folders searched recursively), in order, without repeats.
+
+    A path that does not exist is a :class:`UserError`.
+    """
+    seen: dict[Path, Path] = {}
+    for text in paths:
+        path = Path(text).expanduser()
+        if not path.exists():
+            raise UserError(f"input path {path} does not exist")
+        found = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in found:
+            seen.setdefault(file.resolve(), file)
+    return list(seen.values())
+
+
+def looks_like_image(path: Path) -> bool:
+    """Whether PIL recognises the file as an image (reads its header only)."""
+    try:
+        with Image.open(path):
+            return True
+    except Exception:  # not an image, unreadable, a decompression bomb, ...
+        return False
+
+
+def read_rgb(path: Path) -> Image.Image | None:
+    """The decoded image in RGB, or None when it cannot be decoded."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception:  # truncated or corrupt data
+        return None
+
+
+@dataclass
+class Inputs:
+    """The image files to classify and the files skipped so far (not readable images)."""
+
+    images: list[Path]
+    skipped: list[Path] = field(default_factory=list)
+
+
+def gather_inputs(paths: list[str]) -> Inputs:
+    """Every readable image under ``paths``; no image at all is a :class:`UserError`."""
+    files = collect_files(paths)
+    readable = {f: looks_like_image(f) for f in files}
+    inputs = Inputs(images=[f for f, ok in readable.items() if ok],
+                    skipped=[f for f, ok in readable.items() if not ok])
+    if not inputs.images:
+        where = ", ".join(paths)
+        what = f"none of its {len(files)} file(s) is a readable image" if files else "no files"
+        raise UserError(f"no image to classify in {where}: {what}")
+    return inputs
+
+
+def skipped_warning(skipped: list[Path]) -> str:
+    """One line naming the skipped files (the first few) and their count."""
+    names = ", ".join(str(p) for p in skipped[:SHOWN_SKIPPED])
+    more = f" ... and {len(skipped) - SHOWN_SKIPPED} more" if len(skipped) > SHOWN_SKIPPED else ""
+    return (f"warning: skipped {len(skipped)} file(s) that are not readable images: "
+            f"{names}{more}")
+
+
+# -- models --------------------------------------------------------------------------------------
+
+@dataclass
+class Predictor:
+    """A classifier in eval mode, its preprocessing and its class names."""
+
+    model: nn.Module
+    transform: Callable
+    classes: list[str]
+
+
+def preset_config(name: str) -> BackboneConfig | None:
+    """The backbone preset ``conf/backbone/<name>.yaml``, if there is one."""
+    preset = resources.files("transferlab.conf") / "backbone" / f"{name}.yaml"
+    if not preset.is_file():
+        return None
+    return from_mapping(BackboneConfig, yaml.safe_load(preset.read_text()), "backbone")
+
+
+def backbone_config(name: str, source: str | None) -> BackboneConfig:
+    """A pretrained backbone by preset name, or a torchvision / timm model name."""
+    if source is not None:
+        return BackboneConfig(name=name, source=source)
+    preset = preset_config(name)
+    if preset is not None:
+        return dataclasses.replace(preset, pretrained=True)
+    import timm
+    from torchvision import models as tvm
+
+    torchvision_names = tvm.list_models(module=tvm)
+    if name in torchvision_names:
+        return BackboneConfig(name=name, source="torchvision")
+    if timm.is_model(name):
+        return BackboneConfig(name=name, source="timm")
+    presets = [p.name[:-5] for p in (resources.files("transferlab.conf") / "backbone").iterdir()
+               if p.name.endswith(".yaml")]
+    raise UserError(
+        f"unknown backbone {name!r}{did_you_mean(name, [*presets, *torchvision_names])}: give a "
+        f"preset ({', '.join(sorted(presets))}), a torchvision or a timm model name"
+    )
+
+
+def imagenet_predictor(name: str, source: str | None) -> Predictor:
+    """A pretrained backbone with its own ImageNet classifier, at its native input size."""
+    backbone = build_backbone(backbone_config(name, source))
+    if backbone.imagenet_head is None or not backbone.categories:
+        raise UserError(f"backbone {backbone.name} has no ImageNet-1k classifier to predict "
+                        "with: choose a model pretrained on ImageNet-1k")
+    model = nn.Sequential(backbone.module, backbone.imagenet_head).eval()
+    spec = backbone.input
+    return Predictor(model, eval_transform(spec, spec.size), list(backbone.categories))
+
+
+def read_run_checkpoint(run_dir: Path, which: str) -> dict:
+    """The checkpoint ``best`` or ``last`` of a training run, checked for what predict needs."""
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} does not exist")
+    path = run_dir / "checkpoints" / f"{which}.pt"
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no checkpoints/{which}.pt: give a run directory written "
+                        "by transferlab-train (or try --checkpoint last)")
+    ckpt = load_checkpoint(path)
+    missing = [k for k in ("model", "config", "classes") if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} is not a transferlab checkpoint (no {', '.join(missing)})")
+    return ckpt
+
+
+def run_predictor(run_dir: Path, which: str) -> Predictor:
+    """The trained model of a run, rebuilt from its saved config, with its eval preprocessing."""
+    ckpt = read_run_checkpoint(run_dir, which)
+    run = load_config(ckpt["config"])
+    # The checkpoint holds every weight: no pretrained weights to fetch.
+    backbone = build_backbone(dataclasses.replace(run.backbone, pretrained=False))
+    image_size = run.dataset.image_size or backbone.input.size
+    classes = [str(c) for c in ckpt["classes"]]
+    head = build_head(run.head, probe_features(backbone, image_size), len(classes))
+    model = TransferModel(backbone.module, head)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UserError(f"the checkpoint of {run_dir} does not fit the model rebuilt from its "
+                        f"config ({first})") from None
+    transform = eval_transform(backbone.input, image_size, run.dataset.crop_pct)
+    return Predictor(model.eval(), transform, classes)
+
+
+# -- inference -----------------------------------------------------------------------------------
+
+def predict(predictor: Predictor, inputs: Inputs, batch_size: int,
+            device: torch.device) -> Iterator[tuple[Path, torch.Tensor]]:
+    """(path, class probabilities) for each image, in batches; undecodable files are added to
+    ``inputs.skipped``."""
+    model = predictor.model.to(device).eval()
+    for start in range(0, len(inputs.images), batch_size):
+        paths, tensors = [], []
+        for path in inputs.images[start:start + batch_size]:
+            image = read_rgb(path)
+            if image is None:
+                inputs.skipped.append(path)
+                continue
+            paths.append(path)
+            tensors.append(predictor.transform(image))
+        if not paths:
+            continue
+        with torch.inference_mode():
+            probs = model(torch.stack(tensors).to(device)).float().softmax(dim=-1).cpu()
+        yield from zip(paths, probs, strict=True)
+
+
+def format_top_k(path: Path, probs: torch.Tensor, classes: list[str], k: int) -> str:
+    """The path, then one ``probability  class`` line for each of the k likeliest classes."""
+    top = probs.topk(min(k, len(classes)))
+    lines = [f"  {p:.4f}  {classes[i]}" for p, i in zip(top.values.tolist(),
+                                                         top.indices.tolist(), strict=True)]
+    return "\n".join([str(path), *lines])
+
+
+def csv_header(classes: list[str]) -> list[str]:
+    """``path,label,probability`` and one probability column per class (renamed on a clash)."""
+    fixed = ["path", "label", "probability"]
+    return fixed + [f"p_{c}" if c in fixed else c for c in classes]
+
+
+def write_csv(out: Path, rows: Iterator[tuple[Path, torch.Tensor]], classes: list[str]) -> int:
+    """Write one row per image; returns how many were written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with out.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(csv_header(classes))
+        for path, probs in rows:
+            best = int(probs.argmax())
+            writer.writerow([str(path), classes[best], f"{float(probs[best]):.6f}",
+                             *(f"{p:.6f}" for p in probs.tolist())])
+            count += 1
+    return count
+
+
+# -- command line --------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="transferlab-predict",
+        description="Classify image files: ImageNet top-k with a pretrained backbone "
+                    "(--backbone), or a CSV of a trained run's predictions (--run).")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--backbone", help="a backbone preset (conf/backbone), or a torchvision "
+                                         "or timm model name")
+    mode.add_argument("--run", type=Path, help="a run directory written by transferlab-train")
+    parser.add_argument("--backbone-source", choices=("torchvision", "timm",
+                                                      "efficientnet_lite0_package"),
+                        help="where --backbone comes from (default: the preset, else guessed)")
+    parser.add_argument("--top-k", type=int, help="--backbone: classes shown per image (5)")
+    parser.add_argument("--checkpoint", choices=("best", "last"),
+                        help="--run: which checkpoint (best)")
+    parser.add_argument("--output", type=Path, help="--run: the CSV (RUN/predictions.csv)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per batch (32)")
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    args = parser.parse_args(argv)
+    if args.run is not None and (args.top_k is not None or args.backbone_source is not None):
+        parser.error("--top-k and --backbone-source go with --backbone, not --run")
+    if args.backbone is not None and (args.checkpoint is not None or args.output is not None):
+        parser.error("--checkpoint and --output go with --run, not --backbone")
+    if (args.top_k is not None and args.top_k < 1) or args.batch_size < 1:
+        parser.error("--top-k and --batch-size must be >= 1")
+    return args
+
+
+def imagenet_mode(args: argparse.Namespace, inputs: Inputs) -> None:
+    """Print the top-k ImageNet classes of each image."""
+    predictor = imagenet_predictor(args.backbone, args.backbone_source)
+    count = 0
+    for path, probs in predict(predictor, inputs, args.batch_size, pick_device("auto")):
+        print(format_top_k(path, probs, predictor.classes, args.top_k or 5), flush=True)
+        count += 1
+    if count == 0:
+        raise UserError(f"none of the {len(inputs.images)} image(s) could be decoded")
+
+
+def run_mode(args: argparse.Namespace, inputs: Inputs) -> None:
+    """Write a trained run's predictions to a CSV and say where it went."""
+    predictor = run_predictor(args.run, args.checkpoint or "best")
+    out = args.output or args.run / "predictions.csv"
+    rows = predict(predictor, inputs, args.batch_size, pick_device("auto"))
+    count = write_csv(out, rows, predictor.classes)
+    if count == 0:
+        out.unlink()
+        raise UserError(f"none of the {len(inputs.images)} image(s) could be decoded")
+    print(f"Predictions for {count} image(s) written to: {out}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``transferlab-predict`` entry point; returns the exit code (2 on a user error)."""
+    args = parse_args(argv)
+    try:
+        inputs = gather_inputs(args.paths)
+        (run_mode if args.run is not None else imagenet_mode)(args, inputs)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    if inputs.skipped:
+        print(skipped_warning(inputs.skipped), file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

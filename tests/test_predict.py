@@ -1,0 +1,114 @@
+"""transferlab-predict: ImageNet top-k with a pretrained backbone, and a trained run's CSV."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from transferlab.data.digits import digits_images
+from transferlab.predict import main
+from transferlab.runner import train
+
+from .conftest import ROOT, TINY, compose_train
+
+CATS = ("tabby", "tiger cat", "Egyptian cat", "Persian cat")
+
+
+def top_k_by_image(stdout: str) -> dict[str, list[str]]:
+    """Parse the printed blocks: a path line, then ``  probability  class`` lines."""
+    blocks: dict[str, list[str]] = {}
+    current = ""
+    for line in stdout.splitlines():
+        if line.startswith("  "):
+            blocks[current].append(line.split(maxsplit=1)[1])
+        elif line:
+            current = os.path.basename(line)
+            blocks[current] = []
+    return blocks
+
+
+def test_imagenet_top5_on_real_photos_skips_a_text_file(tmp_path, capsys, one_thread):
+    skimage_data = pytest.importorskip("skimage.data")
+    Image.fromarray(skimage_data.chelsea()).save(tmp_path / "chelsea.png")
+    Image.fromarray(skimage_data.coffee()).save(tmp_path / "coffee.png")
+    (tmp_path / "notes.txt").write_text("not an image\n")
+
+    assert main(["--backbone", "efficientnet_lite0", "--top-k", "5", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    top5 = top_k_by_image(out)
+    assert set(top5) == {"chelsea.png", "coffee.png"}
+    assert all(len(names) == 5 for names in top5.values())
+    assert any(name in top5["chelsea.png"] for name in CATS), top5["chelsea.png"]
+    assert "espresso" in top5["coffee.png"] or "cup" in top5["coffee.png"], top5["coffee.png"]
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "skipped 1 file" in warnings[0] and "notes.txt" in warnings[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A one-epoch run of the tiny random timm model on digits (32 px)."""
+    run_dir = tmp_path_factory.mktemp("run")
+    train(compose_train(TINY), run_dir)
+    return run_dir
+
+
+def save_digits(folder, count: int) -> None:
+    images, labels = digits_images()
+    folder.mkdir()
+    for i in range(count):
+        Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(folder / f"{i}_{labels[i]}.png")
+
+
+def test_trained_run_writes_one_csv_row_per_image(tiny_run, tmp_path, capsys, one_thread):
+    save_digits(tmp_path / "digits", 5)
+    (tmp_path / "digits" / "README.md").write_text("# not an image\n")
+    out_csv = tmp_path / "out" / "preds.csv"
+
+    code = main(["--run", str(tiny_run), "--checkpoint", "last", "--output", str(out_csv),
+                 str(tmp_path / "digits")])
+    out, err = capsys.readouterr()
+    assert code == 0 and str(out_csv) in out
+    assert "skipped 1 file" in err and "README.md" in err
+
+    classes = [str(d) for d in range(10)]
+    with out_csv.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 5
+    assert list(rows[0]) == ["path", "label", "probability", *classes]
+    for row in rows:
+        probs = [float(row[c]) for c in classes]
+        assert row["label"] in classes
+        assert math.isclose(sum(probs), 1.0, abs_tol=1e-4)
+        assert float(row["probability"]) == max(probs) == float(row[row["label"]])
+
+
+def test_trained_run_default_csv_is_in_the_run_dir(tiny_run, tmp_path, capsys, one_thread):
+    save_digits(tmp_path / "digits", 2)
+    assert main(["--run", str(tiny_run), str(tmp_path / "digits" / "0_0.png")]) == 0
+    assert str(tiny_run / "predictions.csv") in capsys.readouterr().out
+    with (tiny_run / "predictions.csv").open(newline="") as f:
+        assert len(list(csv.DictReader(f))) == 1
+
+
+def test_no_image_at_all_is_one_line(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not an image\n")
+    assert main(["--backbone", "efficientnet_lite0", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: no image to classify")
+
+
+def test_missing_path_is_one_error_line_without_traceback(tmp_path):
+    missing = tmp_path / "no_such_folder"
+    proc = subprocess.run([sys.executable, "-m", "transferlab.predict", "--backbone",
+                           "efficientnet_lite0", str(missing)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: input path {missing} does not exist"]
+    assert "Traceback" not in proc.stderr
