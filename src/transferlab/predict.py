@@ -26,13 +26,12 @@ import yaml
 from PIL import Image
 from torch import nn
 
-from transferlab.backbones import build_backbone, probe_features
+from transferlab.backbones import build_backbone
 from transferlab.checkpoint import load_checkpoint
-from transferlab.config import BackboneConfig, from_mapping, load_config
+from transferlab.config import BackboneConfig, from_mapping
 from transferlab.data.transforms import eval_transform
 from transferlab.errors import UserError, did_you_mean
-from transferlab.heads import build_head
-from transferlab.model import TransferModel
+from transferlab.restore import checkpoint_path, restore_model, saved_run_config
 from transferlab.runtime import pick_device
 
 SHOWN_SKIPPED = 10  # file names listed in the warning line (then "... and N more")
@@ -156,39 +155,17 @@ def imagenet_predictor(name: str, source: str | None) -> Predictor:
     return Predictor(model, eval_transform(spec, spec.size), list(backbone.categories))
 
 
-def read_run_checkpoint(run_dir: Path, which: str) -> dict:
-    """The checkpoint ``best`` or ``last`` of a training run, checked for what predict needs."""
-    if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} does not exist")
-    path = run_dir / "checkpoints" / f"{which}.pt"
-    if not path.is_file():
-        raise UserError(f"{run_dir} has no checkpoints/{which}.pt: give a run directory written "
-                        "by transferlab-train (or try --checkpoint last)")
-    ckpt = load_checkpoint(path)
-    missing = [k for k in ("model", "config", "classes") if k not in ckpt]
-    if missing:
-        raise UserError(f"{path} is not a transferlab checkpoint (no {', '.join(missing)})")
-    return ckpt
-
-
 def run_predictor(run_dir: Path, which: str) -> Predictor:
     """The trained model of a run, rebuilt from its saved config, with its eval preprocessing."""
-    ckpt = read_run_checkpoint(run_dir, which)
-    run = load_config(ckpt["config"])
-    # The checkpoint holds every weight: no pretrained weights to fetch.
-    backbone = build_backbone(dataclasses.replace(run.backbone, pretrained=False))
-    image_size = run.dataset.image_size or backbone.input.size
+    ckpt = load_checkpoint(checkpoint_path(run_dir, which))
+    if "classes" not in ckpt or "model" not in ckpt:
+        raise UserError(f"{run_dir} holds no transferlab checkpoint {which}.pt (no model or "
+                        "classes in it)")
     classes = [str(c) for c in ckpt["classes"]]
-    head = build_head(run.head, probe_features(backbone, image_size), len(classes))
-    model = TransferModel(backbone.module, head)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise UserError(f"the checkpoint of {run_dir} does not fit the model rebuilt from its "
-                        f"config ({first})") from None
+    run = saved_run_config(ckpt.get("config"))
+    model, backbone, image_size = restore_model(run, ckpt["model"], len(classes))
     transform = eval_transform(backbone.input, image_size, run.dataset.crop_pct)
-    return Predictor(model.eval(), transform, classes)
+    return Predictor(model, transform, classes)
 
 
 # -- inference -----------------------------------------------------------------------------------

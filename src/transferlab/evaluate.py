@@ -1,0 +1,300 @@
+"""``transferlab-eval``: evaluate a saved checkpoint of a run on one of its data splits.
+
+    transferlab-eval run=outputs/runs/2026-11-23/10-00-00_digits-...     # best.pt on val
+    transferlab-eval run=<run dir> checkpoint=last split=val
+    transferlab-eval run=<run dir> dataset.root=/data/other_copy            # dataset.* overrides
+    transferlab-eval run=<run dir> device=cpu
+
+The model is rebuilt from the config saved in the checkpoint (backbone without pretrained
+weights: they come from the checkpoint) and the split is rebuilt with the run's config and
+its eval preprocessing, so ``best.pt`` on ``val`` reproduces the val accuracy the run recorded.
+
+Writes into the run directory (each evaluation replaces the previous one's files):
+
+* ``eval.json``: checkpoint, epoch, split, accuracy, loss, per-class precision / recall / F1 /
+  support, macro and weighted averages and the confusion matrix (rows: true class, columns:
+  predicted class);
+* ``eval_confusion_matrix.png``: the confusion matrix as a figure;
+* ``tb/``: the same figure (tag ``eval/<split>/confusion_matrix``) and the accuracy and loss
+  (``eval/<split>/acc``, ``eval/<split>/loss``) at the checkpoint's epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+import torch
+import yaml
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from transferlab.checkpoint import load_checkpoint
+from transferlab.config import RunConfig
+from transferlab.data import build_splits, default_num_workers
+from transferlab.errors import UserError, did_you_mean
+from transferlab.restore import checkpoint_path, restore_model, saved_run_config
+from transferlab.runtime import Precision, pick_device
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+CHECKPOINTS = ("best", "last")
+SPLITS = ("val", "test")
+KEYS = ("run", "checkpoint", "split", "device")
+EVAL_JSON = "eval.json"
+EVAL_PNG = "eval_confusion_matrix.png"
+USAGE = ("usage: transferlab-eval run=<run dir> [checkpoint=best|last] [split=val|test] "
+         "[device=auto|cpu|cuda|...] [dataset.<field>=<value> ...]")
+
+
+@dataclass
+class EvalArgs:
+    """The parsed command line."""
+
+    run: Path
+    checkpoint: str = "best"
+    split: str = "val"
+    device: str | None = None  # None: the run's trainer.device
+    dataset: dict[str, Any] | None = None  # dataset.<field> overrides
+
+
+@dataclass
+class Predictions:
+    """Every sample's true and predicted class, and the mean cross-entropy loss."""
+
+    targets: np.ndarray
+    predicted: np.ndarray
+    loss: float
+
+
+# -- command line -------------------------------------------------------------------------------
+def _value(text: str) -> Any:
+    """A command-line value as YAML reads it (numbers, true/false, null), else the string."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, str | int | float | bool) or value is None else text
+
+
+def parse_args(argv: list[str]) -> EvalArgs:
+    """``key=value`` items (like Hydra overrides) -> :class:`EvalArgs`; mistakes are UserErrors."""
+    values: dict[str, str] = {}
+    dataset: dict[str, Any] = {}
+    for item in argv:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UserError(f"expected key=value, got {item!r}; {USAGE}")
+        if key.startswith("dataset."):
+            dataset[key.removeprefix("dataset.")] = _value(value)
+        elif key in KEYS:
+            values[key] = value
+        else:
+            raise UserError(f"unknown key {key!r}{did_you_mean(key, KEYS)}; valid keys: "
+                            f"{', '.join(KEYS)}, dataset.<field>")
+    if not values.get("run"):
+        raise UserError(f"run=<run dir> is required; {USAGE}")
+    args = EvalArgs(run=Path(values["run"]).expanduser(), dataset=dataset or None,
+                    checkpoint=values.get("checkpoint", "best"), split=values.get("split", "val"),
+                    device=values.get("device"))
+    if args.checkpoint not in CHECKPOINTS:
+        raise UserError(f"unknown checkpoint {args.checkpoint!r}"
+                        f"{did_you_mean(args.checkpoint, CHECKPOINTS)}; choose one of "
+                        f"{', '.join(CHECKPOINTS)}")
+    if args.split not in SPLITS:
+        raise UserError(f"unknown split {args.split!r}{did_you_mean(args.split, SPLITS)}; "
+                        f"choose one of {', '.join(SPLITS)}")
+    return args
+
+
+# -- checkpoint, config, model, data -------------------------------------------------------------
+def eval_dataset(run: RunConfig, backbone, image_size: int, split: str,
+                 classes: list[str]) -> Dataset:
+    """The ``split`` dataset of the run, with the eval transform; its classes must match."""
+    splits = build_splits(run.dataset, run.augment, backbone.input, image_size)
+    dataset = getattr(splits, split, None)
+    if dataset is None:
+        raise UserError(f"dataset {run.dataset.name} has no {split} split: use split=val")
+    if list(splits.classes) != list(classes):
+        raise UserError(f"the dataset's classes {splits.classes} differ from the checkpoint's "
+                        f"{classes}")
+    return dataset
+
+
+def eval_loader(dataset: Dataset, run: RunConfig, device: torch.device) -> DataLoader:
+    """An ordered loader with the run's eval batch size and workers."""
+    trainer = run.trainer
+    workers = default_num_workers() if trainer.num_workers is None else trainer.num_workers
+    return DataLoader(dataset, batch_size=trainer.eval_batch_size or 2 * trainer.batch_size,
+                      shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: DataLoader, device: torch.device, precision: Precision,
+            channels_last: bool) -> Predictions:
+    """Run ``model`` (in eval mode) over ``loader``, as the training loop's evaluation does."""
+    model.eval()
+    targets, predicted, loss_sum = [], [], 0.0
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for x, y in loader:
+        x, y = x.to(device, memory_format=fmt), y.to(device)
+        with precision.autocast():
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits, y)
+        loss_sum += float(loss) * y.shape[0]
+        targets.append(y.cpu())
+        predicted.append(logits.argmax(1).cpu())
+    y_true = torch.cat(targets).numpy() if targets else np.zeros(0, dtype=np.int64)
+    y_pred = torch.cat(predicted).numpy() if predicted else np.zeros(0, dtype=np.int64)
+    return Predictions(y_true, y_pred, loss_sum / max(len(y_true), 1))
+
+
+# -- metrics and reports -------------------------------------------------------------------------
+def classification_metrics(pred: Predictions, classes: list[str]) -> dict[str, Any]:
+    """Accuracy, loss, per-class precision / recall / F1 / support, averages, confusion matrix."""
+    labels = list(range(len(classes)))
+    n = len(pred.targets)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        pred.targets, pred.predicted, labels=labels, zero_division=0)
+    per_class = {
+        name: {"precision": float(precision[i]), "recall": float(recall[i]),
+               "f1": float(f1[i]), "support": int(support[i])}
+        for i, name in enumerate(classes)
+    }
+    averages = {}
+    for average in ("macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(
+            pred.targets, pred.predicted, labels=labels, average=average, zero_division=0)
+        averages[average] = {"precision": float(p), "recall": float(r), "f1": float(f)}
+    matrix = confusion_matrix(pred.targets, pred.predicted, labels=labels)
+    return {
+        "samples": n,
+        "accuracy": int((pred.targets == pred.predicted).sum()) / max(n, 1),
+        "loss": pred.loss,
+        "per_class": per_class,
+        "average": averages,
+        "confusion_matrix": matrix.tolist(),
+    }
+
+
+def confusion_figure(matrix: list[list[int]], classes: list[str], title: str = "") -> Figure:
+    """The confusion matrix (rows: true, columns: predicted) with counts in the cells."""
+    counts = np.asarray(matrix)
+    side = min(max(4.0, 0.55 * len(classes) + 2.0), 20.0)
+    fig, ax = plt.subplots(figsize=(side + 1.0, side))
+    image = ax.imshow(counts, cmap="Blues")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ticks = range(len(classes))
+    ax.set_xticks(ticks, labels=classes, rotation=45 if max(map(len, classes)) > 3 else 0,
+                  ha="right" if max(map(len, classes)) > 3 else "center")
+    ax.set_yticks(ticks, labels=classes)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    threshold = counts.max() / 2 if counts.size else 0
+    for (i, j), count in np.ndenumerate(counts):
+        ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
+                color="white" if count > threshold else "black")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def summary_text(report: dict[str, Any]) -> str:
+    """The printed summary: accuracy, loss and a per-class table."""
+    width = max(len("weighted avg"), *(len(c) for c in report["per_class"]))
+    lines = [
+        f"{report['checkpoint']}.pt (epoch {report['epoch']}) on {report['split']}: "
+        f"{report['samples']} images",
+        f"accuracy {report['accuracy']:.4f}   loss {report['loss']:.4f}",
+        "",
+        f"{'class':<{width}}  precision  recall      f1  support",
+    ]
+    for name, m in report["per_class"].items():
+        lines.append(f"{name:<{width}}  {m['precision']:9.4f}  {m['recall']:6.4f}  "
+                     f"{m['f1']:6.4f}  {m['support']:7d}")
+    for average, m in report["average"].items():
+        lines.append(f"{average + ' avg':<{width}}  {m['precision']:9.4f}  {m['recall']:6.4f}  "
+                     f"{m['f1']:6.4f}  {report['samples']:7d}")
+    return "\n".join(lines)
+
+
+def write_reports(run_dir: Path, report: dict[str, Any], classes: list[str]) -> tuple[Path, Path]:
+    """``eval.json``, the confusion-matrix PNG and the TensorBoard records; their paths."""
+    json_path, png_path = run_dir / EVAL_JSON, run_dir / EVAL_PNG
+    json_path.write_text(json.dumps(report, indent=2))
+    split, epoch = report["split"], report["epoch"]
+    title = f"{report['checkpoint']}.pt (epoch {epoch}) on {split}: acc {report['accuracy']:.4f}"
+    fig = confusion_figure(report["confusion_matrix"], classes, title)
+    fig.savefig(png_path, dpi=110)
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(run_dir / "tb"))
+    try:
+        writer.add_figure(f"eval/{split}/confusion_matrix", fig, global_step=epoch, close=True)
+        writer.add_scalar(f"eval/{split}/acc", report["accuracy"], epoch)
+        writer.add_scalar(f"eval/{split}/loss", report["loss"], epoch)
+    finally:
+        writer.close()
+    return json_path, png_path
+
+
+# -- the whole evaluation ----------------------------------------------------------------------
+def evaluate_run(args: EvalArgs) -> dict[str, Any]:
+    """Evaluate ``args.checkpoint`` of ``args.run`` on ``args.split``; the eval.json record."""
+    path = checkpoint_path(args.run, args.checkpoint)
+    ckpt = load_checkpoint(path)
+    run = saved_run_config(ckpt.get("config"), args.dataset)
+    classes = [str(c) for c in ckpt.get("classes") or []]
+    if "model" not in ckpt or not classes:
+        raise UserError(f"{path} holds no model weights or class names")
+    model, backbone, image_size = restore_model(run, ckpt["model"], len(classes))
+    dataset = eval_dataset(run, backbone, image_size, args.split, classes)
+    device = pick_device(args.device or run.trainer.device)
+    channels_last = run.trainer.channels_last and len(backbone.feature_shape) == 3
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    pred = predict(model, eval_loader(dataset, run, device), device,
+                   Precision(device, run.trainer.amp), channels_last)
+    return {
+        "run": str(args.run), "checkpoint": args.checkpoint, "checkpoint_path": str(path),
+        "epoch": ckpt.get("epoch"), "split": args.split,
+        "dataset_overrides": args.dataset or {}, "device": str(device),
+        "classes": classes, **classification_metrics(pred, classes),
+    }
+
+
+def run_cli(argv: list[str]) -> None:
+    """Parse, evaluate, write the reports, print the summary."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip() + "\n\n" + USAGE)
+        return
+    args = parse_args(argv)
+    report = evaluate_run(args)
+    json_path, png_path = write_reports(args.run, report, report["classes"])
+    print(summary_text(report))
+    print(f"\nMetrics saved to: {json_path}\nConfusion matrix: {png_path}\n"
+          f"TensorBoard: tensorboard --logdir {args.run / 'tb'} "
+          f"(tag eval/{args.split}/confusion_matrix)", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: ``error: <message>`` on one line and exit code 2 for user errors."""
+    try:
+        run_cli(sys.argv[1:] if argv is None else list(argv))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""A finished run's model, rebuilt from its checkpoint: the saved config builds the
+architecture (no pretrained weights needed), the checkpoint fills every weight."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from transferlab.backbones import build_backbone, probe_features
+from transferlab.config import RunConfig, load_config
+from transferlab.errors import UserError
+from transferlab.heads import build_head
+from transferlab.model import TransferModel
+
+
+def checkpoint_path(run_dir: Path, name: str) -> Path:
+    """``<run>/checkpoints/<name>.pt``, checked to exist."""
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} does not exist")
+    path = run_dir / "checkpoints" / f"{name}.pt"
+    if not path.is_file():
+        saved = sorted(p.stem for p in (run_dir / "checkpoints").glob("*.pt"))
+        have = f"it has: {', '.join(saved)}" if saved else "the run saved none (no epoch finished?)"
+        raise UserError(f"no checkpoint {name}.pt in {run_dir / 'checkpoints'}: {have}")
+    return path
+
+
+def saved_run_config(saved: Any,
+                     dataset_overrides: dict[str, Any] | None = None) -> RunConfig:
+    """The run's saved config with ``dataset.*`` overrides applied and pretrained weights off."""
+    if not isinstance(saved, dict):
+        raise UserError("the checkpoint holds no run config (not written by transferlab-train?)")
+    raw = copy.deepcopy(saved)
+    if isinstance(raw.get("backbone"), dict):
+        raw["backbone"]["pretrained"] = False  # the weights come from the checkpoint
+    if dataset_overrides and isinstance(raw.get("dataset"), dict):
+        raw["dataset"].update(dataset_overrides)
+    return load_config(raw)  # unknown dataset.<field> keys are one-line errors here
+
+
+def restore_model(run: RunConfig, state: dict, num_classes: int) -> tuple[nn.Module, Any, int]:
+    """(model with the checkpoint's weights in eval mode, backbone, image size), built the way
+    :func:`transferlab.runner.train` builds it."""
+    backbone = build_backbone(run.backbone)
+    image_size = run.dataset.image_size or backbone.input.size
+    feature_shape = probe_features(backbone, image_size)
+    model = TransferModel(backbone.module, build_head(run.head, feature_shape, num_classes))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UserError(f"the checkpoint's weights do not fit the model of its config ({first})") \
+            from None
+    model.eval()  # BatchNorm running statistics, no dropout
+    return model, backbone, image_size

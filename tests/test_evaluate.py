@@ -1,0 +1,124 @@
+"""``transferlab-eval``: a saved checkpoint re-evaluated reproduces what the run recorded."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from transferlab.evaluate import EVAL_JSON, EVAL_PNG, main
+from transferlab.runner import train
+
+from .conftest import TINY, compose_train
+
+VAL_SIZE = 360  # digits: 1797 images, val_fraction=0.2 stratified
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_module():
+    """Tiny models run fastest on one thread (and do not stall on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished 2-epoch tiny run (trained once for the whole module) and its metrics.json.
+
+    At this learning rate epoch 1 scores best (on this machine), so best.pt != last.pt.
+    """
+    run_dir = tmp_path_factory.mktemp("run")
+    train(compose_train([*TINY, "trainer.epochs=2", "optimizer.lr=0.03"]), run_dir)
+    return run_dir, json.loads((run_dir / "metrics.json").read_text())
+
+
+def evaluate(run_dir, *args: str) -> dict:
+    main([f"run={run_dir}", *args])
+    return json.loads((run_dir / EVAL_JSON).read_text())
+
+
+def test_best_checkpoint_on_val_reproduces_the_recorded_val_acc(tiny_run, capsys):
+    run_dir, metrics = tiny_run
+    report = evaluate(run_dir)  # checkpoint=best split=val by default
+
+    assert report["checkpoint"] == "best" and report["split"] == "val"
+    assert report["epoch"] == metrics["best"]["epoch"]
+    assert report["accuracy"] == pytest.approx(metrics["best"]["val_acc"], abs=1e-6)
+    assert report["loss"] == pytest.approx(metrics["best"]["val_loss"], abs=1e-4)
+    assert report["samples"] == VAL_SIZE
+    assert sum(m["support"] for m in report["per_class"].values()) == VAL_SIZE
+    assert list(report["per_class"]) == [str(d) for d in range(10)]
+    matrix = report["confusion_matrix"]
+    assert len(matrix) == 10 and all(len(row) == 10 for row in matrix)
+    assert sum(map(sum, matrix)) == VAL_SIZE
+    trace = sum(matrix[i][i] for i in range(10))
+    assert trace / VAL_SIZE == pytest.approx(report["accuracy"], abs=1e-12)
+    for i, name in enumerate(report["classes"]):
+        assert sum(matrix[i]) == report["per_class"][name]["support"]
+
+    assert (run_dir / EVAL_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert f"accuracy {report['accuracy']:.4f}" in out and "precision" in out
+    assert str(run_dir / EVAL_JSON) in out and str(run_dir / EVAL_PNG) in out
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    assert "eval/val/confusion_matrix" in events.Tags()["images"]
+    assert events.Scalars("eval/val/acc")[-1].step == report["epoch"]
+
+
+def test_last_checkpoint_reproduces_the_final_val_acc(tiny_run):
+    run_dir, metrics = tiny_run
+    report = evaluate(run_dir, "checkpoint=last", "split=val")
+    assert report["checkpoint"] == "last" and report["epoch"] == metrics["final"]["epoch"] == 2
+    assert report["checkpoint_path"] == str(run_dir / "checkpoints" / "last.pt")
+    assert report["accuracy"] == pytest.approx(metrics["final"]["val_acc"], abs=1e-6)
+    if metrics["best"]["val_acc"] != metrics["final"]["val_acc"]:  # two different checkpoints
+        best = evaluate(run_dir, "checkpoint=best")
+        assert best["epoch"] < report["epoch"] and best["accuracy"] != report["accuracy"]
+
+
+def test_dataset_overrides_change_the_split(tiny_run):
+    run_dir, _ = tiny_run
+    report = evaluate(run_dir, "dataset.val_fraction=0.1")
+    assert report["dataset_overrides"] == {"val_fraction": 0.1}
+    assert report["samples"] == 180
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["checkpoint=worst"], "unknown checkpoint 'worst'"),
+    (["split=tset"], "did you mean 'test'"),
+    (["split=test"], "has no test split"),
+    (["dataset.val_fractoin=0.1"], "unknown key dataset.val_fractoin"),
+    (["chekpoint=last"], "unknown key 'chekpoint'"),
+    (["last"], "expected key=value"),
+])
+def test_user_errors_are_one_line(tiny_run, capsys, args, needle):
+    run_dir, _ = tiny_run
+    with pytest.raises(SystemExit) as exit_info:
+        main([f"run={run_dir}", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and needle in err
+
+
+def test_run_without_checkpoints(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main([f"run={tmp_path}"])
+    assert "no checkpoint best.pt" in capsys.readouterr().err
+
+
+def test_missing_run_dir_is_one_error_line_in_a_subprocess(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSFERLAB_SWE")}
+    proc = subprocess.run([sys.executable, "-m", "transferlab.evaluate", f"run={tmp_path}/nope"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"error: run directory {tmp_path}/nope does not exist"]
+    assert "Traceback" not in proc.stderr
