@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from transferlab.backbones import InputSpec
-from transferlab.config import AugmentConfig, DatasetConfig, load_config
-from transferlab.data import build_splits, stratified_split, train_subset
+from transferlab.config import AugmentConfig, DatasetConfig, TrainerConfig, load_config
+from transferlab.data import build_splits, make_loaders, stratified_split, train_subset
+from transferlab.data.transforms import train_transform
 from transferlab.errors import UserError
 
 SPEC = InputSpec(size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -230,3 +231,47 @@ def test_a_split_missing_a_class_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="holds no readable images"):
         build_splits(DatasetConfig(name="f", kind="image_folder", root=str(tmp_path)), NONE,
                      SPEC, 32)
+
+
+@pytest.mark.parametrize("name", ["flip", "crop_flip", "standard", "randaugment",
+                                  "trivialaugment"])
+def test_every_augmentation_randomises_at_the_backbone_size(name, compose_cfg):
+    run = load_config(compose_cfg([f"augment={name}"]))
+    size = 40
+    augment = train_transform(SPEC, size, run.augment)
+    pixels = torch.arange(48 * 60 * 3, dtype=torch.int64).reshape(48, 60, 3) % 251
+    image = Image.fromarray(pixels.to(torch.uint8).numpy())  # structured: every op changes it
+    torch.manual_seed(0)
+    outs = [augment(image) for _ in range(8)]
+    for out in outs:
+        assert out.shape == (3, size, size) and out.dtype == torch.float32
+        assert torch.isfinite(out).all()
+    assert len({o.sum().item() for o in outs}) > 1  # random
+    torch.manual_seed(0)
+    assert torch.equal(augment(image), outs[0])  # and reproducible by seed
+
+
+def test_balanced_sampler_and_class_weights_follow_the_counts(tmp_path):
+    make_folder(tmp_path, {"many": 30, "few": 6})
+    cfg = DatasetConfig(name="f", kind="image_folder", root=str(tmp_path), val_fraction=0.25)
+    splits = build_splits(cfg, NONE, SPEC, 16)
+    assert splits.class_counts() == [4, 23] or splits.class_counts() == [5, 22]
+    few, many = splits.class_counts()
+    weights = splits.class_weights()
+    assert weights[0] * few == pytest.approx(weights[1] * many)  # equal total weight per class
+    assert (weights * torch.tensor([few, many])).sum() == pytest.approx(few + many)
+
+    trainer = TrainerConfig(num_workers=0, batch_size=9, sampler="balanced")
+    train, _ = make_loaders(splits, trainer, seed=0, device=torch.device("cpu"))
+    drawn = Counter(int(y) for _ in range(20) for _, ys in train for y in ys)
+    assert abs(drawn[0] - drawn[1]) < 0.15 * sum(drawn.values())  # classes drawn ~equally
+    plain, _ = make_loaders(splits, TrainerConfig(num_workers=0, batch_size=9), 0,
+                            torch.device("cpu"))
+    assert Counter(int(y) for _, ys in plain for y in ys) == {0: few, 1: many}
+
+
+@pytest.mark.parametrize("override", ["trainer.label_smoothing=1.0", "trainer.sampler=weighted",
+                                      "trainer.class_weights=inverse"])
+def test_bad_loss_options_are_clear_errors(override, compose_cfg):
+    with pytest.raises(UserError, match=override.split("=")[0]):
+        load_config(compose_cfg([override]))

@@ -67,6 +67,8 @@ def test_default_run_writes_every_artifact(compose_cfg, tmp_path):
     assert len(events.Scalars("lr/head")) == 2 * steps_per_epoch
     text_tags = set(events.Tags()["tensors"])
     assert "config/text_summary" in text_tags and "summary/head/text_summary" in text_tags
+    (grid,) = events.Images("data/train_samples")  # 16 training images as the model gets them
+    assert (grid.width, grid.height) == (2 + 8 * 66, 2 + 2 * 66)
     hparams = hparams_of(tmp_path)
     assert hparams["backbone"] == "efficientnet_lite0" and hparams["freeze"] == "linear_probe"
 
@@ -122,3 +124,13 @@ def test_frozen_backbone_is_unchanged_by_a_whole_run(compose_cfg, tmp_path):
     for name, tensor in initial.items():
         assert torch.equal(trained[f"backbone.{name}"], tensor), name
     assert any(k.startswith("head.1.running_mean") for k in trained)  # the mlp head's BatchNorm
+
+
+def test_imbalance_options_and_label_smoothing_run_end_to_end(compose_cfg, tmp_path):
+    cfg = compose_cfg([*TINY, "trainer.class_weights=balanced", "trainer.sampler=balanced",
+                       "trainer.label_smoothing=0.1", "dataset.samples_per_class=20",
+                       "augment=trivialaugment"])
+    result = train(cfg, tmp_path)
+    data = result.metrics["data"]
+    assert result.metrics["status"] == "completed"
+    assert data["train_per_class"] == [20] * 10 and data["train"] == 200

@@ -58,13 +58,15 @@ class DatasetConfig:
 
 @dataclass
 class AugmentConfig:
-    name: str  # none | crop_flip | standard
+    name: str  # none | flip | crop_flip | standard | randaugment | trivialaugment
     scale_min: float = 0.08  # crop_flip: RandomResizedCrop's smallest area fraction
     hflip: float = 0.5  # probability of a horizontal flip
     rotation: float = 20.0  # standard: degrees
     shift: float = 0.2  # standard: fraction of width / height
     shear: float = 0.2  # standard: degrees (as Keras' shear_range)
     zoom: float = 0.2  # standard: scale in [1 - zoom, 1 + zoom]
+    num_ops: int = 2  # randaugment: operations per image
+    magnitude: int = 9  # randaugment: strength, 0..30
 
 
 @dataclass
@@ -160,6 +162,9 @@ class TrainerConfig:
     channels_last: bool = True
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16)
     log_every_n_steps: int = 1
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    class_weights: str = "none"  # none | balanced: loss weights n / (k * count) per class
+    sampler: str = "shuffle"  # shuffle | balanced: draw classes equally often (with replacement)
 
 
 @dataclass
@@ -314,6 +319,14 @@ def validate(run: RunConfig) -> None:
     elif sum(s.epochs for s in policy.stages) < 1:
         raise UserError("the freeze policy runs 0 epochs in total: set trainer.epochs >= 1")
     validate_scheduler(run.scheduler, "scheduler")
+    if not 0.0 <= run.trainer.label_smoothing < 1.0:
+        raise UserError(f"trainer.label_smoothing must be in [0, 1), got "
+                        f"{run.trainer.label_smoothing}")
+    for key, allowed in (("class_weights", ("none", "balanced")),
+                         ("sampler", ("shuffle", "balanced"))):
+        if getattr(run.trainer, key) not in allowed:
+            raise UserError(f"trainer.{key} must be one of {', '.join(allowed)}, got "
+                            f"{getattr(run.trainer, key)!r}")
     if run.trainer.batch_size < 1:
         raise UserError(f"trainer.batch_size must be >= 1, got {run.trainer.batch_size}")
     if not 0.0 < run.dataset.val_fraction < 1.0:

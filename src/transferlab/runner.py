@@ -75,6 +75,19 @@ def write_failed_metrics(run_dir: Path, exc: BaseException) -> None:
     (run_dir / "metrics.json").write_text(json.dumps(data, indent=2))
 
 
+def log_training_samples(tracker: RunTracker, dataset, spec, n: int = 16) -> None:
+    """A grid of training images as the model gets them (augmented), un-normalised, in
+    TensorBoard (``data/train_samples``). Drawn on a forked RNG: training is unaffected."""
+    if len(dataset) == 0:
+        return
+    mean = torch.tensor(spec.mean).view(3, 1, 1)
+    std = torch.tensor(spec.std).view(3, 1, 1)
+    with torch.random.fork_rng():
+        images = [dataset[i % len(dataset)][0] for i in range(min(n, 2 * len(dataset)))]
+    grid = torch.stack([(x.float() * std + mean).clamp(0, 1) for x in images])
+    tracker.log_images("data/train_samples", grid)
+
+
 def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
           overrides: list[str] | None = None) -> RunResult:
     """Train one composed config; write every artifact under ``run_dir``."""
@@ -106,8 +119,10 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
         model.to(memory_format=torch.channels_last)
     total_epochs = plans[-1].last_epoch
     tracker = RunTracker(run_dir, run.raw, run_hparams(run, overrides, total_epochs))
+    log_training_samples(tracker, splits.train, backbone.input)
     tracker.extra["data"] = {"train": len(splits.train), "val": len(splits.val),
-                             "classes": splits.classes}
+                             "test": len(splits.test) if splits.test is not None else 0,
+                             "classes": splits.classes, "train_per_class": splits.class_counts()}
     if splits.skipped:
         tracker.extra["skipped_files"] = splits.skipped
     progress = run.trainer.progress
@@ -115,7 +130,10 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
         import sys
 
         progress = sys.stderr.isatty()
-    criterion = nn.CrossEntropyLoss()
+    weights = splits.class_weights().to(device) if run.trainer.class_weights == "balanced" \
+        else None
+    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=run.trainer.label_smoothing)
+    val_criterion = nn.CrossEntropyLoss()  # plain: val losses compare across runs
     optimizer, step = None, 0
     schedule: StageSchedule | None = None
 
@@ -147,7 +165,7 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
                                      channels_last=channels_last, progress=progress,
                                      desc=f"epoch {epoch}/{total_epochs} [{plan.name}]",
                                      before_step=before_step)
-                va = evaluate(model, val_loader, criterion, device, precision,
+                va = evaluate(model, val_loader, val_criterion, device, precision,
                               channels_last=channels_last, progress=progress)
                 record = {
                     "epoch": epoch, "stage": plan.name,

@@ -58,6 +58,12 @@ class RunTracker:
                 seen.add(name)
                 self.writer.add_scalar(f"lr/{name}", group["lr"], step)
 
+    def log_images(self, tag: str, images, step: int = 0) -> None:
+        """A grid of (N, 3, H, W) images with values in [0, 1]."""
+        from torchvision.utils import make_grid
+
+        self.writer.add_image(tag, make_grid(images, nrow=min(8, len(images)), padding=2), step)
+
     def log_text(self, tag: str, text: str, step: int = 0) -> None:
         # Markdown renders leading spaces away: keep the table in a code block.
         self.writer.add_text(tag, "```\n" + text + "\n```", step)

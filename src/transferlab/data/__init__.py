@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from transferlab.backbones import InputSpec
 from transferlab.config import AugmentConfig, DatasetConfig, TrainerConfig
@@ -39,6 +39,19 @@ class DataSplits:
     classes: list[str]
     skipped: list[str] = field(default_factory=list)  # files found but not readable images
     test: Dataset | None = None
+    train_labels: list[int] = field(default_factory=list)
+
+    def class_counts(self) -> list[int]:
+        """Training images per class, in class order."""
+        counts = [0] * len(self.classes)
+        for y in self.train_labels:
+            counts[y] += 1
+        return counts
+
+    def class_weights(self) -> torch.Tensor:
+        """``n / (classes x count)`` per class: each class weighs the same in the loss."""
+        counts = torch.tensor(self.class_counts(), dtype=torch.float32).clamp(min=1)
+        return counts.sum() / (len(counts) * counts)
 
     @property
     def num_classes(self) -> int:
@@ -116,7 +129,8 @@ def assemble(cfg: DatasetConfig, classes: list[str], make, train: list, val: lis
         log.warning("skipped %d file(s) that are not readable images: %s%s", len(skipped),
                     ", ".join(skipped[:5]), " ..." if len(skipped) > 5 else "")
     return DataSplits(train=make(train, train_tf), val=make(val, eval_tf), classes=classes,
-                      skipped=skipped, test=make(test, eval_tf) if test else None)
+                      skipped=skipped, test=make(test, eval_tf) if test else None,
+                      train_labels=[label_of(x) for x in train])
 
 
 def _digits(cfg: DatasetConfig, train_tf, eval_tf) -> DataSplits:
@@ -256,8 +270,14 @@ def make_loaders(splits: DataSplits, trainer: TrainerConfig, seed: int,
     bs = trainer.batch_size
     generator = torch.Generator().manual_seed(seed)
     # A last batch of one sample breaks BatchNorm in train mode: drop it, keep all others.
-    train = DataLoader(splits.train, batch_size=bs, shuffle=True, generator=generator,
-                       drop_last=len(splits.train) % bs == 1, **common)
+    order: dict = {"shuffle": True}
+    if trainer.sampler == "balanced":  # every class drawn equally often, with replacement
+        per_class = splits.class_counts()
+        weights = [1.0 / per_class[y] for y in splits.train_labels]
+        order = {"sampler": WeightedRandomSampler(weights, len(weights), replacement=True,
+                                                  generator=generator)}
+    train = DataLoader(splits.train, batch_size=bs, generator=generator,
+                       drop_last=len(splits.train) % bs == 1, **order, **common)
     val = DataLoader(splits.val, batch_size=trainer.eval_batch_size or 2 * bs, shuffle=False,
                      **common)
     return train, val

@@ -9,7 +9,7 @@ from transferlab.backbones import InputSpec
 from transferlab.config import AugmentConfig
 from transferlab.errors import UserError
 
-AUGMENTS = ("none", "crop_flip", "standard")
+AUGMENTS = ("none", "flip", "crop_flip", "standard", "randaugment", "trivialaugment")
 
 _INTERPOLATION = {
     "bilinear": T.InterpolationMode.BILINEAR,
@@ -43,6 +43,19 @@ def train_transform(spec: InputSpec, image_size: int, augment: AugmentConfig,
     if augment.name == "none":
         return eval_transform(spec, image_size, crop_pct)
     interp = _INTERPOLATION.get(spec.interpolation, T.InterpolationMode.BILINEAR)
+    fixed = eval_transform(spec, image_size, crop_pct).transforms[:3]  # image, resize, crop
+    if augment.name == "flip":
+        return T.Compose([*fixed, T.RandomHorizontalFlip(augment.hflip), *_tail(spec)])
+    if augment.name in ("randaugment", "trivialaugment"):
+        # The policies work on uint8 images at the final size, then the flip and normalisation.
+        # (bilinear: their geometric ops refuse bicubic on tensor images, which digits are)
+        bilinear = T.InterpolationMode.BILINEAR
+        if augment.name == "randaugment":
+            policy = T.RandAugment(num_ops=augment.num_ops, magnitude=augment.magnitude,
+                                   interpolation=bilinear)
+        else:
+            policy = T.TrivialAugmentWide(interpolation=bilinear)
+        return T.Compose([*fixed, policy, T.RandomHorizontalFlip(augment.hflip), *_tail(spec)])
     if augment.name == "crop_flip":
         if not 0.0 < augment.scale_min <= 1.0:
             raise UserError(f"augment.scale_min must be in (0, 1], got {augment.scale_min}")
@@ -59,7 +72,7 @@ def train_transform(spec: InputSpec, image_size: int, augment: AugmentConfig,
         # edge padding before the affine warp and a centre crop after it give the nearest fill.
         pad = image_size // 2
         return T.Compose([
-            *eval_transform(spec, image_size, crop_pct).transforms[:3],  # image, resize, crop
+            *fixed,
             T.Pad(pad, padding_mode="edge"),
             T.RandomAffine(degrees=augment.rotation, translate=(augment.shift, augment.shift),
                            scale=(1 - augment.zoom, 1 + augment.zoom), shear=augment.shear,
