@@ -19,11 +19,27 @@ from transferlab.errors import UserError, did_you_mean
 
 
 @dataclass
+class InitConfig:
+    """Weights restored into the backbone from a checkpoint file once it is built: any subset
+    of the file's tensors, renamed onto the backbone's parameter names (``backbone.init.*``)."""
+
+    path: str | None = None  # a transferlab checkpoint, a plain state_dict, a Lightning .ckpt
+    include: list[str] = field(default_factory=lambda: ["*"])  # globs over the file's names
+    exclude: list[str] = field(default_factory=list)
+    strip_prefix: str = ""  # removed from the file's names (e.g. "encoder.")
+    add_prefix: str = ""  # then prepended
+    rename: dict[str, str] = field(default_factory=dict)  # explicit file name -> backbone name
+    strict: bool = False  # true: shape mismatches and unmatched backbone tensors are errors
+
+
+@dataclass
 class BackboneConfig:
     name: str
-    source: str  # torchvision | timm | efficientnet_lite0_package
+    source: str  # torchvision | timm | efficientnet_lite0_package | transferlab
     pretrained: bool = True
     weights: str = "DEFAULT"  # torchvision weight enum member (e.g. IMAGENET1K_V1) or DEFAULT
+    weights_path: str | None = None  # a local file of the pretrained weights (no download)
+    init: InitConfig = field(default_factory=InitConfig)
 
 
 @dataclass
@@ -168,6 +184,17 @@ class TrainerConfig:
 
 
 @dataclass
+class TaskConfig:
+    """What a run trains: a classifier (``classify``) or, without labels, a convolutional
+    autoencoder whose encoder a classifier can restore later (``autoencoder``)."""
+
+    name: str = "classify"  # classify | autoencoder
+    channels: list[int] = field(default_factory=lambda: [32, 64])  # the stride-2 conv layers
+    latent_dim: int = 64  # the fully connected latent
+    reconstructions: int = 8  # images shown (with their reconstructions) in TensorBoard
+
+
+@dataclass
 class RunConfig:
     name: str
     seed: int
@@ -179,6 +206,7 @@ class RunConfig:
     optimizer: OptimizerConfig
     scheduler: SchedulerSpec
     trainer: TrainerConfig
+    task: TaskConfig = field(default_factory=TaskConfig)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)  # resolved config
 
 
@@ -270,6 +298,8 @@ def load_config(cfg: DictConfig | dict) -> RunConfig:
     if missing:
         raise UserError(f"config group {missing[0]!r} is missing from the composed config")
     groups = {g: from_mapping(cls, raw[g], g) for g, cls in GROUPS.items()}
+    if "task" in raw:  # runs saved before the task group existed are classifiers
+        groups["task"] = from_mapping(TaskConfig, raw["task"], "task")
     run = RunConfig(name=str(raw.get("name", "run")), seed=int(raw.get("seed", 0)), raw=raw,
                     **groups)
     validate(run)
