@@ -45,3 +45,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as exc:
         raise UserError(f"{path} is not a readable checkpoint ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def save_epoch_checkpoints(run_dir: Path, improved: bool, **state: Any) -> None:
+    """``checkpoints/last.pt`` after every epoch, ``best.pt`` too when the epoch improved."""
+    save_checkpoint(Path(run_dir) / "checkpoints" / "last.pt", **state)
+    if improved:
+        save_checkpoint(Path(run_dir) / "checkpoints" / "best.pt", **state)

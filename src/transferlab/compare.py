@@ -239,7 +239,8 @@ def _csv(value: float | None) -> str:
 
 
 def plot_val_curves(runs: list[RunRecord], path: Path, title: str = "") -> Path:
-    """Validation accuracy of every run in one figure; dotted lines at stage boundaries."""
+    """Validation accuracy of every run in one figure; dotted lines at stage boundaries.
+    Runs without accuracy (autoencoders) are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -250,10 +251,10 @@ def plot_val_curves(runs: list[RunRecord], path: Path, title: str = "") -> Path:
     fig, ax = plt.subplots(figsize=(10, 5.5))
     labels = varying_overrides(runs)
     for run, label in zip(runs, labels, strict=True):
-        if not run.history:
+        if not any(r.get("val_acc") is not None for r in run.history):
             continue
         epochs = [r["epoch"] for r in run.history]
-        (line,) = ax.plot(epochs, [r["val_acc"] for r in run.history], "o-", markersize=3,
+        (line,) = ax.plot(epochs, [r.get("val_acc") for r in run.history], "o-", markersize=3,
                           label=" ".join(label) or run.path.name)
         for epoch, _ in stage_starts(run.history)[1:]:
             ax.axvline(epoch - 0.5, color=line.get_color(), linestyle=":", linewidth=1)

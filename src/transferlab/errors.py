@@ -29,3 +29,8 @@ def nearest(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     close = nearest(name, candidates)
     return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def error_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

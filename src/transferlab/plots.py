@@ -23,13 +23,18 @@ def stage_starts(history: list[dict]) -> list[tuple[int, str]]:
 
 def learning_curves(history: list[dict], title: str = "") -> Figure:
     """Two panels (accuracy, loss), train vs val; a dashed line at every stage boundary,
-    each stage labelled with its name where it starts."""
+    each stage labelled with its name where it starts. Records without accuracy (an
+    autoencoder's) get the loss panel alone."""
     epochs = [r["epoch"] for r in history]
     starts = stage_starts(history)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, metric, label in ((axes[0], "acc", "accuracy"), (axes[1], "loss", "loss")):
-        ax.plot(epochs, [r[f"train_{metric}"] for r in history], "o-", label=f"train {label}")
-        ax.plot(epochs, [r[f"val_{metric}"] for r in history], "s-", label=f"val {label}")
+    panels = [("loss", "loss")]
+    if any(r.get("val_acc") is not None for r in history):
+        panels.insert(0, ("acc", "accuracy"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (metric, label) in zip(axes[0], panels, strict=True):
+        ax.plot(epochs, [r.get(f"train_{metric}") for r in history], "o-",
+                label=f"train {label}")
+        ax.plot(epochs, [r.get(f"val_{metric}") for r in history], "s-", label=f"val {label}")
         for i, (epoch, stage) in enumerate(starts):
             if i > 0:
                 ax.axvline(epoch - 0.5, color="grey", linestyle="--", linewidth=1)

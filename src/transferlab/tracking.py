@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -12,6 +13,8 @@ from typing import Any
 import yaml
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+from transferlab.errors import error_line
 
 HPARAM_METRICS = ("best_val_acc", "best_val_loss", "final_val_acc", "final_val_loss")
 
@@ -29,8 +32,10 @@ class RunTracker:
     is still going (status ``running``).
     """
 
-    def __init__(self, run_dir: Path, config: dict, hparams: dict[str, Any]):
+    def __init__(self, run_dir: Path, config: dict, hparams: dict[str, Any],
+                 loss_tag: str = "loss"):
         self.run_dir = run_dir
+        self.loss_tag = loss_tag  # TensorBoard: <split>/<loss_tag> (the autoencoder: recon_loss)
         self.metrics_path = run_dir / "metrics.json"
         self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
         self.started = time.perf_counter()
@@ -58,28 +63,30 @@ class RunTracker:
                 seen.add(name)
                 self.writer.add_scalar(f"lr/{name}", group["lr"], step)
 
-    def log_images(self, tag: str, images, step: int = 0) -> None:
-        """A grid of (N, 3, H, W) images with values in [0, 1]."""
+    def log_images(self, tag: str, images, step: int = 0, nrow: int | None = None) -> None:
+        """A grid of (N, 3, H, W) images with values in [0, 1], ``nrow`` (default 8) a row."""
         from torchvision.utils import make_grid
 
-        self.writer.add_image(tag, make_grid(images, nrow=min(8, len(images)), padding=2), step)
+        nrow = nrow or min(8, len(images))
+        self.writer.add_image(tag, make_grid(images, nrow=nrow, padding=2), step)
 
     def log_text(self, tag: str, text: str, step: int = 0) -> None:
         # Markdown renders leading spaces away: keep the table in a code block.
         self.writer.add_text(tag, "```\n" + text + "\n```", step)
 
     def log_epoch(self, record: dict, stage_index: int) -> bool:
-        """Record one epoch; returns True when it is the best so far (val acc, then val loss)."""
+        """Record one epoch; returns True when it is the best so far (val acc, then val loss;
+        val loss alone for records without accuracy, e.g. the autoencoder's)."""
         epoch = record["epoch"]
         self.history.append(record)
         for split in ("train", "val"):
-            self.writer.add_scalar(f"{split}/loss", record[f"{split}_loss"], epoch)
-            self.writer.add_scalar(f"{split}/acc", record[f"{split}_acc"], epoch)
+            self.writer.add_scalar(f"{split}/{self.loss_tag}", record[f"{split}_loss"], epoch)
+            if record.get(f"{split}_acc") is not None:
+                self.writer.add_scalar(f"{split}/acc", record[f"{split}_acc"], epoch)
         self.writer.add_scalar("stage", stage_index, epoch)
-        improved = self.best is None or (record["val_acc"], -record["val_loss"]) > (
-            self.best["val_acc"], -self.best["val_loss"])
+        improved = self.best is None or _rank(record) > _rank(self.best)
         if improved:
-            self.best = {k: record[k] for k in ("epoch", "val_acc", "val_loss")}
+            self.best = _summary(record)
         summary = self.summary_metrics()
         for name in HPARAM_METRICS:
             self.writer.add_scalar(f"hparam/{name}", summary[name], epoch)
@@ -91,11 +98,12 @@ class RunTracker:
     def summary_metrics(self) -> dict[str, float]:
         final = self.history[-1] if self.history else {}
         best = self.best or {}
+        nan = float("nan")  # no accuracy (an autoencoder) or no loss yet
         return {
-            "best_val_acc": best.get("val_acc", 0.0),
-            "best_val_loss": best.get("val_loss", float("nan")),
-            "final_val_acc": final.get("val_acc", 0.0),
-            "final_val_loss": final.get("val_loss", float("nan")),
+            "best_val_acc": best.get("val_acc", 0.0 if not best else nan),
+            "best_val_loss": best.get("val_loss", nan),
+            "final_val_acc": final.get("val_acc", 0.0 if not final else nan),
+            "final_val_loss": final.get("val_loss", nan),
         }
 
     def finish(self, status: str, error: str | None = None) -> dict:
@@ -103,7 +111,30 @@ class RunTracker:
             self.extra["error"] = error
         self.writer.flush()
         self.writer.close()
-        return self._write(status)
+        self.metrics = self._write(status)
+        return self.metrics
+
+    @contextlib.contextmanager
+    def recording(self, curves_title: str | None = None):
+        """Closes the record however the block ends: ``completed``, ``interrupted`` or
+        ``failed`` (with the error's first line), and draws the learning curves of the epochs
+        that ran (``curves_title``: the figure's title). The result is in ``self.metrics``."""
+        status, error = "completed", None
+        try:
+            yield self
+        except KeyboardInterrupt:
+            status, error = "interrupted", "KeyboardInterrupt"
+            raise
+        except Exception as exc:
+            status, error = "failed", error_line(exc)
+            raise
+        finally:
+            if self.history and curves_title is not None:
+                from transferlab.plots import save_learning_curves
+
+                save_learning_curves(self.history, self.run_dir / "learning_curves.png",
+                                     curves_title)
+            self.finish(status, error)
 
     def _write(self, status: str) -> dict:
         final = self.history[-1] if self.history else None
@@ -111,7 +142,7 @@ class RunTracker:
             "status": status,
             "history": self.history,
             "best": self.best,
-            "final": ({k: final[k] for k in ("epoch", "val_acc", "val_loss")} if final else None),
+            "final": _summary(final) if final else None,
             "params": self.params,
             "wall_seconds": round(time.perf_counter() - self.started, 3),
             **self.extra,
@@ -120,3 +151,14 @@ class RunTracker:
         tmp.write_text(json.dumps(data, indent=2))
         os.replace(tmp, self.metrics_path)
         return data
+
+
+def _summary(record: dict) -> dict:
+    """The ``best`` / ``final`` entry of an epoch record (no ``val_acc`` when it has none)."""
+    return {k: record[k] for k in ("epoch", "val_acc", "val_loss") if k in record}
+
+
+def _rank(record: dict) -> tuple[float, float]:
+    """Larger is better: val acc (0 when there is none), then lower val loss."""
+    acc = record.get("val_acc")
+    return (acc if acc is not None else 0.0, -record["val_loss"])
