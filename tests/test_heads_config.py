@@ -227,16 +227,26 @@ def _assert_matches(actual, expected, where: str) -> None:
         assert actual == expected, where
 
 
+def _required_keys(data: dict, prefix: str):
+    """Dotted keys of the values an option leaves to the command line."""
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            yield from _required_keys(value, path)
+        elif value == "???" or (isinstance(value, str)
+                                and value.startswith("${transferlab_required:")):
+            yield path
+
+
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_loads(group, option, tmp_path):
     text = (CONF / group / f"{option}.yaml").read_text()
     data = yaml.safe_load(text) or {}
     is_global = "@package _global_" in text
     overrides = [f"{group}={option}"]
-    # mandatory values (???) are the user's to give: give them
-    for key, value in data.items():
-        if value == "???":
-            overrides.append(f"{group}.{key}={tmp_path}")
+    # mandatory values (??? or ${transferlab_required:...}) are the user's to give: give them
+    prefix = "" if is_global else group
+    overrides += [f"{key}={tmp_path}" for key in _required_keys(data, prefix)]
     run = load_config(compose_train(overrides))
     assert isinstance(run, RunConfig)
     if is_global:

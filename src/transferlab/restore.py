@@ -38,7 +38,12 @@ def saved_run_config(saved: Any,
         raw["backbone"]["pretrained"] = False  # the weights come from the checkpoint
     if dataset_overrides and isinstance(raw.get("dataset"), dict):
         raw["dataset"].update(dataset_overrides)
-    return load_config(raw)  # unknown dataset.<field> keys are one-line errors here
+    run = load_config(raw)  # unknown dataset.<field> keys are one-line errors here
+    if run.task.name == "autoencoder":
+        raise UserError("this is an autoencoder run (task=autoencoder): it has no classifier; "
+                        "restore its encoder into one with experiment=ae_transfer "
+                        "backbone.init.path=<its checkpoints/best.pt>")
+    return run
 
 
 def restore_model(run: RunConfig, state: dict, num_classes: int) -> tuple[nn.Module, Any, int]:
