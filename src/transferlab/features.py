@@ -1,0 +1,163 @@
+"""Frozen-backbone features for classical classifiers.
+
+    transferlab-features dataset=hymenoptera --output hymenoptera_lite0.npz   # export to .npz
+    transferlab-train head=logreg dataset=hymenoptera                         # a run: LogReg
+
+The features are the backbone's output, globally average-pooled where it is a feature map,
+computed with the eval (deterministic) preprocessing of the composed run config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from transferlab.backbones import Backbone, build_backbone, probe_features
+from transferlab.config import AugmentConfig, RunConfig, load_config
+from transferlab.data import DataSplits, build_splits
+from transferlab.errors import UserError
+from transferlab.restore_init import restore_into
+from transferlab.runtime import pick_device
+
+
+def extract(backbone: Backbone, dataset: Dataset, batch_size: int,
+            device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """(features (N, D) float32, labels (N,) int64) of every item of ``dataset``, in order."""
+    module = backbone.module.to(device).eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    feats, labels = [], []
+    with torch.inference_mode():
+        for x, y in loader:
+            out = module(x.to(device))
+            feats.append((out.mean(dim=(2, 3)) if out.ndim == 4 else out.flatten(1)).float()
+                         .cpu().numpy())
+            labels.append(np.asarray(y, dtype=np.int64))
+    if not feats:
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+    return np.concatenate(feats), np.concatenate(labels)
+
+
+def run_features(run: RunConfig) -> tuple[DataSplits, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """The run's data splits and, per split, its (features, labels); training images go
+    through the eval preprocessing (frozen features are not augmented)."""
+    backbone = build_backbone(run.backbone)
+    if run.backbone.init.path:  # your own weights, as a classifier run would restore them
+        restore_into(backbone.module, run.backbone.init)
+    size = run.dataset.image_size or backbone.input.size
+    probe_features(backbone, size)
+    splits = build_splits(run.dataset, AugmentConfig(name="none"), backbone.input, size)
+    device = pick_device(run.trainer.device)
+    batch = run.trainer.eval_batch_size or 2 * run.trainer.batch_size
+    parts = {"train": splits.train, "val": splits.val}
+    if splits.test is not None:
+        parts["test"] = splits.test
+    return splits, {name: extract(backbone, ds, batch, device) for name, ds in parts.items()}
+
+
+def save_npz(path: Path, splits: DataSplits,
+             arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
+    """``<split>_features``, ``<split>_labels`` for each split, and ``classes``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"classes": np.array(splits.classes)}
+    for name, (x, y) in arrays.items():
+        payload[f"{name}_features"], payload[f"{name}_labels"] = x, y
+    np.savez_compressed(path, **payload)
+    return path
+
+
+def fit_logreg(arrays: dict[str, tuple[np.ndarray, np.ndarray]], c: float, max_iter: int,
+               seed: int) -> dict:
+    """Scikit-learn's LogisticRegression on standardised train features; train/val accuracy
+    and log loss (the metrics of a run's epoch)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    (xt, yt), (xv, yv) = arrays["train"], arrays["val"]
+    model = make_pipeline(StandardScaler(),
+                          LogisticRegression(C=c, max_iter=max_iter, random_state=seed))
+    started = time.perf_counter()
+    model.fit(xt, yt)
+    labels = np.arange(int(max(yt.max(), yv.max())) + 1)
+    out = {"seconds": time.perf_counter() - started, "model": model}
+    for split, (x, y) in (("train", (xt, yt)), ("val", (xv, yv))):
+        proba = model.predict_proba(x)
+        full = np.zeros((len(x), len(labels)))
+        full[:, model.classes_] = proba
+        full /= full.sum(axis=1, keepdims=True)
+        out[f"{split}_acc"] = float((full.argmax(1) == y).mean())
+        out[f"{split}_loss"] = float(log_loss(y, full, labels=labels))
+    return out
+
+
+def train_logreg(run: RunConfig, run_dir: Path, hparams: dict) -> dict:
+    """A run whose head is scikit-learn's LogisticRegression on frozen features
+    (``head=logreg``): recorded like any run (one epoch, stage ``logreg``) in metrics.json and
+    TensorBoard; the fitted pipeline is pickled to ``logreg.pkl``."""
+    import pickle
+
+    from transferlab.tracking import RunTracker
+
+    tracker = RunTracker(run_dir, run.raw, hparams)
+    with tracker.recording(None):
+        splits, arrays = run_features(run)
+        fit = fit_logreg(arrays, run.head.C, run.head.max_iter, run.seed)
+        dim = arrays["train"][0].shape[1]
+        tracker.params = {"total": dim * len(splits.classes) + len(splits.classes),
+                          "trainable": dim * len(splits.classes) + len(splits.classes)}
+        tracker.extra["data"] = {"train": len(splits.train), "val": len(splits.val),
+                                 "classes": splits.classes}
+        tracker.log_epoch({"epoch": 1, "stage": "logreg",
+                           "train_loss": fit["train_loss"], "train_acc": fit["train_acc"],
+                           "val_loss": fit["val_loss"], "val_acc": fit["val_acc"],
+                           "lr": {}, "seconds": round(fit["seconds"], 3)}, 0)
+        with (run_dir / "logreg.pkl").open("wb") as f:
+            pickle.dump({"model": fit["model"], "classes": splits.classes}, f)
+    metrics = tracker.metrics
+    return metrics
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="transferlab-features",
+        description="Export a backbone's features of a dataset (train/val/test) to .npz.")
+    p.add_argument("overrides", nargs="*", help="config overrides, as for transferlab-train "
+                   "(backbone=..., dataset=..., dataset.root=...)")
+    p.add_argument("--output", type=Path, default=None,
+                   help="the .npz file (default: features_<dataset>_<backbone>.npz)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hydra import compose, initialize_config_module
+
+    args = _parser().parse_args(argv)
+    try:
+        with initialize_config_module(config_module="transferlab.conf", version_base="1.3"):
+            cfg = compose(config_name="train", overrides=args.overrides)
+        run = load_config(cfg)
+        splits, arrays = run_features(run)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # Hydra's override errors
+        if type(exc).__module__.startswith(("hydra", "omegaconf")):
+            print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+            return 2
+        raise
+    out = args.output or Path(f"features_{run.dataset.name}_{run.backbone.name}.npz")
+    save_npz(out, splits, arrays)
+    shapes = ", ".join(f"{k} {v[0].shape}" for k, v in arrays.items())
+    print(f"{shapes}; {len(splits.classes)} classes\nFeatures saved to: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
