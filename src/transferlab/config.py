@@ -40,12 +40,18 @@ class BackboneConfig:
     weights: str = "DEFAULT"  # torchvision weight enum member (e.g. IMAGENET1K_V1) or DEFAULT
     weights_path: str | None = None  # a local file of the pretrained weights (no download)
     init: InitConfig = field(default_factory=InitConfig)
+    # The architecture of source "transferlab" (conv_encoder); other sources take none of these.
+    channels: list[int] | None = None  # one stride-2 conv layer per entry (default [32, 64])
+    latent_dim: int | None = None  # the fully connected latent, the features (default 64)
+    image_size: int | None = None  # the only input size its fc layer takes (default 32)
 
 
 @dataclass
 class HeadConfig:
-    name: str  # linear | mlp | flatten_dense
+    name: str  # linear | mlp | flatten_dense | logreg
     dropout: float = 0.0
+    C: float = 1.0  # logreg: inverse regularisation strength
+    max_iter: int = 1000  # logreg: solver iterations
 
 
 @dataclass
@@ -186,11 +192,14 @@ class TrainerConfig:
 @dataclass
 class TaskConfig:
     """What a run trains: a classifier (``classify``) or, without labels, a convolutional
-    autoencoder whose encoder a classifier can restore later (``autoencoder``)."""
+    autoencoder whose encoder a classifier can restore later (``autoencoder``).
+
+    The autoencoder's encoder is the run's backbone (``backbone=conv_encoder``: its
+    ``channels`` and ``latent_dim``), so a classifier with the same backbone config restores it
+    by name; the decoder mirrors it.
+    """
 
     name: str = "classify"  # classify | autoencoder
-    channels: list[int] = field(default_factory=lambda: [32, 64])  # the stride-2 conv layers
-    latent_dim: int = 64  # the fully connected latent
     reconstructions: int = 8  # images shown (with their reconstructions) in TensorBoard
 
 
@@ -281,15 +290,44 @@ GROUPS = {
 }
 
 
+REQUIRED_RESOLVER = "transferlab_required"
+
+
+def _required(key: str, what: str = "") -> Any:
+    """``${transferlab_required:KEY,WHAT}``: a value the command line must give.
+
+    (A preset cannot write ``???`` over a value set before it: OmegaConf keeps the earlier
+    value when merging ``???``.)"""
+    hint = f" ({what})" if what else ""
+    raise UserError(f"{key} is not set: add {key}=...{hint} to the command line")
+
+
+def _user_error_in(exc: BaseException) -> UserError | None:
+    """The UserError that an OmegaConf error wraps (raised by a resolver), if any."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, UserError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+if not OmegaConf.has_resolver(REQUIRED_RESOLVER):
+    OmegaConf.register_new_resolver(REQUIRED_RESOLVER, _required)
+
+
 def load_config(cfg: DictConfig | dict) -> RunConfig:
     """Resolve the composed Hydra config and map it onto :class:`RunConfig`."""
     if isinstance(cfg, DictConfig):
-        missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
-        if missing:
-            raise UserError(f"{missing[0]} is not set: add {missing[0]}=... to the command line")
-        try:
+        try:  # both resolve interpolations
+            missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
+            if missing:
+                raise UserError(f"{missing[0]} is not set: add {missing[0]}=... to the command "
+                                "line")
             raw = OmegaConf.to_container(cfg, resolve=True)
         except Exception as exc:  # interpolation errors, missing env vars
+            if (user_error := _user_error_in(exc)) is not None:  # ${transferlab_required:...}
+                raise user_error from None
             raise UserError(f"cannot resolve the config: {exc}") from None
     else:
         raw = dict(cfg)
@@ -307,6 +345,7 @@ def load_config(cfg: DictConfig | dict) -> RunConfig:
 
 
 SCHEDULERS = ("constant", "cosine", "step", "onecycle")
+TASKS = ("classify", "autoencoder")
 BN_MODES = ("frozen", "train", "eval")
 
 
@@ -333,6 +372,11 @@ def validate_scheduler(spec: SchedulerSpec, where: str) -> None:
 
 def validate(run: RunConfig) -> None:
     """Cross-field checks that no single dataclass can make."""
+    if run.task.name not in TASKS:
+        raise UserError(f"unknown task {run.task.name!r}{did_you_mean(run.task.name, TASKS)}; "
+                        f"choose one of {', '.join(TASKS)}")
+    if run.task.reconstructions < 0:
+        raise UserError(f"task.reconstructions must be >= 0, got {run.task.reconstructions}")
     policy = run.freeze
     if not policy.stages and policy.gradual is None:
         raise UserError(f"freeze policy {policy.name!r} has no stages")

@@ -13,15 +13,16 @@ from omegaconf import DictConfig
 from torch import nn
 
 from transferlab.backbones import build_backbone, probe_features
-from transferlab.checkpoint import save_checkpoint
+from transferlab.checkpoint import save_epoch_checkpoints
 from transferlab.config import RunConfig, load_config
 from transferlab.data import build_splits, make_loaders
+from transferlab.errors import error_line
 from transferlab.heads import build_head
 from transferlab.loop import evaluate, train_one_epoch
 from transferlab.model import TransferModel
 from transferlab.optim import stage_optimizer
-from transferlab.plots import save_learning_curves
 from transferlab.policy import apply_stage, plan_stages, set_train_mode
+from transferlab.restore_init import format_report, report_summary, restore_into
 from transferlab.runtime import Precision, pick_device, seed_everything
 from transferlab.schedule import StageSchedule
 from transferlab.summary import stage_table
@@ -64,10 +65,6 @@ def _scalar(text: str) -> Any:
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
-def error_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def write_failed_metrics(run_dir: Path, exc: BaseException) -> None:
     """A ``metrics.json`` for a run that failed before training started."""
     data = {"status": "failed", "error": error_line(exc), "history": [], "best": None,
@@ -95,10 +92,26 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         run = cfg if isinstance(cfg, RunConfig) else load_config(cfg)
-        seed_everything(run.seed, run.trainer.deterministic)
+    except Exception as exc:
+        write_failed_metrics(run_dir, exc)
+        raise
+    if run.task.name == "autoencoder":  # unsupervised pretraining: a loop of its own
+        from transferlab.pretrain import train_autoencoder
+
+        return train_autoencoder(run, run_dir, overrides)
+    seed_everything(run.seed, run.trainer.deterministic)
+    if run.head.name == "logreg":  # a classical classifier on frozen features
+        from transferlab.features import train_logreg
+
+        return RunResult(run_dir, train_logreg(run, run_dir, run_hparams(run, overrides, 1)))
+    try:
         device = pick_device(run.trainer.device)
         precision = Precision(device, run.trainer.amp)
         backbone = build_backbone(run.backbone)
+        init_report = None
+        if run.backbone.init.path:  # tensors of any checkpoint, after the pretrained weights
+            init_report = restore_into(backbone.module, run.backbone.init)
+            log.info("\n%s", format_report(init_report))
         image_size = run.dataset.image_size or backbone.input.size
         splits = build_splits(run.dataset, run.augment, backbone.input, image_size)
         feature_shape = probe_features(backbone, image_size)
@@ -120,6 +133,9 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
     total_epochs = plans[-1].last_epoch
     tracker = RunTracker(run_dir, run.raw, run_hparams(run, overrides, total_epochs))
     log_training_samples(tracker, splits.train, backbone.input)
+    if init_report is not None:
+        tracker.log_text("init/restore", format_report(init_report))
+        tracker.extra["init"] = report_summary(init_report)
     tracker.extra["data"] = {"train": len(splits.train), "val": len(splits.val),
                              "test": len(splits.test) if splits.test is not None else 0,
                              "classes": splits.classes, "train_per_class": splits.class_counts()}
@@ -144,8 +160,7 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
         if step % run.trainer.log_every_n_steps == 0:
             tracker.log_lrs(step, opt)
 
-    status, error = "completed", None
-    try:
+    with tracker.recording(run.name):
         for plan in plans:
             if plan.spec.epochs == 0:
                 continue
@@ -181,19 +196,8 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
                 ckpt = dict(model=model, optimizer=optimizer, epoch=epoch,
                             stage_index=plan.index, stage_name=plan.name, config=run.raw,
                             history=tracker.history, best=tracker.best, classes=splits.classes)
-                save_checkpoint(run_dir / "checkpoints" / "last.pt", **ckpt)
-                if improved:
-                    save_checkpoint(run_dir / "checkpoints" / "best.pt", **ckpt)
-    except KeyboardInterrupt:
-        status, error = "interrupted", "KeyboardInterrupt"
-        raise
-    except Exception as exc:
-        status, error = "failed", error_line(exc)
-        raise
-    finally:
-        if tracker.history:
-            save_learning_curves(tracker.history, run_dir / "learning_curves.png", run.name)
-        metrics = tracker.finish(status, error)
+                save_epoch_checkpoints(run_dir, improved, **ckpt)
+    metrics = tracker.metrics
     log.info("best val acc %.4f (epoch %d), final val acc %.4f, %.1fs",
              metrics["best"]["val_acc"], metrics["best"]["epoch"],
              metrics["final"]["val_acc"], metrics["wall_seconds"])
