@@ -10,6 +10,7 @@ computed with the eval (deterministic) preprocessing of the composed run config.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,8 @@ from transferlab.data import DataSplits, build_splits
 from transferlab.errors import UserError
 from transferlab.restore_init import restore_into
 from transferlab.runtime import pick_device
+
+log = logging.getLogger("transferlab")
 
 
 def extract(backbone: Backbone, dataset: Dataset, batch_size: int,
@@ -118,6 +121,10 @@ def train_logreg(run: RunConfig, run_dir: Path, hparams: dict) -> dict:
                            "train_loss": fit["train_loss"], "train_acc": fit["train_acc"],
                            "val_loss": fit["val_loss"], "val_acc": fit["val_acc"],
                            "lr": {}, "seconds": round(fit["seconds"], 3)}, 0)
+        log.info("logistic regression on %d frozen %s features of %d images: train acc "
+                 "%.4f, val acc %.4f, val loss %.4f (fit in %.1fs)", dim, run.backbone.name,
+                 len(splits.train), fit["train_acc"], fit["val_acc"], fit["val_loss"],
+                 fit["seconds"])
         with (run_dir / "logreg.pkl").open("wb") as f:
             pickle.dump({"model": fit["model"], "classes": splits.classes}, f)
     metrics = tracker.metrics
