@@ -7,8 +7,9 @@ import math
 import torch
 from torch import nn
 
-from transferlab.config import HeadConfig
+from transferlab.config.schema import HeadBase, HeadConfig, LogRegHeadConfig
 from transferlab.errors import UserError
+from transferlab.registry import HEADS
 
 
 class GlobalPool(nn.Module):
@@ -37,17 +38,41 @@ class FlattenDense(nn.Module):
         return self.fc(self.dropout(x.flatten(1)))
 
 
-def build_head(cfg: HeadConfig, feature_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """The head ``cfg.name`` for backbone features of ``feature_shape`` (C, h, w) or (D,)."""
+@HEADS.register("linear", HeadConfig)
+def _linear(cfg: HeadConfig, feature_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Global average pool -> (Dropout) -> Linear."""
+    return nn.Sequential(GlobalPool(), _dropout(cfg), nn.Linear(feature_shape[0], num_classes))
+
+
+@HEADS.register("mlp", HeadConfig)
+def _mlp(cfg: HeadConfig, feature_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Global average pool -> BatchNorm -> Dropout -> Linear (Keras' GAP-BN-Dropout-Dense)."""
     channels = feature_shape[0]
-    if not 0.0 <= cfg.dropout < 1.0:
+    return nn.Sequential(GlobalPool(), nn.BatchNorm1d(channels), _dropout(cfg),
+                         nn.Linear(channels, num_classes))
+
+
+@HEADS.register("flatten_dense", HeadConfig)
+def _flatten_dense(cfg: HeadConfig, feature_shape: tuple[int, ...],
+                   num_classes: int) -> nn.Module:
+    return FlattenDense(feature_shape, num_classes, cfg.dropout)
+
+
+# A classical classifier fitted on frozen features, not a network head: the classify task
+# fits it instead of training (transferlab.run.tasks).
+HEADS.register("logreg", LogRegHeadConfig)
+
+
+def _dropout(cfg: HeadConfig) -> nn.Module:
+    return nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+
+
+def build_head(cfg: HeadBase, feature_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The head ``cfg.name`` for backbone features of ``feature_shape`` (C, h, w) or (D,)."""
+    build = HEADS.builder(cfg.name)
+    if build is None:
+        raise UserError(f"head={cfg.name} is not a network head: it is fitted on frozen "
+                        "features by a run (transferlab-train head=logreg)")
+    if isinstance(cfg, HeadConfig) and not 0.0 <= cfg.dropout < 1.0:
         raise UserError(f"head.dropout must be in [0, 1), got {cfg.dropout}")
-    drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
-    if cfg.name == "linear":
-        return nn.Sequential(GlobalPool(), drop, nn.Linear(channels, num_classes))
-    if cfg.name == "mlp":
-        return nn.Sequential(GlobalPool(), nn.BatchNorm1d(channels), drop,
-                             nn.Linear(channels, num_classes))
-    if cfg.name == "flatten_dense":
-        return FlattenDense(feature_shape, num_classes, cfg.dropout)
-    raise UserError(f"unknown head {cfg.name!r}; choose one of linear, mlp, flatten_dense")
+    return build(cfg, tuple(feature_shape), num_classes)

@@ -5,11 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from transferlab.config import OptimizerConfig
-from transferlab.errors import UserError
+from transferlab.config.schema import (
+    AdamConfig,
+    AdamWConfig,
+    OptimizerConfig,
+    RMSpropConfig,
+    SGDConfig,
+)
 from transferlab.policy import StagePlan
-
-OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+from transferlab.registry import OPTIMIZERS
 
 
 def torch_param_groups(model: nn.Module, plan: StagePlan, cfg: OptimizerConfig) -> list[dict]:
@@ -32,20 +36,30 @@ def torch_param_groups(model: nn.Module, plan: StagePlan, cfg: OptimizerConfig) 
     return out
 
 
+@OPTIMIZERS.register("adam", AdamConfig)
+def _adam(cfg: AdamConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+@OPTIMIZERS.register("adamw", AdamWConfig)
+def _adamw(cfg: AdamWConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+@OPTIMIZERS.register("sgd", SGDConfig)
+def _sgd(cfg: SGDConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+@OPTIMIZERS.register("rmsprop", RMSpropConfig)
+def _rmsprop(cfg: RMSpropConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    return torch.optim.RMSprop(groups, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps,
+                               momentum=cfg.momentum)
+
+
 def build_optimizer(cfg: OptimizerConfig, groups: list[dict]) -> torch.optim.Optimizer:
-    name = cfg.name.lower()
-    if name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-    if name == "sgd":
-        if cfg.nesterov and cfg.momentum <= 0:
-            raise UserError("optimizer.nesterov needs optimizer.momentum > 0")
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps,
-                                   momentum=cfg.momentum)
-    raise UserError(f"unknown optimizer {cfg.name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    """The optimizer ``cfg.name`` over torch param groups (each with its lr and weight decay)."""
+    return OPTIMIZERS.builder(cfg.name)(cfg, groups)
 
 
 def stage_optimizer(model: nn.Module, plan: StagePlan, cfg: OptimizerConfig,

@@ -20,8 +20,26 @@ from dataclasses import dataclass
 from torch import nn
 
 from transferlab.backbones import Backbone
-from transferlab.config import FreezeConfig, SelectorSpec, StageSpec
+from transferlab.config.schema import (
+    DiscriminativeConfig,
+    FreezeConfig,
+    FreezeFirstNConfig,
+    SelectorSpec,
+    StageSpec,
+    TopKConfig,
+    TwoStageConfig,
+)
 from transferlab.errors import UserError, nearest
+from transferlab.registry import FREEZE_POLICIES
+
+# The built-in policies (conf/freeze/<name>.yaml holds their stages). Policies without knobs
+# use the plain schema; a policy of your own (explicit stages, any name) does too.
+for _name in ("linear_probe", "none", "scratch", "gradual"):
+    FREEZE_POLICIES.register(_name, FreezeConfig)
+FREEZE_POLICIES.register("discriminative", DiscriminativeConfig)
+FREEZE_POLICIES.register("freeze_first_n", FreezeFirstNConfig)
+FREEZE_POLICIES.register("top_k", TopKConfig)
+FREEZE_POLICIES.register("two_stage", TwoStageConfig)
 
 _BLOCKS = re.compile(r"^blocks\[\s*(-?\d*)\s*(:?)\s*(-?\d*)\s*\]$")
 

@@ -10,29 +10,51 @@ import math
 
 import torch
 
-from transferlab.config import SchedulerSpec
+from transferlab.config.schema import (
+    CosineSchedulerConfig,
+    OneCycleSchedulerConfig,
+    SchedulerConfig,
+    StepSchedulerConfig,
+)
+from transferlab.registry import SCHEDULERS
+
+# Each scheduler: multiplier(spec, t, span, steps_per_epoch) for step t (0-based) of the
+# ``span`` steps after the warm-up.
 
 
-def lr_multiplier(spec: SchedulerSpec, step: int, total_steps: int, steps_per_epoch: int) -> float:
+@SCHEDULERS.register("constant", SchedulerConfig)
+def _constant(spec: SchedulerConfig, t: int, span: int, steps_per_epoch: int) -> float:
+    return 1.0
+
+
+@SCHEDULERS.register("cosine", CosineSchedulerConfig)
+def _cosine(spec: CosineSchedulerConfig, t: int, span: int, steps_per_epoch: int) -> float:
+    progress = min(t / max(span - 1, 1), 1.0)
+    return spec.min_lr_mult + (1 - spec.min_lr_mult) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@SCHEDULERS.register("step", StepSchedulerConfig)
+def _step(spec: StepSchedulerConfig, t: int, span: int, steps_per_epoch: int) -> float:
+    return spec.gamma ** (t // (spec.step_epochs * max(steps_per_epoch, 1)))
+
+
+@SCHEDULERS.register("onecycle", OneCycleSchedulerConfig)
+def _onecycle(spec: OneCycleSchedulerConfig, t: int, span: int, steps_per_epoch: int) -> float:
+    start, end = 1 / spec.div_factor, 1 / (spec.div_factor * spec.final_div_factor)
+    rise = max(int(spec.pct_start * span), 1)
+    if t < rise:
+        return _cos_interp(start, 1.0, t / rise)
+    return _cos_interp(1.0, end, min((t - rise) / max(span - rise - 1, 1), 1.0))
+
+
+def lr_multiplier(spec: SchedulerConfig, step: int, total_steps: int,
+                  steps_per_epoch: int) -> float:
     """The LR multiplier for 0-based ``step`` of a stage of ``total_steps`` steps."""
     warmup = min(spec.warmup_steps, max(total_steps - 1, 0))
     if step < warmup:
         return (step + 1) / warmup
     t, span = step - warmup, max(total_steps - warmup, 1)
-    if spec.name == "constant":
-        return 1.0
-    if spec.name == "cosine":
-        progress = min(t / max(span - 1, 1), 1.0)
-        return spec.min_lr_mult + (1 - spec.min_lr_mult) * 0.5 * (1 + math.cos(math.pi * progress))
-    if spec.name == "step":
-        return spec.gamma ** (t // (spec.step_epochs * max(steps_per_epoch, 1)))
-    if spec.name == "onecycle":
-        start, end = 1 / spec.div_factor, 1 / (spec.div_factor * spec.final_div_factor)
-        rise = max(int(spec.pct_start * span), 1)
-        if t < rise:
-            return _cos_interp(start, 1.0, t / rise)
-        return _cos_interp(1.0, end, min((t - rise) / max(span - rise - 1, 1), 1.0))
-    raise ValueError(f"unknown scheduler {spec.name!r}")
+    return SCHEDULERS.builder(spec.name)(spec, t, span, steps_per_epoch)
 
 
 def _cos_interp(a: float, b: float, progress: float) -> float:
@@ -42,7 +64,7 @@ def _cos_interp(a: float, b: float, progress: float) -> float:
 class StageSchedule:
     """Sets every group's LR to ``initial_lr * multiplier`` before each step of a stage."""
 
-    def __init__(self, spec: SchedulerSpec, epochs: int, steps_per_epoch: int):
+    def __init__(self, spec: SchedulerConfig, epochs: int, steps_per_epoch: int):
         self.spec, self.steps_per_epoch = spec, steps_per_epoch
         self.total_steps = epochs * steps_per_epoch
         self.step = 0

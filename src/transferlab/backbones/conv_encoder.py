@@ -15,16 +15,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import torch
 from torch import nn
 
 from transferlab.backbones.base import Backbone, Block, InputSpec, check_blocks_cover
-from transferlab.config import BackboneConfig
+from transferlab.config.schema import ConvEncoderConfig
 from transferlab.errors import UserError
 
 NAME = "conv_encoder"
-DEFAULT_CHANNELS = (32, 64)
-DEFAULT_LATENT_DIM = 64
-DEFAULT_IMAGE_SIZE = 32
 MEAN = STD = (0.5, 0.5, 0.5)  # images in [-1, 1]
 
 
@@ -77,23 +75,25 @@ class ConvDecoder(nn.Sequential):
         super().__init__(layers)
 
 
-def encoder_shape(cfg: BackboneConfig) -> tuple[list[int], int, int]:
-    """(channels, latent_dim, image_size) of ``cfg``, defaults filled in and checked."""
-    channels = list(cfg.channels) if cfg.channels is not None else list(DEFAULT_CHANNELS)
-    latent = cfg.latent_dim if cfg.latent_dim is not None else DEFAULT_LATENT_DIM
-    size = cfg.image_size if cfg.image_size is not None else DEFAULT_IMAGE_SIZE
-    if not channels or any(c < 1 for c in channels):
-        raise UserError(f"backbone.channels must be a non-empty list of positive ints, got "
-                        f"{channels}")
-    if latent < 1:
-        raise UserError(f"backbone.latent_dim must be >= 1, got {latent}")
-    if size < 2 ** len(channels):
-        raise UserError(f"backbone.image_size {size} is too small for {len(channels)} stride-2 "
-                        f"conv layers: use at least {2 ** len(channels)}")
-    return channels, latent, size
+class Autoencoder(nn.Module):
+    """``decoder(encoder(x))``; parameter names start with ``encoder.`` or ``decoder.``, so
+    ``backbone.init.strip_prefix: "encoder."`` restores the encoder of its checkpoint."""
+
+    def __init__(self, encoder: ConvEncoder):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = ConvDecoder(encoder)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
 
 
-def build_conv_encoder(cfg: BackboneConfig) -> Backbone:
+def encoder_shape(cfg: ConvEncoderConfig) -> tuple[list[int], int, int]:
+    """(channels, latent_dim, image_size) of ``cfg`` (checked by the config's validation)."""
+    return list(cfg.channels), cfg.latent_dim, cfg.image_size
+
+
+def build_conv_encoder(cfg: ConvEncoderConfig) -> Backbone:
     """The ``transferlab`` source: ``conv_encoder``, randomly initialised (restore trained
     weights with ``backbone.init``)."""
     if cfg.name != NAME:

@@ -7,7 +7,6 @@ import os
 from collections import OrderedDict
 
 import timm
-import torch
 from timm.models import group_parameters
 from torch import nn
 
@@ -184,12 +183,13 @@ def load_lite0_package_weights(model: nn.Module) -> None:
     The two layouts list the same tensors in the same order under different names, so the
     mapping is positional; every shape is checked.
     """
+    from transferlab.checkpoint import read_state_dict
+
     path = lite0_checkpoint_path()
     try:
-        source = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"cannot read the EfficientNet-Lite0 checkpoint {path} ({exc}): "
-                        f"reinstall {LITE0_PACKAGE}") from None
+        source = read_state_dict(path, option=f"the {LITE0_PACKAGE} package's checkpoint")
+    except UserError as exc:
+        raise UserError(f"{exc}: reinstall {LITE0_PACKAGE}") from None
     target = model.state_dict()
     if len(source) != len(target):
         raise UserError(f"{path} holds {len(source)} tensors, tf_efficientnet_lite0 expects "

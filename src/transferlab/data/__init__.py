@@ -13,7 +13,15 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from transferlab.backbones import InputSpec
-from transferlab.config import AugmentConfig, DatasetConfig, TrainerConfig
+from transferlab.config.schema import (
+    AugmentConfig,
+    CsvDatasetConfig,
+    DatasetConfig,
+    FakeDatasetConfig,
+    FolderDatasetConfig,
+    TorchvisionDatasetConfig,
+    TrainerConfig,
+)
 from transferlab.data.digits import CLASSES as DIGIT_CLASSES
 from transferlab.data.digits import TensorImageDataset, digits_images
 from transferlab.data.image_folder import (
@@ -26,6 +34,7 @@ from transferlab.data.image_folder import (
 from transferlab.data.torchvision_sets import load_torchvision_set
 from transferlab.data.transforms import eval_transform, train_transform
 from transferlab.errors import UserError
+from transferlab.registry import DATASETS
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +142,7 @@ def assemble(cfg: DatasetConfig, classes: list[str], make, train: list, val: lis
                       train_labels=[label_of(x) for x in train])
 
 
+@DATASETS.register("digits", DatasetConfig)
 def _digits(cfg: DatasetConfig, train_tf, eval_tf) -> DataSplits:
     images, labels = digits_images()
     train, val, test = holdout(labels, cfg)
@@ -151,7 +161,8 @@ def _folder_root(cfg: DatasetConfig) -> Path:
     return root
 
 
-def _image_folder(cfg: DatasetConfig, train_tf, eval_tf) -> DataSplits:
+@DATASETS.register("image_folder", FolderDatasetConfig)
+def _image_folder(cfg: FolderDatasetConfig, train_tf, eval_tf) -> DataSplits:
     root = _folder_root(cfg)
     subdirs = class_folders(root)
     make = lambda samples, tf: ImageFileDataset(samples, tf)  # noqa: E731
@@ -180,7 +191,8 @@ def _image_folder(cfg: DatasetConfig, train_tf, eval_tf) -> DataSplits:
                     label_of, train_tf, eval_tf, index.skipped)
 
 
-def _csv(cfg: DatasetConfig, train_tf, eval_tf) -> DataSplits:
+@DATASETS.register("csv", CsvDatasetConfig)
+def _csv(cfg: CsvDatasetConfig, train_tf, eval_tf) -> DataSplits:
     root = _folder_root(cfg)
     table = read_csv_index(root, cfg.csv_file, cfg.x_col, cfg.y_col)
     train_idx, val_idx, test_idx = holdout([y for _, y in table.samples], cfg)
@@ -190,7 +202,8 @@ def _csv(cfg: DatasetConfig, train_tf, eval_tf) -> DataSplits:
                     train_tf, eval_tf, table.skipped)
 
 
-def _torchvision(cfg: DatasetConfig, train_tf, eval_tf) -> DataSplits:
+@DATASETS.register("torchvision", TorchvisionDatasetConfig)
+def _torchvision(cfg: TorchvisionDatasetConfig, train_tf, eval_tf) -> DataSplits:
     source = load_torchvision_set(cfg)
     labels = source.labels
     if source.val is None:  # hold out val (and test, when the set has none) from train
@@ -211,7 +224,8 @@ def _all(dataset) -> list[tuple]:
     return [(dataset, i) for i in range(len(dataset))]
 
 
-def _fake(cfg: DatasetConfig, train_tf, eval_tf) -> DataSplits:
+@DATASETS.register("fake", FakeDatasetConfig)
+def _fake(cfg: FakeDatasetConfig, train_tf, eval_tf) -> DataSplits:
     from torchvision.datasets import FakeData
 
     side = cfg.image_size or 64
@@ -224,18 +238,10 @@ def _fake(cfg: DatasetConfig, train_tf, eval_tf) -> DataSplits:
                     test, labels.__getitem__, train_tf, eval_tf)
 
 
-KINDS = {"digits": _digits, "image_folder": _image_folder, "csv": _csv,
-         "torchvision": _torchvision, "fake": _fake}
-
-
 def build_splits(cfg: DatasetConfig, augment: AugmentConfig, spec: InputSpec,
                  image_size: int) -> DataSplits:
     """The train/val datasets of ``cfg`` with transforms for ``spec`` at ``image_size``."""
-    try:
-        kind = KINDS[cfg.kind]
-    except KeyError:
-        raise UserError(f"unknown dataset.kind {cfg.kind!r}; choose one of {', '.join(KINDS)}") \
-            from None
+    kind = DATASETS.builder(cfg.kind)
     train_tf = train_transform(spec, image_size, augment, cfg.crop_pct)
     eval_tf = eval_transform(spec, image_size, cfg.crop_pct)
     return kind(cfg, train_tf, eval_tf)

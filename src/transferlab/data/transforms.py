@@ -6,10 +6,16 @@ import torch
 from torchvision.transforms import v2 as T
 
 from transferlab.backbones import InputSpec
-from transferlab.config import AugmentConfig
+from transferlab.config.schema import (
+    AugmentConfig,
+    CropFlipConfig,
+    FlipConfig,
+    RandAugmentConfig,
+    StandardAugmentConfig,
+    TrivialAugmentConfig,
+)
 from transferlab.errors import UserError
-
-AUGMENTS = ("none", "flip", "crop_flip", "standard", "randaugment", "trivialaugment")
+from transferlab.registry import AUGMENTS
 
 _INTERPOLATION = {
     "bilinear": T.InterpolationMode.BILINEAR,
@@ -40,45 +46,76 @@ def eval_transform(spec: InputSpec, image_size: int, crop_pct: float | None = No
 def train_transform(spec: InputSpec, image_size: int, augment: AugmentConfig,
                     crop_pct: float | None = None) -> T.Compose:
     """The training transform: ``none`` is the eval transform (best for frozen backbones)."""
-    if augment.name == "none":
-        return eval_transform(spec, image_size, crop_pct)
+    return AUGMENTS.builder(augment.name)(augment, spec, image_size, crop_pct)
+
+
+def _fixed(spec: InputSpec, image_size: int, crop_pct: float | None) -> list:
+    """The eval transform's image conversion, resize and centre crop."""
+    return eval_transform(spec, image_size, crop_pct).transforms[:3]
+
+
+@AUGMENTS.register("none", AugmentConfig)
+def _none(augment: AugmentConfig, spec: InputSpec, image_size: int,
+          crop_pct: float | None) -> T.Compose:
+    return eval_transform(spec, image_size, crop_pct)
+
+
+@AUGMENTS.register("flip", FlipConfig)
+def _flip(augment: FlipConfig, spec: InputSpec, image_size: int,
+          crop_pct: float | None) -> T.Compose:
+    return T.Compose([*_fixed(spec, image_size, crop_pct), T.RandomHorizontalFlip(augment.hflip),
+                      *_tail(spec)])
+
+
+def _policy(policy, augment: FlipConfig, spec: InputSpec, image_size: int,
+            crop_pct: float | None) -> T.Compose:
+    # The policies work on uint8 images at the final size, then the flip and normalisation.
+    return T.Compose([*_fixed(spec, image_size, crop_pct), policy,
+                      T.RandomHorizontalFlip(augment.hflip), *_tail(spec)])
+
+
+# (bilinear: the policies' geometric ops refuse bicubic on tensor images, which digits are)
+@AUGMENTS.register("randaugment", RandAugmentConfig)
+def _randaugment(augment: RandAugmentConfig, spec: InputSpec, image_size: int,
+                 crop_pct: float | None) -> T.Compose:
+    policy = T.RandAugment(num_ops=augment.num_ops, magnitude=augment.magnitude,
+                           interpolation=T.InterpolationMode.BILINEAR)
+    return _policy(policy, augment, spec, image_size, crop_pct)
+
+
+@AUGMENTS.register("trivialaugment", TrivialAugmentConfig)
+def _trivialaugment(augment: TrivialAugmentConfig, spec: InputSpec, image_size: int,
+                    crop_pct: float | None) -> T.Compose:
+    policy = T.TrivialAugmentWide(interpolation=T.InterpolationMode.BILINEAR)
+    return _policy(policy, augment, spec, image_size, crop_pct)
+
+
+@AUGMENTS.register("crop_flip", CropFlipConfig)
+def _crop_flip(augment: CropFlipConfig, spec: InputSpec, image_size: int,
+               crop_pct: float | None) -> T.Compose:
     interp = _INTERPOLATION.get(spec.interpolation, T.InterpolationMode.BILINEAR)
-    fixed = eval_transform(spec, image_size, crop_pct).transforms[:3]  # image, resize, crop
-    if augment.name == "flip":
-        return T.Compose([*fixed, T.RandomHorizontalFlip(augment.hflip), *_tail(spec)])
-    if augment.name in ("randaugment", "trivialaugment"):
-        # The policies work on uint8 images at the final size, then the flip and normalisation.
-        # (bilinear: their geometric ops refuse bicubic on tensor images, which digits are)
-        bilinear = T.InterpolationMode.BILINEAR
-        if augment.name == "randaugment":
-            policy = T.RandAugment(num_ops=augment.num_ops, magnitude=augment.magnitude,
-                                   interpolation=bilinear)
-        else:
-            policy = T.TrivialAugmentWide(interpolation=bilinear)
-        return T.Compose([*fixed, policy, T.RandomHorizontalFlip(augment.hflip), *_tail(spec)])
-    if augment.name == "crop_flip":
-        if not 0.0 < augment.scale_min <= 1.0:
-            raise UserError(f"augment.scale_min must be in (0, 1], got {augment.scale_min}")
-        return T.Compose([
-            T.ToImage(),
-            T.RandomResizedCrop(image_size, scale=(augment.scale_min, 1.0), interpolation=interp,
-                                antialias=True),
-            T.RandomHorizontalFlip(augment.hflip),
-            *_tail(spec),
-        ])
-    if augment.name == "standard":
-        # Keras ImageDataGenerator(rotation_range=20, width/height_shift_range=0.2,
-        # shear_range=0.2 (degrees), zoom_range=0.2, horizontal_flip=True, fill_mode="nearest"):
-        # edge padding before the affine warp and a centre crop after it give the nearest fill.
-        pad = image_size // 2
-        return T.Compose([
-            *fixed,
-            T.Pad(pad, padding_mode="edge"),
-            T.RandomAffine(degrees=augment.rotation, translate=(augment.shift, augment.shift),
-                           scale=(1 - augment.zoom, 1 + augment.zoom), shear=augment.shear,
-                           interpolation=T.InterpolationMode.BILINEAR),
-            T.CenterCrop(image_size),
-            T.RandomHorizontalFlip(augment.hflip),
-            *_tail(spec),
-        ])
-    raise UserError(f"unknown augment {augment.name!r}; choose one of {', '.join(AUGMENTS)}")
+    return T.Compose([
+        T.ToImage(),
+        T.RandomResizedCrop(image_size, scale=(augment.scale_min, 1.0), interpolation=interp,
+                            antialias=True),
+        T.RandomHorizontalFlip(augment.hflip),
+        *_tail(spec),
+    ])
+
+
+@AUGMENTS.register("standard", StandardAugmentConfig)
+def _standard(augment: StandardAugmentConfig, spec: InputSpec, image_size: int,
+              crop_pct: float | None) -> T.Compose:
+    # Keras ImageDataGenerator(rotation_range=20, width/height_shift_range=0.2,
+    # shear_range=0.2 (degrees), zoom_range=0.2, horizontal_flip=True, fill_mode="nearest"):
+    # edge padding before the affine warp and a centre crop after it give the nearest fill.
+    return T.Compose([
+        *_fixed(spec, image_size, crop_pct),
+        T.Pad(image_size // 2, padding_mode="edge"),
+        T.RandomAffine(degrees=augment.rotation, translate=(augment.shift, augment.shift),
+                       scale=(1 - augment.zoom, 1 + augment.zoom), shear=augment.shear,
+                       interpolation=T.InterpolationMode.BILINEAR),
+        T.CenterCrop(image_size),
+        T.RandomHorizontalFlip(augment.hflip),
+        *_tail(spec),
+    ])

@@ -1,0 +1,418 @@
+"""The typed schema of a run: one dataclass per config group option.
+
+Each dataclass is registered in Hydra's ConfigStore (``schema/<group>/<option>``, see
+:mod:`transferlab.config.store`) and every YAML file of ``conf/<group>/`` extends its schema
+through its defaults list, so an unknown key or a value of the wrong type fails when Hydra
+composes the config, before anything is built. The YAML files keep the values; the defaults
+here are the ones a plain ``RunConfig`` gets in code.
+
+Checks that span fields, or that need the registries (is this optimizer known?), are in
+:mod:`transferlab.config.validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+# --- backbone -----------------------------------------------------------------------------------
+
+
+@dataclass
+class InitConfig:
+    """Weights restored into the backbone from a checkpoint file once it is built: any subset
+    of the file's tensors, renamed onto the backbone's parameter names (``backbone.init.*``)."""
+
+    path: str | None = None  # a transferlab checkpoint, a plain state_dict, a Lightning .ckpt
+    include: list[str] = field(default_factory=lambda: ["*"])  # globs over the file's names
+    exclude: list[str] = field(default_factory=list)
+    strip_prefix: str = ""  # removed from the file's names (e.g. "encoder.")
+    add_prefix: str = ""  # then prepended
+    rename: dict[str, str] = field(default_factory=dict)  # explicit file name -> backbone name
+    strict: bool = False  # true: shape mismatches and unmatched backbone tensors are errors
+
+
+@dataclass
+class BackboneConfig:
+    """A pretrained model of a zoo (``source``: timm, efficientnet_lite0_package)."""
+
+    name: str = MISSING
+    source: str = MISSING
+    pretrained: bool = True
+    weights_path: str | None = None  # a local file of the pretrained weights (no download)
+    init: InitConfig = field(default_factory=InitConfig)
+
+
+@dataclass
+class TorchvisionBackboneConfig(BackboneConfig):
+    source: str = "torchvision"
+    weights: str = "DEFAULT"  # torchvision weight enum member (e.g. IMAGENET1K_V1) or DEFAULT
+
+
+@dataclass
+class ConvEncoderConfig(BackboneConfig):
+    """transferlab's own small convolutional encoder (``source: transferlab``)."""
+
+    name: str = "conv_encoder"
+    source: str = "transferlab"
+    pretrained: bool = False
+    channels: list[int] = field(default_factory=lambda: [32, 64])  # a stride-2 conv each
+    latent_dim: int = 64  # the fully connected latent: the features
+    image_size: int = 32  # the only input size its fc layer takes
+
+
+# --- head ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class HeadBase:
+    name: str = MISSING
+
+
+@dataclass
+class HeadConfig(HeadBase):
+    """A new network head (linear | mlp | flatten_dense)."""
+
+    dropout: float = 0.0
+
+
+@dataclass
+class LogRegHeadConfig(HeadBase):
+    """scikit-learn's LogisticRegression on the frozen backbone's features (no network head)."""
+
+    name: str = "logreg"
+    C: float = 1.0  # inverse regularisation strength
+    max_iter: int = 1000  # solver iterations
+
+
+# --- dataset ------------------------------------------------------------------------------------
+
+
+@dataclass
+class DatasetConfig:
+    """Fields every dataset kind has (``kind: digits`` has no others)."""
+
+    name: str = MISSING
+    kind: str = MISSING
+    val_fraction: float = 0.2
+    test_fraction: float = 0.0  # held out as a test split where the data has none of its own
+    split_seed: int = 0
+    train_fraction: float = 1.0  # keep this fraction of every class of the training split
+    samples_per_class: int | None = None  # or at most this many training images per class
+    subset_seed: int = 0  # draws the training subset (the presets tie it to the run's seed)
+    image_size: int | None = None  # None: the backbone's native input size
+    crop_pct: float | None = None  # None: the backbone's (resize to size/crop_pct, centre crop)
+
+
+@dataclass
+class FolderDatasetConfig(DatasetConfig):
+    """``kind: image_folder``: class folders under ``root`` (or train/ val/ [test/] of them)."""
+
+    kind: str = "image_folder"
+    root: str = MISSING
+
+
+@dataclass
+class CsvDatasetConfig(DatasetConfig):
+    """``kind: csv``: a table of image file names (x_col, relative to root) and labels."""
+
+    kind: str = "csv"
+    root: str = MISSING
+    csv_file: str = MISSING
+    x_col: str = "id"
+    y_col: str = "label"
+
+
+@dataclass
+class TorchvisionDatasetConfig(DatasetConfig):
+    """``kind: torchvision``: a torchvision data set (``name``), downloaded to ``root``."""
+
+    kind: str = "torchvision"
+    root: str = "data"
+    download: bool = True
+
+
+@dataclass
+class FakeDatasetConfig(DatasetConfig):
+    """``kind: fake``: torchvision's FakeData (random images), for smoke tests."""
+
+    kind: str = "fake"
+    size: int = 200
+    num_classes: int = 4
+
+
+# --- augment ------------------------------------------------------------------------------------
+
+
+@dataclass
+class AugmentConfig:
+    """``none``: the deterministic eval transform."""
+
+    name: str = "none"
+
+
+@dataclass
+class FlipConfig(AugmentConfig):
+    name: str = "flip"
+    hflip: float = 0.5  # probability of a horizontal flip
+
+
+@dataclass
+class CropFlipConfig(FlipConfig):
+    name: str = "crop_flip"
+    scale_min: float = 0.08  # RandomResizedCrop's smallest area fraction
+
+
+@dataclass
+class StandardAugmentConfig(FlipConfig):
+    name: str = "standard"
+    rotation: float = 20.0  # degrees
+    shift: float = 0.2  # fraction of width / height
+    shear: float = 0.2  # degrees (as Keras' shear_range)
+    zoom: float = 0.2  # scale in [1 - zoom, 1 + zoom]
+
+
+@dataclass
+class RandAugmentConfig(FlipConfig):
+    name: str = "randaugment"
+    num_ops: int = 2  # operations per image
+    magnitude: int = 9  # strength, 0..30
+
+
+@dataclass
+class TrivialAugmentConfig(FlipConfig):
+    name: str = "trivialaugment"
+
+
+# --- scheduler ----------------------------------------------------------------------------------
+
+
+@dataclass
+class SchedulerConfig:
+    """A learning-rate schedule over one stage's steps (multiplies every group's LR);
+    ``constant``: the LR all stage long."""
+
+    name: str = "constant"
+    warmup_steps: int = 0  # linear warm-up from lr / warmup_steps to lr
+
+
+@dataclass
+class CosineSchedulerConfig(SchedulerConfig):
+    name: str = "cosine"
+    min_lr_mult: float = 0.0  # the LR it decays to, as a fraction of the LR
+
+
+@dataclass
+class StepSchedulerConfig(SchedulerConfig):
+    name: str = "step"
+    step_epochs: int = 1  # multiply by gamma every step_epochs epochs
+    gamma: float = 0.1
+
+
+@dataclass
+class OneCycleSchedulerConfig(SchedulerConfig):
+    name: str = "onecycle"
+    pct_start: float = 0.3  # fraction of the stage spent rising
+    div_factor: float = 25.0  # starts at lr / div_factor
+    final_div_factor: float = 1.0e4  # ends at lr / (div_factor * final_div_factor)
+
+
+# --- freeze policy ------------------------------------------------------------------------------
+
+
+@dataclass
+class SelectorSpec:
+    """One entry of a stage's ``train`` list (a plain string is ``select`` alone)."""
+
+    select: str = MISSING
+    lr: float | None = None  # absolute learning rate
+    lr_mult: float = 1.0  # multiplier of optimizer.lr (ignored when lr is set)
+
+
+@dataclass
+class StageSpec:
+    name: str = MISSING
+    epochs: int = MISSING
+    # Selectors (strings, or {select, lr, lr_mult} mappings); validation makes them
+    # SelectorSpecs. (OmegaConf types no union of a string and a mapping.)
+    train: list[Any] = field(default_factory=list)
+    # BatchNorm: frozen = layers in frozen parts in eval mode (statistics untouched), the rest
+    # train; train = every layer updates its statistics; eval = every layer in eval mode, even
+    # in trained parts (Keras' base_model(x, training=False)).
+    bn: str = "frozen"
+    reset_optimizer: bool = False  # drop optimizer state (e.g. Adam moments) at the stage start
+    layer_decay: float | None = None  # backbone block i of n trains at lr * decay^(n-1-i)
+    # None: the run's scheduler; else a scheduler config ({name: cosine, ...}), which
+    # validation makes the scheduler's typed config
+    scheduler: Any = None
+
+
+@dataclass
+class GradualSpec:
+    """Head first, then one more backbone block unfrozen every ``every`` epochs, top down."""
+
+    every: int = 2  # epochs of each stage
+    blocks: int | None = None  # how many blocks to unfreeze in all (None: every block)
+    head_epochs: int | None = None  # epochs of the head-only stage (None: every)
+    block_lr_mult: float = 0.1  # LR of the first (top) unfrozen block, x optimizer.lr
+    decay: float = 1.0  # each block further down trains at decay x the LR of the one above
+    bn: str = "frozen"
+
+
+@dataclass
+class FreezeConfig:
+    """A freeze policy: explicit ``stages``, or a ``gradual`` schedule expanded per backbone.
+
+    Presets with knobs (``two_stage``: ``head_epochs``...) are subclasses whose stages refer
+    to their knobs by interpolation (``blocks[${freeze.fine_tune_at}:]``)."""
+
+    name: str = MISSING
+    stages: list[StageSpec] = field(default_factory=list)
+    gradual: GradualSpec | None = None
+
+    @property
+    def total_epochs(self) -> int:
+        """Epochs of the explicit stages (a gradual policy's depend on the backbone)."""
+        return sum(s.epochs for s in self.stages)
+
+
+@dataclass
+class DiscriminativeConfig(FreezeConfig):
+    name: str = "discriminative"
+    decay: float = 0.7  # backbone block i of n trains at optimizer.lr x decay^(n-1-i)
+
+
+@dataclass
+class FreezeFirstNConfig(FreezeConfig):
+    name: str = "freeze_first_n"
+    n: int = 8  # backbone blocks[0:n] stay frozen
+
+
+@dataclass
+class TopKConfig(FreezeConfig):
+    name: str = "top_k"
+    k: int = 2  # the last k backbone blocks train (with the head)
+
+
+@dataclass
+class TwoStageConfig(FreezeConfig):
+    name: str = "two_stage"
+    head_epochs: int = 5  # stage 1: the head alone
+    finetune_epochs: int = 5  # stage 2: the head and blocks[fine_tune_at:]
+    fine_tune_at: int = -4
+    finetune_lr_mult: float = 0.1  # stage 2's LR, x optimizer.lr
+    finetune_bn: str = "frozen"  # eval: every BatchNorm in inference mode in stage 2
+
+
+# --- optimizer ----------------------------------------------------------------------------------
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = MISSING
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    decay_norm_and_bias: bool = False  # apply weight decay to norm weights and biases too
+
+
+@dataclass
+class AdamConfig(OptimizerConfig):
+    name: str = "adam"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass
+class AdamWConfig(AdamConfig):
+    name: str = "adamw"
+    weight_decay: float = 0.01
+
+
+@dataclass
+class SGDConfig(OptimizerConfig):
+    name: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = False
+
+
+@dataclass
+class RMSpropConfig(OptimizerConfig):
+    name: str = "rmsprop"
+    alpha: float = 0.99  # smoothing constant
+    momentum: float = 0.0
+    eps: float = 1e-8
+
+
+# --- trainer and task ---------------------------------------------------------------------------
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 5
+    batch_size: int = 32
+    eval_batch_size: int | None = None  # None: 2 x batch_size
+    num_workers: int | None = None  # None: picked from the CPU count
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    deterministic: bool = False
+    progress: bool | None = None  # None: a progress bar when stderr is a terminal
+    channels_last: bool = True
+    amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16)
+    log_every_n_steps: int = 1
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    class_weights: str = "none"  # none | balanced: loss weights n / (k * count) per class
+    sampler: str = "shuffle"  # shuffle | balanced: draw classes equally often (with replacement)
+
+
+@dataclass
+class TaskConfig:
+    """What a run trains: ``classify`` (a classifier, the default)."""
+
+    name: str = "classify"
+
+
+@dataclass
+class AutoencoderTaskConfig(TaskConfig):
+    """Unsupervised pretraining of the ``conv_encoder`` backbone as an autoencoder."""
+
+    name: str = "autoencoder"
+    reconstructions: int = 8  # images shown (with their reconstructions) in TensorBoard
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    """The whole run: the root of ``conf/train.yaml``. Each group field holds the typed config
+    of the option chosen (a subclass of the field's type where the option has its own
+    fields)."""
+
+    name: str = MISSING
+    seed: int = 0
+    backbone: BackboneConfig = MISSING
+    head: HeadBase = MISSING
+    dataset: DatasetConfig = MISSING
+    augment: AugmentConfig = MISSING
+    freeze: FreezeConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    scheduler: SchedulerConfig = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The resolved config as plain data (saved in checkpoints and TensorBoard; read back
+        by :func:`transferlab.config.load_config`)."""
+        import dataclasses
+
+        return dataclasses.asdict(self)
+
+
+# config group -> the type of its field in RunConfig (the base of every option's schema)
+GROUPS: dict[str, type] = {
+    "backbone": BackboneConfig, "head": HeadBase, "dataset": DatasetConfig,
+    "augment": AugmentConfig, "freeze": FreezeConfig, "optimizer": OptimizerConfig,
+    "scheduler": SchedulerConfig, "trainer": TrainerConfig, "task": TaskConfig,
+}

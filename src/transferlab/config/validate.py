@@ -1,0 +1,314 @@
+"""Checks of a typed run config that no field type can express: value ranges, options known to
+the registries, fields that depend on each other, and options the run would not use.
+
+:func:`validate` runs in :func:`~transferlab.config.load_config`, before any model is built or
+any image is read. Every failure is one :class:`UserError` line naming the full key, the value
+and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from transferlab.config.schema import (
+    AugmentConfig,
+    AutoencoderTaskConfig,
+    ConvEncoderConfig,
+    CosineSchedulerConfig,
+    CropFlipConfig,
+    DiscriminativeConfig,
+    FakeDatasetConfig,
+    FlipConfig,
+    FreezeConfig,
+    FreezeFirstNConfig,
+    HeadConfig,
+    LogRegHeadConfig,
+    OneCycleSchedulerConfig,
+    OptimizerConfig,
+    RandAugmentConfig,
+    RMSpropConfig,
+    RunConfig,
+    SchedulerConfig,
+    SelectorSpec,
+    SGDConfig,
+    StageSpec,
+    StandardAugmentConfig,
+    StepSchedulerConfig,
+    TopKConfig,
+    TwoStageConfig,
+)
+from transferlab.errors import UserError
+from transferlab.registry import SCHEDULERS
+
+BN_MODES = ("frozen", "train", "eval")
+CLASS_WEIGHTS = ("none", "balanced")
+SAMPLERS = ("shuffle", "balanced")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _check(key: str, value: Any, ok: bool, must: str) -> None:
+    if not ok:
+        raise UserError(f"{key} must be {must}, got {value!r}")
+
+
+def _in(key: str, value: Any, lo: float, hi: float, lo_open: bool = False,
+        hi_open: bool = False) -> None:
+    above = value > lo if lo_open else value >= lo
+    below = value < hi if hi_open else value <= hi
+    brackets = ("(" if lo_open else "[") + f"{lo:g}, {hi:g}" + (")" if hi_open else "]")
+    _check(key, value, above and below, f"in {brackets}")
+
+
+def _at_least(key: str, value: Any, lo: float, nullable: bool = False) -> None:
+    if value is None and nullable:
+        return
+    _check(key, value, value is not None and value >= lo, f">= {lo:g}" +
+           (" (or null)" if nullable else ""))
+
+
+def _one_of(key: str, value: Any, allowed: Iterable[str]) -> None:
+    allowed = tuple(allowed)
+    _check(key, value, value in allowed, f"one of {', '.join(allowed)}")
+
+
+# --- per group ----------------------------------------------------------------------------------
+
+
+def _backbone(run: RunConfig) -> None:
+    b = run.backbone
+    _check("backbone.name", b.name, bool(b.name), "a model name")
+    if b.weights_path is not None and not Path(b.weights_path).expanduser().is_file():
+        raise UserError(f"backbone.weights_path: {b.weights_path} does not exist: give the file "
+                        "of the pretrained weights (a .pth state dict or model.safetensors)")
+    if b.init.path is not None and not Path(b.init.path).expanduser().is_file():
+        raise UserError(f"backbone.init.path: {b.init.path} does not exist: give a checkpoint "
+                        "file (a transferlab checkpoint, a state dict or a Lightning .ckpt)")
+    if isinstance(b, ConvEncoderConfig):
+        _check("backbone.channels", b.channels, bool(b.channels) and min(b.channels) >= 1,
+               "a non-empty list of channel counts >= 1")
+        _at_least("backbone.latent_dim", b.latent_dim, 1)
+        _at_least("backbone.image_size", b.image_size, 2 ** len(b.channels))
+
+
+def _head(run: RunConfig) -> None:
+    h = run.head
+    if isinstance(h, HeadConfig):
+        _in("head.dropout", h.dropout, 0, 1, hi_open=True)
+    if isinstance(h, LogRegHeadConfig):
+        _check("head.C", h.C, h.C > 0, "> 0")
+        _at_least("head.max_iter", h.max_iter, 1)
+
+
+def _dataset(run: RunConfig) -> None:
+    d = run.dataset
+    _in("dataset.val_fraction", d.val_fraction, 0, 1, lo_open=True, hi_open=True)
+    _check("dataset.test_fraction", d.test_fraction, 0 <= d.test_fraction < 1 - d.val_fraction,
+           "in [0, 1 - val_fraction)")
+    _in("dataset.train_fraction", d.train_fraction, 0, 1, lo_open=True)
+    _at_least("dataset.samples_per_class", d.samples_per_class, 1, nullable=True)
+    _at_least("dataset.image_size", d.image_size, 1, nullable=True)
+    if d.crop_pct is not None:
+        _in("dataset.crop_pct", d.crop_pct, 0, 1, lo_open=True)
+    if isinstance(d, FakeDatasetConfig):
+        _at_least("dataset.num_classes", d.num_classes, 2)
+        _at_least("dataset.size", d.size, 2 * d.num_classes)
+
+
+def _augment(run: RunConfig) -> None:
+    a: AugmentConfig = run.augment
+    if isinstance(a, FlipConfig):
+        _in("augment.hflip", a.hflip, 0, 1)
+    if isinstance(a, CropFlipConfig):
+        _in("augment.scale_min", a.scale_min, 0, 1, lo_open=True)
+    if isinstance(a, StandardAugmentConfig):
+        _in("augment.rotation", a.rotation, 0, 180)
+        _in("augment.shift", a.shift, 0, 1, hi_open=True)
+        _in("augment.shear", a.shear, 0, 90, hi_open=True)
+        _in("augment.zoom", a.zoom, 0, 1, hi_open=True)
+    if isinstance(a, RandAugmentConfig):
+        _at_least("augment.num_ops", a.num_ops, 0)
+        _in("augment.magnitude", a.magnitude, 0, 30)
+
+
+def _optimizer(run: RunConfig) -> None:
+    o: OptimizerConfig = run.optimizer
+    _check("optimizer.lr", o.lr, o.lr > 0, "> 0")
+    _at_least("optimizer.weight_decay", o.weight_decay, 0)
+    betas = getattr(o, "betas", None)
+    if betas is not None:
+        _check("optimizer.betas", list(betas), len(betas) == 2 and all(0 <= b < 1 for b in betas),
+               "two numbers in [0, 1)")
+    if hasattr(o, "eps"):
+        _check("optimizer.eps", o.eps, o.eps > 0, "> 0")
+    if isinstance(o, SGDConfig | RMSpropConfig):
+        _at_least("optimizer.momentum", o.momentum, 0)
+    if isinstance(o, SGDConfig) and o.nesterov and o.momentum <= 0:
+        raise UserError(f"optimizer.nesterov=true needs optimizer.momentum > 0, got "
+                        f"{o.momentum}")
+    if isinstance(o, RMSpropConfig):
+        _in("optimizer.alpha", o.alpha, 0, 1, hi_open=True)
+
+
+def scheduler(spec: SchedulerConfig, where: str) -> None:
+    SCHEDULERS.get(spec.name, f"{where}.name")
+    _at_least(f"{where}.warmup_steps", spec.warmup_steps, 0)
+    if isinstance(spec, CosineSchedulerConfig):
+        _in(f"{where}.min_lr_mult", spec.min_lr_mult, 0, 1)
+    if isinstance(spec, StepSchedulerConfig):
+        _at_least(f"{where}.step_epochs", spec.step_epochs, 1)
+        _check(f"{where}.gamma", spec.gamma, spec.gamma > 0, "> 0")
+    if isinstance(spec, OneCycleSchedulerConfig):
+        _in(f"{where}.pct_start", spec.pct_start, 0, 1, lo_open=True, hi_open=True)
+        _check(f"{where}.div_factor", spec.div_factor, spec.div_factor > 0, "> 0")
+        _check(f"{where}.final_div_factor", spec.final_div_factor, spec.final_div_factor > 0,
+               "> 0")
+
+
+def selector(entry: Any, where: str) -> SelectorSpec:
+    """A stage's ``train`` entry as a SelectorSpec (a string is ``select`` alone)."""
+    if isinstance(entry, SelectorSpec):
+        spec = entry
+    elif isinstance(entry, str):
+        spec = SelectorSpec(select=entry)
+    elif isinstance(entry, dict):
+        from transferlab.config.load import typed_object
+
+        spec = typed_object(SelectorSpec, entry, where)
+    else:
+        raise UserError(f"{where} must be a selector (a string, or a mapping with select, lr, "
+                        f"lr_mult), got {entry!r}")
+    _check(f"{where}.select", spec.select, bool(spec.select.strip()), "a selector")
+    if spec.lr is not None:
+        _check(f"{where}.lr", spec.lr, spec.lr > 0, "> 0 (or null)")
+    _check(f"{where}.lr_mult", spec.lr_mult, spec.lr_mult > 0, "> 0")
+    return spec
+
+
+def stage_scheduler(value: Any, where: str) -> SchedulerConfig | None:
+    """A stage's own scheduler as the typed config of the scheduler it names."""
+    if value is None or isinstance(value, SchedulerConfig):
+        spec = value
+    else:
+        from transferlab.config.load import typed_object
+
+        name = value.get("name", "constant") if isinstance(value, dict) else None
+        schema = SCHEDULERS.schema_of(name, f"{where}.name") if name else SchedulerConfig
+        spec = typed_object(schema, value, where)
+    if spec is not None:
+        scheduler(spec, where)
+    return spec
+
+
+def stage(spec: StageSpec, where: str) -> None:
+    """Check a stage; its ``train`` entries and ``scheduler`` become typed configs."""
+    _at_least(f"{where}.epochs", spec.epochs, 0)
+    _one_of(f"{where}.bn", spec.bn, BN_MODES)
+    if not spec.train:
+        raise UserError(f"{where} ({spec.name}) trains nothing: give {where}.train")
+    spec.train = [selector(e, f"{where}.train[{i}]") for i, e in enumerate(spec.train)]
+    if spec.layer_decay is not None:
+        _in(f"{where}.layer_decay", spec.layer_decay, 0, 1, lo_open=True)
+    spec.scheduler = stage_scheduler(spec.scheduler, f"{where}.scheduler")
+
+
+def _freeze(run: RunConfig) -> None:
+    policy: FreezeConfig = run.freeze
+    # the policy's knobs first: the stages take their values from them
+    if isinstance(policy, TwoStageConfig):
+        _at_least("freeze.head_epochs", policy.head_epochs, 0)
+        _at_least("freeze.finetune_epochs", policy.finetune_epochs, 0)
+        _check("freeze.finetune_lr_mult", policy.finetune_lr_mult,
+               policy.finetune_lr_mult > 0, "> 0")
+        _one_of("freeze.finetune_bn", policy.finetune_bn, BN_MODES)
+    if isinstance(policy, TopKConfig):
+        _at_least("freeze.k", policy.k, 1)
+    if isinstance(policy, FreezeFirstNConfig):
+        _at_least("freeze.n", policy.n, 0)
+    if isinstance(policy, DiscriminativeConfig):
+        _in("freeze.decay", policy.decay, 0, 1, lo_open=True)
+    if not policy.stages and policy.gradual is None:
+        raise UserError(f"freeze policy {policy.name!r} has no stages: give freeze.stages")
+    if policy.stages and policy.gradual is not None:
+        raise UserError(f"freeze policy {policy.name!r} gives both freeze.stages and "
+                        "freeze.gradual: keep one")
+    for i, spec in enumerate(policy.stages):
+        stage(spec, f"freeze.stages[{i}]")
+    if policy.gradual is not None:
+        g = policy.gradual
+        _at_least("freeze.gradual.every", g.every, 1)
+        _at_least("freeze.gradual.blocks", g.blocks, 1, nullable=True)
+        _at_least("freeze.gradual.head_epochs", g.head_epochs, 0, nullable=True)
+        _check("freeze.gradual.block_lr_mult", g.block_lr_mult, g.block_lr_mult > 0, "> 0")
+        _in("freeze.gradual.decay", g.decay, 0, 1, lo_open=True)
+        _one_of("freeze.gradual.bn", g.bn, BN_MODES)
+    elif policy.total_epochs < 1:
+        raise UserError("the freeze policy runs 0 epochs in total: set trainer.epochs >= 1 (or "
+                        "the policy's own epochs)")
+
+
+def _trainer(run: RunConfig) -> None:
+    t = run.trainer
+    _at_least("trainer.epochs", t.epochs, 0)
+    _at_least("trainer.batch_size", t.batch_size, 1)
+    _at_least("trainer.eval_batch_size", t.eval_batch_size, 1, nullable=True)
+    _at_least("trainer.num_workers", t.num_workers, 0, nullable=True)
+    _check("trainer.device", t.device, bool(_DEVICE.match(t.device)),
+           "auto, cpu, cuda, cuda:N or mps")
+    _at_least("trainer.log_every_n_steps", t.log_every_n_steps, 1)
+    _in("trainer.label_smoothing", t.label_smoothing, 0, 1, hi_open=True)
+    _one_of("trainer.class_weights", t.class_weights, CLASS_WEIGHTS)
+    _one_of("trainer.sampler", t.sampler, SAMPLERS)
+
+
+def _task(run: RunConfig) -> None:
+    if isinstance(run.task, AutoencoderTaskConfig):
+        _at_least("task.reconstructions", run.task.reconstructions, 0)
+        if not isinstance(run.backbone, ConvEncoderConfig):
+            raise UserError(f"task=autoencoder trains the conv_encoder backbone, not "
+                            f"{run.backbone.name} ({run.backbone.source}): add "
+                            "backbone=conv_encoder dataset.image_size=32 (or use "
+                            "experiment=ae_pretrain)")
+        _at_least("trainer.epochs", run.trainer.epochs, 1)
+    if isinstance(run.head, LogRegHeadConfig) and run.task.name != "classify":
+        raise UserError(f"head=logreg is a classifier: it does not go with task={run.task.name}")
+
+
+# --- options the run would not use --------------------------------------------------------------
+
+# (what the run is, predicate, keys or groups it does not use)
+_UNUSED: list[tuple[str, Callable[[RunConfig], bool], tuple[str, ...]]] = [
+    ("head=logreg fits a logistic regression on frozen features",
+     lambda run: isinstance(run.head, LogRegHeadConfig),
+     ("freeze", "optimizer", "scheduler", "augment", "trainer.epochs", "trainer.label_smoothing",
+      "trainer.class_weights", "trainer.sampler", "trainer.log_every_n_steps", "trainer.amp")),
+    ("task=autoencoder trains an encoder and its decoder without labels",
+     lambda run: isinstance(run.task, AutoencoderTaskConfig),
+     ("head", "freeze", "trainer.label_smoothing", "trainer.class_weights")),
+]
+
+
+def override_key(item: str) -> str:
+    """``optimizer.lr`` of ``optimizer.lr=1e-3``, ``freeze`` of ``+freeze=two_stage``."""
+    return item.lstrip("+~").partition("=")[0].replace("/", ".")
+
+
+def unused(run: RunConfig, overrides: Iterable[str]) -> None:
+    """An override that the run would ignore is an error, as an unknown key is."""
+    keys = [(override_key(o), o) for o in overrides]
+    for what, applies, ignored in _UNUSED:
+        if not applies(run):
+            continue
+        for key, item in keys:
+            if any(key == i or key.startswith(i + ".") for i in ignored):
+                raise UserError(f"{what} and does not use {key}: remove {item!r}")
+
+
+def validate(run: RunConfig, overrides: Iterable[str] = ()) -> None:
+    """Every cross-field check; typed stage entries replace the raw ones in place."""
+    for check in (_backbone, _head, _dataset, _augment, _optimizer, _freeze, _trainer, _task):
+        check(run)
+    scheduler(run.scheduler, "scheduler")
+    unused(run, overrides)
