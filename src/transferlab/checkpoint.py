@@ -1,8 +1,10 @@
-"""Checkpoints: enough to resume a run mid-policy (model, optimizer, stage, RNG, history)."""
+"""Checkpoint files: the one reader of every weights file (``weights_only=True``), and the
+writer of a run's checkpoints (model, optimizer, stage, RNG, history: enough to resume)."""
 
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +14,82 @@ from torch import nn
 from transferlab.errors import UserError
 from transferlab.runtime import rng_state
 
+FORMAT = "transferlab-checkpoint/1"
+# Where the tensors of a checkpoint dict live, tried in order.
+STATE_KEYS = ("state_dict", "model_state_dict", "model")
+EXPECTED = ("a file written by torch.save holding a state dict (a transferlab checkpoint, "
+            "a torchvision/timm .pth, a Lightning .ckpt) or a .safetensors file")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    return " ".join(text.splitlines()[0].split()).split(". ")[0][:200]  # its first sentence
+
+
+def read_file(path: str | Path, option: str = "checkpoint") -> dict[str, Any]:
+    """The dict a weights file holds, loaded on the CPU with ``weights_only=True`` (no code
+    in the file runs), or the tensors of a ``.safetensors`` file. Anything missing, unreadable
+    or not a dict is a one-line :class:`UserError` naming ``option`` and the file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"{option}: {path} does not exist (expected {EXPECTED})")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(str(path), device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, corrupt, text, pickles of arbitrary objects
+        with path.open("rb") as f:
+            head = f.read(16)
+        if path.suffix != ".safetensors" and not head.startswith((b"PK\x03\x04", b"\x80")):
+            why = f"not a torch.save file: it starts with {head[:12]!r}"  # neither zip nor pickle
+        elif isinstance(exc, pickle.UnpicklingError):
+            why = ("it holds objects other than tensors and plain containers, which are not "
+                   "loaded for safety (weights_only=True): re-save only its state dict, e.g. "
+                   "torch.save(ckpt['state_dict'], 'weights.pt')")
+        else:
+            why = f"{type(exc).__name__}: {_first_line(exc)}"
+        raise UserError(f"{option}: {path} is not a readable checkpoint ({why}); expected "
+                        f"{EXPECTED}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{option}: {path} holds a {type(obj).__name__}, not a dict; "
+                        f"expected {EXPECTED}")
+    return obj
+
+
+def read_state_dict(path: str | Path, option: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The named tensors of any weights file (see :func:`read_file`): a dict holding
+    ``state_dict``, ``model_state_dict`` or ``model`` is unwrapped; entries that are not
+    tensors are skipped; a file without tensors is a one-line error."""
+    obj = read_file(path, option)
+    for key in STATE_KEYS:
+        inner = obj.get(key)
+        if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+            obj = inner
+            break
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        keys = ", ".join(map(str, list(obj)[:8])) or "nothing"
+        raise UserError(f"{option}: {Path(path).expanduser()} holds no tensors (its keys: "
+                        f"{keys}); expected {EXPECTED}")
+    return tensors
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A transferlab checkpoint (its model, config, classes, history...)."""
+    return read_file(path, option="checkpoint")
+
 
 def save_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                     epoch: int, stage_index: int, stage_name: str, config: dict,
                     history: list[dict], best: dict | None, classes: list[str]) -> None:
     """Write atomically (a crash mid-write never leaves a truncated ``last.pt``)."""
     payload = {
-        "format": "transferlab-checkpoint/1",
+        "format": FORMAT,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "epoch": epoch,
@@ -33,18 +104,6 @@ def save_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a transferlab checkpoint safely (``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"{path} is not a readable checkpoint ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
 def save_epoch_checkpoints(run_dir: Path, improved: bool, **state: Any) -> None:

@@ -39,8 +39,8 @@ from transferlab.checkpoint import load_checkpoint
 from transferlab.config import RunConfig
 from transferlab.data import build_splits, default_num_workers
 from transferlab.errors import UserError, did_you_mean
-from transferlab.restore import checkpoint_path, restore_model, saved_run_config
 from transferlab.runtime import Precision, pick_device
+from transferlab.saved_run import checkpoint_path, restore_model, saved_run_config
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

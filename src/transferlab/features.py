@@ -19,11 +19,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from transferlab.backbones import Backbone, build_backbone, probe_features
-from transferlab.config import AugmentConfig, RunConfig, load_config
+from transferlab.backbones import Backbone
+from transferlab.config import (
+    AugmentConfig,
+    RunConfig,
+    TrainerConfig,
+    compose_config,
+    load_config,
+)
 from transferlab.data import DataSplits, build_splits
 from transferlab.errors import UserError
-from transferlab.restore_init import restore_into
 from transferlab.runtime import pick_device
 
 log = logging.getLogger("transferlab")
@@ -46,21 +51,25 @@ def extract(backbone: Backbone, dataset: Dataset, batch_size: int,
     return np.concatenate(feats), np.concatenate(labels)
 
 
-def run_features(run: RunConfig) -> tuple[DataSplits, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """The run's data splits and, per split, its (features, labels); training images go
-    through the eval preprocessing (frozen features are not augmented)."""
-    backbone = build_backbone(run.backbone)
-    if run.backbone.init.path:  # your own weights, as a classifier run would restore them
-        restore_into(backbone.module, run.backbone.init)
-    size = run.dataset.image_size or backbone.input.size
-    probe_features(backbone, size)
-    splits = build_splits(run.dataset, AugmentConfig(name="none"), backbone.input, size)
-    device = pick_device(run.trainer.device)
-    batch = run.trainer.eval_batch_size or 2 * run.trainer.batch_size
+def extract_splits(backbone: Backbone, splits: DataSplits, trainer: TrainerConfig,
+                   device: torch.device) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per split (train, val and test where there is one): its (features, labels)."""
+    batch = trainer.eval_batch_size or 2 * trainer.batch_size
     parts = {"train": splits.train, "val": splits.val}
     if splits.test is not None:
         parts["test"] = splits.test
-    return splits, {name: extract(backbone, ds, batch, device) for name, ds in parts.items()}
+    return {name: extract(backbone, ds, batch, device) for name, ds in parts.items()}
+
+
+def run_features(run: RunConfig) -> tuple[DataSplits, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """The run's data splits and, per split, its (features, labels); training images go
+    through the eval preprocessing (frozen features are not augmented). The backbone is built
+    (and ``backbone.init`` restored) as a run builds it."""
+    from transferlab.run.build import build_backbone_of
+
+    backbone, _, size, _ = build_backbone_of(run)
+    splits = build_splits(run.dataset, AugmentConfig(), backbone.input, size)
+    return splits, extract_splits(backbone, splits, run.trainer, pick_device(run.trainer.device))
 
 
 def save_npz(path: Path, splits: DataSplits,
@@ -100,37 +109,6 @@ def fit_logreg(arrays: dict[str, tuple[np.ndarray, np.ndarray]], c: float, max_i
     return out
 
 
-def train_logreg(run: RunConfig, run_dir: Path, hparams: dict) -> dict:
-    """A run whose head is scikit-learn's LogisticRegression on frozen features
-    (``head=logreg``): recorded like any run (one epoch, stage ``logreg``) in metrics.json and
-    TensorBoard; the fitted pipeline is pickled to ``logreg.pkl``."""
-    import pickle
-
-    from transferlab.tracking import RunTracker
-
-    tracker = RunTracker(run_dir, run.raw, hparams)
-    with tracker.recording(None):
-        splits, arrays = run_features(run)
-        fit = fit_logreg(arrays, run.head.C, run.head.max_iter, run.seed)
-        dim = arrays["train"][0].shape[1]
-        tracker.params = {"total": dim * len(splits.classes) + len(splits.classes),
-                          "trainable": dim * len(splits.classes) + len(splits.classes)}
-        tracker.extra["data"] = {"train": len(splits.train), "val": len(splits.val),
-                                 "classes": splits.classes}
-        tracker.log_epoch({"epoch": 1, "stage": "logreg",
-                           "train_loss": fit["train_loss"], "train_acc": fit["train_acc"],
-                           "val_loss": fit["val_loss"], "val_acc": fit["val_acc"],
-                           "lr": {}, "seconds": round(fit["seconds"], 3)}, 0)
-        log.info("logistic regression on %d frozen %s features of %d images: train acc "
-                 "%.4f, val acc %.4f, val loss %.4f (fit in %.1fs)", dim, run.backbone.name,
-                 len(splits.train), fit["train_acc"], fit["val_acc"], fit["val_loss"],
-                 fit["seconds"])
-        with (run_dir / "logreg.pkl").open("wb") as f:
-            pickle.dump({"model": fit["model"], "classes": splits.classes}, f)
-    metrics = tracker.metrics
-    return metrics
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="transferlab-features",
@@ -143,22 +121,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hydra import compose, initialize_config_module
-
     args = _parser().parse_args(argv)
     try:
-        with initialize_config_module(config_module="transferlab.conf", version_base="1.3"):
-            cfg = compose(config_name="train", overrides=args.overrides)
-        run = load_config(cfg)
+        run = load_config(compose_config(args.overrides), args.overrides)
         splits, arrays = run_features(run)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # Hydra's override errors
-        if type(exc).__module__.startswith(("hydra", "omegaconf")):
-            print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
-            return 2
-        raise
     out = args.output or Path(f"features_{run.dataset.name}_{run.backbone.name}.npz")
     save_npz(out, splits, arrays)
     shapes = ", ".join(f"{k} {v[0].shape}" for k, v in arrays.items())

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -87,3 +88,30 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device:
             loss = criterion(logits, y)
         running.update(loss, logits, y)
     return running.stats(time.perf_counter() - start)
+
+
+def recon_epoch(model: nn.Module, loader: DataLoader, device: torch.device,
+                precision: Precision, optimizer: torch.optim.Optimizer | None = None,
+                before_step: Callable[[torch.optim.Optimizer], None] | None = None,
+                progress: bool = False, desc: str = "") -> tuple[float, float]:
+    """(mean reconstruction loss (MSE) per image, seconds) of one pass of an autoencoder: a
+    training pass when an ``optimizer`` is given, else an evaluation. Labels are ignored."""
+    start, total, count = time.perf_counter(), 0.0, 0
+    model.train(optimizer is not None)
+    with torch.set_grad_enabled(optimizer is not None):
+        for x, _ in tqdm(loader, desc=desc, leave=False, disable=not progress,
+                         dynamic_ncols=True):
+            x = x.to(device, non_blocking=device.type == "cuda")
+            with precision.autocast():
+                out = model(x)
+            loss = F.mse_loss(out.float(), x.float())
+            if optimizer is not None:
+                if before_step is not None:
+                    before_step(optimizer)
+                optimizer.zero_grad(set_to_none=True)
+                precision.scaler.scale(loss).backward()
+                precision.scaler.step(optimizer)
+                precision.scaler.update()
+            total += float(loss.detach()) * x.shape[0]
+            count += x.shape[0]
+    return total / max(count, 1), time.perf_counter() - start

@@ -22,17 +22,17 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-import yaml
 from PIL import Image
 from torch import nn
 
 from transferlab.backbones import build_backbone
 from transferlab.checkpoint import load_checkpoint
-from transferlab.config import BackboneConfig, from_mapping
+from transferlab.config import BackboneConfig, compose_config, load_config
 from transferlab.data.transforms import eval_transform
 from transferlab.errors import UserError, did_you_mean
-from transferlab.restore import checkpoint_path, restore_model, saved_run_config
+from transferlab.registry import BACKBONE_SOURCES
 from transferlab.runtime import pick_device
+from transferlab.saved_run import checkpoint_path, restore_model, saved_run_config
 
 SHOWN_SKIPPED = 10  # file names listed in the warning line (then "... and N more")
 
@@ -118,13 +118,18 @@ def preset_config(name: str) -> BackboneConfig | None:
     preset = resources.files("transferlab.conf") / "backbone" / f"{name}.yaml"
     if not preset.is_file():
         return None
-    return from_mapping(BackboneConfig, yaml.safe_load(preset.read_text()), "backbone")
+    return load_config(compose_config([f"backbone={name}"])).backbone
+
+
+def _backbone_of(name: str, source: str) -> BackboneConfig:
+    """A pretrained model ``name`` of ``source`` with its schema's defaults."""
+    return BACKBONE_SOURCES.schema_of(source)(name=name, source=source)
 
 
 def backbone_config(name: str, source: str | None) -> BackboneConfig:
     """A pretrained backbone by preset name, or a torchvision / timm model name."""
     if source is not None:
-        return BackboneConfig(name=name, source=source)
+        return _backbone_of(name, source)
     preset = preset_config(name)
     if preset is not None:
         return dataclasses.replace(preset, pretrained=True)
@@ -133,9 +138,9 @@ def backbone_config(name: str, source: str | None) -> BackboneConfig:
 
     torchvision_names = tvm.list_models(module=tvm)
     if name in torchvision_names:
-        return BackboneConfig(name=name, source="torchvision")
+        return _backbone_of(name, "torchvision")
     if timm.is_model(name):
-        return BackboneConfig(name=name, source="timm")
+        return _backbone_of(name, "timm")
     presets = [p.name[:-5] for p in (resources.files("transferlab.conf") / "backbone").iterdir()
                if p.name.endswith(".yaml")]
     raise UserError(

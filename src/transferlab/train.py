@@ -3,11 +3,15 @@
     transferlab-train                                  # the default experiment
     transferlab-train backbone=resnet18 freeze=none    # override config groups / fields
     transferlab-train -m optimizer.lr=1e-3,1e-4        # a sweep (multirun)
+
+Exit codes: 0 done, 1 a sweep job failed, 2 bad input (one ``error:`` line, before any model
+is built or image read), 130 interrupted.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -16,8 +20,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from transferlab.config import composition_error
+from transferlab.config.store import register_configs
 from transferlab.errors import UserError
-from transferlab.runner import train
+from transferlab.run import train
 from transferlab.sweep import SweepSummary, remember_swept_keys
 
 log = logging.getLogger("transferlab")
@@ -30,10 +36,13 @@ def _main(cfg: DictConfig) -> float | None:
     try:
         result = train(cfg, run_dir, overrides=list(hc.overrides.task))
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        if hc.mode == RunMode.MULTIRUN:
-            return None  # the sweep goes on; this job's metrics.json says why it failed
-        sys.exit(2)
+        if hc.mode != RunMode.MULTIRUN:
+            # SystemExit passes through Hydra (it reports an Exception on lines of its own)
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        # The sweep goes on; this job's metrics.json says why it failed.
+        print(f"error: job {hc.job.num}: {exc}", file=sys.stderr, flush=True)
+        return None
     except Exception as exc:
         if hc.mode != RunMode.MULTIRUN:
             raise
@@ -47,9 +56,29 @@ def _main(cfg: DictConfig) -> float | None:
     return result.best_val_acc
 
 
+def _is_hydra_error(exc: BaseException) -> bool:
+    return type(exc).__module__.split(".")[0] in ("hydra", "omegaconf")
+
+
 def main() -> None:
+    """Exit codes: 0 done, 1 a sweep job failed, 2 bad input, 130 interrupted."""
+    register_configs()
     remember_swept_keys(sys.argv[1:])
-    _main()
+    # Hydra re-raises instead of printing its multi-line report: every error is ours to show.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _main()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except Exception as exc:
+        if not _is_hydra_error(exc):
+            raise  # a bug: the traceback is what to report
+        print(f"error: {composition_error(exc)}", file=sys.stderr, flush=True)
+        sys.exit(2)
     if SweepSummary.failed_jobs:
         sys.exit(1)
 

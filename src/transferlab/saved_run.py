@@ -12,8 +12,7 @@ from torch import nn
 from transferlab.backbones import build_backbone, probe_features
 from transferlab.config import RunConfig, load_config
 from transferlab.errors import UserError
-from transferlab.heads import build_head
-from transferlab.model import TransferModel
+from transferlab.run.build import build_classifier
 
 
 def checkpoint_path(run_dir: Path, name: str) -> Path:
@@ -34,8 +33,10 @@ def saved_run_config(saved: Any,
     if not isinstance(saved, dict):
         raise UserError("the checkpoint holds no run config (not written by transferlab-train?)")
     raw = copy.deepcopy(saved)
-    if isinstance(raw.get("backbone"), dict):
-        raw["backbone"]["pretrained"] = False  # the weights come from the checkpoint
+    if isinstance(raw.get("backbone"), dict):  # every weight comes from the checkpoint
+        raw["backbone"].update(pretrained=False, weights_path=None)
+        if isinstance(raw["backbone"].get("init"), dict):
+            raw["backbone"]["init"]["path"] = None
     if dataset_overrides and isinstance(raw.get("dataset"), dict):
         raw["dataset"].update(dataset_overrides)
     run = load_config(raw)  # unknown dataset.<field> keys are one-line errors here
@@ -48,11 +49,11 @@ def saved_run_config(saved: Any,
 
 def restore_model(run: RunConfig, state: dict, num_classes: int) -> tuple[nn.Module, Any, int]:
     """(model with the checkpoint's weights in eval mode, backbone, image size), built the way
-    :func:`transferlab.runner.train` builds it."""
+    :func:`transferlab.run.train` builds it."""
     backbone = build_backbone(run.backbone)
     image_size = run.dataset.image_size or backbone.input.size
     feature_shape = probe_features(backbone, image_size)
-    model = TransferModel(backbone.module, build_head(run.head, feature_shape, num_classes))
+    model = build_classifier(run, backbone, feature_shape, num_classes)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -12,7 +12,6 @@ The file may be a transferlab checkpoint (its ``model`` state dict: ``backbone.*
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -21,66 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from transferlab.config import InitConfig
+from transferlab.checkpoint import read_state_dict
+from transferlab.config.schema import InitConfig
 from transferlab.errors import UserError, did_you_mean
-
-# Where the tensors of a checkpoint dict live, tried in order.
-STATE_KEYS = ("state_dict", "model_state_dict", "model")
-EXPECTED = ("a file written by torch.save holding a state dict (a transferlab checkpoint, "
-            "a torchvision/timm .pth, a Lightning .ckpt) or a .safetensors file")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    if not text:
-        return type(exc).__name__
-    return " ".join(text.splitlines()[0].split()).split(". ")[0][:200]  # its first sentence
-
-
-def read_tensors(path: str | Path, option: str = "backbone.init.path") -> dict[str, torch.Tensor]:
-    """The named tensors of a checkpoint file (loaded on the CPU with ``weights_only=True``).
-
-    A dict holding ``state_dict``, ``model_state_dict`` or ``model`` (a dict) is unwrapped;
-    entries that are not tensors are skipped. Anything unreadable is a one-line
-    :class:`UserError` naming ``option`` and the file.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise UserError(f"{option}: {path} does not exist (expected {EXPECTED})")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj: Any = load_file(str(path), device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, corrupt, text, pickles of arbitrary objects
-        with path.open("rb") as f:
-            head = f.read(16)
-        if path.suffix != ".safetensors" and not head.startswith((b"PK\x03\x04", b"\x80")):
-            why = f"not a torch.save file: it starts with {head[:12]!r}"  # neither zip nor pickle
-        elif isinstance(exc, pickle.UnpicklingError):
-            why = ("it holds objects other than tensors and plain containers, which are not "
-                   "loaded for safety (weights_only=True): re-save only its state dict, e.g. "
-                   "torch.save(ckpt['state_dict'], 'weights.pt')")
-        else:
-            why = f"{type(exc).__name__}: {_first_line(exc)}"
-        raise UserError(f"{option}: {path} is not a readable checkpoint ({why}); expected "
-                        f"{EXPECTED}") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{option}: {path} holds a {type(obj).__name__}, not a state dict; "
-                        f"expected {EXPECTED}")
-    for key in STATE_KEYS:
-        inner = obj.get(key)
-        if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
-            obj = inner
-            break
-    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        keys = ", ".join(map(str, list(obj)[:8])) or "nothing"
-        raise UserError(f"{option}: {path} holds no tensors (its keys: {keys}); expected "
-                        f"{EXPECTED}")
-    return tensors
 
 
 @dataclass
@@ -157,7 +99,7 @@ def restore_into(module: nn.Module, init: InitConfig) -> LoadReport:
     """
     if not init.path:
         raise UserError("backbone.init.path is not set")
-    tensors = read_tensors(init.path)
+    tensors = read_state_dict(init.path, option="backbone.init.path")
     mapping = map_names(list(tensors), init)
     target = module.state_dict(keep_vars=True)  # the live parameters and buffers
     report = LoadReport(path=str(init.path), file_tensors=len(tensors), selected=len(mapping))

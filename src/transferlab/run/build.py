@@ -1,0 +1,91 @@
+"""The one build step of every run: config -> device, backbone (+ restored weights), data,
+model, stages. Tasks (:mod:`transferlab.run.tasks`) say what their model and stages are; they
+differ only in their loop."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from transferlab.backbone_init import LoadReport, format_report, restore_into
+from transferlab.backbones import Backbone, build_backbone, probe_features
+from transferlab.config import AugmentConfig, RunConfig
+from transferlab.data import DataSplits, build_splits
+from transferlab.heads import build_head
+from transferlab.model import TransferModel
+from transferlab.policy import StagePlan
+from transferlab.registry import TASKS
+from transferlab.runtime import Precision, pick_device
+
+if TYPE_CHECKING:
+    from transferlab.run.tasks import Task
+
+log = logging.getLogger("transferlab")
+
+
+@dataclass
+class BuiltRun:
+    """Everything a task's loop works with."""
+
+    run: RunConfig
+    task: Task
+    device: torch.device
+    precision: Precision
+    backbone: Backbone
+    image_size: int
+    feature_shape: tuple[int, ...]
+    splits: DataSplits
+    model: nn.Module | None  # None for a classical head (fitted on extracted features)
+    plans: list[StagePlan] = field(default_factory=list)
+    init_report: LoadReport | None = None
+
+    @property
+    def total_epochs(self) -> int:
+        return self.plans[-1].last_epoch if self.plans else 1
+
+    @property
+    def progress(self) -> bool:
+        """A progress bar: ``trainer.progress``, or when stderr is a terminal."""
+        shown = self.run.trainer.progress
+        return sys.stderr.isatty() if shown is None else shown
+
+
+def build_classifier(run: RunConfig, backbone: Backbone, feature_shape: tuple[int, ...],
+                     num_classes: int) -> TransferModel:
+    """The backbone with the run's new head (the model of a classify run and of a saved one)."""
+    return TransferModel(backbone.module, build_head(run.head, feature_shape, num_classes))
+
+
+def build_backbone_of(run: RunConfig) -> tuple[Backbone, LoadReport | None, int,
+                                                 tuple[int, ...]]:
+    """(backbone with ``backbone.init`` restored, its report, image size, feature shape).
+    The size is checked against the architecture before any image is read."""
+    backbone = build_backbone(run.backbone)
+    report = None
+    if run.backbone.init.path:  # tensors of any checkpoint, after the pretrained weights
+        report = restore_into(backbone.module, run.backbone.init)
+        log.info("\n%s", format_report(report))
+    image_size = run.dataset.image_size or backbone.input.size
+    return backbone, report, image_size, probe_features(backbone, image_size)
+
+
+def build_run(run: RunConfig) -> BuiltRun:
+    """Build the run's parts in order: device, backbone, data, the task's model and stages."""
+    task: Task = TASKS.builder(run.task.name)
+    device = pick_device(run.trainer.device)
+    precision = Precision(device, run.trainer.amp)
+    backbone, report, image_size, feature_shape = build_backbone_of(run)
+    augment = AugmentConfig() if task.deterministic_inputs(run) else run.augment
+    splits = build_splits(run.dataset, augment, backbone.input, image_size)
+    built = BuiltRun(run=run, task=task, device=device, precision=precision, backbone=backbone,
+                     image_size=image_size, feature_shape=feature_shape, splits=splits,
+                     model=None, init_report=report)
+    built.model = task.build_model(built)
+    if built.model is not None:
+        built.plans = task.plan_stages(built)
+    return built
