@@ -17,6 +17,7 @@ from torch import nn
 
 from transferlab.backbones import build_backbone, probe_features
 from transferlab.config import BackboneConfig, HeadConfig
+from transferlab.config.store import register_configs
 from transferlab.heads import build_head
 from transferlab.model import TransferModel
 
@@ -37,6 +38,7 @@ TINY_SIZE = 32
 
 def compose_train(overrides: list[str] | None = None):
     """The DictConfig that ``transferlab-train <overrides>`` composes from conf/."""
+    register_configs()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

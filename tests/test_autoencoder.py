@@ -13,11 +13,11 @@ from transferlab.backbones import build_backbone, probe_features
 from transferlab.backbones.conv_encoder import ConvDecoder, ConvEncoder
 from transferlab.checkpoint import load_checkpoint
 from transferlab.compare import main as compare_main
-from transferlab.config import BackboneConfig, load_config
+from transferlab.config import ConvEncoderConfig, compose_config, load_config
 from transferlab.errors import UserError
-from transferlab.restore import saved_run_config
-from transferlab.runner import train
+from transferlab.run import train
 from transferlab.runtime import seed_everything
+from transferlab.saved_run import saved_run_config
 
 from .conftest import compose_train
 
@@ -117,10 +117,18 @@ def test_ae_transfer_needs_the_checkpoint_path():
 
 
 def test_scratch_baseline_composes():
-    run = load_config(compose_train(["experiment=ae_transfer", "freeze=scratch",
-                                     "backbone.init.path=null"]))
+    run = load_config(compose_train(["experiment=ae_scratch"]))
+    transfer = load_config(compose_train(["experiment=ae_transfer", "backbone.init.path=null"]))
     assert run.backbone.init.path is None and run.freeze.name == "scratch"
     assert [s.train[0].select for s in run.freeze.stages] == ["backbone"]
+    assert run.backbone.channels == transfer.backbone.channels
+    assert run.dataset == transfer.dataset
+    assert run.trainer == transfer.trainer and run.head == transfer.head
+
+
+def test_a_policy_knob_of_another_policy_is_refused():
+    with pytest.raises(UserError, match=r"experiment/ae_transfer.*freeze\.k.*freeze=top_k"):
+        compose_config(["experiment=ae_transfer", "freeze=scratch"])
 
 
 def test_an_autoencoder_checkpoint_is_no_classifier(ae_run):
@@ -131,8 +139,7 @@ def test_an_autoencoder_checkpoint_is_no_classifier(ae_run):
 
 
 def test_conv_encoder_backbone():
-    backbone = build_backbone(BackboneConfig(name="conv_encoder", source="transferlab",
-                                             pretrained=False))
+    backbone = build_backbone(ConvEncoderConfig())
     assert [b.name for b in backbone.blocks] == ["conv1", "conv2", "fc"]
     assert probe_features(backbone, 32) == (64,)
     assert backbone.input.size == 32 and backbone.input.fixed_size
@@ -154,7 +161,6 @@ def test_decoder_mirrors_the_encoder(size):
 @pytest.mark.parametrize(("overrides", "message"), [
     (["backbone=conv_encoder", "backbone.pretrained=true"],
      "conv_encoder has no pretrained weights: restore your own with backbone.init.path"),
-    (["backbone=resnet18", "+backbone.latent_dim=8"], "backbone.latent_dim applies to"),
 ])
 def test_conv_encoder_errors(overrides, message):
     run = load_config(compose_train(overrides))
@@ -162,8 +168,14 @@ def test_conv_encoder_errors(overrides, message):
         build_backbone(run.backbone)
 
 
+def test_conv_encoder_fields_belong_to_it():
+    with pytest.raises(UserError, match=r"unknown key backbone\.latent_dim: backbone=torchvision "
+                                        r"has no such key \(it belongs to backbone=transferlab\)"):
+        load_config(compose_train(["backbone=resnet18", "+backbone.latent_dim=8"]))
+
+
 def test_task_errors(tmp_path):
-    with pytest.raises(UserError, match="unknown task 'autoencodr'.*classify, autoencoder"):
+    with pytest.raises(UserError, match="unknown task.name 'autoencodr'.*classify, autoencoder"):
         load_config(compose_train(["task.name=autoencodr"]))
     cfg = compose_train(["task=autoencoder", *FAST])  # the default backbone: not an encoder
     with pytest.raises(UserError, match="add backbone=conv_encoder"):

@@ -10,22 +10,27 @@ from torchvision.transforms import v2 as T
 
 from transferlab.backbones import build_backbone, probe_features
 from transferlab.backbones.base import check_blocks_cover
-from transferlab.config import BackboneConfig, HeadConfig, from_mapping
+from transferlab.config import (
+    BackboneConfig,
+    HeadConfig,
+    TorchvisionBackboneConfig,
+    load_config,
+)
 from transferlab.data.transforms import eval_transform
 from transferlab.errors import UserError
 from transferlab.heads import build_head
 from transferlab.model import TransferModel
 
+from .conftest import compose_train
+
 CONF = Path(__file__).resolve().parents[1] / "conf" / "backbone"
 OPTIONS = sorted(p.stem for p in CONF.glob("*.yaml"))
 
 
-def backbone_cfg(option: str, **changes) -> BackboneConfig:
-    import yaml
-
-    data = yaml.safe_load((CONF / f"{option}.yaml").read_text())
-    data.update(changes)
-    return from_mapping(BackboneConfig, data, "backbone")
+def backbone_cfg(option: str, pretrained: bool = True) -> BackboneConfig:
+    """The preset ``conf/backbone/<option>.yaml`` as a run composes it."""
+    overrides = [f"backbone={option}", f"backbone.pretrained={str(pretrained).lower()}"]
+    return load_config(compose_train(overrides)).backbone
 
 
 def test_every_backbone_option_is_tested():
@@ -65,7 +70,7 @@ def test_vgg_too_small_image_is_a_clear_error():
 
 def test_unknown_models_list_close_names():
     with pytest.raises(UserError, match="resnet18"):
-        build_backbone(BackboneConfig(name="resnet181", source="torchvision", pretrained=False))
+        build_backbone(TorchvisionBackboneConfig(name="resnet181", pretrained=False))
     with pytest.raises(UserError, match="unknown timm model"):
         build_backbone(BackboneConfig(name="no_such_net", source="timm", pretrained=False))
 

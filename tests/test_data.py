@@ -10,7 +10,15 @@ import torch
 from PIL import Image
 
 from transferlab.backbones import InputSpec
-from transferlab.config import AugmentConfig, DatasetConfig, TrainerConfig, load_config
+from transferlab.config import (
+    AugmentConfig,
+    CsvDatasetConfig,
+    DatasetConfig,
+    FolderDatasetConfig,
+    TrainerConfig,
+    load_config,
+    make_config,
+)
 from transferlab.data import build_splits, make_loaders, stratified_split, train_subset
 from transferlab.data.transforms import train_transform
 from transferlab.errors import UserError
@@ -42,7 +50,7 @@ def test_image_folder_with_train_and_val(tmp_path):
     make_folder(tmp_path / "train", {"ants": 6, "bees": 5})
     make_folder(tmp_path / "val", {"ants": 3, "bees": 2})
     (tmp_path / "train" / "ants" / "notes.txt").write_text("not an image")
-    cfg = DatasetConfig(name="f", kind="image_folder", root=str(tmp_path))
+    cfg = FolderDatasetConfig(name="f", kind="image_folder", root=str(tmp_path))
     splits = build_splits(cfg, NONE, SPEC, 32)
     assert splits.classes == ["ants", "bees"]
     assert (len(splits.train), len(splits.val)) == (11, 5)
@@ -53,13 +61,13 @@ def test_image_folder_with_train_and_val(tmp_path):
 
 def test_single_folder_split_is_stratified_and_seeded(tmp_path):
     make_folder(tmp_path, {"a": 20, "b": 10, "c": 10})
-    cfg = DatasetConfig(name="f", kind="image_folder", root=str(tmp_path), val_fraction=0.25)
+    cfg = FolderDatasetConfig(name="f", kind="image_folder", root=str(tmp_path), val_fraction=0.25)
     one = build_splits(cfg, NONE, SPEC, 32)
     two = build_splits(cfg, NONE, SPEC, 32)
     counts = Counter(y for _, y in one.val.samples)
     assert counts[0] == 5 and counts[1] in (2, 3) and counts[1] + counts[2] == 5
     assert one.val.samples == two.val.samples
-    other = build_splits(DatasetConfig(name="f", kind="image_folder", root=str(tmp_path),
+    other = build_splits(FolderDatasetConfig(name="f", kind="image_folder", root=str(tmp_path),
                                        val_fraction=0.25, split_seed=1), NONE, SPEC, 32)
     assert other.val.samples != one.val.samples
     assert not set(one.val.samples) & set(one.train.samples)
@@ -80,7 +88,7 @@ def test_stratified_split_keeps_class_proportions():
 def test_bad_folders_are_clear_errors(tmp_path, layout, message):
     for split, counts in layout.items():
         make_folder(tmp_path / split if split != "only" else tmp_path, counts)
-    cfg = DatasetConfig(name="f", kind="image_folder", root=str(tmp_path))
+    cfg = FolderDatasetConfig(name="f", kind="image_folder", root=str(tmp_path))
     with pytest.raises(UserError) as err:
         build_splits(cfg, NONE, SPEC, 32)
     assert "\n" not in str(err.value)
@@ -91,7 +99,7 @@ def test_crop_flip_is_random_and_eval_is_not():
 
     image = Image.new("RGB", (50, 40))
     image.paste((255, 0, 0), (0, 0, 25, 40))
-    aug = train_transform(SPEC, 32, AugmentConfig(name="crop_flip"))
+    aug = train_transform(SPEC, 32, make_config("augment", "crop_flip"))
     outs = {tuple(aug(image).flatten()[:50].tolist()) for _ in range(10)}
     assert len(outs) > 1
     det = eval_transform(SPEC, 32)
@@ -150,7 +158,7 @@ def test_corrupt_and_non_image_files_are_skipped_and_reported(tmp_path, caplog):
     good = (tmp_path / "train" / "bees" / "0.jpg").read_bytes()
     (tmp_path / "train" / "bees" / "broken.jpg").write_bytes(good[: len(good) // 2])  # truncated
     (tmp_path / "val" / "ants" / "fake.png").write_bytes(b"\x89PNG not really")
-    cfg = DatasetConfig(name="f", kind="image_folder", root=str(tmp_path))
+    cfg = FolderDatasetConfig(name="f", kind="image_folder", root=str(tmp_path))
     with caplog.at_level("WARNING"):
         splits = build_splits(cfg, NONE, SPEC, 32)
     assert len(splits.train) == 11 and len(splits.val) == 4
@@ -165,11 +173,11 @@ def test_test_folder_or_test_fraction_gives_a_test_split(tmp_path):
     make_folder(tmp_path / "a" / "train", {"x": 10, "y": 10})
     make_folder(tmp_path / "a" / "val", {"x": 2, "y": 2})
     make_folder(tmp_path / "a" / "test", {"x": 3, "y": 1})
-    splits = build_splits(DatasetConfig(name="a", kind="image_folder",
+    splits = build_splits(FolderDatasetConfig(name="a", kind="image_folder",
                                         root=str(tmp_path / "a")), NONE, SPEC, 32)
     assert len(splits.test) == 4 and len(splits.val) == 4 and len(splits.train) == 20
     make_folder(tmp_path / "b", {"x": 20, "y": 20})
-    cfg = DatasetConfig(name="b", kind="image_folder", root=str(tmp_path / "b"),
+    cfg = FolderDatasetConfig(name="b", kind="image_folder", root=str(tmp_path / "b"),
                         val_fraction=0.2, test_fraction=0.2)
     splits = build_splits(cfg, NONE, SPEC, 32)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (24, 8, 8)
@@ -177,8 +185,8 @@ def test_test_folder_or_test_fraction_gives_a_test_split(tmp_path):
     names = lambda ds: {p for p, _ in ds.samples}  # noqa: E731
     assert not names(splits.train) & names(splits.test) and not names(splits.val) & names(
         splits.test)
-    assert build_splits(DatasetConfig(name="b", kind="image_folder", root=str(tmp_path / "b")),
-                        NONE, SPEC, 32).test is None
+    cfg = FolderDatasetConfig(name="b", root=str(tmp_path / "b"))
+    assert build_splits(cfg, NONE, SPEC, 32).test is None
 
 
 def test_csv_dataset_round_trip(tmp_path):
@@ -193,7 +201,7 @@ def test_csv_dataset_round_trip(tmp_path):
             rows.append(f"{target.name},{flag}")
     rows.append("missing.jpg,1")
     (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
-    cfg = DatasetConfig(name="cactus", kind="csv", root=str(images),
+    cfg = CsvDatasetConfig(name="cactus", kind="csv", root=str(images),
                         csv_file=str(tmp_path / "train.csv"), x_col="id", y_col="has_cactus",
                         val_fraction=0.25)
     splits = build_splits(cfg, NONE, SPEC, 32)
@@ -202,7 +210,7 @@ def test_csv_dataset_round_trip(tmp_path):
     for path, label in splits.train.samples + splits.val.samples:
         assert path.name.startswith(f"c{label}_")
     with pytest.raises(UserError, match="no column 'label'"):
-        build_splits(DatasetConfig(name="c", kind="csv", root=str(images),
+        build_splits(CsvDatasetConfig(name="c", kind="csv", root=str(images),
                                    csv_file=str(tmp_path / "train.csv")), NONE, SPEC, 32)
 
 
@@ -229,7 +237,7 @@ def test_a_split_missing_a_class_is_a_clear_error(tmp_path):
     (tmp_path / "val" / "bees" / "0.jpg").unlink()
     (tmp_path / "val" / "bees" / "x.txt").write_text("")
     with pytest.raises(UserError, match="holds no readable images"):
-        build_splits(DatasetConfig(name="f", kind="image_folder", root=str(tmp_path)), NONE,
+        build_splits(FolderDatasetConfig(name="f", kind="image_folder", root=str(tmp_path)), NONE,
                      SPEC, 32)
 
 
@@ -253,7 +261,7 @@ def test_every_augmentation_randomises_at_the_backbone_size(name, compose_cfg):
 
 def test_balanced_sampler_and_class_weights_follow_the_counts(tmp_path):
     make_folder(tmp_path, {"many": 30, "few": 6})
-    cfg = DatasetConfig(name="f", kind="image_folder", root=str(tmp_path), val_fraction=0.25)
+    cfg = FolderDatasetConfig(name="f", kind="image_folder", root=str(tmp_path), val_fraction=0.25)
     splits = build_splits(cfg, NONE, SPEC, 16)
     assert splits.class_counts() == [4, 23] or splits.class_counts() == [5, 22]
     few, many = splits.class_counts()

@@ -12,7 +12,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from transferlab.evaluate import EVAL_JSON, EVAL_PNG, main
-from transferlab.runner import train
+from transferlab.run import train
 
 from .conftest import TINY, compose_train
 

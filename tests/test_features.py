@@ -11,7 +11,7 @@ import pytest
 from transferlab.config import load_config
 from transferlab.features import main as features_main
 from transferlab.features import run_features
-from transferlab.runner import train
+from transferlab.run import train
 from transferlab.runtime import seed_everything
 
 from .conftest import TINY

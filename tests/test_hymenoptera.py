@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
-from transferlab.runner import train
+import pytest
+
+from transferlab.run import train
 
 
+@pytest.mark.slow
 def test_linear_probe_on_hymenoptera(compose_cfg, hymenoptera, tmp_path):
     cfg = compose_cfg([
         "dataset=hymenoptera", f"dataset.root={hymenoptera}", "freeze=linear_probe",

@@ -7,22 +7,25 @@ import torch
 from torch import nn
 
 from transferlab.config import (
+    AdamConfig,
+    AdamWConfig,
     FreezeConfig,
-    OptimizerConfig,
+    RMSpropConfig,
     SelectorSpec,
+    SGDConfig,
     StageSpec,
+    load_config,
+    make_config,
 )
 from transferlab.errors import UserError
 from transferlab.optim import build_optimizer, stage_optimizer, torch_param_groups
 from transferlab.policy import apply_stage, plan_stages
+from transferlab.registry import OPTIMIZERS as OPTIMIZER_REGISTRY
 
-from .conftest import TINY_CLASSES, TINY_SIZE, tiny_model
+from .conftest import CONF_DIR as CONF
+from .conftest import TINY_CLASSES, TINY_SIZE, compose_train, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-
-
 
 
 def stage(name: str, *train, epochs: int = 1, reset: bool = False) -> StageSpec:
@@ -59,7 +62,7 @@ def test_param_groups_weight_decay_and_learning_rates(decay_norm_and_bias):
                      stage("s", SelectorSpec("blocks[-1]", lr=0.1),
                            SelectorSpec("head", lr_mult=3.0)), base_lr=1e-3)[0]
     apply_stage(model, plan)
-    cfg = OptimizerConfig(name="adamw", lr=1e-3, weight_decay=0.05,
+    cfg = AdamWConfig(lr=1e-3, weight_decay=0.05,
                           decay_norm_and_bias=decay_norm_and_bias)
     groups = torch_param_groups(model, plan, cfg)
     lr_of = {"blocks[-1]": 0.1, "head": 3e-3}
@@ -95,7 +98,7 @@ def test_sgd_step_applies_group_lr_weight_decay_and_nesterov_momentum():
     plan = plans_for(model, backbone,
                      stage("s", SelectorSpec("blocks[-1]", lr=0.5), "head"), base_lr=0.1)[0]
     apply_stage(model, plan)
-    cfg = OptimizerConfig(name="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1)
+    cfg = SGDConfig(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1)
     optimizer = stage_optimizer(model, plan, cfg, None)
     lr_of = {n: g.lr for g in plan.groups for n in g.param_names}
     model.eval()  # deterministic forward; the step is what is under test
@@ -121,12 +124,12 @@ def test_sgd_step_applies_group_lr_weight_decay_and_nesterov_momentum():
 
 
 OPTIMIZERS = [
-    (OptimizerConfig(name="adam", lr=1e-2), torch.optim.Adam, {}),
-    (OptimizerConfig(name="adamw", lr=1e-2, weight_decay=0.01, betas=(0.8, 0.99)),
+    (AdamConfig(lr=1e-2), torch.optim.Adam, {}),
+    (AdamWConfig(lr=1e-2, weight_decay=0.01, betas=[0.8, 0.99]),
      torch.optim.AdamW, {"betas": (0.8, 0.99)}),
-    (OptimizerConfig(name="sgd", lr=1e-2, momentum=0.9, nesterov=True), torch.optim.SGD,
+    (SGDConfig(lr=1e-2, momentum=0.9, nesterov=True), torch.optim.SGD,
      {"momentum": 0.9, "nesterov": True}),
-    (OptimizerConfig(name="rmsprop", lr=1e-3, momentum=0.5, alpha=0.9), torch.optim.RMSprop,
+    (RMSpropConfig(lr=1e-3, momentum=0.5, alpha=0.9), torch.optim.RMSprop,
      {"momentum": 0.5, "alpha": 0.9}),
 ]
 
@@ -154,17 +157,17 @@ def test_each_optimizer_builds_and_steps(cfg, cls, settings):
     assert head_weight in changed
 
 
-def test_optimizer_names_are_case_insensitive():
-    model, backbone = tiny_model("mlp")
-    plan = plans_for(model, backbone, stage("s", "head"))[0]
-    cfg = OptimizerConfig(name="SGD", momentum=0.9)
-    assert type(build_optimizer(cfg, torch_param_groups(model, plan, cfg))) is torch.optim.SGD
+def test_every_optimizer_option_is_registered_with_its_schema():
+    conf = sorted(p.stem for p in (CONF / "optimizer").glob("*.yaml"))
+    assert sorted(OPTIMIZER_REGISTRY.names()) == conf
+    assert OPTIMIZER_REGISTRY.schema_of("sgd") is SGDConfig
 
 
 def test_unknown_optimizer_is_a_user_error():
     model, backbone = tiny_model("mlp")
     plan = plans_for(model, backbone, stage("s", "head"))[0]
-    cfg = OptimizerConfig(name="lion")
+    cfg = make_config("optimizer", "adam")
+    cfg.name = "lion"
     with pytest.raises(UserError) as exc:
         build_optimizer(cfg, torch_param_groups(model, plan, cfg))
     message = str(exc.value)
@@ -172,11 +175,9 @@ def test_unknown_optimizer_is_a_user_error():
 
 
 def test_nesterov_without_momentum_is_a_user_error():
-    model, backbone = tiny_model("mlp")
-    plan = plans_for(model, backbone, stage("s", "head"))[0]
-    cfg = OptimizerConfig(name="sgd", momentum=0.0, nesterov=True)
-    with pytest.raises(UserError, match="momentum"):
-        build_optimizer(cfg, torch_param_groups(model, plan, cfg))
+    overrides = ["optimizer=sgd", "optimizer.momentum=0", "optimizer.nesterov=true"]
+    with pytest.raises(UserError, match="optimizer.nesterov=true needs optimizer.momentum > 0"):
+        load_config(compose_train(overrides))
 
 
 # --- stage_optimizer -----------------------------------------------------------------------------
@@ -194,7 +195,7 @@ def test_adam_state_carries_over_to_the_next_stage(name):
                       stage("one", "blocks[-1]", "head"),
                       stage("two", "blocks[-2:]", "head"))
     params = dict(model.named_parameters())
-    cfg = OptimizerConfig(name=name, lr=1e-2)
+    cfg = make_config("optimizer", name, lr=1e-2)
 
     apply_stage(model, plans[0])
     first = stage_optimizer(model, plans[0], cfg, None)
@@ -228,7 +229,7 @@ def test_adam_state_carries_over_to_the_next_stage(name):
 def test_reset_optimizer_drops_all_state(reset):
     model, backbone = tiny_model("mlp")
     plans = plans_for(model, backbone, stage("one", "head"), stage("two", "head", reset=reset))
-    cfg = OptimizerConfig(name="adam", lr=1e-2)
+    cfg = AdamConfig(lr=1e-2)
     apply_stage(model, plans[0])
     first = stage_optimizer(model, plans[0], cfg, None)
     take_steps(model, first, 2)

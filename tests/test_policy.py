@@ -9,9 +9,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from transferlab.config import (
     FreezeConfig,
-    OptimizerConfig,
     SelectorSpec,
     StageSpec,
+    make_config,
 )
 from transferlab.errors import UserError
 from transferlab.loop import train_one_epoch
@@ -76,7 +76,7 @@ def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def run_epochs(model, plan, epochs: int = 2) -> None:
-    optimizer = stage_optimizer(model, plan, OptimizerConfig(name="adam", lr=1e-2), None)
+    optimizer = stage_optimizer(model, plan, make_config("optimizer", "adam", lr=1e-2), None)
     precision = Precision(torch.device("cpu"), enabled=False)
     loader = random_loader()
     for _ in range(epochs):
@@ -313,7 +313,7 @@ def test_overlapping_selectors_with_the_same_lr_are_deduplicated():
     assert [g.name for g in plan.groups] == ["backbone", "head"]  # nothing fresh: no group
     # torch refuses a parameter in two groups: building the optimizer proves no duplicates
     apply_stage(model, plan)
-    stage_optimizer(model, plan, OptimizerConfig(name="adam"), None)
+    stage_optimizer(model, plan, make_config("optimizer", "adam"), None)
 
 
 def test_out_of_range_block_index_is_a_user_error():

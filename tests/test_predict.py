@@ -13,7 +13,7 @@ from PIL import Image
 
 from transferlab.data.digits import digits_images
 from transferlab.predict import main
-from transferlab.runner import train
+from transferlab.run import train
 
 from .conftest import ROOT, TINY, compose_train
 

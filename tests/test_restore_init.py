@@ -11,11 +11,11 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
+from transferlab.backbone_init import format_report, report_summary, restore_into
 from transferlab.backbones import build_backbone
-from transferlab.config import BackboneConfig, InitConfig
+from transferlab.config import BackboneConfig, InitConfig, TorchvisionBackboneConfig
 from transferlab.errors import UserError
-from transferlab.restore_init import format_report, report_summary, restore_into
-from transferlab.runner import train
+from transferlab.run import train
 
 from .conftest import TINY, compose_train
 
@@ -205,6 +205,7 @@ def tiny_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_transferlab_checkpoint_restores_into_a_fresh_backbone(tiny_run):
     path = tiny_run / "checkpoints" / "last.pt"
     saved = torch.load(path, weights_only=True)["model"]
@@ -241,6 +242,7 @@ def test_unreadable_files_are_one_line_errors(tmp_path, kind):
 
 # -- end to end -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_run_with_init_records_the_report(tiny_run, tmp_path):
     source = tiny_run / "checkpoints" / "last.pt"
     cfg = compose_train([*TINY, f"backbone.init.path={source}", "seed=7",
@@ -282,7 +284,7 @@ def test_weights_path_loads_torchvision_weights_offline(tmp_path, offline):
     torch.manual_seed(3)
     original = resnet18()
     path = save(original.state_dict(), tmp_path / "my-resnet18.pth")
-    backbone = build_backbone(BackboneConfig(name="resnet18", source="torchvision",
+    backbone = build_backbone(TorchvisionBackboneConfig(name="resnet18",
                                              pretrained=True, weights_path=path))
     assert torch.equal(backbone.module.conv1.weight, original.conv1.weight)
     bn = backbone.module.layer4[1].bn2
@@ -292,14 +294,14 @@ def test_weights_path_loads_torchvision_weights_offline(tmp_path, offline):
 
     # Without the file, the offline error names it as the way out.
     with pytest.raises(UserError) as err:
-        build_backbone(BackboneConfig(name="resnet18", source="torchvision", pretrained=True))
+        build_backbone(TorchvisionBackboneConfig(name="resnet18", pretrained=True))
     assert_one_line(err, "backbone.weights_path=<file>", "backbone.pretrained=false")
 
 
 def test_weights_path_mistakes_are_one_line_errors(tmp_path, offline):
     from torchvision.models import resnet18
 
-    cfg = BackboneConfig(name="resnet18", source="torchvision", pretrained=True)
+    cfg = TorchvisionBackboneConfig(name="resnet18", pretrained=True)
     cfg.weights_path = save(resnet18(num_classes=10).state_dict(), tmp_path / "ten.pth")
     with pytest.raises(UserError) as err:
         build_backbone(cfg)

@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from transferlab.checkpoint import load_checkpoint
-from transferlab.runner import train
+from transferlab.run import train
 
 from .conftest import TINY
 
@@ -24,6 +23,7 @@ def read_events(run_dir):
     return acc
 
 
+@pytest.mark.slow
 def test_default_run_writes_every_artifact(compose_cfg, tmp_path):
     cfg = compose_cfg(["trainer.epochs=2", *FAST])
     assert cfg.backbone.name == "efficientnet_lite0" and cfg.dataset.name == "digits"
@@ -86,6 +86,7 @@ def hparams_of(run_dir) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_overrides_are_recorded_as_hparams(compose_cfg, tmp_path):
     overrides = [*TINY, "optimizer=sgd", "optimizer.lr=0.05", *FAST]
     train(compose_cfg(overrides), tmp_path, overrides=overrides)
@@ -94,9 +95,10 @@ def test_overrides_are_recorded_as_hparams(compose_cfg, tmp_path):
     assert hp["backbone.name"] == "test_efficientnet" and hp["dataset.image_size"] == 32
 
 
+@pytest.mark.slow
 def test_stages_switch_at_the_configured_epoch(compose_cfg, tmp_path):
     cfg = compose_cfg([*TINY, "optimizer.lr=0.01", *FAST])
-    cfg.freeze = OmegaConf.create({"name": "custom", "stages": [
+    cfg.freeze.merge_with({"stages": [
         {"name": "head", "epochs": 1, "train": ["head"]},
         {"name": "top", "epochs": 2, "train": ["head", {"select": "blocks[-2:]", "lr_mult": 0.1}]},
     ]})
@@ -110,6 +112,7 @@ def test_stages_switch_at_the_configured_epoch(compose_cfg, tmp_path):
     assert "summary/top/text_summary" in events.Tags()["tensors"]
 
 
+@pytest.mark.slow
 def test_frozen_backbone_is_unchanged_by_a_whole_run(compose_cfg, tmp_path):
     cfg = compose_cfg([*TINY, "head=mlp", "trainer.epochs=2", *FAST])
     train(cfg, tmp_path)
@@ -126,6 +129,7 @@ def test_frozen_backbone_is_unchanged_by_a_whole_run(compose_cfg, tmp_path):
     assert any(k.startswith("head.1.running_mean") for k in trained)  # the mlp head's BatchNorm
 
 
+@pytest.mark.slow
 def test_imbalance_options_and_label_smoothing_run_end_to_end(compose_cfg, tmp_path):
     cfg = compose_cfg([*TINY, "trainer.class_weights=balanced", "trainer.sampler=balanced",
                        "trainer.label_smoothing=0.1", "dataset.samples_per_class=20",

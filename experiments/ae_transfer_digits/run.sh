@@ -18,7 +18,7 @@ transferlab-train experiment=ae_pretrain trainer.progress=false hydra.run.dir="$
 transferlab-train -m experiment=ae_transfer backbone.init.path="$OUT/ae/checkpoints/best.pt" \
     "${SWEEP[@]}" hydra.sweep.dir="$OUT/sweeps/pretrained"
 # 3. The same architecture from random weights, every layer trains.
-transferlab-train -m experiment=ae_transfer freeze=scratch backbone.init.path=null \
+transferlab-train -m experiment=ae_scratch \
     "${SWEEP[@]}" hydra.sweep.dir="$OUT/sweeps/scratch"
 # 4. Mean +- std over the 3 seeds of every (policy, label fraction).
 transferlab-compare "$OUT/sweeps" --group-seeds --format markdown --no-plot

@@ -1,0 +1,189 @@
+"""Bad overrides fail at composition or in the config's validation, before anything is built,
+as one line that names the key; and the registries behind the options."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+
+import pytest
+
+from transferlab.config import compose_config, load_config
+from transferlab.errors import UserError
+from transferlab.registry import BY_GROUP, OPTIMIZERS, Registry
+
+from .conftest import CONF_DIR, cli
+
+# (overrides, text the one-line message must hold: the key, and what is wrong)
+BAD_OVERRIDES = [
+    # the cases of the issue
+    (["freeze=two_stage", "+freeze.finetune_epoch=1"], "freeze.finetune_epoch",
+     "'finetune_epochs'"),
+    (["+freeze.finetune_epoch=1"], "freeze.finetune_epoch", "no such key"),
+    (["optimizer.name=lion"], "optimizer.name", "'lion'"),
+    (["head.name=attention"], "head.name", "'attention'"),
+    (["augment.name=bogus"], "augment.name", "'bogus'"),
+    (["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps", ">= 1"),
+    (["augment=flip", "augment.hflip=3"], "augment.hflip", "[0, 1]"),
+    (["augment.hflip=3"], "augment.hflip", "augment=flip"),  # none has no flip
+    (["trainer.epochs=abc"], "trainer.epochs", "must be an int"),
+    (["+optimizer.momentum=0.9"], "optimizer.momentum", "optimizer=sgd, rmsprop"),
+    (["head=logreg", "freeze=two_stage", "optimizer=sgd"], "freeze", "head=logreg"),
+    (["trainer.epoch=3"], "trainer.epoch", "'epochs'"),
+    # unknown options and keys
+    (["freeze=bogus"], "freeze", "two_stage"),
+    (["backbone=resnet1"], "backbone", "'resnet18'"),
+    (["+foo=1"], "foo", "no such key"),
+    (["+dataset.rooot=/data"], "dataset.rooot", "no such key"),
+    (["optimizer=sgd", "optimizer.betas=[0.9,0.99]"], "optimizer.betas", "optimizer=adam"),
+    (["task.name=autoencodr"], "task.name", "'autoencoder'"),
+    (["scheduler.name=cosin"], "scheduler.name", "'cosine'"),
+    # wrong types
+    (["optimizer.lr=abc"], "optimizer.lr", "must be a number"),
+    (["seed=abc"], "seed", "must be an int"),
+    (["backbone.pretrained=maybe"], "backbone.pretrained", "true or false"),
+    (["dataset.image_size=big"], "dataset.image_size", "an int or null"),
+    # out of range
+    (["optimizer.lr=-1"], "optimizer.lr", "> 0"),
+    (["trainer.batch_size=0"], "trainer.batch_size", ">= 1"),
+    (["trainer.device=gpu"], "trainer.device", "cuda"),
+    (["trainer.label_smoothing=1.5"], "trainer.label_smoothing", "[0, 1)"),
+    (["trainer.sampler=random"], "trainer.sampler", "shuffle, balanced"),
+    (["dataset.val_fraction=1.2"], "dataset.val_fraction", "(0, 1)"),
+    (["dataset.train_fraction=0"], "dataset.train_fraction", "(0, 1]"),
+    (["dataset.samples_per_class=0"], "dataset.samples_per_class", ">= 1"),
+    (["dataset=fake", "dataset.num_classes=1"], "dataset.num_classes", ">= 2"),
+    (["scheduler=cosine", "scheduler.min_lr_mult=2"], "scheduler.min_lr_mult", "[0, 1]"),
+    (["scheduler=step", "scheduler.gamma=0"], "scheduler.gamma", "> 0"),
+    (["freeze=two_stage", "freeze.finetune_bn=sometimes"], "freeze.finetune_bn", "eval"),
+    (["freeze=top_k", "freeze.k=0"], "freeze.k", ">= 1"),
+    (["freeze=gradual", "freeze.gradual.every=0"], "freeze.gradual.every", ">= 1"),
+    (["freeze.stages.0.bn=maybe"], "freeze.stages[0].bn", "frozen, train, eval"),
+    (["freeze.stages.0.epochs=-1"], "freeze.stages[0].epochs", ">= 0"),
+    (["head.dropout=1.0"], "head.dropout", "[0, 1)"),
+    (["head=logreg", "head.C=0"], "head.C", "> 0"),
+    (["augment=randaugment", "augment.magnitude=31"], "augment.magnitude", "[0, 30]"),
+    # fields that depend on each other
+    (["optimizer=sgd", "optimizer.momentum=0", "optimizer.nesterov=true"], "optimizer.nesterov",
+     "momentum > 0"),
+    (["backbone.weights_path=/no/such/weights.pth"], "backbone.weights_path", "does not exist"),
+    (["backbone.init.path=/no/such/checkpoint.pt"], "backbone.init.path", "does not exist"),
+    (["task=autoencoder"], "task=autoencoder", "backbone=conv_encoder"),
+    (["optimizer.name=sgd"], "optimizer.name=sgd", "optimizer=sgd"),  # the option, not its name
+    # options the run would not use
+    (["head=logreg", "trainer.epochs=3"], "trainer.epochs", "head=logreg"),
+    (["experiment=ae_pretrain", "head=mlp"], "head", "task=autoencoder"),
+    (["experiment=mobilenet_v2_two_stage", "freeze=linear_probe"], "freeze.head_epochs",
+     "freeze=two_stage"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "key", "says"), BAD_OVERRIDES,
+                         ids=[" ".join(o) for o, _, _ in BAD_OVERRIDES])
+def test_a_bad_override_is_one_line_naming_the_key(overrides, key, says, monkeypatch):
+    # Nothing may be built: no backbone, no data.
+    for target in ("transferlab.run.build.build_backbone", "transferlab.run.build.build_splits"):
+        monkeypatch.setattr(target, _must_not_run)
+    with pytest.raises(UserError) as exc:
+        load_config(compose_config(overrides), overrides)
+    message = str(exc.value)
+    assert "\n" not in message
+    assert key in message, message
+    assert says in message, message
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("built something before the config was checked")
+
+
+def test_there_are_at_least_30_cases_across_every_group():
+    assert len(BAD_OVERRIDES) >= 30
+    groups = {o.lstrip("+").split("=")[0].split(".")[0] for c in BAD_OVERRIDES for o in c[0]}
+    assert set(BY_GROUP) | {"trainer"} <= groups
+
+
+# Through the installed console script: exit code 2, one stderr line, no run built.
+CLI_CASES = [
+    (["trainer.epoch=3"], "trainer.epoch"),  # Hydra's own override error
+    (["freeze=bogus"], "freeze"),  # an unknown option (Hydra's MissingConfigException)
+    (["trainer.epochs=abc"], "trainer.epochs"),
+    (["freeze=two_stage", "+freeze.finetune_epoch=1"], "freeze.finetune_epoch"),
+    (["optimizer.name=lion"], "optimizer.name"),
+    (["head=logreg", "freeze=two_stage", "optimizer=sgd"], "freeze"),
+    (["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps"),
+]
+
+
+@pytest.mark.slow  # a process each: imports torch
+@pytest.mark.parametrize(("overrides", "key"), CLI_CASES,
+                         ids=[" ".join(o) for o, _ in CLI_CASES])
+def test_console_script_bad_override_exits_2_with_one_line(overrides, key, tmp_path):
+    proc = cli(overrides, tmp_path)
+    assert_one_line(proc, key)
+    # nothing was trained: no TensorBoard events, no checkpoint
+    assert not list(tmp_path.rglob("events.out.tfevents.*"))
+    assert not list(tmp_path.rglob("*.pt"))
+
+
+def assert_one_line(proc: subprocess.CompletedProcess, key: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and key in lines[0], lines[0]
+
+
+@pytest.mark.slow
+def test_sweep_with_a_bad_override_exits_2_before_any_job(tmp_path):
+    proc = cli(["-m", "optimizer.lr=1e-3,1e-2", "trainer.epoch=3"], tmp_path)
+    assert_one_line(proc, "trainer.epoch")
+
+
+# --- registries -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Schema:
+    name: str = "a"
+
+
+def test_registering_a_name_twice_raises():
+    registry = Registry("thing")
+    registry.register("a", _Schema, object())
+    with pytest.raises(ValueError, match="thing 'a' is registered twice"):
+        registry.register("a", _Schema, object())
+
+    with pytest.raises(ValueError, match="registered twice"):
+        @registry.register("a", _Schema)
+        def _again():
+            pass
+
+    with pytest.raises(ValueError, match="optimizer 'adam' is registered twice"):
+        OPTIMIZERS.register("adam", _Schema, object())
+    assert OPTIMIZERS.schema_of("adam").__name__ == "AdamConfig"  # the original stays
+
+
+def test_an_unknown_name_lists_the_registered_ones():
+    with pytest.raises(UserError) as exc:
+        OPTIMIZERS.get("adamm")
+    assert str(exc.value) == ("unknown optimizer.name 'adamm' (did you mean 'adam', 'adamw'?); "
+                              "choose one of adam, adamw, sgd, rmsprop")
+
+
+@pytest.mark.parametrize("group", sorted(g for g in BY_GROUP if g not in ("backbone", "dataset")))
+def test_every_option_file_is_registered(group):
+    """An option is its YAML file plus one registration (and nothing else)."""
+    files = {p.stem for p in (CONF_DIR / group).glob("*.yaml")}
+    assert files == set(BY_GROUP[group].names())
+
+
+# values these options leave to the command line
+REQUIRED = {"dataset=image_folder": ["dataset.root=/d"],
+            "dataset=csv": ["dataset.root=/d", "dataset.csv_file=labels.csv"]}
+
+
+@pytest.mark.parametrize(("group", "key"), [("backbone", "source"), ("dataset", "kind")])
+def test_every_backbone_and_dataset_file_names_a_registered_source_or_kind(group, key):
+    for path in sorted((CONF_DIR / group).glob("*.yaml")):
+        option = f"{group}={path.stem}"
+        run = load_config(compose_config([option, *REQUIRED.get(option, [])]))
+        assert getattr(getattr(run, group), key) in BY_GROUP[group], option
