@@ -16,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from transferlab.cli import EXIT_JOB_FAILED, run_main
 from transferlab.errors import UserError
 from transferlab.runner import train
 from transferlab.sweep import SweepSummary, remember_swept_keys
@@ -47,11 +48,16 @@ def _main(cfg: DictConfig) -> float | None:
     return result.best_val_acc
 
 
+def _cli(argv: list[str]) -> int:
+    remember_swept_keys(argv)
+    _main()  # Hydra reads sys.argv itself
+    return EXIT_JOB_FAILED if SweepSummary.failed_jobs else 0
+
+
 def main() -> None:
-    remember_swept_keys(sys.argv[1:])
-    _main()
-    if SweepSummary.failed_jobs:
-        sys.exit(1)
+    """Exit codes as for every script (:func:`transferlab.cli.run_main`): 1 when a sweep job
+    failed, 130 and one ``interrupted`` line on Ctrl-C."""
+    sys.exit(run_main(_cli))
 
 
 if __name__ == "__main__":
