@@ -4,6 +4,12 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
@@ -228,3 +234,86 @@ def test_run_main_lets_other_errors_through():
 
     with pytest.raises(RuntimeError, match="a bug"):
         run_main(broken, [])
+
+
+# -- the four console scripts, each run as a real command ----------------------------------------
+# script module -> (command, argv with an unknown key, that key, argv with an old --flag, the
+# error line it gives). Every mistake fails before any model is built or data is read.
+SCRIPTS = {
+    "evaluate": ("transferlab-eval", ["run=some/run", "chekpoint=last"], "chekpoint",
+                 ["--run", "some/run"], "error: --run is not an option: write run=<value>"),
+    "predict": ("transferlab-predict", ["backbone=resnet18", "topk=3", "cat.jpg"], "topk",
+                ["--backbone", "resnet18", "--top-k", "3", "cat.jpg"],
+                "error: --backbone is not an option: write backbone=<value>"),
+    "features": ("transferlab-features", ["dataset=digits", "trainer.epoch=3"], "trainer.epoch",
+                 ["dataset=digits", "--output", "f.npz"],
+                 "error: --output is not an option: write output=<value>"),
+    "compare": ("transferlab-compare", [".", "sort_by=final_val_loss"], "sort_by",
+                [".", "--no-plot"], "error: --no-plot is not an option: write plot=false"),
+}
+CASES = ("help", "unknown", "flag")
+# Each run imports torch (about 5-10 s): the subprocess tests are marked slow.
+subprocess_test = pytest.mark.slow
+
+
+def _argv(module: str, case: str) -> list[str]:
+    _, unknown, _, flag, _ = SCRIPTS[module]
+    return {"help": ["--help"], "unknown": unknown, "flag": flag}[case]
+
+
+@pytest.fixture(scope="module")
+def script_runs(tmp_path_factory) -> dict[tuple[str, str], subprocess.CompletedProcess]:
+    """Every (script, case) run as ``python -m transferlab.<script> ...``: two at a time (each
+    start imports torch), from an empty directory."""
+    cwd = tmp_path_factory.mktemp("cli")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSFERLAB_SWE")}
+
+    def run(job):
+        module, case = job
+        return job, subprocess.run([sys.executable, "-m", f"transferlab.{module}",
+                                    *_argv(module, case)], cwd=cwd, env=env,
+                                   capture_output=True, text=True, timeout=300)
+
+    jobs = [(module, case) for module in SCRIPTS for case in CASES]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(run, jobs))
+
+
+@subprocess_test
+@pytest.mark.parametrize("module", SCRIPTS)
+def test_console_script_help_lists_its_keys_and_examples(module, script_runs):
+    proc = script_runs[module, "help"]
+    command = SCRIPTS[module][0]
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    out = proc.stdout
+    assert out.startswith(f"usage: {command} ")
+    spec = importlib.import_module(f"transferlab.{module}").SPEC
+    assert out == help_text(spec) + "\n"
+    for key in spec.keys:
+        assert f"  {key.name}=" in out
+    examples = out.split("\nexamples:\n", 1)[1].splitlines()
+    assert 2 <= sum(line.startswith(f"  {command} ") for line in examples) <= 4
+
+
+@subprocess_test
+@pytest.mark.parametrize("module", SCRIPTS)
+def test_console_script_unknown_key_is_one_error_line(module, script_runs):
+    proc = script_runs[module, "unknown"]
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("error: ") and repr(SCRIPTS[module][2]) in line
+
+
+@subprocess_test
+@pytest.mark.parametrize("module", SCRIPTS)
+def test_console_script_old_flag_names_the_new_spelling(module, script_runs):
+    proc = script_runs[module, "flag"]
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [SCRIPTS[module][4]]
+
+
+def test_the_console_scripts_are_these_modules_main():
+    scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")
+               if ep.name.startswith("transferlab-")}
+    for module, (command, *_) in SCRIPTS.items():
+        assert scripts[command] == f"transferlab.{module}:main"
