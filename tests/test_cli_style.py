@@ -95,6 +95,9 @@ def test_overrides_mode_passes_every_other_argument_through_in_order():
     assert parsed["output"] == Path("a.npz")
     assert parsed.overrides == ["backbone=resnet18", "+extra=1", "~trainer.amp",
                                 "dataset.root=/d"]
+    assert error_of(["--output", "a.npz"], spec) == ("--output is not an option: write "
+                                                     "output=<value>")
+    assert "valid keys: output and config overrides" in error_of(["--cfg", "job"], spec)
 
 
 # -- mistakes: one line each ---------------------------------------------------------------------
@@ -191,7 +194,7 @@ def test_help_lists_every_key_with_its_default_and_help_and_the_examples(flag, c
     rows = {line.strip().split("  ")[0]: line for line in out.splitlines()
             if line.startswith("  ")}
     for key, default in [("run=<run dir>", "none"), ("checkpoint=best|last", "best"),
-                         ("batch_size=N", "32"), ("ratio=<value>", "0.5"),
+                         ("batch_size=N", "32"), ("ratio=X", "0.5"),
                          ("plot=true|false", "true")]:
         assert key in rows, out
         assert f"(default: {default})" in rows[key]

@@ -35,7 +35,7 @@ HELP_WIDTH = 100
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
-class HelpRequested(Exception):  # noqa: N818 (not an error: the help text to print)
+class HelpRequested(Exception):
     """``-h`` / ``--help`` was given: :func:`run_main` prints ``text`` and exits 0."""
 
     def __init__(self, text: str):
@@ -81,14 +81,14 @@ def path(text: str) -> Path:
     return Path(text).expanduser()
 
 
-def text(value: str) -> str:
+def nonempty(value: str) -> str:
     if not value:
         raise ValueError("expected a non-empty value")
     return value
 
 
 CONVERTERS: dict[Any, Callable[[str], Any]] = {
-    bool: boolean, int: integer, float: number, Path: path, str: text,
+    bool: boolean, int: integer, float: number, Path: path, str: nonempty,
 }
 
 
@@ -125,6 +125,8 @@ class Key:
             return "true|false"
         if self.type in (int, integer, positive_int):
             return "N"
+        if self.type in (float, number):
+            return "X"
         return "<value>"
 
     @property
@@ -175,7 +177,8 @@ class Spec:
         return [k.name for k in self.keys]
 
     def valid_keys_text(self) -> str:
-        return ", ".join([*self.key_names, *(f"{p.pattern}" for p in self.prefixes)])
+        text = ", ".join([*self.key_names, *(p.pattern for p in self.prefixes)])
+        return text + (" and config overrides" if self.overrides is not None else "")
 
 
 @dataclass
@@ -219,8 +222,7 @@ def _flag_error(spec: Spec, token: str) -> UserError:
         return UserError(f"{flag} is not an option: write {suggestion}")
     hint = did_you_mean(name, spec.key_names) if len(name) > 2 else ""
     return UserError(f"{flag} is not an option: {spec.prog} takes key=value arguments{hint}; "
-                     f"valid keys: "
-                     f"{spec.valid_keys_text()} (see {spec.prog} --help)")
+                     f"valid keys: {spec.valid_keys_text()} (see {spec.prog} --help)")
 
 
 def parse(spec: Spec, argv: Sequence[str]) -> Parsed:
