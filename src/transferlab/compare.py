@@ -306,6 +306,8 @@ SPEC = Spec(
     ),
     positionals="PATH",
     positional_help="sweep or run directories, searched recursively (default: outputs)",
+    notes=("A directory whose text before its first '=' looks like a key (lr=0.1) is read as "
+           "key=value: write it as ./lr=0.1.",),
     examples=(
         "transferlab-compare outputs/sweeps/2026-11-23/10-00-00_digits-efficientnet_lite0-"
         "linear_probe",
