@@ -76,8 +76,7 @@ def test_pretraining_lowers_reconstruction_loss_and_writes_artifacts(ae_run):
 
 def test_compare_reads_an_autoencoder_run(ae_run, tmp_path, capsys):
     run_dir, _ = ae_run
-    assert compare_main([str(run_dir), "--format", "markdown",
-                         "--plot", str(tmp_path / "val.png")]) == 0
+    assert compare_main([str(run_dir), "format=markdown", f"plot={tmp_path / 'val.png'}"]) == 0
     out = capsys.readouterr().out
     row = out.strip().splitlines()[-1]
     assert "completed" in row and "| - |" in row  # no accuracy: a dash

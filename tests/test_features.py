@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_features_export_every_split_with_labels_and_classes(tmp_path, capsys):
     out = tmp_path / "feats.npz"
-    assert features_main([*TINY, "dataset.test_fraction=0.1", "--output", str(out)]) == 0
+    assert features_main([*TINY, "dataset.test_fraction=0.1", f"output={out}"]) == 0
     assert f"Features saved to: {out}" in capsys.readouterr().out
     data = np.load(out)
     assert list(data["classes"]) == [str(d) for d in range(10)]
@@ -37,8 +37,13 @@ def test_features_export_every_split_with_labels_and_classes(tmp_path, capsys):
 def test_features_errors_are_one_line(tmp_path, capsys):
     assert features_main([*TINY, "dataset=image_folder", f"dataset.root={tmp_path}/no"]) == 2
     assert features_main(["backbone=nope"]) == 2
+    assert features_main([*TINY, "trainer.epoch=3"]) == 2  # a Hydra override: Hydra's error
+    assert features_main([*TINY, "--output", str(tmp_path / "f.npz")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+    assert len(err) == 4 and all(line.startswith("error: ") for line in err)
+    assert "trainer.epoch" in err[2]
+    assert err[3] == "error: --output is not an option: write output=<value>"
+    assert not (tmp_path / "f.npz").exists()
 
 
 def test_logreg_head_is_recorded_like_any_run(compose_cfg, tmp_path):

@@ -39,7 +39,7 @@ def test_imagenet_top5_on_real_photos_skips_a_text_file(tmp_path, capsys, one_th
     Image.fromarray(skimage_data.coffee()).save(tmp_path / "coffee.png")
     (tmp_path / "notes.txt").write_text("not an image\n")
 
-    assert main(["--backbone", "efficientnet_lite0", "--top-k", "5", str(tmp_path)]) == 0
+    assert main(["backbone=efficientnet_lite0", "top_k=5", str(tmp_path)]) == 0
     out, err = capsys.readouterr()
     top5 = top_k_by_image(out)
     assert set(top5) == {"chelsea.png", "coffee.png"}
@@ -70,7 +70,7 @@ def test_trained_run_writes_one_csv_row_per_image(tiny_run, tmp_path, capsys, on
     (tmp_path / "digits" / "README.md").write_text("# not an image\n")
     out_csv = tmp_path / "out" / "preds.csv"
 
-    code = main(["--run", str(tiny_run), "--checkpoint", "last", "--output", str(out_csv),
+    code = main([f"run={tiny_run}", "checkpoint=last", f"output={out_csv}", "device=cpu",
                  str(tmp_path / "digits")])
     out, err = capsys.readouterr()
     assert code == 0 and str(out_csv) in out
@@ -90,7 +90,7 @@ def test_trained_run_writes_one_csv_row_per_image(tiny_run, tmp_path, capsys, on
 
 def test_trained_run_default_csv_is_in_the_run_dir(tiny_run, tmp_path, capsys, one_thread):
     save_digits(tmp_path / "digits", 2)
-    assert main(["--run", str(tiny_run), str(tmp_path / "digits" / "0_0.png")]) == 0
+    assert main([f"run={tiny_run}", str(tmp_path / "digits" / "0_0.png")]) == 0
     assert str(tiny_run / "predictions.csv") in capsys.readouterr().out
     with (tiny_run / "predictions.csv").open(newline="") as f:
         assert len(list(csv.DictReader(f))) == 1
@@ -98,17 +98,45 @@ def test_trained_run_default_csv_is_in_the_run_dir(tiny_run, tmp_path, capsys, o
 
 def test_no_image_at_all_is_one_line(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("not an image\n")
-    assert main(["--backbone", "efficientnet_lite0", str(tmp_path)]) == 2
+    assert main(["backbone=efficientnet_lite0", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: no image to classify")
 
 
 def test_missing_path_is_one_error_line_without_traceback(tmp_path):
     missing = tmp_path / "no_such_folder"
-    proc = subprocess.run([sys.executable, "-m", "transferlab.predict", "--backbone",
-                           "efficientnet_lite0", str(missing)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "transferlab.predict",
+                           "backbone=efficientnet_lite0", str(missing)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: input path {missing} does not exist"]
     assert "Traceback" not in proc.stderr
+
+
+def test_a_path_with_an_equals_sign_is_an_image_not_a_key(tmp_path, capsys, one_thread):
+    folder = tmp_path / "photos" / "0_freeze=x"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(folder / "red=1.png")
+    assert main(["backbone=efficientnet_lite0", "top_k=2", str(folder / "red=1.png")]) == 0
+    assert top_k_by_image(capsys.readouterr().out).keys() == {"red=1.png"}
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["a.jpg"], "give exactly one of backbone=<name>"),
+    (["backbone=resnet18", "run=x", "a.jpg"], "backbone= and run= exclude each other"),
+    (["run=x", "top_k=3", "a.jpg"], "top_k= goes with backbone=, not with run="),
+    (["run=x", "backbone_source=timm", "a.jpg"], "backbone_source= goes with backbone="),
+    (["backbone=resnet18", "checkpoint=last", "output=o.csv", "a.jpg"],
+     "checkpoint= and output= go with run=, not with backbone="),
+    (["backbone=resnet18"], "no PATH given"),
+    (["backbone=resnet18", "top_k=0", "a.jpg"], "invalid value for top_k: '0'"),
+    (["backbone=resnet18", "backbone_source=tim", "a.jpg"], "did you mean 'timm'"),
+    (["--backbone", "resnet18", "a.jpg"], "--backbone is not an option: write backbone="),
+    (["backbone=resnet18", "--top-k", "3", "a.jpg"], "--top-k is not an option: write top_k="),
+    (["backbone=resnet18", "topk=3", "a.jpg"], "unknown key 'topk' (did you mean 'top_k'"),
+])
+def test_command_line_mistakes_are_one_line_before_any_model_is_built(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err

@@ -101,7 +101,7 @@ def test_every_job_records_its_hparams_and_metrics_in_tensorboard(four_job_sweep
 
 
 def test_compare_lists_the_jobs_best_first(four_job_sweep, capsys):
-    lines = run_compare(capsys, str(four_job_sweep), "--no-plot")
+    lines = run_compare(capsys, str(four_job_sweep), "plot=false")
     rows = lines[2:]
     assert len(rows) == 4
     accs = {job.name.partition("_")[0]: metrics(job)["best"]["val_acc"]
@@ -116,9 +116,8 @@ def test_compare_lists_the_jobs_best_first(four_job_sweep, capsys):
 
 def test_compare_sorts_by_loss_and_writes_markdown_csv_and_a_figure(four_job_sweep, capsys,
                                                                    tmp_path):
-    lines = run_compare(capsys, str(four_job_sweep), "--sort", "final_val_loss",
-                        "--format", "markdown", "--plot", str(tmp_path / "curves.png"),
-                        "--tensorboard")
+    lines = run_compare(capsys, str(four_job_sweep), "sort=final_val_loss", "format=markdown",
+                        f"plot={tmp_path / 'curves.png'}", "tensorboard=true")
     assert lines[0].startswith("| run | overrides | status |") and lines[1].startswith("|---")
     losses = [metrics(j)["final"]["val_loss"] for j in job_dirs(four_job_sweep)]
     column = [c.strip() for c in lines[0].split("|")].index("final val loss")
@@ -128,7 +127,7 @@ def test_compare_sorts_by_loss_and_writes_markdown_csv_and_a_figure(four_job_swe
     assert (tmp_path / "curves.png").stat().st_size > 10_000
 
     rows = list(csv.DictReader(io.StringIO("\n".join(run_compare(capsys, str(four_job_sweep),
-                                                                  "--format", "csv")))))
+                                                                  "format=csv")))))
     assert len(rows) == 4 and {r["status"] for r in rows} == {"completed"}
     by_path = {Path(r["run"]).name: r for r in rows}
     for job in job_dirs(four_job_sweep):
@@ -150,7 +149,7 @@ def test_a_failing_job_does_not_lose_the_others(tmp_path, capsys):
     assert metrics(sweep / "1_optimizer.lr=-1")["error"] == "optimizer.lr must be > 0, got -1.0"
     assert "4 job(s), 1 failed" in proc.stdout
 
-    rows = run_compare(capsys, str(sweep), "--no-plot")[2:]
+    rows = run_compare(capsys, str(sweep), "plot=false")[2:]
     assert len(rows) == 4
     assert sum("completed" in r for r in rows) == 3
     assert "failed: optimizer.lr must be > 0" in rows[-1]  # no metric: listed last
@@ -232,7 +231,7 @@ def test_group_seeds_gives_mean_and_std(tmp_path, capsys):
     (tmp_path / "6_c" / ".hydra").mkdir(parents=True)  # started, no metrics.json yet
     (tmp_path / "6_c" / ".hydra" / "overrides.yaml").write_text("- freeze=none\n- seed=0\n")
 
-    lines = run_compare(capsys, str(tmp_path), "--group-seeds", "--no-plot")
+    lines = run_compare(capsys, str(tmp_path), "group_seeds=true", "plot=false")
     assert "runs" in lines[0].split()
     two, probe, pending = lines[2:]
     assert "freeze=two_stage" in two and "seed=0,1,2" in two
@@ -242,8 +241,36 @@ def test_group_seeds_gives_mean_and_std(tmp_path, capsys):
     assert "freeze=none" in pending and "pending" in pending
 
 
+def test_compare_reverse_and_where_the_figure_goes(tmp_path, capsys):
+    for name, acc in [("0_a", 0.9), ("1_b", 0.7), ("2_c", 0.8)]:
+        _fake_run(tmp_path, name, [f"x={name}"], acc=acc)
+    default_figure = tmp_path / "compare_val_acc.png"
+    assert [r.split()[0] for r in run_compare(capsys, str(tmp_path))[2:]] == ["0", "2", "1"]
+    assert default_figure.is_file()  # by default: into the directory compared
+    default_figure.unlink()
+    lines = run_compare(capsys, str(tmp_path), "reverse=yes", "plot=0")
+    assert [r.split()[0] for r in lines[2:]] == ["1", "2", "0"]
+    run_compare(capsys, str(tmp_path), "format=csv")  # a CSV: no figure unless asked
+    assert not default_figure.exists()
+    run_compare(capsys, str(tmp_path), "format=csv", "plot=true")
+    assert default_figure.is_file()
+
+
+def test_compare_reads_outputs_by_default(tmp_path, capsys, monkeypatch):
+    _fake_run(tmp_path / "outputs" / "runs", "a", ["seed=1"], acc=0.5)
+    monkeypatch.chdir(tmp_path)
+    (row,) = run_compare(capsys, "plot=false")[2:]
+    assert "completed" in row and "0.5000" in row
+
+
 def test_compare_errors_are_one_line(tmp_path, capsys):
     assert compare.main([str(tmp_path / "nope")]) == 2
     assert compare.main([str(tmp_path)]) == 2
+    assert compare.main([str(tmp_path), "--no-plot"]) == 2
+    assert compare.main([str(tmp_path), "--sort", "final_val_loss"]) == 2
+    assert compare.main([str(tmp_path), "sort=val_loss"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+    assert len(err) == 5 and all(line.startswith("error: ") for line in err)
+    assert err[2] == "error: --no-plot is not an option: write plot=false"
+    assert err[3] == "error: --sort is not an option: write sort=<value>"
+    assert "invalid value for sort: 'val_loss'" in err[4] and "final_val_loss" in err[4]

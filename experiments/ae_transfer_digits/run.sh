@@ -21,4 +21,4 @@ transferlab-train -m experiment=ae_transfer backbone.init.path="$OUT/ae/checkpoi
 transferlab-train -m experiment=ae_scratch \
     "${SWEEP[@]}" hydra.sweep.dir="$OUT/sweeps/scratch"
 # 4. Mean +- std over the 3 seeds of every (policy, label fraction).
-transferlab-compare "$OUT/sweeps" --group-seeds --format markdown --no-plot
+transferlab-compare "$OUT/sweeps" group_seeds=true format=markdown plot=false

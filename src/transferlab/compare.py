@@ -1,16 +1,19 @@
 """``transferlab-compare``: a table (and a figure) of runs, read from their ``metrics.json``.
 
     transferlab-compare outputs/sweeps/2026-11-23/10-00-00_digits-efficientnet_lite0-linear_probe
-    transferlab-compare outputs/ --sort final_val_loss --format markdown
-    transferlab-compare <sweep> --group-seeds          # mean +- std over seeds
-    transferlab-compare <sweep> --tensorboard          # the command to open it in TensorBoard
+    transferlab-compare outputs/ sort=final_val_loss format=markdown
+    transferlab-compare <sweep> group_seeds=true       # mean +- std over seeds
+    transferlab-compare <sweep> plot=false             # no figure (plot=curves.png: there)
+    transferlab-compare <sweep> tensorboard=true       # the command to open it in TensorBoard
+    transferlab-compare --help                         # every key
 
-It reads files only, so it works on partial sweeps and on runs still going.
+Arguments are ``key=value``, as for ``transferlab-train`` (:mod:`transferlab.cli`); the other
+arguments are the directories to read (default: ``outputs``). It reads files only, so it works
+on partial sweeps and on runs still going.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -23,6 +26,9 @@ from pathlib import Path
 
 import yaml
 
+from transferlab.cli import Key, Spec, boolean, parse, path, run_main
+from transferlab.errors import UserError
+
 # column -> (header, True when larger is better)
 METRICS = {
     "best_val_acc": ("best val acc", True),
@@ -34,6 +40,7 @@ METRICS = {
     "wall_seconds": ("wall s", False),
 }
 SEED_KEYS = ("seed",)
+FORMATS = ("table", "markdown", "csv")
 
 
 @dataclass
@@ -271,56 +278,80 @@ def plot_val_curves(runs: list[RunRecord], path: Path, title: str = "") -> Path:
     return path
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="transferlab-compare",
-        description="Compare transferlab runs: a sweep directory, run directories or outputs/.")
-    p.add_argument("paths", nargs="*", type=Path, default=[Path("outputs")],
-                   help="sweep or run directories, searched recursively (default: outputs)")
-    p.add_argument("--sort", default="best_val_acc", choices=list(METRICS),
-                   help="metric to sort by, best first (default: best_val_acc)")
-    p.add_argument("--reverse", action="store_true", help="worst first")
-    p.add_argument("--format", default="table", choices=["table", "markdown", "csv"])
-    p.add_argument("--group-seeds", action="store_true",
-                   help="merge runs that differ only by seed: mean ± std")
-    p.add_argument("--plot", type=Path, default=None,
-                   help="where to write the validation-accuracy figure (default: "
-                        "<first path>/compare_val_acc.png)")
-    p.add_argument("--no-plot", action="store_true", help="write no figure")
-    p.add_argument("--tensorboard", action="store_true",
-                   help="print the command that opens these runs in TensorBoard")
-    return p
+def plot_target(text: str) -> Path | bool:
+    """``plot=``: true/false (or 1/0, yes/no), else the figure's path."""
+    try:
+        return boolean(text)
+    except ValueError:
+        return path(text)
+
+
+SPEC = Spec(
+    prog="transferlab-compare",
+    usage="transferlab-compare [PATH ...] [key=value ...]",
+    summary="Compare transferlab runs: a table of every run under the given sweep directories, "
+            "run directories or outputs/ (read from their metrics.json, so partial sweeps and "
+            "runs still going work too), best first, and a figure of their validation accuracy.",
+    keys=(
+        Key("sort", "the metric to sort by, best first", default="best_val_acc",
+            choices=tuple(METRICS)),
+        Key("reverse", "worst first", bool, False),
+        Key("format", "the table's format", default="table", choices=FORMATS),
+        Key("group_seeds", "merge runs that differ only by seed: mean ± std", bool, False),
+        Key("plot", "where to write the validation-accuracy figure; false: no figure",
+            plot_target, metavar="<file>|true|false",
+            default_text="<first path>/compare_val_acc.png, none with format=csv"),
+        Key("tensorboard", "print the command that opens these runs in TensorBoard", bool,
+            False),
+    ),
+    positionals="PATH",
+    positional_help="sweep or run directories, searched recursively (default: outputs)",
+    notes=("A directory whose text before its first '=' looks like a key (lr=0.1) is read as "
+           "key=value: write it as ./lr=0.1.",),
+    examples=(
+        "transferlab-compare outputs/sweeps/2026-11-23/10-00-00_digits-efficientnet_lite0-"
+        "linear_probe",
+        "transferlab-compare outputs/ sort=final_val_loss format=markdown plot=false",
+        "transferlab-compare <sweep> group_seeds=true format=csv",
+        "transferlab-compare <sweep> reverse=true plot=curves.png tensorboard=true",
+    ),
+)
+
+
+def run_cli(argv: list[str]) -> int:
+    """Parse, read the runs, print the table, write the figure."""
+    parsed = parse(SPEC, argv)
+    paths = [Path(p) for p in parsed.positionals] or [Path("outputs")]
+    try:
+        runs = find_runs(paths)
+    except FileNotFoundError as exc:
+        raise UserError(f"{exc}: give a sweep directory, a run directory or outputs/") from None
+    if not runs:
+        raise UserError(f"no runs (no metrics.json) under {' '.join(map(str, paths))}")
+    if parsed["group_seeds"]:
+        runs = group_seeds(runs)
+    runs = sort_runs(runs, parsed["sort"], parsed["reverse"])
+    root = paths[0] if len(paths) == 1 and paths[0].is_dir() else None
+    print(format_table(runs, parsed["format"], root=root))
+    plot = parsed["plot"]
+    if plot is True or isinstance(plot, Path) or (plot is None and parsed["format"] != "csv"):
+        target = plot if isinstance(plot, Path) else (
+            paths[0] if paths[0].is_dir() else paths[0].parent) / "compare_val_acc.png"
+        print(f"\nValidation curves: {plot_val_curves(runs, target)}", file=sys.stderr)
+    if parsed["tensorboard"]:
+        logdirs = " ".join(str(p) for p in paths)
+        if len(paths) == 1:
+            print(f"\ntensorboard --logdir {logdirs}")
+        else:
+            spec = ",".join(f"{p.name or p}:{p}" for p in paths)
+            print(f"\ntensorboard --logdir_spec {spec}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        runs = find_runs(args.paths)
-    except FileNotFoundError as exc:
-        print(f"error: {exc}: give a sweep directory, a run directory or outputs/",
-              file=sys.stderr)
-        return 2
-    if not runs:
-        print(f"error: no runs (no metrics.json) under {' '.join(map(str, args.paths))}",
-              file=sys.stderr)
-        return 2
-    if args.group_seeds:
-        runs = group_seeds(runs)
-    runs = sort_runs(runs, args.sort, args.reverse)
-    root = args.paths[0] if len(args.paths) == 1 and args.paths[0].is_dir() else None
-    print(format_table(runs, args.format, root=root))
-    if args.plot or (not args.no_plot and args.format != "csv"):
-        target = args.plot or (args.paths[0] if args.paths[0].is_dir()
-                               else args.paths[0].parent) / "compare_val_acc.png"
-        print(f"\nValidation curves: {plot_val_curves(runs, target)}", file=sys.stderr)
-    if args.tensorboard:
-        logdirs = " ".join(str(p) for p in args.paths)
-        if len(args.paths) == 1:
-            print(f"\ntensorboard --logdir {logdirs}")
-        else:
-            spec = ",".join(f"{p.name or p}:{p}" for p in args.paths)
-            print(f"\ntensorboard --logdir_spec {spec}")
-    return 0
+    """The ``transferlab-compare`` entry point; the exit code: 0, 2 after one
+    ``error: <message>`` line for a user error, 130 when interrupted."""
+    return run_main(run_cli, argv)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@
     transferlab-eval run=<run dir> checkpoint=last split=val
     transferlab-eval run=<run dir> dataset.root=/data/other_copy            # dataset.* overrides
     transferlab-eval run=<run dir> device=cpu
+    transferlab-eval --help                                                  # every key
+
+Arguments are ``key=value``, as for ``transferlab-train`` (:mod:`transferlab.cli`); a mistake
+is one line ``error: <message>`` on stderr and exit code 2.
 
 The model is rebuilt from the config saved in the checkpoint (backbone without pretrained
 weights: they come from the checkpoint) and the split is rebuilt with the run's config and
@@ -36,9 +40,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from transferlab.checkpoint import load_checkpoint
+from transferlab.cli import Key, Prefix, Spec, parse, run_main
 from transferlab.config import RunConfig
 from transferlab.data import build_splits, default_num_workers
-from transferlab.errors import UserError, did_you_mean
+from transferlab.errors import UserError
 from transferlab.runtime import Precision, pick_device
 from transferlab.saved_run import checkpoint_path, restore_model, saved_run_config
 
@@ -48,11 +53,8 @@ from matplotlib.figure import Figure  # noqa: E402
 
 CHECKPOINTS = ("best", "last")
 SPLITS = ("val", "test")
-KEYS = ("run", "checkpoint", "split", "device")
 EVAL_JSON = "eval.json"
 EVAL_PNG = "eval_confusion_matrix.png"
-USAGE = ("usage: transferlab-eval run=<run dir> [checkpoint=best|last] [split=val|test] "
-         "[device=auto|cpu|cuda|...] [dataset.<field>=<value> ...]")
 
 
 @dataclass
@@ -76,6 +78,30 @@ class Predictions:
 
 
 # -- command line -------------------------------------------------------------------------------
+SPEC = Spec(
+    prog="transferlab-eval",
+    summary="Evaluate a saved checkpoint of a run on one of its data splits. Writes eval.json, "
+            "eval_confusion_matrix.png and TensorBoard records into the run directory, and "
+            "prints accuracy, loss and a per-class table.",
+    keys=(
+        Key("run", "a run directory written by transferlab-train", Path, required=True,
+            metavar="<run dir>"),
+        Key("checkpoint", "which checkpoint of the run", default="best", choices=CHECKPOINTS),
+        Key("split", "which split to evaluate on", default="val", choices=SPLITS),
+        Key("device", "auto, cpu, cuda, cuda:N or mps", metavar="auto|cpu|cuda|...",
+            default_text="the run's trainer.device"),
+    ),
+    prefixes=(Prefix("dataset.", "a field of the run's dataset config, e.g. dataset.root=/data"
+                                 "/copy (numbers and true/false are read as YAML)"),),
+    examples=(
+        "transferlab-eval run=outputs/runs/2026-11-23/10-00-00_digits-efficientnet_lite0-"
+        "linear_probe",
+        "transferlab-eval run=<run dir> checkpoint=last split=test device=cpu",
+        "transferlab-eval run=<run dir> dataset.root=/data/other_copy",
+    ),
+)
+
+
 def _value(text: str) -> Any:
     """A command-line value as YAML reads it (numbers, true/false, null), else the string."""
     try:
@@ -87,32 +113,11 @@ def _value(text: str) -> Any:
 
 def parse_args(argv: list[str]) -> EvalArgs:
     """``key=value`` items (like Hydra overrides) -> :class:`EvalArgs`; mistakes are UserErrors."""
-    values: dict[str, str] = {}
-    dataset: dict[str, Any] = {}
-    for item in argv:
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise UserError(f"expected key=value, got {item!r}; {USAGE}")
-        if key.startswith("dataset."):
-            dataset[key.removeprefix("dataset.")] = _value(value)
-        elif key in KEYS:
-            values[key] = value
-        else:
-            raise UserError(f"unknown key {key!r}{did_you_mean(key, KEYS)}; valid keys: "
-                            f"{', '.join(KEYS)}, dataset.<field>")
-    if not values.get("run"):
-        raise UserError(f"run=<run dir> is required; {USAGE}")
-    args = EvalArgs(run=Path(values["run"]).expanduser(), dataset=dataset or None,
-                    checkpoint=values.get("checkpoint", "best"), split=values.get("split", "val"),
-                    device=values.get("device"))
-    if args.checkpoint not in CHECKPOINTS:
-        raise UserError(f"unknown checkpoint {args.checkpoint!r}"
-                        f"{did_you_mean(args.checkpoint, CHECKPOINTS)}; choose one of "
-                        f"{', '.join(CHECKPOINTS)}")
-    if args.split not in SPLITS:
-        raise UserError(f"unknown split {args.split!r}{did_you_mean(args.split, SPLITS)}; "
-                        f"choose one of {', '.join(SPLITS)}")
-    return args
+    parsed = parse(SPEC, argv)
+    dataset = {key.removeprefix("dataset."): _value(value)
+               for key, value in parsed.prefixed.items()}
+    return EvalArgs(run=parsed["run"], checkpoint=parsed["checkpoint"], split=parsed["split"],
+                    device=parsed["device"], dataset=dataset or None)
 
 
 # -- checkpoint, config, model, data -------------------------------------------------------------
@@ -275,9 +280,6 @@ def evaluate_run(args: EvalArgs) -> dict[str, Any]:
 
 def run_cli(argv: list[str]) -> None:
     """Parse, evaluate, write the reports, print the summary."""
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip() + "\n\n" + USAGE)
-        return
     args = parse_args(argv)
     report = evaluate_run(args)
     json_path, png_path = write_reports(args.run, report, report["classes"])
@@ -287,14 +289,11 @@ def run_cli(argv: list[str]) -> None:
           f"(tag eval/{args.split}/confusion_matrix)", flush=True)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point: ``error: <message>`` on one line and exit code 2 for user errors."""
-    try:
-        run_cli(sys.argv[1:] if argv is None else list(argv))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; the exit code: 0, 2 after one ``error: <message>`` line for a
+    user error, 130 when interrupted (:func:`transferlab.cli.run_main`)."""
+    return run_main(run_cli, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

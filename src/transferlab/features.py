@@ -1,7 +1,11 @@
 """Frozen-backbone features for classical classifiers.
 
-    transferlab-features dataset=hymenoptera --output hymenoptera_lite0.npz   # export to .npz
-    transferlab-train head=logreg dataset=hymenoptera                         # a run: LogReg
+    transferlab-features dataset=hymenoptera output=hymenoptera_lite0.npz   # export to .npz
+    transferlab-features --help                                             # every argument
+    transferlab-train head=logreg dataset=hymenoptera                       # a run: LogReg
+
+``transferlab-features`` takes ``output=<file>`` and, as every other argument, the config
+overrides of ``transferlab-train`` (:mod:`transferlab.cli`).
 
 The features are the backbone's output, globally average-pooled where it is a feature map,
 computed with the eval (deterministic) preprocessing of the composed run config.
@@ -9,7 +13,6 @@ computed with the eval (deterministic) preprocessing of the composed run config.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
@@ -20,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from transferlab.backbones import Backbone
+from transferlab.cli import Key, Spec, parse, run_main
 from transferlab.config import (
     AugmentConfig,
     RunConfig,
@@ -28,7 +32,6 @@ from transferlab.config import (
     load_config,
 )
 from transferlab.data import DataSplits, build_splits
-from transferlab.errors import UserError
 from transferlab.runtime import pick_device
 
 log = logging.getLogger("transferlab")
@@ -109,30 +112,43 @@ def fit_logreg(arrays: dict[str, tuple[np.ndarray, np.ndarray]], c: float, max_i
     return out
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="transferlab-features",
-        description="Export a backbone's features of a dataset (train/val/test) to .npz.")
-    p.add_argument("overrides", nargs="*", help="config overrides, as for transferlab-train "
-                   "(backbone=..., dataset=..., dataset.root=...)")
-    p.add_argument("--output", type=Path, default=None,
-                   help="the .npz file (default: features_<dataset>_<backbone>.npz)")
-    return p
+SPEC = Spec(
+    prog="transferlab-features",
+    summary="Export a backbone's features of a dataset (every split: train, val and test when "
+            "there is one) to a .npz file: <split>_features, <split>_labels and classes. The "
+            "run is composed as transferlab-train composes it, from the same overrides.",
+    keys=(
+        Key("output", "the .npz file to write", Path, metavar="<file>",
+            default_text="features_<dataset>_<backbone>.npz"),
+    ),
+    overrides="a config override, as for transferlab-train: backbone=..., dataset=..., "
+              "dataset.root=..., trainer.device=cpu, +group=option, ~key (every argument "
+              "but output=)",
+    usage="transferlab-features [output=<file>] [<override> ...]",
+    examples=(
+        "transferlab-features dataset=hymenoptera output=feats.npz",
+        "transferlab-features backbone=resnet18 dataset=image_folder dataset.root=/data/pets",
+        "transferlab-features dataset=digits trainer.device=cpu output=digits_lite0.npz",
+    ),
+)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        run = load_config(compose_config(args.overrides), args.overrides)
-        splits, arrays = run_features(run)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    out = args.output or Path(f"features_{run.dataset.name}_{run.backbone.name}.npz")
+def run_cli(argv: list[str]) -> int:
+    """Compose the run from the overrides, extract its features, save them."""
+    args = parse(SPEC, argv)
+    run = load_config(compose_config(args.overrides), args.overrides)
+    splits, arrays = run_features(run)
+    out = args["output"] or Path(f"features_{run.dataset.name}_{run.backbone.name}.npz")
     save_npz(out, splits, arrays)
     shapes = ", ".join(f"{k} {v[0].shape}" for k, v in arrays.items())
     print(f"{shapes}; {len(splits.classes)} classes\nFeatures saved to: {out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``transferlab-features`` entry point; the exit code: 0, 2 after one
+    ``error: <message>`` line for a user error, 130 when interrupted."""
+    return run_main(run_cli, argv)
 
 
 if __name__ == "__main__":

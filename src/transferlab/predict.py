@@ -1,18 +1,20 @@
 """``transferlab-predict``: classify image files with a pretrained backbone or a trained run.
 
-    transferlab-predict --backbone efficientnet_lite0 cat.jpg photos/       # ImageNet top-5
-    transferlab-predict --backbone resnet50 --top-k 3 cat.jpg               # a backbone preset
-    transferlab-predict --backbone convnext_nano --backbone-source timm cat.jpg
-    transferlab-predict --run outputs/2026-11-23/10-00-00 photos/           # -> RUN/predictions.csv
-    transferlab-predict --run RUN --checkpoint last --output preds.csv photos/
+    transferlab-predict backbone=efficientnet_lite0 cat.jpg photos/         # ImageNet top-5
+    transferlab-predict backbone=resnet50 top_k=3 cat.jpg                   # a backbone preset
+    transferlab-predict backbone=convnext_nano backbone_source=timm cat.jpg
+    transferlab-predict run=outputs/runs/2026-11-23/10-00-00_... photos/    # -> RUN/predictions.csv
+    transferlab-predict run=RUN checkpoint=last output=preds.csv photos/
+    transferlab-predict --help                                              # every key
 
-Folders are searched recursively. Files that are not readable images are listed in one warning
-line and skipped; a missing input path, or no image at all, is a one-line error (exit code 2).
+Arguments are ``key=value``, as for ``transferlab-train`` (:mod:`transferlab.cli`); the other
+arguments are the image files and folders. Folders are searched recursively. Files that are not
+readable images are listed in one warning line and skipped; a missing input path, or no image at
+all, is a one-line error (exit code 2).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import sys
@@ -27,6 +29,7 @@ from torch import nn
 
 from transferlab.backbones import build_backbone
 from transferlab.checkpoint import load_checkpoint
+from transferlab.cli import Key, Spec, parse, positive_int, run_main
 from transferlab.config import BackboneConfig, compose_config, load_config
 from transferlab.data.transforms import eval_transform
 from transferlab.errors import UserError, did_you_mean
@@ -227,50 +230,96 @@ def write_csv(out: Path, rows: Iterator[tuple[Path, torch.Tensor]], classes: lis
 
 # -- command line --------------------------------------------------------------------------------
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="transferlab-predict",
-        description="Classify image files: ImageNet top-k with a pretrained backbone "
-                    "(--backbone), or a CSV of a trained run's predictions (--run).")
-    mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--backbone", help="a backbone preset (conf/backbone), or a torchvision "
-                                         "or timm model name")
-    mode.add_argument("--run", type=Path, help="a run directory written by transferlab-train")
-    parser.add_argument("--backbone-source", choices=("torchvision", "timm",
-                                                      "efficientnet_lite0_package"),
-                        help="where --backbone comes from (default: the preset, else guessed)")
-    parser.add_argument("--top-k", type=int, help="--backbone: classes shown per image (5)")
-    parser.add_argument("--checkpoint", choices=("best", "last"),
-                        help="--run: which checkpoint (best)")
-    parser.add_argument("--output", type=Path, help="--run: the CSV (RUN/predictions.csv)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per batch (32)")
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
-    args = parser.parse_args(argv)
-    if args.run is not None and (args.top_k is not None or args.backbone_source is not None):
-        parser.error("--top-k and --backbone-source go with --backbone, not --run")
-    if args.backbone is not None and (args.checkpoint is not None or args.output is not None):
-        parser.error("--checkpoint and --output go with --run, not --backbone")
-    if (args.top_k is not None and args.top_k < 1) or args.batch_size < 1:
-        parser.error("--top-k and --batch-size must be >= 1")
-    return args
+SPEC = Spec(
+    prog="transferlab-predict",
+    usage="transferlab-predict (backbone=<name> | run=<run dir>) [key=value ...] PATH [PATH ...]",
+    summary="Classify image files: the ImageNet top-k of a pretrained backbone (backbone=), or "
+            "a CSV of a trained run's predictions (run=). Give exactly one of backbone= and "
+            "run=. Folders are searched recursively; files that are not readable images are "
+            "skipped with one warning line.",
+    keys=(
+        Key("backbone", "a backbone preset (conf/backbone), or a torchvision or timm model name",
+            metavar="<name>"),
+        Key("run", "a run directory written by transferlab-train", Path, metavar="<run dir>"),
+        Key("backbone_source", "with backbone=: where the model comes from",
+            choices=tuple(BACKBONE_SOURCES.names()), default_text="the preset's, else guessed"),
+        Key("top_k", "with backbone=: classes shown per image", positive_int, 5),
+        Key("checkpoint", "with run=: which checkpoint of the run", default="best",
+            choices=("best", "last")),
+        Key("output", "with run=: the CSV to write", Path, metavar="<file>",
+            default_text="<run dir>/predictions.csv"),
+        Key("batch_size", "images per batch", positive_int, 32),
+        Key("device", "auto, cpu, cuda, cuda:N or mps", default="auto",
+            metavar="auto|cpu|cuda|..."),
+    ),
+    positionals="PATH",
+    positional_help="image files or folders (searched recursively)",
+    positionals_required=True,
+    notes=("A path whose text before its first '=' looks like a key (cat=1.jpg) is read as "
+           "key=value: write it as ./cat=1.jpg.",),
+    examples=(
+        "transferlab-predict backbone=efficientnet_lite0 top_k=3 cat.jpg photos/",
+        "transferlab-predict backbone=convnext_nano backbone_source=timm cat.jpg",
+        "transferlab-predict run=outputs/runs/2026-11-23/10-00-00_digits-efficientnet_lite0-"
+        "linear_probe photos/",
+        "transferlab-predict run=<run dir> checkpoint=last output=preds.csv photos/",
+    ),
+)
+IMAGENET_ONLY, RUN_ONLY = ("top_k", "backbone_source"), ("checkpoint", "output")
 
 
-def imagenet_mode(args: argparse.Namespace, inputs: Inputs) -> None:
+@dataclass
+class PredictArgs:
+    """The parsed command line: ``backbone`` or ``run`` (exactly one is set)."""
+
+    paths: list[str]
+    backbone: str | None = None
+    run: Path | None = None
+    backbone_source: str | None = None
+    top_k: int = 5
+    checkpoint: str = "best"
+    output: Path | None = None
+    batch_size: int = 32
+    device: str = "auto"
+
+
+def parse_args(argv: list[str]) -> PredictArgs:
+    """``key=value`` arguments and image paths -> :class:`PredictArgs`; mistakes are
+    UserErrors."""
+    parsed = parse(SPEC, argv)
+    given = parsed.given
+    if ("backbone" in given) == ("run" in given):
+        raise UserError("give exactly one of backbone=<name> (ImageNet top-k of a pretrained "
+                        "model) and run=<run dir> (a trained run's predictions)"
+                        if not given & {"backbone", "run"} else
+                        "backbone= and run= exclude each other: give one of them")
+    wrong, mode, other = ((IMAGENET_ONLY, "run", "backbone") if "run" in given
+                          else (RUN_ONLY, "backbone", "run"))
+    extra = [k for k in wrong if k in given]
+    if extra:
+        keys = " and ".join(f"{k}=" for k in extra)
+        raise UserError(f"{keys} {'go' if len(extra) > 1 else 'goes'} with {other}=, "
+                        f"not with {mode}=")
+    return PredictArgs(paths=parsed.positionals,
+                       **{k: parsed[k] for k in SPEC.key_names})
+
+
+def imagenet_mode(args: PredictArgs, inputs: Inputs) -> None:
     """Print the top-k ImageNet classes of each image."""
     predictor = imagenet_predictor(args.backbone, args.backbone_source)
     count = 0
-    for path, probs in predict(predictor, inputs, args.batch_size, pick_device("auto")):
-        print(format_top_k(path, probs, predictor.classes, args.top_k or 5), flush=True)
+    for path, probs in predict(predictor, inputs, args.batch_size, pick_device(args.device)):
+        print(format_top_k(path, probs, predictor.classes, args.top_k), flush=True)
         count += 1
     if count == 0:
         raise UserError(f"none of the {len(inputs.images)} image(s) could be decoded")
 
 
-def run_mode(args: argparse.Namespace, inputs: Inputs) -> None:
+def run_mode(args: PredictArgs, inputs: Inputs) -> None:
     """Write a trained run's predictions to a CSV and say where it went."""
-    predictor = run_predictor(args.run, args.checkpoint or "best")
+    predictor = run_predictor(args.run, args.checkpoint)
     out = args.output or args.run / "predictions.csv"
-    rows = predict(predictor, inputs, args.batch_size, pick_device("auto"))
+    rows = predict(predictor, inputs, args.batch_size, pick_device(args.device))
     count = write_csv(out, rows, predictor.classes)
     if count == 0:
         out.unlink()
@@ -278,18 +327,20 @@ def run_mode(args: argparse.Namespace, inputs: Inputs) -> None:
     print(f"Predictions for {count} image(s) written to: {out}", flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The ``transferlab-predict`` entry point; returns the exit code (2 on a user error)."""
+def run_cli(argv: list[str]) -> int:
+    """Parse, classify, warn about the skipped files."""
     args = parse_args(argv)
-    try:
-        inputs = gather_inputs(args.paths)
-        (run_mode if args.run is not None else imagenet_mode)(args, inputs)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+    inputs = gather_inputs(args.paths)
+    (run_mode if args.run is not None else imagenet_mode)(args, inputs)
     if inputs.skipped:
         print(skipped_warning(inputs.skipped), file=sys.stderr, flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``transferlab-predict`` entry point; the exit code: 0, 2 after one
+    ``error: <message>`` line for a user error, 130 when interrupted."""
+    return run_main(run_cli, argv)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from transferlab.cli import EXIT_JOB_FAILED, run_main
 from transferlab.config import composition_error
 from transferlab.config.store import register_configs
 from transferlab.errors import UserError
@@ -60,27 +61,25 @@ def _is_hydra_error(exc: BaseException) -> bool:
     return type(exc).__module__.split(".")[0] in ("hydra", "omegaconf")
 
 
-def main() -> None:
-    """Exit codes: 0 done, 1 a sweep job failed, 2 bad input, 130 interrupted."""
+def _cli(argv: list[str]) -> int:
     register_configs()
-    remember_swept_keys(sys.argv[1:])
+    remember_swept_keys(argv)
     # Hydra re-raises instead of printing its multi-line report: every error is ours to show.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
-        _main()
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
-        sys.exit(130)
+        _main()  # Hydra reads sys.argv itself
     except Exception as exc:
         if not _is_hydra_error(exc):
             raise  # a bug: the traceback is what to report
-        print(f"error: {composition_error(exc)}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    if SweepSummary.failed_jobs:
-        sys.exit(1)
+        raise composition_error(exc) from None
+    return EXIT_JOB_FAILED if SweepSummary.failed_jobs else 0
+
+
+def main() -> None:
+    """Exit codes as for every script (:func:`transferlab.cli.run_main`): 0 done, 1 a sweep
+    job failed, 2 bad input (one ``error:`` line), 130 and one ``interrupted`` line on
+    Ctrl-C."""
+    sys.exit(run_main(_cli))
 
 
 if __name__ == "__main__":
