@@ -4,12 +4,33 @@ list (``- /schema/optimizer/adam@_here_``)."""
 
 from __future__ import annotations
 
+from importlib import resources
+
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from transferlab.config.schema import GROUPS, RunConfig
 from transferlab.registry import BY_GROUP, load_builtins
 
 _done = False
+OPTIONS_RESOLVER = "transferlab_options"
+
+
+def options_text() -> str:
+    """``group: option, ...`` for every group of the packaged ``conf/`` (the help's list: the
+    schemas, which are not options, left out)."""
+    conf = resources.files("transferlab.conf")
+    lines = []
+    for group in sorted(p.name for p in conf.iterdir() if p.is_dir() and p.name[0] != "_"):
+        options = sorted(p.name[:-5] for p in conf.joinpath(group).iterdir()
+                         if p.name.endswith(".yaml"))
+        if options:
+            lines.append(f"{group}: {', '.join(options)}")
+    return "\n".join(lines) + "\n"
+
+
+if not OmegaConf.has_resolver(OPTIONS_RESOLVER):
+    OmegaConf.register_new_resolver(OPTIONS_RESOLVER, options_text)
 
 
 def register_configs() -> None:

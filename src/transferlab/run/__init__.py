@@ -103,18 +103,17 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
         run = cfg if isinstance(cfg, RunConfig) else load_config(cfg, overrides or [])
         seed_everything(run.seed, run.trainer.deterministic)
         built = build_run(run)
-        task = built.task
+        task, splits = built.task, built.splits
+        log.info("run %s: task %s, %s on %s (%d train / %d val images, %d classes, %dpx) on "
+                 "%s, precision %s", run.name, run.task.name, built.backbone.name,
+                 run.dataset.name, len(splits.train), len(splits.val), splits.num_classes,
+                 built.image_size, built.device, built.precision.label)
         tracker = RunTracker(run_dir, run.as_dict(),
                              run_hparams(run, overrides, built.total_epochs, task.unused_groups),
                              loss_tag=task.loss_tag)
     except BaseException as exc:
         write_failed_metrics(run_dir, exc)
         raise
-    splits = built.splits
-    log.info("run %s: task %s, %s on %s (%d train / %d val images, %d classes, %dpx) on %s, "
-             "precision %s", run.name, run.task.name, built.backbone.name, run.dataset.name,
-             len(splits.train), len(splits.val), splits.num_classes, built.image_size,
-             built.device, built.precision.label)
     with tracker.recording(task.curves_title(run)):
         _record_build(tracker, built)
         task.fit(built, tracker, run_dir)
