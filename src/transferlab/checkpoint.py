@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,9 @@ from torch import nn
 
 from transferlab.errors import UserError
 from transferlab.runtime import rng_state
+from transferlab.tracking import fsync_dir
 
-FORMAT = "transferlab-checkpoint/1"
+FORMAT = "transferlab-checkpoint/2"  # /2: the loop state a resume needs (``loop``)
 # Where the tensors of a checkpoint dict live, tried in order.
 STATE_KEYS = ("state_dict", "model_state_dict", "model")
 EXPECTED = ("a file written by torch.save holding a state dict (a transferlab checkpoint, "
@@ -86,8 +88,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def save_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                     epoch: int, stage_index: int, stage_name: str, config: dict,
-                    history: list[dict], best: dict | None, classes: list[str]) -> None:
-    """Write atomically (a crash mid-write never leaves a truncated ``last.pt``)."""
+                    history: list[dict], best: dict | None, classes: list[str],
+                    loop: dict[str, Any] | None = None) -> None:
+    """Write atomically and durably (a crash or SIGKILL mid-write never leaves a truncated
+    ``last.pt``: a temporary file, fsync, rename, fsync of the folder).
+
+    ``epoch`` is the last completed epoch; ``loop`` holds what an exact resume needs: the
+    global step, the stage schedule's step, the train loader's generator state, the data
+    fingerprint, and for a checkpoint written mid-epoch (an interrupt) the epoch's progress."""
     payload = {
         "format": FORMAT,
         "model": model.state_dict(),
@@ -99,15 +107,26 @@ def save_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
         "history": history,
         "best": best,
         "rng": rng_state(),
+        "loop": loop or {},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
+    with tmp.open("wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
-def save_epoch_checkpoints(run_dir: Path, improved: bool, **state: Any) -> None:
-    """``checkpoints/last.pt`` after every epoch, ``best.pt`` too when the epoch improved."""
-    save_checkpoint(Path(run_dir) / "checkpoints" / "last.pt", **state)
+def save_epoch_checkpoints(run_dir: Path, improved: bool, keep_every: bool = False,
+                           **state: Any) -> None:
+    """``checkpoints/last.pt`` after every epoch, ``best.pt`` too when the epoch improved, and
+    ``epoch_<N>.pt`` with ``keep_every`` (``trainer.checkpoint.keep=all``)."""
+    folder = Path(run_dir) / "checkpoints"
+    save_checkpoint(folder / "last.pt", **state)
     if improved:
-        save_checkpoint(Path(run_dir) / "checkpoints" / "best.pt", **state)
+        shutil.copyfile(folder / "last.pt", folder / "best.pt.tmp")
+        os.replace(folder / "best.pt.tmp", folder / "best.pt")
+    if keep_every:
+        shutil.copyfile(folder / "last.pt", folder / f"epoch_{state['epoch']}.pt")

@@ -21,11 +21,14 @@ class EpochStats:
     acc: float
     samples: int
     seconds: float
+    steps: int = 0  # batches of the epoch done (a stopped epoch: fewer than the loader's)
+    stopped: bool = False  # ended early by ``should_stop``
+    sums: tuple[float, int, int] = (0.0, 0, 0)  # loss sum, correct, count: to go on later
 
 
 class _Running:
-    def __init__(self):
-        self.loss_sum, self.correct, self.count = 0.0, 0, 0
+    def __init__(self, sums: tuple[float, int, int] = (0.0, 0, 0)):
+        self.loss_sum, self.correct, self.count = sums
 
     def update(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
         n = y.shape[0]
@@ -33,9 +36,10 @@ class _Running:
         self.correct += int((logits.argmax(1) == y).sum())
         self.count += n
 
-    def stats(self, seconds: float) -> EpochStats:
+    def stats(self, seconds: float, steps: int = 0, stopped: bool = False) -> EpochStats:
         n = max(self.count, 1)
-        return EpochStats(self.loss_sum / n, self.correct / n, self.count, seconds)
+        return EpochStats(self.loss_sum / n, self.correct / n, self.count, seconds, steps,
+                          stopped, (self.loss_sum, self.correct, self.count))
 
 
 def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool):
@@ -48,14 +52,21 @@ def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_
 def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
                     optimizer: torch.optim.Optimizer, device: torch.device, precision: Precision,
                     *, channels_last: bool = False, progress: bool = False, desc: str = "train",
-                    before_step: Callable[[torch.optim.Optimizer], None] | None = None
-                    ) -> EpochStats:
+                    before_step: Callable[[torch.optim.Optimizer], None] | None = None,
+                    should_stop: Callable[[], bool] | None = None,
+                    resume: EpochStats | None = None) -> EpochStats:
     """One pass over ``loader``; the caller has set train/eval modes and requires_grad.
 
     ``before_step(optimizer)`` runs before every optimizer step (LR schedule, LR logging).
+    ``should_stop()`` is asked after every step: when true, the pass ends there (``stopped``).
+    ``resume``: the stats of the part of this epoch done before an interrupt (the loader then
+    yields the rest of the epoch's batches only).
     """
-    start, running = time.perf_counter(), _Running()
-    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    start = time.perf_counter() - (resume.seconds if resume else 0.0)
+    running = _Running(resume.sums if resume else (0.0, 0, 0))
+    steps = resume.steps if resume else 0
+    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True,
+               initial=steps, total=len(loader))
     for x, y in bar:
         x, y = _to_device(x, y, device, channels_last)
         if before_step is not None:
@@ -68,10 +79,14 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
         precision.scaler.step(optimizer)
         precision.scaler.update()
         running.update(loss.detach(), logits.detach(), y)
+        steps += 1
         if progress:
             s = running.stats(0)
             bar.set_postfix(loss=f"{s.loss:.4f}", acc=f"{s.acc:.3f}")
-    return running.stats(time.perf_counter() - start)
+        if should_stop is not None and should_stop():
+            bar.close()
+            return running.stats(time.perf_counter() - start, steps, stopped=True)
+    return running.stats(time.perf_counter() - start, steps)
 
 
 @torch.no_grad()
@@ -93,10 +108,15 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device:
 def recon_epoch(model: nn.Module, loader: DataLoader, device: torch.device,
                 precision: Precision, optimizer: torch.optim.Optimizer | None = None,
                 before_step: Callable[[torch.optim.Optimizer], None] | None = None,
-                progress: bool = False, desc: str = "") -> tuple[float, float]:
-    """(mean reconstruction loss (MSE) per image, seconds) of one pass of an autoencoder: a
-    training pass when an ``optimizer`` is given, else an evaluation. Labels are ignored."""
-    start, total, count = time.perf_counter(), 0.0, 0
+                progress: bool = False, desc: str = "",
+                should_stop: Callable[[], bool] | None = None,
+                resume: EpochStats | None = None) -> EpochStats:
+    """One pass of an autoencoder (mean squared reconstruction error per image; ``acc`` is 0):
+    a training pass when an ``optimizer`` is given, else an evaluation. Labels are ignored.
+    ``should_stop`` and ``resume`` as for :func:`train_one_epoch`."""
+    start = time.perf_counter() - (resume.seconds if resume else 0.0)
+    total, _, count = resume.sums if resume else (0.0, 0, 0)
+    steps = resume.steps if resume else 0
     model.train(optimizer is not None)
     with torch.set_grad_enabled(optimizer is not None):
         for x, _ in tqdm(loader, desc=desc, leave=False, disable=not progress,
@@ -114,4 +134,13 @@ def recon_epoch(model: nn.Module, loader: DataLoader, device: torch.device,
                 precision.scaler.update()
             total += float(loss.detach()) * x.shape[0]
             count += x.shape[0]
-    return total / max(count, 1), time.perf_counter() - start
+            steps += 1
+            if should_stop is not None and should_stop():
+                return _recon_stats(total, count, start, steps, True)
+    return _recon_stats(total, count, start, steps, False)
+
+
+def _recon_stats(total: float, count: int, start: float, steps: int,
+                 stopped: bool) -> EpochStats:
+    return EpochStats(total / max(count, 1), 0.0, count, time.perf_counter() - start, steps,
+                      stopped, (total, 0, count))

@@ -17,6 +17,49 @@ from torch.utils.tensorboard.summary import hparams as hparams_summary
 from transferlab.errors import error_line
 
 HPARAM_METRICS = ("best_val_acc", "best_val_loss", "final_val_acc", "final_val_loss")
+RECORD_KEYS = ("status", "history", "best", "final", "params", "wall_seconds")
+
+
+class Interrupted(BaseException):  # noqa: N818 (as KeyboardInterrupt: not an error)
+    """A run stopped by SIGINT / SIGTERM after a checkpoint it can resume from."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def trim_events(tb_dir: Path, epoch: int, step: int) -> int:
+    """Drop the TensorBoard points written after a checkpoint, so that a resumed run continues
+    the same event stream without duplicates: per-step tags (``lr/...``) after ``step``, the
+    others (per epoch) after ``epoch``. Every event file of ``tb_dir`` is rewritten into one;
+    returns the number of points dropped."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from torch.utils.tensorboard.writer import FileWriter
+
+    files = sorted(tb_dir.glob("events.out.tfevents.*"))
+    if not files:
+        return 0
+    kept, dropped = [], 0
+    for path in files:
+        for event in EventFileLoader(str(path)).Load():
+            if event.HasField("file_version"):
+                continue
+            if event.HasField("summary"):
+                values = [v for v in event.summary.value
+                          if event.step <= (step if v.tag.startswith("lr/") else epoch)]
+                dropped += len(event.summary.value) - len(values)
+                if not values:
+                    continue
+                del event.summary.value[:]
+                event.summary.value.extend(values)
+            kept.append(event)
+    writer = FileWriter(str(tb_dir), filename_suffix=".resumed")
+    for event in kept:
+        writer.add_event(event, event.step, event.wall_time)
+    writer.close()
+    for path in files:
+        path.unlink()
+    return dropped
 
 
 def _hparam_value(value: Any) -> int | float | str | bool:
@@ -33,25 +76,44 @@ class RunTracker:
     """
 
     def __init__(self, run_dir: Path, config: dict, hparams: dict[str, Any],
-                 loss_tag: str = "loss"):
+                 loss_tag: str = "loss", resume: dict[str, Any] | None = None):
+        """``resume``: the checkpoint a resumed run goes on from (its ``epoch``, ``step``,
+        ``history`` and ``best``): the record continues where that checkpoint left it."""
         self.run_dir = run_dir
         self.loss_tag = loss_tag  # TensorBoard: <split>/<loss_tag> (the autoencoder: recon_loss)
         self.metrics_path = run_dir / "metrics.json"
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
         self.started = time.perf_counter()
-        self.history: list[dict] = []
-        self.best: dict | None = None
-        # where and when it ran (sweeps launched in parallel show their worker processes)
-        self.extra: dict[str, Any] = {
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
-            "pid": os.getpid()}
-        self.params: dict[str, int] = {}
         self.hparams = {k: _hparam_value(v) for k, v in hparams.items()}
-        text = yaml.safe_dump(config, sort_keys=False)
-        self.writer.add_text("config", "```yaml\n" + text + "\n```", 0)
-        for summary in hparams_summary(self.hparams, dict.fromkeys(
-                (f"hparam/{m}" for m in HPARAM_METRICS), 0.0)):
-            self.writer.file_writer.add_summary(summary)
+        self.params: dict[str, int] = {}
+        self.wall_before = 0.0  # seconds of the sessions before a resume
+        # where and when it ran (sweeps launched in parallel show their worker processes)
+        here = {"host": socket.gethostname(), "pid": os.getpid()}
+        if resume is None:
+            self.history: list[dict] = []
+            self.best: dict | None = None
+            self.extra: dict[str, Any] = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                          **here}
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
+            text = yaml.safe_dump(config, sort_keys=False)
+            self.writer.add_text("config", "```yaml\n" + text + "\n```", 0)
+            for summary in hparams_summary(self.hparams, dict.fromkeys(
+                    (f"hparam/{m}" for m in HPARAM_METRICS), 0.0)):
+                self.writer.file_writer.add_summary(summary)
+        else:
+            self.history = list(resume["history"])
+            self.best = resume["best"]
+            previous = _read_json(self.metrics_path)
+            self.extra = {k: v for k, v in previous.items() if k not in RECORD_KEYS}
+            self.extra.pop("error", None)
+            self.extra.pop("resume_command", None)
+            self.extra.update(here)
+            self.params = previous.get("params") or {}
+            self.wall_before = float(previous.get("wall_seconds") or 0.0)
+            self.extra["resumes"] = [*self.extra.get("resumes", []), {
+                "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from_epoch": resume["epoch"],
+                "from_step": resume["step"], "mid_epoch": resume.get("partial") is not None}]
+            trim_events(run_dir / "tb", resume["epoch"], resume["step"])
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
         self._write("running")
 
     # -- per step / per epoch -------------------------------------------------------------
@@ -124,6 +186,11 @@ class RunTracker:
             yield self
         except KeyboardInterrupt:
             status, error = "interrupted", "KeyboardInterrupt"
+            self._resume_hint()
+            raise
+        except Interrupted as stop:
+            status, error = "interrupted", f"signal {stop.signum}"
+            self._resume_hint()
             raise
         except Exception as exc:
             status, error = "failed", error_line(exc)
@@ -136,6 +203,10 @@ class RunTracker:
                                      curves_title)
             self.finish(status, error)
 
+    def _resume_hint(self) -> None:
+        if (self.run_dir / "checkpoints" / "last.pt").is_file():
+            self.extra["resume_command"] = f"transferlab-train resume={self.run_dir}"
+
     def _write(self, status: str) -> dict:
         final = self.history[-1] if self.history else None
         data = {
@@ -144,13 +215,44 @@ class RunTracker:
             "best": self.best,
             "final": _summary(final) if final else None,
             "params": self.params,
-            "wall_seconds": round(time.perf_counter() - self.started, 3),
+            "wall_seconds": round(self.wall_before + time.perf_counter() - self.started, 3),
             **self.extra,
         }
-        tmp = self.metrics_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        os.replace(tmp, self.metrics_path)
+        atomic_write_text(self.metrics_path, json.dumps(data, indent=2))
         return data
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file, fsync it, rename it over ``path``, fsync the folder:
+    a crash at any point leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _summary(record: dict) -> dict:

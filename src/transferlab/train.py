@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -20,12 +21,21 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from transferlab.checkpoint import load_checkpoint
 from transferlab.cli import EXIT_JOB_FAILED, run_main
-from transferlab.config import composition_error
+from transferlab.config import composition_error, load_config
 from transferlab.config.store import register_configs
 from transferlab.errors import UserError
-from transferlab.run import train
+from transferlab.run import RunResult, resume_run, train
+from transferlab.run.resume import (
+    clear_unfinished,
+    find_sweep,
+    job_action,
+    read_status,
+    same_config,
+)
 from transferlab.sweep import SweepSummary, remember_swept_keys
+from transferlab.tracking import Interrupted
 
 log = logging.getLogger("transferlab")
 
@@ -34,8 +44,12 @@ log = logging.getLogger("transferlab")
 def _main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    overrides = list(hc.overrides.task)
     try:
-        result = train(cfg, run_dir, overrides=list(hc.overrides.task))
+        if cfg.get("resume") == "auto":
+            result = _auto_job(cfg, run_dir, overrides)
+        else:
+            result = train(cfg, run_dir, overrides=overrides)
     except UserError as exc:
         if hc.mode != RunMode.MULTIRUN:
             # SystemExit passes through Hydra (it reports an Exception on lines of its own)
@@ -57,21 +71,86 @@ def _main(cfg: DictConfig) -> float | None:
     return result.best_val_acc
 
 
+def _auto_job(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> RunResult:
+    """A job of a sweep launched again with ``resume=auto``: skip it when it completed, go on
+    with it when it left a checkpoint, start it (again) otherwise."""
+    action = job_action(run_dir)
+    if action == "skip":
+        log.info("%s completed before: not run again", run_dir)
+        return RunResult(run_dir, read_status(run_dir))
+    if action == "busy":
+        raise UserError(f"{run_dir} is still running in another process")
+    if action == "resume":
+        saved = load_checkpoint(run_dir / "checkpoints" / "last.pt").get("config") or {}
+        differ = same_config(saved, load_config(cfg, overrides).as_dict())
+        if differ:
+            raise UserError(f"resume=auto: {run_dir} holds a run of another config ("
+                            f"{', '.join(differ[:5])} differ): launch the sweep as it was")
+        return resume_run(run_dir)
+    clear_unfinished(run_dir)
+    return train(cfg, run_dir, overrides=overrides)
+
+
+def _resume_one(run_dir: Path, overrides: list[str]) -> int:
+    """``transferlab-train resume=<run dir> [allowed overrides]``: no new composition, the
+    run's saved config; the log goes on in its ``train.log``."""
+    _log_to(run_dir / "train.log")
+    result = resume_run(run_dir, overrides)
+    print(f"\nRun saved to: {run_dir}\nOpen it in TensorBoard: tensorboard --logdir {run_dir}",
+          flush=True)
+    return 0 if result.metrics.get("status") == "completed" else EXIT_JOB_FAILED
+
+
+def _log_to(path: Path) -> None:
+    """The console and the run's log file, as Hydra's job logging sets them up."""
+    fmt = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(path, mode="a")):
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+
+
 def _is_hydra_error(exc: BaseException) -> bool:
     return type(exc).__module__.split(".")[0] in ("hydra", "omegaconf")
 
 
 def _cli(argv: list[str]) -> int:
     register_configs()
-    remember_swept_keys(argv)
-    # Hydra re-raises instead of printing its multi-line report: every error is ours to show.
-    os.environ["HYDRA_FULL_ERROR"] = "1"
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    resume = next((a.partition("=")[2] for a in argv if a.startswith("resume=")), None)
     try:
-        _main()  # Hydra reads sys.argv itself
-    except Exception as exc:
-        if not _is_hydra_error(exc):
-            raise  # a bug: the traceback is what to report
-        raise composition_error(exc) from None
+        if resume not in (None, "", "null", "auto"):
+            if multirun:
+                raise UserError("resume=<run dir> goes on with one run; to go on with a sweep, "
+                                "launch it again with resume=auto")
+            return _resume_one(Path(resume), [a for a in argv if not a.startswith("resume=")])
+        if resume == "auto":
+            if not multirun:
+                raise UserError("resume=auto is for sweeps (-m); go on with one run with "
+                                "resume=<run dir>")
+            if not any(a.startswith("hydra.sweep.dir=") for a in argv):
+                found = find_sweep(argv)
+                if found is not None:
+                    print(f"resume=auto: going on with {found}", flush=True)
+                    sys.argv.append(f"hydra.sweep.dir={found}")
+        remember_swept_keys(argv)
+        # Hydra re-raises instead of printing its multi-line report: every error is ours.
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+        try:
+            _main()  # Hydra reads sys.argv itself
+        except Exception as exc:
+            if not _is_hydra_error(exc):
+                raise  # a bug: the traceback is what to report
+            raise composition_error(exc) from None
+    except (Interrupted, KeyboardInterrupt) as stop:
+        where = getattr(stop, "run_dir", None)
+        again = (f": go on with transferlab-train resume={where}"
+                 if where and (where / "checkpoints" / "last.pt").is_file() else "")
+        signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
+        print(f"interrupted ({signal.Signals(signum).name}){again}", file=sys.stderr,
+              flush=True)
+        return 128 + signum
     return EXIT_JOB_FAILED if SweepSummary.failed_jobs else 0
 
 

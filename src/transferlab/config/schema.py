@@ -364,6 +364,7 @@ class TrainerConfig:
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     class_weights: str = "none"  # none | balanced: loss weights n / (k * count) per class
     sampler: str = "shuffle"  # shuffle | balanced: draw classes equally often (with replacement)
+    keep_checkpoints: str = "best_last"  # best_last: best.pt + last.pt; all: + epoch_<N>.pt
 
 
 @dataclass
@@ -401,6 +402,9 @@ class RunConfig:
     scheduler: SchedulerConfig = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    # null; a run directory to go on with (its saved config, not this one); or auto: in a
+    # sweep (-m), every job goes on with its own directory where that holds an unfinished run
+    resume: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The resolved config as plain data (saved in checkpoints and TensorBoard; read back

@@ -261,6 +261,7 @@ def _trainer(run: RunConfig) -> None:
     _in("trainer.label_smoothing", t.label_smoothing, 0, 1, hi_open=True)
     _one_of("trainer.class_weights", t.class_weights, CLASS_WEIGHTS)
     _one_of("trainer.sampler", t.sampler, SAMPLERS)
+    _one_of("trainer.keep_checkpoints", t.keep_checkpoints, ("best_last", "all"))
 
 
 def _task(run: RunConfig) -> None:

@@ -10,7 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    Sampler,
+    WeightedRandomSampler,
+)
 
 from transferlab.backbones import InputSpec
 from transferlab.config.schema import (
@@ -263,6 +269,26 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+class ResumableSampler(Sampler):
+    """A sampler that can start an epoch part-way: its next epoch draws the same order as it
+    would have (same generator, same draws) and leaves out the first ``skip_batches`` batches
+    (a run resumed from a checkpoint written mid-epoch)."""
+
+    def __init__(self, sampler: Sampler, batch_size: int):
+        self.sampler, self.batch_size = sampler, batch_size
+        self.skip_batches = 0
+
+    def __iter__(self):
+        indices = iter(self.sampler)
+        for _ in range(self.skip_batches * self.batch_size):
+            next(indices, None)
+        self.skip_batches = 0
+        yield from indices
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
 def make_loaders(splits: DataSplits, trainer: TrainerConfig, seed: int,
                  device: torch.device) -> tuple[DataLoader, DataLoader]:
     """Shuffled, seeded train loader and ordered val loader."""
@@ -275,15 +301,17 @@ def make_loaders(splits: DataSplits, trainer: TrainerConfig, seed: int,
     )
     bs = trainer.batch_size
     generator = torch.Generator().manual_seed(seed)
-    # A last batch of one sample breaks BatchNorm in train mode: drop it, keep all others.
-    order: dict = {"shuffle": True}
     if trainer.sampler == "balanced":  # every class drawn equally often, with replacement
         per_class = splits.class_counts()
         weights = [1.0 / per_class[y] for y in splits.train_labels]
-        order = {"sampler": WeightedRandomSampler(weights, len(weights), replacement=True,
-                                                  generator=generator)}
+        order: Sampler = WeightedRandomSampler(weights, len(weights), replacement=True,
+                                               generator=generator)
+    else:
+        order = RandomSampler(splits.train, generator=generator)
+    # A last batch of one sample breaks BatchNorm in train mode: drop it, keep all others.
     train = DataLoader(splits.train, batch_size=bs, generator=generator,
-                       drop_last=len(splits.train) % bs == 1, **order, **common)
+                       sampler=ResumableSampler(order, bs),
+                       drop_last=len(splits.train) % bs == 1, **common)
     val = DataLoader(splits.val, batch_size=trainer.eval_batch_size or 2 * bs, shuffle=False,
                      **common)
     return train, val

@@ -13,16 +13,19 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
 from transferlab.backbone_init import format_report, report_summary
 from transferlab.config import RunConfig, load_config
-from transferlab.errors import error_line
+from transferlab.errors import UserError, error_line
 from transferlab.run.build import BuiltRun, build_run
 from transferlab.runtime import seed_everything
-from transferlab.tracking import RunTracker
+from transferlab.tracking import Interrupted, RunTracker
+
+if TYPE_CHECKING:
+    from transferlab.run.resume import ResumePoint
 
 log = logging.getLogger("transferlab")
 
@@ -52,6 +55,8 @@ def run_hparams(run: RunConfig, overrides: list[str] | None, epochs: int,
         hp.pop(key, None)
     for item in overrides or []:
         key, _, value = item.lstrip("+~").partition("=")
+        if key == "resume":
+            continue
         if key and ("." in key or key not in hp) and key.split(".")[0] not in leave_out:
             hp[key] = _scalar(value)
     return hp
@@ -96,13 +101,62 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
     """Train one composed config; write every artifact under ``run_dir``.
 
     However it ends, ``metrics.json`` says so: ``completed``, or ``failed`` (with the error's
-    first line) / ``interrupted`` at whatever step it stopped, config and build included."""
+    first line) / ``interrupted`` (with the command that resumes it) at whatever step it
+    stopped, config and build included."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         run = cfg if isinstance(cfg, RunConfig) else load_config(cfg, overrides or [])
+    except BaseException as exc:
+        write_failed_metrics(run_dir, exc)
+        raise
+    return _execute(run, run_dir, overrides, None)
+
+
+def resume_run(run_dir: str | Path, overrides: list[str] | None = None) -> RunResult:
+    """Go on with the run in ``run_dir`` from its ``checkpoints/last.pt`` (see
+    :mod:`transferlab.run.resume`). ``overrides``: only those that cannot change the result
+    (``trainer.progress``, ``trainer.num_workers``) or extend the last stage
+    (``trainer.epochs``, ``freeze.finetune_epochs``)."""
+    from transferlab.run.resume import (
+        ResumePoint,
+        read_status,
+        resume_checkpoint,
+        resumed_config,
+        still_running,
+    )
+
+    run_dir = Path(run_dir)
+    status = read_status(run_dir)
+    if still_running(status):
+        raise UserError(f"resume={run_dir}: the run is still going (pid {status['pid']} on "
+                        "this host)")
+    ckpt = resume_checkpoint(run_dir)
+    point = ResumePoint.from_checkpoint(ckpt)
+    raw = resumed_config(ckpt["config"], list(overrides or []), point.epoch)
+    run = load_config(raw)
+    total = run.trainer.epochs if run.task.name == "autoencoder" else run.freeze.total_epochs
+    if status.get("status") == "completed" and point.epoch >= total and point.partial is None:
+        raise UserError(f"resume={run_dir}: the run is completed ({point.epoch} epochs): nothing "
+                        "to resume; give it more with trainer.epochs=N (two_stage: "
+                        "freeze.finetune_epochs=N)")
+    log.info("resuming %s from epoch %d%s", run_dir, point.epoch,
+             f" (+{point.partial['steps']} steps of epoch {point.partial['epoch']})"
+             if point.partial else "")
+    return _execute(run, run_dir, overrides, point)
+
+
+def _execute(run: RunConfig, run_dir: Path, overrides: list[str] | None,
+             resume: ResumePoint | None) -> RunResult:
+    """Build, open the record, run the task's loop: the part every run and resume share."""
+    from transferlab.run.resume import check_data
+
+    try:
         seed_everything(run.seed, run.trainer.deterministic)
         built = build_run(run)
+        if resume is not None:
+            check_data(resume.data, built.data_fingerprint())
+            built.resume = resume
         task, splits = built.task, built.splits
         log.info("run %s: task %s, %s on %s (%d train / %d val images, %d classes, %dpx) on "
                  "%s, precision %s", run.name, run.task.name, built.backbone.name,
@@ -110,12 +164,19 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
                  built.image_size, built.device, built.precision.label)
         tracker = RunTracker(run_dir, run.as_dict(),
                              run_hparams(run, overrides, built.total_epochs, task.unused_groups),
-                             loss_tag=task.loss_tag)
+                             loss_tag=task.loss_tag,
+                             resume=resume.record() if resume is not None else None)
     except BaseException as exc:
-        write_failed_metrics(run_dir, exc)
+        if resume is None:  # a resume that cannot start leaves the record as it was
+            write_failed_metrics(run_dir, exc)
         raise
-    with tracker.recording(task.curves_title(run)):
-        _record_build(tracker, built)
-        task.fit(built, tracker, run_dir)
+    try:
+        with tracker.recording(task.curves_title(run)):
+            if resume is None:
+                _record_build(tracker, built)
+            task.fit(built, tracker, run_dir)
+    except (Interrupted, KeyboardInterrupt) as stop:
+        stop.run_dir = run_dir  # for the message that says how to go on
+        raise
     log.info(task.summary(tracker.metrics, run_dir))
     return RunResult(run_dir, tracker.metrics, built)

@@ -23,6 +23,7 @@ from transferlab.registry import TASKS
 from transferlab.runtime import Precision, pick_device
 
 if TYPE_CHECKING:
+    from transferlab.run.resume import ResumePoint
     from transferlab.run.tasks import Task
 
 log = logging.getLogger("transferlab")
@@ -43,6 +44,19 @@ class BuiltRun:
     model: nn.Module | None  # None for a classical head (fitted on extracted features)
     plans: list[StagePlan] = field(default_factory=list)
     init_report: LoadReport | None = None
+    resume: ResumePoint | None = None  # where a resumed run goes on
+
+    @property
+    def channels_last(self) -> bool:
+        """Channels-last memory format: asked for, and the features are a map."""
+        return self.run.trainer.channels_last and len(self.feature_shape) == 3
+
+    def data_fingerprint(self) -> dict:
+        """What a resume checks has not changed on disk: split sizes and classes."""
+        splits = self.splits
+        return {"train": len(splits.train), "val": len(splits.val),
+                "test": len(splits.test) if splits.test is not None else 0,
+                "classes": list(splits.classes)}
 
     @property
     def total_epochs(self) -> int:

@@ -10,8 +10,11 @@ RunTracker`) are the same for every task.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
+import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -28,20 +31,24 @@ from transferlab.config import (
     TaskConfig,
 )
 from transferlab.data import make_loaders
-from transferlab.loop import evaluate, recon_epoch, train_one_epoch
+from transferlab.loop import EpochStats, evaluate, recon_epoch, train_one_epoch
 from transferlab.optim import stage_optimizer
 from transferlab.policy import ParamGroup, StagePlan, apply_stage, plan_stages, set_train_mode
 from transferlab.registry import TASKS
 from transferlab.run.build import BuiltRun, build_classifier
+from transferlab.runtime import set_rng_state
 from transferlab.schedule import StageSchedule
 from transferlab.summary import stage_table
-from transferlab.tracking import RunTracker
+from transferlab.tracking import Interrupted, RunTracker
 
 log = logging.getLogger("transferlab")
 
 
 class Task:
-    """The interface of a task (the defaults suit a network trained by stages)."""
+    """A task: its model and stages (:mod:`transferlab.run.build` asks for them) and its loop.
+    The loop (:meth:`fit`) is the same for every network task: stages in order, epochs, the
+    record and the checkpoints, resume and clean stops; a task says how one epoch trains
+    (:meth:`train_epoch`), evaluates (:meth:`eval_epoch`) and what its record holds."""
 
     loss_tag = "loss"  # TensorBoard: <split>/<loss_tag>
     unused_groups: tuple[str, ...] = ()  # config groups left out of its HParams record
@@ -59,22 +66,157 @@ class Task:
     def curves_title(self, run: RunConfig) -> str | None:
         return run.name
 
-    def fit(self, built: BuiltRun, tracker: RunTracker, run_dir: Path) -> None:
-        raise NotImplementedError
-
     def summary(self, metrics: dict, run_dir: Path) -> str:
         best, final = metrics["best"], metrics["final"]
         return (f"best val acc {best['val_acc']:.4f} (epoch {best['epoch']}), final val acc "
                 f"{final['val_acc']:.4f}, {metrics['wall_seconds']:.1f}s")
 
+    # -- the epoch, as a task trains it ----------------------------------------------------
+    def start(self, built: BuiltRun, tracker: RunTracker) -> None:
+        """Before the first epoch (a resumed run too)."""
+
+    def train_epoch(self, built: BuiltRun, loader, optimizer, **kwargs) -> EpochStats:
+        raise NotImplementedError
+
+    def eval_epoch(self, built: BuiltRun, loader) -> EpochStats:
+        raise NotImplementedError
+
+    def record(self, epoch: int, plan: StagePlan, tr: EpochStats, va: EpochStats) -> dict:
+        return {"epoch": epoch, "stage": plan.name, "train_loss": tr.loss, "train_acc": tr.acc,
+                "val_loss": va.loss, "val_acc": va.acc}
+
+    def after_epoch(self, built: BuiltRun, tracker: RunTracker, epoch: int) -> None:
+        """After an epoch is recorded (e.g. images of it in TensorBoard)."""
+
+    def log_line(self, record: dict, total_epochs: int, improved: bool) -> str:
+        return (f"epoch {record['epoch']}/{total_epochs} [{record['stage']}] train loss "
+                f"{record['train_loss']:.4f} acc {record['train_acc']:.4f} | val loss "
+                f"{record['val_loss']:.4f} acc {record['val_acc']:.4f} | "
+                f"{record['seconds']:.1f}s{'  *best' if improved else ''}")
+
+    # -- the loop --------------------------------------------------------------------------
+    def fit(self, built: BuiltRun, tracker: RunTracker, run_dir: Path) -> None:
+        """Every stage's epochs, from the start or from ``built.resume``; stops cleanly (a
+        checkpoint, then :class:`Interrupted`) on SIGINT / SIGTERM."""
+        run, model, device, resume = built.run, built.model, built.device, built.resume
+        if resume is not None:
+            model.load_state_dict(resume.model)
+        model.to(device)
+        if built.channels_last:
+            model.to(memory_format=torch.channels_last)
+        train_loader, val_loader = make_loaders(built.splits, run.trainer, run.seed, device)
+        if train_loader.persistent_workers:  # its one base seed is drawn now, as on a resume
+            iter(train_loader)
+        self.start(built, tracker)
+        before_step = BeforeStep(tracker, run.trainer.log_every_n_steps)
+        optimizer, total_epochs = None, built.total_epochs
+        partial = None
+        if resume is not None:
+            before_step.step = resume.step
+            partial = resume.partial
+            set_rng_state(resume.rng)
+            train_loader.generator.set_state(resume.generator)
+        with StopRequest().installed() as stop:
+            for plan in built.plans:
+                if plan.spec.epochs == 0 or (resume is not None and
+                                             plan.index < resume.stage_index):
+                    continue
+                apply_stage(model, plan)
+                resuming = resume is not None and plan.index == resume.stage_index
+                optimizer = stage_optimizer(model, plan, run.optimizer,
+                                            None if resuming else optimizer)
+                schedule = StageSchedule(plan.spec.scheduler or run.scheduler, plan.spec.epochs,
+                                         len(train_loader))
+                first = plan.first_epoch
+                if resuming:
+                    optimizer.load_state_dict(resume.optimizer)
+                    schedule.step = resume.schedule_step
+                    first = partial["epoch"] if partial else resume.epoch + 1
+                before_step.schedule = schedule
+                tracker.params = {"total": sum(p.numel() for p in model.parameters()),
+                                  "trainable": sum(p.numel() for p in model.parameters()
+                                                   if p.requires_grad)}
+                if first == plan.first_epoch and partial is None:
+                    table = stage_table(model, built.backbone, plan)
+                    log.info("\n%s", table)
+                    tracker.log_text(f"summary/{plan.name}", table, plan.first_epoch)
+                for epoch in range(first, plan.last_epoch + 1):
+                    set_train_mode(model, plan)
+                    done = None
+                    if partial is not None:  # the rest of an epoch stopped part-way
+                        train_loader.sampler.skip_batches = partial["steps"]
+                        done = EpochStats(0.0, 0.0, 0, partial["seconds"], partial["steps"],
+                                          sums=tuple(partial["sums"]))
+                        partial = None
+                    generator = train_loader.generator.get_state()  # this epoch's order
+                    tr = self.train_epoch(built, train_loader, optimizer,
+                                          before_step=before_step, should_stop=stop,
+                                          resume=done,
+                                          desc=f"epoch {epoch}/{total_epochs} [{plan.name}]")
+                    state = dict(step=before_step.step, schedule_step=schedule.step)
+                    if tr.stopped and tr.steps < len(train_loader):
+                        _checkpoint(built, tracker, run_dir, optimizer, epoch - 1, plan,
+                                    False, dict(state, generator=generator, partial={
+                                        "epoch": epoch, "steps": tr.steps,
+                                        "sums": list(tr.sums), "seconds": tr.seconds}))
+                        raise Interrupted(stop.signum)
+                    va = self.eval_epoch(built, val_loader)
+                    record = {**self.record(epoch, plan, tr, va),
+                              "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
+                              "seconds": round(tr.seconds + va.seconds, 3)}
+                    improved = tracker.log_epoch(record, plan.index)
+                    self.after_epoch(built, tracker, epoch)
+                    log.info(self.log_line(record, total_epochs, improved))
+                    _checkpoint(built, tracker, run_dir, optimizer, epoch, plan, improved,
+                                dict(state, generator=train_loader.generator.get_state()))
+                    if stop():
+                        raise Interrupted(stop.signum)
+
+
+class StopRequest:
+    """SIGINT / SIGTERM ask the loop to stop after the current step (it then writes a
+    checkpoint and raises :class:`Interrupted`); a second Ctrl-C stops at once. Calling it
+    says whether a stop was asked for."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("%s: finishing the current step, then saving a checkpoint to resume "
+                    "from (Ctrl-C again to stop at once)", signal.Signals(signum).name)
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # signal handlers belong to the main thread (e.g. a joblib worker's)
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in previous:
+            signal.signal(s, self._handle)
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
 
 def _checkpoint(built: BuiltRun, tracker: RunTracker, run_dir: Path, optimizer, epoch: int,
-                plan: StagePlan, improved: bool) -> None:
-    save_epoch_checkpoints(run_dir, improved, model=built.model, optimizer=optimizer,
-                           epoch=epoch, stage_index=plan.index, stage_name=plan.name,
-                           config=built.run.as_dict(), history=tracker.history, best=tracker.best,
-                           classes=built.splits.classes if built.run.task.name == "classify"
-                           else [])
+                plan: StagePlan, improved: bool, loop: dict) -> None:
+    """``last.pt`` (and ``best.pt``): ``epoch`` is the last completed one."""
+    loop = {**loop, "data": built.data_fingerprint()}
+    save_epoch_checkpoints(run_dir, improved, keep_every=built.run.trainer.keep_checkpoints ==
+                           "all" and "partial" not in loop,
+                           model=built.model, optimizer=optimizer, epoch=epoch,
+                           stage_index=plan.index, stage_name=plan.name,
+                           config=built.run.as_dict(), history=tracker.history,
+                           best=tracker.best, classes=built.splits.classes
+                           if built.run.task.name == "classify" else [], loop=loop)
 
 
 class BeforeStep:
@@ -112,54 +254,26 @@ class Classify(Task):
     def fit(self, built: BuiltRun, tracker: RunTracker, run_dir: Path) -> None:
         if built.model is None:
             return fit_logreg_head(built, tracker, run_dir)
-        run, model, device = built.run, built.model, built.device
-        channels_last = run.trainer.channels_last and len(built.feature_shape) == 3
-        model.to(device)
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-        log_training_samples(tracker, built.splits.train, built.backbone.input)
-        train_loader, val_loader = make_loaders(built.splits, run.trainer, run.seed, device)
-        weights = (built.splits.class_weights().to(device)
+        return super().fit(built, tracker, run_dir)
+
+    def start(self, built: BuiltRun, tracker: RunTracker) -> None:
+        run = built.run
+        if built.resume is None:
+            log_training_samples(tracker, built.splits.train, built.backbone.input)
+        weights = (built.splits.class_weights().to(built.device)
                    if run.trainer.class_weights == "balanced" else None)
-        criterion = nn.CrossEntropyLoss(weight=weights,
-                                        label_smoothing=run.trainer.label_smoothing)
-        val_criterion = nn.CrossEntropyLoss()  # plain: val losses compare across runs
-        before_step = BeforeStep(tracker, run.trainer.log_every_n_steps)
-        optimizer, total_epochs = None, built.total_epochs
-        for plan in built.plans:
-            if plan.spec.epochs == 0:
-                continue
-            apply_stage(model, plan)
-            optimizer = stage_optimizer(model, plan, run.optimizer, optimizer)
-            before_step.schedule = StageSchedule(plan.spec.scheduler or run.scheduler,
-                                                 plan.spec.epochs, len(train_loader))
-            tracker.params = {"total": sum(p.numel() for p in model.parameters()),
-                              "trainable": sum(p.numel() for p in model.parameters()
-                                               if p.requires_grad)}
-            table = stage_table(model, built.backbone, plan)
-            log.info("\n%s", table)
-            tracker.log_text(f"summary/{plan.name}", table, plan.first_epoch)
-            for epoch in range(plan.first_epoch, plan.last_epoch + 1):
-                set_train_mode(model, plan)
-                tr = train_one_epoch(model, train_loader, criterion, optimizer, device,
-                                     built.precision, channels_last=channels_last,
-                                     progress=built.progress,
-                                     desc=f"epoch {epoch}/{total_epochs} [{plan.name}]",
-                                     before_step=before_step)
-                va = evaluate(model, val_loader, val_criterion, device, built.precision,
-                              channels_last=channels_last, progress=built.progress)
-                record = {
-                    "epoch": epoch, "stage": plan.name,
-                    "train_loss": tr.loss, "train_acc": tr.acc,
-                    "val_loss": va.loss, "val_acc": va.acc,
-                    "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
-                    "seconds": round(tr.seconds + va.seconds, 3),
-                }
-                improved = tracker.log_epoch(record, plan.index)
-                log.info("epoch %d/%d [%s] train loss %.4f acc %.4f | val loss %.4f acc %.4f | "
-                         "%.1fs%s", epoch, total_epochs, plan.name, tr.loss, tr.acc, va.loss,
-                         va.acc, record["seconds"], "  *best" if improved else "")
-                _checkpoint(built, tracker, run_dir, optimizer, epoch, plan, improved)
+        self.criterion = nn.CrossEntropyLoss(weight=weights,
+                                             label_smoothing=run.trainer.label_smoothing)
+        self.val_criterion = nn.CrossEntropyLoss()  # plain: val losses compare across runs
+
+    def train_epoch(self, built: BuiltRun, loader, optimizer, **kwargs) -> EpochStats:
+        return train_one_epoch(built.model, loader, self.criterion, optimizer, built.device,
+                               built.precision, channels_last=built.channels_last,
+                               progress=built.progress, **kwargs)
+
+    def eval_epoch(self, built: BuiltRun, loader) -> EpochStats:
+        return evaluate(built.model, loader, self.val_criterion, built.device, built.precision,
+                        channels_last=built.channels_last, progress=built.progress)
 
 
 def log_training_samples(tracker: RunTracker, dataset, spec, n: int = 16) -> None:
@@ -222,38 +336,33 @@ class Autoencode(Task):
         spec = StageSpec(AUTOENCODER_STAGE, epochs, [SelectorSpec("all")], bn="train")
         return [StagePlan(0, spec, [ParamGroup("all", names, built.run.optimizer.lr)], 1)]
 
-    def fit(self, built: BuiltRun, tracker: RunTracker, run_dir: Path) -> None:
-        run, model, device, plan = built.run, built.model, built.device, built.plans[0]
-        task: AutoencoderTaskConfig = run.task
-        model.to(device)
-        train_loader, val_loader = make_loaders(built.splits, run.trainer, run.seed, device)
-        optimizer = stage_optimizer(model, plan, run.optimizer, None)
-        before_step = BeforeStep(tracker, run.trainer.log_every_n_steps)
-        before_step.schedule = StageSchedule(run.scheduler, plan.spec.epochs, len(train_loader))
-        n = sum(p.numel() for p in model.parameters())
-        tracker.params = {"total": n, "trainable": n}
-        shown = min(task.reconstructions, len(built.splits.val))
-        samples = torch.stack([built.splits.val[i][0] for i in range(shown)]) if shown else None
-        epochs = plan.spec.epochs
-        for epoch in range(1, epochs + 1):
-            train_loss, train_s = recon_epoch(model, train_loader, device, built.precision,
-                                              optimizer, before_step, built.progress,
-                                              f"epoch {epoch}/{epochs}")
-            val_loss, val_s = recon_epoch(model, val_loader, device, built.precision,
-                                          progress=built.progress, desc="val")
-            record = {"epoch": epoch, "stage": AUTOENCODER_STAGE, "train_loss": train_loss,
-                      "val_loss": val_loss,
-                      "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
-                      "seconds": round(train_s + val_s, 3)}
-            improved = tracker.log_epoch(record, 0)
-            if samples is not None:
-                grid = reconstruction_grid(model, samples, built.backbone.input.mean,
-                                           built.backbone.input.std, device)
-                tracker.log_images("recon/val", grid, epoch, nrow=shown)
-            log.info("epoch %d/%d [%s] train recon loss %.4f | val recon loss %.4f | %.1fs%s",
-                     epoch, epochs, AUTOENCODER_STAGE, train_loss, val_loss, record["seconds"],
-                     "  *best" if improved else "")
-            _checkpoint(built, tracker, run_dir, optimizer, epoch, plan, improved)
+    def start(self, built: BuiltRun, tracker: RunTracker) -> None:
+        task: AutoencoderTaskConfig = built.run.task
+        self.shown = min(task.reconstructions, len(built.splits.val))
+        self.samples = (torch.stack([built.splits.val[i][0] for i in range(self.shown)])
+                        if self.shown else None)
+
+    def train_epoch(self, built: BuiltRun, loader, optimizer, **kwargs) -> EpochStats:
+        return recon_epoch(built.model, loader, built.device, built.precision, optimizer,
+                           progress=built.progress, **kwargs)
+
+    def eval_epoch(self, built: BuiltRun, loader) -> EpochStats:
+        return recon_epoch(built.model, loader, built.device, built.precision,
+                           progress=built.progress, desc="val")
+
+    def record(self, epoch: int, plan: StagePlan, tr: EpochStats, va: EpochStats) -> dict:
+        return {"epoch": epoch, "stage": plan.name, "train_loss": tr.loss, "val_loss": va.loss}
+
+    def after_epoch(self, built: BuiltRun, tracker: RunTracker, epoch: int) -> None:
+        if self.samples is not None:
+            grid = reconstruction_grid(built.model, self.samples, built.backbone.input.mean,
+                                       built.backbone.input.std, built.device)
+            tracker.log_images("recon/val", grid, epoch, nrow=self.shown)
+
+    def log_line(self, record: dict, total_epochs: int, improved: bool) -> str:
+        return (f"epoch {record['epoch']}/{total_epochs} [{record['stage']}] train recon loss "
+                f"{record['train_loss']:.4f} | val recon loss {record['val_loss']:.4f} | "
+                f"{record['seconds']:.1f}s{'  *best' if improved else ''}")
 
     def summary(self, metrics: dict, run_dir: Path) -> str:
         best = metrics["best"]

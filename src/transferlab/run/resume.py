@@ -1,0 +1,234 @@
+"""Going on with an interrupted run from its ``checkpoints/last.pt``, exactly.
+
+The checkpoint holds the model, the optimizer of the stage it was written in, the RNG states,
+the train loader's generator, the stage schedule's position, the global step, the record so
+far and, when it was written by a clean stop (SIGINT / SIGTERM) part-way through an epoch, how
+far that epoch got. A resumed run rebuilds everything from the saved config, puts that state
+back and trains the rest: it ends with the same weights as a run that was never interrupted
+(bit for bit on the CPU with ``trainer.deterministic=true``; with loader processes and random
+augmentation the augmentation draws after the resume differ).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from transferlab.checkpoint import FORMAT, load_checkpoint
+from transferlab.config.validate import override_key
+from transferlab.errors import UserError
+
+# Overrides a resume takes: they cannot change the result (or extend the last stage).
+RESUME_OVERRIDES = ("trainer.progress", "trainer.num_workers", "trainer.epochs",
+                    "freeze.finetune_epochs")
+
+
+@dataclass
+class ResumePoint:
+    """Where a resumed run goes on (read from a checkpoint)."""
+
+    epoch: int  # the last completed epoch
+    stage_index: int  # the stage whose optimizer the checkpoint holds
+    step: int  # optimizer steps so far
+    schedule_step: int  # steps of that stage so far
+    generator: torch.Tensor  # the train loader's generator at the start of the next epoch
+    model: dict  # the model's state dict
+    optimizer: dict
+    rng: dict
+    history: list[dict]
+    best: dict | None
+    data: dict
+    partial: dict | None = None  # an epoch stopped part-way: {epoch, steps, sums, seconds}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> ResumePoint:
+        loop = ckpt["loop"]
+        return cls(epoch=int(ckpt["epoch"]), stage_index=int(ckpt["stage"]["index"]),
+                   step=int(loop["step"]), schedule_step=int(loop["schedule_step"]),
+                   generator=loop["generator"], model=ckpt["model"],
+                   optimizer=ckpt["optimizer"], rng=ckpt["rng"],
+                   history=list(ckpt["history"]), best=ckpt["best"], data=loop["data"],
+                   partial=loop.get("partial"))
+
+    def record(self) -> dict[str, Any]:
+        """What the run's record goes on from."""
+        return {"epoch": self.epoch, "step": self.step, "history": self.history,
+                "best": self.best, "partial": self.partial}
+
+
+def read_status(run_dir: Path) -> dict[str, Any]:
+    """The run's ``metrics.json`` ({} when there is none or it is unreadable)."""
+    try:
+        data = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def still_running(status: dict) -> bool:
+    """A ``running`` record whose process is alive on this host."""
+    return (status.get("status") == "running" and status.get("host") == socket.gethostname()
+            and isinstance(status.get("pid"), int) and status["pid"] != os.getpid()
+            and _alive(status["pid"]))
+
+
+def resume_checkpoint(run_dir: Path) -> dict:
+    """``run_dir``'s ``last.pt``, checked to be a checkpoint this version resumes."""
+    if not run_dir.is_dir():
+        raise UserError(f"resume={run_dir}: no such directory")
+    path = run_dir / "checkpoints" / "last.pt"
+    if not path.is_file():
+        if not (run_dir / "metrics.json").is_file() and not (run_dir / ".hydra").is_dir():
+            raise UserError(f"resume={run_dir}: not a transferlab run directory (no "
+                            "metrics.json, no checkpoints/last.pt)")
+        raise UserError(f"resume={run_dir}: the run saved no checkpoint (no epoch finished): "
+                        "start it again")
+    ckpt = load_checkpoint(path)
+    if ckpt.get("format") != FORMAT or not isinstance(ckpt.get("loop"), dict) \
+            or "generator" not in ckpt["loop"]:
+        raise UserError(f"resume={run_dir}: {path} was written by another transferlab version "
+                        f"(format {ckpt.get('format')!r}; this one resumes {FORMAT!r}); start "
+                        "the run again")
+    return ckpt
+
+
+def resumed_config(saved: dict, overrides: list[str], done_epochs: int) -> dict:
+    """The saved config with the overrides a resume takes applied; anything else refused."""
+    raw = copy.deepcopy(saved)
+    raw["resume"] = None
+    for item in overrides:
+        key, _, value = item.lstrip("+").partition("=")
+        key = override_key(item)
+        if key not in RESUME_OVERRIDES:
+            raise UserError(f"resume takes the run's saved config: {item!r} would change it "
+                            f"(a resume takes only {', '.join(RESUME_OVERRIDES)})")
+        if key in ("trainer.progress", "trainer.num_workers"):
+            section, field = key.split(".")
+            raw[section][field] = None if value == "null" else _value(value)
+            continue
+        epochs = _value(value)
+        stages = raw["freeze"]["stages"]
+        if key == "trainer.epochs":
+            single = raw["task"]["name"] == "autoencoder" or (
+                len(stages) == 1 and stages[0]["epochs"] == raw["trainer"]["epochs"])
+            if not single:
+                raise UserError("trainer.epochs extends a run of one stage of trainer.epochs; "
+                                "this one's last stage: give its own epochs (two_stage: "
+                                "freeze.finetune_epochs=N)")
+            raw["trainer"]["epochs"] = epochs
+            for stage in stages:
+                stage["epochs"] = epochs
+        else:
+            if raw["freeze"].get("name") != "two_stage" or "finetune_epochs" not in raw["freeze"]:
+                raise UserError("freeze.finetune_epochs extends a two_stage run only")
+            raw["freeze"]["finetune_epochs"] = epochs
+            stages[-1]["epochs"] = epochs
+    total = raw["trainer"]["epochs"] if raw["task"]["name"] == "autoencoder" else sum(
+        s["epochs"] for s in raw["freeze"]["stages"])
+    if not isinstance(total, int) or total < done_epochs:
+        raise UserError(f"the run has done {done_epochs} epochs: extend it to at least that many "
+                        f"(the overrides give {total})")
+    return raw
+
+
+def _value(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def check_data(saved: dict, now: dict) -> None:
+    """The data set must be the one the run started with."""
+    changes = []
+    for split in ("train", "val", "test"):
+        if saved.get(split) != now.get(split):
+            changes.append(f"{split} {saved.get(split)} -> {now.get(split)} images")
+    if saved.get("classes") != now.get("classes"):
+        changes.append(f"classes {saved.get('classes')} -> {now.get('classes')}")
+    if changes:
+        raise UserError(f"the data set changed since the run started ({'; '.join(changes)}): a "
+                        "resume would not give the run's result; start a new run")
+
+
+# --- resume=auto: a sweep launched again goes on where it stopped -------------------------------
+
+
+def _task_overrides(argv: list[str]) -> list[str]:
+    """The config overrides of a command line (no flags, no ``hydra.*``, no ``resume=``)."""
+    return sorted(a for a in argv if "=" in a and not a.startswith("-")
+                  and not override_key(a).startswith(("hydra.", "resume")))
+
+
+def find_sweep(argv: list[str], root: Path = Path("outputs/sweeps")) -> Path | None:
+    """The newest sweep directory under ``root`` whose command line had the same overrides
+    as ``argv`` (Hydra's ``multirun.yaml`` records them), if any."""
+    import yaml
+
+    wanted = _task_overrides(argv)
+    found = []
+    for record in root.glob("*/*/multirun.yaml"):
+        try:
+            saved = yaml.safe_load(record.read_text())["hydra"]["overrides"]["task"]
+        except (OSError, yaml.YAMLError, KeyError, TypeError):
+            continue
+        if _task_overrides([str(s) for s in saved or []]) == wanted:
+            found.append(record.parent)
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def job_action(run_dir: Path) -> str:
+    """What ``resume=auto`` does with a sweep job's directory: ``skip`` (completed), ``resume``
+    (a checkpoint of an unfinished run), ``busy`` (still going), or ``start``."""
+    status = read_status(run_dir)
+    if status.get("status") == "completed":
+        return "skip"
+    if still_running(status):
+        return "busy"
+    if (run_dir / "checkpoints" / "last.pt").is_file():
+        return "resume"
+    return "start"
+
+
+def clear_unfinished(run_dir: Path) -> None:
+    """Remove what a run that saved no checkpoint left (it starts again in the same place)."""
+    import shutil
+
+    for name in ("tb", "checkpoints"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    for name in ("metrics.json", "learning_curves.png"):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def same_config(saved: dict, now: dict) -> list[str]:
+    """The keys whose values differ between a job's saved config and the one composed now."""
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(d, dict):
+            out: dict[str, Any] = {}
+            for k, v in d.items():
+                out.update(flat(v, f"{prefix}{k}."))
+            return out
+        return {prefix[:-1]: d}
+
+    a, b = flat({k: v for k, v in saved.items() if k != "resume"}), \
+        flat({k: v for k, v in now.items() if k != "resume"})
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
