@@ -120,6 +120,7 @@ def resume_run(run_dir: str | Path, overrides: list[str] | None = None) -> RunRe
     (``trainer.epochs``, ``freeze.finetune_epochs``)."""
     from transferlab.run.resume import (
         ResumePoint,
+        overrides_extend,
         read_status,
         resume_checkpoint,
         resumed_config,
@@ -133,10 +134,8 @@ def resume_run(run_dir: str | Path, overrides: list[str] | None = None) -> RunRe
                         "this host)")
     ckpt = resume_checkpoint(run_dir)
     point = ResumePoint.from_checkpoint(ckpt)
-    raw = resumed_config(ckpt["config"], list(overrides or []), point.epoch)
-    run = load_config(raw)
-    total = run.trainer.epochs if run.task.name == "autoencoder" else run.freeze.total_epochs
-    if status.get("status") == "completed" and point.epoch >= total and point.partial is None:
+    run = load_config(resumed_config(ckpt["config"], list(overrides or []), point.epoch))
+    if status.get("status") == "completed" and not overrides_extend(overrides or []):
         raise UserError(f"resume={run_dir}: the run is completed ({point.epoch} epochs): nothing "
                         "to resume; give it more with trainer.epochs=N (two_stage: "
                         "freeze.finetune_epochs=N)")

@@ -140,12 +140,18 @@ def resumed_config(saved: dict, overrides: list[str], done_epochs: int) -> dict:
                 raise UserError("freeze.finetune_epochs extends a two_stage run only")
             raw["freeze"]["finetune_epochs"] = epochs
             stages[-1]["epochs"] = epochs
+    stages = raw["freeze"]["stages"]
     total = raw["trainer"]["epochs"] if raw["task"]["name"] == "autoencoder" else sum(
-        s["epochs"] for s in raw["freeze"]["stages"])
-    if not isinstance(total, int) or total < done_epochs:
+        s["epochs"] for s in stages) if stages else None  # gradual: known once built
+    if total is not None and (not isinstance(total, int) or total < done_epochs):
         raise UserError(f"the run has done {done_epochs} epochs: extend it to at least that many "
                         f"(the overrides give {total})")
     return raw
+
+
+def overrides_extend(overrides: list[str]) -> bool:
+    """Whether the overrides give the run more epochs."""
+    return any(override_key(o) in ("trainer.epochs", "freeze.finetune_epochs") for o in overrides)
 
 
 def _value(text: str) -> Any:
