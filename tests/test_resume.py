@@ -234,3 +234,29 @@ def test_resume_refuses_changed_data(finished, tmp_path):
 def test_same_config_names_the_differing_keys():
     assert same_config({"a": {"b": 1}, "resume": None}, {"a": {"b": 2}, "resume": "auto"}) \
         == ["a.b"]
+
+
+# --- run directories ------------------------------------------------------------------------
+
+
+def test_a_run_directory_is_claimed_once_and_never_shared(tmp_path):
+    from transferlab import run_dirs
+
+    target = str(tmp_path / "runs" / "10-00-00_digits")
+    first = run_dirs.claim(target)
+    assert first == target and Path(first).is_dir()
+    assert run_dirs.claim(target) == first  # the same process asks again: the same directory
+    run_dirs._claimed.clear()  # as another process would
+    assert run_dirs.claim(target) == target + "-2"
+    run_dirs._claimed.clear()
+    assert run_dirs.claim(target) == target + "-3"
+
+
+def test_a_finished_run_is_not_written_into(finished, tmp_path):
+    before = (finished / "metrics.json").read_text()
+    proc = run_cli([*BASE, f"hydra.run.dir={finished}"], tmp_path)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [f"error: hydra.run.dir={finished} holds a run (completed): choose another "
+                     f"directory, or go on with that run with resume={finished}"]
+    assert (finished / "metrics.json").read_text() == before

@@ -34,6 +34,7 @@ from transferlab.run.resume import (
     read_status,
     same_config,
 )
+from transferlab.run_dirs import check_run_dir
 from transferlab.sweep import SweepSummary, remember_swept_keys
 from transferlab.tracking import Interrupted
 
@@ -134,6 +135,8 @@ def _cli(argv: list[str]) -> int:
                 if found is not None:
                     print(f"resume=auto: going on with {found}", flush=True)
                     sys.argv.append(f"hydra.sweep.dir={found}")
+        if not multirun:
+            check_run_dir(argv)
         remember_swept_keys(argv)
         # Hydra re-raises instead of printing its multi-line report: every error is ours.
         os.environ["HYDRA_FULL_ERROR"] = "1"

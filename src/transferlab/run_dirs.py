@@ -1,0 +1,59 @@
+"""Run directories that never collide, and finished runs that are never written into.
+
+``hydra.run.dir`` is ``${transferlab_claim:outputs/runs/<date>/<time>_<name>}``: the resolver
+creates the directory atomically (``mkdir`` without ``exist_ok``) and, when another run took
+that name in the same second, takes ``<name>-2``, ``<name>-3``... A process resolves it once
+(Hydra reads ``hydra.run.dir`` more than once): the claimed path is remembered.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from transferlab.errors import UserError
+
+CLAIM_RESOLVER = "transferlab_claim"
+_claimed: dict[str, str] = {}
+
+
+def claim(path: str) -> str:
+    """Create ``path`` (or the first free ``path-N``) and return it."""
+    if path in _claimed:
+        return _claimed[path]
+    base = Path(path)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        candidate = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        _claimed[path] = str(candidate)
+        return str(candidate)
+    raise UserError(f"cannot claim a run directory next to {base}: 999 runs of that name "
+                    "started in the same second")
+
+
+if not OmegaConf.has_resolver(CLAIM_RESOLVER):
+    OmegaConf.register_new_resolver(CLAIM_RESOLVER, claim)
+
+
+def check_run_dir(argv: list[str]) -> None:
+    """``hydra.run.dir=<dir>`` on the command line must not name a run: a finished (or
+    running) run is written into only by ``resume=<dir>``."""
+    for item in argv:
+        key, _, value = item.partition("=")
+        if key.lstrip("+") != "hydra.run.dir" or not value:
+            continue
+        metrics = Path(value).expanduser() / "metrics.json"
+        if not metrics.is_file():
+            continue
+        try:
+            status = json.loads(metrics.read_text()).get("status", "?")
+        except (OSError, ValueError, AttributeError):
+            status = "unreadable"
+        raise UserError(f"hydra.run.dir={value} holds a run ({status}): choose another "
+                        f"directory, or go on with that run with resume={value}")
