@@ -270,9 +270,10 @@ def _seed_worker(worker_id: int) -> None:
 
 
 class ResumableSampler(Sampler):
-    """A sampler that can start an epoch part-way: its next epoch draws the same order as it
-    would have (same generator, same draws) and leaves out the first ``skip_batches`` batches
-    (a run resumed from a checkpoint written mid-epoch)."""
+    """A sampler that can start an epoch part-way: an epoch draws the same order as it would
+    have (same generator, same draws) and leaves out the first ``skip_batches`` batches (a run
+    resumed from a checkpoint written mid-epoch). The caller sets ``skip_batches`` back to 0
+    after that epoch (a loader may start an iteration it does not consume)."""
 
     def __init__(self, sampler: Sampler, batch_size: int):
         self.sampler, self.batch_size = sampler, batch_size
@@ -282,7 +283,6 @@ class ResumableSampler(Sampler):
         indices = iter(self.sampler)
         for _ in range(self.skip_batches * self.batch_size):
             next(indices, None)
-        self.skip_batches = 0
         yield from indices
 
     def __len__(self) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import pickle
 import signal
 import threading
@@ -98,6 +99,11 @@ class Task:
     def fit(self, built: BuiltRun, tracker: RunTracker, run_dir: Path) -> None:
         """Every stage's epochs, from the start or from ``built.resume``; stops cleanly (a
         checkpoint, then :class:`Interrupted`) on SIGINT / SIGTERM."""
+        with StopRequest().installed() as stop:  # before the loader processes fork
+            self._fit(built, tracker, run_dir, stop)
+
+    def _fit(self, built: BuiltRun, tracker: RunTracker, run_dir: Path,
+             stop: StopRequest) -> None:
         run, model, device, resume = built.run, built.model, built.device, built.resume
         if resume is not None:
             model.load_state_dict(resume.model)
@@ -116,61 +122,61 @@ class Task:
             partial = resume.partial
             set_rng_state(resume.rng)
             train_loader.generator.set_state(resume.generator)
-        with StopRequest().installed() as stop:
-            for plan in built.plans:
-                if plan.spec.epochs == 0 or (resume is not None and
-                                             plan.index < resume.stage_index):
-                    continue
-                apply_stage(model, plan)
-                resuming = resume is not None and plan.index == resume.stage_index
-                optimizer = stage_optimizer(model, plan, run.optimizer,
-                                            None if resuming else optimizer)
-                schedule = StageSchedule(plan.spec.scheduler or run.scheduler, plan.spec.epochs,
-                                         len(train_loader))
-                first = plan.first_epoch
-                if resuming:
-                    optimizer.load_state_dict(resume.optimizer)
-                    schedule.step = resume.schedule_step
-                    first = partial["epoch"] if partial else resume.epoch + 1
-                before_step.schedule = schedule
-                tracker.params = {"total": sum(p.numel() for p in model.parameters()),
-                                  "trainable": sum(p.numel() for p in model.parameters()
-                                                   if p.requires_grad)}
-                if first == plan.first_epoch and partial is None:
-                    table = stage_table(model, built.backbone, plan)
-                    log.info("\n%s", table)
-                    tracker.log_text(f"summary/{plan.name}", table, plan.first_epoch)
-                for epoch in range(first, plan.last_epoch + 1):
-                    set_train_mode(model, plan)
-                    done = None
-                    if partial is not None:  # the rest of an epoch stopped part-way
-                        train_loader.sampler.skip_batches = partial["steps"]
-                        done = EpochStats(0.0, 0.0, 0, partial["seconds"], partial["steps"],
-                                          sums=tuple(partial["sums"]))
-                        partial = None
-                    generator = train_loader.generator.get_state()  # this epoch's order
-                    tr = self.train_epoch(built, train_loader, optimizer,
-                                          before_step=before_step, should_stop=stop,
-                                          resume=done,
-                                          desc=f"epoch {epoch}/{total_epochs} [{plan.name}]")
-                    state = dict(step=before_step.step, schedule_step=schedule.step)
-                    if tr.stopped and tr.steps < len(train_loader):
-                        _checkpoint(built, tracker, run_dir, optimizer, epoch - 1, plan,
-                                    False, dict(state, generator=generator, partial={
-                                        "epoch": epoch, "steps": tr.steps,
-                                        "sums": list(tr.sums), "seconds": tr.seconds}))
-                        raise Interrupted(stop.signum)
-                    va = self.eval_epoch(built, val_loader)
-                    record = {**self.record(epoch, plan, tr, va),
-                              "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
-                              "seconds": round(tr.seconds + va.seconds, 3)}
-                    improved = tracker.log_epoch(record, plan.index)
-                    self.after_epoch(built, tracker, epoch)
-                    log.info(self.log_line(record, total_epochs, improved))
-                    _checkpoint(built, tracker, run_dir, optimizer, epoch, plan, improved,
-                                dict(state, generator=train_loader.generator.get_state()))
-                    if stop():
-                        raise Interrupted(stop.signum)
+        for plan in built.plans:
+            if plan.spec.epochs == 0 or (resume is not None and
+                                         plan.index < resume.stage_index):
+                continue
+            apply_stage(model, plan)
+            resuming = resume is not None and plan.index == resume.stage_index
+            optimizer = stage_optimizer(model, plan, run.optimizer,
+                                        None if resuming else optimizer)
+            schedule = StageSchedule(plan.spec.scheduler or run.scheduler, plan.spec.epochs,
+                                     len(train_loader))
+            first = plan.first_epoch
+            if resuming:
+                optimizer.load_state_dict(resume.optimizer)
+                schedule.step = resume.schedule_step
+                first = partial["epoch"] if partial else resume.epoch + 1
+            before_step.schedule = schedule
+            tracker.params = {"total": sum(p.numel() for p in model.parameters()),
+                              "trainable": sum(p.numel() for p in model.parameters()
+                                               if p.requires_grad)}
+            if first == plan.first_epoch and partial is None:
+                table = stage_table(model, built.backbone, plan)
+                log.info("\n%s", table)
+                tracker.log_text(f"summary/{plan.name}", table, plan.first_epoch)
+            for epoch in range(first, plan.last_epoch + 1):
+                set_train_mode(model, plan)
+                done = None
+                if partial is not None:  # the rest of an epoch stopped part-way
+                    train_loader.sampler.skip_batches = partial["steps"]
+                    done = EpochStats(0.0, 0.0, 0, partial["seconds"], partial["steps"],
+                                      sums=tuple(partial["sums"]))
+                    partial = None
+                generator = train_loader.generator.get_state()  # this epoch's order
+                tr = self.train_epoch(built, train_loader, optimizer,
+                                      before_step=before_step, should_stop=stop,
+                                      resume=done,
+                                      desc=f"epoch {epoch}/{total_epochs} [{plan.name}]")
+                train_loader.sampler.skip_batches = 0
+                state = dict(step=before_step.step, schedule_step=schedule.step)
+                if tr.stopped and tr.steps < len(train_loader):
+                    _checkpoint(built, tracker, run_dir, optimizer, epoch - 1, plan,
+                                False, dict(state, generator=generator, partial={
+                                    "epoch": epoch, "steps": tr.steps,
+                                    "sums": list(tr.sums), "seconds": tr.seconds}))
+                    raise Interrupted(stop.signum)
+                va = self.eval_epoch(built, val_loader)
+                record = {**self.record(epoch, plan, tr, va),
+                          "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
+                          "seconds": round(tr.seconds + va.seconds, 3)}
+                improved = tracker.log_epoch(record, plan.index)
+                self.after_epoch(built, tracker, epoch)
+                log.info(self.log_line(record, total_epochs, improved))
+                _checkpoint(built, tracker, run_dir, optimizer, epoch, plan, improved,
+                            dict(state, generator=train_loader.generator.get_state()))
+                if stop():
+                    raise Interrupted(stop.signum)
 
 
 class StopRequest:
@@ -180,11 +186,14 @@ class StopRequest:
 
     def __init__(self):
         self.signum: int | None = None
+        self.owner = os.getpid()
 
     def __call__(self) -> bool:
         return self.signum is not None
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self.owner:  # a loader process forked with this handler: the
+            return                      # main process stops it when it stops
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
