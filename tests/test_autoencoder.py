@@ -21,6 +21,8 @@ from transferlab.saved_run import saved_run_config
 
 from .conftest import compose_train
 
+pytestmark = pytest.mark.slow  # trains autoencoders
+
 FAST = ["trainer.num_workers=0", "trainer.progress=false"]
 AE = ["experiment=ae_pretrain", "dataset.samples_per_class=20", "trainer.epochs=4", *FAST]
 

@@ -40,6 +40,7 @@ def test_every_backbone_option_is_tested():
 
 
 @pytest.mark.parametrize("option", OPTIONS)
+@pytest.mark.slow
 def test_backbone_builds_with_random_weights(option):
     backbone = build_backbone(backbone_cfg(option, pretrained=False))
     check_blocks_cover(backbone)  # every parameter in exactly one block
@@ -55,6 +56,7 @@ def test_backbone_builds_with_random_weights(option):
     assert logits.shape == (2, 7)
 
 
+@pytest.mark.slow
 def test_vit_rejects_other_sizes_with_one_line():
     backbone = build_backbone(backbone_cfg("vit_b_16", pretrained=False))
     with pytest.raises(UserError, match=r"accepts only 224x224.*dataset.image_size=224") as err:
@@ -62,6 +64,7 @@ def test_vit_rejects_other_sizes_with_one_line():
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_vgg_too_small_image_is_a_clear_error():
     backbone = build_backbone(backbone_cfg("vgg16", pretrained=False))
     with pytest.raises(UserError, match=r"minimum.*vgg16.*dataset.image_size"):

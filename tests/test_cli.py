@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
+
 from .conftest import SHORT, TINY, cli
 
+pytestmark = pytest.mark.slow  # a process each (imports torch)
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
     assert proc.returncode == 2, proc.stderr

@@ -181,6 +181,7 @@ REQUIRED = {"dataset=image_folder": ["dataset.root=/d"],
             "dataset=csv": ["dataset.root=/d", "dataset.csv_file=labels.csv"]}
 
 
+@pytest.mark.slow  # composes every preset
 @pytest.mark.parametrize(("group", "key"), [("backbone", "source"), ("dataset", "kind")])
 def test_every_backbone_and_dataset_file_names_a_registered_source_or_kind(group, key):
     for path in sorted((CONF_DIR / group).glob("*.yaml")):

@@ -16,6 +16,8 @@ from transferlab.run import train
 
 from .conftest import TINY, compose_train
 
+pytestmark = pytest.mark.slow  # trains a run to evaluate
+
 VAL_SIZE = 360  # digits: 1797 images, val_fraction=0.2 stratified
 
 
@@ -113,6 +115,7 @@ def test_run_without_checkpoints(tmp_path, capsys):
     assert "no checkpoint best.pt" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a process of its own
 def test_missing_run_dir_is_one_error_line_in_a_subprocess(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSFERLAB_SWE")}
     proc = subprocess.run([sys.executable, "-m", "transferlab.evaluate", f"run={tmp_path}/nope"],

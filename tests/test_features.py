@@ -16,7 +16,8 @@ from transferlab.runtime import seed_everything
 
 from .conftest import TINY
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# slow: extracts the features of whole data sets
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def test_features_export_every_split_with_labels_and_classes(tmp_path, capsys):

@@ -248,6 +248,7 @@ COMPANIONS = {"task=autoencoder": ["backbone=conv_encoder"]}
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+@pytest.mark.slow
 def test_every_option_composes_and_loads(group, option, tmp_path):
     text = (CONF / group / f"{option}.yaml").read_text()
     data = yaml.safe_load(text) or {}

@@ -65,6 +65,7 @@ def save_digits(folder, count: int) -> None:
         Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(folder / f"{i}_{labels[i]}.png")
 
 
+@pytest.mark.slow
 def test_trained_run_writes_one_csv_row_per_image(tiny_run, tmp_path, capsys, one_thread):
     save_digits(tmp_path / "digits", 5)
     (tmp_path / "digits" / "README.md").write_text("# not an image\n")
@@ -103,6 +104,7 @@ def test_no_image_at_all_is_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and err.startswith("error: no image to classify")
 
 
+@pytest.mark.slow  # a process of its own
 def test_missing_path_is_one_error_line_without_traceback(tmp_path):
     missing = tmp_path / "no_such_folder"
     proc = subprocess.run([sys.executable, "-m", "transferlab.predict",

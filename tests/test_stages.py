@@ -146,6 +146,7 @@ def test_knobs_refer_to_existing_presets():
 
 
 @pytest.mark.parametrize("preset", FREEZE_PRESETS)
+@pytest.mark.slow
 def test_every_preset_trains_exactly_its_selection(preset, compose_cfg):
     run = load_config(compose_cfg(preset_overrides(preset, "head=mlp")))
     assert run.freeze.name == preset
@@ -291,6 +292,7 @@ def test_gradual_unfreezes_one_block_per_stage(blocks, compose_cfg):
 # --- 3. a whole two-stage run: the switch happens at the configured epoch ---------------------
 
 
+@pytest.mark.slow
 def test_two_stage_run_switches_at_the_configured_epoch(compose_cfg, tmp_path):
     lr = 0.01
     cfg = compose_cfg([*TINY, "freeze=two_stage", "freeze.head_epochs=1",
@@ -464,6 +466,7 @@ def test_stage_schedule_keeps_per_group_lr_ratios(name, compose_cfg):
     assert schedule.step == per_epoch * epochs
 
 
+@pytest.mark.slow
 def test_stage_scheduler_overrides_the_run_scheduler(compose_cfg, tmp_path):
     lr, floor = 0.01, 0.5
     cfg = compose_cfg([*TINY, "scheduler=cosine", f"scheduler.min_lr_mult={floor}",
@@ -640,6 +643,7 @@ def test_stages_and_gradual_together_are_a_user_error(compose_cfg):
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.slow
 def test_every_experiment_composes_and_loads(name, compose_cfg, tmp_path):
     text = (CONF_DIR / "experiment" / f"{name}.yaml").read_text()
     # values a preset requires from the command line (${transferlab_required:KEY,...})
@@ -671,6 +675,7 @@ DOCUMENTED = {
 
 
 @pytest.mark.parametrize("name", sorted(DOCUMENTED))
+@pytest.mark.slow
 def test_experiment_documented_values(name, compose_cfg):
     want = DOCUMENTED[name]
     run = load_config(compose_cfg([f"experiment={name}"]))
@@ -711,6 +716,7 @@ def keras_vgg_layers(features: nn.Sequential) -> list[str]:
     return names
 
 
+@pytest.mark.slow
 def test_vgg19_freeze_first_8_freezes_keras_layers_before_8(compose_cfg):
     run = load_config(compose_cfg(["experiment=vgg19_freeze_first_8",
                                    "backbone.pretrained=false", *FAST]))

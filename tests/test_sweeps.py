@@ -19,6 +19,8 @@ from .conftest import TINY, cli
 
 # A sweep's jobs: the tiny model on a quarter of digits held out (fast, and accuracy separates
 # the learning rates).
+pytestmark = pytest.mark.slow  # whole sweeps, through the console script
+
 SWEEP = [*TINY, "dataset.val_fraction=0.25"]
 
 
