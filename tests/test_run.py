@@ -169,3 +169,44 @@ def test_interrupted_run_says_so(compose_cfg, tmp_path, monkeypatch, one_thread)
     with pytest.raises(KeyboardInterrupt):
         train(compose_cfg([*TINY, *FAST]), tmp_path)
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "interrupted"
+
+
+def test_a_nan_loss_fails_the_run_with_where_and_strict_json(compose_cfg, tmp_path, monkeypatch,
+                                                            one_thread):
+    from torch import nn
+
+    from transferlab.errors import UserError
+
+    class Diverged(nn.Module):
+        def __init__(self, *args, **kwargs):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, logits, y):
+            self.calls += 1
+            loss = nn.functional.cross_entropy(logits, y)
+            return loss * float("nan") if self.calls == 3 else loss
+
+    monkeypatch.setattr("transferlab.run.tasks.nn.CrossEntropyLoss", Diverged)
+    with pytest.raises(UserError, match=r"^loss is nan at epoch 1 step 3: the run diverged"):
+        train(compose_cfg([*TINY, *FAST]), tmp_path)
+    text = (tmp_path / "metrics.json").read_text()
+
+    def no_constants(name):
+        raise AssertionError(f"metrics.json holds {name}: not JSON")
+
+    metrics = json.loads(text, parse_constant=no_constants)
+    assert metrics["status"] == "failed"
+    assert metrics["error"].startswith("loss is nan at epoch 1 step 3")
+
+
+def test_non_finite_numbers_are_written_as_null(tmp_path):
+    from transferlab.tracking import RunTracker
+
+    tracker = RunTracker(tmp_path, {}, {"seed": 0})
+    tracker.log_epoch({"epoch": 1, "stage": "s", "train_loss": float("inf"), "train_acc": 0.5,
+                       "val_loss": float("nan"), "val_acc": 0.5, "lr": {}, "seconds": 1.0}, 0)
+    tracker.finish("completed")
+    metrics = json.loads((tmp_path / "metrics.json").read_text(),
+                         parse_constant=lambda c: pytest.fail(f"bare {c}"))
+    assert metrics["history"][0]["train_loss"] is None and metrics["final"]["val_loss"] is None

@@ -74,6 +74,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
         with precision.autocast():
             logits = model(x)
             loss = criterion(logits, y)
+        if not torch.isfinite(loss.detach()):
+            raise FloatingPointError(f"loss is {float(loss)} at step {steps + 1}")
         optimizer.zero_grad(set_to_none=True)
         precision.scaler.scale(loss).backward()
         precision.scaler.step(optimizer)
@@ -125,6 +127,8 @@ def recon_epoch(model: nn.Module, loader: DataLoader, device: torch.device,
             with precision.autocast():
                 out = model(x)
             loss = F.mse_loss(out.float(), x.float())
+            if not torch.isfinite(loss.detach()):
+                raise FloatingPointError(f"loss is {float(loss)} at step {steps + 1}")
             if optimizer is not None:
                 if before_step is not None:
                     before_step(optimizer)

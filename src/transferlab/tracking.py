@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import socket
 import time
@@ -218,8 +219,20 @@ class RunTracker:
             "wall_seconds": round(self.wall_before + time.perf_counter() - self.started, 3),
             **self.extra,
         }
-        atomic_write_text(self.metrics_path, json.dumps(data, indent=2))
+        atomic_write_text(self.metrics_path, json.dumps(finite(data), indent=2, allow_nan=False))
         return data
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float as None: strict JSON (``null``), which every
+    JSON parser reads (bare ``NaN`` is not JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
 
 
 def atomic_write_text(path: Path, text: str) -> None:

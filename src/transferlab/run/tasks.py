@@ -32,6 +32,7 @@ from transferlab.config import (
     TaskConfig,
 )
 from transferlab.data import make_loaders
+from transferlab.errors import UserError
 from transferlab.loop import EpochStats, evaluate, recon_epoch, train_one_epoch
 from transferlab.optim import stage_optimizer
 from transferlab.policy import ParamGroup, StagePlan, apply_stage, plan_stages, set_train_mode
@@ -154,10 +155,14 @@ class Task:
                                       sums=tuple(partial["sums"]))
                     partial = None
                 generator = train_loader.generator.get_state()  # this epoch's order
-                tr = self.train_epoch(built, train_loader, optimizer,
-                                      before_step=before_step, should_stop=stop,
-                                      resume=done,
-                                      desc=f"epoch {epoch}/{total_epochs} [{plan.name}]")
+                try:
+                    tr = self.train_epoch(built, train_loader, optimizer,
+                                          before_step=before_step, should_stop=stop,
+                                          resume=done,
+                                          desc=f"epoch {epoch}/{total_epochs} [{plan.name}]")
+                except FloatingPointError as exc:  # "loss is nan at step S"
+                    raise UserError(f"{exc}".replace(" at step", f" at epoch {epoch} step")
+                                    + ": the run diverged; lower optimizer.lr") from None
                 train_loader.sampler.skip_batches = 0
                 state = dict(step=before_step.step, schedule_step=schedule.step)
                 if tr.stopped and tr.steps < len(train_loader):
