@@ -97,6 +97,36 @@ def test_trained_run_default_csv_is_in_the_run_dir(tiny_run, tmp_path, capsys, o
         assert len(list(csv.DictReader(f))) == 1
 
 
+@pytest.mark.parametrize("how", ["nothing decodes", "interrupted", "fails"])
+def test_an_earlier_csv_survives_a_predict_that_does_not_finish(how, tiny_run, tmp_path,
+                                                                capsys, monkeypatch, one_thread):
+    save_digits(tmp_path / "digits", 3)
+    out_csv = tmp_path / "preds.csv"
+    out_csv.write_text("path,label\nearlier.png,3\n")
+    if how == "nothing decodes":  # readable headers, undecodable data
+        monkeypatch.setattr("transferlab.predict.read_rgb", lambda path: None)
+    else:
+        error = KeyboardInterrupt if how == "interrupted" else RuntimeError("disk gone")
+        calls = {"n": 0}
+        original = __import__("transferlab.predict", fromlist=["read_rgb"]).read_rgb
+
+        def flaky(path):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise error
+            return original(path)
+
+        monkeypatch.setattr("transferlab.predict.read_rgb", flaky)
+    args = [f"run={tiny_run}", f"output={out_csv}", "batch_size=1", str(tmp_path / "digits")]
+    if how == "fails":
+        with pytest.raises(RuntimeError):
+            main(args)
+    else:
+        assert main(args) == (2 if how == "nothing decodes" else 130)
+    assert out_csv.read_text() == "path,label\nearlier.png,3\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
 def test_no_image_at_all_is_one_line(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("not an image\n")
     assert main(["backbone=efficientnet_lite0", str(tmp_path)]) == 2

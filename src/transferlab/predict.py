@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -214,17 +215,25 @@ def csv_header(classes: list[str]) -> list[str]:
 
 
 def write_csv(out: Path, rows: Iterator[tuple[Path, torch.Tensor]], classes: list[str]) -> int:
-    """Write one row per image; returns how many were written."""
+    """Write one row per image; returns how many were written. The rows go to a temporary
+    file renamed over ``out`` once every image is done: a failure, an interrupt or no
+    decodable image leaves an earlier ``out`` as it was (and no partial file)."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     count = 0
-    with out.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(csv_header(classes))
-        for path, probs in rows:
-            best = int(probs.argmax())
-            writer.writerow([str(path), classes[best], f"{float(probs[best]):.6f}",
-                             *(f"{p:.6f}" for p in probs.tolist())])
-            count += 1
+    try:
+        with tmp.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(csv_header(classes))
+            for path, probs in rows:
+                best = int(probs.argmax())
+                writer.writerow([str(path), classes[best], f"{float(probs[best]):.6f}",
+                                 *(f"{p:.6f}" for p in probs.tolist())])
+                count += 1
+        if count:
+            os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return count
 
 
@@ -322,7 +331,6 @@ def run_mode(args: PredictArgs, inputs: Inputs) -> None:
     rows = predict(predictor, inputs, args.batch_size, pick_device(args.device))
     count = write_csv(out, rows, predictor.classes)
     if count == 0:
-        out.unlink()
         raise UserError(f"none of the {len(inputs.images)} image(s) could be decoded")
     print(f"Predictions for {count} image(s) written to: {out}", flush=True)
 
