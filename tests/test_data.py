@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -283,3 +284,52 @@ def test_balanced_sampler_and_class_weights_follow_the_counts(tmp_path):
 def test_bad_loss_options_are_clear_errors(override, compose_cfg):
     with pytest.raises(UserError, match=override.split("=")[0]):
         load_config(compose_cfg([override]))
+
+
+def _csv_images(tmp_path, labels: list[str], bom: bool = False) -> CsvDatasetConfig:
+    """Images named 0.png, 1.png... and a CSV giving each its label (as written)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(len(labels)):
+        pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / f"{i}.png")
+    text = "id,label\n" + "".join(f"{i}.png,{y}\n" for i, y in enumerate(labels))
+    (tmp_path / "labels.csv").write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode())
+    return CsvDatasetConfig(name="c", root=str(images), csv_file=str(tmp_path / "labels.csv"),
+                            val_fraction=0.25)
+
+
+def test_csv_numeric_labels_are_one_class_however_written(tmp_path):
+    cfg = _csv_images(tmp_path, ["1", "1.0", " 1 ", "1", "2", "2.0", "2", "2.00"])
+    splits = build_splits(cfg, NONE, SPEC, 32)
+    assert splits.classes == ["1", "2"]
+
+
+def test_csv_empty_label_is_refused_with_its_row(tmp_path):
+    cfg = _csv_images(tmp_path, ["a", "b", "a", "", "b", "a", "b", "a"])
+    with pytest.raises(UserError) as exc:
+        build_splits(cfg, NONE, SPEC, 32)
+    assert str(exc.value) == ("labels.csv row 5: empty label in column 'label': give every row "
+                              "a label, or remove the row")
+
+
+def test_csv_saved_by_excel_with_a_byte_order_mark_reads(tmp_path):
+    cfg = _csv_images(tmp_path, ["a", "b"] * 4, bom=True)
+    assert build_splits(cfg, NONE, SPEC, 32).classes == ["a", "b"]
+
+
+def test_a_16_bit_png_is_the_same_image_as_its_8_bit_version(tmp_path):
+    from skimage import data as skdata
+
+    from transferlab.data.image_folder import load_rgb
+
+    gray8 = skdata.camera()  # a real photo, 8-bit grayscale
+    Image.fromarray(gray8).save(tmp_path / "8.png")
+    Image.fromarray(gray8.astype(np.uint16) * 257).save(tmp_path / "16.png")  # 0..65535
+    with Image.open(tmp_path / "16.png") as im:
+        assert im.mode.startswith("I")  # really 16-bit on disk
+    eight = np.asarray(load_rgb(tmp_path / "8.png"), dtype=np.int16)
+    sixteen = np.asarray(load_rgb(tmp_path / "16.png"), dtype=np.int16)
+    assert np.abs(eight - sixteen).max() <= 1
+    assert 50 < sixteen.mean() < 200  # not washed out to white

@@ -32,6 +32,7 @@ from transferlab.backbones import build_backbone
 from transferlab.checkpoint import load_checkpoint
 from transferlab.cli import Key, Spec, parse, positive_int, run_main
 from transferlab.config import BackboneConfig, compose_config, load_config
+from transferlab.data.image_folder import load_rgb
 from transferlab.data.transforms import eval_transform
 from transferlab.errors import UserError, did_you_mean
 from transferlab.registry import BACKBONE_SOURCES
@@ -71,8 +72,7 @@ def looks_like_image(path: Path) -> bool:
 def read_rgb(path: Path) -> Image.Image | None:
     """The decoded image in RGB, or None when it cannot be decoded."""
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        return load_rgb(path)
     except Exception:  # truncated or corrupt data
         return None
 

@@ -16,6 +16,26 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of any PIL image. 16-bit and 32-bit integer images (PNG mode ``I;16``,
+    ``I``) are scaled to 8 bits first: PIL's own conversion clips them, which turns a 16-bit
+    photo almost white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        import numpy as np
+
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        eight = np.clip(np.round(values * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(eight, mode="L").convert("RGB")
+    return image.convert("RGB")
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """The image file at ``path`` decoded, as 8-bit RGB (:func:`to_rgb`)."""
+    with Image.open(path) as im:
+        return to_rgb(im)
+
+
 @dataclass
 class FolderIndex:
     classes: list[str]
@@ -69,6 +89,17 @@ def is_image(path: Path) -> bool:
     return True
 
 
+def normalise_label(text: str | None) -> str:
+    """A CSV label as a class name: stripped, and a number with an integral value written as
+    that integer (``1``, ``1.0`` and `` 1 `` are one class)."""
+    label = (text or "").strip()
+    try:
+        number = float(label)
+    except ValueError:
+        return label
+    return str(int(number)) if number.is_integer() else label
+
+
 def read_csv_index(root: Path, csv_file: str | None, x_col: str, y_col: str) -> FolderIndex:
     """A CSV of image file names (``x_col``, relative to ``root``) and labels (``y_col``), the
     Kaggle layout (e.g. ``id,has_cactus``). Classes are the sorted distinct labels; rows whose
@@ -80,14 +111,20 @@ def read_csv_index(root: Path, csv_file: str | None, x_col: str, y_col: str) -> 
     path = Path(csv_file).expanduser()
     if not path.is_file():
         raise UserError(f"dataset.csv_file {path} does not exist")
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
         for col, key in ((x_col, "x_col"), (y_col, "y_col")):
             if col not in columns:
                 raise UserError(f"{path} has no column {col!r} (dataset.{key}); its columns: "
                                 f"{', '.join(columns)}")
-        rows = [(r[x_col], r[y_col]) for r in reader]
+        rows = []
+        for number, row in enumerate(reader, start=2):  # row 1: the header
+            label = normalise_label(row[y_col])
+            if label == "":
+                raise UserError(f"{path.name} row {number}: empty label in column {y_col!r}: "
+                                "give every row a label, or remove the row")
+            rows.append((row[x_col], label))
     if not rows:
         raise UserError(f"{path} has no rows")
     classes = sorted({y for _, y in rows})
@@ -116,8 +153,7 @@ class ImageFileDataset(Dataset):
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        with Image.open(path) as im:
-            image = im.convert("RGB")
+        image = load_rgb(path)
         return (self.transform(image) if self.transform else image), label
 
 
@@ -135,5 +171,5 @@ class IndexedImages(Dataset):
         source, index = self.items[i]
         image = source[index][0]
         if isinstance(image, Image.Image):
-            image = image.convert("RGB")
+            image = to_rgb(image)
         return (self.transform(image) if self.transform else image), self.label_of(source, index)
