@@ -121,3 +121,17 @@ def test_lite0_input_spec_from_timm(lite0):
     assert lite0.input.mean == (0.5, 0.5, 0.5) and lite0.input.std == (0.5, 0.5, 0.5)
     assert lite0.input.size == 224 and lite0.input.interpolation == "bicubic"
     assert len(lite0.categories) == 1000
+
+
+@pytest.mark.parametrize("size", [8, 16, 31])
+def test_an_image_below_the_total_stride_is_refused(size):
+    """Smaller than the network's total stride, an image still gives a 1x1 map made of padding
+    and a run at chance accuracy: refused, with the minimum."""
+    backbone = build_backbone(BackboneConfig(name="test_efficientnet", source="timm",
+                                             pretrained=False))
+    with pytest.raises(UserError) as exc:
+        probe_features(backbone, size)
+    assert str(exc.value) == (f"image size {size}x{size} is below the minimum of backbone "
+                              "test_efficientnet (32x32, its total stride): set "
+                              "dataset.image_size to at least 32")
+    assert probe_features(backbone, 32)[1:] == (1, 1)

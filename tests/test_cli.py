@@ -62,3 +62,9 @@ def test_image_too_small_for_the_architecture(tmp_path):
     proc = cli(["backbone=vgg16", "backbone.pretrained=false", *SHORT, "dataset.image_size=16"],
                tmp_path)
     assert_one_line_error(proc, "vgg16", "dataset.image_size")
+
+
+def test_image_below_the_default_backbones_stride(tmp_path):
+    proc = cli(["dataset.image_size=8", *SHORT[1:]], tmp_path)
+    assert_one_line_error(proc, "image size 8x8", "efficientnet_lite0 (32x32, its total stride)",
+                          "dataset.image_size to at least 32")

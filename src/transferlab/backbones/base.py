@@ -92,12 +92,33 @@ def probe_features(backbone: Backbone, image_size: int) -> tuple[int, ...]:
             f"image size {image_size}x{image_size} is below the minimum of backbone "
             f"{backbone.name} ({spec.min_size}x{spec.min_size}): {hint}"
         )
+    out = _forward(backbone, image_size, hint)
+    if out.ndim == 4 and min(out.shape[-2:]) < 1:
+        raise UserError(f"image size {image_size} leaves no spatial features in "
+                        f"{backbone.name}: {hint}")
+    if out.ndim == 4 and image_size < spec.size:
+        # An image smaller than the network's total stride (32 for most ImageNet CNNs) still
+        # gives a 1x1 map, made mostly of padding: training "works" at chance accuracy.
+        native = _forward(backbone, spec.size, hint)
+        stride = max(1, round(spec.size / native.shape[-1]))
+        if image_size < stride:
+            raise UserError(
+                f"image size {image_size}x{image_size} is below the minimum of backbone "
+                f"{backbone.name} ({stride}x{stride}, its total stride): set "
+                f"dataset.image_size to at least {stride}")
+    backbone.feature_shape = tuple(out.shape[1:])
+    return backbone.feature_shape
+
+
+def _forward(backbone: Backbone, image_size: int, hint: str) -> torch.Tensor:
+    """The features of one blank image (eval mode, no gradients); a size the architecture
+    cannot take is a one-line error."""
     module = backbone.module
     was_training = module.training
     module.eval()
     try:
         with torch.no_grad():
-            out = module(torch.zeros(1, 3, image_size, image_size))
+            return module(torch.zeros(1, 3, image_size, image_size))
     except (RuntimeError, AssertionError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
@@ -106,8 +127,3 @@ def probe_features(backbone: Backbone, image_size: int) -> tuple[int, ...]:
         ) from None
     finally:
         module.train(was_training)
-    if out.ndim == 4 and min(out.shape[-2:]) < 1:
-        raise UserError(f"image size {image_size} leaves no spatial features in "
-                        f"{backbone.name}: {hint}")
-    backbone.feature_shape = tuple(out.shape[1:])
-    return backbone.feature_shape
