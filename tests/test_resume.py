@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from transferlab.checkpoint import FORMAT
+from transferlab.compare import read_run
 from transferlab.errors import UserError
 from transferlab.run import resume_run, train
 from transferlab.run.resume import same_config
@@ -114,6 +115,7 @@ def test_sigkill_after_epoch_k_then_resume_is_bit_identical(config, k, where, re
     assert checkpoint_epoch(run_dir) == (k, False), "killed too late to test this k"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "running"  # what SIGKILL leaves; the checkpoint is whole
+    assert read_run(run_dir).status == "dead"  # what transferlab-compare shows
 
     resumed = run_cli([f"resume={run_dir}"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr

@@ -28,6 +28,7 @@ import yaml
 
 from transferlab.cli import Key, Spec, boolean, parse, path, run_main
 from transferlab.errors import UserError
+from transferlab.liveness import run_status
 
 # column -> (header, True when larger is better)
 METRICS = {
@@ -81,6 +82,9 @@ def read_run(run_dir: Path) -> RunRecord:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         return RunRecord(run_dir, "unreadable", overrides, error=f"metrics.json: {exc}")
+    problem = _foreign(data)
+    if problem:
+        return RunRecord(run_dir, "unreadable", overrides, error=f"metrics.json: {problem}")
     history = data.get("history") or []
     best, final = data.get("best") or {}, data.get("final") or {}
     values = {
@@ -92,8 +96,21 @@ def read_run(run_dir: Path) -> RunRecord:
         "trainable": (data.get("params") or {}).get("trainable"),
         "wall_seconds": data.get("wall_seconds"),
     }
-    return RunRecord(run_dir, data.get("status", "unknown"), overrides, values, history,
-                     data.get("error"))
+    return RunRecord(run_dir, run_status(data), overrides, values, history, data.get("error"))
+
+
+def _foreign(data: object) -> str | None:
+    """Why a JSON document is not a transferlab ``metrics.json`` (None when it is one)."""
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__}, not a transferlab record"
+    if not isinstance(data.get("status"), str) or not isinstance(data.get("history", []), list):
+        return "not a transferlab record (no status / history)"
+    for key in ("best", "final", "params"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            return f"not a transferlab record ({key} is a {type(data[key]).__name__})"
+    if any(not isinstance(h, dict) for h in data.get("history") or []):
+        return "not a transferlab record (history entries are not records)"
+    return None
 
 
 def find_runs(paths: Iterable[Path]) -> list[RunRecord]:

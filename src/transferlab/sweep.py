@@ -135,7 +135,7 @@ class SweepSummary(Callback):
         runs = sort_runs(find_runs([sweep_dir]), "best_val_acc")
         if not runs:
             return
-        failed = [r for r in runs if r.status == "failed"]
+        failed = [r for r in runs if r.status in ("failed", "dead", "unreadable", "pending")]
         SweepSummary.failed_jobs = len(failed)
         print(f"\nSweep {sweep_dir}: {len(runs)} job(s), {len(failed)} failed\n"
               f"{format_table(runs, 'table', root=sweep_dir)}\n"

@@ -16,6 +16,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from transferlab.errors import error_line
+from transferlab.liveness import process_started
 
 HPARAM_METRICS = ("best_val_acc", "best_val_loss", "final_val_acc", "final_val_loss")
 RECORD_KEYS = ("status", "history", "best", "final", "params", "wall_seconds")
@@ -88,7 +89,8 @@ class RunTracker:
         self.params: dict[str, int] = {}
         self.wall_before = 0.0  # seconds of the sessions before a resume
         # where and when it ran (sweeps launched in parallel show their worker processes)
-        here = {"host": socket.gethostname(), "pid": os.getpid()}
+        here = {"host": socket.gethostname(), "pid": os.getpid(),
+                "pid_started": process_started(os.getpid())}
         if resume is None:
             self.history: list[dict] = []
             self.best: dict | None = None
@@ -218,6 +220,7 @@ class RunTracker:
             "params": self.params,
             "wall_seconds": round(self.wall_before + time.perf_counter() - self.started, 3),
             **self.extra,
+            "updated_at": round(time.time(), 3),  # the heartbeat: every write
         }
         atomic_write_text(self.metrics_path, json.dumps(finite(data), indent=2, allow_nan=False))
         return data

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 from transferlab.checkpoint import FORMAT, load_checkpoint
 from transferlab.config.validate import override_key
 from transferlab.errors import UserError
+from transferlab.liveness import run_status
 
 # Overrides a resume takes: they cannot change the result (or extend the last stage).
 RESUME_OVERRIDES = ("trainer.progress", "trainer.num_workers", "trainer.epochs",
@@ -72,21 +72,9 @@ def read_status(run_dir: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def still_running(status: dict) -> bool:
-    """A ``running`` record whose process is alive on this host."""
-    return (status.get("status") == "running" and status.get("host") == socket.gethostname()
-            and isinstance(status.get("pid"), int) and status["pid"] != os.getpid()
-            and _alive(status["pid"]))
+    """A ``running`` record of another process that is still alive."""
+    return run_status(status) == "running" and status.get("pid") != os.getpid()
 
 
 def resume_checkpoint(run_dir: Path) -> dict:
