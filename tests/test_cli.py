@@ -68,3 +68,8 @@ def test_image_below_the_default_backbones_stride(tmp_path):
     proc = cli(["dataset.image_size=8", *SHORT[1:]], tmp_path)
     assert_one_line_error(proc, "image size 8x8", "efficientnet_lite0 (32x32, its total stride)",
                           "dataset.image_size to at least 32")
+
+
+def test_an_unwritable_output_folder_is_one_line(tmp_path):
+    proc = cli([*TINY, "hydra.run.dir=/proc/transferlab/run"], tmp_path)
+    assert_one_line_error(proc, "/proc/transferlab", "hydra.run.dir")

@@ -62,3 +62,14 @@ def test_logreg_head_is_recorded_like_any_run(compose_cfg, tmp_path):
     x, y = arrays["val"]
     assert float((saved["model"].predict(x) == y).mean()) == pytest.approx(record["val_acc"])
     assert (tmp_path / "tb").is_dir() and saved["classes"] == [str(d) for d in range(10)]
+
+
+def test_an_unwritable_output_fails_before_extracting(monkeypatch, capsys):
+    def extracting(*args, **kwargs):
+        raise AssertionError("extracted before checking the output")
+
+    monkeypatch.setattr("transferlab.features.run_features", extracting)
+    assert features_main(["output=/proc/transferlab/feats.npz", *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: output=/proc/transferlab/feats.npz: cannot write in") \
+        and "\n" not in err

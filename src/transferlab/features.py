@@ -14,6 +14,7 @@ computed with the eval (deterministic) preprocessing of the composed run config.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from transferlab.config import (
     load_config,
 )
 from transferlab.data import DataSplits, build_splits
+from transferlab.errors import UserError
 from transferlab.runtime import pick_device
 
 log = logging.getLogger("transferlab")
@@ -73,6 +75,19 @@ def run_features(run: RunConfig) -> tuple[DataSplits, dict[str, tuple[np.ndarray
     backbone, _, size, _ = build_backbone_of(run)
     splits = build_splits(run.dataset, AugmentConfig(), backbone.input, size)
     return splits, extract_splits(backbone, splits, run.trainer, pick_device(run.trainer.device))
+
+
+def check_writable(path: Path, key: str) -> None:
+    """``path`` can be written: its folder exists (or is created) and takes a file."""
+    folder = path.expanduser().parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".{path.name}.{os.getpid()}.probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"{key}={path}: cannot write in {folder} ({exc.strerror or exc}): "
+                        "choose a writable folder") from None
 
 
 def save_npz(path: Path, splits: DataSplits,
@@ -137,8 +152,9 @@ def run_cli(argv: list[str]) -> int:
     """Compose the run from the overrides, extract its features, save them."""
     args = parse(SPEC, argv)
     run = load_config(compose_config(args.overrides), args.overrides)
-    splits, arrays = run_features(run)
     out = args["output"] or Path(f"features_{run.dataset.name}_{run.backbone.name}.npz")
+    check_writable(out, "output")  # before extracting anything
+    splits, arrays = run_features(run)
     save_npz(out, splits, arrays)
     shapes = ", ".join(f"{k} {v[0].shape}" for k, v in arrays.items())
     print(f"{shapes}; {len(splits.classes)} classes\nFeatures saved to: {out}")

@@ -24,13 +24,17 @@ def claim(path: str) -> str:
     if path in _claimed:
         return _claimed[path]
     base = Path(path)
-    base.parent.mkdir(parents=True, exist_ok=True)
     for n in range(1, 1000):
         candidate = base if n == 1 else base.with_name(f"{base.name}-{n}")
         try:
+            base.parent.mkdir(parents=True, exist_ok=True)
             candidate.mkdir()
         except FileExistsError:
             continue
+        except OSError as exc:
+            raise UserError(f"cannot create the run directory {candidate} "
+                            f"({exc.strerror or exc}): run from a folder you can write in, or "
+                            "set hydra.run.dir=<a writable folder>") from None
         _claimed[path] = str(candidate)
         return str(candidate)
     raise UserError(f"cannot claim a run directory next to {base}: 999 runs of that name "

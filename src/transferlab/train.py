@@ -142,6 +142,10 @@ def _cli(argv: list[str]) -> int:
         os.environ["HYDRA_FULL_ERROR"] = "1"
         try:
             _main()  # Hydra reads sys.argv itself
+        except OSError as exc:  # the machine's, not a bug: an unwritable folder, a full disk
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise UserError(f"{exc.strerror or exc}{where}: check the output folder "
+                            "(hydra.run.dir / hydra.sweep.dir) and the free disk space") from None
         except Exception as exc:
             if not _is_hydra_error(exc):
                 raise  # a bug: the traceback is what to report
