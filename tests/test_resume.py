@@ -30,6 +30,9 @@ TWO_STAGE = [*BASE, "freeze=two_stage", "freeze.head_epochs=2", "freeze.finetune
              "freeze.fine_tune_at=-2"]
 GRADUAL = [*BASE, "freeze=gradual", "freeze.gradual.every=1", "freeze.gradual.blocks=2",
            "freeze.gradual.head_epochs=1"]
+AUTOENCODER = ["experiment=ae_pretrain", "trainer.epochs=3", "trainer.num_workers=0",
+               "trainer.progress=false", "trainer.deterministic=true"]
+CONFIGS = {"two_stage": TWO_STAGE, "gradual": GRADUAL, "autoencoder": AUTOENCODER}
 
 pytestmark = pytest.mark.slow  # whole runs in processes of their own
 
@@ -91,7 +94,7 @@ def references(tmp_path_factory):
     """Uninterrupted runs of each config (computed once)."""
     root = tmp_path_factory.mktemp("reference")
     out = {}
-    for name, args in (("two_stage", TWO_STAGE), ("gradual", GRADUAL)):
+    for name, args in CONFIGS.items():
         proc = run_cli([*args, f"hydra.run.dir={root / name}"], root)
         assert proc.returncode == 0, proc.stderr
         out[name] = root / name
@@ -103,10 +106,11 @@ def references(tmp_path_factory):
     ("two_stage", 2, "at the stage boundary"),
     ("two_stage", 3, "inside stage 2"),
     ("gradual", 2, "inside the second of three stages"),
+    ("autoencoder", 1, "task=autoencoder"),
 ])
 def test_sigkill_after_epoch_k_then_resume_is_bit_identical(config, k, where, references,
                                                             tmp_path):
-    args = {"two_stage": TWO_STAGE, "gradual": GRADUAL}[config]
+    args = CONFIGS[config]
     run_dir = tmp_path / "run"
     proc = launch([*args, f"hydra.run.dir={run_dir}"], tmp_path)
     wait_for(lambda: (checkpoint_epoch(run_dir) or (0, False))[0] >= k, proc)
