@@ -36,6 +36,20 @@ TINY_CLASSES = 3
 TINY_SIZE = 32
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _feature_cache_dir(tmp_path_factory):
+    """The tests' feature cache store: one folder for the session (shared by its runs, as a
+    user's runs share ~/.cache), never the user's own."""
+    folder = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("TRANSFERLAB_CACHE_DIR")
+    os.environ["TRANSFERLAB_CACHE_DIR"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("TRANSFERLAB_CACHE_DIR", None)
+    else:
+        os.environ["TRANSFERLAB_CACHE_DIR"] = old
+
+
 def compose_train(overrides: list[str] | None = None):
     """The DictConfig that ``transferlab-train <overrides>`` composes from conf/."""
     register_configs()

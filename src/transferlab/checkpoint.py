@@ -94,7 +94,7 @@ def save_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
     ``last.pt``: a temporary file, fsync, rename, fsync of the folder).
 
     ``epoch`` is the last completed epoch; ``loop`` holds what an exact resume needs: the
-    global step, the stage schedule's step, the train loader's generator state, the data
+    global step, the stage schedule's step, the data
     fingerprint, and for a checkpoint written mid-epoch (an interrupt) the epoch's progress."""
     payload = {
         "format": FORMAT,

@@ -8,7 +8,9 @@
 overrides of ``transferlab-train`` (:mod:`transferlab.cli`).
 
 The features are the backbone's output, globally average-pooled where it is a feature map,
-computed with the eval (deterministic) preprocessing of the composed run config.
+computed with the eval (deterministic) preprocessing of the composed run config, through the
+feature cache (``trainer.feature_cache``: float16 by default, ``dtype=float32`` for full
+precision; an export after a run of the same backbone and data reads the run's entries).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from transferlab.backbones import Backbone
 from transferlab.cli import Key, Spec, parse, run_main
@@ -32,38 +33,29 @@ from transferlab.config import (
     compose_config,
     load_config,
 )
-from transferlab.data import DataSplits, build_splits
+from transferlab.data import DataSplits, build_splits, eval_batch_size, loader_workers
 from transferlab.errors import UserError
-from transferlab.runtime import pick_device
+from transferlab.feature_cache import FeatureCache
+from transferlab.runtime import Precision, pick_device
 
 log = logging.getLogger("transferlab")
 
 
-def extract(backbone: Backbone, dataset: Dataset, batch_size: int,
-            device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """(features (N, D) float32, labels (N,) int64) of every item of ``dataset``, in order."""
-    module = backbone.module.to(device).eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-    feats, labels = [], []
-    with torch.inference_mode():
-        for x, y in loader:
-            out = module(x.to(device))
-            feats.append((out.mean(dim=(2, 3)) if out.ndim == 4 else out.flatten(1)).float()
-                         .cpu().numpy())
-            labels.append(np.asarray(y, dtype=np.int64))
-    if not feats:
-        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
-    return np.concatenate(feats), np.concatenate(labels)
-
-
 def extract_splits(backbone: Backbone, splits: DataSplits, trainer: TrainerConfig,
-                   device: torch.device) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per split (train, val and test where there is one): its (features, labels)."""
-    batch = trainer.eval_batch_size or 2 * trainer.batch_size
+                   device: torch.device, image_size: int,
+                   cache: FeatureCache | None = None,
+                   stage: str = "features") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per split (train, val and test where there is one): its (features (N, D) float32,
+    labels (N,)), through the feature cache (``trainer.feature_cache``): stored in its dtype
+    (float16 by default), taken from the store when an earlier run or export made them."""
+    if cache is None:
+        cache = FeatureCache(trainer.feature_cache, device, Precision(device, trainer.amp),
+                             trainer.channels_last and len(backbone.feature_shape) == 3,
+                             eval_batch_size(trainer), loader_workers(trainer))
     parts = {"train": splits.train, "val": splits.val}
     if splits.test is not None:
         parts["test"] = splits.test
-    return {name: extract(backbone, ds, batch, device) for name, ds in parts.items()}
+    return cache.pooled_features(backbone, image_size, parts, stage)
 
 
 def run_features(run: RunConfig) -> tuple[DataSplits, dict[str, tuple[np.ndarray, np.ndarray]]]:
@@ -74,7 +66,8 @@ def run_features(run: RunConfig) -> tuple[DataSplits, dict[str, tuple[np.ndarray
 
     backbone, _, size, _ = build_backbone_of(run)
     splits = build_splits(run.dataset, AugmentConfig(), backbone.input, size)
-    return splits, extract_splits(backbone, splits, run.trainer, pick_device(run.trainer.device))
+    return splits, extract_splits(backbone, splits, run.trainer,
+                                  pick_device(run.trainer.device), size)
 
 
 def check_writable(path: Path, key: str) -> None:

@@ -75,7 +75,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
             logits = model(x)
             loss = criterion(logits, y)
         if not torch.isfinite(loss.detach()):
-            raise FloatingPointError(f"loss is {float(loss)} at step {steps + 1}")
+            raise FloatingPointError(f"loss is {float(loss.detach())} at step {steps + 1}")
         optimizer.zero_grad(set_to_none=True)
         precision.scaler.scale(loss).backward()
         precision.scaler.step(optimizer)

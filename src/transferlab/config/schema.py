@@ -350,6 +350,16 @@ class RMSpropConfig(OptimizerConfig):
 
 
 @dataclass
+class FeatureCacheConfig:
+    """The frozen-prefix feature cache (:mod:`transferlab.feature_cache`)."""
+
+    mode: str = "auto"  # auto | off | memory | disk
+    dir: str | None = None  # None: $TRANSFERLAB_CACHE_DIR/features or ~/.cache/transferlab/...
+    dtype: str = "float16"  # float16 | float32
+    max_gb: float = 8.0  # an entry above this (estimated before extracting) is not cached
+
+
+@dataclass
 class TrainerConfig:
     epochs: int = 5
     batch_size: int = 32
@@ -365,6 +375,7 @@ class TrainerConfig:
     class_weights: str = "none"  # none | balanced: loss weights n / (k * count) per class
     sampler: str = "shuffle"  # shuffle | balanced: draw classes equally often (with replacement)
     keep_checkpoints: str = "best_last"  # best_last: best.pt + last.pt; all: + epoch_<N>.pt
+    feature_cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
 
 
 @dataclass

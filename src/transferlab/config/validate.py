@@ -46,6 +46,8 @@ from transferlab.registry import SCHEDULERS
 BN_MODES = ("frozen", "train", "eval")
 CLASS_WEIGHTS = ("none", "balanced")
 SAMPLERS = ("shuffle", "balanced")
+FEATURE_CACHE_MODES = ("auto", "off", "memory", "disk")
+FEATURE_CACHE_DTYPES = ("float16", "float32")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -262,6 +264,10 @@ def _trainer(run: RunConfig) -> None:
     _one_of("trainer.class_weights", t.class_weights, CLASS_WEIGHTS)
     _one_of("trainer.sampler", t.sampler, SAMPLERS)
     _one_of("trainer.keep_checkpoints", t.keep_checkpoints, ("best_last", "all"))
+    c = t.feature_cache
+    _one_of("trainer.feature_cache.mode", c.mode, FEATURE_CACHE_MODES)
+    _one_of("trainer.feature_cache.dtype", c.dtype, FEATURE_CACHE_DTYPES)
+    _check("trainer.feature_cache.max_gb", c.max_gb, c.max_gb > 0, "> 0")
 
 
 def _task(run: RunConfig) -> None:
@@ -287,7 +293,8 @@ _UNUSED: list[tuple[str, Callable[[RunConfig], bool], tuple[str, ...]]] = [
       "trainer.class_weights", "trainer.sampler", "trainer.log_every_n_steps", "trainer.amp")),
     ("task=autoencoder trains an encoder and its decoder without labels",
      lambda run: isinstance(run.task, AutoencoderTaskConfig),
-     ("head", "freeze", "trainer.label_smoothing", "trainer.class_weights")),
+     ("head", "freeze", "trainer.label_smoothing", "trainer.class_weights",
+      "trainer.feature_cache")),
 ]
 
 

@@ -253,6 +253,22 @@ def build_splits(cfg: DatasetConfig, augment: AugmentConfig, spec: InputSpec,
     return kind(cfg, train_tf, eval_tf)
 
 
+def loader_workers(trainer: TrainerConfig) -> int:
+    return default_num_workers() if trainer.num_workers is None else trainer.num_workers
+
+
+def worker_context():
+    """The start method of loader processes: the default one, except inside a joblib (loky)
+    worker, whose default context cannot start them (``'Process' object has no attribute
+    'env'``): there, ``fork`` where the platform has it."""
+    import multiprocessing
+
+    if multiprocessing.get_start_method(allow_none=True) == "loky" \
+            and "fork" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("fork")
+    return None
+
+
 def default_num_workers() -> int:
     """One loader process per spare core, at most 8 (none on a single core)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -270,16 +286,26 @@ def _seed_worker(worker_id: int) -> None:
 
 
 class ResumableSampler(Sampler):
-    """A sampler that can start an epoch part-way: an epoch draws the same order as it would
-    have (same generator, same draws) and leaves out the first ``skip_batches`` batches (a run
-    resumed from a checkpoint written mid-epoch). The caller sets ``skip_batches`` back to 0
-    after that epoch (a loader may start an iteration it does not consume)."""
+    """The training order, epoch by epoch: epoch ``e``'s order is drawn from a generator seeded
+    by (seed, e) alone (:meth:`set_epoch` before each epoch). It does not depend on how often
+    the loader started an iteration (worker processes prefetch), on the number of workers or
+    on earlier epochs, so a loader over cached features that shares this sampler draws the
+    very same batches, and a resumed run draws the epoch it stopped in again.
 
-    def __init__(self, sampler: Sampler, batch_size: int):
-        self.sampler, self.batch_size = sampler, batch_size
+    ``skip_batches`` leaves out the first batches of the epoch (a run resumed from a
+    checkpoint written mid-epoch); the caller sets it back to 0 after that epoch."""
+
+    def __init__(self, sampler: Sampler, batch_size: int, generator: torch.Generator,
+                 seed: int):
+        self.sampler, self.batch_size, self.generator = sampler, batch_size, generator
+        self.seed, self.epoch = seed, 1
         self.skip_batches = 0
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def __iter__(self):
+        self.generator.manual_seed(epoch_seed(self.seed, self.epoch))
         indices = iter(self.sampler)
         for _ in range(self.skip_batches * self.batch_size):
             next(indices, None)
@@ -289,29 +315,48 @@ class ResumableSampler(Sampler):
         return len(self.sampler)
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A well-mixed 63-bit seed of (seed, epoch)."""
+    import hashlib
+
+    digest = hashlib.sha256(f"transferlab-order:{seed}:{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def make_loaders(splits: DataSplits, trainer: TrainerConfig, seed: int,
                  device: torch.device) -> tuple[DataLoader, DataLoader]:
     """Shuffled, seeded train loader and ordered val loader."""
-    workers = default_num_workers() if trainer.num_workers is None else trainer.num_workers
+    workers = loader_workers(trainer)
     common = dict(
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
         worker_init_fn=_seed_worker if workers > 0 else None,
+        multiprocessing_context=worker_context() if workers > 0 else None,
     )
     bs = trainer.batch_size
-    generator = torch.Generator().manual_seed(seed)
+    order_generator = torch.Generator().manual_seed(seed)
     if trainer.sampler == "balanced":  # every class drawn equally often, with replacement
         per_class = splits.class_counts()
         weights = [1.0 / per_class[y] for y in splits.train_labels]
         order: Sampler = WeightedRandomSampler(weights, len(weights), replacement=True,
-                                               generator=generator)
+                                               generator=order_generator)
     else:
-        order = RandomSampler(splits.train, generator=generator)
+        order = RandomSampler(splits.train, generator=order_generator)
     # A last batch of one sample breaks BatchNorm in train mode: drop it, keep all others.
-    train = DataLoader(splits.train, batch_size=bs, generator=generator,
-                       sampler=ResumableSampler(order, bs),
+    # The loader's own generator gives its worker processes their base seeds (and keeps the
+    # global RNG untouched when there are none).
+    train = DataLoader(splits.train, batch_size=bs, generator=_loader_generator(seed),
+                       sampler=ResumableSampler(order, bs, order_generator, seed),
                        drop_last=len(splits.train) % bs == 1, **common)
-    val = DataLoader(splits.val, batch_size=trainer.eval_batch_size or 2 * bs, shuffle=False,
-                     **common)
+    val = DataLoader(splits.val, batch_size=eval_batch_size(trainer), shuffle=False,
+                     generator=_loader_generator(seed), **common)
     return train, val
+
+
+def eval_batch_size(trainer: TrainerConfig) -> int:
+    return trainer.eval_batch_size or 2 * trainer.batch_size
+
+
+def _loader_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed + 0x5EED)

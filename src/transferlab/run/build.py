@@ -4,6 +4,7 @@ differ only in their loop."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -15,7 +16,8 @@ from torch import nn
 from transferlab.backbone_init import LoadReport, format_report, restore_into
 from transferlab.backbones import Backbone, build_backbone, probe_features
 from transferlab.config import AugmentConfig, RunConfig
-from transferlab.data import DataSplits, build_splits
+from transferlab.data import DataSplits, build_splits, eval_batch_size, loader_workers
+from transferlab.feature_cache import FeatureCache
 from transferlab.heads import build_head
 from transferlab.model import TransferModel
 from transferlab.policy import StagePlan
@@ -57,6 +59,13 @@ class BuiltRun:
         return {"train": len(splits.train), "val": len(splits.val),
                 "test": len(splits.test) if splits.test is not None else 0,
                 "classes": list(splits.classes)}
+
+    @functools.cached_property
+    def feature_cache(self) -> FeatureCache:
+        """The run's frozen-prefix feature cache (``trainer.feature_cache``)."""
+        trainer = self.run.trainer
+        return FeatureCache(trainer.feature_cache, self.device, self.precision,
+                            self.channels_last, eval_batch_size(trainer), loader_workers(trainer))
 
     @property
     def total_epochs(self) -> int:

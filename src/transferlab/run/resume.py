@@ -1,7 +1,7 @@
 """Going on with an interrupted run from its ``checkpoints/last.pt``, exactly.
 
 The checkpoint holds the model, the optimizer of the stage it was written in, the RNG states,
-the train loader's generator, the stage schedule's position, the global step, the record so
+the stage schedule's position, the global step, the record so
 far and, when it was written by a clean stop (SIGINT / SIGTERM) part-way through an epoch, how
 far that epoch got. A resumed run rebuilds everything from the saved config, puts that state
 back and trains the rest: it ends with the same weights as a run that was never interrupted
@@ -17,8 +17,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from transferlab.checkpoint import FORMAT, load_checkpoint
 from transferlab.config.validate import override_key
@@ -38,7 +36,6 @@ class ResumePoint:
     stage_index: int  # the stage whose optimizer the checkpoint holds
     step: int  # optimizer steps so far
     schedule_step: int  # steps of that stage so far
-    generator: torch.Tensor  # the train loader's generator at the start of the next epoch
     model: dict  # the model's state dict
     optimizer: dict
     rng: dict
@@ -52,7 +49,7 @@ class ResumePoint:
         loop = ckpt["loop"]
         return cls(epoch=int(ckpt["epoch"]), stage_index=int(ckpt["stage"]["index"]),
                    step=int(loop["step"]), schedule_step=int(loop["schedule_step"]),
-                   generator=loop["generator"], model=ckpt["model"],
+                   model=ckpt["model"],
                    optimizer=ckpt["optimizer"], rng=ckpt["rng"],
                    history=list(ckpt["history"]), best=ckpt["best"], data=loop["data"],
                    partial=loop.get("partial"))
@@ -90,7 +87,7 @@ def resume_checkpoint(run_dir: Path) -> dict:
                         "start it again")
     ckpt = load_checkpoint(path)
     if ckpt.get("format") != FORMAT or not isinstance(ckpt.get("loop"), dict) \
-            or "generator" not in ckpt["loop"]:
+            or "schedule_step" not in ckpt["loop"]:
         raise UserError(f"resume={run_dir}: {path} was written by another transferlab version "
                         f"(format {ckpt.get('format')!r}; this one resumes {FORMAT!r}); start "
                         "the run again")

@@ -33,6 +33,7 @@ from transferlab.config import (
 )
 from transferlab.data import make_loaders
 from transferlab.errors import UserError
+from transferlab.feature_cache import StageInputs
 from transferlab.loop import EpochStats, evaluate, recon_epoch, train_one_epoch
 from transferlab.optim import stage_optimizer
 from transferlab.policy import ParamGroup, StagePlan, apply_stage, plan_stages, set_train_mode
@@ -77,10 +78,17 @@ class Task:
     def start(self, built: BuiltRun, tracker: RunTracker) -> None:
         """Before the first epoch (a resumed run too)."""
 
-    def train_epoch(self, built: BuiltRun, loader, optimizer, **kwargs) -> EpochStats:
+    def stage_inputs(self, built: BuiltRun, plan: StagePlan, tracker: RunTracker,
+                     train_loader, val_loader) -> StageInputs:
+        """What the stage trains on (the model has the stage's requires_grad and modes): the
+        image loaders and the whole model, unless a task caches part of it."""
+        return StageInputs(train_loader, val_loader, built.model)
+
+    def train_epoch(self, built: BuiltRun, model: nn.Module, loader, optimizer,
+                    **kwargs) -> EpochStats:
         raise NotImplementedError
 
-    def eval_epoch(self, built: BuiltRun, loader) -> EpochStats:
+    def eval_epoch(self, built: BuiltRun, model: nn.Module, loader) -> EpochStats:
         raise NotImplementedError
 
     def record(self, epoch: int, plan: StagePlan, tr: EpochStats, va: EpochStats) -> dict:
@@ -122,17 +130,18 @@ class Task:
             before_step.step = resume.step
             partial = resume.partial
             set_rng_state(resume.rng)
-            train_loader.generator.set_state(resume.generator)
         for plan in built.plans:
             if plan.spec.epochs == 0 or (resume is not None and
                                          plan.index < resume.stage_index):
                 continue
             apply_stage(model, plan)
+            set_train_mode(model, plan)
+            inputs = self.stage_inputs(built, plan, tracker, train_loader, val_loader)
             resuming = resume is not None and plan.index == resume.stage_index
             optimizer = stage_optimizer(model, plan, run.optimizer,
                                         None if resuming else optimizer)
             schedule = StageSchedule(plan.spec.scheduler or run.scheduler, plan.spec.epochs,
-                                     len(train_loader))
+                                     len(inputs.train))
             first = plan.first_epoch
             if resuming:
                 optimizer.load_state_dict(resume.optimizer)
@@ -154,9 +163,9 @@ class Task:
                     done = EpochStats(0.0, 0.0, 0, partial["seconds"], partial["steps"],
                                       sums=tuple(partial["sums"]))
                     partial = None
-                generator = train_loader.generator.get_state()  # this epoch's order
+                train_loader.sampler.set_epoch(epoch)  # the epoch's order: (seed, epoch)
                 try:
-                    tr = self.train_epoch(built, train_loader, optimizer,
+                    tr = self.train_epoch(built, inputs.model, inputs.train, optimizer,
                                           before_step=before_step, should_stop=stop,
                                           resume=done,
                                           desc=f"epoch {epoch}/{total_epochs} [{plan.name}]")
@@ -165,13 +174,13 @@ class Task:
                                     + ": the run diverged; lower optimizer.lr") from None
                 train_loader.sampler.skip_batches = 0
                 state = dict(step=before_step.step, schedule_step=schedule.step)
-                if tr.stopped and tr.steps < len(train_loader):
+                if tr.stopped and tr.steps < len(inputs.train):
                     _checkpoint(built, tracker, run_dir, optimizer, epoch - 1, plan,
-                                False, dict(state, generator=generator, partial={
+                                False, dict(state, partial={
                                     "epoch": epoch, "steps": tr.steps,
                                     "sums": list(tr.sums), "seconds": tr.seconds}))
                     raise Interrupted(stop.signum)
-                va = self.eval_epoch(built, val_loader)
+                va = self.eval_epoch(built, inputs.model, inputs.val)
                 record = {**self.record(epoch, plan, tr, va),
                           "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
                           "seconds": round(tr.seconds + va.seconds, 3)}
@@ -179,7 +188,7 @@ class Task:
                 self.after_epoch(built, tracker, epoch)
                 log.info(self.log_line(record, total_epochs, improved))
                 _checkpoint(built, tracker, run_dir, optimizer, epoch, plan, improved,
-                            dict(state, generator=train_loader.generator.get_state()))
+                            state)
                 if stop():
                     raise Interrupted(stop.signum)
 
@@ -280,13 +289,26 @@ class Classify(Task):
                                              label_smoothing=run.trainer.label_smoothing)
         self.val_criterion = nn.CrossEntropyLoss()  # plain: val losses compare across runs
 
-    def train_epoch(self, built: BuiltRun, loader, optimizer, **kwargs) -> EpochStats:
-        return train_one_epoch(built.model, loader, self.criterion, optimizer, built.device,
+    def stage_inputs(self, built: BuiltRun, plan: StagePlan, tracker: RunTracker,
+                     train_loader, val_loader) -> StageInputs:
+        run = built.run
+        random_inputs = (None if run.augment.name == "none" or self.deterministic_inputs(run)
+                         else f"augment={run.augment.name} makes the training images random")
+        cached = built.feature_cache.stage_inputs(
+            plan.name, built.model, built.backbone, built.image_size, built.splits,
+            train_loader, val_loader, random_inputs)
+        tracker.extra["feature_cache"] = {**tracker.extra.get("feature_cache", {}),
+                                          **built.feature_cache.report}
+        return cached or super().stage_inputs(built, plan, tracker, train_loader, val_loader)
+
+    def train_epoch(self, built: BuiltRun, model: nn.Module, loader, optimizer,
+                    **kwargs) -> EpochStats:
+        return train_one_epoch(model, loader, self.criterion, optimizer, built.device,
                                built.precision, channels_last=built.channels_last,
                                progress=built.progress, **kwargs)
 
-    def eval_epoch(self, built: BuiltRun, loader) -> EpochStats:
-        return evaluate(built.model, loader, self.val_criterion, built.device, built.precision,
+    def eval_epoch(self, built: BuiltRun, model: nn.Module, loader) -> EpochStats:
+        return evaluate(model, loader, self.val_criterion, built.device, built.precision,
                         channels_last=built.channels_last, progress=built.progress)
 
 
@@ -310,7 +332,9 @@ def fit_logreg_head(built: BuiltRun, tracker: RunTracker, run_dir: Path) -> None
     from transferlab.features import extract_splits, fit_logreg
 
     run, splits = built.run, built.splits
-    arrays = extract_splits(built.backbone, splits, run.trainer, built.device)
+    arrays = extract_splits(built.backbone, splits, run.trainer, built.device,
+                            built.image_size, built.feature_cache, "logreg")
+    tracker.extra["feature_cache"] = built.feature_cache.report
     fit = fit_logreg(arrays, run.head.C, run.head.max_iter, run.seed)
     dim, k = arrays["train"][0].shape[1], len(splits.classes)
     tracker.params = {"total": dim * k + k, "trainable": dim * k + k}
@@ -356,12 +380,13 @@ class Autoencode(Task):
         self.samples = (torch.stack([built.splits.val[i][0] for i in range(self.shown)])
                         if self.shown else None)
 
-    def train_epoch(self, built: BuiltRun, loader, optimizer, **kwargs) -> EpochStats:
-        return recon_epoch(built.model, loader, built.device, built.precision, optimizer,
+    def train_epoch(self, built: BuiltRun, model: nn.Module, loader, optimizer,
+                    **kwargs) -> EpochStats:
+        return recon_epoch(model, loader, built.device, built.precision, optimizer,
                            progress=built.progress, **kwargs)
 
-    def eval_epoch(self, built: BuiltRun, loader) -> EpochStats:
-        return recon_epoch(built.model, loader, built.device, built.precision,
+    def eval_epoch(self, built: BuiltRun, model: nn.Module, loader) -> EpochStats:
+        return recon_epoch(model, loader, built.device, built.precision,
                            progress=built.progress, desc="val")
 
     def record(self, epoch: int, plan: StagePlan, tr: EpochStats, va: EpochStats) -> dict:

@@ -1,0 +1,122 @@
+"""A backbone as a chain of segments, so that it can be cut at a block boundary.
+
+``module(x)`` of a backbone is the chain ``segments[-1](... segments[0](x))`` when the backbone
+has a sequential view: its ``nn.Sequential`` body (torchvision's CNNs, ``conv_encoder``) or the
+known layout of timm's EfficientNet / MobileNet-style and ResNet models. Sequential children
+are opened down to the level of the backbone's blocks, so that every block boundary is a
+segment boundary. Backbones without a view (ViTs, other timm families) can only be used whole.
+
+The view is checked once against ``module(x)`` on a random image; a view that does not give
+the same output is not used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from transferlab.backbones.base import Backbone
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One step of the chain: ``path`` (relative to the backbone module) and what it runs.
+    ``module`` is None for a parameter-free step that is not a module of its own (timm's
+    ``forward_head`` after the features)."""
+
+    path: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    module: nn.Module | None
+
+    def param_names(self) -> list[str]:
+        if self.module is None:
+            return []
+        return [f"{self.path}.{n}" for n, _ in self.module.named_parameters()]
+
+
+def _is_plain_sequential(module: nn.Module) -> bool:
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+def _top_level(module: nn.Module) -> list[Segment] | None:
+    """The backbone's forward as a list of its children (before opening them)."""
+    if _is_plain_sequential(module):
+        return [Segment(n, m, m) for n, m in module.named_children()]
+    try:
+        from timm.models.efficientnet import EfficientNet
+        from timm.models.resnet import ResNet
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return None
+    if type(module) is EfficientNet and not getattr(module, "grad_checkpointing", False):
+        names = ["conv_stem", "bn1", "blocks", "conv_head", "bn2"]
+    elif type(module) is ResNet and not getattr(module, "grad_checkpointing", False):
+        names = ["conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    else:
+        return None
+    if float(getattr(module, "drop_rate", 0.0)) > 0:  # forward_head's dropout: random
+        return None
+    children = dict(module.named_children())
+    if not all(n in children for n in names):
+        return None
+    return [Segment(n, children[n], children[n]) for n in names] + [
+        Segment("forward_head", module.forward_head, None)]
+
+
+def _open(segments: list[Segment], block_paths: list[str]) -> list[Segment]:
+    """Open plain ``nn.Sequential`` segments that hold a block path strictly inside them."""
+    out: list[Segment] = []
+    for seg in segments:
+        inside = any(p.startswith(seg.path + ".") for p in block_paths)
+        if seg.module is not None and inside and _is_plain_sequential(seg.module):
+            out += _open([Segment(f"{seg.path}.{n}", m, m)
+                          for n, m in seg.module.named_children()], block_paths)
+        else:
+            out.append(seg)
+    return out
+
+
+def sequential_view(backbone: Backbone, image_size: int) -> list[Segment] | None:
+    """The backbone's segments, checked against ``module(x)``, or None without a view."""
+    top = _top_level(backbone.module)
+    if top is None:
+        return None
+    segments = _open(top, [p for b in backbone.blocks for p in b.paths])
+    module = backbone.module
+    modes = {m: m.training for m in module.modules()}  # a stage's modes: put back as they were
+    module.eval()
+    try:
+        with torch.no_grad():
+            x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator()
+                            .manual_seed(0)).to(next(module.parameters()).device)
+            expected, out = module(x), x
+            for seg in segments:
+                out = seg.fn(out)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    if out.shape != expected.shape or not torch.allclose(out, expected, rtol=1e-4, atol=1e-5):
+        return None
+    return segments
+
+
+def block_boundaries(segments: list[Segment], backbone: Backbone) -> list[int]:
+    """The segment indices ``i`` where the chain can be cut (prefix ``segments[:i]``): every
+    parameter before the cut belongs to a block that ends before it."""
+    owner: list[set[int]] = []
+    for seg in segments:
+        blocks = set()
+        for name in seg.param_names():
+            for j, block in enumerate(backbone.blocks):
+                if block.owns(name):
+                    blocks.add(j)
+        owner.append(blocks)
+    cuts = []
+    for i in range(1, len(segments) + 1):
+        before = set().union(*owner[:i])
+        after = set().union(*owner[i:]) if i < len(segments) else set()
+        if not before & after:
+            cuts.append(i)
+    return cuts

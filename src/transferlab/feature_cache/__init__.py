@@ -1,0 +1,354 @@
+"""The frozen-prefix feature cache: a stage whose input end is frozen and deterministic trains
+on that part's stored outputs instead of decoding every image and running it every epoch.
+
+At the start of each stage, :func:`~transferlab.feature_cache.cut.find_cut` finds the longest
+deterministic prefix of the backbone; the train and val splits' outputs of that prefix are
+taken from memory, from the disk store (:mod:`~transferlab.feature_cache.store`, shared by
+every run and sweep job) or extracted once (one forward pass). The stage then trains the rest
+(the unfrozen blocks and the head) on them with the same sampler, batches, loss and records as
+the uncached path: only the speed, a log line and ``metrics.json["feature_cache"]`` tell.
+
+``trainer.feature_cache.mode``: ``auto`` (the disk store; memory only when it cannot be
+written), ``disk`` (the store, or an error), ``memory`` (this run only), ``off``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from transferlab.backbones import Backbone
+from transferlab.config.schema import FeatureCacheConfig
+from transferlab.data import worker_context
+from transferlab.errors import UserError
+from transferlab.feature_cache.cut import Cut, find_cut
+from transferlab.feature_cache.identity import dataset_identity, tensors_hash
+from transferlab.feature_cache.store import FORMAT, DiskStore, default_dir
+from transferlab.runtime import Precision
+
+log = logging.getLogger("transferlab")
+
+__all__ = ["CachedFeatures", "Cut", "FeatureCache", "StageInputs", "find_cut"]
+
+
+class CachedFeatures(Dataset):
+    """A split's cached features and labels; a batch is one gather (``__getitems__``)."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor):
+        self.features, self.labels = features, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.features[i].float(), self.labels[i]
+
+    def __getitems__(self, indices: list[int]):
+        idx = torch.as_tensor(indices, device=self.features.device)
+        return self.features[idx].float(), self.labels[idx]
+
+
+def _batch(batch):  # __getitems__ gives the batch itself
+    return batch
+
+
+class CutModel(nn.Module):
+    """The stage's model after the cut: the remainder of the backbone's chain, then the head.
+    Its modules are the run model's own (shared), so training it trains the run's model."""
+
+    def __init__(self, cut: Cut, head: nn.Module):
+        super().__init__()
+        self.steps = [s.fn for s in cut.remainder]
+        self.remainder = nn.ModuleList(s.module for s in cut.remainder if s.module is not None)
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for step in self.steps:
+            x = step(x)
+        return self.head(x)
+
+
+@dataclass
+class StageInputs:
+    """What a cached stage trains on: loaders of cached features and the model after the cut."""
+
+    train: DataLoader
+    val: DataLoader
+    model: nn.Module
+
+
+@dataclass
+class _Split:
+    features: torch.Tensor
+    labels: torch.Tensor
+    source: str  # memory | disk | extracted
+    seconds: float
+
+
+class FeatureCache:
+    """The cache of one run: entries in memory for the run, and the disk store."""
+
+    def __init__(self, cfg: FeatureCacheConfig, device: torch.device, precision: Precision,
+                 channels_last: bool, batch_size: int, workers: int):
+        self.cfg, self.device, self.precision = cfg, device, precision
+        self.channels_last, self.batch_size, self.workers = channels_last, batch_size, workers
+        self.memory: dict[str, _Split] = {}
+        self.view: dict = {}
+        self.report: dict[str, dict] = {}
+        self.store: DiskStore | None = None
+        if cfg.mode in ("auto", "disk"):
+            store = DiskStore(cfg.dir or default_dir())
+            why = store.check_writable()
+            if why is None:
+                self.store = store
+            elif cfg.mode == "disk":
+                raise UserError(f"trainer.feature_cache.mode=disk: {why}: set "
+                                "trainer.feature_cache.dir to a writable folder, or mode=memory")
+            else:
+                log.warning("feature cache: %s: entries are kept in memory for this run only "
+                            "(set trainer.feature_cache.dir to share them)", why)
+
+    @property
+    def enabled(self) -> bool:
+        return self.cfg.mode != "off"
+
+    # -- a training stage ------------------------------------------------------------------
+    def stage_inputs(self, stage: str, model: nn.Module, backbone: Backbone, image_size: int,
+                     splits, train_loader: DataLoader, val_loader: DataLoader,
+                     random_inputs: str | None) -> StageInputs | None:
+        """The stage's cached inputs, or None (the uncached path); logs one line either way.
+        ``model`` has the stage's ``requires_grad`` and modes; ``random_inputs`` says why the
+        training images are random (an augmentation), or is None."""
+        if not self.enabled:
+            return None
+        if random_inputs:
+            return self._skip(stage, f"not cached: {random_inputs}")
+        cut, why = find_cut(model, backbone, image_size, self.view)
+        if cut is None:
+            return self._skip(stage, why)
+        got = self._splits(stage, cut, backbone, model, image_size,
+                           {"train": splits.train, "val": splits.val}, why)
+        if got is None:
+            return None
+        train_set = CachedFeatures(got["train"].features, got["train"].labels)
+        val_set = CachedFeatures(got["val"].features, got["val"].labels)
+        # the image loader's own sampler: the same generator, so the very same batches
+        train = DataLoader(train_set, batch_size=train_loader.batch_size,
+                           sampler=train_loader.sampler, drop_last=train_loader.drop_last,
+                           collate_fn=_batch, generator=torch.Generator())
+        val = DataLoader(val_set, batch_size=val_loader.batch_size, shuffle=False,
+                         collate_fn=_batch, generator=torch.Generator())
+        return StageInputs(train, val, CutModel(cut, model.head))
+
+    def _skip(self, stage: str, why: str) -> None:
+        log.info("feature cache [%s]: %s", stage, why)
+        self.report[stage] = {"cut": None, "reason": why}
+        return None
+
+    # -- classical heads and transferlab-features: the pooled whole backbone ----------------
+    def pooled_features(self, backbone: Backbone, image_size: int, parts: dict[str, Dataset],
+                        stage: str = "features") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per split: (features (N, D) float32, labels (N,)), the backbone's output globally
+        average-pooled, through the cache (``parts`` take the eval transform)."""
+        pooled = len(backbone.feature_shape) == 3
+        cut = Cut([], None, pooled, backbone.blocks[-1].name if backbone.blocks else "")
+        module = backbone.module.to(self.device).eval()
+        if not self.enabled:
+            out = {}
+            for name, dataset in parts.items():
+                feats = torch.zeros((len(dataset), *self._shape(cut, backbone, image_size)))
+                labels = torch.zeros(len(dataset), dtype=torch.long)
+                self._extract(cut, _prefix_fn(cut, module, module), dataset, feats, labels)
+                out[name] = (feats.numpy(), labels.numpy())
+            return out
+        got = self._splits(stage, cut, backbone, module, image_size, parts,
+                           f"cached {cut.describe()}")
+        if got is None:
+            raise UserError(f"the features cannot be cached ({self.report[stage]['reason']}): "
+                            "set trainer.feature_cache.mode=off to extract them without it")
+        return {name: (s.features.float().cpu().numpy(), s.labels.cpu().numpy())
+                for name, s in got.items()}
+
+    # -- entries ---------------------------------------------------------------------------
+    def _splits(self, stage: str, cut: Cut, backbone: Backbone, model: nn.Module,
+                image_size: int, parts: dict[str, Dataset], why: str) -> dict[str, _Split] | None:
+        started = time.perf_counter()
+        identities = {name: dataset_identity(ds) for name, ds in parts.items()}
+        unknown = [name for name, ident in identities.items() if ident is None]
+        if unknown:
+            kind = type(parts[unknown[0]]).__name__
+            return self._skip(stage, f"not cached: the {kind} dataset has no cache identity")
+        shape = self._shape(cut, backbone, image_size)
+        itemsize = np.dtype(self.cfg.dtype).itemsize
+        total = sum(len(ds) for ds in parts.values()) * int(np.prod(shape)) * itemsize
+        too_big = self._too_big(total)
+        if too_big:
+            return self._skip(stage, f"not cached: {cut.describe()} gives {len(parts)} splits of "
+                              f"{tuple(shape)} {self.cfg.dtype} features, {total / 1e9:.2f} GB: "
+                              f"{too_big}")
+        weights = tensors_hash([("backbone", backbone.module)] if cut.whole else
+                               [(s.path, s.module) for s in cut.prefix if s.module is not None])
+        base = {"format": FORMAT, "backbone": backbone.name,
+                "module": f"{type(backbone.module).__module__}."
+                          f"{type(backbone.module).__qualname__}",
+                "weights": weights, "cut": cut.identity(), "dtype": self.cfg.dtype,
+                "device": self.device.type, "channels_last": self.channels_last,
+                "autocast": str(self.precision.dtype) if self.precision.enabled else None,
+                "torch": torch.__version__}
+        run_prefix = _prefix_fn(cut, backbone.module, model)
+        got = {}
+        for name, dataset in parts.items():
+            key_parts = {**base, "data": identities[name], "split": len(dataset)}
+            got[name] = self._entry(key_parts, run_prefix, cut, dataset, shape)
+        seconds = time.perf_counter() - started
+        nbytes = sum(int(s.features.nelement()) * itemsize for s in got.values())
+        where = str(self.store.root) if self.store else "memory"
+        self.report[stage] = {
+            "cut": cut.describe(), "shape": list(shape), "dtype": self.cfg.dtype,
+            "store": where, "bytes": nbytes, "seconds": round(seconds, 3),
+            "hits": sum(s.source != "extracted" for s in got.values()),
+            "misses": sum(s.source == "extracted" for s in got.values()),
+            "splits": {name: s.source for name, s in got.items()}}
+        states = ", ".join(f"{name} {len(s.labels)} " + (
+            "extracted" if s.source == "extracted" else f"hit ({s.source})")
+            for name, s in got.items())
+        log.info("feature cache [%s]: %s; %s; %s %s, %.1f MB in %s, %.1fs", stage, why, states,
+                 tuple(shape), self.cfg.dtype, nbytes / 1e6, where, seconds)
+        return got
+
+    def _entry(self, key_parts: dict, run_prefix, cut: Cut, dataset: Dataset,
+               shape: tuple[int, ...]) -> _Split:
+        import hashlib
+        import json
+
+        key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:40]
+        if key in self.memory:
+            hit = self.memory[key]
+            return _Split(hit.features, hit.labels, "memory", 0.0)
+        started = time.perf_counter()
+        if self.store is None:
+            features = torch.zeros((len(dataset), *shape), dtype=getattr(torch, self.cfg.dtype))
+            labels = torch.zeros(len(dataset), dtype=torch.long)
+            self._extract(cut, run_prefix, dataset, features, labels)
+            split = _Split(features, labels, "extracted", time.perf_counter() - started)
+        else:
+            source = "disk"
+            entry = self.store.get(key)
+            if entry is None:
+                with self.store.lock(key):
+                    entry = self.store.get(key)  # another process may have written it
+                    if entry is None:
+                        source = "extracted"
+
+                        def fill(features: np.ndarray, labels: np.ndarray) -> None:
+                            self._extract(cut, run_prefix, dataset, torch.from_numpy(features),
+                                          torch.from_numpy(labels))
+
+                        entry = self.store.put(key, (len(dataset), *shape), self.cfg.dtype,
+                                               {"key": key_parts}, fill)
+            split = _Split(*self._load(entry), source, time.perf_counter() - started)
+        split = self._to_device(split)
+        self.memory[key] = split
+        return split
+
+    def _load(self, entry) -> tuple[torch.Tensor, torch.Tensor]:
+        """The entry's tensors: read into memory when it is small next to the available
+        memory, else left memory-mapped (pages read as batches ask for them)."""
+        features = entry.features
+        available = _available_memory()
+        if available is None or entry.nbytes < available // 4:
+            features = np.array(features)  # one read
+        return torch.from_numpy(features), torch.from_numpy(np.asarray(entry.labels))
+
+    def _to_device(self, split: _Split) -> _Split:
+        """On CUDA: the tensors moved to the GPU once, when they take under a quarter of its
+        free memory."""
+        if self.device.type != "cuda":
+            return split
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if split.features.nelement() * split.features.element_size() < free // 4:
+            split.features = split.features.to(self.device)
+            split.labels = split.labels.to(self.device)
+        return split
+
+    def _too_big(self, total: int) -> str | None:
+        cap = self.cfg.max_gb * 1e9
+        if total > cap:
+            return f"above trainer.feature_cache.max_gb={self.cfg.max_gb:g}"
+        if self.store is not None:
+            free = self.store.free_bytes()
+            if total > 0.9 * free:
+                return f"the cache folder {self.store.root} has {free / 1e9:.2f} GB free"
+        else:
+            available = _available_memory()
+            if available is not None and total > available // 2:
+                return f"above half the available memory ({available / 1e9:.2f} GB)"
+        return None
+
+    def _shape(self, cut: Cut, backbone: Backbone, image_size: int) -> tuple[int, ...]:
+        """One sample's cached shape."""
+        if cut.whole:
+            return (backbone.feature_shape[0],) if cut.pooled else tuple(backbone.feature_shape)
+        x = torch.zeros(1, 3, image_size, image_size, device=_device_of(backbone.module))
+        with torch.no_grad():
+            for seg in cut.prefix:
+                x = seg.fn(x)
+        return tuple(x.shape[1:])
+
+    def _extract(self, cut: Cut, run_prefix, dataset: Dataset, features: torch.Tensor,
+                 labels: torch.Tensor) -> None:
+        """One forward pass of the prefix over ``dataset``, in order, into ``features``."""
+        loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False,
+                            num_workers=self.workers, pin_memory=self.device.type == "cuda",
+                            multiprocessing_context=worker_context() if self.workers else None,
+                            generator=torch.Generator())
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        start = 0
+        with torch.no_grad():
+            for x, y in loader:
+                x = x.to(self.device, non_blocking=self.device.type == "cuda",
+                         memory_format=fmt if x.ndim == 4 else torch.contiguous_format)
+                with self.precision.autocast():
+                    out = run_prefix(x)
+                n = out.shape[0]
+                features[start:start + n] = out.to("cpu", features.dtype)
+                labels[start:start + n] = torch.as_tensor(y)
+                start += n
+
+
+def _prefix_fn(cut: Cut, module: nn.Module, model: nn.Module):
+    """x -> the prefix's output (pooled as the head pools it, where the cut says so)."""
+    pool = next(iter(model.head.children())) if cut.pooled and hasattr(model, "head") else None
+    steps = [s.fn for s in cut.prefix] if not cut.whole else [module]
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        for step in steps:
+            x = step(x)
+        if cut.pooled:
+            x = pool(x) if pool is not None else x.mean(dim=(2, 3))
+        return x
+
+    return run
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
