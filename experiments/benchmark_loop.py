@@ -28,7 +28,7 @@ from transferlab.config import (
     FreezeConfig,
     HeadConfig,
     OptimizerConfig,
-    SchedulerSpec,
+    SchedulerConfig,
     StageSpec,
 )
 from transferlab.config import SelectorSpec as Sel
@@ -103,7 +103,7 @@ def main() -> None:
     writer = SummaryWriter(tempfile.mkdtemp(prefix="bench-tb-"))
     step = 0
 
-    schedule = StageSchedule(SchedulerSpec(), 1, len(loader))
+    schedule = StageSchedule(SchedulerConfig(), 1, len(loader))
 
     def log_lrs(opt):  # what a run does before every step: schedule, lr/<group> scalars
         nonlocal step
