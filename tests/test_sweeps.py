@@ -77,12 +77,12 @@ def four_job_sweep(tmp_path_factory) -> Path:
 
 
 def test_sweep_runs_every_combination_in_readably_named_jobs(four_job_sweep):
-    assert four_job_sweep.name.endswith("_sweep-freeze,optimizer.lr")
+    assert four_job_sweep.name.endswith("_sweep-freeze__optimizer.lr")
     names = [p.name for p in job_dirs(four_job_sweep)]
     # only what the sweep varies names a job, not the fixed overrides (backbone=..., ...)
-    assert names == ["0_freeze=linear_probe,optimizer.lr=0.001",
-                     "1_freeze=linear_probe,optimizer.lr=0.01",
-                     "2_freeze=none,optimizer.lr=0.001", "3_freeze=none,optimizer.lr=0.01"]
+    assert names == ["0_freeze-linear_probe__optimizer.lr-0.001",
+                     "1_freeze-linear_probe__optimizer.lr-0.01",
+                     "2_freeze-none__optimizer.lr-0.001", "3_freeze-none__optimizer.lr-0.01"]
     for job in job_dirs(four_job_sweep):
         assert metrics(job)["status"] == "completed"
         assert (job / "checkpoints" / "best.pt").is_file()
@@ -146,12 +146,15 @@ def test_a_failing_job_does_not_lose_the_others(tmp_path, capsys):
     assert "Traceback" not in proc.stderr
     (sweep,) = sweep_dirs(tmp_path)
     statuses = {j.name: metrics(j)["status"] for j in job_dirs(sweep)}
-    assert statuses == {"0_optimizer.lr=0.001": "completed", "1_optimizer.lr=-1": "failed",
-                        "2_optimizer.lr=0.003": "completed", "3_optimizer.lr=0.01": "completed"}
-    assert metrics(sweep / "1_optimizer.lr=-1")["error"] == "optimizer.lr must be > 0, got -1.0"
+    assert statuses == {"0_optimizer.lr-0.001": "completed", "1_optimizer.lr--1": "failed",
+                        "2_optimizer.lr-0.003": "completed", "3_optimizer.lr-0.01": "completed"}
+    assert metrics(sweep / "1_optimizer.lr--1")["error"] == "optimizer.lr must be > 0, got -1.0"
     assert "4 job(s), 1 failed" in proc.stdout
 
-    rows = run_compare(capsys, str(sweep), "plot=false")[2:]
+    rows = run_compare(capsys, str(sweep), "plot=false")[2:]  # failed runs hidden by default
+    assert len(rows) == 3 and all("completed" in r for r in rows)
+    assert "(1 failed run(s) hidden: all=true shows them)" in capsys.readouterr().err
+    rows = run_compare(capsys, str(sweep), "plot=false", "all=true")[2:]
     assert len(rows) == 4
     assert sum("completed" in r for r in rows) == 3
     assert "failed: optimizer.lr must be > 0" in rows[-1]  # no metric: listed last
@@ -163,7 +166,7 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (sweep,) = sweep_dirs(tmp_path)
     jobs = job_dirs(sweep)
-    assert [j.name for j in jobs] == ["0_seed=0", "1_seed=1"]
+    assert [j.name for j in jobs] == ["0_seed-0", "1_seed-1"]
     pids = {metrics(j)["pid"] for j in jobs}
     assert len(pids) == 2  # two worker processes, one job each
     assert all(metrics(j)["status"] == "completed" for j in jobs)
@@ -181,7 +184,7 @@ def test_optuna_search_preset_optimises_the_returned_accuracy(tmp_path):
     result = (sweep / "optimization_results.yaml").read_text()
     assert f"best_value: {best}" in result
     for job in jobs:
-        assert "optimizer.lr=" in job.name and "freeze=" in job.name
+        assert "optimizer.lr-" in job.name and "freeze-" in job.name
 
 
 # --- names and tables, without running anything --------------------------------------------------
@@ -197,12 +200,12 @@ def test_job_names_hold_the_swept_values_only(monkeypatch):
     monkeypatch.setenv("TRANSFERLAB_SWEPT_KEYS", "optimizer.lr,dataset.root")
     task = ["backbone=resnet18", "optimizer.lr=0.0011205837185064174", "dataset.root=/data/a b",
             "name=x", "hydra.launcher.n_jobs=2"]
-    assert job_name(4, task) == "4_optimizer.lr=0.001121,dataset.root=data_a_b"
+    assert job_name(4, task) == "4_optimizer.lr-0.001121__dataset.root-data_a_b"
     monkeypatch.setenv("TRANSFERLAB_SWEPT_KEYS", "")
-    assert job_name(0, ["seed=3", "name=x"]) == "0_seed=3"  # nothing swept: every override
+    assert job_name(0, ["seed=3", "name=x"]) == "0_seed-3"  # nothing swept: every override
     assert job_name(1, []) == "1"
     monkeypatch.setenv("TRANSFERLAB_NAME_GIVEN", "")
-    assert sweep_name("digits-x-y", ["freeze", "optimizer.lr"]) == "sweep-freeze,optimizer.lr"
+    assert sweep_name("digits-x-y", ["freeze", "optimizer.lr"]) == "sweep-freeze__optimizer.lr"
     assert sweep_name("digits-x-y", []) == "digits-x-y"
     monkeypatch.setenv("TRANSFERLAB_NAME_GIVEN", "1")
     assert sweep_name("study/1", ["freeze"]) == "study_1"

@@ -56,6 +56,8 @@ class RunRecord:
     error: str | None = None
     runs: int = 1  # > 1 for a group of seeds
     spread: dict[str, float] = field(default_factory=dict)  # std over the group's seeds
+    hparams: dict = field(default_factory=dict)  # the run's HParams record
+    members: list[RunRecord] = field(default_factory=list)  # a group's runs
 
     def value(self, key: str) -> float | None:
         return self.values.get(key)
@@ -96,7 +98,8 @@ def read_run(run_dir: Path) -> RunRecord:
         "trainable": (data.get("params") or {}).get("trainable"),
         "wall_seconds": data.get("wall_seconds"),
     }
-    return RunRecord(run_dir, run_status(data), overrides, values, history, data.get("error"))
+    return RunRecord(run_dir, run_status(data), overrides, values, history, data.get("error"),
+                     hparams=dict(data.get("hparams") or {}))
 
 
 def _foreign(data: object) -> str | None:
@@ -164,7 +167,7 @@ def group_seeds(runs: list[RunRecord]) -> list[RunRecord]:
         errors = [m.error for m in members if m.error]
         merged.append(RunRecord(members[0].path, status, label, values,
                                 members[0].history, errors[0] if errors else None,
-                                runs=len(members), spread=spread))
+                                runs=len(members), spread=spread, members=members))
     return merged
 
 
@@ -257,40 +260,84 @@ def format_table(runs: list[RunRecord], fmt: str = "table", root: Path | None = 
 
 
 def _csv(value: float | None) -> str:
+    """A number as people write it: integers whole (3383818, not 3.38382e+06), others with
+    6 significant digits and no exponent."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
+    if isinstance(value, bool) or not isinstance(value, float):
+        return str(value)
+    if value.is_integer():
+        return str(int(value))
+    text = f"{value:.6g}"
+    if "e" in text:
+        text = f"{value:.12f}".rstrip("0").rstrip(".")
+    return text
+
+
+def _styles(n: int):
+    """``n`` distinct (colour, line style, marker) triples: 10 colours, then the next style."""
+    colours = [f"C{i}" for i in range(10)]
+    dashes = ["-", "--", "-.", ":"]
+    markers = ["o", "s", "^", "D", "v", "P"]
+    return [(colours[i % 10], dashes[(i // 10) % 4], markers[(i // 40) % 6]) for i in range(n)]
+
+
+def curve_points(run: RunRecord, key: str = "val_acc") -> tuple[list[int], list, list, list]:
+    """(epochs, mean, low, high) of ``key``: a run's own curve (low = high = mean), or for a
+    seed group the mean and min-max band over the epochs every member reached."""
+    if not run.members:
+        points = [(r["epoch"], r.get(key)) for r in run.history if r.get(key) is not None]
+        ys = [y for _, y in points]
+        return [e for e, _ in points], ys, ys, ys
+    from transferlab.tensorboard_views import group_curves
+
+    curve = group_curves([m.history for m in run.members]).get(key, {})
+    epochs = sorted(curve)
+    return (epochs, [curve[e][0] for e in epochs], [curve[e][1] for e in epochs],
+            [curve[e][2] for e in epochs])
 
 
 def plot_val_curves(runs: list[RunRecord], path: Path, title: str = "") -> Path:
-    """Validation accuracy of every run in one figure; dotted lines at stage boundaries.
-    Runs without accuracy (autoencoders) are left out."""
+    """Validation accuracy of every run (a seed group: the mean, with its min-max band) in one
+    figure, the legend beside the axes; dotted lines at stage boundaries. Runs without
+    accuracy (autoencoders) are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from transferlab.plots import stage_starts
 
-    fig, ax = plt.subplots(figsize=(10, 5.5))
-    labels = varying_overrides(runs)
-    for run, label in zip(runs, labels, strict=True):
-        if not any(r.get("val_acc") is not None for r in run.history):
-            continue
-        epochs = [r["epoch"] for r in run.history]
-        (line,) = ax.plot(epochs, [r.get("val_acc") for r in run.history], "o-", markersize=3,
-                          label=" ".join(label) or run.path.name)
+    shown = [(r, lbl) for r, lbl in zip(runs, varying_overrides(runs), strict=True)
+             if curve_points(r)[0]]
+    longest = max((len(" ".join(lbl)) for _, lbl in shown), default=10)
+    fig, ax = plt.subplots(figsize=(7 + min(longest, 60) * 0.07, 4.8))
+    all_epochs: set[int] = set()
+    for (run, label), (colour, dash, marker) in zip(shown, _styles(len(shown)), strict=True):
+        epochs, mean, low, high = curve_points(run)
+        all_epochs.update(epochs)
+        name = " ".join(label) or run.path.name
+        if run.runs > 1:
+            name += f" (mean of {run.runs})"
+            ax.fill_between(epochs, low, high, color=colour, alpha=0.15, linewidth=0)
+        ax.plot(epochs, mean, color=colour, linestyle=dash, marker=marker, markersize=3,
+                label=name)
         for epoch, _ in stage_starts(run.history)[1:]:
-            ax.axvline(epoch - 0.5, color=line.get_color(), linestyle=":", linewidth=1)
+            ax.axvline(epoch - 0.5, color=colour, linestyle=":", linewidth=1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if all_epochs:
+        ax.set_xlim(min(all_epochs) - 0.5, max(all_epochs) + 0.5)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy")
-    ax.set_title(title or "validation accuracy (dotted: stage boundaries)")
+    ax.set_title(title or "validation accuracy (dotted: stage boundaries; band: min-max over "
+                          "seeds)", fontsize=9)
     ax.grid(alpha=0.3)
     if ax.lines:
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -318,8 +365,12 @@ SPEC = Spec(
         Key("plot", "where to write the validation-accuracy figure; false: no figure",
             plot_target, metavar="<file>|true|false",
             default_text="<first path>/compare_val_acc.png, none with format=csv"),
-        Key("tensorboard", "print the command that opens these runs in TensorBoard", bool,
-            False),
+        Key("tensorboard", "write the runs' union HParams record (and, with group_seeds, the "
+            "seed groups' mean / min / max curves) at the first path, and print the command "
+            "that opens them in TensorBoard", bool, False),
+        Key("all", "show failed runs too (hidden by default)", bool, False),
+        Key("report", "write a Markdown report: the table, the figure and the best run's "
+            "overrides", path, metavar="<file.md>"),
     ),
     positionals="PATH",
     positional_help="sweep or run directories, searched recursively (default: outputs)",
@@ -331,12 +382,17 @@ SPEC = Spec(
         "transferlab-compare outputs/ sort=final_val_loss format=markdown plot=false",
         "transferlab-compare <sweep> group_seeds=true format=csv",
         "transferlab-compare <sweep> reverse=true plot=curves.png tensorboard=true",
+        "transferlab-compare <sweep> group_seeds=true report=experiments/x/results.md",
     ),
 )
 
 
+HIDDEN = ("failed",)
+
+
 def run_cli(argv: list[str]) -> int:
-    """Parse, read the runs, print the table, write the figure."""
+    """Parse, read the runs, print the table, write the figure (and the TensorBoard records,
+    the report)."""
     parsed = parse(SPEC, argv)
     paths = [Path(p) for p in parsed.positionals] or [Path("outputs")]
     try:
@@ -345,17 +401,31 @@ def run_cli(argv: list[str]) -> int:
         raise UserError(f"{exc}: give a sweep directory, a run directory or outputs/") from None
     if not runs:
         raise UserError(f"no runs (no metrics.json) under {' '.join(map(str, paths))}")
+    hidden = [] if parsed["all"] else [r for r in runs if r.status in HIDDEN]
+    runs = [r for r in runs if r not in hidden]
+    every = runs
     if parsed["group_seeds"]:
         runs = group_seeds(runs)
     runs = sort_runs(runs, parsed["sort"], parsed["reverse"])
     root = paths[0] if len(paths) == 1 and paths[0].is_dir() else None
-    print(format_table(runs, parsed["format"], root=root))
+    print(format_table(runs, parsed["format"], root=root) if runs else "(no runs to show)")
+    if hidden:
+        print(f"({len(hidden)} failed run(s) hidden: all=true shows them)", file=sys.stderr)
     plot = parsed["plot"]
-    if plot is True or isinstance(plot, Path) or (plot is None and parsed["format"] != "csv"):
+    figure = None
+    base = paths[0] if paths[0].is_dir() else paths[0].parent
+    if runs and (plot is True or isinstance(plot, Path)
+                 or (plot is None and parsed["format"] != "csv")
+                 or (parsed["report"] and plot is not False)):
         target = plot if isinstance(plot, Path) else (
-            paths[0] if paths[0].is_dir() else paths[0].parent) / "compare_val_acc.png"
-        print(f"\nValidation curves: {plot_val_curves(runs, target)}", file=sys.stderr)
+            parsed["report"].parent / (parsed["report"].stem + "_val_acc.png")
+            if parsed["report"] else base / "compare_val_acc.png")
+        figure = plot_val_curves(runs, target)
+        print(f"\nValidation curves: {figure}", file=sys.stderr)
+    if parsed["report"]:
+        print(f"Report: {write_report(parsed['report'], runs, figure, root)}", file=sys.stderr)
     if parsed["tensorboard"]:
+        _write_tensorboard(base, every, runs if parsed["group_seeds"] else [])
         logdirs = " ".join(str(p) for p in paths)
         if len(paths) == 1:
             print(f"\ntensorboard --logdir {logdirs}")
@@ -363,6 +433,45 @@ def run_cli(argv: list[str]) -> int:
             spec = ",".join(f"{p.name or p}:{p}" for p in paths)
             print(f"\ntensorboard --logdir_spec {spec}")
     return 0
+
+
+def _write_tensorboard(root: Path, runs: list[RunRecord], groups: list[RunRecord]) -> None:
+    from transferlab.tensorboard_views import write_seed_groups, write_union_hparams
+
+    write_union_hparams(root, [r.hparams for r in runs if r.hparams])
+    write_seed_groups(root, {group_label(label): [m.history for m in g.members]
+                             for g, label in zip(groups, varying_overrides(groups), strict=True)
+                             if g.runs > 1})
+
+
+def group_label(overrides: list[str]) -> str:
+    """A seed group's TensorBoard run name: what sets it apart (its overrides but the seed)."""
+    from transferlab.sweep import _safe
+
+    parts = [o for o in overrides if _key_of(o) not in SEED_KEYS]
+    return "__".join(_safe(o.replace("=", "-")) for o in parts) or "all"
+
+
+def write_report(path: Path, runs: list[RunRecord], figure: Path | None,
+                 root: Path | None) -> Path:
+    """One Markdown file: the table, the figure and the best run's overrides (first in
+    ``runs``), to paste into an experiments/ README."""
+    import os
+
+    lines = [f"# Runs under {root or 'the given paths'}", "", format_table(runs, "markdown",
+                                                                          root=root), ""]
+    if figure is not None:
+        rel = os.path.relpath(figure, path.parent)
+        lines += [f"![validation accuracy]({rel})", ""]
+    if runs:
+        best = runs[0]
+        lines += ["Best run" + (f" (mean of {best.runs} seeds)" if best.runs > 1 else "") +
+                  f": `{best.path}`", "", "```", "transferlab-train " +
+                  " ".join(o for o in best.overrides if not o.startswith("seed=") or
+                           best.runs == 1), "```", ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

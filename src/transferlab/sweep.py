@@ -1,9 +1,11 @@
 """Multirun support: readable job directory names and the summary printed when a sweep ends.
 
-Job names hold only what varies across the sweep (``3_freeze=two_stage,optimizer.lr=0.001``),
-not every fixed override of the command line. The swept keys are read from the command line
-once, in the launching process, and handed to the jobs through an environment variable so that
-launchers running jobs in other processes (joblib) name them the same way.
+Job names hold only what varies across the sweep (``3_freeze-two_stage__optimizer.lr-0.001``),
+not every fixed override of the command line. Names have no ``=`` and no ``,``, so a path into
+a job directory can be given as an override value (``backbone.init.path=...``) unquoted. The
+swept keys are read from the command line once, in the launching process, and handed to the
+jobs through an environment variable so that launchers running jobs in other processes
+(joblib) name them the same way.
 """
 
 from __future__ import annotations
@@ -61,11 +63,11 @@ def _safe(text: str) -> str:
     else:
         if len(text) > 8 and not number.is_integer():
             text = f"{number:.4g}"
-    return re.sub(r"[/\\\s:]+", "_", text).strip("_") or "_"
+    return re.sub(r"[/\\\s:,=\[\]{}()'\"]+", "_", text).strip("_") or "_"
 
 
 def job_name(num: Any, task_overrides: list[str], sweeper_params: list[str] | None = None) -> str:
-    """``<num>_<key=value,...>`` over the swept keys of this job's overrides.
+    """``<num>_<key-value__...>`` over the swept keys of this job's overrides.
 
     With nothing swept (``-m seed=0``) every override is named; with no override, the number.
     """
@@ -79,7 +81,7 @@ def job_name(num: Any, task_overrides: list[str], sweeper_params: list[str] | No
             continue
         items.append((key, value))
     named = [(k, v) for k, v in items if k in keys] or items
-    text = ",".join(f"{k}={_safe(v)}" for k, v in named)
+    text = "__".join(f"{k}-{_safe(v)}" for k, v in named)
     if len(text) > MAX_NAME:
         text = text[: MAX_NAME - 3] + "..."
     return f"{num}_{text}" if text else str(num)
@@ -93,10 +95,10 @@ def _resolve_job_name(num: Any, *, _root_: DictConfig) -> str:
 
 def sweep_name(name: str, swept: list[str]) -> str:
     """The sweep directory's name: the run ``name`` when given on the command line, else what
-    the sweep varies (``sweep-freeze,optimizer.lr``), else the default run name."""
+    the sweep varies (``sweep-freeze__optimizer.lr``), else the default run name."""
     if os.environ.get(NAMED_ENV) or not swept:
         return _safe(name)
-    return _safe("sweep-" + ",".join(swept))[:MAX_NAME]
+    return _safe("sweep-" + "__".join(swept))[:MAX_NAME]
 
 
 def _resolve_sweep_name(*, _root_: DictConfig) -> str:
@@ -137,8 +139,21 @@ class SweepSummary(Callback):
             return
         failed = [r for r in runs if r.status in ("failed", "dead", "unreadable", "pending")]
         SweepSummary.failed_jobs = len(failed)
+        write_sweep_views(sweep_dir, runs)
         print(f"\nSweep {sweep_dir}: {len(runs)} job(s), {len(failed)} failed\n"
               f"{format_table(runs, 'table', root=sweep_dir)}\n"
               f"Compare: transferlab-compare {sweep_dir}\n"
               f"Open it in TensorBoard: tensorboard --logdir {sweep_dir}", file=sys.stdout,
               flush=True)
+
+
+def write_sweep_views(sweep_dir: Path, runs) -> None:
+    """At the sweep root: the union HParams record of every job and the seed groups' curves
+    (TensorBoard then shows every swept key as a column, and seed noise as a band)."""
+    from transferlab.compare import _write_tensorboard, group_seeds
+
+    done = [r for r in runs if r.status == "completed"]
+    try:
+        _write_tensorboard(sweep_dir, runs, group_seeds(done))
+    except OSError as exc:  # the table still prints
+        log.warning("could not write the sweep's TensorBoard records: %s", exc)

@@ -95,7 +95,7 @@ class RunTracker:
             self.history: list[dict] = []
             self.best: dict | None = None
             self.extra: dict[str, Any] = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                          **here}
+                                          **here, "hparams": self.hparams}
             self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
             text = yaml.safe_dump(config, sort_keys=False)
             self.writer.add_text("config", "```yaml\n" + text + "\n```", 0)

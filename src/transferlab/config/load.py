@@ -310,7 +310,33 @@ def load_config(cfg: DictConfig | dict, overrides: Iterable[str] = ()) -> RunCon
         raise UserError("the composed config is not a run config (conf/train.yaml must start "
                         "with the schema/run default)")
     validate(run, overrides)
+    if "freeze" in node and not _uses_trainer_epochs(node.freeze):
+        _epochs_unused(run, overrides)
     return run
+
+
+def _uses_trainer_epochs(freeze: DictConfig) -> bool:
+    """Whether the freeze policy's stages take their epochs from ``trainer.epochs``."""
+    return "trainer.epochs" in str(OmegaConf.to_container(freeze, resolve=False))
+
+
+def _epochs_unused(run: RunConfig, overrides: Iterable[str]) -> None:
+    """``trainer.epochs`` given to a policy that sets its own epochs is an error, not ignored."""
+    from transferlab.config.validate import override_key
+
+    given = [o for o in overrides if override_key(o) == "trainer.epochs"]
+    if not given or run.task.name != "classify" or run.head.name == "logreg":
+        return
+    if run.freeze.gradual is not None:
+        length = ("freeze.gradual.head_epochs + freeze.gradual.every x freeze.gradual.blocks "
+                  "epochs")
+    else:
+        length = " + ".join(f"{s.name} {s.epochs}" for s in run.freeze.stages) + " epochs"
+        knobs = [f"freeze.{k}" for k in ("head_epochs", "finetune_epochs")
+                 if hasattr(run.freeze, k)]
+        length += f": {', '.join(knobs)}" if knobs else ""
+    raise UserError(f"freeze={run.freeze.name} sets its own length ({length}) and does not use "
+                    f"trainer.epochs: remove {given[0]!r}")
 
 
 def compose_config(overrides: Iterable[str] = ()) -> DictConfig:

@@ -285,12 +285,28 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+class SampleIndex(int):
+    """A dataset index that knows its epoch: what :class:`SeededSamples` seeds a sample's
+    augmentation with (it travels to loader processes with the index)."""
+
+    epoch: int
+
+    def __new__(cls, index: int, epoch: int):
+        obj = super().__new__(cls, index)
+        obj.epoch = epoch
+        return obj
+
+    def __reduce__(self):
+        return (SampleIndex, (int(self), self.epoch))
+
+
 class ResumableSampler(Sampler):
     """The training order, epoch by epoch: epoch ``e``'s order is drawn from a generator seeded
     by (seed, e) alone (:meth:`set_epoch` before each epoch). It does not depend on how often
     the loader started an iteration (worker processes prefetch), on the number of workers or
     on earlier epochs, so a loader over cached features that shares this sampler draws the
-    very same batches, and a resumed run draws the epoch it stopped in again.
+    very same batches, and a resumed run draws the epoch it stopped in again. It yields
+    :class:`SampleIndex` values (indices that carry the epoch).
 
     ``skip_batches`` leaves out the first batches of the epoch (a run resumed from a
     checkpoint written mid-epoch); the caller sets it back to 0 after that epoch."""
@@ -305,22 +321,53 @@ class ResumableSampler(Sampler):
         self.epoch = epoch
 
     def __iter__(self):
-        self.generator.manual_seed(epoch_seed(self.seed, self.epoch))
+        epoch = self.epoch
+        self.generator.manual_seed(derived_seed("order", self.seed, epoch))
         indices = iter(self.sampler)
         for _ in range(self.skip_batches * self.batch_size):
             next(indices, None)
-        yield from indices
+        for i in indices:
+            yield SampleIndex(i, epoch)
 
     def __len__(self) -> int:
         return len(self.sampler)
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A well-mixed 63-bit seed of (seed, epoch)."""
+class SeededSamples(Dataset):
+    """The training split, each sample's random augmentation drawn from an RNG seeded by
+    (seed, epoch, index) alone: the same images whatever the number of loader processes, the
+    launcher or the job's place in a sweep, and again after a resume. The process's own RNG
+    states are left as they were (the main process trains with them)."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        import random
+
+        epoch = getattr(i, "epoch", 0)
+        seed = derived_seed("sample", self.seed, epoch, int(i))
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            try:
+                return self.dataset[int(i)]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+
+def derived_seed(what: str, *parts: int) -> int:
+    """A well-mixed 63-bit seed of ``parts`` (``what`` keeps the uses apart)."""
     import hashlib
 
-    digest = hashlib.sha256(f"transferlab-order:{seed}:{epoch}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    text = ":".join(["transferlab", what, *(str(p) for p in parts)])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
 def make_loaders(splits: DataSplits, trainer: TrainerConfig, seed: int,
@@ -346,7 +393,8 @@ def make_loaders(splits: DataSplits, trainer: TrainerConfig, seed: int,
     # A last batch of one sample breaks BatchNorm in train mode: drop it, keep all others.
     # The loader's own generator gives its worker processes their base seeds (and keeps the
     # global RNG untouched when there are none).
-    train = DataLoader(splits.train, batch_size=bs, generator=_loader_generator(seed),
+    train = DataLoader(SeededSamples(splits.train, seed), batch_size=bs,
+                       generator=_loader_generator(seed),
                        sampler=ResumableSampler(order, bs, order_generator, seed),
                        drop_last=len(splits.train) % bs == 1, **common)
     val = DataLoader(splits.val, batch_size=eval_batch_size(trainer), shuffle=False,

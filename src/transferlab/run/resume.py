@@ -5,8 +5,8 @@ the stage schedule's position, the global step, the record so
 far and, when it was written by a clean stop (SIGINT / SIGTERM) part-way through an epoch, how
 far that epoch got. A resumed run rebuilds everything from the saved config, puts that state
 back and trains the rest: it ends with the same weights as a run that was never interrupted
-(bit for bit on the CPU with ``trainer.deterministic=true``; with loader processes and random
-augmentation the augmentation draws after the resume differ).
+(bit for bit on the CPU with ``trainer.deterministic=true``, augmentation included: each
+sample's augmentation is drawn from (seed, epoch, index)).
 """
 
 from __future__ import annotations

@@ -282,7 +282,7 @@ class Classify(Task):
     def start(self, built: BuiltRun, tracker: RunTracker) -> None:
         run = built.run
         if built.resume is None:
-            log_training_samples(tracker, built.splits.train, built.backbone.input)
+            log_training_samples(tracker, built.splits, built.backbone.input)
         weights = (built.splits.class_weights().to(built.device)
                    if run.trainer.class_weights == "balanced" else None)
         self.criterion = nn.CrossEntropyLoss(weight=weights,
@@ -312,17 +312,51 @@ class Classify(Task):
                         channels_last=built.channels_last, progress=built.progress)
 
 
-def log_training_samples(tracker: RunTracker, dataset, spec, n: int = 16) -> None:
-    """A grid of training images as the model gets them (augmented), un-normalised, in
-    TensorBoard (``data/train_samples``). Drawn on a forked RNG: training is unaffected."""
+def log_training_samples(tracker: RunTracker, splits, spec, n: int = 16) -> None:
+    """A grid of training images as the model gets them (augmented), un-normalised, drawn
+    from every class in turn and labelled with its class name, in TensorBoard
+    (``data/train_samples``). Drawn on a forked RNG: training is unaffected."""
+    dataset, labels = splits.train, splits.train_labels
     if len(dataset) == 0:
         return
+    picks = sample_indices(labels or [0] * len(dataset), n)
     mean = torch.tensor(spec.mean).view(3, 1, 1)
     std = torch.tensor(spec.std).view(3, 1, 1)
     with torch.random.fork_rng():
-        images = [dataset[i % len(dataset)][0] for i in range(min(n, 2 * len(dataset)))]
-    grid = torch.stack([(x.float() * std + mean).clamp(0, 1) for x in images])
-    tracker.log_images("data/train_samples", grid)
+        images = [(dataset[i][0].float() * std + mean).clamp(0, 1) for i in picks]
+    names = [splits.classes[labels[i]] if labels else "" for i in picks]
+    tracker.log_images("data/train_samples", torch.stack(
+        [_labelled(x, name) for x, name in zip(images, names, strict=True)]))
+
+
+def sample_indices(labels: list[int], n: int) -> list[int]:
+    """Up to ``n`` indices taking each class in turn (the first image of every class, then
+    the second, ...)."""
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    queues = [by_class[y] for y in sorted(by_class)]
+    picks: list[int] = []
+    depth = 0
+    while len(picks) < n and any(depth < len(q) for q in queues):
+        picks += [q[depth] for q in queues if depth < len(q)][:n - len(picks)]
+        depth += 1
+    return picks
+
+
+def _labelled(image: torch.Tensor, text: str) -> torch.Tensor:
+    """``image`` (3, H, W in [0, 1]) with ``text`` written in its top-left corner."""
+    if not text:
+        return image
+    from PIL import Image, ImageDraw
+    from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+
+    pil: Image.Image = to_pil_image(image)
+    draw = ImageDraw.Draw(pil)
+    box = draw.textbbox((2, 1), text)
+    draw.rectangle((0, 0, box[2] + 2, box[3] + 2), fill=(0, 0, 0))
+    draw.text((2, 1), text, fill=(255, 255, 255))
+    return pil_to_tensor(pil).float() / 255.0
 
 
 def fit_logreg_head(built: BuiltRun, tracker: RunTracker, run_dir: Path) -> None:
