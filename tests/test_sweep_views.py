@@ -243,11 +243,21 @@ def _get(url: str):
 
 
 @pytest.mark.slow
-def test_tensorboard_serves_every_swept_key_every_job_and_the_seed_bands(policy_seed_sweep):
+def test_tensorboard_serves_every_key_every_run_and_the_seed_bands(policy_seed_sweep):
+    """A real TensorBoard over the sweep and two more runs, each with a key no other run has:
+    after transferlab-compare tensorboard=true, the HParams experiment has every key of every
+    run (no single run's record has them all), every run is a row, and the seed group's band
+    is served from the sweep root."""
+    root = policy_seed_sweep.parent
+    for name, extra in (("extra_a", "trainer.label_smoothing=0.1"),
+                        ("extra_b", "optimizer.weight_decay=0.01")):
+        proc = cli([*TINY, extra, f"hydra.run.dir={name}"], root)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert compare.main([str(root), "tensorboard=true", "plot=false"]) == 0
     port = _free_port()
-    board = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir",
-                              str(policy_seed_sweep), "--port", str(port), "--host",
-                              "127.0.0.1", "--load_fast=false", "--reload_interval=1"],
+    board = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(root),
+                              "--port", str(port), "--host", "127.0.0.1", "--load_fast=false",
+                              "--reload_interval=1"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}/data/plugin"
     try:
@@ -259,17 +269,18 @@ def test_tensorboard_serves_every_swept_key_every_job_and_the_seed_bands(policy_
                     "experimentName": "", "startIndex": 0, "sliceSize": 100,
                     "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE",
                                         "STATUS_RUNNING"], "colParams": []})
-                if len(groups.get("sessionGroups", [])) == 6:
+                if len(groups.get("sessionGroups", [])) == 8:
                     break
             except OSError:
                 pass
             time.sleep(1)
         columns = {h["name"] for h in experiment.get("hparamInfos", [])}
-        assert {"freeze", "seed", "backbone.name", "optimizer.lr"} <= columns, experiment
-        assert len(groups["sessionGroups"]) == 6  # every job a row
+        assert {"freeze", "seed", "optimizer.lr", "trainer.label_smoothing",
+                "optimizer.weight_decay"} <= columns, sorted(columns)
+        assert len(groups["sessionGroups"]) == 8  # every run a row
         band = {}
         for stat in ("mean", "min", "max"):
-            points = _get(f"{base}/scalars/scalars?run=seed_groups/freeze-none/{stat}"
+            points = _get(f"{base}/scalars/scalars?run=sweep/seed_groups/freeze-none/{stat}"
                           "&tag=val/acc")
             band[stat] = points[-1][2]
         assert band["min"] <= band["mean"] <= band["max"]

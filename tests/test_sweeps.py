@@ -29,7 +29,8 @@ def sweep_dirs(cwd: Path) -> list[Path]:
 
 
 def job_dirs(sweep: Path) -> list[Path]:
-    return sorted((p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")),
+    """The numbered job directories (the sweep root also holds seed_groups/ and dotfiles)."""
+    return sorted((p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit()),
                   key=lambda p: int(p.name.partition("_")[0]))
 
 
@@ -151,9 +152,11 @@ def test_a_failing_job_does_not_lose_the_others(tmp_path, capsys):
     assert metrics(sweep / "1_optimizer.lr--1")["error"] == "optimizer.lr must be > 0, got -1.0"
     assert "4 job(s), 1 failed" in proc.stdout
 
-    rows = run_compare(capsys, str(sweep), "plot=false")[2:]  # failed runs hidden by default
+    assert compare.main([str(sweep), "plot=false"]) == 0  # failed runs hidden by default
+    out, err = capsys.readouterr()
+    rows = out.strip().splitlines()[2:]
     assert len(rows) == 3 and all("completed" in r for r in rows)
-    assert "(1 failed run(s) hidden: all=true shows them)" in capsys.readouterr().err
+    assert "(1 failed run(s) hidden: all=true shows them)" in err
     rows = run_compare(capsys, str(sweep), "plot=false", "all=true")[2:]
     assert len(rows) == 4
     assert sum("completed" in r for r in rows) == 3

@@ -381,8 +381,7 @@ SPEC = Spec(
         "linear_probe",
         "transferlab-compare outputs/ sort=final_val_loss format=markdown plot=false",
         "transferlab-compare <sweep> group_seeds=true format=csv",
-        "transferlab-compare <sweep> reverse=true plot=curves.png tensorboard=true",
-        "transferlab-compare <sweep> group_seeds=true report=experiments/x/results.md",
+        "transferlab-compare <sweep> group_seeds=true report=results.md tensorboard=true",
     ),
 )
 
