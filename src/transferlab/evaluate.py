@@ -16,9 +16,10 @@ its eval preprocessing, so ``best.pt`` on ``val`` reproduces the val accuracy th
 
 Writes into the run directory (each evaluation replaces the previous one's files):
 
-* ``eval.json``: checkpoint, epoch, split, accuracy, loss, per-class precision / recall / F1 /
-  support, macro and weighted averages and the confusion matrix (rows: true class, columns:
-  predicted class);
+* ``eval.json``: checkpoint, epoch, split, weights (``raw``, or ``ema``: the EMA of the
+  weights a run with ``trainer.ema.decay`` keeps), accuracy, loss, per-class precision /
+  recall / F1 / support, macro and weighted averages and the confusion matrix (rows: true
+  class, columns: predicted class);
 * ``eval_confusion_matrix.png``: the confusion matrix as a figure;
 * ``tb/``: the same figure (tag ``eval/<split>/confusion_matrix``) and the accuracy and loss
   (``eval/<split>/acc``, ``eval/<split>/loss``) at the checkpoint's epoch.
