@@ -89,13 +89,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def save_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                     epoch: int, stage_index: int, stage_name: str, config: dict,
                     history: list[dict], best: dict | None, classes: list[str],
-                    loop: dict[str, Any] | None = None) -> None:
+                    loop: dict[str, Any] | None = None,
+                    ema: dict[str, Any] | None = None) -> None:
     """Write atomically and durably (a crash or SIGKILL mid-write never leaves a truncated
     ``last.pt``: a temporary file, fsync, rename, fsync of the folder).
 
     ``epoch`` is the last completed epoch; ``loop`` holds what an exact resume needs: the
     global step, the stage schedule's step, the data
-    fingerprint, and for a checkpoint written mid-epoch (an interrupt) the epoch's progress."""
+    fingerprint, and for a checkpoint written mid-epoch (an interrupt) the epoch's progress.
+    ``ema``: the EMA of the weights (:meth:`transferlab.ema.WeightsEma.state`), when the run
+    keeps one."""
     payload = {
         "format": FORMAT,
         "model": model.state_dict(),
@@ -109,6 +112,8 @@ def save_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
         "rng": rng_state(),
         "loop": loop or {},
     }
+    if ema is not None:
+        payload["ema"] = ema
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with tmp.open("wb") as f:
@@ -120,13 +125,15 @@ def save_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
 
 
 def save_epoch_checkpoints(run_dir: Path, improved: bool, keep_every: bool = False,
-                           **state: Any) -> None:
-    """``checkpoints/last.pt`` after every epoch, ``best.pt`` too when the epoch improved, and
-    ``epoch_<N>.pt`` with ``keep_every`` (``trainer.checkpoint.keep=all``)."""
+                           improved_ema: bool = False, **state: Any) -> None:
+    """``checkpoints/last.pt`` after every epoch, ``best.pt`` too when the epoch improved,
+    ``best_ema.pt`` when its EMA weights improved, and ``epoch_<N>.pt`` with ``keep_every``
+    (``trainer.checkpoint.keep=all``)."""
     folder = Path(run_dir) / "checkpoints"
     save_checkpoint(folder / "last.pt", **state)
-    if improved:
-        shutil.copyfile(folder / "last.pt", folder / "best.pt.tmp")
-        os.replace(folder / "best.pt.tmp", folder / "best.pt")
+    for name, better in (("best", improved), ("best_ema", improved_ema)):
+        if better:
+            shutil.copyfile(folder / "last.pt", folder / f"{name}.pt.tmp")
+            os.replace(folder / f"{name}.pt.tmp", folder / f"{name}.pt")
     if keep_every:
         shutil.copyfile(folder / "last.pt", folder / f"epoch_{state['epoch']}.pt")

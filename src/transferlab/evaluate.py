@@ -2,6 +2,7 @@
 
     transferlab-eval run=outputs/runs/2026-11-23/10-00-00_digits-...     # best.pt on val
     transferlab-eval run=<run dir> checkpoint=last split=val
+    transferlab-eval run=<run dir> weights=ema checkpoint=best_ema       # the EMA of the weights
     transferlab-eval run=<run dir> dataset.root=/data/other_copy            # dataset.* overrides
     transferlab-eval run=<run dir> device=cpu
     transferlab-eval --help                                                  # every key
@@ -15,9 +16,10 @@ its eval preprocessing, so ``best.pt`` on ``val`` reproduces the val accuracy th
 
 Writes into the run directory (each evaluation replaces the previous one's files):
 
-* ``eval.json``: checkpoint, epoch, split, accuracy, loss, per-class precision / recall / F1 /
-  support, macro and weighted averages and the confusion matrix (rows: true class, columns:
-  predicted class);
+* ``eval.json``: checkpoint, epoch, split, weights (``raw``, or ``ema``: the EMA of the
+  weights a run with ``trainer.ema.decay`` keeps), accuracy, loss, per-class precision /
+  recall / F1 / support, macro and weighted averages and the confusion matrix (rows: true
+  class, columns: predicted class);
 * ``eval_confusion_matrix.png``: the confusion matrix as a figure;
 * ``tb/``: the same figure (tag ``eval/<split>/confusion_matrix``) and the accuracy and loss
   (``eval/<split>/acc``, ``eval/<split>/loss``) at the checkpoint's epoch.
@@ -45,13 +47,19 @@ from transferlab.config import RunConfig
 from transferlab.data import build_splits, default_num_workers
 from transferlab.errors import UserError
 from transferlab.runtime import Precision, pick_device
-from transferlab.saved_run import checkpoint_path, restore_model, saved_run_config
+from transferlab.saved_run import (
+    CHECKPOINTS,
+    WEIGHTS,
+    checkpoint_path,
+    checkpoint_weights,
+    restore_model,
+    saved_run_config,
+)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-CHECKPOINTS = ("best", "last")
 SPLITS = ("val", "test")
 EVAL_JSON = "eval.json"
 EVAL_PNG = "eval_confusion_matrix.png"
@@ -64,6 +72,7 @@ class EvalArgs:
     run: Path
     checkpoint: str = "best"
     split: str = "val"
+    weights: str = "raw"  # raw | ema (the EMA of the weights, trainer.ema)
     device: str | None = None  # None: the run's trainer.device
     dataset: dict[str, Any] | None = None  # dataset.<field> overrides
 
@@ -88,6 +97,8 @@ SPEC = Spec(
             metavar="<run dir>"),
         Key("checkpoint", "which checkpoint of the run", default="best", choices=CHECKPOINTS),
         Key("split", "which split to evaluate on", default="val", choices=SPLITS),
+        Key("weights", "the trained weights (raw) or their EMA (ema: runs trained with "
+            "trainer.ema.decay)", default="raw", choices=WEIGHTS),
         Key("device", "auto, cpu, cuda, cuda:N or mps", metavar="auto|cpu|cuda|...",
             default_text="the run's trainer.device"),
     ),
@@ -98,6 +109,7 @@ SPEC = Spec(
         "linear_probe",
         "transferlab-eval run=<run dir> checkpoint=last split=test device=cpu",
         "transferlab-eval run=<run dir> dataset.root=/data/other_copy",
+        "transferlab-eval run=<run dir> weights=ema checkpoint=best_ema",
     ),
 )
 
@@ -117,7 +129,7 @@ def parse_args(argv: list[str]) -> EvalArgs:
     dataset = {key.removeprefix("dataset."): _value(value)
                for key, value in parsed.prefixed.items()}
     return EvalArgs(run=parsed["run"], checkpoint=parsed["checkpoint"], split=parsed["split"],
-                    device=parsed["device"], dataset=dataset or None)
+                    weights=parsed["weights"], device=parsed["device"], dataset=dataset or None)
 
 
 # -- checkpoint, config, model, data -------------------------------------------------------------
@@ -217,7 +229,8 @@ def summary_text(report: dict[str, Any]) -> str:
     """The printed summary: accuracy, loss and a per-class table."""
     width = max(len("weighted avg"), *(len(c) for c in report["per_class"]))
     lines = [
-        f"{report['checkpoint']}.pt (epoch {report['epoch']}) on {report['split']}: "
+        f"{report['checkpoint']}.pt (epoch {report['epoch']}"
+        f"{', EMA weights' if report.get('weights') == 'ema' else ''}) on {report['split']}: "
         f"{report['samples']} images",
         f"accuracy {report['accuracy']:.4f}   loss {report['loss']:.4f}",
         "",
@@ -237,6 +250,7 @@ def write_reports(run_dir: Path, report: dict[str, Any], classes: list[str]) -> 
     json_path, png_path = run_dir / EVAL_JSON, run_dir / EVAL_PNG
     json_path.write_text(json.dumps(report, indent=2))
     split, epoch = report["split"], report["epoch"]
+    ema = "_ema" if report.get("weights") == "ema" else ""
     title = f"{report['checkpoint']}.pt (epoch {epoch}) on {split}: acc {report['accuracy']:.4f}"
     fig = confusion_figure(report["confusion_matrix"], classes, title)
     fig.savefig(png_path, dpi=110)
@@ -245,8 +259,8 @@ def write_reports(run_dir: Path, report: dict[str, Any], classes: list[str]) -> 
     writer = SummaryWriter(log_dir=str(run_dir / "tb"))
     try:
         writer.add_figure(f"eval/{split}/confusion_matrix", fig, global_step=epoch, close=True)
-        writer.add_scalar(f"eval/{split}/acc", report["accuracy"], epoch)
-        writer.add_scalar(f"eval/{split}/loss", report["loss"], epoch)
+        writer.add_scalar(f"eval/{split}/acc{ema}", report["accuracy"], epoch)
+        writer.add_scalar(f"eval/{split}/loss{ema}", report["loss"], epoch)
     finally:
         writer.close()
     return json_path, png_path
@@ -261,7 +275,8 @@ def evaluate_run(args: EvalArgs) -> dict[str, Any]:
     classes = [str(c) for c in ckpt.get("classes") or []]
     if "model" not in ckpt or not classes:
         raise UserError(f"{path} holds no model weights or class names")
-    model, backbone, image_size = restore_model(run, ckpt["model"], len(classes))
+    model, backbone, image_size = restore_model(
+        run, checkpoint_weights(ckpt, args.weights, path), len(classes))
     dataset = eval_dataset(run, backbone, image_size, args.split, classes)
     device = pick_device(args.device or run.trainer.device)
     channels_last = run.trainer.channels_last and len(backbone.feature_shape) == 3
@@ -272,7 +287,7 @@ def evaluate_run(args: EvalArgs) -> dict[str, Any]:
                    Precision(device, run.trainer.amp), channels_last)
     return {
         "run": str(args.run), "checkpoint": args.checkpoint, "checkpoint_path": str(path),
-        "epoch": ckpt.get("epoch"), "split": args.split,
+        "epoch": ckpt.get("epoch"), "split": args.split, "weights": args.weights,
         "dataset_overrides": args.dataset or {}, "device": str(device),
         "classes": classes, **classification_metrics(pred, classes),
     }

@@ -32,8 +32,9 @@ class _Running:
 
     def update(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
         n = y.shape[0]
+        hard = y.argmax(1) if y.ndim == 2 else y  # soft (mixed) targets: the dominant label
         self.loss_sum += float(loss) * n
-        self.correct += int((logits.argmax(1) == y).sum())
+        self.correct += int((logits.argmax(1) == hard).sum())
         self.count += n
 
     def stats(self, seconds: float, steps: int = 0, stopped: bool = False) -> EpochStats:
@@ -54,10 +55,13 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
                     *, channels_last: bool = False, progress: bool = False, desc: str = "train",
                     before_step: Callable[[torch.optim.Optimizer], None] | None = None,
                     should_stop: Callable[[], bool] | None = None,
-                    resume: EpochStats | None = None) -> EpochStats:
+                    resume: EpochStats | None = None,
+                    after_step: Callable[[], None] | None = None) -> EpochStats:
     """One pass over ``loader``; the caller has set train/eval modes and requires_grad.
 
-    ``before_step(optimizer)`` runs before every optimizer step (LR schedule, LR logging).
+    ``before_step(optimizer)`` runs before every optimizer step (LR schedule, LR logging),
+    ``after_step()`` after it (the EMA of the weights). Targets may be class indices or class
+    probabilities (MixUp / CutMix); the accuracy then counts the dominant label.
     ``should_stop()`` is asked after every step: when true, the pass ends there (``stopped``).
     ``resume``: the stats of the part of this epoch done before an interrupt (the loader then
     yields the rest of the epoch's batches only).
@@ -80,6 +84,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
         precision.scaler.scale(loss).backward()
         precision.scaler.step(optimizer)
         precision.scaler.update()
+        if after_step is not None:
+            after_step()
         running.update(loss.detach(), logits.detach(), y)
         steps += 1
         if progress:
@@ -112,10 +118,11 @@ def recon_epoch(model: nn.Module, loader: DataLoader, device: torch.device,
                 before_step: Callable[[torch.optim.Optimizer], None] | None = None,
                 progress: bool = False, desc: str = "",
                 should_stop: Callable[[], bool] | None = None,
-                resume: EpochStats | None = None) -> EpochStats:
+                resume: EpochStats | None = None,
+                after_step: Callable[[], None] | None = None) -> EpochStats:
     """One pass of an autoencoder (mean squared reconstruction error per image; ``acc`` is 0):
     a training pass when an ``optimizer`` is given, else an evaluation. Labels are ignored.
-    ``should_stop`` and ``resume`` as for :func:`train_one_epoch`."""
+    ``should_stop``, ``resume`` and ``after_step`` as for :func:`train_one_epoch`."""
     start = time.perf_counter() - (resume.seconds if resume else 0.0)
     total, _, count = resume.sums if resume else (0.0, 0, 0)
     steps = resume.steps if resume else 0
@@ -136,6 +143,8 @@ def recon_epoch(model: nn.Module, loader: DataLoader, device: torch.device,
                 precision.scaler.scale(loss).backward()
                 precision.scaler.step(optimizer)
                 precision.scaler.update()
+                if after_step is not None:
+                    after_step()
             total += float(loss.detach()) * x.shape[0]
             count += x.shape[0]
             steps += 1

@@ -5,6 +5,7 @@
     transferlab-predict backbone=convnext_nano backbone_source=timm cat.jpg
     transferlab-predict run=outputs/runs/2026-11-23/10-00-00_... photos/    # -> RUN/predictions.csv
     transferlab-predict run=RUN checkpoint=last output=preds.csv photos/
+    transferlab-predict run=RUN weights=ema photos/                          # the EMA weights
     transferlab-predict --help                                              # every key
 
 Arguments are ``key=value``, as for ``transferlab-train`` (:mod:`transferlab.cli`); the other
@@ -37,7 +38,14 @@ from transferlab.data.transforms import eval_transform
 from transferlab.errors import UserError, did_you_mean
 from transferlab.registry import BACKBONE_SOURCES
 from transferlab.runtime import pick_device
-from transferlab.saved_run import checkpoint_path, restore_model, saved_run_config
+from transferlab.saved_run import (
+    CHECKPOINTS,
+    WEIGHTS,
+    checkpoint_path,
+    checkpoint_weights,
+    restore_model,
+    saved_run_config,
+)
 
 SHOWN_SKIPPED = 10  # file names listed in the warning line (then "... and N more")
 
@@ -164,15 +172,18 @@ def imagenet_predictor(name: str, source: str | None) -> Predictor:
     return Predictor(model, eval_transform(spec, spec.size), list(backbone.categories))
 
 
-def run_predictor(run_dir: Path, which: str) -> Predictor:
-    """The trained model of a run, rebuilt from its saved config, with its eval preprocessing."""
-    ckpt = load_checkpoint(checkpoint_path(run_dir, which))
+def run_predictor(run_dir: Path, which: str, weights: str = "raw") -> Predictor:
+    """The trained model of a run, rebuilt from its saved config, with its eval preprocessing;
+    ``weights``: the trained ones (raw) or their EMA (ema)."""
+    path = checkpoint_path(run_dir, which)
+    ckpt = load_checkpoint(path)
     if "classes" not in ckpt or "model" not in ckpt:
         raise UserError(f"{run_dir} holds no transferlab checkpoint {which}.pt (no model or "
                         "classes in it)")
     classes = [str(c) for c in ckpt["classes"]]
     run = saved_run_config(ckpt.get("config"))
-    model, backbone, image_size = restore_model(run, ckpt["model"], len(classes))
+    model, backbone, image_size = restore_model(run, checkpoint_weights(ckpt, weights, path),
+                                                len(classes))
     transform = eval_transform(backbone.input, image_size, run.dataset.crop_pct)
     return Predictor(model, transform, classes)
 
@@ -254,7 +265,9 @@ SPEC = Spec(
             choices=tuple(BACKBONE_SOURCES.names()), default_text="the preset's, else guessed"),
         Key("top_k", "with backbone=: classes shown per image", positive_int, 5),
         Key("checkpoint", "with run=: which checkpoint of the run", default="best",
-            choices=("best", "last")),
+            choices=CHECKPOINTS),
+        Key("weights", "with run=: the trained weights (raw) or their EMA (ema: runs trained "
+            "with trainer.ema.decay)", default="raw", choices=WEIGHTS),
         Key("output", "with run=: the CSV to write", Path, metavar="<file>",
             default_text="<run dir>/predictions.csv"),
         Key("batch_size", "images per batch", positive_int, 32),
@@ -274,7 +287,7 @@ SPEC = Spec(
         "transferlab-predict run=<run dir> checkpoint=last output=preds.csv photos/",
     ),
 )
-IMAGENET_ONLY, RUN_ONLY = ("top_k", "backbone_source"), ("checkpoint", "output")
+IMAGENET_ONLY, RUN_ONLY = ("top_k", "backbone_source"), ("checkpoint", "output", "weights")
 
 
 @dataclass
@@ -287,6 +300,7 @@ class PredictArgs:
     backbone_source: str | None = None
     top_k: int = 5
     checkpoint: str = "best"
+    weights: str = "raw"
     output: Path | None = None
     batch_size: int = 32
     device: str = "auto"
@@ -326,7 +340,7 @@ def imagenet_mode(args: PredictArgs, inputs: Inputs) -> None:
 
 def run_mode(args: PredictArgs, inputs: Inputs) -> None:
     """Write a trained run's predictions to a CSV and say where it went."""
-    predictor = run_predictor(args.run, args.checkpoint)
+    predictor = run_predictor(args.run, args.checkpoint, args.weights)
     out = args.output or args.run / "predictions.csv"
     rows = predict(predictor, inputs, args.batch_size, pick_device(args.device))
     count = write_csv(out, rows, predictor.classes)

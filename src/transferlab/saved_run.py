@@ -14,6 +14,9 @@ from transferlab.config import RunConfig, load_config
 from transferlab.errors import UserError
 from transferlab.run.build import build_classifier
 
+CHECKPOINTS = ("best", "last", "best_ema")  # best_ema.pt: runs with trainer.ema.decay
+WEIGHTS = ("raw", "ema")
+
 
 def checkpoint_path(run_dir: Path, name: str) -> Path:
     """``<run>/checkpoints/<name>.pt``, checked to exist."""
@@ -30,6 +33,18 @@ def checkpoint_path(run_dir: Path, name: str) -> Path:
         have = f"it has: {', '.join(saved)}" if saved else "the run saved none (no epoch finished?)"
         raise UserError(f"no checkpoint {name}.pt in {run_dir / 'checkpoints'}: {have}")
     return path
+
+
+def checkpoint_weights(ckpt: dict, weights: str, path: Path) -> dict:
+    """The state dict of a checkpoint's ``weights``: ``raw`` (the trained weights) or ``ema``
+    (their exponential moving average, kept by runs with ``trainer.ema.decay``)."""
+    if weights != "ema":
+        return ckpt["model"]
+    ema = ckpt.get("ema")
+    if not isinstance(ema, dict) or not isinstance(ema.get("model"), dict):
+        raise UserError(f"weights=ema: {path} holds no EMA of the weights (the run trained "
+                        "without trainer.ema.decay): use weights=raw")
+    return ema["model"]
 
 
 def saved_run_config(saved: Any,

@@ -15,6 +15,7 @@ import yaml
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
+from transferlab.ema import best_ema
 from transferlab.errors import error_line
 from transferlab.liveness import process_started
 
@@ -110,6 +111,8 @@ class RunTracker:
             self.extra.pop("error", None)
             self.extra.pop("resume_command", None)
             self.extra.update(here)
+            if "best_ema" in self.extra:  # as of the checkpoint, not of a later epoch
+                self.extra["best_ema"] = best_ema(self.history)
             self.params = previous.get("params") or {}
             self.wall_before = float(previous.get("wall_seconds") or 0.0)
             self.extra["resumes"] = [*self.extra.get("resumes", []), {
@@ -141,13 +144,19 @@ class RunTracker:
 
     def log_epoch(self, record: dict, stage_index: int) -> bool:
         """Record one epoch; returns True when it is the best so far (val acc, then val loss;
-        val loss alone for records without accuracy, e.g. the autoencoder's)."""
+        val loss alone for records without accuracy, e.g. the autoencoder's). ``best`` is
+        the raw weights' best; with an EMA of the weights, ``best_ema`` is the EMA's."""
         epoch = record["epoch"]
         self.history.append(record)
         for split in ("train", "val"):
             self.writer.add_scalar(f"{split}/{self.loss_tag}", record[f"{split}_loss"], epoch)
             if record.get(f"{split}_acc") is not None:
                 self.writer.add_scalar(f"{split}/acc", record[f"{split}_acc"], epoch)
+        if "val_loss_ema" in record:  # the EMA of the weights (trainer.ema)
+            self.writer.add_scalar(f"val/{self.loss_tag}_ema", record["val_loss_ema"], epoch)
+            if record.get("val_acc_ema") is not None:
+                self.writer.add_scalar("val/acc_ema", record["val_acc_ema"], epoch)
+            self.extra["best_ema"] = best_ema(self.history)
         self.writer.add_scalar("stage", stage_index, epoch)
         improved = self.best is None or _rank(record) > _rank(self.best)
         if improved:
@@ -273,7 +282,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _summary(record: dict) -> dict:
     """The ``best`` / ``final`` entry of an epoch record (no ``val_acc`` when it has none)."""
-    return {k: record[k] for k in ("epoch", "val_acc", "val_loss") if k in record}
+    return {k: record[k] for k in ("epoch", "val_acc", "val_loss", "val_acc_ema", "val_loss_ema")
+            if k in record}
 
 
 def _rank(record: dict) -> tuple[float, float]:

@@ -148,9 +148,13 @@ class FakeDatasetConfig(DatasetConfig):
 
 @dataclass
 class AugmentConfig:
-    """``none``: the deterministic eval transform."""
+    """``none``: the deterministic eval transform. Every option can mix its training batches
+    (:mod:`transferlab.mixup`): MixUp / CutMix, one of them drawn per batch when both are on."""
 
     name: str = "none"
+    mixup_alpha: float = 0.0  # MixUp's Beta(alpha, alpha) mixing weight; 0: off (0.2 typical)
+    cutmix_alpha: float = 0.0  # CutMix's Beta(alpha, alpha) box area; 0: off (1.0 typical)
+    mix_prob: float = 1.0  # fraction of the training batches mixed (when an alpha is > 0)
 
 
 @dataclass
@@ -360,6 +364,14 @@ class FeatureCacheConfig:
 
 
 @dataclass
+class EmaConfig:
+    """An exponential moving average of the weights (:mod:`transferlab.ema`)."""
+
+    decay: float | None = None  # e.g. 0.999; None: off
+    warmup: bool = False  # the decay ramps up as 1 - (1 + step)^(-2/3) (short runs)
+
+
+@dataclass
 class TrainerConfig:
     epochs: int = 5
     batch_size: int = 32
@@ -376,6 +388,7 @@ class TrainerConfig:
     sampler: str = "shuffle"  # shuffle | balanced: draw classes equally often (with replacement)
     keep_checkpoints: str = "best_last"  # best_last: best.pt + last.pt; all: + epoch_<N>.pt
     feature_cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
 
 
 @dataclass

@@ -133,6 +133,12 @@ def _augment(run: RunConfig) -> None:
     if isinstance(a, RandAugmentConfig):
         _at_least("augment.num_ops", a.num_ops, 0)
         _in("augment.magnitude", a.magnitude, 0, 30)
+    _at_least("augment.mixup_alpha", a.mixup_alpha, 0)
+    _at_least("augment.cutmix_alpha", a.cutmix_alpha, 0)
+    _in("augment.mix_prob", a.mix_prob, 0, 1)
+    if (a.mixup_alpha > 0 or a.cutmix_alpha > 0) and isinstance(run.task, AutoencoderTaskConfig):
+        raise UserError("augment.mixup_alpha / augment.cutmix_alpha mix labels: task=autoencoder "
+                        "has none; set them to 0")
 
 
 def _optimizer(run: RunConfig) -> None:
@@ -268,6 +274,8 @@ def _trainer(run: RunConfig) -> None:
     _one_of("trainer.feature_cache.mode", c.mode, FEATURE_CACHE_MODES)
     _one_of("trainer.feature_cache.dtype", c.dtype, FEATURE_CACHE_DTYPES)
     _check("trainer.feature_cache.max_gb", c.max_gb, c.max_gb > 0, "> 0")
+    if t.ema.decay is not None:
+        _in("trainer.ema.decay", t.ema.decay, 0, 1, lo_open=True, hi_open=True)
 
 
 def _task(run: RunConfig) -> None:
@@ -290,7 +298,8 @@ _UNUSED: list[tuple[str, Callable[[RunConfig], bool], tuple[str, ...]]] = [
     ("head=logreg fits a logistic regression on frozen features",
      lambda run: isinstance(run.head, LogRegHeadConfig),
      ("freeze", "optimizer", "scheduler", "augment", "trainer.epochs", "trainer.label_smoothing",
-      "trainer.class_weights", "trainer.sampler", "trainer.log_every_n_steps", "trainer.amp")),
+      "trainer.class_weights", "trainer.sampler", "trainer.log_every_n_steps", "trainer.amp",
+      "trainer.ema")),
     ("task=autoencoder trains an encoder and its decoder without labels",
      lambda run: isinstance(run.task, AutoencoderTaskConfig),
      ("head", "freeze", "trainer.label_smoothing", "trainer.class_weights",

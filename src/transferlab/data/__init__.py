@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -361,6 +362,20 @@ class SeededSamples(Dataset):
                 random.setstate(py_state)
                 np.random.set_state(np_state)
 
+    def __getitems__(self, indices: list) -> SeededBatch:
+        """A batch's samples, with the epoch and indices that seed a batch-level draw (MixUp /
+        CutMix in the collate function, :mod:`transferlab.mixup`)."""
+        epoch = getattr(indices[0], "epoch", 0) if indices else 0
+        return SeededBatch([self[i] for i in indices], epoch, [int(i) for i in indices])
+
+
+class SeededBatch(list):
+    """A batch's samples (a list) with the epoch and the dataset indices they were drawn at."""
+
+    def __init__(self, samples: list, epoch: int, indices: list[int]):
+        super().__init__(samples)
+        self.epoch, self.indices = epoch, indices
+
 
 def derived_seed(what: str, *parts: int) -> int:
     """A well-mixed 63-bit seed of ``parts`` (``what`` keeps the uses apart)."""
@@ -370,9 +385,10 @@ def derived_seed(what: str, *parts: int) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
-def make_loaders(splits: DataSplits, trainer: TrainerConfig, seed: int,
-                 device: torch.device) -> tuple[DataLoader, DataLoader]:
-    """Shuffled, seeded train loader and ordered val loader."""
+def make_loaders(splits: DataSplits, trainer: TrainerConfig, seed: int, device: torch.device,
+                 collate: Callable | None = None) -> tuple[DataLoader, DataLoader]:
+    """Shuffled, seeded train loader (``collate``: its collate function, e.g. MixUp) and
+    ordered val loader."""
     workers = loader_workers(trainer)
     common = dict(
         num_workers=workers,
@@ -396,7 +412,7 @@ def make_loaders(splits: DataSplits, trainer: TrainerConfig, seed: int,
     train = DataLoader(SeededSamples(splits.train, seed), batch_size=bs,
                        generator=_loader_generator(seed),
                        sampler=ResumableSampler(order, bs, order_generator, seed),
-                       drop_last=len(splits.train) % bs == 1, **common)
+                       drop_last=len(splits.train) % bs == 1, collate_fn=collate, **common)
     val = DataLoader(splits.val, batch_size=eval_batch_size(trainer), shuffle=False,
                      generator=_loader_generator(seed), **common)
     return train, val

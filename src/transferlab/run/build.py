@@ -25,6 +25,7 @@ from transferlab.registry import TASKS
 from transferlab.runtime import Precision, pick_device
 
 if TYPE_CHECKING:
+    from transferlab.ema import WeightsEma
     from transferlab.run.resume import ResumePoint
     from transferlab.run.tasks import Task
 
@@ -47,6 +48,7 @@ class BuiltRun:
     plans: list[StagePlan] = field(default_factory=list)
     init_report: LoadReport | None = None
     resume: ResumePoint | None = None  # where a resumed run goes on
+    ema: WeightsEma | None = None  # the EMA of the weights (trainer.ema), set by the loop
 
     @property
     def channels_last(self) -> bool:

@@ -1,12 +1,12 @@
 """Going on with an interrupted run from its ``checkpoints/last.pt``, exactly.
 
-The checkpoint holds the model, the optimizer of the stage it was written in, the RNG states,
-the stage schedule's position, the global step, the record so
-far and, when it was written by a clean stop (SIGINT / SIGTERM) part-way through an epoch, how
-far that epoch got. A resumed run rebuilds everything from the saved config, puts that state
-back and trains the rest: it ends with the same weights as a run that was never interrupted
-(bit for bit on the CPU with ``trainer.deterministic=true``, augmentation included: each
-sample's augmentation is drawn from (seed, epoch, index)).
+The checkpoint holds the model (and the EMA of its weights, ``trainer.ema``), the optimizer of
+the stage it was written in, the RNG states, the stage schedule's position, the global step,
+the record so far and, when it was written by a clean stop (SIGINT / SIGTERM) part-way through
+an epoch, how far that epoch got. A resumed run rebuilds everything from the saved config,
+puts that state back and trains the rest: it ends with the same weights as a run that was
+never interrupted (bit for bit on the CPU with ``trainer.deterministic=true``, augmentation
+included: each sample's augmentation is drawn from (seed, epoch, index)).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class ResumePoint:
     best: dict | None
     data: dict
     partial: dict | None = None  # an epoch stopped part-way: {epoch, steps, sums, seconds}
+    ema: dict | None = None  # the EMA of the weights (trainer.ema)
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict) -> ResumePoint:
@@ -52,7 +53,7 @@ class ResumePoint:
                    model=ckpt["model"],
                    optimizer=ckpt["optimizer"], rng=ckpt["rng"],
                    history=list(ckpt["history"]), best=ckpt["best"], data=loop["data"],
-                   partial=loop.get("partial"))
+                   partial=loop.get("partial"), ema=ckpt.get("ema"))
 
     def record(self) -> dict[str, Any]:
         """What the run's record goes on from."""

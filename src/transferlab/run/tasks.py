@@ -32,9 +32,11 @@ from transferlab.config import (
     TaskConfig,
 )
 from transferlab.data import make_loaders
+from transferlab.ema import WeightsEma, ema_columns, ema_fields
 from transferlab.errors import UserError
 from transferlab.feature_cache import StageInputs
 from transferlab.loop import EpochStats, evaluate, recon_epoch, train_one_epoch
+from transferlab.mixup import batch_mixer, mix_record, mixing, mixing_reason
 from transferlab.optim import stage_optimizer
 from transferlab.policy import ParamGroup, StagePlan, apply_stage, plan_stages, set_train_mode
 from transferlab.registry import TASKS
@@ -70,9 +72,11 @@ class Task:
         return run.name
 
     def summary(self, metrics: dict, run_dir: Path) -> str:
-        best, final = metrics["best"], metrics["final"]
+        best, final, ema = metrics["best"], metrics["final"], metrics.get("best_ema")
         return (f"best val acc {best['val_acc']:.4f} (epoch {best['epoch']}), final val acc "
-                f"{final['val_acc']:.4f}, {metrics['wall_seconds']:.1f}s")
+                f"{final['val_acc']:.4f}" + (f", EMA weights' best {ema['val_acc_ema']:.4f} "
+                                             f"(epoch {ema['epoch']})" if ema else "")
+                + f", {metrics['wall_seconds']:.1f}s")
 
     # -- the epoch, as a task trains it ----------------------------------------------------
     def start(self, built: BuiltRun, tracker: RunTracker) -> None:
@@ -95,13 +99,21 @@ class Task:
         return {"epoch": epoch, "stage": plan.name, "train_loss": tr.loss, "train_acc": tr.acc,
                 "val_loss": va.loss, "val_acc": va.acc}
 
+    def eval_ema(self, built: BuiltRun, inputs: StageInputs) -> EpochStats | None:
+        """The EMA of the weights on the stage's val inputs, through the stage's model (None
+        without one)."""
+        if built.ema is None:
+            return None
+        with built.ema.swapped_in():
+            return self.eval_epoch(built, inputs.model, inputs.val)
+
     def after_epoch(self, built: BuiltRun, tracker: RunTracker, epoch: int) -> None:
         """After an epoch is recorded (e.g. images of it in TensorBoard)."""
 
     def log_line(self, record: dict, total_epochs: int, improved: bool) -> str:
         return (f"epoch {record['epoch']}/{total_epochs} [{record['stage']}] train loss "
                 f"{record['train_loss']:.4f} acc {record['train_acc']:.4f} | val loss "
-                f"{record['val_loss']:.4f} acc {record['val_acc']:.4f} | "
+                f"{record['val_loss']:.4f} acc {record['val_acc']:.4f}{ema_columns(record)} | "
                 f"{record['seconds']:.1f}s{'  *best' if improved else ''}")
 
     # -- the loop --------------------------------------------------------------------------
@@ -119,7 +131,10 @@ class Task:
         model.to(device)
         if built.channels_last:
             model.to(memory_format=torch.channels_last)
-        train_loader, val_loader = make_loaders(built.splits, run.trainer, run.seed, device)
+        built.ema = WeightsEma.of(run.trainer.ema, model, resume.ema if resume else None)
+        train_loader, val_loader = make_loaders(built.splits, run.trainer, run.seed, device,
+                                                batch_mixer(run.augment, len(built.splits.classes),
+                                                            run.seed))
         if train_loader.persistent_workers:  # its one base seed is drawn now, as on a resume
             iter(train_loader)
         self.start(built, tracker)
@@ -136,6 +151,8 @@ class Task:
                 continue
             apply_stage(model, plan)
             set_train_mode(model, plan)
+            if built.ema is not None:
+                built.ema.start_stage()
             inputs = self.stage_inputs(built, plan, tracker, train_loader, val_loader)
             resuming = resume is not None and plan.index == resume.stage_index
             optimizer = stage_optimizer(model, plan, run.optimizer,
@@ -168,6 +185,7 @@ class Task:
                     tr = self.train_epoch(built, inputs.model, inputs.train, optimizer,
                                           before_step=before_step, should_stop=stop,
                                           resume=done,
+                                          after_step=built.ema.update if built.ema else None,
                                           desc=f"epoch {epoch}/{total_epochs} [{plan.name}]")
                 except FloatingPointError as exc:  # "loss is nan at step S"
                     raise UserError(f"{exc}".replace(" at step", f" at epoch {epoch} step")
@@ -181,9 +199,11 @@ class Task:
                                     "sums": list(tr.sums), "seconds": tr.seconds}))
                     raise Interrupted(stop.signum)
                 va = self.eval_epoch(built, inputs.model, inputs.val)
-                record = {**self.record(epoch, plan, tr, va),
+                ve = self.eval_ema(built, inputs)
+                record = self.record(epoch, plan, tr, va)
+                record = {**record, **ema_fields(ve, record),
                           "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
-                          "seconds": round(tr.seconds + va.seconds, 3)}
+                          "seconds": round(tr.seconds + va.seconds + (ve.seconds if ve else 0), 3)}
                 improved = tracker.log_epoch(record, plan.index)
                 self.after_epoch(built, tracker, epoch)
                 log.info(self.log_line(record, total_epochs, improved))
@@ -233,8 +253,10 @@ def _checkpoint(built: BuiltRun, tracker: RunTracker, run_dir: Path, optimizer, 
                 plan: StagePlan, improved: bool, loop: dict) -> None:
     """``last.pt`` (and ``best.pt``): ``epoch`` is the last completed one."""
     loop = {**loop, "data": built.data_fingerprint()}
+    ema_best = "partial" not in loop and (tracker.extra.get("best_ema") or {}).get("epoch") == epoch
     save_epoch_checkpoints(run_dir, improved, keep_every=built.run.trainer.keep_checkpoints ==
-                           "all" and "partial" not in loop,
+                           "all" and "partial" not in loop, improved_ema=ema_best,
+                           ema=built.ema.state() if built.ema is not None else None,
                            model=built.model, optimizer=optimizer, epoch=epoch,
                            stage_index=plan.index, stage_name=plan.name,
                            config=built.run.as_dict(), history=tracker.history,
@@ -288,12 +310,15 @@ class Classify(Task):
         self.criterion = nn.CrossEntropyLoss(weight=weights,
                                              label_smoothing=run.trainer.label_smoothing)
         self.val_criterion = nn.CrossEntropyLoss()  # plain: val losses compare across runs
+        if mixing(run.augment):  # soft targets (MixUp / CutMix)
+            tracker.extra["mix"] = mix_record(run.augment)
 
     def stage_inputs(self, built: BuiltRun, plan: StagePlan, tracker: RunTracker,
                      train_loader, val_loader) -> StageInputs:
         run = built.run
-        random_inputs = (None if run.augment.name == "none" or self.deterministic_inputs(run)
-                         else f"augment={run.augment.name} makes the training images random")
+        random_inputs = mixing_reason(run.augment) or (
+            None if run.augment.name == "none" or self.deterministic_inputs(run)
+            else f"augment={run.augment.name} makes the training images random")
         cached = built.feature_cache.stage_inputs(
             plan.name, built.model, built.backbone, built.image_size, built.splits,
             train_loader, val_loader, random_inputs)
@@ -434,7 +459,8 @@ class Autoencode(Task):
 
     def log_line(self, record: dict, total_epochs: int, improved: bool) -> str:
         return (f"epoch {record['epoch']}/{total_epochs} [{record['stage']}] train recon loss "
-                f"{record['train_loss']:.4f} | val recon loss {record['val_loss']:.4f} | "
+                f"{record['train_loss']:.4f} | val recon loss {record['val_loss']:.4f}"
+                f"{ema_columns(record)} | "
                 f"{record['seconds']:.1f}s{'  *best' if improved else ''}")
 
     def summary(self, metrics: dict, run_dir: Path) -> str:
