@@ -43,6 +43,7 @@ class ResumePoint:
     best: dict | None
     data: dict
     partial: dict | None = None  # an epoch stopped part-way: {epoch, steps, sums, seconds}
+    early_stopping: dict | None = None  # the stage's early-stopping state (its counters)
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict) -> ResumePoint:
@@ -52,7 +53,7 @@ class ResumePoint:
                    model=ckpt["model"],
                    optimizer=ckpt["optimizer"], rng=ckpt["rng"],
                    history=list(ckpt["history"]), best=ckpt["best"], data=loop["data"],
-                   partial=loop.get("partial"))
+                   partial=loop.get("partial"), early_stopping=loop.get("early_stopping"))
 
     def record(self) -> dict[str, Any]:
         """What the run's record goes on from."""
