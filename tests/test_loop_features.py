@@ -45,14 +45,14 @@ def _batches(x, y, sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _epoch(sizes: list[int], stepping: StepOptions, lr: float = 0.5, data=None,
-           model: nn.Module | None = None):
+           model: nn.Module | None = None, precision: Precision | None = None):
     """Weights after one epoch over batches of ``sizes`` and the optimizer steps taken."""
     x, y = data if data is not None else _data(sum(sizes))
     model = model or _mlp()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     steps = []
     train_one_epoch(model, _batches(x, y, sizes), nn.CrossEntropyLoss(), optimizer, CPU,
-                    Precision(CPU, False), before_step=lambda opt: steps.append(1),
+                    precision or Precision(CPU, False), before_step=lambda opt: steps.append(1),
                     stepping=stepping)
     return [p.detach().clone() for p in model.parameters()], len(steps)
 
@@ -103,6 +103,23 @@ def test_clip_by_norm_caps_the_total_norm_of_the_trainable_grads():
     _close(deltas, [g * (0.25 / norm) for g in grads], tol=1e-5)
     assert torch.equal(after[1], before[1])  # the frozen bias
     assert [float(n) for n in seen] == pytest.approx([float(norm)], rel=1e-4)  # pre-clip
+
+
+def _scaled() -> Precision:
+    """fp16 mixed precision's loss scaling (on the CPU: the scaler alone, a large scale)."""
+    precision = Precision(CPU, False)
+    precision.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    return precision
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_clipping_and_accumulation_act_on_unscaled_grads(algorithm):
+    """Under a GradScaler the grads are unscaled before clipping: the same step as without."""
+    data = _data(16, scale=50.0)
+    options = StepOptions(accumulate=2, clip_val=0.05, clip_algorithm=algorithm)
+    plain, _ = _epoch([4, 4, 4, 4], options, lr=1.0, data=data)
+    scaled, _ = _epoch([4, 4, 4, 4], options, lr=1.0, data=data, precision=_scaled())
+    _close(scaled, plain, tol=1e-5)
 
 
 def test_clip_by_value_clamps_every_grad():

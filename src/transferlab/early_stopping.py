@@ -133,7 +133,7 @@ class EarlyStopping:
         line = (f"early stopping: stage '{plan.name}' stopped after epoch {self.epoch} "
                 f"(planned {plan.first_epoch}-{plan.last_epoch}): {c.monitor} did not improve "
                 f"on {self.best:.4f} (epoch {self.best_epoch}) by more than {c.min_delta:g} for "
-                f"{c.patience} epochs; {restored}; {nxt}")
+                f"{c.patience} epoch{'s' if c.patience != 1 else ''}; {restored}; {nxt}")
         log.info(line)
         self.tracker.log_text(f"early_stopping/{plan.name}", line, self.epoch)
         self.best_state = None
