@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from transferlab.runtime import Precision
+from transferlab.stepping import StepOptions, Stepper
 
 
 @dataclass
@@ -56,13 +57,15 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
                     before_step: Callable[[torch.optim.Optimizer], None] | None = None,
                     should_stop: Callable[[], bool] | None = None,
                     resume: EpochStats | None = None,
+                    stepping: StepOptions | None = None,
                     after_step: Callable[[], None] | None = None) -> EpochStats:
     """One pass over ``loader``; the caller has set train/eval modes and requires_grad.
 
     ``before_step(optimizer)`` runs before every optimizer step (LR schedule, LR logging),
     ``after_step()`` after it (the EMA of the weights). Targets may be class indices or class
     probabilities (MixUp / CutMix); the accuracy then counts the dominant label.
-    ``should_stop()`` is asked after every step: when true, the pass ends there (``stopped``).
+    ``should_stop()`` is asked after every optimizer step: when true, the pass ends there
+    (``stopped``). ``stepping``: gradient accumulation and clipping (:mod:`.stepping`).
     ``resume``: the stats of the part of this epoch done before an interrupt (the loader then
     yields the rest of the epoch's batches only).
     """
@@ -71,27 +74,24 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
     steps = resume.steps if resume else 0
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True,
                initial=steps, total=len(loader))
+    stepper = Stepper(optimizer, precision, len(loader), stepping, before_step)
     for x, y in bar:
         x, y = _to_device(x, y, device, channels_last)
-        if before_step is not None:
-            before_step(optimizer)
+        stepper.begin(steps)
         with precision.autocast():
             logits = model(x)
             loss = criterion(logits, y)
         if not torch.isfinite(loss.detach()):
             raise FloatingPointError(f"loss is {float(loss.detach())} at step {steps + 1}")
-        optimizer.zero_grad(set_to_none=True)
-        precision.scaler.scale(loss).backward()
-        precision.scaler.step(optimizer)
-        precision.scaler.update()
-        if after_step is not None:
+        stepped = stepper.backward(loss, y.shape[0], steps)
+        if stepped and after_step is not None:
             after_step()
         running.update(loss.detach(), logits.detach(), y)
         steps += 1
         if progress:
             s = running.stats(0)
             bar.set_postfix(loss=f"{s.loss:.4f}", acc=f"{s.acc:.3f}")
-        if should_stop is not None and should_stop():
+        if stepped and should_stop is not None and should_stop():
             bar.close()
             return running.stats(time.perf_counter() - start, steps, stopped=True)
     return running.stats(time.perf_counter() - start, steps)
@@ -119,36 +119,36 @@ def recon_epoch(model: nn.Module, loader: DataLoader, device: torch.device,
                 progress: bool = False, desc: str = "",
                 should_stop: Callable[[], bool] | None = None,
                 resume: EpochStats | None = None,
+                stepping: StepOptions | None = None,
                 after_step: Callable[[], None] | None = None) -> EpochStats:
     """One pass of an autoencoder (mean squared reconstruction error per image; ``acc`` is 0):
     a training pass when an ``optimizer`` is given, else an evaluation. Labels are ignored.
-    ``should_stop``, ``resume`` and ``after_step`` as for :func:`train_one_epoch`."""
+    ``should_stop``, ``resume``, ``stepping`` and ``after_step`` as for
+    :func:`train_one_epoch`."""
     start = time.perf_counter() - (resume.seconds if resume else 0.0)
     total, _, count = resume.sums if resume else (0.0, 0, 0)
     steps = resume.steps if resume else 0
     model.train(optimizer is not None)
+    stepper = (Stepper(optimizer, precision, len(loader), stepping, before_step)
+               if optimizer is not None else None)
     with torch.set_grad_enabled(optimizer is not None):
         for x, _ in tqdm(loader, desc=desc, leave=False, disable=not progress,
                          dynamic_ncols=True):
             x = x.to(device, non_blocking=device.type == "cuda")
+            if stepper is not None:
+                stepper.begin(steps)
             with precision.autocast():
                 out = model(x)
             loss = F.mse_loss(out.float(), x.float())
             if not torch.isfinite(loss.detach()):
                 raise FloatingPointError(f"loss is {float(loss)} at step {steps + 1}")
-            if optimizer is not None:
-                if before_step is not None:
-                    before_step(optimizer)
-                optimizer.zero_grad(set_to_none=True)
-                precision.scaler.scale(loss).backward()
-                precision.scaler.step(optimizer)
-                precision.scaler.update()
-                if after_step is not None:
-                    after_step()
+            stepped = stepper is not None and stepper.backward(loss, x.shape[0], steps)
+            if stepped and after_step is not None:
+                after_step()
             total += float(loss.detach()) * x.shape[0]
             count += x.shape[0]
             steps += 1
-            if should_stop is not None and should_stop():
+            if stepped and should_stop is not None and should_stop():
                 return _recon_stats(total, count, start, steps, True)
     return _recon_stats(total, count, start, steps, False)
 

@@ -21,10 +21,13 @@ def stage_starts(history: list[dict]) -> list[tuple[int, str]]:
     return starts
 
 
-def learning_curves(history: list[dict], title: str = "") -> Figure:
+def learning_curves(history: list[dict], title: str = "",
+                    stops: list[dict] | None = None) -> Figure:
     """Two panels (accuracy, loss), train vs val; a dashed line at every stage boundary,
     each stage labelled with its name where it starts. Records without accuracy (an
-    autoencoder's) get the loss panel alone."""
+    autoencoder's) get the loss panel alone. ``stops``: the stages that stopped early
+    (``metrics.json["stopped_early"]``): a red dotted line after the last epoch, the planned
+    epochs left out shaded, the stage's best epoch ringed on the val curve."""
     epochs = [r["epoch"] for r in history]
     starts = stage_starts(history)
     panels = [("loss", "loss")]
@@ -41,6 +44,7 @@ def learning_curves(history: list[dict], title: str = "") -> Figure:
             if len(starts) > 1:
                 ax.text(epoch - 0.45 if i else epoch, 0.02, stage, fontsize=8, color="dimgrey",
                         transform=ax.get_xaxis_transform(), va="bottom")
+        _mark_stops(ax, history, metric, stops or [])
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.set_title(label.capitalize())
@@ -54,7 +58,24 @@ def learning_curves(history: list[dict], title: str = "") -> Figure:
     return fig
 
 
-def save_learning_curves(history: list[dict], path: Path, title: str = "") -> None:
-    fig = learning_curves(history, title)
+def _mark_stops(ax, history: list[dict], metric: str, stops: list[dict]) -> None:
+    val = {r["epoch"]: r.get(f"val_{metric}") for r in history}
+    for i, stop in enumerate(stops):
+        end = stop["epoch"] + 0.5
+        ax.axvline(end, color="tab:red", linestyle=":", linewidth=1.2,
+                   label="early stop" if i == 0 else None)
+        if stop["planned_last_epoch"] > stop["epoch"]:
+            ax.axvspan(end, stop["planned_last_epoch"] + 0.5, color="grey", alpha=0.12,
+                       label="epochs left out" if i == 0 else None)
+        best = val.get(stop["best_epoch"])
+        if best is not None:
+            ax.plot([stop["best_epoch"]], [best], "o", markersize=11, markerfacecolor="none",
+                    markeredgecolor="tab:red",
+                    label=f"stage best ({stop['monitor']})" if i == 0 else None)
+
+
+def save_learning_curves(history: list[dict], path: Path, title: str = "",
+                         stops: list[dict] | None = None) -> None:
+    fig = learning_curves(history, title, stops)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -20,6 +20,7 @@ from transferlab.errors import error_line
 from transferlab.liveness import process_started
 
 HPARAM_METRICS = ("best_val_acc", "best_val_loss", "final_val_acc", "final_val_loss")
+STEP_TAGS = ("lr/", "grad/")  # TensorBoard tags per optimizer step (the others: per epoch)
 RECORD_KEYS = ("status", "history", "best", "final", "params", "wall_seconds")
 
 
@@ -33,9 +34,9 @@ class Interrupted(BaseException):  # noqa: N818 (as KeyboardInterrupt: not an er
 
 def trim_events(tb_dir: Path, epoch: int, step: int) -> int:
     """Drop the TensorBoard points written after a checkpoint, so that a resumed run continues
-    the same event stream without duplicates: per-step tags (``lr/...``) after ``step``, the
-    others (per epoch) after ``epoch``. Every event file of ``tb_dir`` is rewritten into one;
-    returns the number of points dropped."""
+    the same event stream without duplicates: per-step tags (``lr/...``, ``grad/...``) after
+    ``step``, the others (per epoch) after ``epoch``. Every event file of ``tb_dir`` is
+    rewritten into one; returns the number of points dropped."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
     from torch.utils.tensorboard.writer import FileWriter
 
@@ -49,7 +50,7 @@ def trim_events(tb_dir: Path, epoch: int, step: int) -> int:
                 continue
             if event.HasField("summary"):
                 values = [v for v in event.summary.value
-                          if event.step <= (step if v.tag.startswith("lr/") else epoch)]
+                          if event.step <= (step if v.tag.startswith(STEP_TAGS) else epoch)]
                 dropped += len(event.summary.value) - len(values)
                 if not values:
                     continue
@@ -212,7 +213,7 @@ class RunTracker:
                 from transferlab.plots import save_learning_curves
 
                 save_learning_curves(self.history, self.run_dir / "learning_curves.png",
-                                     curves_title)
+                                     curves_title, self.extra.get("stopped_early"))
             self.finish(status, error)
 
     def _resume_hint(self) -> None:

@@ -372,6 +372,17 @@ class EmaConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """Early stopping per stage (:mod:`transferlab.early_stopping`); off while ``patience`` is
+    null."""
+
+    patience: int | None = None  # None: off; else epochs without improvement that end a stage
+    monitor: str = "val_loss"  # val_loss | val_acc
+    min_delta: float = 0.0  # an improvement is a change by more than this
+    restore_best: bool = True  # a stopped stage leaves the model with its best epoch's weights
+
+
+@dataclass
 class TrainerConfig:
     epochs: int = 5
     batch_size: int = 32
@@ -389,6 +400,10 @@ class TrainerConfig:
     keep_checkpoints: str = "best_last"  # best_last: best.pt + last.pt; all: + epoch_<N>.pt
     feature_cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
+    accumulate_grad_batches: int = 1  # an optimizer step every k batches (k x batch_size)
+    gradient_clip_val: float | None = None  # None: no clipping
+    gradient_clip_algorithm: str = "norm"  # norm: total L2 norm of the grads | value: each one
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
 @dataclass

@@ -48,6 +48,8 @@ CLASS_WEIGHTS = ("none", "balanced")
 SAMPLERS = ("shuffle", "balanced")
 FEATURE_CACHE_MODES = ("auto", "off", "memory", "disk")
 FEATURE_CACHE_DTYPES = ("float16", "float32")
+CLIP_ALGORITHMS = ("norm", "value")
+MONITORS = ("val_loss", "val_acc")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -276,6 +278,19 @@ def _trainer(run: RunConfig) -> None:
     _check("trainer.feature_cache.max_gb", c.max_gb, c.max_gb > 0, "> 0")
     if t.ema.decay is not None:
         _in("trainer.ema.decay", t.ema.decay, 0, 1, lo_open=True, hi_open=True)
+    _at_least("trainer.accumulate_grad_batches", t.accumulate_grad_batches, 1)
+    if t.gradient_clip_val is not None:
+        _check("trainer.gradient_clip_val", t.gradient_clip_val, t.gradient_clip_val > 0,
+               "> 0 (or null: no clipping)")
+    _one_of("trainer.gradient_clip_algorithm", t.gradient_clip_algorithm, CLIP_ALGORITHMS)
+    e = t.early_stopping
+    _at_least("trainer.early_stopping.patience", e.patience, 1, nullable=True)
+    _one_of("trainer.early_stopping.monitor", e.monitor, MONITORS)
+    _at_least("trainer.early_stopping.min_delta", e.min_delta, 0)
+    if e.patience is not None and e.monitor == "val_acc" and \
+            isinstance(run.task, AutoencoderTaskConfig):
+        raise UserError("trainer.early_stopping.monitor=val_acc: task=autoencoder has no "
+                        "accuracy; monitor val_loss (its reconstruction loss)")
 
 
 def _task(run: RunConfig) -> None:
@@ -299,11 +314,19 @@ _UNUSED: list[tuple[str, Callable[[RunConfig], bool], tuple[str, ...]]] = [
      lambda run: isinstance(run.head, LogRegHeadConfig),
      ("freeze", "optimizer", "scheduler", "augment", "trainer.epochs", "trainer.label_smoothing",
       "trainer.class_weights", "trainer.sampler", "trainer.log_every_n_steps", "trainer.amp",
-      "trainer.ema")),
+      "trainer.ema",
+      "trainer.accumulate_grad_batches", "trainer.gradient_clip_val",
+      "trainer.gradient_clip_algorithm", "trainer.early_stopping")),
     ("task=autoencoder trains an encoder and its decoder without labels",
      lambda run: isinstance(run.task, AutoencoderTaskConfig),
      ("head", "freeze", "trainer.label_smoothing", "trainer.class_weights",
       "trainer.feature_cache")),
+    ("no gradient clipping (trainer.gradient_clip_val=null) is done",
+     lambda run: run.trainer.gradient_clip_val is None, ("trainer.gradient_clip_algorithm",)),
+    ("early stopping is off until trainer.early_stopping.patience=N is given,",
+     lambda run: run.trainer.early_stopping.patience is None,
+     ("trainer.early_stopping.monitor", "trainer.early_stopping.min_delta",
+      "trainer.early_stopping.restore_best")),
 ]
 
 

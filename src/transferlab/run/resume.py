@@ -44,6 +44,7 @@ class ResumePoint:
     data: dict
     partial: dict | None = None  # an epoch stopped part-way: {epoch, steps, sums, seconds}
     ema: dict | None = None  # the EMA of the weights (trainer.ema)
+    early_stopping: dict | None = None  # the stage's early-stopping state (its counters)
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict) -> ResumePoint:
@@ -53,7 +54,8 @@ class ResumePoint:
                    model=ckpt["model"],
                    optimizer=ckpt["optimizer"], rng=ckpt["rng"],
                    history=list(ckpt["history"]), best=ckpt["best"], data=loop["data"],
-                   partial=loop.get("partial"), ema=ckpt.get("ema"))
+                   partial=loop.get("partial"), ema=ckpt.get("ema"),
+                   early_stopping=loop.get("early_stopping"))
 
     def record(self) -> dict[str, Any]:
         """What the run's record goes on from."""

@@ -32,6 +32,7 @@ from transferlab.config import (
     TaskConfig,
 )
 from transferlab.data import make_loaders
+from transferlab.early_stopping import EarlyStopping
 from transferlab.ema import WeightsEma, ema_columns, ema_fields
 from transferlab.errors import UserError
 from transferlab.feature_cache import StageInputs
@@ -43,6 +44,7 @@ from transferlab.registry import TASKS
 from transferlab.run.build import BuiltRun, build_classifier
 from transferlab.runtime import set_rng_state
 from transferlab.schedule import StageSchedule
+from transferlab.stepping import StepOptions
 from transferlab.summary import stage_table
 from transferlab.tracking import Interrupted, RunTracker
 
@@ -139,15 +141,18 @@ class Task:
             iter(train_loader)
         self.start(built, tracker)
         before_step = BeforeStep(tracker, run.trainer.log_every_n_steps)
+        stepping = StepOptions.from_trainer(run.trainer, before_step.log_grad_norm)
+        stopping = EarlyStopping(run.trainer.early_stopping, tracker,
+                                 resume.epoch if resume is not None else None)
         optimizer, total_epochs = None, built.total_epochs
         partial = None
         if resume is not None:
             before_step.step = resume.step
             partial = resume.partial
             set_rng_state(resume.rng)
-        for plan in built.plans:
-            if plan.spec.epochs == 0 or (resume is not None and
-                                         plan.index < resume.stage_index):
+        plans = [p for p in built.plans if p.spec.epochs > 0]
+        for plan, next_plan in zip(plans, [*plans[1:], None], strict=True):
+            if resume is not None and plan.index < resume.stage_index:
                 continue
             apply_stage(model, plan)
             set_train_mode(model, plan)
@@ -158,8 +163,10 @@ class Task:
             optimizer = stage_optimizer(model, plan, run.optimizer,
                                         None if resuming else optimizer)
             schedule = StageSchedule(plan.spec.scheduler or run.scheduler, plan.spec.epochs,
-                                     len(inputs.train))
+                                     stepping.steps_per_epoch(len(inputs.train)))
             first = plan.first_epoch
+            stopping.begin(plan, resume.early_stopping if resuming else None,
+                           resume.model if resuming and partial is None else None)
             if resuming:
                 optimizer.load_state_dict(resume.optimizer)
                 schedule.step = resume.schedule_step
@@ -170,9 +177,10 @@ class Task:
                                                if p.requires_grad)}
             if first == plan.first_epoch and partial is None:
                 table = stage_table(model, built.backbone, plan)
+                table += stopping.describe()
                 log.info("\n%s", table)
                 tracker.log_text(f"summary/{plan.name}", table, plan.first_epoch)
-            for epoch in range(first, plan.last_epoch + 1):
+            for epoch in range(first, plan.last_epoch + 1) if not stopping.stopped else ():
                 set_train_mode(model, plan)
                 done = None
                 if partial is not None:  # the rest of an epoch stopped part-way
@@ -184,7 +192,7 @@ class Task:
                 try:
                     tr = self.train_epoch(built, inputs.model, inputs.train, optimizer,
                                           before_step=before_step, should_stop=stop,
-                                          resume=done,
+                                          resume=done, stepping=stepping,
                                           after_step=built.ema.update if built.ema else None,
                                           desc=f"epoch {epoch}/{total_epochs} [{plan.name}]")
                 except FloatingPointError as exc:  # "loss is nan at step S"
@@ -196,7 +204,8 @@ class Task:
                     _checkpoint(built, tracker, run_dir, optimizer, epoch - 1, plan,
                                 False, dict(state, partial={
                                     "epoch": epoch, "steps": tr.steps,
-                                    "sums": list(tr.sums), "seconds": tr.seconds}))
+                                    "sums": list(tr.sums), "seconds": tr.seconds},
+                                    **stopping.state(partial=True)))
                     raise Interrupted(stop.signum)
                 va = self.eval_epoch(built, inputs.model, inputs.val)
                 ve = self.eval_ema(built, inputs)
@@ -204,13 +213,17 @@ class Task:
                 record = {**record, **ema_fields(ve, record),
                           "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
                           "seconds": round(tr.seconds + va.seconds + (ve.seconds if ve else 0), 3)}
+                stopped = stopping.update(record, built.model)
                 improved = tracker.log_epoch(record, plan.index)
                 self.after_epoch(built, tracker, epoch)
                 log.info(self.log_line(record, total_epochs, improved))
                 _checkpoint(built, tracker, run_dir, optimizer, epoch, plan, improved,
-                            state)
+                            dict(state, **stopping.state()))
                 if stop():
                     raise Interrupted(stop.signum)
+                if stopped:
+                    break
+            stopping.end(built.model, next_plan)
 
 
 class StopRequest:
@@ -278,6 +291,11 @@ class BeforeStep:
         self.step += 1
         if self.step % self.every == 0:
             self.tracker.log_lrs(self.step, optimizer)
+
+    def log_grad_norm(self, norm: torch.Tensor) -> None:
+        """The total grad norm before clipping (``grad/norm``), as often as the LRs."""
+        if self.step % self.every == 0:
+            self.tracker.writer.add_scalar("grad/norm", float(norm), self.step)
 
 
 class Classify(Task):
