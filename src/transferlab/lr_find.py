@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import DataLoader
 
 from transferlab.cli import Key, Spec, boolean, number, parse, positive_int, run_main
 from transferlab.config import RunConfig, TwoStageConfig, compose_config, load_config
@@ -161,6 +162,15 @@ def _batches(loader: Iterable) -> Iterable:
             sampler.set_epoch(epoch)
 
 
+def check_settings(start_lr: float, end_lr: float, smooth: float, diverge: float) -> None:
+    if not 0 < start_lr < end_lr:
+        raise UserError(f"start_lr={start_lr:g}, end_lr={end_lr:g}: need 0 < start_lr < end_lr")
+    if not 0 < smooth <= 1:
+        raise UserError(f"smooth={smooth:g}: the weight of each new loss must be in (0, 1]")
+    if diverge <= 1:
+        raise UserError(f"diverge={diverge:g}: must be > 1 (stop at diverge x the best loss)")
+
+
 def range_test(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Iterable,
                loss_fn: LossFn, device: torch.device, *, base_lr: float,
                start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 200,
@@ -174,12 +184,7 @@ def range_test(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Itera
     its best so far, or a loss is not finite. ``on_step(i, lr, loss)`` runs after each step.
     Afterwards the model, the optimizer (state and LRs), the grad scaler, requires_grad,
     train/eval modes, gradients and the RNG states are as they were."""
-    if not 0 < start_lr < end_lr:
-        raise UserError(f"start_lr={start_lr:g}, end_lr={end_lr:g}: need 0 < start_lr < end_lr")
-    if not 0 < smooth <= 1:
-        raise UserError(f"smooth={smooth:g}: the weight of each new loss must be in (0, 1]")
-    if diverge <= 1:
-        raise UserError(f"diverge={diverge:g}: must be > 1 (stop at diverge x the best loss)")
+    check_settings(start_lr, end_lr, smooth, diverge)
     precision = precision or Precision(device, False)
     mults = [group["lr"] / base_lr for group in optimizer.param_groups]
     group_mults = {}
@@ -312,14 +317,27 @@ def _warm_up(built: BuiltRun, target: StagePlan, loader) -> torch.optim.Optimize
     return optimizer
 
 
-def lr_find(run: RunConfig, stage: str | None = None, *, start_lr: float = 1e-7,
-            end_lr: float = 10.0, steps: int = 200, smooth: float = 0.05,
-            diverge: float = 4.0, rule: str = "steepest", warmup: bool = False) -> LRFindResult:
-    """Build ``run`` as training does and run the range test for one stage of its freeze
-    policy (see the module's docstring); returns the curve, the suggestion and the build."""
-    if rule not in RULES:
-        raise UserError(f"rule={rule!r}{did_you_mean(rule, RULES)}; choose one of "
-                        f"{', '.join(RULES)}")
+@dataclass
+class StageSetup:
+    """A built run at the start of one stage: the model with the stage's requires_grad and
+    modes, the stage's optimizer, the training loader and the loss."""
+
+    built: BuiltRun
+    plan: StagePlan
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader
+    loss_fn: LossFn
+
+    @property
+    def model(self) -> nn.Module:
+        return self.built.model
+
+
+def prepare_stage(run: RunConfig, stage: str | None = None,
+                  warmup: bool = False) -> StageSetup:
+    """Build ``run`` as training does (seeded first) and set its model up for ``stage`` (an
+    index or a name; None: the first stage that trains anything), after training the stages
+    before it when ``warmup``."""
     seed_everything(run.seed, run.trainer.deterministic)
     built = build_run(run)
     if built.model is None:
@@ -331,17 +349,30 @@ def lr_find(run: RunConfig, stage: str | None = None, *, start_lr: float = 1e-7,
     if built.channels_last:
         model.to(memory_format=torch.channels_last)
     loader, _ = make_loaders(built.splits, run.trainer, run.seed, built.device)
-    loss_fn = _loss_fn(built)
     previous = _warm_up(built, plan, loader) if warmup else None
     apply_stage(model, plan)
     set_train_mode(model, plan)
     optimizer = stage_optimizer(model, plan, run.optimizer, previous)
     loader.sampler.set_epoch(plan.first_epoch)
-    test = range_test(model, optimizer, loader, loss_fn, built.device, base_lr=run.optimizer.lr,
-                      start_lr=start_lr, end_lr=end_lr, steps=steps, smooth=smooth,
-                      diverge=diverge, precision=built.precision,
+    return StageSetup(built, plan, optimizer, loader, _loss_fn(built))
+
+
+def lr_find(run: RunConfig, stage: str | None = None, *, start_lr: float = 1e-7,
+            end_lr: float = 10.0, steps: int = 200, smooth: float = 0.05,
+            diverge: float = 4.0, rule: str = "steepest", warmup: bool = False) -> LRFindResult:
+    """Build ``run`` as training does and run the range test for one stage of its freeze
+    policy (see the module's docstring); returns the curve, the suggestion and the build."""
+    if rule not in RULES:
+        raise UserError(f"rule={rule!r}{did_you_mean(rule, RULES)}; choose one of "
+                        f"{', '.join(RULES)}")
+    check_settings(start_lr, end_lr, smooth, diverge)  # before anything is built
+    setup = prepare_stage(run, stage, warmup)
+    built = setup.built
+    test = range_test(setup.model, setup.optimizer, setup.loader, setup.loss_fn, built.device,
+                      base_lr=run.optimizer.lr, start_lr=start_lr, end_lr=end_lr, steps=steps,
+                      smooth=smooth, diverge=diverge, precision=built.precision,
                       channels_last=built.channels_last)
-    return LRFindResult(test, suggest(test.lrs, test.smoothed, rule), rule, plan, built)
+    return LRFindResult(test, suggest(test.lrs, test.smoothed, rule), rule, setup.plan, built)
 
 
 # -- outputs -------------------------------------------------------------------------------------
