@@ -66,6 +66,7 @@ def test_model_optimizer_and_rng_are_restored_bit_for_bit(one_thread):
     grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
     modes = {n: m.training for n, m in model.named_modules()}
     rng_before = torch.get_rng_state()
+    epoch = setup.loader.sampler.epoch
     moved = []
 
     def on_step(i, lr, loss):
@@ -83,6 +84,7 @@ def test_model_optimizer_and_rng_are_restored_bit_for_bit(one_thread):
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grad_flags
     assert {n: m.training for n, m in model.named_modules()} == modes
     assert torch.equal(torch.get_rng_state(), rng_before)
+    assert setup.loader.sampler.epoch == epoch
 
 
 def test_frozen_blocks_never_change_during_the_sweep(one_thread):

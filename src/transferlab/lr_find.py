@@ -178,15 +178,18 @@ def range_test(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Itera
                precision: Precision | None = None, channels_last: bool = False,
                on_step: Callable[[int, float, float], None] | None = None) -> RangeTest:
     """Sweep the base LR of ``optimizer`` exponentially from ``start_lr`` to ``end_lr`` over
-    ``steps`` batches of ``loader``; each param group keeps its ratio ``lr / base_lr``. The
-    caller has set requires_grad and train/eval modes (the stage's). Stops when the smoothed
+    ``steps`` batches of ``loader``; each param group keeps its multiplier
+    ``initial_lr / base_lr``. The caller has set requires_grad and train/eval modes (the
+    stage's). Stops when the smoothed
     loss (exponential moving average, weight ``smooth`` on the new loss) exceeds ``diverge`` x
     its best so far, or a loss is not finite. ``on_step(i, lr, loss)`` runs after each step.
     Afterwards the model, the optimizer (state and LRs), the grad scaler, requires_grad,
     train/eval modes, gradients and the RNG states are as they were."""
     check_settings(start_lr, end_lr, smooth, diverge)
     precision = precision or Precision(device, False)
-    mults = [group["lr"] / base_lr for group in optimizer.param_groups]
+    # each group's multiplier as its stage plan set it (``initial_lr``; a schedule's factor
+    # left out), else as it stands
+    mults = [group.get("initial_lr", group["lr"]) / base_lr for group in optimizer.param_groups]
     group_mults = {}
     for group, mult in zip(optimizer.param_groups, mults, strict=True):
         group_mults.setdefault(group.get("name", "all"), mult)
@@ -194,8 +197,8 @@ def range_test(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Itera
     lrs, losses, smoothed = [], [], []
     stopped, best, avg = "completed", math.inf, None
     ratio = end_lr / start_lr
+    batches = _batches(loader)
     try:
-        batches = iter(_batches(loader))
         for i in range(steps):
             lr = start_lr * ratio ** (i / max(steps - 1, 1))
             for group, mult in zip(optimizer.param_groups, mults, strict=True):
@@ -222,6 +225,7 @@ def range_test(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Itera
                 stopped = "diverged"
                 break
     finally:
+        batches.close()  # the loader's epoch back
         snapshot.restore(model, optimizer, precision)
     return RangeTest(lrs, losses, smoothed, stopped, group_mults)
 
