@@ -213,3 +213,15 @@ def test_bad_settings_fail_before_anything_is_built(capsys):
     assert main([*BASE, "start_lr=1", "end_lr=0.1"]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line == "error: start_lr=1, end_lr=0.1: need 0 < start_lr < end_lr"
+
+
+def test_help_lists_every_key(capsys):
+    from transferlab.cli import help_text
+    from transferlab.lr_find import SPEC
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out == help_text(SPEC) + "\n" and out.startswith("usage: transferlab-lr-find ")
+    for key in ("stage", "start_lr", "end_lr", "steps", "smooth", "diverge", "rule", "warmup",
+                "apply", "output"):
+        assert f"  {key}=" in out
