@@ -252,6 +252,9 @@ SCRIPTS = {
     "features": ("transferlab-features", ["dataset=digits", "trainer.epoch=3"], "trainer.epoch",
                  ["dataset=digits", "--output", "f.npz"],
                  "error: --output is not an option: write output=<value>"),
+    "lr_find": ("transferlab-lr-find", ["dataset=digits", "trainer.epoch=3"], "trainer.epoch",
+                ["dataset=digits", "--output", "x"],
+                "error: --output is not an option: write output=<value>"),
     "compare": ("transferlab-compare", [".", "sort_by=final_val_loss"], "sort_by",
                 [".", "--no-plot"], "error: --no-plot is not an option: write plot=false"),
 }
