@@ -95,6 +95,8 @@ def test_both_formats_compute_the_pytorch_probabilities(tiny_run, tmp_path, caps
     assert record["run"]["name"] == run.name and record["run"]["dir"] == str(tiny_run)
     assert record["run"]["checkpoint"] == str(tiny_run / "checkpoints" / "best.pt")
     assert record["files"]["onnx"]["opset"] == 17
+    assert record["files"]["onnx"]["exporter"] == "torchscript"
+    assert record["files"]["onnx"]["failed"] == []
     assert record["files"]["torchscript"]["method"] == "torch.jit.trace"
     check = record["verification"]
     assert check["images"] == 12 and check["passed"] is True
@@ -157,6 +159,32 @@ def test_a_file_that_differs_from_pytorch_fails_verification(tiny_run, tmp_path,
     check = read_json(out / "preprocessing.json")["verification"]
     assert check["passed"] is False
     assert check["max_abs_diff"]["onnx"] <= TOLERANCE < check["max_abs_diff"]["torchscript"]
+
+
+@pytest.mark.slow  # torch.export is slow to start
+def test_onnx_falls_back_to_the_torch_export_based_exporter(tiny_run, tmp_path, capsys,
+                                                            monkeypatch, one_thread):
+    """Where the deprecated TorchScript-based exporter fails (or is gone), the
+    torch.export-based one writes one self-contained file that passes verification."""
+    real = torch.onnx.export
+
+    def without_legacy(*args, dynamo=True, **kwargs):
+        if not dynamo:
+            raise RuntimeError("the TorchScript-based ONNX exporter was removed")
+        return real(*args, dynamo=dynamo, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", without_legacy)
+    out = tmp_path / "out"
+    assert main([f"run={tiny_run}", f"output={out}", "format=onnx", "samples=6"]) == 0
+    assert "dynamo exporter" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "preprocessing.json"]
+    record = read_json(out / "preprocessing.json")
+    assert record["files"]["onnx"]["exporter"] == "dynamo"
+    assert record["files"]["onnx"]["failed"] == [
+        "torchscript exporter: the TorchScript-based ONNX exporter was removed"]
+    assert record["verification"]["max_abs_diff"]["onnx"] <= TOLERANCE
+    dims = onnx.load(str(out / "model.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and not dims[0].dim_value  # the batch axis stays symbolic
 
 
 def test_images_from_a_folder(tiny_run, tmp_path, capsys, one_thread):

@@ -271,6 +271,22 @@ def _quiet() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _no_native_stdout() -> Iterator[None]:
+    """Without what native code writes to file descriptor 1: the TorchScript-based ONNX
+    exporter prints its whole graph there (100 kB for a ViT) when it fails, which it does for
+    some models before the other exporter succeeds."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return (text.splitlines()[0][:200] if text else type(exc).__name__)
@@ -286,30 +302,43 @@ def require(module: str, what: str):
         raise UserError(f"{what} needs the {module} package: {INSTALL_HINT}") from None
 
 
+def _onnx_torchscript(model: nn.Module, x: torch.Tensor, path: Path, opset: int) -> None:
+    """PyTorch's TorchScript-based exporter (``dynamo=False``): deprecated, but fast, offline,
+    needs no onnxscript and writes the opset asked for."""
+    with _no_native_stdout():
+        torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME], opset_version=opset,
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+
+
+def _onnx_dynamo(model: nn.Module, x: torch.Tensor, path: Path, opset: int) -> None:
+    """The ``torch.export``-based exporter (needs onnxscript): opset 18 or later (its
+    conversion down to older opsets fails noisily), one file (weights inside)."""
+    torch.onnx.export(model, (x,), str(path), dynamo=True, input_names=[INPUT_NAME],
+                      output_names=[OUTPUT_NAME], opset_version=max(opset, 18),
+                      dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False,
+                      verbose=False)
+
+
+ONNX_EXPORTERS = {"torchscript": _onnx_torchscript, "dynamo": _onnx_dynamo}  # tried in order
+
+
 def export_onnx(model: nn.Module, path: Path, image_size: int, opset: int) -> dict[str, Any]:
-    """Write ``model`` as ONNX with a dynamic batch axis; (exporter, opset) of the file."""
+    """Write ``model`` as ONNX with a dynamic batch axis, with the first exporter of
+    :data:`ONNX_EXPORTERS` that succeeds; what was written (exporter, opset) and tried."""
     onnx = require("onnx", "format=onnx")
-    x = example_input(image_size)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    common = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset)
-    errors = []
+    failed: list[str] = []
     try:
-        for exporter in ("torchscript", "dynamo"):
+        for exporter, write in ONNX_EXPORTERS.items():
             try:
                 with _quiet(), torch.no_grad():
-                    if exporter == "torchscript":
-                        torch.onnx.export(model, (x,), str(tmp), dynamo=False, **common,
-                                          dynamic_axes={INPUT_NAME: {0: "batch"},
-                                                        OUTPUT_NAME: {0: "batch"}})
-                    else:
-                        batch = torch.export.Dim("batch")
-                        torch.onnx.export(model, (x,), str(tmp), dynamo=True, **common,
-                                          dynamic_shapes=({0: batch},), external_data=False)
+                    write(model, example_input(image_size), tmp, opset)
                 break
-            except Exception as exc:  # noqa: BLE001 - the other exporter may work
-                errors.append(f"{exporter} exporter: {_first_line(exc)}")
+            except Exception as exc:  # noqa: BLE001 - the next exporter may work
+                failed.append(f"{exporter} exporter: {_first_line(exc)}")
         else:
-            raise UserError(f"the model could not be exported to ONNX ({'; '.join(errors)}); "
+            raise UserError(f"the model could not be exported to ONNX ({'; '.join(failed)}); "
                             "format=torchscript may still work")
         proto = onnx.load(str(tmp))
         onnx.checker.check_model(proto)
@@ -318,7 +347,7 @@ def export_onnx(model: nn.Module, path: Path, image_size: int, opset: int) -> di
         tmp.unlink(missing_ok=True)
     opsets = {o.domain: o.version for o in proto.opset_import}
     return {"file": path.name, "exporter": exporter, "opset": opsets.get("", opset),
-            "dynamic_axes": {INPUT_NAME: [0], OUTPUT_NAME: [0]}}
+            "dynamic_axes": {INPUT_NAME: [0], OUTPUT_NAME: [0]}, "failed": failed}
 
 
 def export_torchscript(model: nn.Module, path: Path, image_size: int) -> dict[str, Any]:
@@ -458,8 +487,10 @@ def summary_lines(args: ExportArgs, record: dict[str, Any]) -> list[str]:
     lines = [f"Exported {Path(run['checkpoint']).name} (epoch {run['epoch']}) of "
              f"{run['dir'] or run['checkpoint']} to {args.output}:"]
     for fmt, info in record["files"].items():
-        how = (f"opset {info['opset']}, dynamic batch" if fmt == "onnx"
-               else "traced")
+        how = "traced"
+        if fmt == "onnx":
+            asked = "" if info["opset"] == args.opset else f" (opset={args.opset} asked)"
+            how = f"opset {info['opset']}{asked}, dynamic batch, {info['exporter']} exporter"
         lines.append(f"  {NAMES[fmt]:<12} {args.output / info['file']}  ({how})")
     lines.append(f"  {'preprocess':<12} {args.output / PREPROCESSING_FILE}  "
                  f"({record['image_size']} px, {len(record['classes'])} classes)")
