@@ -86,9 +86,9 @@ def test_both_formats_compute_the_pytorch_probabilities(tiny_run, tmp_path, caps
     assert record["input"] == {"name": "image", "layout": "NCHW", "dtype": "float32",
                                "color": "RGB", "shape": ["batch", 3, 32, 32]}
     assert record["output"]["name"] == "logits" and record["output"]["shape"] == ["batch", 10]
-    assert (record["image_size"], record["crop_size"]) == (32, 32)
-    assert record["resize_size"] == round(32 / record["crop_pct"])
-    assert record["crop_pct"] == (run.dataset.crop_pct or spec.crop_pct)
+    assert (record["image_size"], record["crop_size"]) == (32, [32, 32])
+    crop_pct = spec.crop_pct if run.dataset.crop_pct is None else run.dataset.crop_pct
+    assert record["resize_size"] == round(32 / crop_pct)
     assert record["mean"] == list(spec.mean) and record["std"] == list(spec.std)
     assert record["interpolation"] == spec.interpolation
     assert record["backbone"] == {"name": "test_efficientnet", "source": "timm"}
@@ -270,7 +270,7 @@ def deploy_without_transferlab(record: dict, path) -> np.ndarray:
     with Image.open(path) as image:
         image = image.convert("RGB")
     width, height = image.size
-    short, crop = record["resize_size"], record["crop_size"]
+    short, (crop, _) = record["resize_size"], record["crop_size"]
     size = ((short, short * height // width) if width <= height
             else (short * width // height, short))
     filters = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}

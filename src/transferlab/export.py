@@ -211,13 +211,27 @@ def load_saved_model(path: Path) -> SavedModel:
                       ckpt.get("epoch"))
 
 
+def eval_steps(saved: SavedModel) -> dict[str, Any]:
+    """Resize, crop and normalisation of the run's eval transform
+    (:func:`transferlab.data.transforms.eval_transform`), read off the transform itself."""
+    from torchvision.transforms import v2 as T
+
+    from transferlab.data.transforms import eval_transform
+
+    transform = eval_transform(saved.backbone.input, saved.image_size, saved.run.dataset.crop_pct)
+    steps = {type(t): t for t in transform.transforms}
+    resize, crop, normalize = steps[T.Resize], steps[T.CenterCrop], steps[T.Normalize]
+    (short,) = resize.size
+    return {"resize_size": short, "crop_size": list(crop.size),
+            "interpolation": resize.interpolation.value, "antialias": bool(resize.antialias),
+            "mean": [float(m) for m in normalize.mean], "std": [float(s) for s in normalize.std]}
+
+
 def preprocessing(saved: SavedModel, args: ExportArgs) -> dict[str, Any]:
     """Everything a deployment needs besides the model file: the input, the steps that make it
-    from an image file (those of :func:`transferlab.data.transforms.eval_transform`), the
-    output and its class names, and where the model came from."""
-    spec, size = saved.backbone.input, saved.image_size
-    crop_pct = spec.crop_pct if saved.run.dataset.crop_pct is None else saved.run.dataset.crop_pct
-    resize = int(round(size / crop_pct))
+    from an image file, the output and its class names, and where the model came from."""
+    size, eval_ = saved.image_size, eval_steps(saved)
+    resize, interpolation = eval_["resize_size"], eval_["interpolation"]
     config = args.run / ".hydra" / "config.yaml" if args.run is not None else None
     return {
         "format": FORMAT_TAG,
@@ -226,19 +240,13 @@ def preprocessing(saved: SavedModel, args: ExportArgs) -> dict[str, Any]:
         "output": {"name": OUTPUT_NAME, "shape": ["batch", len(saved.classes)],
                    "meaning": "logits: softmax over the last axis gives class probabilities"},
         "image_size": size,
-        "resize_size": resize,
-        "crop_size": size,
-        "crop_pct": crop_pct,
-        "interpolation": spec.interpolation,
-        "antialias": True,
+        **eval_,
         "scale": 1 / 255,
-        "mean": list(spec.mean),
-        "std": list(spec.std),
         "steps": [
             "decode the image as 8-bit RGB",
-            f"resize ({spec.interpolation}, antialiased) so that the shorter side is {resize} "
-            f"px and the longer side floor({resize} * longer / shorter) px; PIL's "
-            "Image.resize matches torchvision's within one level of 255",
+            f"resize ({interpolation}, antialiased) so that the shorter side is {resize} px and "
+            f"the longer side floor({resize} * longer / shorter) px; PIL's Image.resize "
+            "matches torchvision's within one level of 255",
             f"crop the centre {size}x{size} px: left = round((width - {size}) / 2), "
             f"top = round((height - {size}) / 2)",
             "divide by 255 to float32 in [0, 1]",
