@@ -4,6 +4,7 @@ PyTorch model computes, and a preprocessing.json that is enough to deploy them."
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 
 import numpy as np
@@ -237,6 +238,16 @@ def test_an_autoencoder_run_has_no_classifier_to_export(tmp_path, capsys, one_th
     assert main([f"run={run_dir}"]) == 2
     assert "this is an autoencoder run" in one_line_error(capsys)
     assert not (run_dir / "export").exists()
+
+
+def test_without_onnxruntime_it_says_how_to_install_before_any_work(tiny_run, tmp_path,
+                                                                    capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime fails
+    out = tmp_path / "out"
+    assert main([f"run={tiny_run}", f"output={out}"]) == 2
+    err = one_line_error(capsys)
+    assert "verifying model.onnx needs the onnxruntime package" in err
+    assert "pip install 'transferlab[export]'" in err and not out.exists()
 
 
 @pytest.mark.parametrize("argv, needle", [

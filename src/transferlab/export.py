@@ -112,7 +112,9 @@ SPEC = Spec(
         Key("tolerance", "the largest difference in any class probability that passes",
             tolerance_arg, 1e-4, metavar="X"),
     ),
-    notes=(f"ONNX needs the onnx and onnxruntime packages: {INSTALL_HINT}.",),
+    notes=(f"ONNX needs the onnx and onnxruntime packages: {INSTALL_HINT}.",
+           "Exit code 1: verification failed (one line 'error: verification failed: ...'; the "
+           "files are kept)."),
     examples=(
         "transferlab-export run=outputs/runs/2026-11-23/10-00-00_hymenoptera-"
         "efficientnet_lite0-linear_probe",
@@ -465,6 +467,10 @@ NAMES = {"onnx": "ONNX", "torchscript": "TorchScript"}
 
 def export_run(args: ExportArgs) -> dict[str, Any]:
     """Export, verify and describe: the preprocessing.json record (written too)."""
+    if "onnx" in args.formats:  # before any work
+        require("onnx", "format=onnx")
+        if args.verify:
+            require("onnxruntime", "verifying model.onnx")
     saved = load_saved_model(args.checkpoint)
     images, source = None, None
     if args.verify:  # read the images first: a missing data set fails before any export
