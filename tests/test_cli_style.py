@@ -240,7 +240,7 @@ def test_run_main_lets_other_errors_through():
         run_main(broken, [])
 
 
-# -- the four console scripts, each run as a real command ----------------------------------------
+# -- the console scripts, each run as a real command ----------------------------------------
 # script module -> (command, argv with an unknown key, that key, argv with an old --flag, the
 # error line it gives). Every mistake fails before any model is built or data is read.
 SCRIPTS = {
@@ -255,6 +255,8 @@ SCRIPTS = {
     "lr_find": ("transferlab-lr-find", ["dataset=digits", "trainer.epoch=3"], "trainer.epoch",
                 ["dataset=digits", "--output", "x"],
                 "error: --output is not an option: write output=<value>"),
+    "export": ("transferlab-export", ["run=some/run", "fromat=onnx"], "fromat",
+               ["--run", "some/run"], "error: --run is not an option: write run=<value>"),
     "compare": ("transferlab-compare", [".", "sort_by=final_val_loss"], "sort_by",
                 [".", "--no-plot"], "error: --no-plot is not an option: write plot=false"),
 }

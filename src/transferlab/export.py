@@ -1,0 +1,545 @@
+"""``transferlab-export``: a trained run's model as ONNX and TorchScript files, with the
+preprocessing they expect, to deploy without transferlab.
+
+    transferlab-export run=outputs/runs/2026-11-23/10-00-00_...      # -> RUN/export/
+    transferlab-export run=<run dir> checkpoint=last format=onnx output=deploy/
+    transferlab-export checkpoint=<run dir>/checkpoints/best.pt      # a checkpoint file alone
+    transferlab-export run=<run dir> images=photos/ samples=all      # verify on these photos
+    transferlab-export --help                                          # every key
+
+Writes into ``output`` (default ``<run dir>/export/``):
+
+* ``model.onnx``: input ``image`` (batch, 3, H, W) float32, output ``logits`` (batch, classes);
+  the batch axis is dynamic. Exported with PyTorch's TorchScript-based ONNX exporter
+  (``dynamo=False``: fast, no extra packages, it writes the opset asked for); where that
+  exporter fails or is gone, with the ``torch.export``-based one (needs ``onnxscript``).
+* ``model.ts``: the same model as TorchScript, made by ``torch.jit.trace``. Tracing, not
+  scripting: it works for every backbone the runs use (torchvision, timm, the efficientnet_lite0
+  package), while many of their modules are not scriptable; the networks have no
+  input-dependent control flow, and the verification below runs the traced file at two batch
+  sizes. Load it with ``torch.jit.load`` (PyTorch only, no transferlab).
+* ``preprocessing.json``: what to do to an image before either model (RGB, resize the short
+  side, centre crop, scale to [0, 1], normalise, NCHW float32), the class names in output
+  order, the backbone, the run, and the verification's result.
+
+Verification (``verify=true``, the default) runs the files just written, ONNX with
+onnxruntime and TorchScript with ``torch.jit.load``, on real images (the run's val split
+through its eval transform, or the photos in ``images=``), first one image alone and then the
+rest as a batch, and compares their class probabilities with the PyTorch model's. Above
+``tolerance`` (default 1e-4) the command ends with one line ``error: ...`` and exit code 1; the
+files stay for inspection. Mistakes (no such run, a head=logreg or autoencoder run) are one
+line and exit code 2 (:mod:`transferlab.cli`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from transferlab.checkpoint import load_checkpoint
+from transferlab.cli import EXIT_JOB_FAILED, Key, Spec, parse, positive_int, run_main
+from transferlab.config import RunConfig
+from transferlab.errors import UserError, did_you_mean
+from transferlab.registry import HEADS
+from transferlab.saved_run import checkpoint_path, restore_model, saved_run_config
+
+CHECKPOINTS = ("best", "last")
+FORMATS = ("onnx", "torchscript", "both")
+ONNX_FILE, TORCHSCRIPT_FILE, PREPROCESSING_FILE = "model.onnx", "model.ts", "preprocessing.json"
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+FORMAT_TAG = "transferlab-export/1"
+DEFAULT_OPSET = 17  # read by onnxruntime >= 1.12 and every current runtime
+INSTALL_HINT = "pip install 'transferlab[export]'"
+
+
+# -- command line -------------------------------------------------------------------------------
+def checkpoint_arg(text: str) -> str | Path:
+    """``best`` / ``last`` (a checkpoint of ``run=``), or the path of a ``.pt`` file."""
+    if text in CHECKPOINTS:
+        return text
+    if text.endswith(".pt") or "/" in text or os.sep in text:
+        return Path(text).expanduser()
+    raise ValueError(f"expected {' or '.join(CHECKPOINTS)} (with run=) or the path of a .pt "
+                     f"file{did_you_mean(text, CHECKPOINTS)}")
+
+
+def samples_arg(text: str) -> int | None:
+    """A positive count, or ``all`` (None)."""
+    return None if text.strip().lower() == "all" else positive_int(text)
+
+
+def tolerance_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("expected a number") from None
+    if not value > 0:
+        raise ValueError("expected a number > 0")
+    return value
+
+
+SPEC = Spec(
+    prog="transferlab-export",
+    usage="transferlab-export (run=<run dir> | checkpoint=<file.pt>) [key=value ...]",
+    summary="Export a trained run's model to ONNX (dynamic batch axis) and TorchScript, with a "
+            "preprocessing.json that says how to prepare an image for it, then check that the "
+            "exported files give the PyTorch model's class probabilities on real images.",
+    keys=(
+        Key("run", "a run directory written by transferlab-train", Path, metavar="<run dir>"),
+        Key("checkpoint", "with run=: which checkpoint of the run; or, without run=, the path "
+            "of a checkpoint file", checkpoint_arg, "best", metavar="best|last|<file.pt>"),
+        Key("format", "the files to write: model.onnx, model.ts or both", default="both",
+            choices=FORMATS),
+        Key("output", "the folder to write into", Path, metavar="<dir>",
+            default_text="<run dir>/export"),
+        Key("opset", "the ONNX opset version", positive_int, DEFAULT_OPSET),
+        Key("verify", "run the exported files on real images and compare with PyTorch", bool,
+            True),
+        Key("images", "verify on the images in this folder (searched recursively)", Path,
+            metavar="<folder>", default_text="the run's val split"),
+        Key("samples", "how many images verification runs (spread over the split or folder)",
+            samples_arg, 32, metavar="N|all"),
+        Key("tolerance", "the largest difference in any class probability that passes",
+            tolerance_arg, 1e-4, metavar="X"),
+    ),
+    notes=(f"ONNX needs the onnx and onnxruntime packages: {INSTALL_HINT}.",
+           "Exit code 1: verification failed (one line 'error: verification failed: ...'; the "
+           "files are kept)."),
+    examples=(
+        "transferlab-export run=outputs/runs/2026-11-23/10-00-00_hymenoptera-"
+        "efficientnet_lite0-linear_probe",
+        "transferlab-export run=<run dir> checkpoint=last format=onnx output=deploy/",
+        "transferlab-export checkpoint=<run dir>/checkpoints/best.pt images=photos/ samples=all",
+    ),
+)
+VERIFY_ONLY = ("images", "samples", "tolerance")
+
+
+@dataclass
+class ExportArgs:
+    """The parsed command line: the checkpoint file, where to write, what to check."""
+
+    checkpoint: Path
+    output: Path
+    run: Path | None = None  # the run directory, when known
+    format: str = "both"
+    opset: int = DEFAULT_OPSET
+    verify: bool = True
+    images: Path | None = None
+    samples: int | None = 32  # None: every image
+    tolerance: float = 1e-4
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        return ("onnx", "torchscript") if self.format == "both" else (self.format,)
+
+
+def parse_args(argv: list[str]) -> ExportArgs:
+    """``key=value`` arguments -> :class:`ExportArgs`; mistakes are UserErrors."""
+    parsed = parse(SPEC, argv)
+    given, checkpoint = parsed.given, parsed["checkpoint"]
+    if not parsed["verify"]:
+        extra = [k for k in VERIFY_ONLY if k in given]
+        if extra:
+            keys = " and ".join(f"{k}=" for k in extra)
+            raise UserError(f"{keys} {'go' if len(extra) > 1 else 'goes'} with verify=true")
+    if "run" in given:
+        if isinstance(checkpoint, Path):
+            raise UserError("with run=, checkpoint= names one of the run's checkpoints "
+                            f"({', '.join(CHECKPOINTS)}): give run= or a checkpoint file, "
+                            "not both")
+        run_dir = parsed["run"]
+        path = checkpoint_path(run_dir, checkpoint)
+    elif isinstance(checkpoint, Path):
+        if not checkpoint.is_file():
+            raise UserError(f"checkpoint file {checkpoint} does not exist")
+        path = checkpoint
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+    else:
+        raise UserError("give run=<run dir> (a directory written by transferlab-train) or "
+                        "checkpoint=<file.pt>")
+    output = parsed["output"] or (run_dir or path.parent) / "export"
+    return ExportArgs(checkpoint=path, output=output, run=run_dir,
+                      **{k: parsed[k] for k in ("format", "opset", "verify", "images",
+                                                "samples", "tolerance")})
+
+
+# -- the saved model ------------------------------------------------------------------------------
+@dataclass
+class SavedModel:
+    """A run's classifier rebuilt from a checkpoint, on the CPU in eval mode, float32."""
+
+    model: nn.Module
+    run: RunConfig
+    backbone: Any  # transferlab.backbones.Backbone
+    image_size: int
+    classes: list[str]
+    checkpoint: Path
+    epoch: int | None
+
+
+def checkpoint_weights(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The state dict to export: the trained weights.
+
+    Where the run kept an EMA of its weights, a ``weights=raw|ema`` key (as transferlab-eval
+    and -predict take it) chooses between them here, and only here."""
+    return ckpt["model"]
+
+
+def load_saved_model(path: Path) -> SavedModel:
+    """The classifier of the checkpoint at ``path``; a run with no network to export is a
+    one-line :class:`UserError`."""
+    ckpt = load_checkpoint(path)
+    run = saved_run_config(ckpt.get("config"))  # an autoencoder run is refused here
+    classes = [str(c) for c in ckpt.get("classes") or []]
+    if "model" not in ckpt or not classes:
+        raise UserError(f"{path} holds no model weights or class names (not a checkpoint "
+                        "written by transferlab-train?)")
+    if HEADS.builder(run.head.name) is None:
+        raise UserError(f"{path} is from a head={run.head.name} run: a classical classifier on "
+                        "frozen features, not a network, so there is nothing to export")
+    model, backbone, image_size = restore_model(run, checkpoint_weights(ckpt), len(classes))
+    return SavedModel(model.float().cpu().eval(), run, backbone, image_size, classes, path,
+                      ckpt.get("epoch"))
+
+
+def eval_steps(saved: SavedModel) -> dict[str, Any]:
+    """Resize, crop and normalisation of the run's eval transform
+    (:func:`transferlab.data.transforms.eval_transform`), read off the transform itself."""
+    from torchvision.transforms import v2 as T
+
+    from transferlab.data.transforms import eval_transform
+
+    transform = eval_transform(saved.backbone.input, saved.image_size, saved.run.dataset.crop_pct)
+    steps = {type(t): t for t in transform.transforms}
+    resize, crop, normalize = steps[T.Resize], steps[T.CenterCrop], steps[T.Normalize]
+    (short,) = resize.size
+    return {"resize_size": short, "crop_size": list(crop.size),
+            "interpolation": resize.interpolation.value, "antialias": bool(resize.antialias),
+            "mean": [float(m) for m in normalize.mean], "std": [float(s) for s in normalize.std]}
+
+
+def preprocessing(saved: SavedModel, args: ExportArgs) -> dict[str, Any]:
+    """Everything a deployment needs besides the model file: the input, the steps that make it
+    from an image file, the output and its class names, and where the model came from."""
+    size, eval_ = saved.image_size, eval_steps(saved)
+    resize, interpolation = eval_["resize_size"], eval_["interpolation"]
+    config = args.run / ".hydra" / "config.yaml" if args.run is not None else None
+    return {
+        "format": FORMAT_TAG,
+        "input": {"name": INPUT_NAME, "layout": "NCHW", "dtype": "float32", "color": "RGB",
+                  "shape": ["batch", 3, size, size]},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(saved.classes)],
+                   "meaning": "logits: softmax over the last axis gives class probabilities"},
+        "image_size": size,
+        **eval_,
+        "scale": 1 / 255,
+        "steps": [
+            "decode the image as 8-bit RGB",
+            f"resize ({interpolation}, antialiased) so that the shorter side is {resize} px and "
+            f"the longer side floor({resize} * longer / shorter) px; PIL's Image.resize "
+            "matches torchvision's within one level of 255",
+            f"crop the centre {size}x{size} px: left = round((width - {size}) / 2), "
+            f"top = round((height - {size}) / 2)",
+            "divide by 255 to float32 in [0, 1]",
+            "subtract mean and divide by std, per channel (R, G, B)",
+            f"lay out as channels first: (batch, 3, {size}, {size})",
+        ],
+        "classes": saved.classes,
+        "backbone": {"name": saved.run.backbone.name, "source": saved.run.backbone.source},
+        "head": saved.run.head.name,
+        "run": {"name": saved.run.name,
+                "dir": str(args.run) if args.run is not None else None,
+                "config_path": str(config) if config is not None and config.is_file() else None,
+                "checkpoint": str(saved.checkpoint), "epoch": saved.epoch,
+                "weights": "raw"},
+    }
+
+
+# -- the exporters ------------------------------------------------------------------------------
+def example_input(image_size: int) -> torch.Tensor:
+    """A batch of two blank images (two, so no exporter takes the batch size for a constant)."""
+    return torch.zeros(2, 3, image_size, image_size)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Without PyTorch's deprecation notices about its own exporters (not about the model)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
+
+
+@contextlib.contextmanager
+def _no_native_stdout() -> Iterator[None]:
+    """Without what native code writes to file descriptor 1: the TorchScript-based ONNX
+    exporter prints its whole graph there (100 kB for a ViT) when it fails, which it does for
+    some models before the other exporter succeeds."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0][:200] if text else type(exc).__name__)
+
+
+def require(module: str, what: str):
+    """Import ``module`` or fail in one line saying how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{what} needs the {module} package: {INSTALL_HINT}") from None
+
+
+def _onnx_torchscript(model: nn.Module, x: torch.Tensor, path: Path, opset: int) -> None:
+    """PyTorch's TorchScript-based exporter (``dynamo=False``): deprecated, but fast, offline,
+    needs no onnxscript and writes the opset asked for."""
+    with _no_native_stdout():
+        torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME], opset_version=opset,
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+
+
+def _onnx_dynamo(model: nn.Module, x: torch.Tensor, path: Path, opset: int) -> None:
+    """The ``torch.export``-based exporter (needs onnxscript): opset 18 or later (its
+    conversion down to older opsets fails noisily), one file (weights inside)."""
+    torch.onnx.export(model, (x,), str(path), dynamo=True, input_names=[INPUT_NAME],
+                      output_names=[OUTPUT_NAME], opset_version=max(opset, 18),
+                      dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False,
+                      verbose=False)
+
+
+ONNX_EXPORTERS = {"torchscript": _onnx_torchscript, "dynamo": _onnx_dynamo}  # tried in order
+
+
+def export_onnx(model: nn.Module, path: Path, image_size: int, opset: int) -> dict[str, Any]:
+    """Write ``model`` as ONNX with a dynamic batch axis, with the first exporter of
+    :data:`ONNX_EXPORTERS` that succeeds; what was written (exporter, opset) and tried."""
+    onnx = require("onnx", "format=onnx")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    failed: list[str] = []
+    try:
+        for exporter, write in ONNX_EXPORTERS.items():
+            try:
+                with _quiet(), torch.no_grad():
+                    write(model, example_input(image_size), tmp, opset)
+                break
+            except Exception as exc:  # noqa: BLE001 - the next exporter may work
+                failed.append(f"{exporter} exporter: {_first_line(exc)}")
+        else:
+            raise UserError(f"the model could not be exported to ONNX ({'; '.join(failed)}); "
+                            "format=torchscript may still work")
+        proto = onnx.load(str(tmp))
+        onnx.checker.check_model(proto)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    opsets = {o.domain: o.version for o in proto.opset_import}
+    return {"file": path.name, "exporter": exporter, "opset": opsets.get("", opset),
+            "dynamic_axes": {INPUT_NAME: [0], OUTPUT_NAME: [0]}, "failed": failed}
+
+
+def export_torchscript(model: nn.Module, path: Path, image_size: int) -> dict[str, Any]:
+    """Write ``model`` traced to TorchScript."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with _quiet(), torch.no_grad():
+            try:
+                traced = torch.jit.trace(model, example_input(image_size))
+            except Exception as exc:  # noqa: BLE001 - a module tracing cannot follow
+                raise UserError(f"the model could not be traced to TorchScript "
+                                f"({_first_line(exc)}); format=onnx may still work") from None
+            torch.jit.save(traced, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"file": path.name, "method": "torch.jit.trace"}
+
+
+# -- verification ------------------------------------------------------------------------------
+def spread(count: int, samples: int | None) -> list[int]:
+    """``samples`` indices spread evenly over ``range(count)`` (every class of a sorted
+    split), or all of them."""
+    if samples is None or samples >= count:
+        return list(range(count))
+    return sorted({int(i * count / samples) for i in range(samples)})
+
+
+def val_images(saved: SavedModel, samples: int | None) -> tuple[torch.Tensor, str]:
+    """Images of the run's val split through its eval transform, and their description."""
+    from transferlab.evaluate import eval_dataset
+
+    try:
+        dataset = eval_dataset(saved.run, saved.backbone, saved.image_size, "val", saved.classes)
+    except UserError as exc:
+        raise UserError(f"{exc} (verification reads the run's val split: give "
+                        "images=<folder> or verify=false)") from None
+    picked = spread(len(dataset), samples)
+    if not picked:
+        raise UserError("the run's val split is empty: give images=<folder> or verify=false")
+    return (torch.stack([dataset[i][0] for i in picked]),
+            f"{len(picked)} {saved.run.dataset.name} val images")
+
+
+def folder_images(saved: SavedModel, folder: Path, samples: int | None) -> tuple[torch.Tensor,
+                                                                                  str]:
+    """The images under ``folder`` through the run's eval transform, and their description."""
+    from transferlab.data.transforms import eval_transform
+    from transferlab.predict import gather_inputs, read_rgb
+
+    if not folder.is_dir():
+        raise UserError(f"images={folder} is not a folder")
+    files = gather_inputs([str(folder)]).images
+    transform = eval_transform(saved.backbone.input, saved.image_size, saved.run.dataset.crop_pct)
+    decoded = [image for image in (read_rgb(files[i]) for i in spread(len(files), samples))
+               if image is not None]
+    if not decoded:
+        raise UserError(f"no image under {folder} could be decoded")
+    return torch.stack([transform(image) for image in decoded]), f"{len(decoded)} images " \
+                                                                  f"from {folder}"
+
+
+def batches(images: torch.Tensor, size: int = 16) -> list[torch.Tensor]:
+    """One image alone, then the rest in batches: both batch sizes of the dynamic axis."""
+    rest = images[1:]
+    return [images[:1], *(rest[i:i + size] for i in range(0, len(rest), size))]
+
+
+def run_onnx(path: Path, images: torch.Tensor) -> torch.Tensor:
+    """The logits onnxruntime computes with the ONNX file."""
+    ort = require("onnxruntime", "verifying model.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.cat([torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: b.numpy()})[0])
+                      for b in batches(images)])
+
+
+def run_torchscript(path: Path, images: torch.Tensor) -> torch.Tensor:
+    """The logits the TorchScript file computes, loaded as a deployment would load it."""
+    with _quiet():
+        module = torch.jit.load(str(path), map_location="cpu").eval()
+    with torch.no_grad():
+        return torch.cat([module(b) for b in batches(images)])
+
+
+RUNNERS = {"onnx": run_onnx, "torchscript": run_torchscript}
+
+
+def verify(saved: SavedModel, files: dict[str, Path], images: torch.Tensor,
+           tolerance: float) -> dict[str, Any]:
+    """The largest difference in any class probability between each file and PyTorch."""
+    with torch.no_grad():
+        reference = torch.cat([saved.model(b) for b in batches(images)]).softmax(-1)
+    diffs = {}
+    for fmt, path in files.items():
+        probs = RUNNERS[fmt](path, images).float().softmax(-1)
+        if probs.shape != reference.shape:
+            raise UserError(f"{path.name} gives outputs of shape {tuple(probs.shape)}, PyTorch "
+                            f"{tuple(reference.shape)}")
+        diffs[fmt] = float((probs - reference).abs().max())
+    return {"images": len(images), "tolerance": tolerance, "max_abs_diff": diffs,
+            "passed": all(d <= tolerance for d in diffs.values())}
+
+
+# -- the whole export -------------------------------------------------------------------------
+NAMES = {"onnx": "ONNX", "torchscript": "TorchScript"}
+
+
+def export_run(args: ExportArgs) -> dict[str, Any]:
+    """Export, verify and describe: the preprocessing.json record (written too)."""
+    if "onnx" in args.formats:  # before any work
+        require("onnx", "format=onnx")
+        if args.verify:
+            require("onnxruntime", "verifying model.onnx")
+    saved = load_saved_model(args.checkpoint)
+    images, source = None, None
+    if args.verify:  # read the images first: a missing data set fails before any export
+        images, source = (folder_images(saved, args.images, args.samples) if args.images
+                          else val_images(saved, args.samples))
+    args.output.mkdir(parents=True, exist_ok=True)
+    exports: dict[str, Any] = {}
+    files: dict[str, Path] = {}
+    if "onnx" in args.formats:
+        files["onnx"] = args.output / ONNX_FILE
+        exports["onnx"] = export_onnx(saved.model, files["onnx"], saved.image_size, args.opset)
+    if "torchscript" in args.formats:
+        files["torchscript"] = args.output / TORCHSCRIPT_FILE
+        exports["torchscript"] = export_torchscript(saved.model, files["torchscript"],
+                                                    saved.image_size)
+    record = preprocessing(saved, args)
+    record["files"] = exports
+    record["verification"] = None
+    if images is not None:
+        record["verification"] = {"source": source,
+                                  **verify(saved, files, images, args.tolerance)}
+    (args.output / PREPROCESSING_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def summary_lines(args: ExportArgs, record: dict[str, Any]) -> list[str]:
+    run = record["run"]
+    lines = [f"Exported {Path(run['checkpoint']).name} (epoch {run['epoch']}) of "
+             f"{run['dir'] or run['checkpoint']} to {args.output}:"]
+    for fmt, info in record["files"].items():
+        how = "traced"
+        if fmt == "onnx":
+            asked = "" if info["opset"] == args.opset else f" (opset={args.opset} asked)"
+            how = f"opset {info['opset']}{asked}, dynamic batch, {info['exporter']} exporter"
+        lines.append(f"  {NAMES[fmt]:<12} {args.output / info['file']}  ({how})")
+    lines.append(f"  {'preprocess':<12} {args.output / PREPROCESSING_FILE}  "
+                 f"({record['image_size']} px, {len(record['classes'])} classes)")
+    return lines
+
+
+def verification_line(check: dict[str, Any]) -> str:
+    diffs = ", ".join(f"{NAMES[f]} {d:.1e}" for f, d in check["max_abs_diff"].items())
+    return (f"max |probability difference| vs PyTorch on {check['source']}: {diffs} "
+            f"(tolerance {check['tolerance']:g})")
+
+
+def run_cli(argv: list[str]) -> int:
+    """Parse, export, verify, print where everything went."""
+    args = parse_args(argv)
+    record = export_run(args)
+    print("\n".join(summary_lines(args, record)), flush=True)
+    check = record["verification"]
+    if check is None:
+        print("Not verified (verify=false).", flush=True)
+        return 0
+    if not check["passed"]:
+        print(f"error: verification failed: {verification_line(check)}; the files are kept "
+              f"in {args.output}", file=sys.stderr, flush=True)
+        return EXIT_JOB_FAILED
+    print(f"Verified: {verification_line(check)}.", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``transferlab-export`` entry point; the exit code: 0, 1 when the exported files do
+    not match PyTorch, 2 after one ``error: <message>`` line for a user error, 130 when
+    interrupted."""
+    return run_main(run_cli, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
