@@ -248,3 +248,22 @@ def test_bad_values_are_one_line_errors(override, says):
 def test_mixing_does_not_go_with_the_autoencoder():
     with pytest.raises(UserError, match="task=autoencoder has none"):
         load_config(compose_train(["experiment=ae_pretrain", "augment.mixup_alpha=0.2"]))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.load is deprecated
+def test_export_weights_ema_exports_the_average(ema_run, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from transferlab.export import main as export_main
+
+    run_dir, _ = ema_run
+    out = tmp_path / "deploy"
+    assert export_main([f"run={run_dir}", "checkpoint=last", "weights=ema", "format=torchscript",
+                        f"output={out}", "samples=4"]) == 0
+    assert json.loads((out / "preprocessing.json").read_text())["run"]["weights"] == "ema"
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    exported = {k: v for k, v in torch.jit.load(str(out / "model.ts")).state_dict().items()}
+    head = [k for k in ckpt["ema"]["model"] if k.startswith("head.") and k.endswith("weight")]
+    assert head
+    for key in head:  # the exported head is the EMA's, not the raw one
+        assert torch.equal(exported[key], ckpt["ema"]["model"][key])
+        assert not torch.equal(exported[key], ckpt["model"][key])

@@ -51,9 +51,15 @@ from transferlab.cli import EXIT_JOB_FAILED, Key, Spec, parse, positive_int, run
 from transferlab.config import RunConfig
 from transferlab.errors import UserError, did_you_mean
 from transferlab.registry import HEADS
-from transferlab.saved_run import checkpoint_path, restore_model, saved_run_config
+from transferlab.saved_run import (
+    CHECKPOINTS,
+    WEIGHTS,
+    checkpoint_path,
+    checkpoint_weights,
+    restore_model,
+    saved_run_config,
+)
 
-CHECKPOINTS = ("best", "last")
 FORMATS = ("onnx", "torchscript", "both")
 ONNX_FILE, TORCHSCRIPT_FILE, PREPROCESSING_FILE = "model.onnx", "model.ts", "preprocessing.json"
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
@@ -97,7 +103,10 @@ SPEC = Spec(
     keys=(
         Key("run", "a run directory written by transferlab-train", Path, metavar="<run dir>"),
         Key("checkpoint", "with run=: which checkpoint of the run; or, without run=, the path "
-            "of a checkpoint file", checkpoint_arg, "best", metavar="best|last|<file.pt>"),
+            "of a checkpoint file", checkpoint_arg, "best",
+            metavar="best|last|best_ema|<file.pt>"),
+        Key("weights", "the trained weights (raw) or their EMA (ema: runs trained with "
+            "trainer.ema.decay)", default="raw", choices=WEIGHTS),
         Key("format", "the files to write: model.onnx, model.ts or both", default="both",
             choices=FORMATS),
         Key("output", "the folder to write into", Path, metavar="<dir>",
@@ -138,6 +147,7 @@ class ExportArgs:
     images: Path | None = None
     samples: int | None = 32  # None: every image
     tolerance: float = 1e-4
+    weights: str = "raw"  # raw | ema
 
     @property
     def formats(self) -> tuple[str, ...]:
@@ -171,7 +181,7 @@ def parse_args(argv: list[str]) -> ExportArgs:
     output = parsed["output"] or (run_dir or path.parent) / "export"
     return ExportArgs(checkpoint=path, output=output, run=run_dir,
                       **{k: parsed[k] for k in ("format", "opset", "verify", "images",
-                                                "samples", "tolerance")})
+                                                "samples", "tolerance", "weights")})
 
 
 # -- the saved model ------------------------------------------------------------------------------
@@ -186,17 +196,10 @@ class SavedModel:
     classes: list[str]
     checkpoint: Path
     epoch: int | None
+    weights: str = "raw"
 
 
-def checkpoint_weights(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The state dict to export: the trained weights.
-
-    Where the run kept an EMA of its weights, a ``weights=raw|ema`` key (as transferlab-eval
-    and -predict take it) chooses between them here, and only here."""
-    return ckpt["model"]
-
-
-def load_saved_model(path: Path) -> SavedModel:
+def load_saved_model(path: Path, weights: str = "raw") -> SavedModel:
     """The classifier of the checkpoint at ``path``; a run with no network to export is a
     one-line :class:`UserError`."""
     ckpt = load_checkpoint(path)
@@ -208,9 +211,10 @@ def load_saved_model(path: Path) -> SavedModel:
     if HEADS.builder(run.head.name) is None:
         raise UserError(f"{path} is from a head={run.head.name} run: a classical classifier on "
                         "frozen features, not a network, so there is nothing to export")
-    model, backbone, image_size = restore_model(run, checkpoint_weights(ckpt), len(classes))
+    model, backbone, image_size = restore_model(run, checkpoint_weights(ckpt, weights, path),
+                                              len(classes))
     return SavedModel(model.float().cpu().eval(), run, backbone, image_size, classes, path,
-                      ckpt.get("epoch"))
+                      ckpt.get("epoch"), weights)
 
 
 def eval_steps(saved: SavedModel) -> dict[str, Any]:
@@ -262,7 +266,7 @@ def preprocessing(saved: SavedModel, args: ExportArgs) -> dict[str, Any]:
                 "dir": str(args.run) if args.run is not None else None,
                 "config_path": str(config) if config is not None and config.is_file() else None,
                 "checkpoint": str(saved.checkpoint), "epoch": saved.epoch,
-                "weights": "raw"},
+                "weights": saved.weights},
     }
 
 
@@ -471,7 +475,7 @@ def export_run(args: ExportArgs) -> dict[str, Any]:
         require("onnx", "format=onnx")
         if args.verify:
             require("onnxruntime", "verifying model.onnx")
-    saved = load_saved_model(args.checkpoint)
+    saved = load_saved_model(args.checkpoint, args.weights)
     images, source = None, None
     if args.verify:  # read the images first: a missing data set fails before any export
         images, source = (folder_images(saved, args.images, args.samples) if args.images
