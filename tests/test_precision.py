@@ -102,3 +102,12 @@ def test_a_run_with_bf16_on_cpu_trains_and_records_finite_numbers(tmp_path, one_
     assert result.metrics["status"] == "completed"
     epoch = result.metrics["history"][-1]
     assert math.isfinite(epoch["train_loss"]) and math.isfinite(epoch["val_loss"]), epoch
+
+
+def test_resume_auto_takes_an_old_bool_amp_for_its_mode():
+    from transferlab.run.resume import same_config
+
+    assert same_config({"trainer": {"amp": True}}, {"trainer": {"amp": "auto"}}) == []
+    assert same_config({"trainer": {"amp": False}}, {"trainer": {"amp": "off"}}) == []
+    assert same_config({"trainer": {"amp": True}}, {"trainer": {"amp": "bf16"}}) \
+        == ["trainer.amp"]

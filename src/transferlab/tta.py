@@ -35,9 +35,10 @@ HELP = ("average the softmax probabilities over views of each image: none (the e
 
 
 def describe(mode: str) -> str:
-    """``tta=flip: probabilities averaged over 2 views per image`` (for reports and output)."""
+    """``tta=flip: probabilities averaged over 2 views per image`` (for reports and output);
+    ``tta=none`` without TTA."""
     if mode == "none":
-        return "tta=none: one view per image (the eval crop)"
+        return "tta=none"
     return f"tta={mode}: probabilities averaged over {VIEWS[mode]} views per image"
 
 
