@@ -284,8 +284,7 @@ SPEC = Spec(
         "transferlab-predict backbone=convnext_nano backbone_source=timm cat.jpg",
         "transferlab-predict run=outputs/runs/2026-11-23/10-00-00_digits-efficientnet_lite0-"
         "linear_probe photos/",
-        "transferlab-predict run=<run dir> checkpoint=last output=preds.csv photos/",
-        "transferlab-predict backbone=efficientnet_lite0 tta=five_crop cat.jpg",
+        "transferlab-predict run=<run dir> checkpoint=last tta=flip output=preds.csv photos/",
     ),
 )
 IMAGENET_ONLY, RUN_ONLY = ("top_k", "backbone_source"), ("checkpoint", "output")
