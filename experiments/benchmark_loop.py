@@ -83,7 +83,7 @@ def main() -> None:
     data = TensorDataset(torch.randn(n, 3, args.image_size, args.image_size),
                          torch.randint(0, 10, (n,)))
     loader = DataLoader(data, batch_size=args.batch_size, shuffle=False)
-    precision = Precision(device, enabled=False)  # same arithmetic in both loops
+    precision = Precision(device, "off")  # same arithmetic in both loops
 
     plain_model = copy.deepcopy(model)
     plain_opt = torch.optim.Adam([p for p in plain_model.parameters() if p.requires_grad], lr=1e-3)

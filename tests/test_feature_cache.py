@@ -199,7 +199,7 @@ def _tiny_backbone() -> Backbone:
 
 def _pooled(backbone, splits, store: Path, size: int = 32) -> dict:
     cache = FeatureCache(FeatureCacheConfig(dir=str(store), dtype="float32"), CPU,
-                         Precision(CPU, False), False, 8, 0)
+                         Precision(CPU, "off"), False, 8, 0)
     out = cache.pooled_features(backbone, size, {"train": splits.train, "val": splits.val})
     return {"sources": cache.report["features"]["splits"], "features": out}
 
@@ -278,7 +278,7 @@ _WORKER = textwrap.dedent("""
     data = Slow(images, [i % 2 for i in range(24)], eval_transform(backbone.input, 32))
     cpu = torch.device("cpu")
     cache = FeatureCache(FeatureCacheConfig(dir=sys.argv[1], dtype="float32"), cpu,
-                         Precision(cpu, False), False, 4, 0)
+                         Precision(cpu, "off"), False, 4, 0)
     print("started", flush=True)
     out = cache.pooled_features(backbone, 32, {"train": data})
     print(json.dumps({"source": cache.report["features"]["splits"]["train"],

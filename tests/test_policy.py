@@ -77,7 +77,7 @@ def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def run_epochs(model, plan, epochs: int = 2) -> None:
     optimizer = stage_optimizer(model, plan, make_config("optimizer", "adam", lr=1e-2), None)
-    precision = Precision(torch.device("cpu"), enabled=False)
+    precision = Precision(torch.device("cpu"), "off")
     loader = random_loader()
     for _ in range(epochs):
         set_train_mode(model, plan)

@@ -81,7 +81,8 @@ def test_trained_run_writes_one_csv_row_per_image(tiny_run, tmp_path, capsys, on
     with out_csv.open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 5
-    assert list(rows[0]) == ["path", "label", "probability", *classes]
+    assert list(rows[0]) == ["path", "label", "probability", "tta", *classes]
+    assert {row["tta"] for row in rows} == {"none"}
     for row in rows:
         probs = [float(row[c]) for c in classes]
         assert row["label"] in classes

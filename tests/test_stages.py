@@ -101,7 +101,7 @@ def run_stage(model, plan, run, previous, loader):
     apply_stage(model, plan)
     optimizer = stage_optimizer(model, plan, run.optimizer, previous)
     schedule = StageSchedule(plan.spec.scheduler or run.scheduler, plan.spec.epochs, len(loader))
-    precision = Precision(CPU, enabled=False)
+    precision = Precision(CPU, "off")
     for _ in range(plan.spec.epochs):
         set_train_mode(model, plan)
         train_one_epoch(model, loader, nn.CrossEntropyLoss(), optimizer, CPU, precision,

@@ -5,6 +5,7 @@
     transferlab-eval run=<run dir> weights=ema checkpoint=best_ema       # the EMA of the weights
     transferlab-eval run=<run dir> dataset.root=/data/other_copy            # dataset.* overrides
     transferlab-eval run=<run dir> device=cpu
+    transferlab-eval run=<run dir> tta=flip                                 # test-time augmentation
     transferlab-eval --help                                                  # every key
 
 Arguments are ``key=value``, as for ``transferlab-train`` (:mod:`transferlab.cli`); a mistake
@@ -14,15 +15,19 @@ The model is rebuilt from the config saved in the checkpoint (backbone without p
 weights: they come from the checkpoint) and the split is rebuilt with the run's config and
 its eval preprocessing, so ``best.pt`` on ``val`` reproduces the val accuracy the run recorded.
 
+``tta=flip|five_crop|ten_crop`` averages the softmax probabilities over views of each image
+(:mod:`transferlab.tta`); the reports and the summary say which (``tta``, default ``none``).
+
 Writes into the run directory (each evaluation replaces the previous one's files):
 
 * ``eval.json``: checkpoint, epoch, split, weights (``raw``, or ``ema``: the EMA of the
-  weights a run with ``trainer.ema.decay`` keeps), accuracy, loss, per-class precision /
+  weights a run with ``trainer.ema.decay`` keeps), tta, accuracy, loss, per-class precision /
   recall / F1 / support, macro and weighted averages and the confusion matrix (rows: true
   class, columns: predicted class);
 * ``eval_confusion_matrix.png``: the confusion matrix as a figure;
 * ``tb/``: the same figure (tag ``eval/<split>/confusion_matrix``) and the accuracy and loss
-  (``eval/<split>/acc``, ``eval/<split>/loss``) at the checkpoint's epoch.
+  (``eval/<split>/acc``, ``eval/<split>/loss``) at the checkpoint's epoch; with TTA the tags
+  are ``eval/<split>_tta_<mode>/...``.
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ from transferlab.saved_run import (
     restore_model,
     saved_run_config,
 )
+from transferlab.tta import HELP as TTA_HELP
+from transferlab.tta import TTA_MODES, describe, mean_log_probs, views_transform
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -74,6 +81,7 @@ class EvalArgs:
     split: str = "val"
     weights: str = "raw"  # raw | ema (the EMA of the weights, trainer.ema)
     device: str | None = None  # None: the run's trainer.device
+    tta: str = "none"  # test-time augmentation (transferlab.tta)
     dataset: dict[str, Any] | None = None  # dataset.<field> overrides
 
 
@@ -101,6 +109,7 @@ SPEC = Spec(
             "trainer.ema.decay)", default="raw", choices=WEIGHTS),
         Key("device", "auto, cpu, cuda, cuda:N or mps", metavar="auto|cpu|cuda|...",
             default_text="the run's trainer.device"),
+        Key("tta", TTA_HELP, default="none", choices=TTA_MODES),
     ),
     prefixes=(Prefix("dataset.", "a field of the run's dataset config, e.g. dataset.root=/data"
                                  "/copy (numbers and true/false are read as YAML)"),),
@@ -109,7 +118,7 @@ SPEC = Spec(
         "linear_probe",
         "transferlab-eval run=<run dir> checkpoint=last split=test device=cpu",
         "transferlab-eval run=<run dir> dataset.root=/data/other_copy",
-        "transferlab-eval run=<run dir> weights=ema checkpoint=best_ema",
+        "transferlab-eval run=<run dir> weights=ema checkpoint=best_ema tta=flip",
     ),
 )
 
@@ -129,14 +138,18 @@ def parse_args(argv: list[str]) -> EvalArgs:
     dataset = {key.removeprefix("dataset."): _value(value)
                for key, value in parsed.prefixed.items()}
     return EvalArgs(run=parsed["run"], checkpoint=parsed["checkpoint"], split=parsed["split"],
-                    weights=parsed["weights"], device=parsed["device"], dataset=dataset or None)
+                    weights=parsed["weights"], device=parsed["device"], tta=parsed["tta"],
+                    dataset=dataset or None)
 
 
 # -- checkpoint, config, model, data -------------------------------------------------------------
 def eval_dataset(run: RunConfig, backbone, image_size: int, split: str,
-                 classes: list[str]) -> Dataset:
-    """The ``split`` dataset of the run, with the eval transform; its classes must match."""
-    splits = build_splits(run.dataset, run.augment, backbone.input, image_size)
+                 classes: list[str], tta: str = "none") -> Dataset:
+    """The ``split`` dataset of the run, with the eval transform (``tta``'s views of each
+    image, ``(V, C, H, W)``, unless ``none``); its classes must match."""
+    views = None if tta == "none" else views_transform(tta, backbone.input, image_size,
+                                                       run.dataset.crop_pct)
+    splits = build_splits(run.dataset, run.augment, backbone.input, image_size, views)
     dataset = getattr(splits, split, None)
     if dataset is None:
         raise UserError(f"dataset {run.dataset.name} has no {split} split: use split=val")
@@ -157,18 +170,25 @@ def eval_loader(dataset: Dataset, run: RunConfig, device: torch.device) -> DataL
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, device: torch.device, precision: Precision,
             channels_last: bool) -> Predictions:
-    """Run ``model`` (in eval mode) over ``loader``, as the training loop's evaluation does."""
+    """Run ``model`` (in eval mode) over ``loader``, as the training loop's evaluation does.
+
+    Batches of ``(B, V, C, H, W)`` views (test-time augmentation) are scored by the mean of
+    the views' probabilities (:func:`transferlab.tta.mean_log_probs`)."""
     model.eval()
     targets, predicted, loss_sum = [], [], 0.0
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     for x, y in loader:
-        x, y = x.to(device, memory_format=fmt), y.to(device)
+        y = y.to(device)
         with precision.autocast():
-            logits = model(x)
-            loss = nn.functional.cross_entropy(logits, y)
+            if x.dim() == 5:
+                scores = mean_log_probs(model, x.to(device), fmt)
+                loss = nn.functional.nll_loss(scores, y)
+            else:
+                scores = model(x.to(device, memory_format=fmt))
+                loss = nn.functional.cross_entropy(scores, y)
         loss_sum += float(loss) * y.shape[0]
         targets.append(y.cpu())
-        predicted.append(logits.argmax(1).cpu())
+        predicted.append(scores.argmax(1).cpu())
     y_true = torch.cat(targets).numpy() if targets else np.zeros(0, dtype=np.int64)
     y_pred = torch.cat(predicted).numpy() if predicted else np.zeros(0, dtype=np.int64)
     return Predictions(y_true, y_pred, loss_sum / max(len(y_true), 1))
@@ -231,7 +251,7 @@ def summary_text(report: dict[str, Any]) -> str:
     lines = [
         f"{report['checkpoint']}.pt (epoch {report['epoch']}"
         f"{', EMA weights' if report.get('weights') == 'ema' else ''}) on {report['split']}: "
-        f"{report['samples']} images",
+        f"{report['samples']} images, {describe(report.get('tta', 'none'))}",
         f"accuracy {report['accuracy']:.4f}   loss {report['loss']:.4f}",
         "",
         f"{'class':<{width}}  precision  recall      f1  support",
@@ -245,22 +265,30 @@ def summary_text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def tb_tag(split: str, tta: str) -> str:
+    """The TensorBoard tag group of an evaluation: ``val``, or ``val_tta_flip`` with TTA."""
+    return split if tta == "none" else f"{split}_tta_{tta}"
+
+
 def write_reports(run_dir: Path, report: dict[str, Any], classes: list[str]) -> tuple[Path, Path]:
     """``eval.json``, the confusion-matrix PNG and the TensorBoard records; their paths."""
     json_path, png_path = run_dir / EVAL_JSON, run_dir / EVAL_PNG
     json_path.write_text(json.dumps(report, indent=2))
-    split, epoch = report["split"], report["epoch"]
+    split, epoch, tta = report["split"], report["epoch"], report.get("tta", "none")
     ema = "_ema" if report.get("weights") == "ema" else ""
-    title = f"{report['checkpoint']}.pt (epoch {epoch}) on {split}: acc {report['accuracy']:.4f}"
+    with_tta = "" if tta == "none" else f", tta={tta}"
+    title = (f"{report['checkpoint']}.pt (epoch {epoch}) on {split}{with_tta}: "
+             f"acc {report['accuracy']:.4f}")
     fig = confusion_figure(report["confusion_matrix"], classes, title)
+    tag = tb_tag(split, tta)
     fig.savefig(png_path, dpi=110)
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(log_dir=str(run_dir / "tb"))
     try:
-        writer.add_figure(f"eval/{split}/confusion_matrix", fig, global_step=epoch, close=True)
-        writer.add_scalar(f"eval/{split}/acc{ema}", report["accuracy"], epoch)
-        writer.add_scalar(f"eval/{split}/loss{ema}", report["loss"], epoch)
+        writer.add_figure(f"eval/{tag}/confusion_matrix", fig, global_step=epoch, close=True)
+        writer.add_scalar(f"eval/{tag}/acc{ema}", report["accuracy"], epoch)
+        writer.add_scalar(f"eval/{tag}/loss{ema}", report["loss"], epoch)
     finally:
         writer.close()
     return json_path, png_path
@@ -277,17 +305,18 @@ def evaluate_run(args: EvalArgs) -> dict[str, Any]:
         raise UserError(f"{path} holds no model weights or class names")
     model, backbone, image_size = restore_model(
         run, checkpoint_weights(ckpt, args.weights, path), len(classes))
-    dataset = eval_dataset(run, backbone, image_size, args.split, classes)
+    dataset = eval_dataset(run, backbone, image_size, args.split, classes, args.tta)
     device = pick_device(args.device or run.trainer.device)
     channels_last = run.trainer.channels_last and len(backbone.feature_shape) == 3
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     pred = predict(model, eval_loader(dataset, run, device), device,
-                   Precision(device, run.trainer.amp), channels_last)
+                   Precision(device, run.trainer.amp, inference=True), channels_last)
     return {
         "run": str(args.run), "checkpoint": args.checkpoint, "checkpoint_path": str(path),
         "epoch": ckpt.get("epoch"), "split": args.split, "weights": args.weights,
+        "tta": args.tta,
         "dataset_overrides": args.dataset or {}, "device": str(device),
         "classes": classes, **classification_metrics(pred, classes),
     }
@@ -298,10 +327,11 @@ def run_cli(argv: list[str]) -> None:
     args = parse_args(argv)
     report = evaluate_run(args)
     json_path, png_path = write_reports(args.run, report, report["classes"])
+    tag = tb_tag(args.split, args.tta)
     print(summary_text(report))
     print(f"\nMetrics saved to: {json_path}\nConfusion matrix: {png_path}\n"
           f"TensorBoard: tensorboard --logdir {args.run / 'tb'} "
-          f"(tag eval/{args.split}/confusion_matrix)", flush=True)
+          f"(tag eval/{tag}/confusion_matrix)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,12 +6,17 @@
     transferlab-predict run=outputs/runs/2026-11-23/10-00-00_... photos/    # -> RUN/predictions.csv
     transferlab-predict run=RUN checkpoint=last output=preds.csv photos/
     transferlab-predict run=RUN weights=ema photos/                          # the EMA weights
+    transferlab-predict backbone=efficientnet_lite0 tta=flip cat.jpg        # test-time augmentation
     transferlab-predict --help                                              # every key
 
 Arguments are ``key=value``, as for ``transferlab-train`` (:mod:`transferlab.cli`); the other
 arguments are the image files and folders. Folders are searched recursively. Files that are not
 readable images are listed in one warning line and skipped; a missing input path, or no image at
 all, is a one-line error (exit code 2).
+
+``tta=flip|five_crop|ten_crop`` averages the softmax probabilities over views of each image
+(:mod:`transferlab.tta`); the output says so in a first line ``tta=...: ...``, and the CSV
+has a ``tta`` column (``none`` without TTA).
 """
 
 from __future__ import annotations
@@ -34,7 +39,6 @@ from transferlab.checkpoint import load_checkpoint
 from transferlab.cli import Key, Spec, parse, positive_int, run_main
 from transferlab.config import BackboneConfig, compose_config, load_config
 from transferlab.data.image_folder import load_rgb
-from transferlab.data.transforms import eval_transform
 from transferlab.errors import UserError, did_you_mean
 from transferlab.registry import BACKBONE_SOURCES
 from transferlab.runtime import pick_device
@@ -46,6 +50,8 @@ from transferlab.saved_run import (
     restore_model,
     saved_run_config,
 )
+from transferlab.tta import HELP as TTA_HELP
+from transferlab.tta import TTA_MODES, describe, mean_log_probs, views_transform
 
 SHOWN_SKIPPED = 10  # file names listed in the warning line (then "... and N more")
 
@@ -118,7 +124,8 @@ def skipped_warning(skipped: list[Path]) -> str:
 
 @dataclass
 class Predictor:
-    """A classifier in eval mode, its preprocessing and its class names."""
+    """A classifier in eval mode, its preprocessing (an image to its ``(V, C, H, W)`` views,
+    :mod:`transferlab.tta`) and its class names."""
 
     model: nn.Module
     transform: Callable
@@ -161,7 +168,7 @@ def backbone_config(name: str, source: str | None) -> BackboneConfig:
     )
 
 
-def imagenet_predictor(name: str, source: str | None) -> Predictor:
+def imagenet_predictor(name: str, source: str | None, tta: str = "none") -> Predictor:
     """A pretrained backbone with its own ImageNet classifier, at its native input size."""
     backbone = build_backbone(backbone_config(name, source))
     if backbone.imagenet_head is None or not backbone.categories:
@@ -169,10 +176,11 @@ def imagenet_predictor(name: str, source: str | None) -> Predictor:
                         "with: choose a model pretrained on ImageNet-1k")
     model = nn.Sequential(backbone.module, backbone.imagenet_head).eval()
     spec = backbone.input
-    return Predictor(model, eval_transform(spec, spec.size), list(backbone.categories))
+    return Predictor(model, views_transform(tta, spec, spec.size), list(backbone.categories))
 
 
-def run_predictor(run_dir: Path, which: str, weights: str = "raw") -> Predictor:
+def run_predictor(run_dir: Path, which: str, weights: str = "raw",
+                  tta: str = "none") -> Predictor:
     """The trained model of a run, rebuilt from its saved config, with its eval preprocessing;
     ``weights``: the trained ones (raw) or their EMA (ema)."""
     path = checkpoint_path(run_dir, which)
@@ -184,7 +192,7 @@ def run_predictor(run_dir: Path, which: str, weights: str = "raw") -> Predictor:
     run = saved_run_config(ckpt.get("config"))
     model, backbone, image_size = restore_model(run, checkpoint_weights(ckpt, weights, path),
                                                 len(classes))
-    transform = eval_transform(backbone.input, image_size, run.dataset.crop_pct)
+    transform = views_transform(tta, backbone.input, image_size, run.dataset.crop_pct)
     return Predictor(model, transform, classes)
 
 
@@ -206,8 +214,8 @@ def predict(predictor: Predictor, inputs: Inputs, batch_size: int,
             tensors.append(predictor.transform(image))
         if not paths:
             continue
-        with torch.inference_mode():
-            probs = model(torch.stack(tensors).to(device)).float().softmax(dim=-1).cpu()
+        with torch.inference_mode():  # the mean of the views' probabilities
+            probs = mean_log_probs(model, torch.stack(tensors).to(device)).exp().cpu()
         yield from zip(paths, probs, strict=True)
 
 
@@ -219,13 +227,18 @@ def format_top_k(path: Path, probs: torch.Tensor, classes: list[str], k: int) ->
     return "\n".join([str(path), *lines])
 
 
+CSV_FIXED = ["path", "label", "probability", "tta"]
+
+
 def csv_header(classes: list[str]) -> list[str]:
-    """``path,label,probability`` and one probability column per class (renamed on a clash)."""
-    fixed = ["path", "label", "probability"]
+    """``path,label,probability,tta`` and one probability column per class (renamed on a
+    clash)."""
+    fixed = CSV_FIXED
     return fixed + [f"p_{c}" if c in fixed else c for c in classes]
 
 
-def write_csv(out: Path, rows: Iterator[tuple[Path, torch.Tensor]], classes: list[str]) -> int:
+def write_csv(out: Path, rows: Iterator[tuple[Path, torch.Tensor]], classes: list[str],
+              tta: str = "none") -> int:
     """Write one row per image; returns how many were written. The rows go to a temporary
     file renamed over ``out`` once every image is done: a failure, an interrupt or no
     decodable image leaves an earlier ``out`` as it was (and no partial file)."""
@@ -238,7 +251,7 @@ def write_csv(out: Path, rows: Iterator[tuple[Path, torch.Tensor]], classes: lis
             writer.writerow(csv_header(classes))
             for path, probs in rows:
                 best = int(probs.argmax())
-                writer.writerow([str(path), classes[best], f"{float(probs[best]):.6f}",
+                writer.writerow([str(path), classes[best], f"{float(probs[best]):.6f}", tta,
                                  *(f"{p:.6f}" for p in probs.tolist())])
                 count += 1
         if count:
@@ -273,6 +286,7 @@ SPEC = Spec(
         Key("batch_size", "images per batch", positive_int, 32),
         Key("device", "auto, cpu, cuda, cuda:N or mps", default="auto",
             metavar="auto|cpu|cuda|..."),
+        Key("tta", TTA_HELP, default="none", choices=TTA_MODES),
     ),
     positionals="PATH",
     positional_help="image files or folders (searched recursively)",
@@ -284,7 +298,7 @@ SPEC = Spec(
         "transferlab-predict backbone=convnext_nano backbone_source=timm cat.jpg",
         "transferlab-predict run=outputs/runs/2026-11-23/10-00-00_digits-efficientnet_lite0-"
         "linear_probe photos/",
-        "transferlab-predict run=<run dir> checkpoint=last output=preds.csv photos/",
+        "transferlab-predict run=<run dir> checkpoint=last tta=flip output=preds.csv photos/",
     ),
 )
 IMAGENET_ONLY, RUN_ONLY = ("top_k", "backbone_source"), ("checkpoint", "output", "weights")
@@ -304,6 +318,7 @@ class PredictArgs:
     output: Path | None = None
     batch_size: int = 32
     device: str = "auto"
+    tta: str = "none"
 
 
 def parse_args(argv: list[str]) -> PredictArgs:
@@ -329,7 +344,9 @@ def parse_args(argv: list[str]) -> PredictArgs:
 
 def imagenet_mode(args: PredictArgs, inputs: Inputs) -> None:
     """Print the top-k ImageNet classes of each image."""
-    predictor = imagenet_predictor(args.backbone, args.backbone_source)
+    predictor = imagenet_predictor(args.backbone, args.backbone_source, args.tta)
+    if args.tta != "none":
+        print(describe(args.tta), flush=True)
     count = 0
     for path, probs in predict(predictor, inputs, args.batch_size, pick_device(args.device)):
         print(format_top_k(path, probs, predictor.classes, args.top_k), flush=True)
@@ -340,10 +357,12 @@ def imagenet_mode(args: PredictArgs, inputs: Inputs) -> None:
 
 def run_mode(args: PredictArgs, inputs: Inputs) -> None:
     """Write a trained run's predictions to a CSV and say where it went."""
-    predictor = run_predictor(args.run, args.checkpoint, args.weights)
+    predictor = run_predictor(args.run, args.checkpoint, args.weights, args.tta)
+    if args.tta != "none":
+        print(describe(args.tta), flush=True)
     out = args.output or args.run / "predictions.csv"
     rows = predict(predictor, inputs, args.batch_size, pick_device(args.device))
-    count = write_csv(out, rows, predictor.classes)
+    count = write_csv(out, rows, predictor.classes, args.tta)
     if count == 0:
         raise UserError(f"none of the {len(inputs.images)} image(s) could be decoded")
     print(f"Predictions for {count} image(s) written to: {out}", flush=True)

@@ -9,6 +9,7 @@ import random
 import numpy as np
 import torch
 
+from transferlab.config.validate import amp_mode
 from transferlab.errors import UserError
 
 
@@ -45,15 +46,48 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 class Precision:
-    """Autocast + gradient scaling for CUDA mixed precision; a no-op elsewhere."""
+    """Autocast (+ gradient scaling for fp16) as ``trainer.amp`` asks on ``device``.
 
-    def __init__(self, device: torch.device, enabled: bool):
-        self.enabled = enabled and device.type == "cuda"
-        self.dtype = (torch.bfloat16 if self.enabled and torch.cuda.is_bf16_supported()
-                      else torch.float16)
-        use_scaler = self.enabled and self.dtype == torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    * ``auto``: on CUDA bf16 where supported, else fp16; full precision elsewhere;
+    * ``off``: full precision (float32) everywhere;
+    * ``bf16``: autocast to bfloat16 on CUDA (where supported) or on the CPU;
+    * ``fp16``: autocast to float16 with a GradScaler, on CUDA only.
+
+    A mode this device cannot run is a :class:`UserError` for training; with ``inference=True``
+    (evaluate, predict, feature export on another device than the run's) it falls back to full
+    precision instead, since nobody asked for that mode on this device.
+    """
+
+    def __init__(self, device: torch.device, mode: str | bool = "auto", *,
+                 inference: bool = False):
+        self.mode = amp_mode(mode)
         self.device_type = device.type
+        self.dtype: torch.dtype | None = self._dtype(device, self.mode, inference)
+        self.enabled = self.dtype is not None
+        use_scaler = self.dtype == torch.float16 and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+
+    @staticmethod
+    def _dtype(device: torch.device, mode: str, inference: bool) -> torch.dtype | None:
+        cuda = device.type == "cuda"
+        bf16_ok = device.type == "cpu" or (cuda and torch.cuda.is_bf16_supported())
+        if mode == "off":
+            return None
+        if mode == "auto":
+            if not cuda:
+                return None
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if mode == "bf16" and bf16_ok:
+            return torch.bfloat16
+        if mode == "fp16" and cuda:
+            return torch.float16
+        if inference:
+            return None
+        if mode == "fp16":
+            raise UserError(f"trainer.amp=fp16 needs CUDA, not {device.type}: use "
+                            "trainer.amp=bf16 (CPU autocast) or trainer.amp=off")
+        raise UserError(f"trainer.amp=bf16 is not supported on {device}: use trainer.amp=fp16 "
+                        "(CUDA) or trainer.amp=off")
 
     def autocast(self):
         if not self.enabled:

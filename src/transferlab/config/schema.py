@@ -392,7 +392,9 @@ class TrainerConfig:
     deterministic: bool = False
     progress: bool | None = None  # None: a progress bar when stderr is a terminal
     channels_last: bool = True
-    amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16)
+    # auto | off | bf16 | fp16 (runtime.Precision); auto: on CUDA bf16 where supported, else
+    # fp16, full precision elsewhere. An old run's true/false reads as auto/off.
+    amp: str = "auto"
     log_every_n_steps: int = 1
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     class_weights: str = "none"  # none | balanced: loss weights n / (k * count) per class

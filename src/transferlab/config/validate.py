@@ -40,7 +40,7 @@ from transferlab.config.schema import (
     TopKConfig,
     TwoStageConfig,
 )
-from transferlab.errors import UserError
+from transferlab.errors import UserError, did_you_mean
 from transferlab.registry import SCHEDULERS
 
 BN_MODES = ("frozen", "train", "eval")
@@ -51,6 +51,20 @@ FEATURE_CACHE_DTYPES = ("float16", "float32")
 CLIP_ALGORITHMS = ("norm", "value")
 MONITORS = ("val_loss", "val_acc")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+# trainer.amp was a bool before it named a mode: a saved run's True/False (OmegaConf writes a
+# bool given to a string field as "True"/"False"), or an old override's true/false
+LEGACY_AMP = {"true": "auto", "false": "off"}
+
+
+def amp_mode(value: object) -> str:
+    """``trainer.amp`` as one of :data:`AMP_MODES` (an old true/false: auto/off)."""
+    text = str(value).strip().lower()
+    text = LEGACY_AMP.get(text, text)
+    if text not in AMP_MODES:
+        raise UserError(f"trainer.amp must be one of {', '.join(AMP_MODES)}, got {value!r}"
+                        f"{did_you_mean(str(value), AMP_MODES)}")
+    return text
 
 
 def _check(key: str, value: Any, ok: bool, must: str) -> None:
@@ -272,6 +286,7 @@ def _trainer(run: RunConfig) -> None:
     _one_of("trainer.class_weights", t.class_weights, CLASS_WEIGHTS)
     _one_of("trainer.sampler", t.sampler, SAMPLERS)
     _one_of("trainer.keep_checkpoints", t.keep_checkpoints, ("best_last", "all"))
+    t.amp = amp_mode(t.amp)  # an old run's (or override's) true/false: auto/off
     c = t.feature_cache
     _one_of("trainer.feature_cache.mode", c.mode, FEATURE_CACHE_MODES)
     _one_of("trainer.feature_cache.dtype", c.dtype, FEATURE_CACHE_DTYPES)

@@ -246,11 +246,13 @@ def _fake(cfg: FakeDatasetConfig, train_tf, eval_tf) -> DataSplits:
 
 
 def build_splits(cfg: DatasetConfig, augment: AugmentConfig, spec: InputSpec,
-                 image_size: int) -> DataSplits:
-    """The train/val datasets of ``cfg`` with transforms for ``spec`` at ``image_size``."""
+                 image_size: int, eval_tf: Callable | None = None) -> DataSplits:
+    """The train/val datasets of ``cfg`` with transforms for ``spec`` at ``image_size``;
+    ``eval_tf`` replaces the eval transform (test-time augmentation's views)."""
     kind = DATASETS.builder(cfg.kind)
     train_tf = train_transform(spec, image_size, augment, cfg.crop_pct)
-    eval_tf = eval_transform(spec, image_size, cfg.crop_pct)
+    if eval_tf is None:
+        eval_tf = eval_transform(spec, image_size, cfg.crop_pct)
     return kind(cfg, train_tf, eval_tf)
 
 

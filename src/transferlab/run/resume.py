@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from transferlab.checkpoint import FORMAT, load_checkpoint
-from transferlab.config.validate import override_key
+from transferlab.config.validate import amp_mode, override_key
 from transferlab.errors import UserError
 from transferlab.liveness import run_status
 
@@ -225,4 +225,7 @@ def same_config(saved: dict, now: dict) -> list[str]:
 
     a, b = flat({k: v for k, v in saved.items() if k != "resume"}), \
         flat({k: v for k, v in now.items() if k != "resume"})
+    for d in (a, b):  # a run saved before trainer.amp named a mode holds True / False
+        if isinstance(d.get("trainer.amp"), bool):
+            d["trainer.amp"] = amp_mode(d["trainer.amp"])
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
