@@ -267,3 +267,19 @@ def test_export_weights_ema_exports_the_average(ema_run, tmp_path, capsys):
     for key in head:  # the exported head is the EMA's, not the raw one
         assert torch.equal(exported[key], ckpt["ema"]["model"][key])
         assert not torch.equal(exported[key], ckpt["model"][key])
+
+
+def test_the_learning_curves_draw_the_ema_weights_val_curve(ema_run):
+    from transferlab.plots import learning_curves
+
+    _, metrics = ema_run
+    fig = learning_curves(metrics["history"])
+    acc, loss = fig.axes
+    labels = [line.get_label() for line in acc.get_lines()]
+    assert "val accuracy (EMA weights)" in labels
+    line = acc.get_lines()[labels.index("val accuracy (EMA weights)")]
+    assert list(line.get_ydata()) == [r["val_acc_ema"] for r in metrics["history"]]
+    assert "val loss (EMA weights)" in [line.get_label() for line in loss.get_lines()]
+    plain = learning_curves([{k: v for k, v in r.items() if not k.endswith("_ema")}
+                             for r in metrics["history"]])
+    assert not any("EMA" in line.get_label() for line in plain.axes[0].get_lines())

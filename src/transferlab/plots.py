@@ -25,7 +25,8 @@ def learning_curves(history: list[dict], title: str = "",
                     stops: list[dict] | None = None) -> Figure:
     """Two panels (accuracy, loss), train vs val; a dashed line at every stage boundary,
     each stage labelled with its name where it starts. Records without accuracy (an
-    autoencoder's) get the loss panel alone. ``stops``: the stages that stopped early
+    autoencoder's) get the loss panel alone; a run with an EMA of its weights gets their val
+    curve too. ``stops``: the stages that stopped early
     (``metrics.json["stopped_early"]``): a red dotted line after the last epoch, the planned
     epochs left out shaded, the stage's best epoch ringed on the val curve."""
     epochs = [r["epoch"] for r in history]
@@ -38,6 +39,9 @@ def learning_curves(history: list[dict], title: str = "",
         ax.plot(epochs, [r.get(f"train_{metric}") for r in history], "o-",
                 label=f"train {label}")
         ax.plot(epochs, [r.get(f"val_{metric}") for r in history], "s-", label=f"val {label}")
+        if any(r.get(f"val_{metric}_ema") is not None for r in history):  # trainer.ema
+            ax.plot(epochs, [r.get(f"val_{metric}_ema") for r in history], "^--",
+                    label=f"val {label} (EMA weights)")
         for i, (epoch, stage) in enumerate(starts):
             if i > 0:
                 ax.axvline(epoch - 0.5, color="grey", linestyle="--", linewidth=1)
