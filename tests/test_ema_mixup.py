@@ -136,6 +136,7 @@ def test_the_checkpoint_holds_the_ema_and_the_frozen_part_equals_the_model(ema_r
             assert torch.equal(raw[key], avg[key]) == key.startswith("backbone."), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("checkpoint, entry", [("best_ema", "best_ema"), ("last", "final")])
 def test_eval_with_weights_ema_reproduces_the_recorded_val_acc_ema(ema_run, checkpoint, entry):
     run_dir, metrics = ema_run
@@ -169,6 +170,7 @@ def test_weights_ema_without_an_ema_is_one_line_exit_2(ema_run, tmp_path, capsys
     assert len(out.read_text().splitlines()) == 2
 
 
+@pytest.mark.slow
 def test_resume_restores_the_ema(ema_run, tmp_path):
     """One epoch, then a resume to two: the same average as the 2-epoch run, bit for bit."""
     ref_dir, reference = ema_run

@@ -220,6 +220,7 @@ def test_a_run_without_checkpoints_is_one_line(tmp_path, capsys):
     assert "no checkpoint best.pt" in one_line_error(capsys)
 
 
+@pytest.mark.slow
 def test_a_logreg_run_has_no_network_to_export(tmp_path, capsys, one_thread):
     run_dir = tmp_path / "logreg"
     overrides = [*TINY, "head=logreg", "dataset.samples_per_class=5"]
@@ -230,6 +231,7 @@ def test_a_logreg_run_has_no_network_to_export(tmp_path, capsys, one_thread):
     assert not (run_dir / "export").exists()
 
 
+@pytest.mark.slow
 def test_an_autoencoder_run_has_no_classifier_to_export(tmp_path, capsys, one_thread):
     run_dir = tmp_path / "ae"
     train(compose_train(["experiment=ae_pretrain", "dataset.samples_per_class=2",

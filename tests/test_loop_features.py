@@ -265,6 +265,7 @@ def test_a_stage_stops_early_and_the_next_starts_from_its_best_weights(tmp_path,
     assert "early_stopping/head/text_summary" in events.Tags()["tensors"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("from_epoch", [1, 2, 3])
 def test_a_resume_stops_and_restores_as_the_run_did(tmp_path, from_epoch, stage_starts,
                                                     one_thread):

@@ -162,6 +162,7 @@ def test_suggestion_rules_on_a_known_curve():
     assert suggest(lrs[:3], curve[:3]) is None  # too short to judge
 
 
+@pytest.mark.slow
 def test_command_writes_its_files_and_suggests_an_lr_inside_the_range(tmp_path, capsys,
                                                                       one_thread):
     out = tmp_path / "find"

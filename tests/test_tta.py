@@ -162,6 +162,7 @@ def tiny_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tta", ["flip", "five_crop"])
 def test_eval_with_tta_writes_it_in_the_reports(tta, tiny_run, capsys, one_thread):
     # digits has crop_pct 1 (its 32 px resize is the image: five equal crops); 0.8: 40 px
