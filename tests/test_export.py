@@ -72,6 +72,7 @@ def read_json(path):
     return json.loads(path.read_text())
 
 
+@pytest.mark.slow
 def test_both_formats_compute_the_pytorch_probabilities(tiny_run, tmp_path, capsys, one_thread):
     out = tmp_path / "deploy"
     assert main([f"run={tiny_run}", f"output={out}", "samples=12"]) == 0

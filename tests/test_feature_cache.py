@@ -98,6 +98,7 @@ def test_a_second_run_reads_the_store_and_trains_the_same(compose_cfg, tmp_path)
     assert len([p for p in store.iterdir() if p.is_dir()]) == 2  # one entry per split
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, reason", [
     (["augment=flip"], "augment=flip makes the training images random"),
     (["freeze=none"], "not cached"),
@@ -108,6 +109,7 @@ def test_the_cache_is_not_used_where_it_would_be_wrong(compose_cfg, tmp_path, ov
     assert report["cut"] is None and reason in report["reason"]
 
 
+@pytest.mark.slow
 def test_bn_train_in_a_frozen_block_moves_the_cut_or_stops_it(compose_cfg, tmp_path):
     _, m = _run(compose_cfg, tmp_path, "r", [
         "freeze=two_stage", "freeze.head_epochs=1", "freeze.finetune_epochs=1",
@@ -165,6 +167,7 @@ def test_active_dropout_in_the_prefix_stops_the_cut():
     assert cut.whole and cut.pooled
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "vgg11"])
 def test_sequential_views_of_torchvision_backbones_match_the_module(name):
     torch.manual_seed(0)

@@ -87,6 +87,7 @@ def test_model_optimizer_and_rng_are_restored_bit_for_bit(one_thread):
     assert setup.loader.sampler.epoch == epoch
 
 
+@pytest.mark.slow
 def test_frozen_blocks_never_change_during_the_sweep(one_thread):
     setup = setup_for(["freeze=two_stage", "freeze.fine_tune_at=-1"], stage="1")
     model, plan = setup.model, setup.plan
@@ -113,6 +114,7 @@ def test_frozen_blocks_never_change_during_the_sweep(one_thread):
     assert checked[-1]  # the trained blocks did move
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, stage", [
     (["freeze=discriminative", "freeze.decay=0.5"], None),
     (["freeze=two_stage", "freeze.finetune_lr_mult=0.25"], "finetune"),
@@ -141,6 +143,7 @@ def test_every_group_keeps_its_multiplier_of_the_base_lr(overrides, stage, one_t
     assert test.group_mults == pytest.approx(expected)
 
 
+@pytest.mark.slow
 def test_the_sweep_stops_when_the_loss_diverges(one_thread):
     setup = setup_for(["freeze=none", "trainer.epochs=1"])
     test = sweep(setup, start_lr=1e-3, end_lr=1e8, steps=100, smooth=0.5)
@@ -182,6 +185,7 @@ def test_command_writes_its_files_and_suggests_an_lr_inside_the_range(tmp_path, 
     assert printed[1] == f"use: optimizer.lr={data['suggestion']:.3g}"
 
 
+@pytest.mark.slow
 def test_warmup_trains_the_earlier_stages_first(one_thread):
     overrides = ["freeze=two_stage", "freeze.head_epochs=1"]
     cold = setup_for(overrides, "finetune")

@@ -127,6 +127,7 @@ def lite0():
     return imagenet_predictor("efficientnet_lite0", None)
 
 
+@pytest.mark.slow
 def test_flip_and_five_crop_on_real_photos(lite0, photos, one_thread):
     classes = lite0.classes
     images = [Image.open(photos / name).convert("RGB") for name in ("chelsea.png", "coffee.png")]

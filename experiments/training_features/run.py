@@ -2,6 +2,7 @@
 
     python experiments/training_features/run.py            # about 25 minutes on 2 CPU cores
     python experiments/training_features/run.py --seeds 0  # one seed
+    python experiments/training_features/run.py --variants long long_early_stop  # some of them
 
 Every run is ``transferlab-train dataset=hymenoptera freeze=two_stage`` (the default backbone,
 ImageNet EfficientNet-Lite0 at 224 px; 5 epochs of the head on the frozen backbone, then 5 of
@@ -11,7 +12,10 @@ the head and ``blocks[-4:]`` at lr/10), plus one variant's overrides:
 - ``early_stop``: ``trainer.early_stopping.patience=2`` (monitor val_loss, restore_best);
 - ``mixup``: ``augment.mixup_alpha=0.2`` (the feature cache is then off: random inputs);
 - ``ema``: ``trainer.ema.decay=0.99 trainer.ema.warmup=true`` (reported: the EMA weights' final
-  val acc next to the raw weights').
+  val acc next to the raw weights');
+- ``long``: a 3x longer budget, 15 + 15 epochs (``freeze.head_epochs=15
+  freeze.finetune_epochs=15``), the setting early stopping is for;
+- ``long_early_stop``: the same budget with ``trainer.early_stopping.patience=2``.
 
 The runs go seed by seed, the four variants one after the other within a seed, so that a drift
 in the machine's speed touches every variant alike. A first, untimed, 1+1-epoch run fills the
@@ -38,6 +42,9 @@ VARIANTS = {
     "early_stop": ["trainer.early_stopping.patience=2"],
     "mixup": ["augment.mixup_alpha=0.2"],
     "ema": ["trainer.ema.decay=0.99", "trainer.ema.warmup=true"],
+    "long": ["freeze.head_epochs=15", "freeze.finetune_epochs=15"],
+    "long_early_stop": ["freeze.head_epochs=15", "freeze.finetune_epochs=15",
+                        "trainer.early_stopping.patience=2"],
 }
 
 
@@ -61,9 +68,16 @@ def summary(m: dict, wall: float) -> dict:
            "best_val_acc": best["val_acc"], "epochs_trained": len(m["history"])}
     if "val_acc_ema" in final:
         out["final_val_acc_ema"] = final["val_acc_ema"]
+    # the weights the run ends with: a last stage stopped early with restore_best ends with
+    # its best epoch's weights, not its last epoch's
+    end = final
     if m.get("stopped_early"):
         out["stopped_early"] = [{k: s[k] for k in ("stage", "epoch", "best_epoch")}
                                 for s in m["stopped_early"]]
+        last = m["stopped_early"][-1]
+        if last["stage"] == m["history"][-1]["stage"] and last.get("restored"):
+            end = next(r for r in m["history"] if r["epoch"] == last["best_epoch"])
+    out["end_val_acc"] = end["val_acc"]
     return out
 
 
@@ -74,12 +88,14 @@ def mean_sd(values: list[float]) -> str:
 
 
 def table(results: dict) -> str:
-    rows = ["| variant | final val acc | best val acc | EMA final val acc | epochs trained | "
-            "wall time (process) |", "|---|---:|---:|---:|---:|---:|"]
+    rows = ["| variant | val acc of the weights it ends with | last epoch's val acc | best epoch's "
+            "val acc | EMA weights' final val acc | epochs trained | wall time (process) |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
     for name, runs in results.items():
         ema = [r["final_val_acc_ema"] for r in runs if "final_val_acc_ema" in r]
         rows.append(
-            f"| {name} | {mean_sd([r['final_val_acc'] for r in runs])} | "
+            f"| {name} | {mean_sd([r.get('end_val_acc', r['final_val_acc']) for r in runs])} | "
+            f"{mean_sd([r['final_val_acc'] for r in runs])} | "
             f"{mean_sd([r['best_val_acc'] for r in runs])} | "
             f"{mean_sd(ema) if ema else ''} | "
             f"{' / '.join(str(r['epochs_trained']) for r in runs)} | "
@@ -90,17 +106,22 @@ def table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root, cache = Path(tmp), Path(tmp) / "cache"
         train(["freeze.head_epochs=1", "freeze.finetune_epochs=1"], root / "warmup", cache)
-        results: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+        results: dict[str, list[dict]] = {name: [] for name in args.variants}
         for seed in args.seeds:
-            for name, overrides in VARIANTS.items():
-                wall, m = train([*overrides, f"seed={seed}"], root / f"{name}-{seed}", cache)
+            for name in args.variants:
+                wall, m = train([*VARIANTS[name], f"seed={seed}"], root / f"{name}-{seed}", cache)
                 results[name].append({"seed": seed, **summary(m, wall)})
                 print(json.dumps(results[name][-1]), flush=True)
-    (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    out = HERE / "results.json"  # other variants' results stay (a run of some of them)
+    kept = json.loads(out.read_text()) if out.is_file() else {}
+    results = {name: ({**kept, **results})[name] for name in VARIANTS
+               if name in kept or name in results}
+    out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
 
 
