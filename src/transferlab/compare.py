@@ -3,6 +3,7 @@
     transferlab-compare outputs/sweeps/2026-11-23/10-00-00_digits-efficientnet_lite0-linear_probe
     transferlab-compare outputs/ sort=final_val_loss format=markdown
     transferlab-compare <sweep> group_seeds=true       # mean +- std over seeds
+    transferlab-compare <sweep> group_folds=true       # mean +- std over k-fold folds
     transferlab-compare <sweep> plot=false             # no figure (plot=curves.png: there)
     transferlab-compare <sweep> tensorboard=true       # the command to open it in TensorBoard
     transferlab-compare --help                         # every key
@@ -41,6 +42,7 @@ METRICS = {
     "wall_seconds": ("wall s", False),
 }
 SEED_KEYS = ("seed",)
+FOLD_KEYS = ("dataset.fold",)
 FORMATS = ("table", "markdown", "csv")
 
 
@@ -54,8 +56,8 @@ class RunRecord:
     values: dict[str, float | None] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     error: str | None = None
-    runs: int = 1  # > 1 for a group of seeds
-    spread: dict[str, float] = field(default_factory=dict)  # std over the group's seeds
+    runs: int = 1  # > 1 for a group of seeds (or folds)
+    spread: dict[str, float] = field(default_factory=dict)  # std over the group's runs
     hparams: dict = field(default_factory=dict)  # the run's HParams record
     members: list[RunRecord] = field(default_factory=list)  # a group's runs
 
@@ -147,9 +149,21 @@ def _key_of(item: str) -> str:
 
 def group_seeds(runs: list[RunRecord]) -> list[RunRecord]:
     """Runs whose overrides differ only by ``seed`` merged into one row: mean and std."""
+    return group_runs(runs, SEED_KEYS)
+
+
+def group_folds(runs: list[RunRecord]) -> list[RunRecord]:
+    """Runs whose overrides differ only by ``dataset.fold`` (the folds of one k-fold
+    cross-validation) merged into one row: mean and std over the folds."""
+    return group_runs(runs, FOLD_KEYS)
+
+
+def group_runs(runs: list[RunRecord], keys: tuple[str, ...]) -> list[RunRecord]:
+    """Runs whose overrides differ only by the override ``keys`` merged into one row: the
+    mean of every metric and its std over the group's runs."""
     groups: dict[tuple[str, ...], list[RunRecord]] = {}
     for run in runs:
-        key = tuple(sorted(o for o in run.overrides if _key_of(o) not in SEED_KEYS))
+        key = tuple(sorted(o for o in run.overrides if _key_of(o) not in keys))
         groups.setdefault(key, []).append(run)
     merged = []
     for key, members in groups.items():
@@ -161,14 +175,25 @@ def group_seeds(runs: list[RunRecord]) -> list[RunRecord]:
             xs = [m.value(name) for m in members if m.value(name) is not None]
             values[name] = statistics.fmean(xs) if xs else None
             spread[name] = statistics.stdev(xs) if len(xs) > 1 else 0.0
-        seeds = sorted(o.partition("=")[2] for m in members for o in m.overrides
-                       if _key_of(o) in SEED_KEYS)
-        label = [*key, f"seed={','.join(seeds)}"] if seeds else list(key)
+        label = list(key)
+        for name in keys:
+            got = sorted((o.partition("=")[2] for m in members for o in m.overrides
+                          if _key_of(o) == name), key=_natural)
+            if got:
+                label.append(f"{name}={','.join(got)}")
         errors = [m.error for m in members if m.error]
         merged.append(RunRecord(members[0].path, status, label, values,
                                 members[0].history, errors[0] if errors else None,
                                 runs=len(members), spread=spread, members=members))
     return merged
+
+
+def _natural(text: str) -> tuple:
+    """Numbers in numeric order (fold 2 before fold 10), anything else after them."""
+    try:
+        return (0, float(text), "")
+    except ValueError:
+        return (1, 0.0, text)
 
 
 def varying_overrides(runs: list[RunRecord]) -> list[list[str]]:
@@ -362,6 +387,9 @@ SPEC = Spec(
         Key("reverse", "worst first", bool, False),
         Key("format", "the table's format", default="table", choices=FORMATS),
         Key("group_seeds", "merge runs that differ only by seed: mean ± std", bool, False),
+        Key("group_folds", "merge runs that differ only by dataset.fold (the folds of a k-fold "
+            "cross-validation): mean ± std over the folds; with group_seeds, over both",
+            bool, False),
         Key("plot", "where to write the validation-accuracy figure; false: no figure",
             plot_target, metavar="<file>|true|false",
             default_text="<first path>/compare_val_acc.png, none with format=csv"),
@@ -381,6 +409,7 @@ SPEC = Spec(
         "linear_probe",
         "transferlab-compare outputs/ sort=final_val_loss format=markdown plot=false",
         "transferlab-compare <sweep> group_seeds=true format=csv",
+        "transferlab-compare <sweep> group_folds=true",
         "transferlab-compare <sweep> group_seeds=true report=results.md tensorboard=true",
     ),
 )
@@ -403,8 +432,10 @@ def run_cli(argv: list[str]) -> int:
     hidden = [] if parsed["all"] else [r for r in runs if r.status in HIDDEN]
     runs = [r for r in runs if r not in hidden]
     every = runs
-    if parsed["group_seeds"]:
-        runs = group_seeds(runs)
+    keys = (SEED_KEYS if parsed["group_seeds"] else ()) + (
+        FOLD_KEYS if parsed["group_folds"] else ())
+    if keys:
+        runs = group_runs(runs, keys)
     runs = sort_runs(runs, parsed["sort"], parsed["reverse"])
     root = paths[0] if len(paths) == 1 and paths[0].is_dir() else None
     print(format_table(runs, parsed["format"], root=root) if runs else "(no runs to show)")
@@ -424,7 +455,7 @@ def run_cli(argv: list[str]) -> int:
     if parsed["report"]:
         print(f"Report: {write_report(parsed['report'], runs, figure, root)}", file=sys.stderr)
     if parsed["tensorboard"]:
-        _write_tensorboard(base, every, runs if parsed["group_seeds"] else [])
+        _write_tensorboard(base, every, runs if keys else [], keys)
         logdirs = " ".join(str(p) for p in paths)
         if len(paths) == 1:
             print(f"\ntensorboard --logdir {logdirs}")
@@ -434,20 +465,22 @@ def run_cli(argv: list[str]) -> int:
     return 0
 
 
-def _write_tensorboard(root: Path, runs: list[RunRecord], groups: list[RunRecord]) -> None:
+def _write_tensorboard(root: Path, runs: list[RunRecord], groups: list[RunRecord],
+                       keys: tuple[str, ...] = SEED_KEYS) -> None:
     from transferlab.tensorboard_views import write_seed_groups, write_union_hparams
 
     write_union_hparams(root, [r.hparams for r in runs if r.hparams])
-    write_seed_groups(root, {group_label(label): [m.history for m in g.members]
+    write_seed_groups(root, {group_label(label, keys): [m.history for m in g.members]
                              for g, label in zip(groups, varying_overrides(groups), strict=True)
                              if g.runs > 1})
 
 
-def group_label(overrides: list[str]) -> str:
-    """A seed group's TensorBoard run name: what sets it apart (its overrides but the seed)."""
+def group_label(overrides: list[str], keys: tuple[str, ...] = SEED_KEYS) -> str:
+    """A group's TensorBoard run name: what sets it apart (its overrides but the grouped keys,
+    by default the seed)."""
     from transferlab.sweep import _safe
 
-    parts = [o for o in overrides if _key_of(o) not in SEED_KEYS]
+    parts = [o for o in overrides if _key_of(o) not in keys]
     return "__".join(_safe(o.replace("=", "-")) for o in parts) or "all"
 
 
@@ -464,9 +497,10 @@ def write_report(path: Path, runs: list[RunRecord], figure: Path | None,
         lines += [f"![validation accuracy]({rel})", ""]
     if runs:
         best = runs[0]
-        lines += ["Best run" + (f" (mean of {best.runs} seeds)" if best.runs > 1 else "") +
+        grouped = SEED_KEYS + FOLD_KEYS
+        lines += ["Best run" + (f" (mean of {best.runs} runs)" if best.runs > 1 else "") +
                   f": `{best.path}`", "", "```", "transferlab-train " +
-                  " ".join(o for o in best.overrides if not o.startswith("seed=") or
+                  " ".join(o for o in best.overrides if _key_of(o) not in grouped or
                            best.runs == 1), "```", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))

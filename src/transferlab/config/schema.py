@@ -102,6 +102,9 @@ class DatasetConfig:
     train_fraction: float = 1.0  # keep this fraction of every class of the training split
     samples_per_class: int | None = None  # or at most this many training images per class
     subset_seed: int = 0  # draws the training subset (the presets tie it to the run's seed)
+    folds: int | None = None  # k-fold CV of the (subset) training split; None: off
+    fold: int | None = None  # with folds: this run's fold (0..folds-1), its validation set
+    fold_seed: int = 0  # draws the folds; not the run's seed, so folds stay fixed across seeds
     image_size: int | None = None  # None: the backbone's native input size
     crop_pct: float | None = None  # None: the backbone's (resize to size/crop_pct, centre crop)
 

@@ -128,6 +128,13 @@ def _dataset(run: RunConfig) -> None:
     _in("dataset.train_fraction", d.train_fraction, 0, 1, lo_open=True)
     _at_least("dataset.samples_per_class", d.samples_per_class, 1, nullable=True)
     _at_least("dataset.image_size", d.image_size, 1, nullable=True)
+    _at_least("dataset.folds", d.folds, 2, nullable=True)
+    if d.folds is None and d.fold is not None:
+        raise UserError(f"dataset.fold={d.fold} needs dataset.folds=<K>: set the number of folds "
+                        "(e.g. dataset.folds=5), or drop dataset.fold")
+    if d.folds is not None:
+        _check("dataset.fold", d.fold, d.fold is not None and 0 <= d.fold < d.folds,
+               f"a fold in [0, {d.folds}) (dataset.fold=range(0,{d.folds}) sweeps them all)")
     if d.crop_pct is not None:
         _in("dataset.crop_pct", d.crop_pct, 0, 1, lo_open=True)
     if isinstance(d, FakeDatasetConfig):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedKFold, train_test_split
 from torch.utils.data import (
     DataLoader,
     Dataset,
@@ -56,6 +56,7 @@ class DataSplits:
     skipped: list[str] = field(default_factory=list)  # files found but not readable images
     test: Dataset | None = None
     train_labels: list[int] = field(default_factory=list)
+    folds: dict | None = None  # k-fold CV: {k, fold, fold_seed, train, val}; val IS the fold
 
     def class_counts(self) -> list[int]:
         """Training images per class, in class order."""
@@ -120,6 +121,24 @@ def train_subset(labels: list[int], cfg: DatasetConfig) -> list[int]:
     return sorted(keep)
 
 
+def fold_split(labels: list[int], folds: int, fold: int,
+               seed: int) -> tuple[list[int], list[int]]:
+    """Indices (train, val) of fold ``fold`` of a stratified, shuffled ``folds``-fold split of
+    ``labels``, drawn by ``seed`` (``dataset.fold_seed``): the val indices of the folds
+    partition ``labels``, and every class's count differs by at most one between folds."""
+    counts: dict[int, int] = {}
+    for y in labels:
+        counts[y] = counts.get(y, 0) + 1
+    few = sorted(y for y, n in counts.items() if n < folds)
+    if few:
+        raise UserError(f"dataset.folds={folds}: class {few[0]} has only {counts[few[0]]} "
+                        f"training image(s), every class needs >= {folds}: lower dataset.folds "
+                        "or raise train_fraction / samples_per_class")
+    kfold = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    train, val = list(kfold.split(np.zeros((len(labels), 1)), labels))[fold]
+    return sorted(train.tolist()), sorted(val.tolist())
+
+
 def check_classes(where: str, labels: list[int], classes: list[str]) -> None:
     """Every class must appear in every split a run trains or is measured on."""
     missing = sorted(set(range(len(classes))) - set(labels))
@@ -138,6 +157,16 @@ def assemble(cfg: DatasetConfig, classes: list[str], make, train: list, val: lis
         raise UserError(f"dataset {cfg.name} has {len(classes)} class(es): a classifier "
                         "needs >= 2")
     train = [train[i] for i in train_subset([label_of(x) for x in train], cfg)]
+    folds = None
+    if cfg.folds is not None:  # subset first, then fold: the run's val IS fold ``cfg.fold``
+        keep, held = fold_split([label_of(x) for x in train], cfg.folds, cfg.fold, cfg.fold_seed)
+        log.info("k-fold: fold %d of %d (fold_seed %d) of the %d training images is the val set "
+                 "(%d), the other folds train (%d); the data's own val (%d) and test (%d) "
+                 "images are held out, unused", cfg.fold, cfg.folds, cfg.fold_seed, len(train),
+                 len(held), len(keep), len(val), len(test or []))
+        train, val, test = [train[i] for i in keep], [train[i] for i in held], None
+        folds = {"k": cfg.folds, "fold": cfg.fold, "fold_seed": cfg.fold_seed,
+                 "train": len(train), "val": len(val)}
     check_classes("train", [label_of(x) for x in train], classes)
     check_classes("val", [label_of(x) for x in val], classes)
     skipped = [str(p) for p in (skipped or [])]
@@ -146,7 +175,7 @@ def assemble(cfg: DatasetConfig, classes: list[str], make, train: list, val: lis
                     ", ".join(skipped[:5]), " ..." if len(skipped) > 5 else "")
     return DataSplits(train=make(train, train_tf), val=make(val, eval_tf), classes=classes,
                       skipped=skipped, test=make(test, eval_tf) if test else None,
-                      train_labels=[label_of(x) for x in train])
+                      train_labels=[label_of(x) for x in train], folds=folds)
 
 
 @DATASETS.register("digits", DatasetConfig)

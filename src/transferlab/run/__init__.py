@@ -92,6 +92,8 @@ def _record_build(tracker: RunTracker, built: BuiltRun) -> None:
     tracker.extra["data"] = {"train": len(splits.train), "val": len(splits.val),
                              "test": len(splits.test) if splits.test is not None else 0,
                              "classes": splits.classes, "train_per_class": splits.class_counts()}
+    if splits.folds is not None:
+        tracker.extra["folds"] = splits.folds
     if splits.skipped:
         tracker.extra["skipped_files"] = splits.skipped
 
