@@ -25,6 +25,7 @@ class EpochStats:
     steps: int = 0  # batches of the epoch done (a stopped epoch: fewer than the loader's)
     stopped: bool = False  # ended early by ``should_stop``
     sums: tuple[float, int, int] = (0.0, 0, 0)  # loss sum, correct, count: to go on later
+    penalty: float | None = None  # the mean of ``penalty()`` over this pass's batches
 
 
 class _Running:
@@ -58,7 +59,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
                     should_stop: Callable[[], bool] | None = None,
                     resume: EpochStats | None = None,
                     stepping: StepOptions | None = None,
-                    after_step: Callable[[], None] | None = None) -> EpochStats:
+                    after_step: Callable[[], None] | None = None,
+                    penalty: Callable[[], torch.Tensor] | None = None) -> EpochStats:
     """One pass over ``loader``; the caller has set train/eval modes and requires_grad.
 
     ``before_step(optimizer)`` runs before every optimizer step (LR schedule, LR logging),
@@ -67,7 +69,9 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
     ``should_stop()`` is asked after every optimizer step: when true, the pass ends there
     (``stopped``). ``stepping``: gradient accumulation and clipping (:mod:`.stepping`).
     ``resume``: the stats of the part of this epoch done before an interrupt (the loader then
-    yields the rest of the epoch's batches only).
+    yields the rest of the epoch's batches only). ``penalty()``: a term of the weights
+    (:mod:`.regularize`) added to every batch's loss before backward; ``loss`` stays the data
+    loss, the penalty's mean over the pass's batches is ``penalty``.
     """
     start = time.perf_counter() - (resume.seconds if resume else 0.0)
     running = _Running(resume.sums if resume else (0.0, 0, 0))
@@ -75,6 +79,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True,
                initial=steps, total=len(loader))
     stepper = Stepper(optimizer, precision, len(loader), stepping, before_step)
+    penalty_sum, batches = 0.0, 0
     for x, y in bar:
         x, y = _to_device(x, y, device, channels_last)
         stepper.begin(steps)
@@ -83,7 +88,12 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
             loss = criterion(logits, y)
         if not torch.isfinite(loss.detach()):
             raise FloatingPointError(f"loss is {float(loss.detach())} at step {steps + 1}")
-        stepped = stepper.backward(loss, y.shape[0], steps)
+        objective = loss
+        if penalty is not None:
+            term = penalty()
+            objective = loss.float() + term
+            penalty_sum, batches = penalty_sum + float(term.detach()), batches + 1
+        stepped = stepper.backward(objective, y.shape[0], steps)
         if stepped and after_step is not None:
             after_step()
         running.update(loss.detach(), logits.detach(), y)
@@ -93,8 +103,16 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
             bar.set_postfix(loss=f"{s.loss:.4f}", acc=f"{s.acc:.3f}")
         if stepped and should_stop is not None and should_stop():
             bar.close()
-            return running.stats(time.perf_counter() - start, steps, stopped=True)
-    return running.stats(time.perf_counter() - start, steps)
+            return _with_penalty(running.stats(time.perf_counter() - start, steps,
+                                               stopped=True), penalty, penalty_sum, batches)
+    return _with_penalty(running.stats(time.perf_counter() - start, steps), penalty,
+                         penalty_sum, batches)
+
+
+def _with_penalty(stats: EpochStats, penalty, total: float, batches: int) -> EpochStats:
+    if penalty is not None:
+        stats.penalty = total / max(batches, 1)
+    return stats
 
 
 @torch.no_grad()

@@ -315,6 +315,7 @@ def _warm_up(built: BuiltRun, target: StagePlan, loader) -> torch.optim.Optimize
             stats = train_one_epoch(model, loader, criterion, optimizer, built.device,
                                     built.precision, channels_last=built.channels_last,
                                     before_step=schedule.apply, progress=built.progress,
+                                    penalty=built.penalty,
                                     desc=f"warm-up epoch {epoch} [{plan.name}]")
             log.info("warm-up epoch %d [%s]: train loss %.4f acc %.4f", epoch, plan.name,
                      stats.loss, stats.acc)

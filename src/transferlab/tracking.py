@@ -153,6 +153,8 @@ class RunTracker:
             self.writer.add_scalar(f"{split}/{self.loss_tag}", record[f"{split}_loss"], epoch)
             if record.get(f"{split}_acc") is not None:
                 self.writer.add_scalar(f"{split}/acc", record[f"{split}_acc"], epoch)
+        if "train_penalty" in record:  # trainer.regularize's term, outside train/loss
+            self.writer.add_scalar("train/penalty", record["train_penalty"], epoch)
         if "val_loss_ema" in record:  # the EMA of the weights (trainer.ema)
             self.writer.add_scalar(f"val/{self.loss_tag}_ema", record["val_loss_ema"], epoch)
             if record.get("val_acc_ema") is not None:

@@ -386,6 +386,15 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class RegularizeConfig:
+    """A penalty added to the training loss (:mod:`transferlab.regularize`)."""
+
+    name: str = "none"  # none | l2sp
+    alpha: float = 0.01  # l2sp: alpha/2 ||w - w0||^2 on the backbone (w0: its starting weights)
+    beta: float = 0.01  # l2sp: beta/2 ||w||^2 on the new head
+
+
+@dataclass
 class TrainerConfig:
     epochs: int = 5
     batch_size: int = 32
@@ -409,6 +418,7 @@ class TrainerConfig:
     gradient_clip_val: float | None = None  # None: no clipping
     gradient_clip_algorithm: str = "norm"  # norm: total L2 norm of the grads | value: each one
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    regularize: RegularizeConfig = field(default_factory=RegularizeConfig)
 
 
 @dataclass

@@ -50,6 +50,7 @@ FEATURE_CACHE_MODES = ("auto", "off", "memory", "disk")
 FEATURE_CACHE_DTYPES = ("float16", "float32")
 CLIP_ALGORITHMS = ("norm", "value")
 MONITORS = ("val_loss", "val_acc")
+REGULARIZERS = ("none", "l2sp")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 # trainer.amp was a bool before it named a mode: a saved run's True/False (OmegaConf writes a
@@ -305,6 +306,7 @@ def _trainer(run: RunConfig) -> None:
         _check("trainer.gradient_clip_val", t.gradient_clip_val, t.gradient_clip_val > 0,
                "> 0 (or null: no clipping)")
     _one_of("trainer.gradient_clip_algorithm", t.gradient_clip_algorithm, CLIP_ALGORITHMS)
+    _regularize(run)
     e = t.early_stopping
     _at_least("trainer.early_stopping.patience", e.patience, 1, nullable=True)
     _one_of("trainer.early_stopping.monitor", e.monitor, MONITORS)
@@ -328,6 +330,25 @@ def _task(run: RunConfig) -> None:
         raise UserError(f"head=logreg is a classifier: it does not go with task={run.task.name}")
 
 
+def _regularize(run: RunConfig) -> None:
+    r = run.trainer.regularize
+    _one_of("trainer.regularize.name", r.name, REGULARIZERS)
+    _at_least("trainer.regularize.alpha", r.alpha, 0)
+    _at_least("trainer.regularize.beta", r.beta, 0)
+    if r.name == "none":
+        return
+    if isinstance(run.head, LogRegHeadConfig) or isinstance(run.task, AutoencoderTaskConfig):
+        what = ("head=logreg fits a logistic regression on frozen features"
+                if isinstance(run.head, LogRegHeadConfig)
+                else "task=autoencoder trains an encoder and its decoder from scratch")
+        raise UserError(f"trainer.regularize.name={r.name}: {what}; use "
+                        "trainer.regularize.name=none")
+    if run.optimizer.weight_decay > 0:
+        raise UserError(f"trainer.regularize.name={r.name} replaces weight decay, but "
+                        f"optimizer.weight_decay={run.optimizer.weight_decay}: add "
+                        "optimizer.weight_decay=0 (the head's L2 is trainer.regularize.beta)")
+
+
 # --- options the run would not use --------------------------------------------------------------
 
 # (what the run is, predicate, keys or groups it does not use)
@@ -338,11 +359,14 @@ _UNUSED: list[tuple[str, Callable[[RunConfig], bool], tuple[str, ...]]] = [
       "trainer.class_weights", "trainer.sampler", "trainer.log_every_n_steps", "trainer.amp",
       "trainer.ema",
       "trainer.accumulate_grad_batches", "trainer.gradient_clip_val",
-      "trainer.gradient_clip_algorithm", "trainer.early_stopping")),
+      "trainer.gradient_clip_algorithm", "trainer.early_stopping", "trainer.regularize")),
     ("task=autoencoder trains an encoder and its decoder without labels",
      lambda run: isinstance(run.task, AutoencoderTaskConfig),
      ("head", "freeze", "trainer.label_smoothing", "trainer.class_weights",
-      "trainer.feature_cache")),
+      "trainer.feature_cache", "trainer.regularize")),
+    ("trainer.regularize.name=none adds no penalty",
+     lambda run: run.trainer.regularize.name == "none",
+     ("trainer.regularize.alpha", "trainer.regularize.beta")),
     ("no gradient clipping (trainer.gradient_clip_val=null) is done",
      lambda run: run.trainer.gradient_clip_val is None, ("trainer.gradient_clip_algorithm",)),
     ("early stopping is off until trainer.early_stopping.patience=N is given,",

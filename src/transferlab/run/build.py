@@ -26,6 +26,7 @@ from transferlab.runtime import Precision, pick_device
 
 if TYPE_CHECKING:
     from transferlab.ema import WeightsEma
+    from transferlab.regularize import L2SP
     from transferlab.run.resume import ResumePoint
     from transferlab.run.tasks import Task
 
@@ -49,6 +50,7 @@ class BuiltRun:
     init_report: LoadReport | None = None
     resume: ResumePoint | None = None  # where a resumed run goes on
     ema: WeightsEma | None = None  # the EMA of the weights (trainer.ema), set by the loop
+    penalty: L2SP | None = None  # trainer.regularize, set by the task with the model
 
     @property
     def channels_last(self) -> bool:

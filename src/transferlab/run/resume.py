@@ -45,6 +45,7 @@ class ResumePoint:
     partial: dict | None = None  # an epoch stopped part-way: {epoch, steps, sums, seconds}
     ema: dict | None = None  # the EMA of the weights (trainer.ema)
     early_stopping: dict | None = None  # the stage's early-stopping state (its counters)
+    l2sp_w0: float | None = None  # trainer.regularize=l2sp: the fingerprint of its w0
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict) -> ResumePoint:
@@ -55,7 +56,7 @@ class ResumePoint:
                    optimizer=ckpt["optimizer"], rng=ckpt["rng"],
                    history=list(ckpt["history"]), best=ckpt["best"], data=loop["data"],
                    partial=loop.get("partial"), ema=ckpt.get("ema"),
-                   early_stopping=loop.get("early_stopping"))
+                   early_stopping=loop.get("early_stopping"), l2sp_w0=loop.get("l2sp_w0"))
 
     def record(self) -> dict[str, Any]:
         """What the run's record goes on from."""

@@ -41,6 +41,7 @@ from transferlab.mixup import batch_mixer, mix_record, mixing, mixing_reason
 from transferlab.optim import stage_optimizer
 from transferlab.policy import ParamGroup, StagePlan, apply_stage, plan_stages, set_train_mode
 from transferlab.registry import TASKS
+from transferlab.regularize import L2SP
 from transferlab.run.build import BuiltRun, build_classifier
 from transferlab.runtime import set_rng_state
 from transferlab.schedule import StageSchedule
@@ -99,6 +100,7 @@ class Task:
 
     def record(self, epoch: int, plan: StagePlan, tr: EpochStats, va: EpochStats) -> dict:
         return {"epoch": epoch, "stage": plan.name, "train_loss": tr.loss, "train_acc": tr.acc,
+                **({"train_penalty": tr.penalty} if tr.penalty is not None else {}),
                 "val_loss": va.loss, "val_acc": va.acc}
 
     def eval_ema(self, built: BuiltRun, inputs: StageInputs) -> EpochStats | None:
@@ -113,8 +115,10 @@ class Task:
         """After an epoch is recorded (e.g. images of it in TensorBoard)."""
 
     def log_line(self, record: dict, total_epochs: int, improved: bool) -> str:
+        penalty = (f" penalty {record['train_penalty']:.4g}" if "train_penalty" in record
+                   else "")
         return (f"epoch {record['epoch']}/{total_epochs} [{record['stage']}] train loss "
-                f"{record['train_loss']:.4f} acc {record['train_acc']:.4f} | val loss "
+                f"{record['train_loss']:.4f} acc {record['train_acc']:.4f}{penalty} | val loss "
                 f"{record['val_loss']:.4f} acc {record['val_acc']:.4f}{ema_columns(record)} | "
                 f"{record['seconds']:.1f}s{'  *best' if improved else ''}")
 
@@ -266,6 +270,8 @@ def _checkpoint(built: BuiltRun, tracker: RunTracker, run_dir: Path, optimizer, 
                 plan: StagePlan, improved: bool, loop: dict) -> None:
     """``last.pt`` (and ``best.pt``): ``epoch`` is the last completed one."""
     loop = {**loop, "data": built.data_fingerprint()}
+    if built.penalty is not None:
+        loop["l2sp_w0"] = built.penalty.fingerprint()
     ema_best = "partial" not in loop and (tracker.extra.get("best_ema") or {}).get("epoch") == epoch
     save_epoch_checkpoints(run_dir, improved, keep_every=built.run.trainer.keep_checkpoints ==
                            "all" and "partial" not in loop, improved_ema=ema_best,
@@ -305,8 +311,10 @@ class Classify(Task):
     def build_model(self, built: BuiltRun) -> nn.Module | None:
         if isinstance(built.run.head, LogRegHeadConfig):
             return None
-        return build_classifier(built.run, built.backbone, built.feature_shape,
-                                built.splits.num_classes)
+        model = build_classifier(built.run, built.backbone, built.feature_shape,
+                                 built.splits.num_classes)
+        built.penalty = L2SP.of(built.run.trainer.regularize, model)  # w0: the weights now
+        return model
 
     def curves_title(self, run: RunConfig) -> str | None:
         return None if isinstance(run.head, LogRegHeadConfig) else run.name  # one "epoch"
@@ -323,6 +331,8 @@ class Classify(Task):
         run = built.run
         if built.resume is None:
             log_training_samples(tracker, built.splits, built.backbone.input)
+        elif built.penalty is not None:
+            built.penalty.check_resume(built.resume.l2sp_w0)
         weights = (built.splits.class_weights().to(built.device)
                    if run.trainer.class_weights == "balanced" else None)
         self.criterion = nn.CrossEntropyLoss(weight=weights,
@@ -348,7 +358,7 @@ class Classify(Task):
                     **kwargs) -> EpochStats:
         return train_one_epoch(model, loader, self.criterion, optimizer, built.device,
                                built.precision, channels_last=built.channels_last,
-                               progress=built.progress, **kwargs)
+                               progress=built.progress, penalty=built.penalty, **kwargs)
 
     def eval_epoch(self, built: BuiltRun, model: nn.Module, loader) -> EpochStats:
         return evaluate(model, loader, self.val_criterion, built.device, built.precision,
