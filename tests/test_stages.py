@@ -47,6 +47,7 @@ EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 KNOBS = {
     "freeze_first_n": ["freeze.n=3"],
     "two_stage": ["freeze.head_epochs=1", "freeze.finetune_epochs=1"],
+    "lp_ft": ["freeze.probe_epochs=1", "freeze.finetune_epochs=1"],
     "gradual": ["freeze.gradual.head_epochs=1", "freeze.gradual.every=1",
                 "freeze.gradual.blocks=3"],
 }
@@ -176,7 +177,7 @@ def test_every_preset_trains_exactly_its_selection(preset, compose_cfg):
         for mod_name, module in model.named_modules():
             if not is_bn(module):
                 continue
-            trains = plan.spec.bn == "train" or any(
+            trains = plan.spec.bn == "train" or plan.spec.bn == "frozen" and any(
                 p.requires_grad for p in module.parameters(recurse=False))
             for buf_name, buf in module.named_buffers(recurse=False):
                 key = f"{mod_name}.{buf_name}"

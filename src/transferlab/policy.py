@@ -24,8 +24,10 @@ from transferlab.config.schema import (
     DiscriminativeConfig,
     FreezeConfig,
     FreezeFirstNConfig,
+    LpFtConfig,
     SelectorSpec,
     StageSpec,
+    SurgicalConfig,
     TopKConfig,
     TwoStageConfig,
 )
@@ -40,6 +42,8 @@ FREEZE_POLICIES.register("discriminative", DiscriminativeConfig)
 FREEZE_POLICIES.register("freeze_first_n", FreezeFirstNConfig)
 FREEZE_POLICIES.register("top_k", TopKConfig)
 FREEZE_POLICIES.register("two_stage", TwoStageConfig)
+FREEZE_POLICIES.register("lp_ft", LpFtConfig)
+FREEZE_POLICIES.register("surgical", SurgicalConfig)
 
 _BLOCKS = re.compile(r"^blocks\[\s*(-?\d*)\s*(:?)\s*(-?\d*)\s*\]$")
 
@@ -160,6 +164,11 @@ def plan_stages(model: nn.Module, backbone: Backbone, policy: FreezeConfig,
                 base_lr: float) -> list[StagePlan]:
     """Resolve every stage's selectors into parameter groups with their learning rates."""
     names = [n for n, _ in model.named_parameters()]
+    if isinstance(policy, SurgicalConfig):
+        n = len(backbone.blocks)
+        if not -n <= policy.block < n:
+            raise UserError(f"freeze.block={policy.block} is out of range: the backbone has {n} "
+                            f"blocks; give 0 .. {n - 1} (or -{n} .. -1 from the output end)")
     plans, epoch = [], 1
     for index, stage in enumerate(expand_stages(policy, backbone)):
         groups: list[ParamGroup] = []

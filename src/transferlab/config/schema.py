@@ -313,6 +313,25 @@ class TwoStageConfig(FreezeConfig):
     finetune_bn: str = "frozen"  # eval: every BatchNorm in inference mode in stage 2
 
 
+@dataclass
+class LpFtConfig(FreezeConfig):
+    """LP-FT (Kumar et al. 2022): a linear probe, then everything fine-tunes from that head."""
+
+    name: str = "lp_ft"
+    probe_epochs: int = 10  # stage 1 (probe): the head alone, backbone and its BatchNorm frozen
+    finetune_epochs: int = 10  # stage 2 (finetune): every parameter, the probed head kept
+    finetune_lr_mult: float = 0.1  # stage 2's LR, x optimizer.lr
+    finetune_bn: str = "eval"  # stage 2: every BatchNorm keeps its statistics (inference mode)
+
+
+@dataclass
+class SurgicalConfig(FreezeConfig):
+    """Surgical fine-tuning (Lee et al. 2022): one backbone block and the head train."""
+
+    name: str = "surgical"
+    block: int = 0  # the backbone block that trains (negative: counted from the output end)
+
+
 # --- optimizer ----------------------------------------------------------------------------------
 
 

@@ -26,6 +26,7 @@ from transferlab.config.schema import (
     FreezeFirstNConfig,
     HeadConfig,
     LogRegHeadConfig,
+    LpFtConfig,
     OneCycleSchedulerConfig,
     OptimizerConfig,
     RandAugmentConfig,
@@ -251,6 +252,12 @@ def _freeze(run: RunConfig) -> None:
     # the policy's knobs first: the stages take their values from them
     if isinstance(policy, TwoStageConfig):
         _at_least("freeze.head_epochs", policy.head_epochs, 0)
+        _at_least("freeze.finetune_epochs", policy.finetune_epochs, 0)
+        _check("freeze.finetune_lr_mult", policy.finetune_lr_mult,
+               policy.finetune_lr_mult > 0, "> 0")
+        _one_of("freeze.finetune_bn", policy.finetune_bn, BN_MODES)
+    if isinstance(policy, LpFtConfig):
+        _at_least("freeze.probe_epochs", policy.probe_epochs, 0)
         _at_least("freeze.finetune_epochs", policy.finetune_epochs, 0)
         _check("freeze.finetune_lr_mult", policy.finetune_lr_mult,
                policy.finetune_lr_mult > 0, "> 0")
