@@ -99,6 +99,7 @@ def test_too_few_images_per_class_for_the_folds_is_one_line():
     assert "dataset.folds=3" in str(exc.value) and "\n" not in str(exc.value)
 
 
+@pytest.mark.slow
 def test_a_fold_run_records_its_fold(tmp_path, one_thread):
     cfg = compose_train([*TINY, "dataset.samples_per_class=12", "dataset.folds=3",
                          "dataset.fold=1", "dataset.fold_seed=5"])

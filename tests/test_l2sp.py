@@ -123,6 +123,7 @@ def _scalars(run_dir, tag: str) -> list[float]:
     return [e.value for e in acc.Scalars(tag)]
 
 
+@pytest.mark.slow
 def test_the_run_records_the_penalty(l2sp_run):
     run_dir, metrics = l2sp_run
     assert metrics["status"] == "completed"
@@ -134,6 +135,7 @@ def test_the_run_records_the_penalty(l2sp_run):
     assert ckpt["loop"]["l2sp_w0"] > 0
 
 
+@pytest.mark.slow
 def test_a_resume_keeps_the_original_w0(l2sp_run, tmp_path):
     """One epoch, then a resume to two: the same penalty as the 2-epoch run (w0 is rebuilt from
     the same start, not taken from the checkpoint's trained weights), bit for bit."""

@@ -78,6 +78,7 @@ def test_lp_ft_finetune_bn_train_lets_statistics_update(compose_cfg):
     assert all(m.training for m in model.modules() if is_bn(m))
 
 
+@pytest.mark.slow
 def test_lp_ft_keeps_the_probed_head(compose_cfg, tmp_path, monkeypatch):
     """The head at the start of stage 2 is the head at the end of stage 1 (epoch_1.pt), not a
     fresh one; stage 2 then trains it further."""
