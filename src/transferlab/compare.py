@@ -408,8 +408,7 @@ SPEC = Spec(
         "transferlab-compare outputs/sweeps/2026-11-23/10-00-00_digits-efficientnet_lite0-"
         "linear_probe",
         "transferlab-compare outputs/ sort=final_val_loss format=markdown plot=false",
-        "transferlab-compare <sweep> group_seeds=true format=csv",
-        "transferlab-compare <sweep> group_folds=true",
+        "transferlab-compare <sweep> group_seeds=true group_folds=true format=csv",
         "transferlab-compare <sweep> group_seeds=true report=results.md tensorboard=true",
     ),
 )
