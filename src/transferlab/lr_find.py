@@ -62,6 +62,7 @@ from transferlab.loop import _to_device, train_one_epoch
 from transferlab.optim import stage_optimizer
 from transferlab.policy import StagePlan, apply_stage, set_train_mode
 from transferlab.run.build import BuiltRun, build_run
+from transferlab.run.tasks import train_criterion
 from transferlab.run_dirs import claim
 from transferlab.runtime import Precision, rng_state, seed_everything, set_rng_state
 from transferlab.schedule import StageSchedule
@@ -278,21 +279,12 @@ def pick_stage(plans: list[StagePlan], stage: str | None, policy: str) -> StageP
     return plan
 
 
-def _criterion(built: BuiltRun) -> nn.Module:
-    """The classifier's training loss, as the run's loop sets it up (label smoothing, class
-    weights)."""
-    run = built.run
-    weights = (built.splits.class_weights().to(built.device)
-               if run.trainer.class_weights == "balanced" else None)
-    return nn.CrossEntropyLoss(weight=weights, label_smoothing=run.trainer.label_smoothing)
-
-
 def _loss_fn(built: BuiltRun) -> LossFn:
     """The training loss of the run's task: cross-entropy for a classifier, the mean squared
     reconstruction error for an autoencoder."""
     if built.run.task.name == "autoencoder":
         return lambda model, x, y: F.mse_loss(model(x).float(), x.float())
-    criterion = _criterion(built)
+    criterion = train_criterion(built)
     return lambda model, x, y: criterion(model(x), y)
 
 
@@ -301,7 +293,7 @@ def _warm_up(built: BuiltRun, target: StagePlan, loader) -> torch.optim.Optimize
     modes, schedules; the whole model, no feature cache); the last optimizer, whose state
     carries into ``target`` as in training. (Only a classifier has stages before another.)"""
     model, run, optimizer = built.model, built.run, None
-    criterion = _criterion(built)
+    criterion = train_criterion(built)
     for plan in built.plans[:target.index]:
         if plan.spec.epochs == 0:
             continue

@@ -304,6 +304,15 @@ class BeforeStep:
             self.tracker.writer.add_scalar("grad/norm", float(norm), self.step)
 
 
+def train_criterion(built: BuiltRun) -> nn.Module:
+    """A classifier's training loss: cross-entropy with the run's label smoothing and class
+    weights (the training loop's and the LR finder's)."""
+    trainer = built.run.trainer
+    weights = (built.splits.class_weights().to(built.device)
+               if trainer.class_weights == "balanced" else None)
+    return nn.CrossEntropyLoss(weight=weights, label_smoothing=trainer.label_smoothing)
+
+
 class Classify(Task):
     def deterministic_inputs(self, run: RunConfig) -> bool:
         return isinstance(run.head, LogRegHeadConfig)  # frozen features are not augmented
@@ -333,10 +342,7 @@ class Classify(Task):
             log_training_samples(tracker, built.splits, built.backbone.input)
         elif built.penalty is not None:
             built.penalty.check_resume(built.resume.l2sp_w0)
-        weights = (built.splits.class_weights().to(built.device)
-                   if run.trainer.class_weights == "balanced" else None)
-        self.criterion = nn.CrossEntropyLoss(weight=weights,
-                                             label_smoothing=run.trainer.label_smoothing)
+        self.criterion = train_criterion(built)
         self.val_criterion = nn.CrossEntropyLoss()  # plain: val losses compare across runs
         if mixing(run.augment):  # soft targets (MixUp / CutMix)
             tracker.extra["mix"] = mix_record(run.augment)
