@@ -185,6 +185,24 @@ def test_command_writes_its_files_and_suggests_an_lr_inside_the_range(tmp_path, 
     assert printed[1] == f"use: optimizer.lr={data['suggestion']:.3g}"
 
 
+def test_the_swept_loss_includes_the_runs_l2sp_penalty(one_thread):
+    plain = setup_for(["freeze=none"])
+    l2sp = setup_for(["freeze=none", "trainer.regularize.name=l2sp",
+                      "trainer.regularize.alpha=0.5", "trainer.regularize.beta=0.5"])
+    x, y = next(iter(plain.loader))
+    with torch.no_grad():
+        data_loss = plain.loss_fn(plain.model, x, y)
+        # the same seed builds the same model: the only difference is the penalty, which at
+        # the starting weights is the head's beta term (the backbone has not moved from w0)
+        penalty = float(l2sp.built.penalty())
+        assert penalty > 0
+        assert float(l2sp.loss_fn(l2sp.model, x, y)) == pytest.approx(
+            float(data_loss) + penalty, rel=1e-6)
+        for p in l2sp.model.backbone.parameters():  # move the backbone: the alpha term grows
+            p.add_(0.01)
+        assert float(l2sp.built.penalty()) > penalty
+
+
 @pytest.mark.slow
 def test_warmup_trains_the_earlier_stages_first(one_thread):
     overrides = ["freeze=two_stage", "freeze.head_epochs=1"]

@@ -280,12 +280,18 @@ def pick_stage(plans: list[StagePlan], stage: str | None, policy: str) -> StageP
 
 
 def _loss_fn(built: BuiltRun) -> LossFn:
-    """The training loss of the run's task: cross-entropy for a classifier, the mean squared
-    reconstruction error for an autoencoder."""
+    """The loss the run's loop minimises: cross-entropy for a classifier, the mean squared
+    reconstruction error for an autoencoder, plus the run's penalty (``trainer.regularize``,
+    e.g. L2-SP) where it has one, so the range test sees the objective training will."""
     if built.run.task.name == "autoencoder":
-        return lambda model, x, y: F.mse_loss(model(x).float(), x.float())
-    criterion = train_criterion(built)
-    return lambda model, x, y: criterion(model(x), y)
+        data_loss = lambda model, x, y: F.mse_loss(model(x).float(), x.float())  # noqa: E731
+    else:
+        criterion = train_criterion(built)
+        data_loss = lambda model, x, y: criterion(model(x), y)  # noqa: E731
+    penalty = built.penalty
+    if penalty is None:
+        return data_loss
+    return lambda model, x, y: data_loss(model, x, y) + penalty()
 
 
 def _warm_up(built: BuiltRun, target: StagePlan, loader) -> torch.optim.Optimizer | None:
