@@ -5,6 +5,7 @@ stage does not select is frozen: ``requires_grad=False`` and absent from the opt
 
 Selectors:
 - ``head`` / ``backbone``: the new head / the whole backbone;
+- ``lora``: the LoRA adapters that ``freeze=lora`` adds to the backbone (:mod:`transferlab.lora`);
 - ``blocks[i]``, ``blocks[a:b]`` (Python slice semantics, negatives count from the output end):
   blocks of the backbone, ordered input to output;
 - a glob over full parameter names (``backbone.layer4.*``), or a module/parameter path
@@ -24,6 +25,7 @@ from transferlab.config.schema import (
     DiscriminativeConfig,
     FreezeConfig,
     FreezeFirstNConfig,
+    LoraConfig,
     LpFtConfig,
     SelectorSpec,
     StageSpec,
@@ -44,8 +46,15 @@ FREEZE_POLICIES.register("top_k", TopKConfig)
 FREEZE_POLICIES.register("two_stage", TwoStageConfig)
 FREEZE_POLICIES.register("lp_ft", LpFtConfig)
 FREEZE_POLICIES.register("surgical", SurgicalConfig)
+FREEZE_POLICIES.register("lora", LoraConfig)
 
 _BLOCKS = re.compile(r"^blocks\[\s*(-?\d*)\s*(:?)\s*(-?\d*)\s*\]$")
+ADAPTER_PARTS = (".lora_A.", ".lora_B.")  # in the names of peft's LoRA adapter parameters
+
+
+def is_adapter(name: str) -> bool:
+    """Whether a parameter is a LoRA adapter's (``...qkv.lora_A.default.weight``)."""
+    return any(part in name for part in ADAPTER_PARTS)
 
 
 @dataclass
@@ -86,6 +95,8 @@ def resolve_selector(selector: str, names: list[str], backbone: Backbone) -> lis
     sel = selector.strip()
     if sel in ("head", "backbone"):
         return [n for n in names if n.startswith(sel + ".")]
+    if sel == "lora":
+        return [n for n in names if is_adapter(n)]
     match = _BLOCKS.match(sel)
     if match:
         start, colon, stop = match.groups()
@@ -107,6 +118,9 @@ def resolve_selector(selector: str, names: list[str], backbone: Backbone) -> lis
 
 
 def _no_match_error(sel: str, stage: StageSpec, names: list[str], backbone: Backbone) -> UserError:
+    if sel == "lora":
+        return UserError(f"selector 'lora' in stage {stage.name!r} matches no parameter: the "
+                         "model has no LoRA adapters (freeze=lora adds them)")
     modules = sorted({n.rsplit(".", 1)[0] for n in names})
     candidates = ["head", "backbone"] + [f"backbone.{b.paths[0]}" for b in backbone.blocks] \
         + modules + names

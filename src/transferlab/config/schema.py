@@ -332,6 +332,19 @@ class SurgicalConfig(FreezeConfig):
     block: int = 0  # the backbone block that trains (negative: counted from the output end)
 
 
+@dataclass
+class LoraConfig(FreezeConfig):
+    """LoRA (Hu et al. 2021) via Hugging Face ``peft``: low-rank adapters on the Linear and
+    Conv2d layers of the backbone that ``target`` selects; the original weights stay frozen."""
+
+    name: str = "lora"
+    target: str = "blocks[-4:]"  # a selector (blocks[a:b], a glob, a module path, backbone)
+    layers: str = "all"  # which layer types get adapters: linear | conv | all
+    rank: int = 8  # r: the adapters' inner dimension
+    alpha: float = 16.0  # scaling: the update is (alpha / rank) * B A
+    dropout: float = 0.0  # dropout on the adapters' input (train mode only)
+
+
 # --- optimizer ----------------------------------------------------------------------------------
 
 

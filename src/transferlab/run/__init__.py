@@ -84,10 +84,14 @@ def write_failed_metrics(run_dir: Path, exc: BaseException) -> None:
 
 
 def _record_build(tracker: RunTracker, built: BuiltRun) -> None:
-    """What every run records of its build: restored weights and the data."""
+    """What every run records of its build: restored weights, LoRA adapters and the data."""
     if built.init_report is not None:
         tracker.log_text("init/restore", format_report(built.init_report))
         tracker.extra["init"] = report_summary(built.init_report)
+    adapters = getattr(built.model, "adapters", None)
+    if adapters is not None:
+        tracker.log_text("lora/adapters", adapters.describe())
+        tracker.extra["lora"] = adapters.record()
     splits = built.splits
     tracker.extra["data"] = {"train": len(splits.train), "val": len(splits.val),
                              "test": len(splits.test) if splits.test is not None else 0,

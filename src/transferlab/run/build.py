@@ -15,10 +15,11 @@ from torch import nn
 
 from transferlab.backbone_init import LoadReport, format_report, restore_into
 from transferlab.backbones import Backbone, build_backbone, probe_features
-from transferlab.config import AugmentConfig, RunConfig
+from transferlab.config import AugmentConfig, LoraConfig, RunConfig
 from transferlab.data import DataSplits, build_splits, eval_batch_size, loader_workers
 from transferlab.feature_cache import FeatureCache
 from transferlab.heads import build_head
+from transferlab.lora import add_adapters
 from transferlab.model import TransferModel
 from transferlab.policy import StagePlan
 from transferlab.registry import TASKS
@@ -84,8 +85,12 @@ class BuiltRun:
 
 def build_classifier(run: RunConfig, backbone: Backbone, feature_shape: tuple[int, ...],
                      num_classes: int) -> TransferModel:
-    """The backbone with the run's new head (the model of a classify run and of a saved one)."""
-    return TransferModel(backbone.module, build_head(run.head, feature_shape, num_classes))
+    """The backbone with the run's new head (the model of a classify run and of a saved one);
+    with ``freeze=lora``, the backbone holds the policy's LoRA adapters."""
+    model = TransferModel(backbone.module, build_head(run.head, feature_shape, num_classes))
+    if isinstance(run.freeze, LoraConfig):
+        model.adapters = add_adapters(model, backbone, run.freeze)
+    return model
 
 
 def build_backbone_of(run: RunConfig) -> tuple[Backbone, LoadReport | None, int,
