@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from transferlab.checkpoint import load_checkpoint
 from transferlab.cli import EXIT_JOB_FAILED, run_main
+from transferlab.cluster import export_submitit_env, hand_over, job_environment
 from transferlab.config import composition_error, load_config
 from transferlab.config.store import register_configs
 from transferlab.errors import UserError
@@ -32,6 +33,7 @@ from transferlab.run.resume import (
     find_sweep,
     job_action,
     read_status,
+    requeued_action,
     same_config,
 )
 from transferlab.run_dirs import check_run_dir
@@ -46,11 +48,18 @@ def _main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     overrides = list(hc.overrides.task)
+    export_submitit_env()  # a submitit job of several tasks: torch.distributed's env://
     try:
         if cfg.get("resume") == "auto":
             result = _auto_job(cfg, run_dir, overrides)
+        elif job_environment() is not None and (action := requeued_action(run_dir)):
+            # a submitit job requeued after preemption / its time limit: its own directory
+            result = _go_on(cfg, run_dir, overrides, action, requeued=True)
         else:
             result = train(cfg, run_dir, overrides=overrides)
+    except Interrupted as stop:
+        hand_over(stop.signum)  # submitit's preemption signal: requeued (rank 0 exits here)
+        raise
     except UserError as exc:
         if hc.mode != RunMode.MULTIRUN:
             # SystemExit passes through Hydra (it reports an Exception on lines of its own)
@@ -76,20 +85,29 @@ def _auto_job(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> RunResult
     """A job of a sweep launched again with ``resume=auto``: skip it when it completed, go on
     with it when it left a checkpoint, start it (again) otherwise."""
     action = job_action(run_dir)
+    if action == "busy":
+        raise UserError(f"{run_dir} is still running in another process")
+    if action == "start":
+        clear_unfinished(run_dir)
+        return train(cfg, run_dir, overrides=overrides)
+    return _go_on(cfg, run_dir, overrides, action, requeued=False)
+
+
+def _go_on(cfg: DictConfig, run_dir: Path, overrides: list[str], action: str, *,
+           requeued: bool) -> RunResult:
+    """``skip`` a job that completed before, or ``resume`` it from its ``last.pt``, which must
+    hold the config composed now. ``requeued``: a submitit job started again (its earlier
+    attempt was preempted or reached its time limit)."""
     if action == "skip":
         log.info("%s completed before: not run again", run_dir)
         return RunResult(run_dir, read_status(run_dir))
-    if action == "busy":
-        raise UserError(f"{run_dir} is still running in another process")
-    if action == "resume":
-        saved = load_checkpoint(run_dir / "checkpoints" / "last.pt").get("config") or {}
-        differ = same_config(saved, load_config(cfg, overrides).as_dict())
-        if differ:
-            raise UserError(f"resume=auto: {run_dir} holds a run of another config ("
-                            f"{', '.join(differ[:5])} differ): launch the sweep as it was")
-        return resume_run(run_dir)
-    clear_unfinished(run_dir)
-    return train(cfg, run_dir, overrides=overrides)
+    saved = load_checkpoint(run_dir / "checkpoints" / "last.pt").get("config") or {}
+    differ = same_config(saved, load_config(cfg, overrides).as_dict())
+    if differ:
+        raise UserError(f"{'requeued job' if requeued else 'resume=auto'}: {run_dir} holds a "
+                        f"run of another config ({', '.join(differ[:5])} differ): launch the "
+                        "sweep as it was")
+    return resume_run(run_dir, requeued=requeued)
 
 
 def _resume_one(run_dir: Path, overrides: list[str]) -> int:
@@ -110,6 +128,19 @@ def _log_to(path: Path) -> None:
     for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(path, mode="a")):
         handler.setFormatter(fmt)
         root.addHandler(handler)
+
+
+# Flags that print something instead of running (a launcher may be given with them).
+_INFO_FLAGS = ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "-p", "--package")
+
+
+def check_launcher(argv: list[str]) -> None:
+    """``hydra/launcher=...`` launches the jobs of a sweep: without ``-m`` Hydra would run the
+    one run here, on this machine, and say nothing."""
+    launcher = next((a for a in argv if a.lstrip("+").startswith("hydra/launcher=")), None)
+    if launcher and not any(a.split("=")[0] in _INFO_FLAGS for a in argv):
+        raise UserError(f"{launcher} launches the jobs of a sweep: add -m (one run as one job: "
+                        f"transferlab-train -m {launcher} <overrides>)")
 
 
 def _is_hydra_error(exc: BaseException) -> bool:
@@ -136,6 +167,7 @@ def _cli(argv: list[str]) -> int:
                     print(f"resume=auto: going on with {found}", flush=True)
                     sys.argv.append(f"hydra.sweep.dir={found}")
         if not multirun:
+            check_launcher(argv)
             check_run_dir(argv)
         remember_swept_keys(argv)
         # Hydra re-raises instead of printing its multi-line report: every error is ours.

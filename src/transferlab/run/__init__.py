@@ -119,11 +119,14 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
     return _execute(run, run_dir, overrides, None)
 
 
-def resume_run(run_dir: str | Path, overrides: list[str] | None = None) -> RunResult:
+def resume_run(run_dir: str | Path, overrides: list[str] | None = None, *,
+               requeued: bool = False) -> RunResult:
     """Go on with the run in ``run_dir`` from its ``checkpoints/last.pt`` (see
     :mod:`transferlab.run.resume`). ``overrides``: only those that cannot change the result
     (``trainer.progress``, ``trainer.num_workers``) or extend the last stage
-    (``trainer.epochs``, ``freeze.finetune_epochs``)."""
+    (``trainer.epochs``, ``freeze.finetune_epochs``). ``requeued``: the run's own submitit job
+    started again, so a ``running`` record is not another process's run (see
+    :func:`~transferlab.run.resume.requeued_action`)."""
     from transferlab.run.resume import (
         ResumePoint,
         overrides_extend,
@@ -135,7 +138,7 @@ def resume_run(run_dir: str | Path, overrides: list[str] | None = None) -> RunRe
 
     run_dir = Path(run_dir)
     status = read_status(run_dir)
-    if still_running(status):
+    if still_running(status) and not requeued:
         raise UserError(f"resume={run_dir}: the run is still going (pid {status['pid']} on "
                         "this host)")
     ckpt = resume_checkpoint(run_dir)

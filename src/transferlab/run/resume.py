@@ -204,6 +204,19 @@ def job_action(run_dir: Path) -> str:
     return "start"
 
 
+def requeued_action(run_dir: Path) -> str | None:
+    """What a submitit job does with its own job directory when it starts: ``skip`` (a
+    completed run), ``resume`` (the checkpoint of an earlier attempt: the job was requeued
+    after preemption or its time limit), None (a new job: train). No ``busy``: the scheduler
+    runs one attempt of a job at a time, so a ``running`` record is the earlier attempt's
+    (killed), or another task's of this one."""
+    if read_status(run_dir).get("status") == "completed":
+        return "skip"
+    if (run_dir / "checkpoints" / "last.pt").is_file():
+        return "resume"
+    return None
+
+
 def clear_unfinished(run_dir: Path) -> None:
     """Remove what a run that saved no checkpoint left (it starts again in the same place)."""
     import shutil

@@ -23,6 +23,7 @@ from torch import nn
 
 from transferlab.backbones.conv_encoder import Autoencoder
 from transferlab.checkpoint import save_epoch_checkpoints
+from transferlab.cluster import preemption_signal
 from transferlab.config import (
     AutoencoderTaskConfig,
     LogRegHeadConfig,
@@ -233,11 +234,14 @@ class Task:
 class StopRequest:
     """SIGINT / SIGTERM ask the loop to stop after the current step (it then writes a
     checkpoint and raises :class:`Interrupted`); a second Ctrl-C stops at once. Calling it
-    says whether a stop was asked for."""
+    says whether a stop was asked for. In a submitit job, its preemption signal too
+    (:mod:`transferlab.cluster`): it is the one :class:`Interrupted` carries when both came
+    (SLURM may send SIGTERM first), so that the job is requeued."""
 
     def __init__(self):
         self.signum: int | None = None
         self.owner = os.getpid()
+        self.preemption = preemption_signal()
 
     def __call__(self) -> bool:
         return self.signum is not None
@@ -247,7 +251,8 @@ class StopRequest:
             return                      # main process stops it when it stops
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signum = signum
+        if self.signum is None or self.signum != self.preemption:
+            self.signum = signum
         log.warning("%s: finishing the current step, then saving a checkpoint to resume "
                     "from (Ctrl-C again to stop at once)", signal.Signals(signum).name)
 
@@ -256,7 +261,8 @@ class StopRequest:
         if threading.current_thread() is not threading.main_thread():
             yield self  # signal handlers belong to the main thread (e.g. a joblib worker's)
             return
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        signals = (signal.SIGINT, signal.SIGTERM, *([self.preemption] if self.preemption else []))
+        previous = {s: signal.getsignal(s) for s in signals}
         for s in previous:
             signal.signal(s, self._handle)
         try:
