@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -139,12 +140,18 @@ def _writes_under(root: Path, found: list[str]):
     return hook
 
 
+# The run's 6th optimizer step (epoch 2 of 4 steps an epoch): rank 1 alone gets a SIGTERM.
+STOP_AT = 6
+
+
 def _ddp_worker(rank: int, pg_file: str, run_dir: str, overrides: list[str],
                 more: list[str], out: str) -> None:
-    """One of the 2 processes: the run, then a resume that extends it; what every stage did
-    to the weights on this rank goes to ``out/rank<r>.pt``."""
+    """One of the 2 processes: the run, stopped part-way through epoch 2 by a SIGTERM to rank
+    1 alone, then a resume that goes on and extends it; what every stage did to the weights on
+    this rank goes to ``out/rank<r>.pt``."""
     import transferlab.run.tasks as tasks
     from transferlab.early_stopping import EarlyStopping
+    from transferlab.tracking import Interrupted
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{pg_file}", rank=rank, world_size=2)
@@ -167,10 +174,24 @@ def _ddp_worker(rank: int, pg_file: str, run_dir: str, overrides: list[str],
         end(self, model, next_plan)
         stages[-1]["end"] = snapshot(model)
 
+    step = tasks.BeforeStep.__call__
+    fired: list[int] = []
+
+    def before_step(self, optimizer):
+        step(self, optimizer)
+        if rank == 1 and self.step == STOP_AT and not fired:
+            fired.append(self.step)
+            os.kill(os.getpid(), signal.SIGTERM)
+
     tasks.apply_stage, EarlyStopping.end = starting, ending
+    tasks.BeforeStep.__call__ = before_step
     world = World(rank, 2)
     try:
-        train(compose_train(overrides), run_dir, overrides=overrides)
+        try:
+            train(compose_train(overrides), run_dir, overrides=overrides)
+            stopped = None
+        except Interrupted as stop:
+            stopped = stop.signum
         result = resume_run(run_dir, more)
         # the collectives the loop relies on, checked on the same group
         bn_train, bn_eval = nn.BatchNorm1d(2), nn.BatchNorm1d(2).eval()
@@ -180,7 +201,8 @@ def _ddp_worker(rank: int, pg_file: str, run_dir: str, overrides: list[str],
         checks = {"sum": world.sum([rank + 1.0, 1.0]),
                   "rows": world.gather_rows(torch.tensor(world.shard(5)), 5).tolist(),
                   "first": world.first(None if rank == 0 else "r1"),
-                  "bn": [bn_train.running_mean.tolist(), bn_eval.running_mean.tolist()]}
+                  "bn": [bn_train.running_mean.tolist(), bn_eval.running_mean.tolist()],
+                  "stopped": stopped}
         final = snapshot(result.built.model)
     finally:
         dist.destroy_process_group()
@@ -195,7 +217,8 @@ def _differ(a: dict, b: dict) -> float:
 @pytest.mark.slow
 def test_two_process_run_matches_one_process_with_the_same_global_batch(tmp_path, one_thread):
     """2 processes x batch 8 x 2 accumulated: two stages on cached features (sharded
-    extraction), then a resume under DDP; against 1 process x batch 16 x 2 accumulated."""
+    extraction), stopped mid-epoch by a signal to one rank, resumed and extended under DDP;
+    against 1 process x batch 16 x 2 accumulated that never stopped."""
     common = [*DIGITS, "freeze.finetune_bn=eval", "trainer.accumulate_grad_batches=2"]
     ddp, run_dir = [*common, "trainer.batch_size=8"], tmp_path / "ddp"
     more = ["freeze.finetune_epochs=2"]
@@ -206,16 +229,19 @@ def test_two_process_run_matches_one_process_with_the_same_global_batch(tmp_path
     # per stage, on every rank: frozen weights and the BatchNorm statistics (eval mode: those
     # of the trained blocks too) unchanged, the trained weights moved; after it, every rank
     # holds the same weights
-    assert [s["index"] for s in ranks[0]["stages"]] == [0, 1, 1]  # run (2 stages), resume
+    # the run: stage 0, stage 1 stopped; the resume: stage 1 to its end
+    assert [(s["index"], "end" in s) for s in ranks[0]["stages"]] == [(0, True), (1, False),
+                                                                       (1, True)]
     for stages in (r["stages"] for r in ranks):
-        for stage in stages:
+        for stage in (s for s in stages if "end" in s):
             trained = set(stage["trainable"])
             frozen = [k for k in stage["start"] if k not in trained]
             assert frozen and all(torch.equal(stage["start"][k], stage["end"][k])
                                   for k in frozen)
             assert any(not torch.equal(stage["start"][k], stage["end"][k]) for k in trained)
     for s0, s1 in zip(ranks[0]["stages"], ranks[1]["stages"], strict=True):
-        assert all(torch.equal(s0["end"][k], s1["end"][k]) for k in s0["end"])
+        assert all(torch.equal(s0[at][k], s1[at][k]) for at in ("start", "end") if at in s0
+                   for k in s0[at])
 
     # rank 0 alone wrote the run; rank 1 wrote nothing there
     assert ranks[1]["writes"] == []
@@ -224,7 +250,7 @@ def test_two_process_run_matches_one_process_with_the_same_global_batch(tmp_path
     assert metrics["distributed"] == {
         "world_size": 2, "backend": "gloo", "batch_size_per_process": 8,
         "global_batch_size": 32, "lr_scale": 1, "sync_bn": False}
-    assert len(metrics["resumes"]) == 1
+    assert [r["mid_epoch"] for r in metrics["resumes"]] == [True]
     cache = metrics["feature_cache"]  # stage 1: extracted (sharded); the resumed stage 2
     assert (cache["head"]["misses"], cache["finetune"]["hits"]) == (2, 2)  # read the store
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
@@ -234,9 +260,10 @@ def test_two_process_run_matches_one_process_with_the_same_global_batch(tmp_path
     assert len({e.group(1) for e in events}) == 1  # one process wrote them
 
     # the collectives: sums, the gathered shards, the BatchNorm average (train mode only)
-    for r, rank in enumerate(ranks):
+    for r, rank in enumerate(ranks):  # both stopped on rank 1's signal
         assert rank["checks"] == {"sum": [3.0, 2.0], "rows": [0, 1, 2, 3, 4], "first": "r1",
-                                  "bn": [[0.5, 0.5], [float(r), float(r)]]}
+                                  "bn": [[0.5, 0.5], [float(r), float(r)]],
+                                  "stopped": signal.SIGTERM}
 
     # one process, the same global batch, 3 epochs without a stop
     one = [*common, "trainer.batch_size=16", *more]

@@ -138,11 +138,12 @@ def resume_run(run_dir: str | Path, overrides: list[str] | None = None) -> RunRe
 
     world = init_from_env()
     run_dir = Path(run_dir)
-    status = read_status(run_dir)
-    if still_running(status):
+    status = read_status(run_dir) if world.main else {}
+    # DDP: rank 0's reading, which its own record cannot race with
+    status, running = world.broadcast((status, world.main and still_running(status)))
+    if running:
         raise UserError(f"resume={run_dir}: the run is still going (pid {status['pid']} on "
                         "this host)")
-    world.barrier()  # DDP: every process has read the record before rank 0 writes it again
     ckpt = resume_checkpoint(run_dir)
     point = ResumePoint.from_checkpoint(ckpt)
     run = load_config(resumed_config(ckpt["config"], list(overrides or []), point.epoch))
