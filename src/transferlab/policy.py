@@ -226,29 +226,45 @@ def is_batchnorm(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.batchnorm._BatchNorm)
 
 
-def frozen_batchnorms(model: nn.Module) -> list[str]:
+def frozen_batchnorms(model: nn.Module, trainable: set[str] | None = None) -> list[str]:
     """BatchNorm layers in frozen parts: their affine parameters are frozen or, for layers
-    without affine parameters, those of the module that holds them are."""
+    without affine parameters, those of the module that holds them are. Frozen: not
+    requiring grad, or, given ``trainable`` (full parameter names), not among them."""
     modules = dict(model.named_modules())
     frozen = []
     for name, module in modules.items():
         if not is_batchnorm(module):
             continue
-        params = list(module.parameters(recurse=False))
+        owner = name
+        params = list(module.named_parameters(recurse=False))
         if not params:  # affine=False: judge by the enclosing module
-            params = list(modules[name.rpartition(".")[0]].parameters())
-        if params and not any(p.requires_grad for p in params):
+            owner = name.rpartition(".")[0]
+            params = list(modules[owner].named_parameters())
+        if trainable is None:
+            trains = any(p.requires_grad for _, p in params)
+        else:
+            trains = any((f"{owner}.{n}" if owner else n) in trainable for n, _ in params)
+        if params and not trains:
             frozen.append(name)
     return frozen
 
 
-def eval_batchnorms(model: nn.Module, bn_mode: str) -> list[str]:
-    """The BatchNorm layers a stage's ``bn`` mode keeps in eval mode."""
+def eval_batchnorms(model: nn.Module, bn_mode: str,
+                    trainable: set[str] | None = None) -> list[str]:
+    """The BatchNorm layers a stage's ``bn`` mode keeps in eval mode (``trainable``: see
+    :func:`frozen_batchnorms`)."""
     if bn_mode == "frozen":
-        return frozen_batchnorms(model)
+        return frozen_batchnorms(model, trainable)
     if bn_mode == "eval":
         return [name for name, m in model.named_modules() if is_batchnorm(m)]
     return []
+
+
+def training_batchnorms(model: nn.Module, plan: StagePlan) -> list[str]:
+    """The BatchNorm layers that ``plan``'s stage trains (in train mode: they update their
+    statistics), from the plan alone (the model's requires_grad is not read)."""
+    kept = set(eval_batchnorms(model, plan.spec.bn, plan.trainable()))
+    return [name for name, m in model.named_modules() if is_batchnorm(m) and name not in kept]
 
 
 def set_train_mode(model: nn.Module, plan: StagePlan) -> None:

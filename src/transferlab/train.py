@@ -3,6 +3,7 @@
     transferlab-train                                  # the default experiment
     transferlab-train backbone=resnet18 freeze=none    # override config groups / fields
     transferlab-train -m optimizer.lr=1e-3,1e-4        # a sweep (multirun)
+    torchrun --nproc_per_node=4 -m transferlab.train   # one run on 4 GPUs (DDP)
 
 Exit codes: 0 done, 1 a sweep job failed, 2 bad input (one ``error:`` line, before any model
 is built or image read), 130 interrupted.
@@ -26,6 +27,7 @@ from transferlab.cli import EXIT_JOB_FAILED, run_main
 from transferlab.cluster import export_submitit_env, hand_over, job_environment
 from transferlab.config import composition_error, load_config
 from transferlab.config.store import register_configs
+from transferlab.distributed import current_world, init_from_env, launched, quiet_logging, shutdown
 from transferlab.errors import UserError
 from transferlab.run import RunResult, resume_run, train
 from transferlab.run.resume import (
@@ -49,6 +51,10 @@ def _main(cfg: DictConfig) -> float | None:
     run_dir = Path(hc.runtime.output_dir)
     overrides = list(hc.overrides.task)
     export_submitit_env()  # a submitit job of several tasks: torch.distributed's env://
+    # the process group: joined already under torchrun (_distributed), here in a submitit job
+    world = init_from_env()
+    if not world.main:
+        quiet_logging(world.rank)  # after Hydra's own logging setup
     try:
         if cfg.get("resume") == "auto":
             result = _auto_job(cfg, run_dir, overrides)
@@ -63,7 +69,7 @@ def _main(cfg: DictConfig) -> float | None:
     except UserError as exc:
         if hc.mode != RunMode.MULTIRUN:
             # SystemExit passes through Hydra (it reports an Exception on lines of its own)
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+            print(f"{_rank_tag()}error: {exc}", file=sys.stderr, flush=True)
             sys.exit(2)
         # The sweep goes on; this job's metrics.json says why it failed.
         print(f"error: job {hc.job.num}: {exc}", file=sys.stderr, flush=True)
@@ -76,9 +82,32 @@ def _main(cfg: DictConfig) -> float | None:
         log.exception("job failed")
         print(f"error: job {hc.job.num} failed: {exc}", file=sys.stderr, flush=True)
         return None
-    print(f"\nRun saved to: {run_dir}\nOpen it in TensorBoard: tensorboard --logdir {run_dir}",
-          flush=True)
+    if world.main:
+        print(f"\nRun saved to: {run_dir}\nOpen it in TensorBoard: tensorboard --logdir "
+              f"{run_dir}", flush=True)
     return result.best_val_acc
+
+
+def _rank_tag() -> str:
+    """``[rank N] `` before the error lines of a DDP process other than rank 0."""
+    world = current_world()
+    return "" if world.main else f"[rank {world.rank}] "
+
+
+def _distributed(argv: list[str], multirun: bool, resume: str | None) -> None:
+    """Under torchrun: one run on every process. The run directory is checked before the
+    processes meet (no process has written yet), then the process group is joined; processes
+    other than rank 0 leave Hydra's ``.hydra/`` and log file to rank 0 and log warnings only."""
+    if multirun:
+        raise UserError("-m under torchrun: torchrun trains one run on several processes; start "
+                        "one torchrun per run of the sweep")
+    if resume in (None, "", "null"):
+        check_run_dir(argv)
+    world = init_from_env()
+    if not world.main:
+        quiet_logging(world.rank)
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=none",
+                     "hydra/hydra_logging=none"]
 
 
 def _auto_job(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> RunResult:
@@ -113,10 +142,12 @@ def _go_on(cfg: DictConfig, run_dir: Path, overrides: list[str], action: str, *,
 def _resume_one(run_dir: Path, overrides: list[str]) -> int:
     """``transferlab-train resume=<run dir> [allowed overrides]``: no new composition, the
     run's saved config; the log goes on in its ``train.log``."""
-    _log_to(run_dir / "train.log")
+    if current_world().main:
+        _log_to(run_dir / "train.log")
     result = resume_run(run_dir, overrides)
-    print(f"\nRun saved to: {run_dir}\nOpen it in TensorBoard: tensorboard --logdir {run_dir}",
-          flush=True)
+    if current_world().main:
+        print(f"\nRun saved to: {run_dir}\nOpen it in TensorBoard: tensorboard --logdir "
+              f"{run_dir}", flush=True)
     return 0 if result.metrics.get("status") == "completed" else EXIT_JOB_FAILED
 
 
@@ -152,11 +183,15 @@ def _cli(argv: list[str]) -> int:
     multirun = any(a in ("-m", "--multirun") for a in argv)
     resume = next((a.partition("=")[2] for a in argv if a.startswith("resume=")), None)
     try:
+        if launched():
+            _distributed(argv, multirun, resume)
         if resume not in (None, "", "null", "auto"):
             if multirun:
                 raise UserError("resume=<run dir> goes on with one run; to go on with a sweep, "
                                 "launch it again with resume=auto")
-            return _resume_one(Path(resume), [a for a in argv if not a.startswith("resume=")])
+            code = _resume_one(Path(resume), [a for a in argv if not a.startswith("resume=")])
+            shutdown()
+            return code
         if resume == "auto":
             if not multirun:
                 raise UserError("resume=auto is for sweeps (-m); go on with one run with "
@@ -168,6 +203,7 @@ def _cli(argv: list[str]) -> int:
                     sys.argv.append(f"hydra.sweep.dir={found}")
         if not multirun:
             check_launcher(argv)
+        if not multirun and not launched():  # (under torchrun: before the processes met)
             check_run_dir(argv)
         remember_swept_keys(argv)
         # Hydra re-raises instead of printing its multi-line report: every error is ours.
@@ -182,14 +218,19 @@ def _cli(argv: list[str]) -> int:
             if not _is_hydra_error(exc):
                 raise  # a bug: the traceback is what to report
             raise composition_error(exc) from None
+    except UserError as exc:
+        if _rank_tag():  # the same line from every process: say which one
+            raise UserError(f"{_rank_tag()}{exc}") from None
+        raise
     except (Interrupted, KeyboardInterrupt) as stop:
         where = getattr(stop, "run_dir", None)
         again = (f": go on with transferlab-train resume={where}"
                  if where and (where / "checkpoints" / "last.pt").is_file() else "")
         signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
-        print(f"interrupted ({signal.Signals(signum).name}){again}", file=sys.stderr,
-              flush=True)
+        print(f"{_rank_tag()}interrupted ({signal.Signals(signum).name}){again}",
+              file=sys.stderr, flush=True)
         return 128 + signum
+    shutdown()
     return EXIT_JOB_FAILED if SweepSummary.failed_jobs else 0
 
 

@@ -399,6 +399,16 @@ class FeatureCacheConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """One run on N processes under ``torchrun`` (:mod:`transferlab.distributed`); no effect on
+    a run of one process. ``trainer.batch_size`` is per process: the global batch is
+    batch_size x processes x accumulate_grad_batches."""
+
+    sync_bn: bool = False  # BatchNorm layers that train normalise over the global batch (CUDA)
+    scale_lr: bool = False  # every LR x the number of processes (the linear scaling rule)
+
+
+@dataclass
 class EmaConfig:
     """An exponential moving average of the weights (:mod:`transferlab.ema`)."""
 
@@ -451,6 +461,7 @@ class TrainerConfig:
     gradient_clip_algorithm: str = "norm"  # norm: total L2 norm of the grads | value: each one
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     regularize: RegularizeConfig = field(default_factory=RegularizeConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 @dataclass
