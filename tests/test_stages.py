@@ -23,12 +23,11 @@ from transferlab.config import SchedulerConfig, load_config, make_config
 from transferlab.data import build_splits, make_loaders
 from transferlab.data.transforms import eval_transform, train_transform
 from transferlab.errors import UserError
-from transferlab.heads import build_head
 from transferlab.loop import train_one_epoch
-from transferlab.model import TransferModel
 from transferlab.optim import stage_optimizer
 from transferlab.policy import apply_stage, plan_stages, resolve_selector, set_train_mode
 from transferlab.run import train
+from transferlab.run.build import build_classifier
 from transferlab.runtime import Precision, seed_everything
 from transferlab.schedule import StageSchedule, lr_multiplier
 from transferlab.summary import stage_rows, stage_table
@@ -69,7 +68,7 @@ def build_model(run):
     backbone = build_backbone(run.backbone)
     size = run.dataset.image_size or backbone.input.size
     shape = probe_features(backbone, size)
-    model = TransferModel(backbone.module, build_head(run.head, shape, NUM_CLASSES))
+    model = build_classifier(run, backbone, shape, NUM_CLASSES)  # freeze=lora: + its adapters
     return model, backbone
 
 

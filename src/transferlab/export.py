@@ -22,6 +22,10 @@ Writes into ``output`` (default ``<run dir>/export/``):
   side, centre crop, scale to [0, 1], normalise, NCHW float32), the class names in output
   order, the backbone, the run, and the verification's result.
 
+A ``freeze=lora`` run's adapters are merged into the weights first (:func:`transferlab.lora.
+merge_adapters`): the files hold the plain architecture, no peft modules. Verification then also
+compares the merged model with the adapter model.
+
 Verification (``verify=true``, the default) runs the files just written, ONNX with
 onnxruntime and TorchScript with ``torch.jit.load``, on real images (the run's val split
 through its eval transform, or the photos in ``images=``), first one image alone and then the
@@ -34,6 +38,7 @@ line and exit code 2 (:mod:`transferlab.cli`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import sys
@@ -197,6 +202,8 @@ class SavedModel:
     checkpoint: Path
     epoch: int | None
     weights: str = "raw"
+    adapters: dict[str, Any] | None = None  # freeze=lora: the adapters merged into ``model``
+    adapted: nn.Module | None = None  # ... and the model with them, to check the merge against
 
 
 def load_saved_model(path: Path, weights: str = "raw") -> SavedModel:
@@ -213,8 +220,16 @@ def load_saved_model(path: Path, weights: str = "raw") -> SavedModel:
                         "frozen features, not a network, so there is nothing to export")
     model, backbone, image_size = restore_model(run, checkpoint_weights(ckpt, weights, path),
                                               len(classes))
-    return SavedModel(model.float().cpu().eval(), run, backbone, image_size, classes, path,
-                      ckpt.get("epoch"), weights)
+    model = model.float().cpu().eval()
+    adapters = adapted = None
+    if model.adapters is not None:  # freeze=lora: export the plain layers with merged weights
+        from transferlab.lora import merge_adapters
+
+        adapters = model.adapters.record()
+        adapted = copy.deepcopy(model)
+        adapters["merged"] = merge_adapters(model)
+    return SavedModel(model, run, backbone, image_size, classes, path, ckpt.get("epoch"), weights,
+                      adapters, adapted)
 
 
 def eval_steps(saved: SavedModel) -> dict[str, Any]:
@@ -262,6 +277,7 @@ def preprocessing(saved: SavedModel, args: ExportArgs) -> dict[str, Any]:
         "classes": saved.classes,
         "backbone": {"name": saved.run.backbone.name, "source": saved.run.backbone.source},
         "head": saved.run.head.name,
+        "lora": saved.adapters,
         "run": {"name": saved.run.name,
                 "dir": str(args.run) if args.run is not None else None,
                 "config_path": str(config) if config is not None and config.is_file() else None,
@@ -451,9 +467,15 @@ RUNNERS = {"onnx": run_onnx, "torchscript": run_torchscript}
 
 def verify(saved: SavedModel, files: dict[str, Path], images: torch.Tensor,
            tolerance: float) -> dict[str, Any]:
-    """The largest difference in any class probability between each file and PyTorch."""
+    """The largest difference in any class probability between each file and PyTorch (and,
+    for merged LoRA adapters, between the merged model and the adapter model)."""
     with torch.no_grad():
         reference = torch.cat([saved.model(b) for b in batches(images)]).softmax(-1)
+    merge = None
+    if saved.adapted is not None:
+        with torch.no_grad():
+            adapted = torch.cat([saved.adapted(b) for b in batches(images)]).softmax(-1)
+        merge = float((adapted - reference).abs().max())
     diffs = {}
     for fmt, path in files.items():
         probs = RUNNERS[fmt](path, images).float().softmax(-1)
@@ -461,8 +483,12 @@ def verify(saved: SavedModel, files: dict[str, Path], images: torch.Tensor,
             raise UserError(f"{path.name} gives outputs of shape {tuple(probs.shape)}, PyTorch "
                             f"{tuple(reference.shape)}")
         diffs[fmt] = float((probs - reference).abs().max())
-    return {"images": len(images), "tolerance": tolerance, "max_abs_diff": diffs,
-            "passed": all(d <= tolerance for d in diffs.values())}
+    check = {"images": len(images), "tolerance": tolerance, "max_abs_diff": diffs,
+             "passed": all(d <= tolerance for d in diffs.values())}
+    if merge is not None:
+        check["merge_max_abs_diff"] = merge
+        check["passed"] = check["passed"] and merge <= tolerance
+    return check
 
 
 # -- the whole export -------------------------------------------------------------------------
@@ -512,11 +538,16 @@ def summary_lines(args: ExportArgs, record: dict[str, Any]) -> list[str]:
         lines.append(f"  {NAMES[fmt]:<12} {args.output / info['file']}  ({how})")
     lines.append(f"  {'preprocess':<12} {args.output / PREPROCESSING_FILE}  "
                  f"({record['image_size']} px, {len(record['classes'])} classes)")
+    if record.get("lora"):
+        lines.append(f"  {'LoRA':<12} {record['lora']['merged']} adapters merged into the "
+                     "weights (plain layers, no peft needed to run the files)")
     return lines
 
 
 def verification_line(check: dict[str, Any]) -> str:
     diffs = ", ".join(f"{NAMES[f]} {d:.1e}" for f, d in check["max_abs_diff"].items())
+    if "merge_max_abs_diff" in check:
+        diffs += f", merged LoRA vs adapters {check['merge_max_abs_diff']:.1e}"
     return (f"max |probability difference| vs PyTorch on {check['source']}: {diffs} "
             f"(tolerance {check['tolerance']:g})")
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -12,6 +13,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from transferlab.distributed import World
 from transferlab.runtime import Precision
 from transferlab.stepping import StepOptions, Stepper
 
@@ -43,6 +45,24 @@ class _Running:
         n = max(self.count, 1)
         return EpochStats(self.loss_sum / n, self.correct / n, self.count, seconds, steps,
                           stopped, (self.loss_sum, self.correct, self.count))
+
+
+def reduced(stats: EpochStats, world: World) -> EpochStats:
+    """``stats`` over every process's batches (DDP): loss, accuracy and count of the sums."""
+    if not world.active:
+        return stats
+    loss_sum, correct, count = world.sum(stats.sums)
+    n = max(count, 1)
+    return replace(stats, loss=loss_sum / n, acc=correct / n, samples=int(count),
+                   sums=(loss_sum, int(correct), int(count)))
+
+
+def _grad_sync(model: nn.Module, stepper: Stepper, index: int):
+    """Under DDP, the backward of a batch that does not end its accumulation group keeps its
+    gradients local (``no_sync``): they are averaged with the group's last one."""
+    if stepper.ends_group(index) or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
 
 
 def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool):
@@ -83,17 +103,18 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
     for x, y in bar:
         x, y = _to_device(x, y, device, channels_last)
         stepper.begin(steps)
-        with precision.autocast():
-            logits = model(x)
-            loss = criterion(logits, y)
-        if not torch.isfinite(loss.detach()):
-            raise FloatingPointError(f"loss is {float(loss.detach())} at step {steps + 1}")
-        objective = loss
-        if penalty is not None:
-            term = penalty()
-            objective = loss.float() + term
-            penalty_sum, batches = penalty_sum + float(term.detach()), batches + 1
-        stepped = stepper.backward(objective, y.shape[0], steps)
+        with _grad_sync(model, stepper, steps):
+            with precision.autocast():
+                logits = model(x)
+                loss = criterion(logits, y)
+            if not torch.isfinite(loss.detach()):
+                raise FloatingPointError(f"loss is {float(loss.detach())} at step {steps + 1}")
+            objective = loss
+            if penalty is not None:
+                term = penalty()
+                objective = loss.float() + term
+                penalty_sum, batches = penalty_sum + float(term.detach()), batches + 1
+            stepped = stepper.backward(objective, y.shape[0], steps)
         if stepped and after_step is not None:
             after_step()
         running.update(loss.detach(), logits.detach(), y)
@@ -155,12 +176,15 @@ def recon_epoch(model: nn.Module, loader: DataLoader, device: torch.device,
             x = x.to(device, non_blocking=device.type == "cuda")
             if stepper is not None:
                 stepper.begin(steps)
-            with precision.autocast():
-                out = model(x)
-            loss = F.mse_loss(out.float(), x.float())
-            if not torch.isfinite(loss.detach()):
-                raise FloatingPointError(f"loss is {float(loss)} at step {steps + 1}")
-            stepped = stepper is not None and stepper.backward(loss, x.shape[0], steps)
+            sync = (_grad_sync(model, stepper, steps) if stepper is not None
+                    else contextlib.nullcontext())
+            with sync:
+                with precision.autocast():
+                    out = model(x)
+                loss = F.mse_loss(out.float(), x.float())
+                if not torch.isfinite(loss.detach()):
+                    raise FloatingPointError(f"loss is {float(loss)} at step {steps + 1}")
+                stepped = stepper is not None and stepper.backward(loss, x.shape[0], steps)
             if stepped and after_step is not None:
                 after_step()
             total += float(loss.detach()) * x.shape[0]

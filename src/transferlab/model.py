@@ -7,7 +7,12 @@ from torch import nn
 
 
 class TransferModel(nn.Module):
-    """``head(backbone(x))``; parameter names start with ``backbone.`` or ``head.``."""
+    """``head(backbone(x))``; parameter names start with ``backbone.`` or ``head.``.
+
+    ``adapters``: the LoRA adapters in the backbone (``freeze=lora``, :mod:`transferlab.lora`),
+    or None."""
+
+    adapters = None  # transferlab.lora.Adapters, set by run.build.build_classifier
 
     def __init__(self, backbone: nn.Module, head: nn.Module):
         super().__init__()

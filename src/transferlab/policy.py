@@ -5,6 +5,7 @@ stage does not select is frozen: ``requires_grad=False`` and absent from the opt
 
 Selectors:
 - ``head`` / ``backbone``: the new head / the whole backbone;
+- ``lora``: the LoRA adapters that ``freeze=lora`` adds to the backbone (:mod:`transferlab.lora`);
 - ``blocks[i]``, ``blocks[a:b]`` (Python slice semantics, negatives count from the output end):
   blocks of the backbone, ordered input to output;
 - a glob over full parameter names (``backbone.layer4.*``), or a module/parameter path
@@ -24,6 +25,7 @@ from transferlab.config.schema import (
     DiscriminativeConfig,
     FreezeConfig,
     FreezeFirstNConfig,
+    LoraConfig,
     LpFtConfig,
     SelectorSpec,
     StageSpec,
@@ -44,8 +46,15 @@ FREEZE_POLICIES.register("top_k", TopKConfig)
 FREEZE_POLICIES.register("two_stage", TwoStageConfig)
 FREEZE_POLICIES.register("lp_ft", LpFtConfig)
 FREEZE_POLICIES.register("surgical", SurgicalConfig)
+FREEZE_POLICIES.register("lora", LoraConfig)
 
 _BLOCKS = re.compile(r"^blocks\[\s*(-?\d*)\s*(:?)\s*(-?\d*)\s*\]$")
+ADAPTER_PARTS = (".lora_A.", ".lora_B.")  # in the names of peft's LoRA adapter parameters
+
+
+def is_adapter(name: str) -> bool:
+    """Whether a parameter is a LoRA adapter's (``...qkv.lora_A.default.weight``)."""
+    return any(part in name for part in ADAPTER_PARTS)
 
 
 @dataclass
@@ -86,6 +95,8 @@ def resolve_selector(selector: str, names: list[str], backbone: Backbone) -> lis
     sel = selector.strip()
     if sel in ("head", "backbone"):
         return [n for n in names if n.startswith(sel + ".")]
+    if sel == "lora":
+        return [n for n in names if is_adapter(n)]
     match = _BLOCKS.match(sel)
     if match:
         start, colon, stop = match.groups()
@@ -107,6 +118,9 @@ def resolve_selector(selector: str, names: list[str], backbone: Backbone) -> lis
 
 
 def _no_match_error(sel: str, stage: StageSpec, names: list[str], backbone: Backbone) -> UserError:
+    if sel == "lora":
+        return UserError(f"selector 'lora' in stage {stage.name!r} matches no parameter: the "
+                         "model has no LoRA adapters (freeze=lora adds them)")
     modules = sorted({n.rsplit(".", 1)[0] for n in names})
     candidates = ["head", "backbone"] + [f"backbone.{b.paths[0]}" for b in backbone.blocks] \
         + modules + names
@@ -212,29 +226,45 @@ def is_batchnorm(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.batchnorm._BatchNorm)
 
 
-def frozen_batchnorms(model: nn.Module) -> list[str]:
+def frozen_batchnorms(model: nn.Module, trainable: set[str] | None = None) -> list[str]:
     """BatchNorm layers in frozen parts: their affine parameters are frozen or, for layers
-    without affine parameters, those of the module that holds them are."""
+    without affine parameters, those of the module that holds them are. Frozen: not
+    requiring grad, or, given ``trainable`` (full parameter names), not among them."""
     modules = dict(model.named_modules())
     frozen = []
     for name, module in modules.items():
         if not is_batchnorm(module):
             continue
-        params = list(module.parameters(recurse=False))
+        owner = name
+        params = list(module.named_parameters(recurse=False))
         if not params:  # affine=False: judge by the enclosing module
-            params = list(modules[name.rpartition(".")[0]].parameters())
-        if params and not any(p.requires_grad for p in params):
+            owner = name.rpartition(".")[0]
+            params = list(modules[owner].named_parameters())
+        if trainable is None:
+            trains = any(p.requires_grad for _, p in params)
+        else:
+            trains = any((f"{owner}.{n}" if owner else n) in trainable for n, _ in params)
+        if params and not trains:
             frozen.append(name)
     return frozen
 
 
-def eval_batchnorms(model: nn.Module, bn_mode: str) -> list[str]:
-    """The BatchNorm layers a stage's ``bn`` mode keeps in eval mode."""
+def eval_batchnorms(model: nn.Module, bn_mode: str,
+                    trainable: set[str] | None = None) -> list[str]:
+    """The BatchNorm layers a stage's ``bn`` mode keeps in eval mode (``trainable``: see
+    :func:`frozen_batchnorms`)."""
     if bn_mode == "frozen":
-        return frozen_batchnorms(model)
+        return frozen_batchnorms(model, trainable)
     if bn_mode == "eval":
         return [name for name, m in model.named_modules() if is_batchnorm(m)]
     return []
+
+
+def training_batchnorms(model: nn.Module, plan: StagePlan) -> list[str]:
+    """The BatchNorm layers that ``plan``'s stage trains (in train mode: they update their
+    statistics), from the plan alone (the model's requires_grad is not read)."""
+    kept = set(eval_batchnorms(model, plan.spec.bn, plan.trainable()))
+    return [name for name, m in model.named_modules() if is_batchnorm(m) and name not in kept]
 
 
 def set_train_mode(model: nn.Module, plan: StagePlan) -> None:

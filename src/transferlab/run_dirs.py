@@ -4,6 +4,9 @@
 creates the directory atomically (``mkdir`` without ``exist_ok``) and, when another run took
 that name in the same second, takes ``<name>-2``, ``<name>-3``... A process resolves it once
 (Hydra reads ``hydra.run.dir`` more than once): the claimed path is remembered.
+
+Under torchrun (one run, several processes) rank 0 claims the directory and every process
+takes that one (their clocks may name different seconds).
 """
 
 from __future__ import annotations
@@ -13,14 +16,35 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from transferlab.distributed import current_world
 from transferlab.errors import UserError
 
 CLAIM_RESOLVER = "transferlab_claim"
 _claimed: dict[str, str] = {}
+SHARED = "<the run's, of every process>"  # the key of the directory a DDP run claimed
 
 
 def claim(path: str) -> str:
-    """Create ``path`` (or the first free ``path-N``) and return it."""
+    """Create ``path`` (or the first free ``path-N``) and return it; under DDP, rank 0's."""
+    world = current_world()
+    if not world.active:
+        return _claim(path)
+    if SHARED not in _claimed:  # one run per process group: its first claim is the run's
+        got, error = world.broadcast(_attempt(path) if world.main else None)
+        if error:
+            raise UserError(error)
+        _claimed[SHARED] = got
+    return _claimed[SHARED]
+
+
+def _attempt(path: str) -> tuple[str | None, str | None]:
+    try:
+        return _claim(path), None
+    except UserError as exc:
+        return None, str(exc)
+
+
+def _claim(path: str) -> str:
     if path in _claimed:
         return _claimed[path]
     base = Path(path)

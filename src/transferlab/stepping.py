@@ -58,7 +58,9 @@ class Stepper:
     def _group_start(self, index: int) -> bool:
         return index % self.options.accumulate == 0
 
-    def _group_end(self, index: int) -> bool:
+    def ends_group(self, index: int) -> bool:
+        """Whether batch ``index``'s backward ends its group (the optimizer steps after it):
+        under DDP the only backward whose gradients are averaged over the processes."""
         return (index + 1) % self.options.accumulate == 0 or index + 1 == self.batches
 
     def begin(self, index: int) -> None:
@@ -76,7 +78,7 @@ class Stepper:
         if k > 1:  # its share of the k x b samples a full group holds (corrected at the step)
             loss = loss * (size / (k * self.first_size))
         self.precision.scaler.scale(loss).backward()
-        if not self._group_end(index):
+        if not self.ends_group(index):
             return False
         self._step(k * self.first_size / self.seen if k > 1 else 1.0)
         return True

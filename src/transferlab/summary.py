@@ -71,4 +71,7 @@ def stage_table(model: nn.Module, backbone: Backbone, plan: StagePlan) -> str:
     lines += ["-" * (width + 55),
               f"total params: {total:,}   trainable: {trainable:,}   "
               f"non-trainable: {total - trainable:,}"]
+    adapters = getattr(model, "adapters", None)  # freeze=lora: counted in the blocks' rows
+    if adapters is not None:
+        lines.append(adapters.describe())
     return "\n".join(lines)

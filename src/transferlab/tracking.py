@@ -72,18 +72,33 @@ def _hparam_value(value: Any) -> int | float | str | bool:
     return json.dumps(value) if value is not None else "null"
 
 
+class _Silent:
+    """A SummaryWriter that writes nothing: the record of a DDP process other than rank 0."""
+
+    def __getattr__(self, name: str):
+        return self if name == "file_writer" else _nothing
+
+
+def _nothing(*args, **kwargs) -> None:
+    return None
+
+
 class RunTracker:
     """Writes one run's TensorBoard events (``tb/``) and ``metrics.json``.
 
     ``metrics.json`` is rewritten after every epoch, so readers see a run's progress while it
     is still going (status ``running``).
+
+    ``writes=False`` (a DDP process other than rank 0): the same record is kept in memory
+    (history, best, extra), so every process takes the same decisions, but nothing is written.
     """
 
     def __init__(self, run_dir: Path, config: dict, hparams: dict[str, Any],
-                 loss_tag: str = "loss", resume: dict[str, Any] | None = None):
+                 loss_tag: str = "loss", resume: dict[str, Any] | None = None,
+                 writes: bool = True):
         """``resume``: the checkpoint a resumed run goes on from (its ``epoch``, ``step``,
         ``history`` and ``best``): the record continues where that checkpoint left it."""
-        self.run_dir = run_dir
+        self.run_dir, self.writes = run_dir, writes
         self.loss_tag = loss_tag  # TensorBoard: <split>/<loss_tag> (the autoencoder: recon_loss)
         self.metrics_path = run_dir / "metrics.json"
         self.started = time.perf_counter()
@@ -98,7 +113,7 @@ class RunTracker:
             self.best: dict | None = None
             self.extra: dict[str, Any] = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                           **here, "hparams": self.hparams}
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tb")) if writes else _Silent()
             text = yaml.safe_dump(config, sort_keys=False)
             self.writer.add_text("config", "```yaml\n" + text + "\n```", 0)
             for summary in hparams_summary(self.hparams, dict.fromkeys(
@@ -119,8 +134,9 @@ class RunTracker:
             self.extra["resumes"] = [*self.extra.get("resumes", []), {
                 "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from_epoch": resume["epoch"],
                 "from_step": resume["step"], "mid_epoch": resume.get("partial") is not None}]
-            trim_events(run_dir / "tb", resume["epoch"], resume["step"])
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
+            if writes:
+                trim_events(run_dir / "tb", resume["epoch"], resume["step"])
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tb")) if writes else _Silent()
         self._write("running")
 
     # -- per step / per epoch -------------------------------------------------------------
@@ -211,7 +227,7 @@ class RunTracker:
             status, error = "failed", error_line(exc)
             raise
         finally:
-            if self.history and curves_title is not None:
+            if self.history and curves_title is not None and self.writes:
                 from transferlab.plots import save_learning_curves
 
                 save_learning_curves(self.history, self.run_dir / "learning_curves.png",
@@ -234,6 +250,8 @@ class RunTracker:
             **self.extra,
             "updated_at": round(time.time(), 3),  # the heartbeat: every write
         }
+        if not self.writes:
+            return data
         atomic_write_text(self.metrics_path, json.dumps(finite(data), indent=2, allow_nan=False))
         return data
 

@@ -332,6 +332,19 @@ class SurgicalConfig(FreezeConfig):
     block: int = 0  # the backbone block that trains (negative: counted from the output end)
 
 
+@dataclass
+class LoraConfig(FreezeConfig):
+    """LoRA (Hu et al. 2021) via Hugging Face ``peft``: low-rank adapters on the Linear and
+    Conv2d layers of the backbone that ``target`` selects; the original weights stay frozen."""
+
+    name: str = "lora"
+    target: str = "blocks[-4:]"  # a selector (blocks[a:b], a glob, a module path, backbone)
+    layers: str = "all"  # which layer types get adapters: linear | conv | all
+    rank: int = 8  # r: the adapters' inner dimension
+    alpha: float = 16.0  # scaling: the update is (alpha / rank) * B A
+    dropout: float = 0.0  # dropout on the adapters' input (train mode only)
+
+
 # --- optimizer ----------------------------------------------------------------------------------
 
 
@@ -383,6 +396,16 @@ class FeatureCacheConfig:
     dir: str | None = None  # None: $TRANSFERLAB_CACHE_DIR/features or ~/.cache/transferlab/...
     dtype: str = "float16"  # float16 | float32
     max_gb: float = 8.0  # an entry above this (estimated before extracting) is not cached
+
+
+@dataclass
+class DistributedConfig:
+    """One run on N processes under ``torchrun`` (:mod:`transferlab.distributed`); no effect on
+    a run of one process. ``trainer.batch_size`` is per process: the global batch is
+    batch_size x processes x accumulate_grad_batches."""
+
+    sync_bn: bool = False  # BatchNorm layers that train normalise over the global batch (CUDA)
+    scale_lr: bool = False  # every LR x the number of processes (the linear scaling rule)
 
 
 @dataclass
@@ -438,6 +461,7 @@ class TrainerConfig:
     gradient_clip_algorithm: str = "norm"  # norm: total L2 norm of the grads | value: each one
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     regularize: RegularizeConfig = field(default_factory=RegularizeConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 @dataclass

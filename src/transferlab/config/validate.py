@@ -26,6 +26,7 @@ from transferlab.config.schema import (
     FreezeFirstNConfig,
     HeadConfig,
     LogRegHeadConfig,
+    LoraConfig,
     LpFtConfig,
     OneCycleSchedulerConfig,
     OptimizerConfig,
@@ -52,6 +53,7 @@ FEATURE_CACHE_DTYPES = ("float16", "float32")
 CLIP_ALGORITHMS = ("norm", "value")
 MONITORS = ("val_loss", "val_acc")
 REGULARIZERS = ("none", "l2sp")
+LORA_LAYERS = ("linear", "conv", "all")  # freeze=lora: nn.Linear, nn.Conv2d or both
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 # trainer.amp was a bool before it named a mode: a saved run's True/False (OmegaConf writes a
@@ -262,6 +264,13 @@ def _freeze(run: RunConfig) -> None:
         _check("freeze.finetune_lr_mult", policy.finetune_lr_mult,
                policy.finetune_lr_mult > 0, "> 0")
         _one_of("freeze.finetune_bn", policy.finetune_bn, BN_MODES)
+    if isinstance(policy, LoraConfig):
+        _check("freeze.target", policy.target, bool(policy.target.strip()),
+               "a selector (blocks[-4:], backbone, a glob over parameter names)")
+        _one_of("freeze.layers", policy.layers, LORA_LAYERS)
+        _at_least("freeze.rank", policy.rank, 1)
+        _check("freeze.alpha", policy.alpha, policy.alpha > 0, "> 0")
+        _in("freeze.dropout", policy.dropout, 0, 1, hi_open=True)
     if isinstance(policy, TopKConfig):
         _at_least("freeze.k", policy.k, 1)
     if isinstance(policy, FreezeFirstNConfig):

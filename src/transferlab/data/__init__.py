@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from transferlab.data.image_folder import (
 )
 from transferlab.data.torchvision_sets import load_torchvision_set
 from transferlab.data.transforms import eval_transform, train_transform
+from transferlab.distributed import World
 from transferlab.errors import UserError
 from transferlab.registry import DATASETS
 
@@ -340,13 +342,19 @@ class ResumableSampler(Sampler):
     very same batches, and a resumed run draws the epoch it stopped in again. It yields
     :class:`SampleIndex` values (indices that carry the epoch).
 
+    Under DDP (``world`` of N processes) it is the distributed sampler: every process draws
+    the same order, pads it to a multiple of N with its first indices (as PyTorch's
+    ``DistributedSampler``) and takes every N-th index from its rank on. Batch k of the N
+    processes together is then batch k of one process with an N times larger batch.
+
     ``skip_batches`` leaves out the first batches of the epoch (a run resumed from a
     checkpoint written mid-epoch); the caller sets it back to 0 after that epoch."""
 
     def __init__(self, sampler: Sampler, batch_size: int, generator: torch.Generator,
-                 seed: int):
+                 seed: int, world: World | None = None):
         self.sampler, self.batch_size, self.generator = sampler, batch_size, generator
         self.seed, self.epoch = seed, 1
+        self.world = world or World()
         self.skip_batches = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -356,13 +364,18 @@ class ResumableSampler(Sampler):
         epoch = self.epoch
         self.generator.manual_seed(derived_seed("order", self.seed, epoch))
         indices = iter(self.sampler)
+        if self.world.active:
+            order = list(indices)
+            total = len(self) * self.world.size
+            order = (order * math.ceil(total / max(len(order), 1)))[:total]
+            indices = iter(order[self.world.rank::self.world.size])
         for _ in range(self.skip_batches * self.batch_size):
             next(indices, None)
         for i in indices:
             yield SampleIndex(i, epoch)
 
     def __len__(self) -> int:
-        return len(self.sampler)
+        return math.ceil(len(self.sampler) / self.world.size)
 
 
 class SeededSamples(Dataset):
@@ -417,9 +430,13 @@ def derived_seed(what: str, *parts: int) -> int:
 
 
 def make_loaders(splits: DataSplits, trainer: TrainerConfig, seed: int, device: torch.device,
-                 collate: Callable | None = None) -> tuple[DataLoader, DataLoader]:
+                 collate: Callable | None = None,
+                 world: World | None = None) -> tuple[DataLoader, DataLoader]:
     """Shuffled, seeded train loader (``collate``: its collate function, e.g. MixUp) and
-    ordered val loader."""
+    ordered val loader. Under DDP (``world``) each process loads its share: of every epoch's
+    order (padded, :class:`ResumableSampler`) and of the val split (every image on exactly
+    one process, no padding: the summed metrics count each once)."""
+    world = world or World()
     workers = loader_workers(trainer)
     common = dict(
         num_workers=workers,
@@ -437,15 +454,17 @@ def make_loaders(splits: DataSplits, trainer: TrainerConfig, seed: int, device: 
                                                generator=order_generator)
     else:
         order = RandomSampler(splits.train, generator=order_generator)
+    sampler = ResumableSampler(order, bs, order_generator, seed, world)
     # A last batch of one sample breaks BatchNorm in train mode: drop it, keep all others.
     # The loader's own generator gives its worker processes their base seeds (and keeps the
     # global RNG untouched when there are none).
     train = DataLoader(SeededSamples(splits.train, seed), batch_size=bs,
-                       generator=_loader_generator(seed),
-                       sampler=ResumableSampler(order, bs, order_generator, seed),
-                       drop_last=len(splits.train) % bs == 1, collate_fn=collate, **common)
-    val = DataLoader(splits.val, batch_size=eval_batch_size(trainer), shuffle=False,
-                     generator=_loader_generator(seed), **common)
+                       generator=_loader_generator(seed), sampler=sampler,
+                       drop_last=len(sampler) % bs == 1, collate_fn=collate, **common)
+    val_order = (dict(sampler=world.shard(len(splits.val))) if world.active
+                 else dict(shuffle=False))
+    val = DataLoader(splits.val, batch_size=eval_batch_size(trainer),
+                     generator=_loader_generator(seed), **val_order, **common)
     return train, val
 
 

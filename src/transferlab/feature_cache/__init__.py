@@ -10,6 +10,11 @@ the uncached path: only the speed, a log line and ``metrics.json["feature_cache"
 
 ``trainer.feature_cache.mode``: ``auto`` (the disk store; memory only when it cannot be
 written), ``disk`` (the store, or an error), ``memory`` (this run only), ``off``.
+
+Under DDP the processes agree on every choice (cache or not, hit or miss); an extraction is
+sharded: each process runs the prefix over its share of the split, and all gather the whole
+once (:meth:`~transferlab.distributed.World.gather_rows`); the first process of each node
+writes the store's entry.
 """
 
 from __future__ import annotations
@@ -21,11 +26,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from transferlab.backbones import Backbone
 from transferlab.config.schema import FeatureCacheConfig
 from transferlab.data import worker_context
+from transferlab.distributed import World
 from transferlab.errors import UserError
 from transferlab.feature_cache.cut import Cut, find_cut
 from transferlab.feature_cache.identity import dataset_identity, tensors_hash
@@ -95,16 +101,17 @@ class FeatureCache:
     """The cache of one run: entries in memory for the run, and the disk store."""
 
     def __init__(self, cfg: FeatureCacheConfig, device: torch.device, precision: Precision,
-                 channels_last: bool, batch_size: int, workers: int):
+                 channels_last: bool, batch_size: int, workers: int, world: World | None = None):
         self.cfg, self.device, self.precision = cfg, device, precision
         self.channels_last, self.batch_size, self.workers = channels_last, batch_size, workers
+        self.world = world or World()  # DDP: the processes that share the extractions
         self.memory: dict[str, _Split] = {}
         self.view: dict = {}
         self.report: dict[str, dict] = {}
         self.store: DiskStore | None = None
         if cfg.mode in ("auto", "disk"):
             store = DiskStore(cfg.dir or default_dir())
-            why = store.check_writable()
+            why = self.world.first(store.check_writable())  # DDP: all use the store, or none
             if why is None:
                 self.store = store
             elif cfg.mode == "disk":
@@ -142,8 +149,8 @@ class FeatureCache:
         train = DataLoader(train_set, batch_size=train_loader.batch_size,
                            sampler=train_loader.sampler, drop_last=train_loader.drop_last,
                            collate_fn=_batch, generator=torch.Generator())
-        val = DataLoader(val_set, batch_size=val_loader.batch_size, shuffle=False,
-                         collate_fn=_batch, generator=torch.Generator())
+        val = DataLoader(val_set, batch_size=val_loader.batch_size, sampler=val_loader.sampler,
+                         collate_fn=_batch, generator=torch.Generator())  # DDP: its share
         return StageInputs(train, val, CutModel(cut, model.head))
 
     def _skip(self, stage: str, why: str) -> None:
@@ -162,9 +169,9 @@ class FeatureCache:
         if not self.enabled:
             out = {}
             for name, dataset in parts.items():
-                feats = torch.zeros((len(dataset), *self._shape(cut, backbone, image_size)))
-                labels = torch.zeros(len(dataset), dtype=torch.long)
-                self._extract(cut, _prefix_fn(cut, module, module), dataset, feats, labels)
+                feats, labels = self._extracted(cut, _prefix_fn(cut, module, module), dataset,
+                                                self._shape(cut, backbone, image_size),
+                                                torch.float32)
                 out[name] = (feats.numpy(), labels.numpy())
             return out
         got = self._splits(stage, cut, backbone, module, image_size, parts,
@@ -187,7 +194,7 @@ class FeatureCache:
         shape = self._shape(cut, backbone, image_size)
         itemsize = np.dtype(self.cfg.dtype).itemsize
         total = sum(len(ds) for ds in parts.values()) * int(np.prod(shape)) * itemsize
-        too_big = self._too_big(total)
+        too_big = self.world.first(self._too_big(total))  # DDP: one choice for all
         if too_big:
             return self._skip(stage, f"not cached: {cut.describe()} gives {len(parts)} splits of "
                               f"{tuple(shape)} {self.cfg.dtype} features, {total / 1e9:.2f} GB: "
@@ -233,10 +240,11 @@ class FeatureCache:
             return _Split(hit.features, hit.labels, "memory", 0.0)
         started = time.perf_counter()
         if self.store is None:
-            features = torch.zeros((len(dataset), *shape), dtype=getattr(torch, self.cfg.dtype))
-            labels = torch.zeros(len(dataset), dtype=torch.long)
-            self._extract(cut, run_prefix, dataset, features, labels)
+            features, labels = self._extracted(cut, run_prefix, dataset, shape,
+                                               getattr(torch, self.cfg.dtype))
             split = _Split(features, labels, "extracted", time.perf_counter() - started)
+        elif self.world.active:
+            split = self._shared_entry(key, key_parts, run_prefix, cut, dataset, shape)
         else:
             source = "disk"
             entry = self.store.get(key)
@@ -256,6 +264,41 @@ class FeatureCache:
         split = self._to_device(split)
         self.memory[key] = split
         return split
+
+    def _shared_entry(self, key: str, key_parts: dict, run_prefix, cut: Cut, dataset: Dataset,
+                      shape: tuple[int, ...]) -> _Split:
+        """DDP: the store's entry when every process finds it; else extracted by all the
+        processes together (:meth:`_extracted`), then written into the store by the first
+        process of each node (the others wait for it)."""
+        started = time.perf_counter()
+        entry = self.store.get(key)
+        if self.world.all(entry is not None):
+            return _Split(*self._load(entry), "disk", time.perf_counter() - started)
+        features, labels = self._extracted(cut, run_prefix, dataset, shape,
+                                           getattr(torch, self.cfg.dtype))
+        if self.world.local_rank == 0:
+            with self.store.lock(key):
+                if self.store.get(key) is None:
+                    def fill(into: np.ndarray, into_labels: np.ndarray) -> None:
+                        into[:] = features.numpy()
+                        into_labels[:] = labels.numpy()
+
+                    self.store.put(key, (len(dataset), *shape), self.cfg.dtype,
+                                   {"key": key_parts}, fill)
+        self.world.barrier()
+        return _Split(features, labels, "extracted", time.perf_counter() - started)
+
+    def _extracted(self, cut: Cut, run_prefix, dataset: Dataset, shape: tuple[int, ...],
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The features and labels of ``dataset``, extracted: under DDP each process runs its
+        share of the images (:meth:`~transferlab.distributed.World.shard`) and every process
+        gathers the whole once."""
+        world = self.world
+        part = Subset(dataset, world.shard(len(dataset))) if world.active else dataset
+        features = torch.zeros((len(part), *shape), dtype=dtype)
+        labels = torch.zeros(len(part), dtype=torch.long)
+        self._extract(cut, run_prefix, part, features, labels)
+        return world.gather_rows(features, len(dataset)), world.gather_rows(labels, len(dataset))
 
     def _load(self, entry) -> tuple[torch.Tensor, torch.Tensor]:
         """The entry's tensors: read into memory when it is small next to the available

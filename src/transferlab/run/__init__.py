@@ -4,6 +4,9 @@ records and artifacts (``metrics.json``, TensorBoard, checkpoints, learning curv
 :func:`train` is the plain function behind ``transferlab-train``: it takes a composed config
 (or a :class:`~transferlab.config.RunConfig`) and returns the metrics and what it built, so
 tests and notebooks can call it.
+
+Under ``torchrun`` (or in any process group: :mod:`transferlab.distributed`) every process
+calls the same function with the same config and run directory; rank 0 alone writes in it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from omegaconf import DictConfig
 
 from transferlab.backbone_init import format_report, report_summary
 from transferlab.config import RunConfig, load_config
+from transferlab.data import derived_seed
+from transferlab.distributed import World, init_from_env
 from transferlab.errors import UserError, error_line
 from transferlab.run.build import BuiltRun, build_run
 from transferlab.runtime import seed_everything
@@ -84,10 +89,14 @@ def write_failed_metrics(run_dir: Path, exc: BaseException) -> None:
 
 
 def _record_build(tracker: RunTracker, built: BuiltRun) -> None:
-    """What every run records of its build: restored weights and the data."""
+    """What every run records of its build: restored weights, LoRA adapters and the data."""
     if built.init_report is not None:
         tracker.log_text("init/restore", format_report(built.init_report))
         tracker.extra["init"] = report_summary(built.init_report)
+    adapters = getattr(built.model, "adapters", None)
+    if adapters is not None:
+        tracker.log_text("lora/adapters", adapters.describe())
+        tracker.extra["lora"] = adapters.record()
     splits = built.splits
     tracker.extra["data"] = {"train": len(splits.train), "val": len(splits.val),
                              "test": len(splits.test) if splits.test is not None else 0,
@@ -105,21 +114,26 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
     However it ends, ``metrics.json`` says so: ``completed``, or ``failed`` (with the error's
     first line) / ``interrupted`` (with the command that resumes it) at whatever step it
     stopped, config and build included."""
+    world = init_from_env()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         run = cfg if isinstance(cfg, RunConfig) else load_config(cfg, overrides or [])
     except BaseException as exc:
-        write_failed_metrics(run_dir, exc)
+        if world.main:
+            write_failed_metrics(run_dir, exc)
         raise
-    return _execute(run, run_dir, overrides, None)
+    return _execute(run, run_dir, overrides, None, world)
 
 
-def resume_run(run_dir: str | Path, overrides: list[str] | None = None) -> RunResult:
+def resume_run(run_dir: str | Path, overrides: list[str] | None = None, *,
+               requeued: bool = False) -> RunResult:
     """Go on with the run in ``run_dir`` from its ``checkpoints/last.pt`` (see
     :mod:`transferlab.run.resume`). ``overrides``: only those that cannot change the result
     (``trainer.progress``, ``trainer.num_workers``) or extend the last stage
-    (``trainer.epochs``, ``freeze.finetune_epochs``)."""
+    (``trainer.epochs``, ``freeze.finetune_epochs``). ``requeued``: the run's own submitit job
+    started again, so a ``running`` record is not another process's run (see
+    :func:`~transferlab.run.resume.requeued_action`)."""
     from transferlab.run.resume import (
         ResumePoint,
         overrides_extend,
@@ -129,9 +143,12 @@ def resume_run(run_dir: str | Path, overrides: list[str] | None = None) -> RunRe
         still_running,
     )
 
+    world = init_from_env()
     run_dir = Path(run_dir)
-    status = read_status(run_dir)
-    if still_running(status):
+    status = read_status(run_dir) if world.main else {}
+    # DDP: rank 0's reading, which its own record cannot race with
+    status, running = world.broadcast((status, world.main and still_running(status)))
+    if running and not requeued:
         raise UserError(f"resume={run_dir}: the run is still going (pid {status['pid']} on "
                         "this host)")
     ckpt = resume_checkpoint(run_dir)
@@ -144,31 +161,40 @@ def resume_run(run_dir: str | Path, overrides: list[str] | None = None) -> RunRe
     log.info("resuming %s from epoch %d%s", run_dir, point.epoch,
              f" (+{point.partial['steps']} steps of epoch {point.partial['epoch']})"
              if point.partial else "")
-    return _execute(run, run_dir, overrides, point)
+    return _execute(run, run_dir, overrides, point, world)
 
 
 def _execute(run: RunConfig, run_dir: Path, overrides: list[str] | None,
-             resume: ResumePoint | None) -> RunResult:
+             resume: ResumePoint | None, world: World) -> RunResult:
     """Build, open the record, run the task's loop: the part every run and resume share."""
     from transferlab.run.resume import check_data
 
     try:
         seed_everything(run.seed, run.trainer.deterministic)
-        built = build_run(run)
+        built = build_run(run, world)
         if resume is not None:
             check_data(resume.data, built.data_fingerprint())
+            resume.check_world(world.size)
             built.resume = resume
+        if world.rank > 0:  # the weights are built (alike): dropout draws differ per process
+            seed_everything(derived_seed("rank", run.seed, world.rank), run.trainer.deterministic)
         task, splits = built.task, built.splits
         log.info("run %s: task %s, %s on %s (%d train / %d val images, %d classes, %dpx) on "
-                 "%s, precision %s", run.name, run.task.name, built.backbone.name,
+                 "%s%s, precision %s", run.name, run.task.name, built.backbone.name,
                  run.dataset.name, len(splits.train), len(splits.val), splits.num_classes,
-                 built.image_size, built.device, built.precision.label)
-        tracker = RunTracker(run_dir, run.as_dict(),
-                             run_hparams(run, overrides, built.total_epochs, task.unused_groups),
-                             loss_tag=task.loss_tag,
-                             resume=resume.record() if resume is not None else None)
+                 built.image_size, built.device,
+                 f" x {world.size} processes ({world.backend(built.device)})"
+                 if world.active else "", built.precision.label)
+        hparams = run_hparams(run, overrides, built.total_epochs, task.unused_groups)
+        if world.active:
+            hparams["world_size"] = world.size
+        tracker = RunTracker(run_dir, run.as_dict(), hparams, loss_tag=task.loss_tag,
+                             resume=resume.record() if resume is not None else None,
+                             writes=world.main)
+        if world.active:
+            tracker.extra["distributed"] = world.record(built.device, run.trainer)
     except BaseException as exc:
-        if resume is None:  # a resume that cannot start leaves the record as it was
+        if resume is None and world.main:  # a resume that cannot start leaves the record
             write_failed_metrics(run_dir, exc)
         raise
     try:
@@ -180,4 +206,5 @@ def _execute(run: RunConfig, run_dir: Path, overrides: list[str] | None,
         stop.run_dir = run_dir  # for the message that says how to go on
         raise
     log.info(task.summary(tracker.metrics, run_dir))
+    world.barrier()  # DDP: every process returns once rank 0's record is complete
     return RunResult(run_dir, tracker.metrics, built)

@@ -15,12 +15,15 @@ from torch import nn
 
 from transferlab.backbone_init import LoadReport, format_report, restore_into
 from transferlab.backbones import Backbone, build_backbone, probe_features
-from transferlab.config import AugmentConfig, RunConfig
+from transferlab.config import AugmentConfig, LoraConfig, RunConfig
 from transferlab.data import DataSplits, build_splits, eval_batch_size, loader_workers
+from transferlab.distributed import World, pick_device_for
+from transferlab.errors import UserError
 from transferlab.feature_cache import FeatureCache
 from transferlab.heads import build_head
+from transferlab.lora import add_adapters
 from transferlab.model import TransferModel
-from transferlab.policy import StagePlan
+from transferlab.policy import StagePlan, training_batchnorms
 from transferlab.registry import TASKS
 from transferlab.runtime import Precision, pick_device
 
@@ -51,6 +54,7 @@ class BuiltRun:
     resume: ResumePoint | None = None  # where a resumed run goes on
     ema: WeightsEma | None = None  # the EMA of the weights (trainer.ema), set by the loop
     penalty: L2SP | None = None  # trainer.regularize, set by the task with the model
+    world: World = field(default_factory=World)  # this process of the run's (DDP: several)
 
     @property
     def channels_last(self) -> bool:
@@ -69,7 +73,8 @@ class BuiltRun:
         """The run's frozen-prefix feature cache (``trainer.feature_cache``)."""
         trainer = self.run.trainer
         return FeatureCache(trainer.feature_cache, self.device, self.precision,
-                            self.channels_last, eval_batch_size(trainer), loader_workers(trainer))
+                            self.channels_last, eval_batch_size(trainer), loader_workers(trainer),
+                            self.world)
 
     @property
     def total_epochs(self) -> int:
@@ -77,15 +82,19 @@ class BuiltRun:
 
     @property
     def progress(self) -> bool:
-        """A progress bar: ``trainer.progress``, or when stderr is a terminal."""
+        """A progress bar: ``trainer.progress``, or when stderr is a terminal (rank 0's only)."""
         shown = self.run.trainer.progress
-        return sys.stderr.isatty() if shown is None else shown
+        return self.world.main and (sys.stderr.isatty() if shown is None else shown)
 
 
 def build_classifier(run: RunConfig, backbone: Backbone, feature_shape: tuple[int, ...],
                      num_classes: int) -> TransferModel:
-    """The backbone with the run's new head (the model of a classify run and of a saved one)."""
-    return TransferModel(backbone.module, build_head(run.head, feature_shape, num_classes))
+    """The backbone with the run's new head (the model of a classify run and of a saved one);
+    with ``freeze=lora``, the backbone holds the policy's LoRA adapters."""
+    model = TransferModel(backbone.module, build_head(run.head, feature_shape, num_classes))
+    if isinstance(run.freeze, LoraConfig):
+        model.adapters = add_adapters(model, backbone, run.freeze)
+    return model
 
 
 def build_backbone_of(run: RunConfig) -> tuple[Backbone, LoadReport | None, int,
@@ -101,18 +110,46 @@ def build_backbone_of(run: RunConfig) -> tuple[Backbone, LoadReport | None, int,
     return backbone, report, image_size, probe_features(backbone, image_size)
 
 
-def build_run(run: RunConfig) -> BuiltRun:
-    """Build the run's parts in order: device, backbone, data, the task's model and stages."""
+def build_run(run: RunConfig, world: World | None = None) -> BuiltRun:
+    """Build the run's parts in order: device, backbone, data, the task's model and stages.
+    ``world``: this process of a DDP run (its GPU, SyncBatchNorm, the LR scaling)."""
+    world = world or World()
     task: Task = TASKS.builder(run.task.name)
-    device = pick_device(run.trainer.device)
+    device = pick_device_for(pick_device(run.trainer.device), run.trainer.device, world)
     precision = Precision(device, run.trainer.amp)
     backbone, report, image_size, feature_shape = build_backbone_of(run)
     augment = AugmentConfig() if task.deterministic_inputs(run) else run.augment
     splits = build_splits(run.dataset, augment, backbone.input, image_size)
     built = BuiltRun(run=run, task=task, device=device, precision=precision, backbone=backbone,
                      image_size=image_size, feature_shape=feature_shape, splits=splits,
-                     model=None, init_report=report)
+                     model=None, init_report=report, world=world)
     built.model = task.build_model(built)
     if built.model is not None:
         built.plans = task.plan_stages(built)
+        if world.active:
+            distribute(built)
     return built
+
+
+def distribute(built: BuiltRun) -> None:
+    """A DDP run's model and stages: BatchNorm layers become SyncBatchNorm
+    (``trainer.distributed.sync_bn``; the BatchNorm of a stage that trains it then needs CUDA),
+    and every stage's LRs are multiplied by the number of processes
+    (``trainer.distributed.scale_lr``)."""
+    cfg, world = built.run.trainer.distributed, built.world
+    if cfg.sync_bn:
+        built.model = nn.SyncBatchNorm.convert_sync_batchnorm(built.model)
+        if built.device.type != "cuda":
+            for plan in built.plans:
+                trains = training_batchnorms(built.model, plan)
+                if trains:
+                    raise UserError(
+                        f"trainer.distributed.sync_bn=true: stage '{plan.name}' trains BatchNorm "
+                        f"({trains[0]}{' ...' if len(trains) > 1 else ''}) on {built.device}, and "
+                        "SyncBatchNorm trains on CUDA only: use sync_bn=false, or keep "
+                        "BatchNorm in eval mode (the stage's bn: frozen / eval)")
+    scale = world.lr_scale(built.run.trainer)
+    if scale != 1:
+        for plan in built.plans:
+            for group in plan.groups:
+                group.lr *= scale

@@ -46,6 +46,8 @@ class ResumePoint:
     ema: dict | None = None  # the EMA of the weights (trainer.ema)
     early_stopping: dict | None = None  # the stage's early-stopping state (its counters)
     l2sp_w0: float | None = None  # trainer.regularize=l2sp: the fingerprint of its w0
+    world_size: int = 1  # the processes that trained it (DDP)
+    rng_ranks: list[dict] | None = None  # DDP: the RNG states of ranks 1, 2, ...
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict) -> ResumePoint:
@@ -56,7 +58,22 @@ class ResumePoint:
                    optimizer=ckpt["optimizer"], rng=ckpt["rng"],
                    history=list(ckpt["history"]), best=ckpt["best"], data=loop["data"],
                    partial=loop.get("partial"), ema=ckpt.get("ema"),
-                   early_stopping=loop.get("early_stopping"), l2sp_w0=loop.get("l2sp_w0"))
+                   early_stopping=loop.get("early_stopping"), l2sp_w0=loop.get("l2sp_w0"),
+                   world_size=int(loop.get("world_size", 1)), rng_ranks=loop.get("rng_ranks"))
+
+    def rng_of(self, rank: int) -> dict:
+        """The RNG states of process ``rank`` when the checkpoint was written."""
+        return self.rng if rank == 0 else self.rng_ranks[rank - 1]
+
+    def check_world(self, size: int) -> None:
+        """A run goes on with as many processes as it trained with: the global batch (and
+        with ``trainer.distributed.scale_lr`` the LRs) depend on the number."""
+        if size != self.world_size:
+            how = (f"torchrun --nproc_per_node={self.world_size} -m transferlab.train"
+                   if self.world_size > 1 else "transferlab-train (without torchrun)")
+            raise UserError(f"the run trained on {self.world_size} process(es), this resume has "
+                            f"{size}: the global batch would change; resume it as it ran: {how} "
+                            "resume=<run dir>")
 
     def record(self) -> dict[str, Any]:
         """What the run's record goes on from."""
@@ -202,6 +219,19 @@ def job_action(run_dir: Path) -> str:
     if (run_dir / "checkpoints" / "last.pt").is_file():
         return "resume"
     return "start"
+
+
+def requeued_action(run_dir: Path) -> str | None:
+    """What a submitit job does with its own job directory when it starts: ``skip`` (a
+    completed run), ``resume`` (the checkpoint of an earlier attempt: the job was requeued
+    after preemption or its time limit), None (a new job: train). No ``busy``: the scheduler
+    runs one attempt of a job at a time, so a ``running`` record is the earlier attempt's
+    (killed), or another task's of this one."""
+    if read_status(run_dir).get("status") == "completed":
+        return "skip"
+    if (run_dir / "checkpoints" / "last.pt").is_file():
+        return "resume"
+    return None
 
 
 def clear_unfinished(run_dir: Path) -> None:

@@ -16,6 +16,7 @@ import os
 import pickle
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from torch import nn
 
 from transferlab.backbones.conv_encoder import Autoencoder
 from transferlab.checkpoint import save_epoch_checkpoints
+from transferlab.cluster import preemption_signal
 from transferlab.config import (
     AutoencoderTaskConfig,
     LogRegHeadConfig,
@@ -32,18 +34,19 @@ from transferlab.config import (
     TaskConfig,
 )
 from transferlab.data import make_loaders
+from transferlab.distributed import World
 from transferlab.early_stopping import EarlyStopping
 from transferlab.ema import WeightsEma, ema_columns, ema_fields
 from transferlab.errors import UserError
 from transferlab.feature_cache import StageInputs
-from transferlab.loop import EpochStats, evaluate, recon_epoch, train_one_epoch
+from transferlab.loop import EpochStats, evaluate, recon_epoch, reduced, train_one_epoch
 from transferlab.mixup import batch_mixer, mix_record, mixing, mixing_reason
 from transferlab.optim import stage_optimizer
 from transferlab.policy import ParamGroup, StagePlan, apply_stage, plan_stages, set_train_mode
 from transferlab.registry import TASKS
 from transferlab.regularize import L2SP
 from transferlab.run.build import BuiltRun, build_classifier
-from transferlab.runtime import set_rng_state
+from transferlab.runtime import rng_state, set_rng_state
 from transferlab.schedule import StageSchedule
 from transferlab.stepping import StepOptions
 from transferlab.summary import stage_table
@@ -105,11 +108,11 @@ class Task:
 
     def eval_ema(self, built: BuiltRun, inputs: StageInputs) -> EpochStats | None:
         """The EMA of the weights on the stage's val inputs, through the stage's model (None
-        without one)."""
+        without one), over every process's share of them."""
         if built.ema is None:
             return None
         with built.ema.swapped_in():
-            return self.eval_epoch(built, inputs.model, inputs.val)
+            return reduced(self.eval_epoch(built, inputs.model, inputs.val), built.world)
 
     def after_epoch(self, built: BuiltRun, tracker: RunTracker, epoch: int) -> None:
         """After an epoch is recorded (e.g. images of it in TensorBoard)."""
@@ -125,13 +128,19 @@ class Task:
     # -- the loop --------------------------------------------------------------------------
     def fit(self, built: BuiltRun, tracker: RunTracker, run_dir: Path) -> None:
         """Every stage's epochs, from the start or from ``built.resume``; stops cleanly (a
-        checkpoint, then :class:`Interrupted`) on SIGINT / SIGTERM."""
+        checkpoint, then :class:`Interrupted`) on SIGINT / SIGTERM.
+
+        Under DDP (``built.world``) every process runs this same loop on its share of each
+        batch: the module a stage trains is wrapped in DDP at the stage's start (so that DDP
+        sees exactly its trainable parameters) and released at its end; the metrics are
+        summed over the processes, so each takes the same decisions; rank 0 writes."""
         with StopRequest().installed() as stop:  # before the loader processes fork
             self._fit(built, tracker, run_dir, stop)
 
     def _fit(self, built: BuiltRun, tracker: RunTracker, run_dir: Path,
              stop: StopRequest) -> None:
         run, model, device, resume = built.run, built.model, built.device, built.resume
+        world = built.world
         if resume is not None:
             model.load_state_dict(resume.model)
         model.to(device)
@@ -140,7 +149,7 @@ class Task:
         built.ema = WeightsEma.of(run.trainer.ema, model, resume.ema if resume else None)
         train_loader, val_loader = make_loaders(built.splits, run.trainer, run.seed, device,
                                                 batch_mixer(run.augment, len(built.splits.classes),
-                                                            run.seed))
+                                                            run.seed), world)
         if train_loader.persistent_workers:  # its one base seed is drawn now, as on a resume
             iter(train_loader)
         self.start(built, tracker)
@@ -150,10 +159,11 @@ class Task:
                                  resume.epoch if resume is not None else None)
         optimizer, total_epochs = None, built.total_epochs
         partial = None
+        asked = stop.agreed(world)  # DDP: every process stops at the same step
         if resume is not None:
             before_step.step = resume.step
             partial = resume.partial
-            set_rng_state(resume.rng)
+            set_rng_state(resume.rng_of(world.rank))
         plans = [p for p in built.plans if p.spec.epochs > 0]
         for plan, next_plan in zip(plans, [*plans[1:], None], strict=True):
             if resume is not None and plan.index < resume.stage_index:
@@ -163,6 +173,7 @@ class Task:
             if built.ema is not None:
                 built.ema.start_stage()
             inputs = self.stage_inputs(built, plan, tracker, train_loader, val_loader)
+            trained = world.wrap(inputs.model, device)  # DDP: exactly the stage's parameters
             resuming = resume is not None and plan.index == resume.stage_index
             optimizer = stage_optimizer(model, plan, run.optimizer,
                                         None if resuming else optimizer)
@@ -189,13 +200,14 @@ class Task:
                 done = None
                 if partial is not None:  # the rest of an epoch stopped part-way
                     train_loader.sampler.skip_batches = partial["steps"]
+                    sums = tuple(partial["sums"]) if world.main else (0.0, 0, 0)  # all ranks'
                     done = EpochStats(0.0, 0.0, 0, partial["seconds"], partial["steps"],
-                                      sums=tuple(partial["sums"]))
+                                      sums=sums)
                     partial = None
                 train_loader.sampler.set_epoch(epoch)  # the epoch's order: (seed, epoch)
                 try:
-                    tr = self.train_epoch(built, inputs.model, inputs.train, optimizer,
-                                          before_step=before_step, should_stop=stop,
+                    tr = self.train_epoch(built, trained, inputs.train, optimizer,
+                                          before_step=before_step, should_stop=asked,
                                           resume=done, stepping=stepping,
                                           after_step=built.ema.update if built.ema else None,
                                           desc=f"epoch {epoch}/{total_epochs} [{plan.name}]")
@@ -203,15 +215,17 @@ class Task:
                     raise UserError(f"{exc}".replace(" at step", f" at epoch {epoch} step")
                                     + ": the run diverged; lower optimizer.lr") from None
                 train_loader.sampler.skip_batches = 0
+                world.average_batchnorm_stats(model)
                 state = dict(step=before_step.step, schedule_step=schedule.step)
                 if tr.stopped and tr.steps < len(inputs.train):
                     _checkpoint(built, tracker, run_dir, optimizer, epoch - 1, plan,
                                 False, dict(state, partial={
                                     "epoch": epoch, "steps": tr.steps,
-                                    "sums": list(tr.sums), "seconds": tr.seconds},
-                                    **stopping.state(partial=True)))
+                                    "sums": list(reduced(tr, world).sums),
+                                    "seconds": tr.seconds}, **stopping.state(partial=True)))
                     raise Interrupted(stop.signum)
-                va = self.eval_epoch(built, inputs.model, inputs.val)
+                tr = reduced(tr, world)
+                va = reduced(self.eval_epoch(built, inputs.model, inputs.val), world)
                 ve = self.eval_ema(built, inputs)
                 record = self.record(epoch, plan, tr, va)
                 record = {**record, **ema_fields(ve, record),
@@ -223,31 +237,51 @@ class Task:
                 log.info(self.log_line(record, total_epochs, improved))
                 _checkpoint(built, tracker, run_dir, optimizer, epoch, plan, improved,
                             dict(state, **stopping.state()))
-                if stop():
+                if asked():
                     raise Interrupted(stop.signum)
                 if stopped:
                     break
+            world.release(trained)
             stopping.end(built.model, next_plan)
+            world.check_same_weights(built.model, f"after stage '{plan.name}'")
 
 
 class StopRequest:
     """SIGINT / SIGTERM ask the loop to stop after the current step (it then writes a
     checkpoint and raises :class:`Interrupted`); a second Ctrl-C stops at once. Calling it
-    says whether a stop was asked for."""
+    says whether a stop was asked for. In a submitit job, its preemption signal too
+    (:mod:`transferlab.cluster`): it is the one :class:`Interrupted` carries when both came
+    (SLURM may send SIGTERM first), so that the job is requeued."""
 
     def __init__(self):
         self.signum: int | None = None
         self.owner = os.getpid()
+        self.preemption = preemption_signal()
 
     def __call__(self) -> bool:
         return self.signum is not None
+
+    def agreed(self, world: World) -> Callable[[], bool]:
+        """Asking it says whether any process of the run was asked to stop (then all take
+        that signal): DDP processes must stop after the same step. Itself for one process."""
+        if not world.active:
+            return self
+
+        def ask() -> bool:
+            signum = world.max_int(self.signum or 0)
+            if signum and self.signum is None:
+                self.signum = signum
+            return bool(signum)
+
+        return ask
 
     def _handle(self, signum, frame) -> None:
         if os.getpid() != self.owner:  # a loader process forked with this handler: the
             return                      # main process stops it when it stops
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signum = signum
+        if self.signum is None or self.signum != self.preemption:
+            self.signum = signum
         log.warning("%s: finishing the current step, then saving a checkpoint to resume "
                     "from (Ctrl-C again to stop at once)", signal.Signals(signum).name)
 
@@ -256,7 +290,8 @@ class StopRequest:
         if threading.current_thread() is not threading.main_thread():
             yield self  # signal handlers belong to the main thread (e.g. a joblib worker's)
             return
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        signals = (signal.SIGINT, signal.SIGTERM, *([self.preemption] if self.preemption else []))
+        previous = {s: signal.getsignal(s) for s in signals}
         for s in previous:
             signal.signal(s, self._handle)
         try:
@@ -268,8 +303,15 @@ class StopRequest:
 
 def _checkpoint(built: BuiltRun, tracker: RunTracker, run_dir: Path, optimizer, epoch: int,
                 plan: StagePlan, improved: bool, loop: dict) -> None:
-    """``last.pt`` (and ``best.pt``): ``epoch`` is the last completed one."""
+    """``last.pt`` (and ``best.pt``): ``epoch`` is the last completed one. Under DDP every
+    process calls it (their RNG states go into the checkpoint); rank 0 writes it."""
+    world = built.world
+    rngs = world.gather(rng_state())
+    if not world.main:
+        return
     loop = {**loop, "data": built.data_fingerprint()}
+    if world.active:
+        loop.update(world_size=world.size, rng_ranks=rngs[1:])
     if built.penalty is not None:
         loop["l2sp_w0"] = built.penalty.fingerprint()
     ema_best = "partial" not in loop and (tracker.extra.get("best_ema") or {}).get("epoch") == epoch
@@ -339,7 +381,8 @@ class Classify(Task):
     def start(self, built: BuiltRun, tracker: RunTracker) -> None:
         run = built.run
         if built.resume is None:
-            log_training_samples(tracker, built.splits, built.backbone.input)
+            if tracker.writes:
+                log_training_samples(tracker, built.splits, built.backbone.input)
         elif built.penalty is not None:
             built.penalty.check_resume(built.resume.l2sp_w0)
         self.criterion = train_criterion(built)
@@ -438,8 +481,9 @@ def fit_logreg_head(built: BuiltRun, tracker: RunTracker, run_dir: Path) -> None
     log.info("logistic regression on %d frozen %s features of %d images: train acc %.4f, val "
              "acc %.4f, val loss %.4f (fit in %.1fs)", dim, run.backbone.name, len(splits.train),
              fit["train_acc"], fit["val_acc"], fit["val_loss"], fit["seconds"])
-    with (run_dir / "logreg.pkl").open("wb") as f:
-        pickle.dump({"model": fit["model"], "classes": splits.classes}, f)
+    if built.world.main:
+        with (run_dir / "logreg.pkl").open("wb") as f:
+            pickle.dump({"model": fit["model"], "classes": splits.classes}, f)
 
 
 AUTOENCODER_STAGE = "autoencoder"
@@ -486,7 +530,7 @@ class Autoencode(Task):
         return {"epoch": epoch, "stage": plan.name, "train_loss": tr.loss, "val_loss": va.loss}
 
     def after_epoch(self, built: BuiltRun, tracker: RunTracker, epoch: int) -> None:
-        if self.samples is not None:
+        if self.samples is not None and tracker.writes:
             grid = reconstruction_grid(built.model, self.samples, built.backbone.input.mean,
                                        built.backbone.input.std, built.device)
             tracker.log_images("recon/val", grid, epoch, nrow=self.shown)
