@@ -33,10 +33,14 @@ SLURM_JOB = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS
 
 @pytest.fixture
 def no_job_env(monkeypatch):
-    """Neither submitit's nor torch.distributed's variables (as a login node)."""
+    """Neither submitit's nor torch.distributed's variables (as a login node); every one of
+    them is as before afterwards, also those that code under test set in os.environ itself
+    (submitit's export): a RANK / WORLD_SIZE left behind would make later runs wait for
+    processes that never come."""
     for key in [*SLURM_JOB, "SLURM_JOB_NODELIST", "SUBMITIT_PREEMPT_SIGNAL",
                 *cluster.DISTRIBUTED_KEYS, "CUDA_VISIBLE_DEVICES"]:
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")  # records the key's state before the test (delenv of an
+        monkeypatch.delenv(key)      # absent key records nothing to restore)
     return monkeypatch
 
 

@@ -120,6 +120,7 @@ def test_the_lora_selector_needs_adapters():
 # --- what trains ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # peft builds adapters on the EfficientNet: the fast tier checks the ViT
 def test_only_adapter_and_head_parameters_change():
     run = lora_run("optimizer.lr=0.01")
     model, backbone = build_model(run)
