@@ -219,7 +219,9 @@ def test_two_process_run_matches_one_process_with_the_same_global_batch(tmp_path
     """2 processes x batch 8 x 2 accumulated: two stages on cached features (sharded
     extraction), stopped mid-epoch by a signal to one rank, resumed and extended under DDP;
     against 1 process x batch 16 x 2 accumulated that never stopped."""
-    common = [*DIGITS, "freeze.finetune_bn=eval", "trainer.accumulate_grad_batches=2"]
+    # a store of its own: the session's shared one may hold these features from another test
+    common = [*DIGITS, "freeze.finetune_bn=eval", "trainer.accumulate_grad_batches=2",
+              f"trainer.feature_cache.dir={tmp_path / 'cache'}"]
     ddp, run_dir = [*common, "trainer.batch_size=8"], tmp_path / "ddp"
     more = ["freeze.finetune_epochs=2"]
     mp.spawn(_ddp_worker, args=(str(tmp_path / "pg"), str(run_dir), ddp, more, str(tmp_path)),
