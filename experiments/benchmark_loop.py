@@ -24,10 +24,10 @@ from torch.utils.tensorboard import SummaryWriter
 
 from transferlab.backbones import build_backbone, probe_features
 from transferlab.config import (
+    AdamConfig,
     BackboneConfig,
     FreezeConfig,
     HeadConfig,
-    OptimizerConfig,
     SchedulerConfig,
     StageSpec,
 )
@@ -73,7 +73,7 @@ def main() -> None:
     model = TransferModel(backbone.module, build_head(HeadConfig(name="linear"), shape, 10))
     train = [Sel("head")] if args.freeze == "linear_probe" else [Sel("backbone"), Sel("head")]
     policy = FreezeConfig(name=args.freeze, stages=[StageSpec(name="s", epochs=1, train=train)])
-    opt_cfg = OptimizerConfig(name="adam", lr=1e-3)
+    opt_cfg = AdamConfig(name="adam", lr=1e-3)
     (plan,) = plan_stages(model, backbone, policy, opt_cfg.lr)
     apply_stage(model, plan)
     model.to(device)
