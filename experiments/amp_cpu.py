@@ -6,7 +6,7 @@ autocast to bfloat16), in the same process, alternating.
 
 Both settings train copies of the same model (the default backbone, EfficientNet-Lite0 with its
 ImageNet weights, and a linear head) on the same batches with transferlab's own training step
-(:func:`transferlab.loop.train_one_epoch`, channels-last as a run does); runs alternate
+(:func:`transferlab.engine.epoch.train_epoch`, channels-last as a run does); runs alternate
 (off, bf16, off, bf16, ...) after one warm-up each, and the median of ``--repeats`` is
 reported with the ratio off / bf16 time (> 1: bf16 is faster), in wall-clock seconds and in
 this process's CPU seconds (less sensitive to other processes on a shared machine).
@@ -22,14 +22,14 @@ import statistics
 import time
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from transferlab.backbones import build_backbone, probe_features
 from transferlab.config import BackboneConfig, FreezeConfig, HeadConfig, StageSpec, make_config
 from transferlab.config import SelectorSpec as Sel
+from transferlab.engine.context import EpochContext
+from transferlab.engine.epoch import CrossEntropy, train_epoch
 from transferlab.heads import build_head
-from transferlab.loop import train_one_epoch
 from transferlab.model import TransferModel
 from transferlab.optim import stage_optimizer
 from transferlab.policy import apply_stage, plan_stages, set_train_mode
@@ -72,8 +72,8 @@ def main() -> None:
         m, opt, precision = runs[mode]
         set_train_mode(m, plan)
         start, cpu_start = time.perf_counter(), time.process_time()
-        stats = train_one_epoch(m, loader, nn.CrossEntropyLoss(), opt, cpu, precision,
-                                channels_last=True)
+        stats = train_epoch(m, loader, CrossEntropy(), opt,
+                            EpochContext(cpu, precision, channels_last=True))
         return time.perf_counter() - start, time.process_time() - cpu_start, stats.loss
 
     for mode in runs:  # warm-up

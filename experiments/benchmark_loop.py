@@ -32,8 +32,10 @@ from transferlab.config import (
     StageSpec,
 )
 from transferlab.config import SelectorSpec as Sel
+from transferlab.engine.context import EpochContext
+from transferlab.engine.epoch import CrossEntropy, train_epoch
+from transferlab.engine.stepping import StepCalls
 from transferlab.heads import build_head
-from transferlab.loop import train_one_epoch
 from transferlab.model import TransferModel
 from transferlab.optim import stage_optimizer
 from transferlab.policy import apply_stage, plan_stages, set_train_mode
@@ -114,8 +116,9 @@ def main() -> None:
 
     def run_ours():
         set_train_mode(model, plan)
-        train_one_epoch(model, loader, nn.CrossEntropyLoss(), ours_opt, device, precision,
-                        channels_last=channels_last, before_step=log_lrs)
+        train_epoch(model, loader, CrossEntropy(), ours_opt,
+                    EpochContext(device, precision, channels_last=channels_last),
+                    hooks=StepCalls(before=log_lrs))
 
     set_train_mode(model, plan)
     eval_modules = {name for name, m in model.named_modules() if not m.training}

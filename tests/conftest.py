@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +97,31 @@ def tiny_model(head: str = "linear"):
     model, backbone = copy.deepcopy(_pristine(head))
     assert model.backbone is backbone.module
     return model, backbone
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tmp_path_factory) -> Path:
+    """The tiny model trained once for the whole session (2 epochs of digits at 32 px, lr
+    0.03, on one thread): the run directory that eval, predict, export and restore tests read.
+    Tests get a copy (:func:`tiny_run`), so what one writes into it no other sees."""
+    from transferlab.run import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_dir = tmp_path_factory.mktemp("tiny_trained") / "run"
+        train(compose_train([*TINY, "trainer.epochs=2", "optimizer.lr=0.03"]), run_dir)
+    finally:
+        torch.set_num_threads(threads)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_trained, tmp_path_factory) -> Path:
+    """This module's copy of the session's tiny trained run (:func:`tiny_trained`)."""
+    copy = tmp_path_factory.mktemp("tiny_run") / "run"
+    shutil.copytree(tiny_trained, copy)
+    return copy
 
 
 def hymenoptera_root() -> Path | None:

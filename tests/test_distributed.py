@@ -151,7 +151,7 @@ def _ddp_worker(rank: int, pg_file: str, run_dir: str, overrides: list[str],
     this rank goes to ``out/rank<r>.pt``."""
     import transferlab.run.tasks as tasks
     from transferlab.early_stopping import EarlyStopping
-    from transferlab.tracking import Interrupted
+    from transferlab.errors import Interrupted
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{pg_file}", rank=rank, world_size=2)

@@ -16,10 +16,12 @@ from transferlab.config import EmaConfig, load_config
 from transferlab.config.schema import AugmentConfig
 from transferlab.data import SeededBatch
 from transferlab.ema import WeightsEma
+from transferlab.engine.context import EpochContext
+from transferlab.engine.epoch import CrossEntropy, train_epoch
+from transferlab.engine.stepping import StepCalls
 from transferlab.errors import UserError
 from transferlab.evaluate import EVAL_JSON
 from transferlab.evaluate import main as eval_main
-from transferlab.loop import train_one_epoch
 from transferlab.mixup import MixCollate, batch_mixer
 from transferlab.predict import main as predict_main
 from transferlab.run import resume_run, train
@@ -57,15 +59,15 @@ def test_ema_after_two_steps_is_the_hand_computed_average():
     ema = WeightsEma(EmaConfig(decay=d), model)
     seen = [_float_state(model)]  # w0, w1, w2
 
-    def after_step():
+    def after_step(_loss):
         seen.append(_float_state(model))
         ema.update()
 
     data = TensorDataset(torch.randn(8, 3, TINY_SIZE, TINY_SIZE),
                          torch.randint(0, TINY_CLASSES, (8,)))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    train_one_epoch(model, DataLoader(data, batch_size=4), nn.CrossEntropyLoss(), optimizer, CPU,
-                    Precision(CPU, False), after_step=after_step)
+    train_epoch(model, DataLoader(data, batch_size=4), CrossEntropy(), optimizer,
+                EpochContext(CPU, Precision(CPU, False)), hooks=StepCalls(after=after_step))
 
     assert len(seen) == 3 and ema.updates == 2
     averaged = ema.module.state_dict()

@@ -28,19 +28,6 @@ onnx = pytest.importorskip("onnx")
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A one-epoch run of the tiny random timm model on digits (32 px)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_dir = tmp_path_factory.mktemp("run")
-        train(compose_train(TINY), run_dir)
-    finally:
-        torch.set_num_threads(threads)
-    return run_dir
-
-
 def pytorch_model(checkpoint):
     """The run's model as transferlab-eval rebuilds it, its config, backbone and image size."""
     ckpt = load_checkpoint(checkpoint)
@@ -127,7 +114,7 @@ def test_a_checkpoint_file_alone_and_one_format(tiny_run, capsys, one_thread):
     assert not (out / "model.ts").exists()
     record = read_json(out / "preprocessing.json")
     assert record["verification"] is None and list(record["files"]) == ["onnx"]
-    assert record["files"]["onnx"]["opset"] == 18 and record["run"]["epoch"] == 1
+    assert record["files"]["onnx"]["opset"] == 18 and record["run"]["epoch"] == 2
     opsets = {o.domain: o.version for o in onnx.load(str(out / "model.onnx")).opset_import}
     assert opsets[""] == 18
 

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from transferlab.config import RegularizeConfig, compose_config, load_config
+from transferlab.engine.context import EpochContext
+from transferlab.engine.epoch import CrossEntropy, train_epoch
 from transferlab.errors import UserError
-from transferlab.loop import train_one_epoch
 from transferlab.regularize import L2SP
 from transferlab.run import resume_run, train
 from transferlab.runtime import Precision
@@ -90,8 +91,8 @@ def test_a_training_step_pulls_the_backbone_back_toward_w0():
     batches = [(torch.randn(4, 3, TINY_SIZE, TINY_SIZE, generator=g),
                 torch.randint(0, TINY_CLASSES, (4,), generator=g)) for _ in range(3)]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    stats = train_one_epoch(model, batches, nn.CrossEntropyLoss(), optimizer, CPU,
-                            Precision(CPU, False), penalty=penalty)
+    stats = train_epoch(model, batches, CrossEntropy(), optimizer,
+                        EpochContext(CPU, Precision(CPU, False)), penalty=penalty)
     after = distance()
     # lr * alpha = 0.5: each step halves w - w0 (the data's gradients aside), so 3 steps leave
     # a 64th of the squared distance, and the mean penalty is over d, d/4 and d/16
@@ -101,9 +102,9 @@ def test_a_training_step_pulls_the_backbone_back_toward_w0():
     model2, _ = tiny_model()
     model2.eval()
     _moved(model2, 0.05)
-    plain = train_one_epoch(model2, batches, nn.CrossEntropyLoss(),
-                            torch.optim.SGD(model2.parameters(), lr=0.05), CPU,
-                            Precision(CPU, False))
+    plain = train_epoch(model2, batches, CrossEntropy(),
+                        torch.optim.SGD(model2.parameters(), lr=0.05),
+                        EpochContext(CPU, Precision(CPU, False)))
     assert plain.penalty is None
     assert sum(float((p.detach() - w0).pow(2).sum()) for p, w0 in
                zip(model2.backbone.parameters(), start, strict=True)) > 0.9 * before

@@ -10,12 +10,13 @@ import torch
 from torch import nn
 
 from transferlab.config import compose_config, load_config
+from transferlab.engine.context import EpochContext
+from transferlab.engine.epoch import CrossEntropy, train_epoch
+from transferlab.engine.stepping import StepCalls, StepOptions
 from transferlab.errors import UserError
-from transferlab.loop import train_one_epoch
 from transferlab.run import resume_run, train
-from transferlab.run.tasks import Classify
+from transferlab.run.hooks import CachedInputs
 from transferlab.runtime import Precision
-from transferlab.stepping import StepOptions
 
 from .conftest import TINY, compose_train
 
@@ -45,15 +46,16 @@ def _batches(x, y, sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _epoch(sizes: list[int], stepping: StepOptions, lr: float = 0.5, data=None,
-           model: nn.Module | None = None, precision: Precision | None = None):
+           model: nn.Module | None = None, precision: Precision | None = None, grad_norm=None):
     """Weights after one epoch over batches of ``sizes`` and the optimizer steps taken."""
     x, y = data if data is not None else _data(sum(sizes))
     model = model or _mlp()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     steps = []
-    train_one_epoch(model, _batches(x, y, sizes), nn.CrossEntropyLoss(), optimizer, CPU,
-                    precision or Precision(CPU, False), before_step=lambda opt: steps.append(1),
-                    stepping=stepping)
+    train_epoch(model, _batches(x, y, sizes), CrossEntropy(), optimizer,
+                EpochContext(CPU, precision or Precision(CPU, False)),
+                hooks=StepCalls(before=lambda opt: steps.append(1), grad_norm=grad_norm),
+                stepping=stepping)
     return [p.detach().clone() for p in model.parameters()], len(steps)
 
 
@@ -93,9 +95,8 @@ def test_clip_by_norm_caps_the_total_norm_of_the_trainable_grads():
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     assert norm > 1.0
     seen = []
-    after, _ = _epoch([16], StepOptions(clip_val=0.25, clip_algorithm="norm",
-                                        on_grad_norm=seen.append), lr=1.0, data=data,
-                      model=model)
+    after, _ = _epoch([16], StepOptions(clip_val=0.25, clip_algorithm="norm"), lr=1.0,
+                      data=data, model=model, grad_norm=seen.append)
     trainable = [i for i, p in enumerate(model.parameters()) if p.requires_grad]
     deltas = [before[i] - after[i] for i in trainable]  # lr 1: the clipped grads
     total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in deltas]))
@@ -140,9 +141,9 @@ def test_accumulation_stops_an_epoch_only_after_an_optimizer_step():
     x, y = _data(20)
     model = _mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    stats = train_one_epoch(model, _batches(x, y, [4] * 5), nn.CrossEntropyLoss(), optimizer,
-                            CPU, Precision(CPU, False), should_stop=lambda: True,
-                            stepping=StepOptions(accumulate=3))
+    stats = train_epoch(model, _batches(x, y, [4] * 5), CrossEntropy(), optimizer,
+                        EpochContext(CPU, Precision(CPU, False)),
+                        hooks=StepCalls(stop=lambda: True), stepping=StepOptions(accumulate=3))
     assert stats.stopped and stats.steps == 3
 
 
@@ -207,13 +208,13 @@ EARLY = [*(o for o in TINY if not o.startswith("trainer.epochs=")),
 def stage_starts(monkeypatch):
     """The whole model's weights as each stage starts (after any restore), by stage name."""
     seen: dict[str, dict] = {}
-    original = Classify.stage_inputs
+    original = CachedInputs.setup_stage
 
-    def spy(self, built, plan, *args):
-        seen[plan.name] = {k: v.clone() for k, v in built.model.state_dict().items()}
-        return original(self, built, plan, *args)
+    def spy(self, loop):
+        seen[loop.plan.name] = {k: v.clone() for k, v in loop.model.state_dict().items()}
+        return original(self, loop)
 
-    monkeypatch.setattr(Classify, "stage_inputs", spy)
+    monkeypatch.setattr(CachedInputs, "setup_stage", spy)
     return seen
 
 

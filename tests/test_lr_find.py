@@ -13,7 +13,7 @@ import torch
 
 from tests.conftest import TINY, compose_train
 from transferlab.config import load_config
-from transferlab.lr_find import main, prepare_stage, range_test, suggest
+from transferlab.lr_find import main, prepare_stage, suggest
 
 # The tiny model on 80 digits (8 a class), batches of 16: 5 batches an epoch. No trainer.epochs:
 # two_stage sets its own length.
@@ -29,9 +29,7 @@ def setup_for(overrides: list[str], stage: str | None = None, warmup: bool = Fal
 def sweep(setup, on_step=None, **kwargs):
     settings = dict(start_lr=1e-5, end_lr=1.0, steps=20)
     settings.update(kwargs)
-    return range_test(setup.model, setup.optimizer, setup.loader, setup.loss_fn,
-                      setup.built.device, base_lr=setup.built.run.optimizer.lr,
-                      on_step=on_step, **settings)
+    return setup.range_test(on_step=on_step, **settings)
 
 
 def assert_same_tree(a, b, where="") -> None:
@@ -58,7 +56,7 @@ def test_model_optimizer_and_rng_are_restored_bit_for_bit(one_thread):
     x, y = next(iter(setup.loader))
     for _ in range(2):
         optimizer.zero_grad()
-        setup.loss_fn(model, x, y).backward()
+        setup.loss(x, y).backward()
         optimizer.step()
     assert optimizer.state
     model_before = copy.deepcopy(model.state_dict())
@@ -73,9 +71,13 @@ def test_model_optimizer_and_rng_are_restored_bit_for_bit(one_thread):
         moved.append(any(not torch.equal(p, model_before[n])
                          for n, p in model.named_parameters() if p.requires_grad))
 
-    loss_fn = setup.loss_fn
-    # a dropout's draws from the global RNG (the tiny model has none of its own)
-    setup.loss_fn = lambda m, x, y: loss_fn(m, x, y) + 0 * torch.rand(())
+    objective = setup.objective
+
+    def drawing(m, x, y, ctx):  # a dropout's draws from the global RNG (the tiny model has none)
+        loss, out = objective(m, x, y, ctx)
+        return loss + 0 * torch.rand(()), out
+
+    setup.objective = drawing
     test = sweep(setup, on_step, end_lr=10.0)
     assert len(test.lrs) > 3 and all(moved)  # the sweep did change the weights
     assert_same_tree(model.state_dict(), model_before, "model")
@@ -191,12 +193,12 @@ def test_the_swept_loss_includes_the_runs_l2sp_penalty(one_thread):
                       "trainer.regularize.alpha=0.5", "trainer.regularize.beta=0.5"])
     x, y = next(iter(plain.loader))
     with torch.no_grad():
-        data_loss = plain.loss_fn(plain.model, x, y)
+        data_loss = plain.loss(x, y)
         # the same seed builds the same model: the only difference is the penalty, which at
         # the starting weights is the head's beta term (the backbone has not moved from w0)
         penalty = float(l2sp.built.penalty())
         assert penalty > 0
-        assert float(l2sp.loss_fn(l2sp.model, x, y)) == pytest.approx(
+        assert float(l2sp.loss(x, y)) == pytest.approx(
             float(data_loss) + penalty, rel=1e-6)
         for p in l2sp.model.backbone.parameters():  # move the backbone: the alpha term grows
             p.add_(0.01)

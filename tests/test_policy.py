@@ -13,8 +13,9 @@ from transferlab.config import (
     StageSpec,
     make_config,
 )
+from transferlab.engine.context import EpochContext
+from transferlab.engine.epoch import CrossEntropy, train_epoch
 from transferlab.errors import UserError
-from transferlab.loop import train_one_epoch
 from transferlab.optim import stage_optimizer
 from transferlab.policy import (
     apply_stage,
@@ -81,8 +82,8 @@ def run_epochs(model, plan, epochs: int = 2) -> None:
     loader = random_loader()
     for _ in range(epochs):
         set_train_mode(model, plan)
-        stats = train_one_epoch(model, loader, nn.CrossEntropyLoss(), optimizer,
-                                torch.device("cpu"), precision)
+        stats = train_epoch(model, loader, CrossEntropy(), optimizer,
+                            EpochContext(torch.device("cpu"), precision))
         assert stats.samples == len(loader.dataset)
     assert optimizer.state, "the optimizer took no step"
 

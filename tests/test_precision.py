@@ -11,8 +11,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from transferlab.config import load_config
+from transferlab.engine.context import EpochContext
+from transferlab.engine.epoch import CrossEntropy, train_epoch
 from transferlab.errors import UserError
-from transferlab.loop import train_one_epoch
 from transferlab.run import train
 from transferlab.runtime import Precision
 
@@ -31,8 +32,8 @@ def one_epoch(mode: str) -> tuple[list[tuple[torch.dtype, bool]], float]:
         lambda module, args, out: seen.append((out.dtype, torch.is_autocast_enabled("cpu"))))
     data = TensorDataset(torch.randn(16, 16), torch.randint(0, 3, (16,)))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    stats = train_one_epoch(model, DataLoader(data, batch_size=8), nn.CrossEntropyLoss(),
-                            optimizer, CPU, Precision(CPU, mode))
+    stats = train_epoch(model, DataLoader(data, batch_size=8), CrossEntropy(), optimizer,
+                        EpochContext(CPU, Precision(CPU, mode)))
     return seen, stats.loss
 
 

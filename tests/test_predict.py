@@ -13,9 +13,8 @@ from PIL import Image
 
 from transferlab.data.digits import digits_images
 from transferlab.predict import main
-from transferlab.run import train
 
-from .conftest import ROOT, TINY, compose_train
+from .conftest import ROOT
 
 CATS = ("tabby", "tiger cat", "Egyptian cat", "Persian cat")
 
@@ -48,14 +47,6 @@ def test_imagenet_top5_on_real_photos_skips_a_text_file(tmp_path, capsys, one_th
     assert "espresso" in top5["coffee.png"] or "cup" in top5["coffee.png"], top5["coffee.png"]
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "skipped 1 file" in warnings[0] and "notes.txt" in warnings[0]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A one-epoch run of the tiny random timm model on digits (32 px)."""
-    run_dir = tmp_path_factory.mktemp("run")
-    train(compose_train(TINY), run_dir)
-    return run_dir
 
 
 def save_digits(folder, count: int) -> None:

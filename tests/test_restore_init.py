@@ -197,14 +197,6 @@ def test_lightning_checkpoint_loads(tmp_path):
         assert torch.equal(value, values[name]), name
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A real one-epoch transferlab run of the tiny model: its directory."""
-    run_dir = tmp_path_factory.mktemp("source_run")
-    train(compose_train(TINY), run_dir)
-    return run_dir
-
-
 @pytest.mark.slow
 def test_transferlab_checkpoint_restores_into_a_fresh_backbone(tiny_run):
     path = tiny_run / "checkpoints" / "last.pt"

@@ -141,7 +141,7 @@ def test_imbalance_options_and_label_smoothing_run_end_to_end(compose_cfg, tmp_p
 
 
 @pytest.mark.parametrize("step", ["load_config", "build_splits", "log_training_samples",
-                                  "train_one_epoch"])
+                                  "train_epoch"])
 def test_metrics_end_failed_whatever_step_fails(step, compose_cfg, tmp_path, monkeypatch,
                                                 one_thread):
     """Config, build, the first logs, the loop: once metrics.json exists it never stays
@@ -149,7 +149,7 @@ def test_metrics_end_failed_whatever_step_fails(step, compose_cfg, tmp_path, mon
     where = {"load_config": "transferlab.run.load_config",
              "build_splits": "transferlab.run.build.build_splits",
              "log_training_samples": "transferlab.run.tasks.log_training_samples",
-             "train_one_epoch": "transferlab.run.tasks.train_one_epoch"}[step]
+             "train_epoch": "transferlab.engine.stages.train_epoch"}[step]
 
     def broken(*args, **kwargs):
         raise RuntimeError(f"{step} broke")
@@ -165,7 +165,7 @@ def test_interrupted_run_says_so(compose_cfg, tmp_path, monkeypatch, one_thread)
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("transferlab.run.tasks.train_one_epoch", interrupt)
+    monkeypatch.setattr("transferlab.engine.stages.train_epoch", interrupt)
     with pytest.raises(KeyboardInterrupt):
         train(compose_cfg([*TINY, *FAST]), tmp_path)
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "interrupted"

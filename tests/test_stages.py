@@ -22,8 +22,10 @@ from transferlab.checkpoint import load_checkpoint
 from transferlab.config import SchedulerConfig, load_config, make_config
 from transferlab.data import build_splits, make_loaders
 from transferlab.data.transforms import eval_transform, train_transform
+from transferlab.engine.context import EpochContext
+from transferlab.engine.epoch import CrossEntropy, train_epoch
+from transferlab.engine.stepping import StepCalls
 from transferlab.errors import UserError
-from transferlab.loop import train_one_epoch
 from transferlab.optim import stage_optimizer
 from transferlab.policy import apply_stage, plan_stages, resolve_selector, set_train_mode
 from transferlab.run import train
@@ -104,8 +106,8 @@ def run_stage(model, plan, run, previous, loader):
     precision = Precision(CPU, "off")
     for _ in range(plan.spec.epochs):
         set_train_mode(model, plan)
-        train_one_epoch(model, loader, nn.CrossEntropyLoss(), optimizer, CPU, precision,
-                        before_step=schedule.apply)
+        train_epoch(model, loader, CrossEntropy(), optimizer, EpochContext(CPU, precision),
+                    hooks=StepCalls(before=schedule.apply))
     return optimizer
 
 

@@ -454,7 +454,7 @@ def run_cli(argv: list[str]) -> int:
     if parsed["report"]:
         print(f"Report: {write_report(parsed['report'], runs, figure, root)}", file=sys.stderr)
     if parsed["tensorboard"]:
-        _write_tensorboard(base, every, runs if keys else [], keys)
+        write_tensorboard(base, every, runs if keys else [], keys)
         logdirs = " ".join(str(p) for p in paths)
         if len(paths) == 1:
             print(f"\ntensorboard --logdir {logdirs}")
@@ -464,7 +464,7 @@ def run_cli(argv: list[str]) -> int:
     return 0
 
 
-def _write_tensorboard(root: Path, runs: list[RunRecord], groups: list[RunRecord],
+def write_tensorboard(root: Path, runs: list[RunRecord], groups: list[RunRecord],
                        keys: tuple[str, ...] = SEED_KEYS) -> None:
     from transferlab.tensorboard_views import write_seed_groups, write_union_hparams
 
@@ -477,10 +477,10 @@ def _write_tensorboard(root: Path, runs: list[RunRecord], groups: list[RunRecord
 def group_label(overrides: list[str], keys: tuple[str, ...] = SEED_KEYS) -> str:
     """A group's TensorBoard run name: what sets it apart (its overrides but the grouped keys,
     by default the seed)."""
-    from transferlab.sweep import _safe
+    from transferlab.run_dirs import safe_name  # (it imports torch: only when needed)
 
     parts = [o for o in overrides if _key_of(o) not in keys]
-    return "__".join(_safe(o.replace("=", "-")) for o in parts) or "all"
+    return "__".join(safe_name(o.replace("=", "-")) for o in parts) or "all"
 
 
 def write_report(path: Path, runs: list[RunRecord], figure: Path | None,

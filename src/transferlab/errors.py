@@ -17,6 +17,14 @@ class UserError(Exception):
         return " ".join(super().__str__().split())
 
 
+class Interrupted(BaseException):  # noqa: N818 (as KeyboardInterrupt: not an error)
+    """A run stopped by SIGINT / SIGTERM after a checkpoint it can resume from."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 def nearest(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     """The candidates closest to ``name`` (for "did you mean" hints)."""
     candidates = list(dict.fromkeys(candidates))

@@ -18,44 +18,23 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from transferlab.backbones import Backbone
 from transferlab.cli import Key, Spec, parse, run_main
 from transferlab.config import (
     AugmentConfig,
     RunConfig,
-    TrainerConfig,
     compose_config,
     load_config,
 )
-from transferlab.data import DataSplits, build_splits, eval_batch_size, loader_workers
+from transferlab.data import DataSplits, build_splits
 from transferlab.errors import UserError
-from transferlab.feature_cache import FeatureCache
-from transferlab.runtime import Precision, pick_device
+from transferlab.feature_cache import extract_splits
+from transferlab.runtime import pick_device
 
 log = logging.getLogger("transferlab")
-
-
-def extract_splits(backbone: Backbone, splits: DataSplits, trainer: TrainerConfig,
-                   device: torch.device, image_size: int,
-                   cache: FeatureCache | None = None,
-                   stage: str = "features") -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per split (train, val and test where there is one): its (features (N, D) float32,
-    labels (N,)), through the feature cache (``trainer.feature_cache``): stored in its dtype
-    (float16 by default), taken from the store when an earlier run or export made them."""
-    if cache is None:
-        cache = FeatureCache(trainer.feature_cache, device, Precision(device, trainer.amp),
-                             trainer.channels_last and len(backbone.feature_shape) == 3,
-                             eval_batch_size(trainer), loader_workers(trainer))
-    parts = {"train": splits.train, "val": splits.val}
-    if splits.test is not None:
-        parts["test"] = splits.test
-    return cache.pooled_features(backbone, image_size, parts, stage)
 
 
 def run_features(run: RunConfig) -> tuple[DataSplits, dict[str, tuple[np.ndarray, np.ndarray]]]:
@@ -92,32 +71,6 @@ def save_npz(path: Path, splits: DataSplits,
         payload[f"{name}_features"], payload[f"{name}_labels"] = x, y
     np.savez_compressed(path, **payload)
     return path
-
-
-def fit_logreg(arrays: dict[str, tuple[np.ndarray, np.ndarray]], c: float, max_iter: int,
-               seed: int) -> dict:
-    """Scikit-learn's LogisticRegression on standardised train features; train/val accuracy
-    and log loss (the metrics of a run's epoch)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import log_loss
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    (xt, yt), (xv, yv) = arrays["train"], arrays["val"]
-    model = make_pipeline(StandardScaler(),
-                          LogisticRegression(C=c, max_iter=max_iter, random_state=seed))
-    started = time.perf_counter()
-    model.fit(xt, yt)
-    labels = np.arange(int(max(yt.max(), yv.max())) + 1)
-    out = {"seconds": time.perf_counter() - started, "model": model}
-    for split, (x, y) in (("train", (xt, yt)), ("val", (xv, yv))):
-        proba = model.predict_proba(x)
-        full = np.zeros((len(x), len(labels)))
-        full[:, model.classes_] = proba
-        full /= full.sum(axis=1, keepdims=True)
-        out[f"{split}_acc"] = float((full.argmax(1) == y).mean())
-        out[f"{split}_loss"] = float(log_loss(y, full, labels=labels))
-    return out
 
 
 SPEC = Spec(

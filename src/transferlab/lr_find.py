@@ -9,17 +9,24 @@ build step. For the chosen stage the finder does what training does at that stag
 exactly its trainable parameters (:func:`~transferlab.policy.apply_stage`), its BatchNorm
 modes (:func:`~transferlab.policy.set_train_mode`) and its optimizer with its parameter groups
 (:func:`~transferlab.optim.stage_optimizer`). It then sweeps the BASE learning rate
-(``optimizer.lr``) exponentially from ``start_lr`` to ``end_lr`` over ``steps`` training
-batches (cycling the loader); every group keeps its ratio to the base (a two_stage finetune
+(``optimizer.lr``) exponentially from ``start_lr`` to ``end_lr`` over ``steps`` optimizer
+steps (cycling the loader); every group keeps its ratio to the base (a two_stage finetune
 group at ``finetune_lr_mult`` x base, a layer-decayed block at ``decay^k`` x base, a selector
 with an absolute ``lr`` at its ratio to ``optimizer.lr``). The stage's own LR schedule is not
 used. The sweep stops when the smoothed loss exceeds ``diverge`` x its best (or is not finite).
 
+The range test runs on the engine's training pass (:func:`~transferlab.engine.epoch.
+train_epoch`), as the run's loop would: the run's loss (with its penalty, e.g. L2-SP), its
+loaders (MixUp / CutMix where ``augment`` mixes), its gradient accumulation (a sweep step is
+one optimizer step of ``accumulate_grad_batches`` batches) and its clipping.
+
 Earlier stages: by default (``warmup=false``) the finder runs on the model as built (pretrained
 backbone, new head), as torch-lr-finder and fastai do. ``warmup=true`` first trains the stages
-before the chosen one as the run would (their epochs, LRs, schedules; the optimizer state
-carries over into the chosen stage as in training), e.g. the head of a two_stage run before
-its finetune stage is probed.
+before the chosen one with the run's own staged engine (:func:`~transferlab.engine.stages.
+fit_stages`: their epochs, LRs, schedules, accumulation, clipping, feature cache, early
+stopping; the optimizer state carries over into the chosen stage as in training), e.g. the
+head of a two_stage run before its finetune stage is probed: the same weights, bit for bit,
+as the run's after those stages.
 
 Afterwards the model and the optimizer are restored exactly (state dicts incl. BatchNorm
 buffers, requires_grad, train/eval modes, gradients, the RNG states).
@@ -38,34 +45,37 @@ Writes into ``output=<dir>`` (default ``outputs/lr_find/<date>/<time>_<name>-<st
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import math
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import matplotlib
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from transferlab.cli import Key, Spec, boolean, number, parse, positive_int, run_main
 from transferlab.config import RunConfig, TwoStageConfig, compose_config, load_config
-from transferlab.data import make_loaders
+from transferlab.engine.context import EpochContext
+from transferlab.engine.epoch import Objective, train_epoch
+from transferlab.engine.hooks import Distributed, EarlyStop, Hook, NullRecorder
+from transferlab.engine.ledger import FreezeLedger
+from transferlab.engine.stages import fit_stages
+from transferlab.engine.stepping import StepHooks, StepOptions
 from transferlab.errors import UserError, did_you_mean
-from transferlab.loop import _to_device, train_one_epoch
 from transferlab.optim import stage_optimizer
 from transferlab.policy import StagePlan, apply_stage, set_train_mode
 from transferlab.run.build import BuiltRun, build_run
-from transferlab.run.tasks import train_criterion
+from transferlab.run.tasks import stage_loop
 from transferlab.run_dirs import claim
 from transferlab.runtime import Precision, rng_state, seed_everything, set_rng_state
-from transferlab.schedule import StageSchedule
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -78,9 +88,6 @@ RULE_TEXT = {
     "min10": "a tenth of the lr at the smoothed loss's minimum",
 }
 JSON_NAME, PNG_NAME = "lr_find.json", "lr_find.png"
-
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-
 
 @dataclass
 class RangeTest:
@@ -172,63 +179,93 @@ def check_settings(start_lr: float, end_lr: float, smooth: float, diverge: float
         raise UserError(f"diverge={diverge:g}: must be > 1 (stop at diverge x the best loss)")
 
 
+class _Cycle:
+    """``batches`` batches of ``loader``, again and again (sized, for the training pass)."""
+
+    def __init__(self, loader: Iterable, batches: int):
+        self.loader, self.batches = loader, batches
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self):
+        source = _batches(self.loader)
+        try:
+            yield from itertools.islice(source, self.batches)
+        finally:
+            source.close()  # the loader's epoch back
+
+
+class _Sweep(StepHooks):
+    """The range test's step hooks: each optimizer step's base LR (exponential), its loss
+    recorded and smoothed, a stop once the smoothed loss diverges."""
+
+    def __init__(self, optimizer, base_lr: float, start_lr: float, end_lr: float, steps: int,
+                 smooth: float, diverge: float, on_step):
+        # each group's multiplier as its stage plan set it (``initial_lr``; a schedule's
+        # factor left out), else as it stands
+        self.mults = [g.get("initial_lr", g["lr"]) / base_lr for g in optimizer.param_groups]
+        self.start_lr, self.ratio, self.steps = start_lr, end_lr / start_lr, steps
+        self.smooth, self.diverge, self.on_step = smooth, diverge, on_step
+        self.lrs: list[float] = []
+        self.losses: list[float] = []
+        self.smoothed: list[float] = []
+        self.stopped, self.best, self.avg, self.lr = "completed", math.inf, None, start_lr
+
+    def before_step(self, optimizer) -> None:
+        i = len(self.lrs)
+        self.lr = self.start_lr * self.ratio ** (i / max(self.steps - 1, 1))
+        for group, mult in zip(optimizer.param_groups, self.mults, strict=True):
+            group["lr"] = self.lr * mult
+
+    def after_step(self, loss: float) -> None:
+        self.avg = loss if self.avg is None else self.smooth * loss + (1 - self.smooth) * self.avg
+        self.lrs.append(self.lr)
+        self.losses.append(loss)
+        self.smoothed.append(self.avg)
+        if self.on_step is not None:
+            self.on_step(len(self.lrs) - 1, self.lr, loss)
+        self.best = min(self.best, self.avg)
+        if self.avg > self.diverge * self.best:
+            self.stopped = "diverged"
+
+    def should_stop(self) -> bool:
+        return self.stopped != "completed"
+
+
 def range_test(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Iterable,
-               loss_fn: LossFn, device: torch.device, *, base_lr: float,
+               objective: Objective, ctx: EpochContext, *, base_lr: float,
                start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 200,
                smooth: float = 0.05, diverge: float = 4.0,
-               precision: Precision | None = None, channels_last: bool = False,
+               stepping: StepOptions | None = None,
+               penalty: Callable[[], torch.Tensor] | None = None,
                on_step: Callable[[int, float, float], None] | None = None) -> RangeTest:
     """Sweep the base LR of ``optimizer`` exponentially from ``start_lr`` to ``end_lr`` over
-    ``steps`` batches of ``loader``; each param group keeps its multiplier
-    ``initial_lr / base_lr``. The caller has set requires_grad and train/eval modes (the
-    stage's). Stops when the smoothed
-    loss (exponential moving average, weight ``smooth`` on the new loss) exceeds ``diverge`` x
-    its best so far, or a loss is not finite. ``on_step(i, lr, loss)`` runs after each step.
-    Afterwards the model, the optimizer (state and LRs), the grad scaler, requires_grad,
-    train/eval modes, gradients and the RNG states are as they were."""
+    ``steps`` optimizer steps on ``loader``'s batches, through the engine's training pass
+    (:func:`~transferlab.engine.epoch.train_epoch`: the run's ``objective`` and ``penalty``,
+    its gradient accumulation and clipping ``stepping``); each param group keeps its
+    multiplier ``initial_lr / base_lr``. The caller has set requires_grad and train/eval
+    modes (the stage's). ``losses[i]``: the mean objective of step i's samples. Stops when the
+    smoothed loss (exponential moving average, weight ``smooth`` on the new loss) exceeds
+    ``diverge`` x its best so far, or a loss is not finite. ``on_step(i, lr, loss)`` runs after
+    each step. Afterwards the model, the optimizer (state and LRs), the grad scaler,
+    requires_grad, train/eval modes, gradients and the RNG states are as they were."""
     check_settings(start_lr, end_lr, smooth, diverge)
-    precision = precision or Precision(device, False)
-    # each group's multiplier as its stage plan set it (``initial_lr``; a schedule's factor
-    # left out), else as it stands
-    mults = [group.get("initial_lr", group["lr"]) / base_lr for group in optimizer.param_groups]
+    stepping = stepping or StepOptions()
+    sweep = _Sweep(optimizer, base_lr, start_lr, end_lr, steps, smooth, diverge, on_step)
     group_mults = {}
-    for group, mult in zip(optimizer.param_groups, mults, strict=True):
+    for group, mult in zip(optimizer.param_groups, sweep.mults, strict=True):
         group_mults.setdefault(group.get("name", "all"), mult)
-    snapshot = _Snapshot(model, optimizer, precision)
-    lrs, losses, smoothed = [], [], []
-    stopped, best, avg = "completed", math.inf, None
-    ratio = end_lr / start_lr
-    batches = _batches(loader)
+    snapshot = _Snapshot(model, optimizer, ctx.precision)
     try:
-        for i in range(steps):
-            lr = start_lr * ratio ** (i / max(steps - 1, 1))
-            for group, mult in zip(optimizer.param_groups, mults, strict=True):
-                group["lr"] = lr * mult
-            x, y = _to_device(*next(batches), device, channels_last)
-            with precision.autocast():
-                loss = loss_fn(model, x, y)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                stopped = "not finite"
-                break
-            optimizer.zero_grad(set_to_none=True)
-            precision.scaler.scale(loss).backward()
-            precision.scaler.step(optimizer)
-            precision.scaler.update()
-            avg = value if avg is None else smooth * value + (1 - smooth) * avg
-            lrs.append(lr)
-            losses.append(value)
-            smoothed.append(avg)
-            if on_step is not None:
-                on_step(i, lr, value)
-            best = min(best, avg)
-            if avg > diverge * best:
-                stopped = "diverged"
-                break
+        train_epoch(model, _Cycle(loader, steps * stepping.accumulate), objective, optimizer,
+                    replace(ctx, progress=False), hooks=sweep, stepping=stepping,
+                    penalty=penalty, desc="lr_find")
+    except FloatingPointError:
+        sweep.stopped = "not finite"
     finally:
-        batches.close()  # the loader's epoch back
-        snapshot.restore(model, optimizer, precision)
-    return RangeTest(lrs, losses, smoothed, stopped, group_mults)
+        snapshot.restore(model, optimizer, ctx.precision)
+    return RangeTest(sweep.lrs, sweep.losses, sweep.smoothed, sweep.stopped, group_mults)
 
 
 # -- the suggestion ------------------------------------------------------------------------------
@@ -255,23 +292,23 @@ def suggest(lrs: list[float], smoothed: list[float], rule: str = "steepest") -> 
 # -- a stage of a built run ----------------------------------------------------------------------
 def pick_stage(plans: list[StagePlan], stage: str | None, policy: str) -> StagePlan:
     """The plan that ``stage=`` names (an index or a name); None: the first stage that trains
-    anything."""
+    anything. ``policy``: where the stages come from, for messages (``freeze=two_stage``)."""
     listed = ", ".join(f"{p.index} {p.name}" for p in plans)
     if stage is None:
         for plan in plans:
             if plan.spec.epochs > 0 and plan.groups:
                 return plan
-        raise UserError(f"freeze={policy} trains nothing (stages: {listed})")
+        raise UserError(f"{policy} trains nothing (stages: {listed})")
     if stage.lstrip("-").isdigit():
         index = int(stage)
         if not 0 <= index < len(plans):
-            raise UserError(f"stage={stage}: freeze={policy} has stages {listed}; give stage=0.."
+            raise UserError(f"stage={stage}: {policy} has stages {listed}; give stage=0.."
                             f"{len(plans) - 1} or a stage name")
         plan = plans[index]
     else:
         names = [p.name for p in plans]
         if stage not in names:
-            raise UserError(f"stage={stage!r}: freeze={policy} has no such stage"
+            raise UserError(f"stage={stage!r}: {policy} has no such stage"
                             f"{did_you_mean(stage, names)}; its stages: {listed}")
         plan = plans[names.index(stage)]
     if not plan.groups:
@@ -279,85 +316,74 @@ def pick_stage(plans: list[StagePlan], stage: str | None, policy: str) -> StageP
     return plan
 
 
-def _loss_fn(built: BuiltRun) -> LossFn:
-    """The loss the run's loop minimises: cross-entropy for a classifier, the mean squared
-    reconstruction error for an autoencoder, plus the run's penalty (``trainer.regularize``,
-    e.g. L2-SP) where it has one, so the range test sees the objective training will."""
-    if built.run.task.name == "autoencoder":
-        data_loss = lambda model, x, y: F.mse_loss(model(x).float(), x.float())  # noqa: E731
-    else:
-        criterion = train_criterion(built)
-        data_loss = lambda model, x, y: criterion(model(x), y)  # noqa: E731
-    penalty = built.penalty
-    if penalty is None:
-        return data_loss
-    return lambda model, x, y: data_loss(model, x, y) + penalty()
+class _WarmUpLog(Hook):
+    """One console line per warm-up epoch."""
+
+    def on_epoch_end(self, loop) -> None:
+        r = loop.record
+        log.info("warm-up epoch %d [%s]: train loss %.4f | val loss %.4f", r["epoch"],
+                 r["stage"], r["train_loss"], r["val_loss"])
 
 
-def _warm_up(built: BuiltRun, target: StagePlan, loader) -> torch.optim.Optimizer | None:
-    """Train the stages before ``target`` as the run's loop would (their epochs, groups,
-    modes, schedules; the whole model, no feature cache); the last optimizer, whose state
-    carries into ``target`` as in training. (Only a classifier has stages before another.)"""
-    model, run, optimizer = built.model, built.run, None
-    criterion = train_criterion(built)
-    for plan in built.plans[:target.index]:
-        if plan.spec.epochs == 0:
-            continue
-        apply_stage(model, plan)
-        optimizer = stage_optimizer(model, plan, run.optimizer, optimizer)
-        schedule = StageSchedule(plan.spec.scheduler or run.scheduler, plan.spec.epochs,
-                                 len(loader))
-        for epoch in range(plan.first_epoch, plan.last_epoch + 1):
-            set_train_mode(model, plan)
-            loader.sampler.set_epoch(epoch)
-            stats = train_one_epoch(model, loader, criterion, optimizer, built.device,
-                                    built.precision, channels_last=built.channels_last,
-                                    before_step=schedule.apply, progress=built.progress,
-                                    penalty=built.penalty,
-                                    desc=f"warm-up epoch {epoch} [{plan.name}]")
-            log.info("warm-up epoch %d [%s]: train loss %.4f acc %.4f", epoch, plan.name,
-                     stats.loss, stats.acc)
-    return optimizer
+def warmup_hooks(built: BuiltRun) -> list[Hook]:
+    """The hooks of the run's loop that change what it trains (no record, no checkpoint):
+    the stage's cached inputs, DDP, early stopping (its lines unrecorded), the freeze ledger."""
+    quiet = NullRecorder()
+    return [*built.task.input_hooks(built, quiet), Distributed(),
+            EarlyStop(built.run.trainer.early_stopping, quiet), FreezeLedger(), _WarmUpLog()]
 
 
 @dataclass
 class StageSetup:
     """A built run at the start of one stage: the model with the stage's requires_grad and
-    modes, the stage's optimizer, the training loader and the loss."""
+    modes, the stage's optimizer, the training loader, what the run minimises and how it
+    steps."""
 
     built: BuiltRun
     plan: StagePlan
     optimizer: torch.optim.Optimizer
     loader: DataLoader
-    loss_fn: LossFn
+    objective: Objective
+    stepping: StepOptions
 
     @property
     def model(self) -> nn.Module:
         return self.built.model
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The objective of one batch as training minimises it (the penalty included)."""
+        loss, _ = self.objective(self.model, x, y, self.built.context)
+        return loss if self.built.penalty is None else loss.float() + self.built.penalty()
+
+    def range_test(self, **settings) -> RangeTest:
+        built = self.built
+        return range_test(self.model, self.optimizer, self.loader, self.objective,
+                          built.context, base_lr=built.run.optimizer.lr, stepping=self.stepping,
+                          penalty=built.penalty, **settings)
 
 
 def prepare_stage(run: RunConfig, stage: str | None = None,
                   warmup: bool = False) -> StageSetup:
     """Build ``run`` as training does (seeded first) and set its model up for ``stage`` (an
     index or a name; None: the first stage that trains anything), after training the stages
-    before it when ``warmup``."""
+    before it on the run's own engine when ``warmup``."""
     seed_everything(run.seed, run.trainer.deterministic)
     built = build_run(run)
     if built.model is None:
         raise UserError(f"head={run.head.name} is fitted in closed form (no learning rate): "
                         "there is nothing for lr_find to sweep")
-    plan = pick_stage(built.plans, stage, run.freeze.name
-                      if run.task.name == "classify" else f"(task={run.task.name})")
-    model = built.model.to(built.device)
-    if built.channels_last:
-        model.to(memory_format=torch.channels_last)
-    loader, _ = make_loaders(built.splits, run.trainer, run.seed, built.device)
-    previous = _warm_up(built, plan, loader) if warmup else None
+    plan = pick_stage(built.plans, stage, built.task.policy_label(run))
+    loop = stage_loop(built, warmup_hooks(built) if warmup else [])
+    if warmup:
+        loop.plans = built.plans[:plan.index]
+        fit_stages(loop)
+    model = built.model
     apply_stage(model, plan)
     set_train_mode(model, plan)
-    optimizer = stage_optimizer(model, plan, run.optimizer, previous)
-    loader.sampler.set_epoch(plan.first_epoch)
-    return StageSetup(built, plan, optimizer, loader, _loss_fn(built))
+    optimizer = stage_optimizer(model, plan, run.optimizer, loop.optimizer)
+    loop.train_loader.sampler.set_epoch(plan.first_epoch)
+    return StageSetup(built, plan, optimizer, loop.train_loader, loop.train_objective,
+                      loop.stepping)
 
 
 def lr_find(run: RunConfig, stage: str | None = None, *, start_lr: float = 1e-7,
@@ -370,12 +396,10 @@ def lr_find(run: RunConfig, stage: str | None = None, *, start_lr: float = 1e-7,
                         f"{', '.join(RULES)}")
     check_settings(start_lr, end_lr, smooth, diverge)  # before anything is built
     setup = prepare_stage(run, stage, warmup)
-    built = setup.built
-    test = range_test(setup.model, setup.optimizer, setup.loader, setup.loss_fn, built.device,
-                      base_lr=run.optimizer.lr, start_lr=start_lr, end_lr=end_lr, steps=steps,
-                      smooth=smooth, diverge=diverge, precision=built.precision,
-                      channels_last=built.channels_last)
-    return LRFindResult(test, suggest(test.lrs, test.smoothed, rule), rule, setup.plan, built)
+    test = setup.range_test(start_lr=start_lr, end_lr=end_lr, steps=steps, smooth=smooth,
+                            diverge=diverge)
+    return LRFindResult(test, suggest(test.lrs, test.smoothed, rule), rule, setup.plan,
+                        setup.built)
 
 
 # -- outputs -------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
@@ -36,17 +37,55 @@ from transferlab.config.schema import (
 from transferlab.errors import UserError, nearest
 from transferlab.registry import FREEZE_POLICIES
 
+
+@dataclass(frozen=True)
+class Policy:
+    """What a freeze policy knows beyond its schema and stages (its registry entry's builder):
+    the key that gives its last stage more epochs when a finished or stopped run is resumed
+    (``transferlab-train resume=<run> <key>=N``); None: its stages cannot be extended."""
+
+    extends: str | None = "trainer.epochs"
+
+    def extend(self, raw: dict, key: str, epochs: int) -> None:
+        """Give the last stage of the saved config ``raw`` ``epochs`` epochs by ``key=epochs``
+        (a one-line error when ``key`` is not this policy's)."""
+        freeze = raw["freeze"]
+        name, stages = freeze.get("name"), freeze["stages"]
+        if self.extends is None:
+            raise UserError(f"freeze={name}: its stages are planned from its settings, so a "
+                            "resume cannot give its last stage more epochs; start a new run")
+        if key != self.extends:
+            raise UserError(f"{key} does not extend a freeze={name} run: its last stage "
+                            f"({stages[-1]['name']}) takes {self.extends}=N")
+        if self.extends == "trainer.epochs":
+            if len(stages) != 1 or stages[0]["epochs"] != raw["trainer"]["epochs"]:
+                raise UserError(f"trainer.epochs extends a run of one stage of trainer.epochs; "
+                                f"freeze={name} has {len(stages)} stages of their own epochs: "
+                                "start a new run")
+            raw["trainer"]["epochs"] = epochs
+        else:
+            freeze[self.extends.removeprefix("freeze.")] = epochs
+        stages[-1]["epochs"] = epochs
+
+
+def policy_entry(name: str) -> Policy:
+    """The registry entry of ``freeze=name``; a policy of your own (explicit stages, any
+    name) is extended like a one-stage preset."""
+    return FREEZE_POLICIES.builder(name) if name in FREEZE_POLICIES else Policy()
+
+
 # The built-in policies (conf/freeze/<name>.yaml holds their stages). Policies without knobs
 # use the plain schema; a policy of your own (explicit stages, any name) does too.
-for _name in ("linear_probe", "none", "scratch", "gradual"):
-    FREEZE_POLICIES.register(_name, FreezeConfig)
-FREEZE_POLICIES.register("discriminative", DiscriminativeConfig)
-FREEZE_POLICIES.register("freeze_first_n", FreezeFirstNConfig)
-FREEZE_POLICIES.register("top_k", TopKConfig)
-FREEZE_POLICIES.register("two_stage", TwoStageConfig)
-FREEZE_POLICIES.register("lp_ft", LpFtConfig)
-FREEZE_POLICIES.register("surgical", SurgicalConfig)
-FREEZE_POLICIES.register("lora", LoraConfig)
+for _name in ("linear_probe", "none", "scratch"):
+    FREEZE_POLICIES.register(_name, FreezeConfig, Policy())
+FREEZE_POLICIES.register("gradual", FreezeConfig, Policy(extends=None))
+FREEZE_POLICIES.register("discriminative", DiscriminativeConfig, Policy())
+FREEZE_POLICIES.register("freeze_first_n", FreezeFirstNConfig, Policy())
+FREEZE_POLICIES.register("top_k", TopKConfig, Policy())
+FREEZE_POLICIES.register("two_stage", TwoStageConfig, Policy("freeze.finetune_epochs"))
+FREEZE_POLICIES.register("lp_ft", LpFtConfig, Policy("freeze.finetune_epochs"))
+FREEZE_POLICIES.register("surgical", SurgicalConfig, Policy())
+FREEZE_POLICIES.register("lora", LoraConfig, Policy())
 
 _BLOCKS = re.compile(r"^blocks\[\s*(-?\d*)\s*(:?)\s*(-?\d*)\s*\]$")
 ADAPTER_PARTS = (".lora_A.", ".lora_B.")  # in the names of peft's LoRA adapter parameters
@@ -90,13 +129,27 @@ def _block_param_names(backbone: Backbone, names: list[str], blocks) -> list[str
             and any(b.owns(n[len("backbone."):]) for b in blocks)]
 
 
+@dataclass(frozen=True)
+class NamedSelector:
+    """A selector that is a word: which parameter names it picks, and what to say when it
+    picks none (None: the general hint)."""
+
+    picks: Callable[[str], bool]
+    when_empty: str | None = None
+
+
+NAMED_SELECTORS = {
+    "head": NamedSelector(lambda n: n.startswith("head.")),
+    "backbone": NamedSelector(lambda n: n.startswith("backbone.")),
+    "lora": NamedSelector(is_adapter, "the model has no LoRA adapters (freeze=lora adds them)"),
+}
+
+
 def resolve_selector(selector: str, names: list[str], backbone: Backbone) -> list[str]:
     """The parameter names (in model order) that ``selector`` picks out of ``names``."""
     sel = selector.strip()
-    if sel in ("head", "backbone"):
-        return [n for n in names if n.startswith(sel + ".")]
-    if sel == "lora":
-        return [n for n in names if is_adapter(n)]
+    if sel in NAMED_SELECTORS:
+        return [n for n in names if NAMED_SELECTORS[sel].picks(n)]
     match = _BLOCKS.match(sel)
     if match:
         start, colon, stop = match.groups()
@@ -118,9 +171,10 @@ def resolve_selector(selector: str, names: list[str], backbone: Backbone) -> lis
 
 
 def _no_match_error(sel: str, stage: StageSpec, names: list[str], backbone: Backbone) -> UserError:
-    if sel == "lora":
-        return UserError(f"selector 'lora' in stage {stage.name!r} matches no parameter: the "
-                         "model has no LoRA adapters (freeze=lora adds them)")
+    named = NAMED_SELECTORS.get(sel)
+    if named is not None and named.when_empty:
+        return UserError(f"selector {sel!r} in stage {stage.name!r} matches no parameter: "
+                         f"{named.when_empty}")
     modules = sorted({n.rsplit(".", 1)[0] for n in names})
     candidates = ["head", "backbone"] + [f"backbone.{b.paths[0]}" for b in backbone.blocks] \
         + modules + names

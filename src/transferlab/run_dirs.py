@@ -12,6 +12,7 @@ takes that one (their clocks may name different seconds).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -85,3 +86,15 @@ def check_run_dir(argv: list[str]) -> None:
             status = "unreadable"
         raise UserError(f"hydra.run.dir={value} holds a run ({status}): choose another "
                         f"directory, or go on with that run with resume={value}")
+
+
+def safe_name(text: str) -> str:
+    """A value fit for a directory name: no path separators, no spaces, short numbers."""
+    try:
+        number = float(text)
+    except ValueError:
+        pass
+    else:
+        if len(text) > 8 and not number.is_integer():
+            text = f"{number:.4g}"
+    return re.sub(r"[/\\\s:,=\[\]{}()'\"]+", "_", text).strip("_") or "_"

@@ -12,6 +12,7 @@ from torch import nn
 from transferlab.backbones import build_backbone, probe_features
 from transferlab.config import RunConfig, load_config
 from transferlab.errors import UserError
+from transferlab.registry import TASKS
 from transferlab.run.build import build_classifier
 
 CHECKPOINTS = ("best", "last", "best_ema")  # best_ema.pt: runs with trainer.ema.decay
@@ -60,10 +61,10 @@ def saved_run_config(saved: Any,
     if dataset_overrides and isinstance(raw.get("dataset"), dict):
         raw["dataset"].update(dataset_overrides)
     run = load_config(raw)  # unknown dataset.<field> keys are one-line errors here
-    if run.task.name == "autoencoder":
-        raise UserError("this is an autoencoder run (task=autoencoder): it has no classifier; "
-                        "restore its encoder into one with experiment=ae_transfer "
-                        "backbone.init.path=<its checkpoints/best.pt>")
+    task = TASKS.builder(run.task.name)
+    if not task.has_classes:
+        raise UserError(f"this is a task={run.task.name} run: it has no classifier; "
+                        f"{task.not_a_classifier}")
     return run
 
 

@@ -20,6 +20,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from transferlab.run_dirs import safe_name
+
 log = logging.getLogger("transferlab")
 
 SWEPT_ENV = "TRANSFERLAB_SWEPT_KEYS"
@@ -54,18 +56,6 @@ def remember_swept_keys(argv: list[str]) -> None:
     os.environ.pop(SWEEP_NAME_ENV, None)
 
 
-def _safe(text: str) -> str:
-    """A value fit for a directory name: no path separators, no spaces, short numbers."""
-    try:
-        number = float(text)
-    except ValueError:
-        pass
-    else:
-        if len(text) > 8 and not number.is_integer():
-            text = f"{number:.4g}"
-    return re.sub(r"[/\\\s:,=\[\]{}()'\"]+", "_", text).strip("_") or "_"
-
-
 def job_name(num: Any, task_overrides: list[str], sweeper_params: list[str] | None = None) -> str:
     """``<num>_<key-value__...>`` over the swept keys of this job's overrides.
 
@@ -81,7 +71,7 @@ def job_name(num: Any, task_overrides: list[str], sweeper_params: list[str] | No
             continue
         items.append((key, value))
     named = [(k, v) for k, v in items if k in keys] or items
-    text = "__".join(f"{k}-{_safe(v)}" for k, v in named)
+    text = "__".join(f"{k}-{safe_name(v)}" for k, v in named)
     if len(text) > MAX_NAME:
         text = text[: MAX_NAME - 3] + "..."
     return f"{num}_{text}" if text else str(num)
@@ -97,8 +87,8 @@ def sweep_name(name: str, swept: list[str]) -> str:
     """The sweep directory's name: the run ``name`` when given on the command line, else what
     the sweep varies (``sweep-freeze__optimizer.lr``), else the default run name."""
     if os.environ.get(NAMED_ENV) or not swept:
-        return _safe(name)
-    return _safe("sweep-" + "__".join(swept))[:MAX_NAME]
+        return safe_name(name)
+    return safe_name("sweep-" + "__".join(swept))[:MAX_NAME]
 
 
 def _resolve_sweep_name(*, _root_: DictConfig) -> str:
@@ -150,10 +140,10 @@ class SweepSummary(Callback):
 def write_sweep_views(sweep_dir: Path, runs) -> None:
     """At the sweep root: the union HParams record of every job and the seed groups' curves
     (TensorBoard then shows every swept key as a column, and seed noise as a band)."""
-    from transferlab.compare import _write_tensorboard, group_seeds
+    from transferlab.compare import group_seeds, write_tensorboard
 
     done = [r for r in runs if r.status == "completed"]
     try:
-        _write_tensorboard(sweep_dir, runs, group_seeds(done))
+        write_tensorboard(sweep_dir, runs, group_seeds(done))
     except OSError as exc:  # the table still prints
         log.warning("could not write the sweep's TensorBoard records: %s", exc)

@@ -16,20 +16,12 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from transferlab.ema import best_ema
-from transferlab.errors import error_line
+from transferlab.errors import Interrupted, error_line
 from transferlab.liveness import process_started
 
 HPARAM_METRICS = ("best_val_acc", "best_val_loss", "final_val_acc", "final_val_loss")
 STEP_TAGS = ("lr/", "grad/")  # TensorBoard tags per optimizer step (the others: per epoch)
 RECORD_KEYS = ("status", "history", "best", "final", "params", "wall_seconds")
-
-
-class Interrupted(BaseException):  # noqa: N818 (as KeyboardInterrupt: not an error)
-    """A run stopped by SIGINT / SIGTERM after a checkpoint it can resume from."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
 
 
 def trim_events(tb_dir: Path, epoch: int, step: int) -> int:

@@ -28,7 +28,7 @@ from transferlab.cluster import export_submitit_env, hand_over, job_environment
 from transferlab.config import composition_error, load_config
 from transferlab.config.store import register_configs
 from transferlab.distributed import current_world, init_from_env, launched, quiet_logging, shutdown
-from transferlab.errors import UserError
+from transferlab.errors import Interrupted, UserError
 from transferlab.run import RunResult, resume_run, train
 from transferlab.run.resume import (
     clear_unfinished,
@@ -40,7 +40,6 @@ from transferlab.run.resume import (
 )
 from transferlab.run_dirs import check_run_dir
 from transferlab.sweep import SweepSummary, remember_swept_keys
-from transferlab.tracking import Interrupted
 
 log = logging.getLogger("transferlab")
 

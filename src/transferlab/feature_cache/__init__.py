@@ -29,8 +29,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from transferlab.backbones import Backbone
-from transferlab.config.schema import FeatureCacheConfig
-from transferlab.data import worker_context
+from transferlab.config.schema import FeatureCacheConfig, TrainerConfig
+from transferlab.data import DataSplits, eval_batch_size, loader_workers, worker_context
 from transferlab.distributed import World
 from transferlab.errors import UserError
 from transferlab.feature_cache.cut import Cut, find_cut
@@ -40,7 +40,7 @@ from transferlab.runtime import Precision
 
 log = logging.getLogger("transferlab")
 
-__all__ = ["CachedFeatures", "Cut", "FeatureCache", "StageInputs", "find_cut"]
+__all__ = ["CachedFeatures", "Cut", "FeatureCache", "StageInputs", "extract_splits", "find_cut"]
 
 
 class CachedFeatures(Dataset):
@@ -395,3 +395,20 @@ def _available_memory() -> int | None:
     except OSError:
         return None
     return None
+
+
+def extract_splits(backbone: Backbone, splits: DataSplits, trainer: TrainerConfig,
+                   device: torch.device, image_size: int,
+                   cache: FeatureCache | None = None,
+                   stage: str = "features") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per split (train, val and test where there is one): its (features (N, D) float32,
+    labels (N,)), through the feature cache (``trainer.feature_cache``): stored in its dtype
+    (float16 by default), taken from the store when an earlier run or export made them."""
+    if cache is None:
+        cache = FeatureCache(trainer.feature_cache, device, Precision(device, trainer.amp),
+                             trainer.channels_last and len(backbone.feature_shape) == 3,
+                             eval_batch_size(trainer), loader_workers(trainer))
+    parts = {"train": splits.train, "val": splits.val}
+    if splits.test is not None:
+        parts["test"] = splits.test
+    return cache.pooled_features(backbone, image_size, parts, stage)

@@ -24,10 +24,11 @@ from transferlab.backbone_init import format_report, report_summary
 from transferlab.config import RunConfig, load_config
 from transferlab.data import derived_seed
 from transferlab.distributed import World, init_from_env
-from transferlab.errors import UserError, error_line
+from transferlab.errors import Interrupted, UserError, error_line
+from transferlab.registry import TASKS
 from transferlab.run.build import BuiltRun, build_run
 from transferlab.runtime import seed_everything
-from transferlab.tracking import Interrupted, RunTracker
+from transferlab.tracking import RunTracker
 
 if TYPE_CHECKING:
     from transferlab.run.resume import ResumePoint
@@ -155,9 +156,11 @@ def resume_run(run_dir: str | Path, overrides: list[str] | None = None, *,
     point = ResumePoint.from_checkpoint(ckpt)
     run = load_config(resumed_config(ckpt["config"], list(overrides or []), point.epoch))
     if status.get("status") == "completed" and not overrides_extend(overrides or []):
+        key = TASKS.builder(run.task.name).extend_key(ckpt["config"])
+        more = (f"give its last stage more with {key}=N" if key else
+                "its stages cannot be extended; start a new run")
         raise UserError(f"resume={run_dir}: the run is completed ({point.epoch} epochs): nothing "
-                        "to resume; give it more with trainer.epochs=N (two_stage: "
-                        "freeze.finetune_epochs=N)")
+                        f"to resume; {more}")
     log.info("resuming %s from epoch %d%s", run_dir, point.epoch,
              f" (+{point.partial['steps']} steps of epoch {point.partial['epoch']})"
              if point.partial else "")

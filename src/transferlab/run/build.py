@@ -8,7 +8,7 @@ import functools
 import logging
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,6 +18,7 @@ from transferlab.backbones import Backbone, build_backbone, probe_features
 from transferlab.config import AugmentConfig, LoraConfig, RunConfig
 from transferlab.data import DataSplits, build_splits, eval_batch_size, loader_workers
 from transferlab.distributed import World, pick_device_for
+from transferlab.engine.context import EpochContext
 from transferlab.errors import UserError
 from transferlab.feature_cache import FeatureCache
 from transferlab.heads import build_head
@@ -28,10 +29,8 @@ from transferlab.registry import TASKS
 from transferlab.runtime import Precision, pick_device
 
 if TYPE_CHECKING:
-    from transferlab.ema import WeightsEma
     from transferlab.regularize import L2SP
     from transferlab.run.resume import ResumePoint
-    from transferlab.run.tasks import Task
 
 log = logging.getLogger("transferlab")
 
@@ -41,7 +40,7 @@ class BuiltRun:
     """Everything a task's loop works with."""
 
     run: RunConfig
-    task: Task
+    task: Any  # its registry entry (a transferlab.run.tasks.Task): model, stages, loop
     device: torch.device
     precision: Precision
     backbone: Backbone
@@ -52,7 +51,6 @@ class BuiltRun:
     plans: list[StagePlan] = field(default_factory=list)
     init_report: LoadReport | None = None
     resume: ResumePoint | None = None  # where a resumed run goes on
-    ema: WeightsEma | None = None  # the EMA of the weights (trainer.ema), set by the loop
     penalty: L2SP | None = None  # trainer.regularize, set by the task with the model
     world: World = field(default_factory=World)  # this process of the run's (DDP: several)
 
@@ -74,6 +72,12 @@ class BuiltRun:
         trainer = self.run.trainer
         return FeatureCache(trainer.feature_cache, self.device, self.precision,
                             self.channels_last, eval_batch_size(trainer), loader_workers(trainer),
+                            self.world)
+
+    @property
+    def context(self) -> EpochContext:
+        """Where and how its passes run (device, precision, channels-last, progress, world)."""
+        return EpochContext(self.device, self.precision, self.channels_last, self.progress,
                             self.world)
 
     @property
@@ -114,7 +118,7 @@ def build_run(run: RunConfig, world: World | None = None) -> BuiltRun:
     """Build the run's parts in order: device, backbone, data, the task's model and stages.
     ``world``: this process of a DDP run (its GPU, SyncBatchNorm, the LR scaling)."""
     world = world or World()
-    task: Task = TASKS.builder(run.task.name)
+    task = TASKS.builder(run.task.name)
     device = pick_device_for(pick_device(run.trainer.device), run.trainer.device, world)
     precision = Precision(device, run.trainer.amp)
     backbone, report, image_size, feature_shape = build_backbone_of(run)

@@ -22,10 +22,11 @@ from transferlab.checkpoint import FORMAT, load_checkpoint
 from transferlab.config.validate import amp_mode, override_key
 from transferlab.errors import UserError
 from transferlab.liveness import run_status
+from transferlab.registry import TASKS, load_builtins
 
 # Overrides a resume takes: they cannot change the result (or extend the last stage).
-RESUME_OVERRIDES = ("trainer.progress", "trainer.num_workers", "trainer.epochs",
-                    "freeze.finetune_epochs")
+EXTENDING = ("trainer.epochs", "freeze.finetune_epochs")  # give the last stage more epochs
+RESUME_OVERRIDES = ("trainer.progress", "trainer.num_workers", *EXTENDING)
 
 
 @dataclass
@@ -48,6 +49,7 @@ class ResumePoint:
     l2sp_w0: float | None = None  # trainer.regularize=l2sp: the fingerprint of its w0
     world_size: int = 1  # the processes that trained it (DDP)
     rng_ranks: list[dict] | None = None  # DDP: the RNG states of ranks 1, 2, ...
+    ledger: dict | None = None  # the freeze ledger's fingerprints of the stage (none: older)
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict) -> ResumePoint:
@@ -59,7 +61,8 @@ class ResumePoint:
                    history=list(ckpt["history"]), best=ckpt["best"], data=loop["data"],
                    partial=loop.get("partial"), ema=ckpt.get("ema"),
                    early_stopping=loop.get("early_stopping"), l2sp_w0=loop.get("l2sp_w0"),
-                   world_size=int(loop.get("world_size", 1)), rng_ranks=loop.get("rng_ranks"))
+                   world_size=int(loop.get("world_size", 1)), rng_ranks=loop.get("rng_ranks"),
+                   ledger=loop.get("ledger"))
 
     def rng_of(self, rank: int) -> dict:
         """The RNG states of process ``rank`` when the checkpoint was written."""
@@ -119,6 +122,8 @@ def resumed_config(saved: dict, overrides: list[str], done_epochs: int) -> dict:
     """The saved config with the overrides a resume takes applied; anything else refused."""
     raw = copy.deepcopy(saved)
     raw["resume"] = None
+    load_builtins()
+    task = TASKS.builder(raw["task"]["name"])
     for item in overrides:
         key, _, value = item.lstrip("+").partition("=")
         key = override_key(item)
@@ -129,26 +134,8 @@ def resumed_config(saved: dict, overrides: list[str], done_epochs: int) -> dict:
             section, field = key.split(".")
             raw[section][field] = None if value == "null" else _value(value)
             continue
-        epochs = _value(value)
-        stages = raw["freeze"]["stages"]
-        if key == "trainer.epochs":
-            single = raw["task"]["name"] == "autoencoder" or (
-                len(stages) == 1 and stages[0]["epochs"] == raw["trainer"]["epochs"])
-            if not single:
-                raise UserError("trainer.epochs extends a run of one stage of trainer.epochs; "
-                                "this one's last stage: give its own epochs (two_stage: "
-                                "freeze.finetune_epochs=N)")
-            raw["trainer"]["epochs"] = epochs
-            for stage in stages:
-                stage["epochs"] = epochs
-        else:
-            if raw["freeze"].get("name") != "two_stage" or "finetune_epochs" not in raw["freeze"]:
-                raise UserError("freeze.finetune_epochs extends a two_stage run only")
-            raw["freeze"]["finetune_epochs"] = epochs
-            stages[-1]["epochs"] = epochs
-    stages = raw["freeze"]["stages"]
-    total = raw["trainer"]["epochs"] if raw["task"]["name"] == "autoencoder" else sum(
-        s["epochs"] for s in stages) if stages else None  # gradual: known once built
+        task.extend(raw, key, _value(value))
+    total = task.planned_epochs(raw)
     if total is not None and (not isinstance(total, int) or total < done_epochs):
         raise UserError(f"the run has done {done_epochs} epochs: extend it to at least that many "
                         f"(the overrides give {total})")
@@ -157,7 +144,7 @@ def resumed_config(saved: dict, overrides: list[str], done_epochs: int) -> dict:
 
 def overrides_extend(overrides: list[str]) -> bool:
     """Whether the overrides give the run more epochs."""
-    return any(override_key(o) in ("trainer.epochs", "freeze.finetune_epochs") for o in overrides)
+    return any(override_key(o) in EXTENDING for o in overrides)
 
 
 def _value(text: str) -> Any:

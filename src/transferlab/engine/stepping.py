@@ -21,6 +21,23 @@ import torch
 from transferlab.runtime import Precision
 
 
+class StepHooks:
+    """What a training pass calls around its optimizer steps (each a no-op here)."""
+
+    def before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Before the first batch of an optimizer step: the place to set its LR."""
+
+    def on_grad_norm(self, norm: torch.Tensor) -> None:
+        """The total grad norm before clipping (norm clipping only), before the step."""
+
+    def after_step(self, loss: float) -> None:
+        """After an optimizer step; ``loss``: the mean objective over the step's samples."""
+
+    def should_stop(self) -> bool:
+        """Asked after every optimizer step: True ends the pass there."""
+        return False
+
+
 @dataclass
 class StepOptions:
     """How batches become optimizer steps (the trainer's settings)."""
@@ -28,13 +45,11 @@ class StepOptions:
     accumulate: int = 1  # batches per optimizer step
     clip_val: float | None = None  # None: no clipping
     clip_algorithm: str = "norm"  # norm | value
-    # called with the total grad norm before clipping (a 0-dim tensor), by norm clipping
-    on_grad_norm: Callable[[torch.Tensor], None] | None = None
 
     @classmethod
-    def from_trainer(cls, trainer, on_grad_norm=None) -> StepOptions:
+    def from_trainer(cls, trainer) -> StepOptions:
         return cls(trainer.accumulate_grad_batches, trainer.gradient_clip_val,
-                   trainer.gradient_clip_algorithm, on_grad_norm)
+                   trainer.gradient_clip_algorithm)
 
     def steps_per_epoch(self, batches: int) -> int:
         """Optimizer steps of an epoch of ``batches`` batches."""
@@ -47,13 +62,13 @@ class Stepper:
     says whether the optimizer stepped (a group ended: the place to stop an epoch part-way)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, precision: Precision, batches: int,
-                 options: StepOptions | None = None,
-                 before_step: Callable[[torch.optim.Optimizer], None] | None = None):
+                 options: StepOptions | None = None, hooks: StepHooks | None = None):
         self.optimizer, self.precision, self.batches = optimizer, precision, batches
         self.options = options or StepOptions()
-        self.before_step = before_step
+        self.hooks = hooks or StepHooks()
         self.first_size = 0  # samples of the group's first batch: b of the k x b it stands for
         self.seen = 0  # samples of the group so far
+        self.loss_sum = 0.0  # the group's objective x samples (``after_step``'s mean)
 
     def _group_start(self, index: int) -> bool:
         return index % self.options.accumulate == 0
@@ -65,22 +80,23 @@ class Stepper:
 
     def begin(self, index: int) -> None:
         if self._group_start(index):
-            if self.before_step is not None:
-                self.before_step(self.optimizer)  # the LR of this optimizer step
+            self.hooks.before_step(self.optimizer)  # the LR of this optimizer step
             self.optimizer.zero_grad(set_to_none=True)
-            self.first_size, self.seen = 0, 0
+            self.first_size, self.seen, self.loss_sum = 0, 0, 0.0
 
     def backward(self, loss: torch.Tensor, size: int, index: int) -> bool:
         k = self.options.accumulate
         if self.first_size == 0:
             self.first_size = size
         self.seen += size
+        self.loss_sum += float(loss.detach()) * size
         if k > 1:  # its share of the k x b samples a full group holds (corrected at the step)
             loss = loss * (size / (k * self.first_size))
         self.precision.scaler.scale(loss).backward()
         if not self.ends_group(index):
             return False
         self._step(k * self.first_size / self.seen if k > 1 else 1.0)
+        self.hooks.after_step(self.loss_sum / self.seen)
         return True
 
     def _params(self) -> list[torch.Tensor]:
@@ -96,9 +112,34 @@ class Stepper:
             scaler.unscale_(self.optimizer)  # a no-op without fp16 scaling
             if opts.clip_algorithm == "norm":
                 norm = torch.nn.utils.clip_grad_norm_(self._params(), opts.clip_val)
-                if opts.on_grad_norm is not None:
-                    opts.on_grad_norm(norm)
+                self.hooks.on_grad_norm(norm)
             else:
                 torch.nn.utils.clip_grad_value_(self._params(), opts.clip_val)
         scaler.step(self.optimizer)
         scaler.update()
+
+
+@dataclass
+class StepCalls(StepHooks):
+    """Step hooks from plain functions (any of them None), e.g. for a notebook or a
+    benchmark: ``StepCalls(before_step=schedule.apply)``."""
+
+    before: Callable[[torch.optim.Optimizer], None] | None = None
+    after: Callable[[float], None] | None = None
+    grad_norm: Callable[[torch.Tensor], None] | None = None
+    stop: Callable[[], bool] | None = None
+
+    def before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.before is not None:
+            self.before(optimizer)
+
+    def on_grad_norm(self, norm: torch.Tensor) -> None:
+        if self.grad_norm is not None:
+            self.grad_norm(norm)
+
+    def after_step(self, loss: float) -> None:
+        if self.after is not None:
+            self.after(loss)
+
+    def should_stop(self) -> bool:
+        return self.stop is not None and self.stop()

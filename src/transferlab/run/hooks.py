@@ -1,0 +1,210 @@
+"""The hooks of a training run (the engine's generic ones are in
+:mod:`transferlab.engine.hooks`): the stage's cached inputs, the record (TensorBoard,
+``metrics.json``, the console), the checkpoints, and stops on a signal.
+
+:func:`run_hooks` puts a run's hooks in the order they must run in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from transferlab.checkpoint import save_epoch_checkpoints
+from transferlab.cluster import preemption_signal
+from transferlab.distributed import World
+from transferlab.engine.hooks import Distributed, EarlyStop, Ema, Hook, LogLearningRates
+from transferlab.engine.ledger import FreezeLedger
+from transferlab.errors import Interrupted
+from transferlab.runtime import rng_state
+from transferlab.summary import stage_table
+from transferlab.tracking import RunTracker
+
+log = logging.getLogger("transferlab")
+
+
+class StopRequest:
+    """SIGINT / SIGTERM ask the loop to stop after the current step (it then writes a
+    checkpoint and raises :class:`Interrupted`); a second Ctrl-C stops at once. Calling it
+    says whether a stop was asked for. In a submitit job, its preemption signal too
+    (:mod:`transferlab.cluster`): it is the one :class:`Interrupted` carries when both came
+    (SLURM may send SIGTERM first), so that the job is requeued."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.owner = os.getpid()
+        self.preemption = preemption_signal()
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def agreed(self, world: World) -> Callable[[], bool]:
+        """Asking it says whether any process of the run was asked to stop (then all take
+        that signal): DDP processes must stop after the same step. Itself for one process."""
+        if not world.active:
+            return self
+
+        def ask() -> bool:
+            signum = world.max_int(self.signum or 0)
+            if signum and self.signum is None:
+                self.signum = signum
+            return bool(signum)
+
+        return ask
+
+    def _handle(self, signum, frame) -> None:
+        if os.getpid() != self.owner:  # a loader process forked with this handler: the
+            return                      # main process stops it when it stops
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signum is None or self.signum != self.preemption:
+            self.signum = signum
+        log.warning("%s: finishing the current step, then saving a checkpoint to resume "
+                    "from (Ctrl-C again to stop at once)", signal.Signals(signum).name)
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # signal handlers belong to the main thread (e.g. a joblib worker's)
+            return
+        signals = (signal.SIGINT, signal.SIGTERM, *([self.preemption] if self.preemption else []))
+        previous = {s: signal.getsignal(s) for s in signals}
+        for s in previous:
+            signal.signal(s, self._handle)
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+class StopOnRequest(Hook):
+    """A stop request (:class:`StopRequest`, agreed over the DDP processes) ends the fit after
+    the current optimizer step or, asked again at the epoch's end, after its checkpoint."""
+
+    def __init__(self, stop: StopRequest, world: World):
+        self.stop, self.asked = stop, stop.agreed(world)
+
+    def stop_requested(self, loop) -> bool:
+        if self.asked():
+            loop.stop_signal = self.stop.signum
+            return True
+        return False
+
+    def on_epoch_end(self, loop) -> None:
+        if self.stop_requested(loop):
+            raise Interrupted(loop.stop_signal)
+
+
+class CachedInputs(Hook):
+    """The frozen-prefix feature cache (:mod:`transferlab.feature_cache`): a stage whose input
+    end is frozen and deterministic trains on the prefix's stored outputs and the rest of the
+    model (``loop.inputs``); every stage's line goes to ``metrics.json["feature_cache"]``."""
+
+    def __init__(self, built, recorder, random_inputs: str | None):
+        self.built, self.recorder, self.random_inputs = built, recorder, random_inputs
+
+    def setup_stage(self, loop) -> None:
+        built = self.built
+        cached = built.feature_cache.stage_inputs(
+            loop.plan.name, loop.model, built.backbone, built.image_size, built.splits,
+            loop.train_loader, loop.val_loader, self.random_inputs)
+        self.recorder.extra["feature_cache"] = {**self.recorder.extra.get("feature_cache", {}),
+                                                **built.feature_cache.report}
+        if cached is not None:
+            loop.inputs = cached
+
+
+class Record(Hook):
+    """The run's record: the stage table at a stage's first start (console and TensorBoard
+    ``summary/<stage>``), the parameter counts, every epoch's record (``loop.improved``: a new
+    best) and its console line (``line(record, total_epochs, improved)``)."""
+
+    def __init__(self, tracker: RunTracker, backbone, line: Callable[[dict, int, bool], str]):
+        self.tracker, self.backbone, self.line = tracker, backbone, line
+
+    def on_stage_start(self, loop) -> None:
+        model, plan = loop.model, loop.plan
+        self.tracker.params = {"total": sum(p.numel() for p in model.parameters()),
+                               "trainable": sum(p.numel() for p in model.parameters()
+                                                if p.requires_grad)}
+        if loop.fresh:
+            table = stage_table(model, self.backbone, plan)
+            table += "".join(hook.describe_stage(loop) for hook in loop.hooks)
+            log.info("\n%s", table)
+            self.tracker.log_text(f"summary/{plan.name}", table, plan.first_epoch)
+
+    def on_epoch_end(self, loop) -> None:
+        loop.improved = self.tracker.log_epoch(loop.record, loop.plan.index)
+
+    def after(self) -> Hook:
+        """The hook that writes the epoch's console line (after the task's own hooks)."""
+        return _Line(self)
+
+
+class _Line(Hook):
+    def __init__(self, record: Record):
+        self.record = record
+
+    def on_epoch_end(self, loop) -> None:
+        log.info(self.record.line(loop.record, loop.total_epochs, loop.improved))
+
+
+class Checkpoint(Hook):
+    """``last.pt`` (and ``best.pt``, ``epoch_<N>.pt`` with ``keep_checkpoints=all``) after
+    every epoch, and a partial one when a stop ends an epoch part-way: enough to resume
+    exactly (:mod:`transferlab.run.resume`). Under DDP every process calls it (their RNG
+    states go in); rank 0 writes."""
+
+    def __init__(self, built, tracker: RunTracker, run_dir: Path):
+        self.built, self.tracker, self.run_dir = built, tracker, run_dir
+
+    def on_epoch_end(self, loop) -> None:
+        self._save(loop, loop.epoch, loop.improved, {})
+
+    def on_interrupt(self, loop) -> None:
+        self._save(loop, loop.epoch - 1, False, {"partial": loop.interrupted})
+
+    def _save(self, loop, epoch: int, improved: bool, extra: dict) -> None:
+        built, world = self.built, loop.ctx.world
+        state = {"step": loop.step, "schedule_step": loop.schedule.step, **extra}
+        for hook in loop.hooks:
+            state.update(hook.checkpoint_state(loop))
+        rngs = world.gather(rng_state())
+        if not world.main:
+            return
+        state["data"] = built.data_fingerprint()
+        if world.active:
+            state.update(world_size=world.size, rng_ranks=rngs[1:])
+        if built.penalty is not None:
+            state["l2sp_w0"] = built.penalty.fingerprint()
+        partial = "partial" in state
+        ema_best = not partial and (self.tracker.extra.get("best_ema") or {}).get("epoch") == epoch
+        save_epoch_checkpoints(
+            self.run_dir, improved, improved_ema=ema_best,
+            keep_every=built.run.trainer.keep_checkpoints == "all" and not partial,
+            ema=loop.ema.state() if loop.ema is not None else None, model=built.model,
+            optimizer=loop.optimizer, epoch=epoch, stage_index=loop.plan.index,
+            stage_name=loop.plan.name, config=built.run.as_dict(), history=self.tracker.history,
+            best=self.tracker.best, classes=built.splits.classes if built.task.has_classes
+            else [], loop=state)
+
+
+def run_hooks(built, tracker: RunTracker, run_dir: Path, stop: StopRequest) -> list[Hook]:
+    """A training run's hooks, in the order each point must call them: the EMA first (its
+    frozen part synced before the stage's inputs are computed), the task's input hooks (the
+    feature cache), the DDP wrapper, early stopping, LR logging, the freeze ledger, the
+    record, the task's own hooks, the console line, the checkpoint, and stop requests last
+    (after the checkpoint)."""
+    trainer, task = built.run.trainer, built.task
+    record = Record(tracker, built.backbone, task.log_line)
+    return [*Ema.of(trainer.ema), *task.input_hooks(built, tracker), Distributed(),
+            EarlyStop(trainer.early_stopping, tracker),
+            LogLearningRates(tracker, trainer.log_every_n_steps), FreezeLedger(tracker), record,
+            *task.hooks(built, tracker), record.after(), Checkpoint(built, tracker, run_dir),
+            StopOnRequest(stop, built.world)]
