@@ -83,6 +83,6 @@ def load_weights_file(model: torch.nn.Module, path: str, model_name: str) -> Non
         raise UserError(
             f"backbone.weights_path: {path} is not a state dict of {model_name}: "
             f"{'; '.join(problems)}; give the original model's full weights, or restore part of "
-            f"a checkpoint with backbone.init.path (see README, Bring your own weights)"
+            f"a checkpoint with backbone.init.path (see docs/weights.md, Bring your own weights)"
         )
     model.load_state_dict(state)
