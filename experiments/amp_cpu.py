@@ -30,10 +30,10 @@ from transferlab.config import SelectorSpec as Sel
 from transferlab.engine.context import EpochContext
 from transferlab.engine.epoch import CrossEntropy, train_epoch
 from transferlab.heads import build_head
+from transferlab.infra.runtime import Precision
 from transferlab.model import TransferModel
-from transferlab.optim import stage_optimizer
-from transferlab.policy import apply_stage, plan_stages, set_train_mode
-from transferlab.runtime import Precision
+from transferlab.staging.optim import stage_optimizer
+from transferlab.staging.policy import apply_stage, plan_stages, set_train_mode
 
 
 def main() -> None:

@@ -36,11 +36,11 @@ from transferlab.engine.context import EpochContext
 from transferlab.engine.epoch import CrossEntropy, train_epoch
 from transferlab.engine.stepping import StepCalls
 from transferlab.heads import build_head
+from transferlab.infra.runtime import Precision, pick_device
 from transferlab.model import TransferModel
-from transferlab.optim import stage_optimizer
-from transferlab.policy import apply_stage, plan_stages, set_train_mode
-from transferlab.runtime import Precision, pick_device
-from transferlab.schedule import StageSchedule
+from transferlab.staging.optim import stage_optimizer
+from transferlab.staging.policy import apply_stage, plan_stages, set_train_mode
+from transferlab.staging.schedule import StageSchedule
 
 
 def plain_epoch(model, loader, optimizer, device, channels_last):

@@ -11,13 +11,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from transferlab.backbones import build_backbone, probe_features
 from transferlab.backbones.conv_encoder import ConvDecoder, ConvEncoder
-from transferlab.checkpoint import load_checkpoint
-from transferlab.compare import main as compare_main
+from transferlab.cli.compare import main as compare_main
 from transferlab.config import ConvEncoderConfig, compose_config, load_config
 from transferlab.errors import UserError
+from transferlab.infra.checkpoint import load_checkpoint
+from transferlab.infra.runtime import seed_everything
 from transferlab.run import train
-from transferlab.runtime import seed_everything
-from transferlab.saved_run import saved_run_config
+from transferlab.run.saved import saved_run_config
 
 from .conftest import compose_train
 

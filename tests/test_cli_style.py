@@ -1,5 +1,5 @@
 """One command-line style for every console script: ``key=value`` arguments read by
-:mod:`transferlab.cli`, ``--help`` with examples, and the same exit codes (0, 2 with one
+:mod:`transferlab.cli.args`, ``--help`` with examples, and the same exit codes (0, 2 with one
 ``error:`` line, 130 on Ctrl-C)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from transferlab.cli import (
+from transferlab.cli.args import (
     HelpRequested,
     Key,
     Prefix,
@@ -279,7 +279,7 @@ def script_runs(tmp_path_factory) -> dict[tuple[str, str], subprocess.CompletedP
 
     def run(job):
         module, case = job
-        return job, subprocess.run([sys.executable, "-m", f"transferlab.{module}",
+        return job, subprocess.run([sys.executable, "-m", f"transferlab.cli.{module}",
                                     *_argv(module, case)], cwd=cwd, env=env,
                                    capture_output=True, text=True, timeout=300)
 
@@ -296,7 +296,7 @@ def test_console_script_help_lists_its_keys_and_examples(module, script_runs):
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     out = proc.stdout
     assert out.startswith(f"usage: {command} ")
-    spec = importlib.import_module(f"transferlab.{module}").SPEC
+    spec = importlib.import_module(f"transferlab.cli.{module}").SPEC
     assert out == help_text(spec) + "\n"
     for key in spec.keys:
         assert f"  {key.name}=" in out
@@ -326,4 +326,4 @@ def test_the_console_scripts_are_these_modules_main():
     scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")
                if ep.name.startswith("transferlab-")}
     for module, (command, *_) in SCRIPTS.items():
-        assert scripts[command] == f"transferlab.{module}:main"
+        assert scripts[command] == f"transferlab.cli.{module}:main"

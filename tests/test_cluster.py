@@ -18,9 +18,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from transferlab import cluster, train
+from transferlab.cli import train
 from transferlab.config.store import register_configs
 from transferlab.errors import UserError
+from transferlab.infra import cluster
 from transferlab.run.resume import requeued_action
 from transferlab.run.tasks import StopRequest
 

@@ -21,8 +21,8 @@ from torch.utils.data import RandomSampler
 
 from transferlab.config import load_config
 from transferlab.data import ResumableSampler
-from transferlab.distributed import World, pick_device_for
 from transferlab.errors import UserError
+from transferlab.infra.distributed import World, pick_device_for
 from transferlab.run import resume_run, train
 from transferlab.run.build import build_run
 from transferlab.run.resume import ResumePoint
@@ -101,7 +101,7 @@ def test_resume_takes_as_many_processes_as_the_run_had():
 
 
 def test_a_sweep_under_torchrun_is_refused(monkeypatch):
-    from transferlab.train import _cli
+    from transferlab.cli.train import _cli
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
@@ -150,7 +150,7 @@ def _ddp_worker(rank: int, pg_file: str, run_dir: str, overrides: list[str],
     1 alone, then a resume that goes on and extends it; what every stage did to the weights on
     this rank goes to ``out/rank<r>.pt``."""
     import transferlab.run.tasks as tasks
-    from transferlab.early_stopping import EarlyStopping
+    from transferlab.engine.early_stopping import EarlyStopping
     from transferlab.errors import Interrupted
 
     torch.set_num_threads(1)

@@ -43,7 +43,7 @@ What is checked, per command:
   ``resume=auto`` is a field of the run config and composes as any override.
 * The other scripts (``transferlab-eval``, ``-predict``, ``-compare``, ``-export``,
   ``-lr-find``, ``-features``): the words are read by the script's own parser
-  (:func:`transferlab.cli.parse` with the script's ``SPEC``), so an unknown key or a value the
+  (:func:`transferlab.cli.args.parse` with the script's ``SPEC``), so an unknown key or a value the
   key refuses (``checkpoint=bset``) fails; the config overrides of the scripts that take them
   (``-lr-find``, ``-features``) are then composed and validated as for ``transferlab-train``.
 * A ``$ command`` line followed, in its block, by an ``error: ...`` line documents a mistake:
@@ -66,7 +66,7 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab.cli import parse
+from transferlab.cli.args import parse
 from transferlab.config import compose_config, load_config
 from transferlab.config.load import composition_error
 from transferlab.config.validate import override_key
@@ -88,7 +88,7 @@ PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
 LINKED_PAGES = sorted([*PAGES, *(ROOT / "experiments").glob("*/README.md")])
 README_MAX_LINES = 300
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-SCRIPTS = PYPROJECT["project"]["scripts"]  # "transferlab-eval" -> "transferlab.evaluate:main"
+SCRIPTS = PYPROJECT["project"]["scripts"]  # "transferlab-eval" -> "transferlab.tools.evaluate:main"
 EXTRAS = PYPROJECT["project"]["optional-dependencies"]
 
 FLAGS = {"-m", "--multirun", "-h", "--help"}
@@ -317,6 +317,19 @@ def _module_of(script: str) -> str:
     return SCRIPTS[script].partition(":")[0]
 
 
+def _script_of_module(module: str) -> str | None:
+    """The console script that ``python -m module`` runs: the script whose module it is, or
+    whose ``main`` it runs (``transferlab.train`` runs ``transferlab.cli.train``'s)."""
+    scripts = {_module_of(s): s for s in SCRIPTS}
+    if module in scripts:
+        return scripts[module]
+    try:
+        main = importlib.import_module(module).main
+    except (ImportError, AttributeError):
+        return None
+    return next((s for m, s in scripts.items() if importlib.import_module(m).main is main), None)
+
+
 def check_command(text: str) -> None:
     """Raise :class:`UserError` (or AssertionError) when ``text`` would not run as written
     (see the module docstring for what that means)."""
@@ -333,9 +346,9 @@ def check_command(text: str) -> None:
             assert script and (ROOT / script).is_file(), f"{script}: no such file"
             return
         module = args[args.index("-m") + 1]
-        scripts = {_module_of(s): s for s in SCRIPTS}
-        assert module in scripts, f"-m {module}: not the module of a console script ({scripts})"
-        program, args = scripts[module], args[args.index("-m") + 2:]
+        program = _script_of_module(module)
+        assert program, f"-m {module}: not the module of a console script ({SCRIPTS})"
+        args = args[args.index("-m") + 2:]
     assert program in SCRIPTS, f"{program}: not in pyproject's [project.scripts]"
     if program == "transferlab-train":
         overrides, multirun = _train_words(args)

@@ -12,20 +12,20 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from transferlab.cli.evaluate import main as eval_main
+from transferlab.cli.predict import main as predict_main
 from transferlab.config import EmaConfig, load_config
 from transferlab.config.schema import AugmentConfig
 from transferlab.data import SeededBatch
-from transferlab.ema import WeightsEma
+from transferlab.data.mixup import MixCollate, batch_mixer
 from transferlab.engine.context import EpochContext
+from transferlab.engine.ema import WeightsEma
 from transferlab.engine.epoch import CrossEntropy, train_epoch
 from transferlab.engine.stepping import StepCalls
 from transferlab.errors import UserError
-from transferlab.evaluate import EVAL_JSON
-from transferlab.evaluate import main as eval_main
-from transferlab.mixup import MixCollate, batch_mixer
-from transferlab.predict import main as predict_main
+from transferlab.infra.runtime import Precision
 from transferlab.run import resume_run, train
-from transferlab.runtime import Precision
+from transferlab.tools.evaluate import EVAL_JSON
 
 from .conftest import TINY, TINY_CLASSES, TINY_SIZE, compose_train, tiny_model
 
@@ -257,7 +257,7 @@ def test_mixing_does_not_go_with_the_autoencoder():
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.load is deprecated
 def test_export_weights_ema_exports_the_average(ema_run, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
-    from transferlab.export import main as export_main
+    from transferlab.cli.export import main as export_main
 
     run_dir, _ = ema_run
     out = tmp_path / "deploy"
@@ -274,7 +274,7 @@ def test_export_weights_ema_exports_the_average(ema_run, tmp_path, capsys):
 
 
 def test_the_learning_curves_draw_the_ema_weights_val_curve(ema_run):
-    from transferlab.plots import learning_curves
+    from transferlab.run.plots import learning_curves
 
     _, metrics = ema_run
     fig = learning_curves(metrics["history"])

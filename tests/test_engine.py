@@ -14,12 +14,12 @@ from transferlab.config.schema import FreezeConfig, SelectorSpec, StageSpec
 from transferlab.engine.hooks import Hook
 from transferlab.engine.ledger import FreezeLedgerError, fingerprint, optimizer_mismatch, promised
 from transferlab.errors import UserError
-from transferlab.lr_find import prepare_stage
-from transferlab.optim import stage_optimizer
-from transferlab.policy import apply_stage, plan_stages, set_train_mode
 from transferlab.run import resume_run, train
 from transferlab.run.resume import resumed_config
 from transferlab.run.tasks import Classify
+from transferlab.staging.optim import stage_optimizer
+from transferlab.staging.policy import apply_stage, plan_stages, set_train_mode
+from transferlab.tools.lr_find import prepare_stage
 
 FAST = ["trainer.num_workers=0", "trainer.progress=false", "trainer.device=cpu"]
 SMALL = [o for o in TINY if not o.startswith("trainer.epochs")] + [

@@ -11,8 +11,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from transferlab.evaluate import EVAL_JSON, EVAL_PNG, main
+from transferlab.cli.evaluate import main
 from transferlab.run import train
+from transferlab.tools.evaluate import EVAL_JSON, EVAL_PNG
 
 from .conftest import TINY, compose_train
 
@@ -114,7 +115,8 @@ def test_run_without_checkpoints(tmp_path, capsys):
 @pytest.mark.slow  # a process of its own
 def test_missing_run_dir_is_one_error_line_in_a_subprocess(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSFERLAB_SWE")}
-    proc = subprocess.run([sys.executable, "-m", "transferlab.evaluate", f"run={tmp_path}/nope"],
+    proc = subprocess.run([sys.executable, "-m", "transferlab.cli.evaluate",
+                           f"run={tmp_path}/nope"],
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [f"error: run directory {tmp_path}/nope does not exist"]

@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from transferlab.checkpoint import load_checkpoint
+from transferlab.cli.export import main
 from transferlab.data.digits import digits_images
 from transferlab.data.transforms import eval_transform
-from transferlab.evaluate import eval_dataset
-from transferlab.export import main
+from transferlab.infra.checkpoint import load_checkpoint
 from transferlab.run import train
-from transferlab.saved_run import restore_model, saved_run_config
+from transferlab.run.saved import restore_model, saved_run_config
+from transferlab.tools.evaluate import eval_dataset
 
 from .conftest import TINY, compose_train
 
@@ -122,7 +122,7 @@ def test_a_checkpoint_file_alone_and_one_format(tiny_run, capsys, one_thread):
 def test_a_file_that_differs_from_pytorch_fails_verification(tiny_run, tmp_path, capsys,
                                                              monkeypatch, one_thread):
     """An exporter that gets the model slightly wrong (a shifted logit) is caught."""
-    import transferlab.export as export
+    import transferlab.tools.export as export
 
     real = export.export_torchscript
 

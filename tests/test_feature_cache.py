@@ -32,10 +32,10 @@ from transferlab.feature_cache import FeatureCache, find_cut
 from transferlab.feature_cache.identity import dataset_identity
 from transferlab.feature_cache.store import DiskStore
 from transferlab.heads import build_head
+from transferlab.infra.runtime import Precision
 from transferlab.model import TransferModel
-from transferlab.policy import apply_stage, plan_stages, set_train_mode
 from transferlab.run import train
-from transferlab.runtime import Precision
+from transferlab.staging.policy import apply_stage, plan_stages, set_train_mode
 
 from .conftest import TINY
 
@@ -265,7 +265,7 @@ _WORKER = textwrap.dedent("""
     from transferlab.data.digits import TensorImageDataset
     from transferlab.data.transforms import eval_transform
     from transferlab.feature_cache import FeatureCache
-    from transferlab.runtime import Precision
+    from transferlab.infra.runtime import Precision
 
     class Slow(TensorImageDataset):
         def __getitem__(self, i):

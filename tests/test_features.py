@@ -8,11 +8,11 @@ import pickle
 import numpy as np
 import pytest
 
+from transferlab.cli.features import main as features_main
 from transferlab.config import load_config
-from transferlab.features import main as features_main
-from transferlab.features import run_features
+from transferlab.infra.runtime import seed_everything
 from transferlab.run import train
-from transferlab.runtime import seed_everything
+from transferlab.tools.features import run_features
 
 from .conftest import TINY
 
@@ -68,7 +68,7 @@ def test_an_unwritable_output_fails_before_extracting(monkeypatch, capsys):
     def extracting(*args, **kwargs):
         raise AssertionError("extracted before checking the output")
 
-    monkeypatch.setattr("transferlab.features.run_features", extracting)
+    monkeypatch.setattr("transferlab.cli.features.run_features", extracting)
     assert features_main(["output=/proc/transferlab/feats.npz", *TINY]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: output=/proc/transferlab/feats.npz: cannot write in") \

@@ -10,12 +10,13 @@ from collections import Counter
 
 import pytest
 
-from transferlab import compare
+from transferlab.cli import compare as compare_cli
 from transferlab.config import load_config
 from transferlab.data import DATASETS
 from transferlab.errors import UserError
 from transferlab.feature_cache.identity import dataset_identity
 from transferlab.run import train
+from transferlab.tools import compare
 
 from .conftest import TINY, compose_train
 from .test_sweep_views import _fake_run
@@ -126,7 +127,7 @@ def test_compare_groups_folds_as_mean_and_std(tmp_path, capsys):
         assert group.runs == 3 and "dataset.fold=0,1,2" in group.overrides
         assert group.value("final_val_acc") == pytest.approx(statistics.fmean(accs[freeze]))
         assert group.spread["final_val_acc"] == pytest.approx(statistics.stdev(accs[freeze]))
-    assert compare.main([str(tmp_path), "group_folds=true", "plot=false"]) == 0
+    assert compare_cli.main([str(tmp_path), "group_folds=true", "plot=false"]) == 0
     out = capsys.readouterr().out
     assert f"{statistics.fmean(accs['two_stage']):.4f} ± " \
            f"{statistics.stdev(accs['two_stage']):.4f}" in out

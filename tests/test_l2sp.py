@@ -13,9 +13,9 @@ from transferlab.config import RegularizeConfig, compose_config, load_config
 from transferlab.engine.context import EpochContext
 from transferlab.engine.epoch import CrossEntropy, train_epoch
 from transferlab.errors import UserError
-from transferlab.regularize import L2SP
+from transferlab.infra.runtime import Precision
 from transferlab.run import resume_run, train
-from transferlab.runtime import Precision
+from transferlab.staging.regularize import L2SP
 
 from .conftest import TINY, TINY_CLASSES, TINY_SIZE, compose_train, tiny_model
 

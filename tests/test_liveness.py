@@ -9,8 +9,8 @@ import subprocess
 import sys
 import time
 
-from transferlab.compare import find_runs, format_table, read_run
-from transferlab.liveness import DEAD_AFTER_S, process_started, run_status
+from transferlab.infra.liveness import DEAD_AFTER_S, process_started, run_status
+from transferlab.tools.compare import find_runs, format_table, read_run
 
 HERE = socket.gethostname()
 

@@ -14,9 +14,9 @@ from transferlab.engine.context import EpochContext
 from transferlab.engine.epoch import CrossEntropy, train_epoch
 from transferlab.engine.stepping import StepCalls, StepOptions
 from transferlab.errors import UserError
+from transferlab.infra.runtime import Precision
 from transferlab.run import resume_run, train
 from transferlab.run.hooks import CachedInputs
-from transferlab.runtime import Precision
 
 from .conftest import TINY, compose_train
 

@@ -12,16 +12,16 @@ import pytest
 import torch
 from torch import nn
 
-from transferlab.checkpoint import load_checkpoint
 from transferlab.config import load_config
 from transferlab.config.validate import validate
 from transferlab.errors import UserError
 from transferlab.feature_cache import find_cut
+from transferlab.infra.checkpoint import load_checkpoint
 from transferlab.lora import merge_adapters
-from transferlab.optim import stage_optimizer
-from transferlab.policy import apply_stage, is_adapter, plan_stages, set_train_mode
 from transferlab.run import train
-from transferlab.summary import stage_table
+from transferlab.staging.optim import stage_optimizer
+from transferlab.staging.policy import apply_stage, is_adapter, plan_stages, set_train_mode
+from transferlab.staging.summary import stage_table
 
 from .conftest import TINY, compose_train
 from .test_stages import block_params, build_model, head_params, is_bn, random_loader
@@ -218,9 +218,9 @@ def test_a_lora_run_round_trips_through_eval_predict_and_export(tmp_path, capsys
     pytest.importorskip("onnxruntime")
     from PIL import Image
 
-    from transferlab.evaluate import main as eval_main
-    from transferlab.export import main as export_main
-    from transferlab.predict import main as predict_main
+    from transferlab.cli.evaluate import main as eval_main
+    from transferlab.cli.export import main as export_main
+    from transferlab.cli.predict import main as predict_main
 
     run_dir = tmp_path / "run"
     result = train(compose_train([*TINY, "freeze=lora", "optimizer.lr=0.01",

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from tests.conftest import TINY, compose_train
+from transferlab.cli.lr_find import main
 from transferlab.config import load_config
-from transferlab.lr_find import main, prepare_stage, suggest
+from transferlab.tools.lr_find import prepare_stage, suggest
 
 # The tiny model on 80 digits (8 a class), batches of 16: 5 batches an epoch. No trainer.epochs:
 # two_stage sets its own length.
@@ -241,8 +242,8 @@ def test_bad_settings_fail_before_anything_is_built(capsys):
 
 
 def test_help_lists_every_key(capsys):
-    from transferlab.cli import help_text
-    from transferlab.lr_find import SPEC
+    from transferlab.cli.args import help_text
+    from transferlab.cli.lr_find import SPEC
 
     assert main(["--help"]) == 0
     out = capsys.readouterr().out

@@ -18,9 +18,9 @@ from transferlab.config import (
     make_config,
 )
 from transferlab.errors import UserError
-from transferlab.optim import build_optimizer, stage_optimizer, torch_param_groups
-from transferlab.policy import apply_stage, plan_stages
 from transferlab.registry import OPTIMIZERS as OPTIMIZER_REGISTRY
+from transferlab.staging.optim import build_optimizer, stage_optimizer, torch_param_groups
+from transferlab.staging.policy import apply_stage, plan_stages
 
 from .conftest import CONF_DIR as CONF
 from .conftest import TINY_CLASSES, TINY_SIZE, compose_train, tiny_model

@@ -16,16 +16,16 @@ from transferlab.config import (
 from transferlab.engine.context import EpochContext
 from transferlab.engine.epoch import CrossEntropy, train_epoch
 from transferlab.errors import UserError
-from transferlab.optim import stage_optimizer
-from transferlab.policy import (
+from transferlab.infra.runtime import Precision
+from transferlab.staging.optim import stage_optimizer
+from transferlab.staging.policy import (
     apply_stage,
     frozen_batchnorms,
     plan_stages,
     resolve_selector,
     set_train_mode,
 )
-from transferlab.runtime import Precision
-from transferlab.summary import stage_rows, stage_table
+from transferlab.staging.summary import stage_rows, stage_table
 
 from .conftest import TINY_CLASSES, TINY_SIZE, params_under, tiny_model
 

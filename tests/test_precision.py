@@ -14,8 +14,8 @@ from transferlab.config import load_config
 from transferlab.engine.context import EpochContext
 from transferlab.engine.epoch import CrossEntropy, train_epoch
 from transferlab.errors import UserError
+from transferlab.infra.runtime import Precision
 from transferlab.run import train
-from transferlab.runtime import Precision
 
 from .conftest import TINY, compose_train
 

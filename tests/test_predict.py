@@ -11,8 +11,8 @@ import sys
 import pytest
 from PIL import Image
 
+from transferlab.cli.predict import main
 from transferlab.data.digits import digits_images
-from transferlab.predict import main
 
 from .conftest import ROOT
 
@@ -96,11 +96,11 @@ def test_an_earlier_csv_survives_a_predict_that_does_not_finish(how, tiny_run, t
     out_csv = tmp_path / "preds.csv"
     out_csv.write_text("path,label\nearlier.png,3\n")
     if how == "nothing decodes":  # readable headers, undecodable data
-        monkeypatch.setattr("transferlab.predict.read_rgb", lambda path: None)
+        monkeypatch.setattr("transferlab.tools.predict.read_rgb", lambda path: None)
     else:
         error = KeyboardInterrupt if how == "interrupted" else RuntimeError("disk gone")
         calls = {"n": 0}
-        original = __import__("transferlab.predict", fromlist=["read_rgb"]).read_rgb
+        original = __import__("transferlab.tools.predict", fromlist=["read_rgb"]).read_rgb
 
         def flaky(path):
             calls["n"] += 1
@@ -108,7 +108,7 @@ def test_an_earlier_csv_survives_a_predict_that_does_not_finish(how, tiny_run, t
                 raise error
             return original(path)
 
-        monkeypatch.setattr("transferlab.predict.read_rgb", flaky)
+        monkeypatch.setattr("transferlab.tools.predict.read_rgb", flaky)
     args = [f"run={tiny_run}", f"output={out_csv}", "batch_size=1", str(tmp_path / "digits")]
     if how == "fails":
         with pytest.raises(RuntimeError):
@@ -129,7 +129,7 @@ def test_no_image_at_all_is_one_line(tmp_path, capsys):
 @pytest.mark.slow  # a process of its own
 def test_missing_path_is_one_error_line_without_traceback(tmp_path):
     missing = tmp_path / "no_such_folder"
-    proc = subprocess.run([sys.executable, "-m", "transferlab.predict",
+    proc = subprocess.run([sys.executable, "-m", "transferlab.cli.predict",
                            "backbone=efficientnet_lite0", str(missing)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr

@@ -11,8 +11,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from transferlab.backbone_init import format_report, report_summary, restore_into
 from transferlab.backbones import build_backbone
+from transferlab.backbones.init import format_report, report_summary, restore_into
 from transferlab.config import BackboneConfig, InitConfig, TorchvisionBackboneConfig
 from transferlab.errors import UserError
 from transferlab.run import train

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from transferlab.checkpoint import FORMAT
-from transferlab.compare import read_run
 from transferlab.errors import UserError
+from transferlab.infra.checkpoint import FORMAT
 from transferlab.run import resume_run, train
 from transferlab.run.resume import same_config
+from transferlab.tools.compare import read_run
 
 from .conftest import compose_train
 
@@ -246,7 +246,7 @@ def test_same_config_names_the_differing_keys():
 
 
 def test_a_run_directory_is_claimed_once_and_never_shared(tmp_path):
-    from transferlab import run_dirs
+    from transferlab.infra import run_dirs
 
     target = str(tmp_path / "runs" / "10-00-00_digits")
     first = run_dirs.claim(target)

@@ -9,7 +9,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from transferlab.checkpoint import load_checkpoint
+from transferlab.infra.checkpoint import load_checkpoint
 from transferlab.run import train
 
 from .conftest import TINY
@@ -118,7 +118,7 @@ def test_frozen_backbone_is_unchanged_by_a_whole_run(compose_cfg, tmp_path):
     train(cfg, tmp_path)
     from transferlab.backbones import build_backbone
     from transferlab.config import load_config
-    from transferlab.runtime import seed_everything
+    from transferlab.infra.runtime import seed_everything
 
     run = load_config(cfg)
     seed_everything(run.seed, False)
@@ -201,7 +201,7 @@ def test_a_nan_loss_fails_the_run_with_where_and_strict_json(compose_cfg, tmp_pa
 
 
 def test_non_finite_numbers_are_written_as_null(tmp_path):
-    from transferlab.tracking import RunTracker
+    from transferlab.run.record import RunTracker
 
     tracker = RunTracker(tmp_path, {}, {"seed": 0})
     tracker.log_epoch({"epoch": 1, "stage": "s", "train_loss": float("inf"), "train_acc": 0.5,

@@ -18,7 +18,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from transferlab.backbones import build_backbone, probe_features
-from transferlab.checkpoint import load_checkpoint
 from transferlab.config import SchedulerConfig, load_config, make_config
 from transferlab.data import build_splits, make_loaders
 from transferlab.data.transforms import eval_transform, train_transform
@@ -26,13 +25,14 @@ from transferlab.engine.context import EpochContext
 from transferlab.engine.epoch import CrossEntropy, train_epoch
 from transferlab.engine.stepping import StepCalls
 from transferlab.errors import UserError
-from transferlab.optim import stage_optimizer
-from transferlab.policy import apply_stage, plan_stages, resolve_selector, set_train_mode
+from transferlab.infra.checkpoint import load_checkpoint
+from transferlab.infra.runtime import Precision, seed_everything
 from transferlab.run import train
 from transferlab.run.build import build_classifier
-from transferlab.runtime import Precision, seed_everything
-from transferlab.schedule import StageSchedule, lr_multiplier
-from transferlab.summary import stage_rows, stage_table
+from transferlab.staging.optim import stage_optimizer
+from transferlab.staging.policy import apply_stage, plan_stages, resolve_selector, set_train_mode
+from transferlab.staging.schedule import StageSchedule, lr_multiplier
+from transferlab.staging.summary import stage_rows, stage_table
 
 from .conftest import CONF_DIR, TINY, params_under
 

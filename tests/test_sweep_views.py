@@ -16,11 +16,12 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from transferlab import compare
+from transferlab.cli import compare as compare_cli
 from transferlab.config import load_config
 from transferlab.errors import UserError
 from transferlab.run.tasks import sample_indices
-from transferlab.tensorboard_views import write_seed_groups, write_union_hparams
+from transferlab.tools import compare
+from transferlab.tools.tensorboard_views import write_seed_groups, write_union_hparams
 
 from .conftest import TINY, cli
 
@@ -103,7 +104,7 @@ def test_group_plot_draws_the_mean_the_table_shows(tmp_path, capsys):
     assert epochs == [1, 2]
     assert mean[-1] == pytest.approx(group.value("final_val_acc"))  # the table's mean
     assert (low[-1], high[-1]) == pytest.approx((0.7, 0.9))
-    assert compare.main([str(tmp_path), "group_seeds=true"]) == 0
+    assert compare_cli.main([str(tmp_path), "group_seeds=true"]) == 0
     row = capsys.readouterr().out.splitlines()[2]
     assert f"{group.value('final_val_acc'):.4f} ± " in row
 
@@ -111,18 +112,18 @@ def test_group_plot_draws_the_mean_the_table_shows(tmp_path, capsys):
 def test_failed_runs_are_hidden_by_default_and_counted(tmp_path, capsys):
     _fake_run(tmp_path, "0_a", ["seed=0"], [0.5, 0.6])
     _fake_run(tmp_path, "1_b", ["seed=1"], [0.5], status="failed")
-    assert compare.main([str(tmp_path), "plot=false"]) == 0
+    assert compare_cli.main([str(tmp_path), "plot=false"]) == 0
     out, err = capsys.readouterr()
     assert len(out.strip().splitlines()) == 3 and "failed" not in out
     assert "(1 failed run(s) hidden: all=true shows them)" in err
-    assert compare.main([str(tmp_path), "plot=false", "all=true"]) == 0
+    assert compare_cli.main([str(tmp_path), "plot=false", "all=true"]) == 0
     assert "failed: optimizer.lr must be > 0" in capsys.readouterr().out
 
 
 def test_csv_numbers_are_written_for_people(tmp_path, capsys):
     for seed in (0, 1):
         _fake_run(tmp_path, f"{seed}_a", [f"seed={seed}"], [0.5, 0.123456789])
-    assert compare.main([str(tmp_path), "format=csv", "group_seeds=true"]) == 0
+    assert compare_cli.main([str(tmp_path), "format=csv", "group_seeds=true"]) == 0
     text = capsys.readouterr().out
     assert "3383818" in text and "e+" not in text and "0.123457" in text
 
@@ -131,7 +132,7 @@ def test_report_holds_the_table_the_figure_and_the_best_command(tmp_path, capsys
     _fake_run(tmp_path / "s", "0_a", ["freeze=two_stage", "optimizer.lr=0.001"], [0.5, 0.9])
     _fake_run(tmp_path / "s", "1_b", ["freeze=linear_probe", "optimizer.lr=0.001"], [0.5, 0.6])
     report = tmp_path / "doc" / "results.md"
-    assert compare.main([str(tmp_path / "s"), f"report={report}"]) == 0
+    assert compare_cli.main([str(tmp_path / "s"), f"report={report}"]) == 0
     text = report.read_text()
     assert "| run | overrides |" in text
     assert "![validation accuracy](results_val_acc.png)" in text
@@ -253,7 +254,7 @@ def test_tensorboard_serves_every_key_every_run_and_the_seed_bands(policy_seed_s
                         ("extra_b", "optimizer.weight_decay=0.01")):
         proc = cli([*TINY, extra, f"hydra.run.dir={name}"], root)
         assert proc.returncode == 0, proc.stderr[-3000:]
-    assert compare.main([str(root), "tensorboard=true", "plot=false"]) == 0
+    assert compare_cli.main([str(root), "tensorboard=true", "plot=false"]) == 0
     port = _free_port()
     board = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(root),
                               "--port", str(port), "--host", "127.0.0.1", "--load_fast=false",

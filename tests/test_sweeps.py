@@ -12,8 +12,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from transferlab import compare
-from transferlab.sweep import job_name, sweep_name, swept_keys
+from transferlab.cli import compare as compare_cli
+from transferlab.tools.sweep import job_name, sweep_name, swept_keys
 
 from .conftest import TINY, cli
 
@@ -60,7 +60,7 @@ def scalar(job: Path, tag: str) -> float:
 
 
 def run_compare(capsys, *argv: str) -> list[str]:
-    assert compare.main([*argv]) == 0
+    assert compare_cli.main([*argv]) == 0
     return capsys.readouterr().out.strip().splitlines()
 
 
@@ -152,7 +152,7 @@ def test_a_failing_job_does_not_lose_the_others(tmp_path, capsys):
     assert metrics(sweep / "1_optimizer.lr--1")["error"] == "optimizer.lr must be > 0, got -1.0"
     assert "4 job(s), 1 failed" in proc.stdout
 
-    assert compare.main([str(sweep), "plot=false"]) == 0  # failed runs hidden by default
+    assert compare_cli.main([str(sweep), "plot=false"]) == 0  # failed runs hidden by default
     out, err = capsys.readouterr()
     rows = out.strip().splitlines()[2:]
     assert len(rows) == 3 and all("completed" in r for r in rows)
@@ -272,11 +272,11 @@ def test_compare_reads_outputs_by_default(tmp_path, capsys, monkeypatch):
 
 
 def test_compare_errors_are_one_line(tmp_path, capsys):
-    assert compare.main([str(tmp_path / "nope")]) == 2
-    assert compare.main([str(tmp_path)]) == 2
-    assert compare.main([str(tmp_path), "--no-plot"]) == 2
-    assert compare.main([str(tmp_path), "--sort", "final_val_loss"]) == 2
-    assert compare.main([str(tmp_path), "sort=val_loss"]) == 2
+    assert compare_cli.main([str(tmp_path / "nope")]) == 2
+    assert compare_cli.main([str(tmp_path)]) == 2
+    assert compare_cli.main([str(tmp_path), "--no-plot"]) == 2
+    assert compare_cli.main([str(tmp_path), "--sort", "final_val_loss"]) == 2
+    assert compare_cli.main([str(tmp_path), "sort=val_loss"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 5 and all(line.startswith("error: ") for line in err)
     assert err[2] == "error: --no-plot is not an option: write plot=false"

@@ -1,4 +1,5 @@
-"""Test-time augmentation (transferlab.tta) and its ``tta=`` key in transferlab-eval / -predict."""
+"""Test-time augmentation (transferlab.tools.tta) and its ``tta=`` key in transferlab-eval and
+-predict."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ from PIL import Image
 from torchvision.transforms import v2 as T
 
 from transferlab.backbones import InputSpec
-from transferlab.evaluate import main as eval_main
-from transferlab.predict import imagenet_predictor
-from transferlab.predict import main as predict_main
+from transferlab.cli.evaluate import main as eval_main
+from transferlab.cli.predict import main as predict_main
 from transferlab.run import train
-from transferlab.tta import VIEWS, average_log_probs, mean_log_probs, views_transform
+from transferlab.tools.predict import imagenet_predictor
+from transferlab.tools.tta import VIEWS, average_log_probs, mean_log_probs, views_transform
 
 from .conftest import TINY, TINY_SIZE, compose_train, tiny_model
 from .test_predict import CATS, save_digits

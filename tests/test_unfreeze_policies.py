@@ -8,12 +8,12 @@ import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from torch import nn
 
-from transferlab.checkpoint import load_checkpoint
 from transferlab.config import load_config
 from transferlab.errors import UserError
-from transferlab.optim import stage_optimizer
-from transferlab.policy import apply_stage, plan_stages, set_train_mode
+from transferlab.infra.checkpoint import load_checkpoint
 from transferlab.run import tasks, train
+from transferlab.staging.optim import stage_optimizer
+from transferlab.staging.policy import apply_stage, plan_stages, set_train_mode
 
 from .conftest import TINY
 from .test_stages import block_params, build_model, head_params, is_bn, random_loader, torch_lrs

@@ -1,7 +1,7 @@
 """LoRA adapters on the backbone (``freeze=lora``; Hu et al. 2021, arXiv 2106.09685), made and
 merged by Hugging Face ``peft``.
 
-``freeze.target`` is a selector of the freeze grammar (:mod:`transferlab.policy`:
+``freeze.target`` is a selector of the freeze grammar (:mod:`transferlab.staging.policy`:
 ``blocks[-4:]``, ``backbone``, a glob or a module path); every layer in the selection that
 peft's LoRA adapts exactly gets an adapter (``freeze.layers``: ``linear``, ``conv`` or ``all``):
 
@@ -35,7 +35,7 @@ from torch import nn
 from transferlab.backbones import Backbone
 from transferlab.config.schema import LoraConfig
 from transferlab.errors import UserError, nearest
-from transferlab.policy import is_adapter, resolve_selector
+from transferlab.staging.policy import is_adapter, resolve_selector
 
 log = logging.getLogger("transferlab")
 

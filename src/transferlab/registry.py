@@ -98,9 +98,9 @@ _BUILTINS = (
     "transferlab.heads",
     "transferlab.data",
     "transferlab.data.transforms",
-    "transferlab.policy",
-    "transferlab.optim",
-    "transferlab.schedule",
+    "transferlab.staging.policy",
+    "transferlab.staging.optim",
+    "transferlab.staging.schedule",
     "transferlab.run.tasks",
 )
 

@@ -183,7 +183,7 @@ def load_lite0_package_weights(model: nn.Module) -> None:
     The two layouts list the same tensors in the same order under different names, so the
     mapping is positional; every shape is checked.
     """
-    from transferlab.checkpoint import read_state_dict
+    from transferlab.infra.checkpoint import read_state_dict
 
     path = lite0_checkpoint_path()
     try:

@@ -64,7 +64,7 @@ def timm_weights_hint(model_name: str, hf_hub_id: str | None) -> str:
 def load_weights_file(model: torch.nn.Module, path: str, model_name: str) -> None:
     """Load ``backbone.weights_path``: the full state dict of the original model (classifier
     included, as the download would be) into ``model``; any mismatch is a one-line error."""
-    from transferlab.checkpoint import read_state_dict
+    from transferlab.infra.checkpoint import read_state_dict
 
     state = read_state_dict(path, option="backbone.weights_path")
     target = model.state_dict()

@@ -152,7 +152,8 @@ class FakeDatasetConfig(DatasetConfig):
 @dataclass
 class AugmentConfig:
     """``none``: the deterministic eval transform. Every option can mix its training batches
-    (:mod:`transferlab.mixup`): MixUp / CutMix, one of them drawn per batch when both are on."""
+    (:mod:`transferlab.data.mixup`): MixUp / CutMix, one of them drawn per batch when both are
+    on."""
 
     name: str = "none"
     mixup_alpha: float = 0.0  # MixUp's Beta(alpha, alpha) mixing weight; 0: off (0.2 typical)
@@ -400,7 +401,8 @@ class FeatureCacheConfig:
 
 @dataclass
 class DistributedConfig:
-    """One run on N processes under ``torchrun`` (:mod:`transferlab.distributed`); no effect on
+    """One run on N processes under ``torchrun`` (:mod:`transferlab.infra.distributed`); no effect
+    on
     a run of one process. ``trainer.batch_size`` is per process: the global batch is
     batch_size x processes x accumulate_grad_batches."""
 
@@ -410,7 +412,7 @@ class DistributedConfig:
 
 @dataclass
 class EmaConfig:
-    """An exponential moving average of the weights (:mod:`transferlab.ema`)."""
+    """An exponential moving average of the weights (:mod:`transferlab.engine.ema`)."""
 
     decay: float | None = None  # e.g. 0.999; None: off
     warmup: bool = False  # the decay ramps up as 1 - (1 + step)^(-2/3) (short runs)
@@ -418,7 +420,8 @@ class EmaConfig:
 
 @dataclass
 class EarlyStoppingConfig:
-    """Early stopping per stage (:mod:`transferlab.early_stopping`); off while ``patience`` is
+    """Early stopping per stage (:mod:`transferlab.engine.early_stopping`); off while ``patience``
+    is
     null."""
 
     patience: int | None = None  # None: off; else epochs without improvement that end a stage
@@ -429,7 +432,7 @@ class EarlyStoppingConfig:
 
 @dataclass
 class RegularizeConfig:
-    """A penalty added to the training loss (:mod:`transferlab.regularize`)."""
+    """A penalty added to the training loss (:mod:`transferlab.staging.regularize`)."""
 
     name: str = "none"  # none | l2sp
     alpha: float = 0.01  # l2sp: alpha/2 ||w - w0||^2 on the backbone (w0: its starting weights)

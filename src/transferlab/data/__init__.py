@@ -41,8 +41,8 @@ from transferlab.data.image_folder import (
 )
 from transferlab.data.torchvision_sets import load_torchvision_set
 from transferlab.data.transforms import eval_transform, train_transform
-from transferlab.distributed import World
 from transferlab.errors import UserError
+from transferlab.infra.distributed import World
 from transferlab.registry import DATASETS
 
 log = logging.getLogger(__name__)
@@ -408,7 +408,7 @@ class SeededSamples(Dataset):
 
     def __getitems__(self, indices: list) -> SeededBatch:
         """A batch's samples, with the epoch and indices that seed a batch-level draw (MixUp /
-        CutMix in the collate function, :mod:`transferlab.mixup`)."""
+        CutMix in the collate function, :mod:`transferlab.data.mixup`)."""
         epoch = getattr(indices[0], "epoch", 0) if indices else 0
         return SeededBatch([self[i] for i in indices], epoch, [int(i) for i in indices])
 

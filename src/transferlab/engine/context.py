@@ -6,15 +6,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from transferlab.distributed import World
-from transferlab.runtime import Precision
+from transferlab.infra.distributed import World
+from transferlab.infra.runtime import Precision
 
 
 @dataclass(frozen=True)
 class EpochContext:
     """Where and how a pass runs: the device, the autocast precision (``trainer.amp``),
     channels-last images (``trainer.channels_last``, when the model's features are a map), a
-    progress bar, and this process of the run (:class:`~transferlab.distributed.World`)."""
+    progress bar, and this process of the run (:class:`~transferlab.infra.distributed.World`)."""
 
     device: torch.device
     precision: Precision

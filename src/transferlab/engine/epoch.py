@@ -18,9 +18,9 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from transferlab.distributed import World
 from transferlab.engine.context import EpochContext
 from transferlab.engine.stepping import StepHooks, StepOptions, Stepper
+from transferlab.infra.distributed import World
 
 
 @dataclass
@@ -125,7 +125,7 @@ def train_epoch(model: nn.Module, loader, objective: Objective,
     when true, the pass ends there (``stopped``). ``stepping``: gradient accumulation and
     clipping (:mod:`.stepping`). ``resume``: the stats of the part of this epoch done before an
     interrupt (the loader then yields the rest of the epoch's batches only). ``penalty()``: a
-    term of the weights (:mod:`transferlab.regularize`) added to every batch's loss before
+    term of the weights (:mod:`transferlab.staging.regularize`) added to every batch's loss before
     backward; ``loss`` stays the data loss, the penalty's mean over the batches is ``penalty``.
     A loss that is not finite raises :class:`FloatingPointError` before its backward.
     """

@@ -34,15 +34,15 @@ from typing import Any, Protocol
 import torch
 
 from transferlab.config.schema import EarlyStoppingConfig, EmaConfig
-from transferlab.early_stopping import EarlyStopping
-from transferlab.ema import WeightsEma, ema_fields
+from transferlab.engine.early_stopping import EarlyStopping
+from transferlab.engine.ema import WeightsEma, ema_fields
 from transferlab.engine.epoch import evaluate, reduced
 
 log = logging.getLogger("transferlab")
 
 
 class Recorder(Protocol):
-    """Where hooks write (the run's :class:`~transferlab.tracking.RunTracker`)."""
+    """Where hooks write (the run's :class:`~transferlab.run.record.RunTracker`)."""
 
     extra: dict[str, Any]
     writer: Any  # a TensorBoard SummaryWriter
@@ -90,7 +90,7 @@ class Hook:
 
 
 class Ema(Hook):
-    """The EMA of the weights (``trainer.ema``, :mod:`transferlab.ema`): made at the fit's
+    """The EMA of the weights (``trainer.ema``, :mod:`transferlab.engine.ema`): made at the fit's
     start (from a resume's state), updated after every optimizer step, its frozen part synced at
     every stage start, evaluated on the stage's val inputs after the model (``val_loss_ema``,
     ``val_acc_ema``). ``loop.ema`` holds it (the checkpoint saves it)."""
@@ -122,7 +122,7 @@ class Ema(Hook):
 
 
 class EarlyStop(Hook):
-    """Early stopping per stage (``trainer.early_stopping``, :mod:`transferlab.early_stopping`):
+    """Early stopping per stage (``trainer.early_stopping``, :mod:`.early_stopping`):
     ends a stage (``loop.stop_stage``) when its monitor stops improving; restores the stage's
     best weights at its end; its counters go into every checkpoint."""
 
@@ -172,7 +172,7 @@ class LogLearningRates(Hook):
 
 
 class Distributed(Hook):
-    """DDP (:mod:`transferlab.distributed`): the module a stage trains is wrapped at the
+    """DDP (:mod:`transferlab.infra.distributed`): the module a stage trains is wrapped at the
     stage's start, on exactly its trainable parameters, and released at its end; BatchNorm
     statistics that trained are averaged over the processes after every training pass; every
     process must hold the same weights after each stage."""

@@ -28,7 +28,7 @@ from torch import nn
 
 from transferlab.engine.hooks import Hook, Recorder
 from transferlab.errors import UserError
-from transferlab.policy import StagePlan, eval_batchnorms
+from transferlab.staging.policy import StagePlan, eval_batchnorms
 
 RECORD_KEY = "ledger"  # metrics.json
 

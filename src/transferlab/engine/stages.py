@@ -19,7 +19,7 @@ What the loop itself does, and nothing more::
 
 Everything else is a :class:`~transferlab.engine.hooks.Hook`, called in the order of
 ``loop.hooks``. The training run (:mod:`transferlab.run.tasks`) and the LR finder's warm-up
-(:mod:`transferlab.lr_find`) both run on it.
+(:mod:`transferlab.tools.lr_find`) both run on it.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from transferlab.engine.epoch import EpochStats, Objective, evaluate, reduced, t
 from transferlab.engine.stepping import StepHooks, StepOptions
 from transferlab.errors import Interrupted, UserError
 from transferlab.feature_cache import StageInputs
-from transferlab.optim import stage_optimizer
-from transferlab.policy import StagePlan, apply_stage, set_train_mode
-from transferlab.schedule import StageSchedule
+from transferlab.staging.optim import stage_optimizer
+from transferlab.staging.policy import StagePlan, apply_stage, set_train_mode
+from transferlab.staging.schedule import StageSchedule
 
 RecordFn = Callable[[int, StagePlan, EpochStats, EpochStats], dict]
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from transferlab.runtime import Precision
+from transferlab.infra.runtime import Precision
 
 
 class StepHooks:

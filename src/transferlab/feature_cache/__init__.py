@@ -13,7 +13,7 @@ written), ``disk`` (the store, or an error), ``memory`` (this run only), ``off``
 
 Under DDP the processes agree on every choice (cache or not, hit or miss); an extraction is
 sharded: each process runs the prefix over its share of the split, and all gather the whole
-once (:meth:`~transferlab.distributed.World.gather_rows`); the first process of each node
+once (:meth:`~transferlab.infra.distributed.World.gather_rows`); the first process of each node
 writes the store's entry.
 """
 
@@ -31,12 +31,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from transferlab.backbones import Backbone
 from transferlab.config.schema import FeatureCacheConfig, TrainerConfig
 from transferlab.data import DataSplits, eval_batch_size, loader_workers, worker_context
-from transferlab.distributed import World
 from transferlab.errors import UserError
 from transferlab.feature_cache.cut import Cut, find_cut
 from transferlab.feature_cache.identity import dataset_identity, tensors_hash
 from transferlab.feature_cache.store import FORMAT, DiskStore, default_dir
-from transferlab.runtime import Precision
+from transferlab.infra.distributed import World
+from transferlab.infra.runtime import Precision
 
 log = logging.getLogger("transferlab")
 
@@ -291,7 +291,7 @@ class FeatureCache:
     def _extracted(self, cut: Cut, run_prefix, dataset: Dataset, shape: tuple[int, ...],
                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The features and labels of ``dataset``, extracted: under DDP each process runs its
-        share of the images (:meth:`~transferlab.distributed.World.shard`) and every process
+        share of the images (:meth:`~transferlab.infra.distributed.World.shard`) and every process
         gathers the whole once."""
         world = self.world
         part = Subset(dataset, world.shard(len(dataset))) if world.active else dataset

@@ -17,7 +17,7 @@ from torch import nn
 from transferlab.backbones import Backbone
 from transferlab.backbones.segments import Segment, block_boundaries, sequential_view
 from transferlab.heads import GlobalPool
-from transferlab.policy import is_batchnorm
+from transferlab.staging.policy import is_batchnorm
 
 
 @dataclass

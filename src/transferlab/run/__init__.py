@@ -5,7 +5,7 @@ records and artifacts (``metrics.json``, TensorBoard, checkpoints, learning curv
 (or a :class:`~transferlab.config.RunConfig`) and returns the metrics and what it built, so
 tests and notebooks can call it.
 
-Under ``torchrun`` (or in any process group: :mod:`transferlab.distributed`) every process
+Under ``torchrun`` (or in any process group: :mod:`transferlab.infra.distributed`) every process
 calls the same function with the same config and run directory; rank 0 alone writes in it.
 """
 
@@ -20,15 +20,15 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
-from transferlab.backbone_init import format_report, report_summary
+from transferlab.backbones.init import format_report, report_summary
 from transferlab.config import RunConfig, load_config
 from transferlab.data import derived_seed
-from transferlab.distributed import World, init_from_env
 from transferlab.errors import Interrupted, UserError, error_line
+from transferlab.infra.distributed import World, init_from_env
+from transferlab.infra.runtime import seed_everything
 from transferlab.registry import TASKS
 from transferlab.run.build import BuiltRun, build_run
-from transferlab.runtime import seed_everything
-from transferlab.tracking import RunTracker
+from transferlab.run.record import RunTracker
 
 if TYPE_CHECKING:
     from transferlab.run.resume import ResumePoint

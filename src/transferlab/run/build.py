@@ -13,24 +13,24 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from transferlab.backbone_init import LoadReport, format_report, restore_into
 from transferlab.backbones import Backbone, build_backbone, probe_features
+from transferlab.backbones.init import LoadReport, format_report, restore_into
 from transferlab.config import AugmentConfig, LoraConfig, RunConfig
 from transferlab.data import DataSplits, build_splits, eval_batch_size, loader_workers
-from transferlab.distributed import World, pick_device_for
 from transferlab.engine.context import EpochContext
 from transferlab.errors import UserError
 from transferlab.feature_cache import FeatureCache
 from transferlab.heads import build_head
+from transferlab.infra.distributed import World, pick_device_for
+from transferlab.infra.runtime import Precision, pick_device
 from transferlab.lora import add_adapters
 from transferlab.model import TransferModel
-from transferlab.policy import StagePlan, training_batchnorms
 from transferlab.registry import TASKS
-from transferlab.runtime import Precision, pick_device
+from transferlab.staging.policy import StagePlan, training_batchnorms
 
 if TYPE_CHECKING:
-    from transferlab.regularize import L2SP
     from transferlab.run.resume import ResumePoint
+    from transferlab.staging.regularize import L2SP
 
 log = logging.getLogger("transferlab")
 

@@ -15,15 +15,15 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from transferlab.checkpoint import save_epoch_checkpoints
-from transferlab.cluster import preemption_signal
-from transferlab.distributed import World
 from transferlab.engine.hooks import Distributed, EarlyStop, Ema, Hook, LogLearningRates
 from transferlab.engine.ledger import FreezeLedger
 from transferlab.errors import Interrupted
-from transferlab.runtime import rng_state
-from transferlab.summary import stage_table
-from transferlab.tracking import RunTracker
+from transferlab.infra.checkpoint import save_epoch_checkpoints
+from transferlab.infra.cluster import preemption_signal
+from transferlab.infra.distributed import World
+from transferlab.infra.runtime import rng_state
+from transferlab.run.record import RunTracker
+from transferlab.staging.summary import stage_table
 
 log = logging.getLogger("transferlab")
 
@@ -32,7 +32,7 @@ class StopRequest:
     """SIGINT / SIGTERM ask the loop to stop after the current step (it then writes a
     checkpoint and raises :class:`Interrupted`); a second Ctrl-C stops at once. Calling it
     says whether a stop was asked for. In a submitit job, its preemption signal too
-    (:mod:`transferlab.cluster`): it is the one :class:`Interrupted` carries when both came
+    (:mod:`transferlab.infra.cluster`): it is the one :class:`Interrupted` carries when both came
     (SLURM may send SIGTERM first), so that the job is requeued."""
 
     def __init__(self):

@@ -12,7 +12,7 @@ import numpy as np
 
 from transferlab.feature_cache import extract_splits
 from transferlab.run.build import BuiltRun
-from transferlab.tracking import RunTracker
+from transferlab.run.record import RunTracker
 
 log = logging.getLogger("transferlab")
 

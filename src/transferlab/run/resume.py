@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transferlab.checkpoint import FORMAT, load_checkpoint
 from transferlab.config.validate import amp_mode, override_key
 from transferlab.errors import UserError
-from transferlab.liveness import run_status
+from transferlab.infra.checkpoint import FORMAT, load_checkpoint
+from transferlab.infra.liveness import run_status
 from transferlab.registry import TASKS, load_builtins
 
 # Overrides a resume takes: they cannot change the result (or extend the last stage).

@@ -1,5 +1,5 @@
 """What a run trains (``task``): each task says what its model and stages are and runs its loop.
-The build (:mod:`transferlab.run.build`) and the record (:class:`~transferlab.tracking.
+The build (:mod:`transferlab.run.build`) and the record (:class:`~transferlab.run.record.
 RunTracker`) are the same for every task.
 
 - ``classify``: a backbone with a new head, trained stage by stage by the freeze policy; with
@@ -26,21 +26,21 @@ from transferlab.config import (
     TaskConfig,
 )
 from transferlab.data import make_loaders
-from transferlab.ema import ema_columns
+from transferlab.data.mixup import batch_mixer, mix_record, mixing, mixing_reason
+from transferlab.engine.ema import ema_columns
 from transferlab.engine.epoch import CrossEntropy, EpochStats, Objective, Reconstruction
 from transferlab.engine.hooks import Hook
 from transferlab.engine.stages import Loop, fit_stages, plain_record
 from transferlab.engine.stepping import StepOptions
 from transferlab.errors import UserError
-from transferlab.mixup import batch_mixer, mix_record, mixing, mixing_reason
-from transferlab.policy import ParamGroup, StagePlan, plan_stages, policy_entry
+from transferlab.infra.runtime import set_rng_state
 from transferlab.registry import TASKS
-from transferlab.regularize import L2SP
 from transferlab.run.build import BuiltRun, build_classifier
 from transferlab.run.hooks import CachedInputs, StopRequest, run_hooks
 from transferlab.run.logreg import fit_logreg_head
-from transferlab.runtime import set_rng_state
-from transferlab.tracking import RunTracker
+from transferlab.run.record import RunTracker
+from transferlab.staging.policy import ParamGroup, StagePlan, plan_stages, policy_entry
+from transferlab.staging.regularize import L2SP
 
 log = logging.getLogger("transferlab")
 
@@ -73,7 +73,7 @@ class Task:
     def extend(self, raw: dict, key: str, epochs: int) -> None:
         """A resume's ``key=epochs`` (``trainer.epochs`` / ``freeze.finetune_epochs``) applied
         to the saved config ``raw``: its last stage gets ``epochs`` epochs. Each freeze
-        policy's registry entry knows its key (:class:`~transferlab.policy.Policy`)."""
+        policy's registry entry knows its key (:class:`~transferlab.staging.policy.Policy`)."""
         policy_entry(raw["freeze"].get("name")).extend(raw, key, epochs)
 
     def extend_key(self, raw: dict) -> str | None:

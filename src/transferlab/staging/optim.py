@@ -12,8 +12,8 @@ from transferlab.config.schema import (
     RMSpropConfig,
     SGDConfig,
 )
-from transferlab.policy import StagePlan
 from transferlab.registry import OPTIMIZERS
+from transferlab.staging.policy import StagePlan
 
 
 def torch_param_groups(model: nn.Module, plan: StagePlan, cfg: OptimizerConfig) -> list[dict]:

@@ -8,7 +8,7 @@
     transferlab-compare <sweep> tensorboard=true       # the command to open it in TensorBoard
     transferlab-compare --help                         # every key
 
-Arguments are ``key=value``, as for ``transferlab-train`` (:mod:`transferlab.cli`); the other
+Arguments are ``key=value``, as for ``transferlab-train`` (:mod:`transferlab.cli.args`); the other
 arguments are the directories to read (default: ``outputs``). It reads files only, so it works
 on partial sweeps and on runs still going.
 """
@@ -20,16 +20,14 @@ import io
 import json
 import math
 import statistics
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from transferlab.cli import Key, Spec, boolean, parse, path, run_main
-from transferlab.errors import UserError
-from transferlab.liveness import run_status
+from transferlab.cli.args import boolean, path
+from transferlab.infra.liveness import run_status
 
 # column -> (header, True when larger is better)
 METRICS = {
@@ -314,7 +312,7 @@ def curve_points(run: RunRecord, key: str = "val_acc") -> tuple[list[int], list,
         points = [(r["epoch"], r.get(key)) for r in run.history if r.get(key) is not None]
         ys = [y for _, y in points]
         return [e for e, _ in points], ys, ys, ys
-    from transferlab.tensorboard_views import group_curves
+    from transferlab.tools.tensorboard_views import group_curves
 
     curve = group_curves([m.history for m in run.members]).get(key, {})
     epochs = sorted(curve)
@@ -332,7 +330,7 @@ def plot_val_curves(runs: list[RunRecord], path: Path, title: str = "") -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    from transferlab.plots import stage_starts
+    from transferlab.run.plots import stage_starts
 
     shown = [(r, lbl) for r, lbl in zip(runs, varying_overrides(runs), strict=True)
              if curve_points(r)[0]]
@@ -375,98 +373,15 @@ def plot_target(text: str) -> Path | bool:
         return path(text)
 
 
-SPEC = Spec(
-    prog="transferlab-compare",
-    usage="transferlab-compare [PATH ...] [key=value ...]",
-    summary="Compare transferlab runs: a table of every run under the given sweep directories, "
-            "run directories or outputs/ (read from their metrics.json, so partial sweeps and "
-            "runs still going work too), best first, and a figure of their validation accuracy.",
-    keys=(
-        Key("sort", "the metric to sort by, best first", default="best_val_acc",
-            choices=tuple(METRICS)),
-        Key("reverse", "worst first", bool, False),
-        Key("format", "the table's format", default="table", choices=FORMATS),
-        Key("group_seeds", "merge runs that differ only by seed: mean ± std", bool, False),
-        Key("group_folds", "merge runs that differ only by dataset.fold (the folds of a k-fold "
-            "cross-validation): mean ± std over the folds; with group_seeds, over both",
-            bool, False),
-        Key("plot", "where to write the validation-accuracy figure; false: no figure",
-            plot_target, metavar="<file>|true|false",
-            default_text="<first path>/compare_val_acc.png, none with format=csv"),
-        Key("tensorboard", "write the runs' union HParams record (and, with group_seeds, the "
-            "seed groups' mean / min / max curves) at the first path, and print the command "
-            "that opens them in TensorBoard", bool, False),
-        Key("all", "show failed runs too (hidden by default)", bool, False),
-        Key("report", "write a Markdown report: the table, the figure and the best run's "
-            "overrides", path, metavar="<file.md>"),
-    ),
-    positionals="PATH",
-    positional_help="sweep or run directories, searched recursively (default: outputs)",
-    notes=("A directory whose text before its first '=' looks like a key (lr=0.1) is read as "
-           "key=value: write it as ./lr=0.1.",),
-    examples=(
-        "transferlab-compare outputs/sweeps/2026-11-23/10-00-00_digits-efficientnet_lite0-"
-        "linear_probe",
-        "transferlab-compare outputs/ sort=final_val_loss format=markdown plot=false",
-        "transferlab-compare <sweep> group_seeds=true group_folds=true format=csv",
-        "transferlab-compare <sweep> group_seeds=true report=results.md tensorboard=true",
-    ),
-)
 
 
-HIDDEN = ("failed",)
 
 
-def run_cli(argv: list[str]) -> int:
-    """Parse, read the runs, print the table, write the figure (and the TensorBoard records,
-    the report)."""
-    parsed = parse(SPEC, argv)
-    paths = [Path(p) for p in parsed.positionals] or [Path("outputs")]
-    try:
-        runs = find_runs(paths)
-    except FileNotFoundError as exc:
-        raise UserError(f"{exc}: give a sweep directory, a run directory or outputs/") from None
-    if not runs:
-        raise UserError(f"no runs (no metrics.json) under {' '.join(map(str, paths))}")
-    hidden = [] if parsed["all"] else [r for r in runs if r.status in HIDDEN]
-    runs = [r for r in runs if r not in hidden]
-    every = runs
-    keys = (SEED_KEYS if parsed["group_seeds"] else ()) + (
-        FOLD_KEYS if parsed["group_folds"] else ())
-    if keys:
-        runs = group_runs(runs, keys)
-    runs = sort_runs(runs, parsed["sort"], parsed["reverse"])
-    root = paths[0] if len(paths) == 1 and paths[0].is_dir() else None
-    print(format_table(runs, parsed["format"], root=root) if runs else "(no runs to show)")
-    if hidden:
-        print(f"({len(hidden)} failed run(s) hidden: all=true shows them)", file=sys.stderr)
-    plot = parsed["plot"]
-    figure = None
-    base = paths[0] if paths[0].is_dir() else paths[0].parent
-    if runs and (plot is True or isinstance(plot, Path)
-                 or (plot is None and parsed["format"] != "csv")
-                 or (parsed["report"] and plot is not False)):
-        target = plot if isinstance(plot, Path) else (
-            parsed["report"].parent / (parsed["report"].stem + "_val_acc.png")
-            if parsed["report"] else base / "compare_val_acc.png")
-        figure = plot_val_curves(runs, target)
-        print(f"\nValidation curves: {figure}", file=sys.stderr)
-    if parsed["report"]:
-        print(f"Report: {write_report(parsed['report'], runs, figure, root)}", file=sys.stderr)
-    if parsed["tensorboard"]:
-        write_tensorboard(base, every, runs if keys else [], keys)
-        logdirs = " ".join(str(p) for p in paths)
-        if len(paths) == 1:
-            print(f"\ntensorboard --logdir {logdirs}")
-        else:
-            spec = ",".join(f"{p.name or p}:{p}" for p in paths)
-            print(f"\ntensorboard --logdir_spec {spec}")
-    return 0
 
 
 def write_tensorboard(root: Path, runs: list[RunRecord], groups: list[RunRecord],
                        keys: tuple[str, ...] = SEED_KEYS) -> None:
-    from transferlab.tensorboard_views import write_seed_groups, write_union_hparams
+    from transferlab.tools.tensorboard_views import write_seed_groups, write_union_hparams
 
     write_union_hparams(root, [r.hparams for r in runs if r.hparams])
     write_seed_groups(root, {group_label(label, keys): [m.history for m in g.members]
@@ -477,7 +392,7 @@ def write_tensorboard(root: Path, runs: list[RunRecord], groups: list[RunRecord]
 def group_label(overrides: list[str], keys: tuple[str, ...] = SEED_KEYS) -> str:
     """A group's TensorBoard run name: what sets it apart (its overrides but the grouped keys,
     by default the seed)."""
-    from transferlab.run_dirs import safe_name  # (it imports torch: only when needed)
+    from transferlab.infra.run_dirs import safe_name  # (it imports torch: only when needed)
 
     parts = [o for o in overrides if _key_of(o) not in keys]
     return "__".join(safe_name(o.replace("=", "-")) for o in parts) or "all"
@@ -504,13 +419,3 @@ def write_report(path: Path, runs: list[RunRecord], figure: Path | None,
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     return path
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The ``transferlab-compare`` entry point; the exit code: 0, 2 after one
-    ``error: <message>`` line for a user error, 130 when interrupted."""
-    return run_main(run_cli, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

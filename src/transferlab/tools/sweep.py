@@ -20,7 +20,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab.run_dirs import safe_name
+from transferlab.infra.run_dirs import safe_name
 
 log = logging.getLogger("transferlab")
 
@@ -121,7 +121,7 @@ class SweepSummary(Callback):
     failed_jobs = 0  # read by the CLI to choose its exit code
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from transferlab.compare import find_runs, format_table, sort_runs
+        from transferlab.tools.compare import find_runs, format_table, sort_runs
 
         sweep_dir = Path(config.hydra.sweep.dir)
         runs = sort_runs(find_runs([sweep_dir]), "best_val_acc")
@@ -140,7 +140,7 @@ class SweepSummary(Callback):
 def write_sweep_views(sweep_dir: Path, runs) -> None:
     """At the sweep root: the union HParams record of every job and the seed groups' curves
     (TensorBoard then shows every swept key as a column, and seed noise as a band)."""
-    from transferlab.compare import group_seeds, write_tensorboard
+    from transferlab.tools.compare import group_seeds, write_tensorboard
 
     done = [r for r in runs if r.status == "completed"]
     try:

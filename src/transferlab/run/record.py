@@ -15,9 +15,10 @@ import yaml
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-from transferlab.ema import best_ema
+from transferlab.engine.ema import best_ema
 from transferlab.errors import Interrupted, error_line
-from transferlab.liveness import process_started
+from transferlab.infra.liveness import process_started
+from transferlab.infra.run_dirs import fsync_dir
 
 HPARAM_METRICS = ("best_val_acc", "best_val_loss", "final_val_acc", "final_val_loss")
 STEP_TAGS = ("lr/", "grad/")  # TensorBoard tags per optimizer step (the others: per epoch)
@@ -220,7 +221,7 @@ class RunTracker:
             raise
         finally:
             if self.history and curves_title is not None and self.writes:
-                from transferlab.plots import save_learning_curves
+                from transferlab.run.plots import save_learning_curves
 
                 save_learning_curves(self.history, self.run_dir / "learning_curves.png",
                                      curves_title, self.extra.get("stopped_early"))
@@ -270,19 +271,6 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
-
-
-def fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -6,11 +6,12 @@
 
 The run is composed from the same overrides as ``transferlab-train`` and built by the same
 build step. For the chosen stage the finder does what training does at that stage's start:
-exactly its trainable parameters (:func:`~transferlab.policy.apply_stage`), its BatchNorm
-modes (:func:`~transferlab.policy.set_train_mode`) and its optimizer with its parameter groups
-(:func:`~transferlab.optim.stage_optimizer`). It then sweeps the BASE learning rate
-(``optimizer.lr``) exponentially from ``start_lr`` to ``end_lr`` over ``steps`` optimizer
-steps (cycling the loader); every group keeps its ratio to the base (a two_stage finetune
+exactly its trainable parameters (:func:`~transferlab.staging.policy.apply_stage`), its
+BatchNorm modes (:func:`~transferlab.staging.policy.set_train_mode`) and its optimizer with its
+parameter groups (:func:`~transferlab.staging.optim.stage_optimizer`). It then sweeps the
+BASE learning rate (``optimizer.lr``) exponentially from ``start_lr`` to ``end_lr`` over
+``steps`` optimizer steps (cycling the loader); every group keeps its ratio to the base (a
+two_stage finetune
 group at ``finetune_lr_mult`` x base, a layer-decayed block at ``decay^k`` x base, a selector
 with an absolute ``lr`` at its ratio to ``optimizer.lr``). The stage's own LR schedule is not
 used. The sweep stops when the smoothed loss exceeds ``diverge`` x its best (or is not finite).
@@ -49,8 +50,6 @@ import itertools
 import json
 import logging
 import math
-import sys
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -61,8 +60,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from transferlab.cli import Key, Spec, boolean, number, parse, positive_int, run_main
-from transferlab.config import RunConfig, TwoStageConfig, compose_config, load_config
+from transferlab.config import RunConfig, TwoStageConfig
 from transferlab.engine.context import EpochContext
 from transferlab.engine.epoch import Objective, train_epoch
 from transferlab.engine.hooks import Distributed, EarlyStop, Hook, NullRecorder
@@ -70,12 +68,11 @@ from transferlab.engine.ledger import FreezeLedger
 from transferlab.engine.stages import fit_stages
 from transferlab.engine.stepping import StepHooks, StepOptions
 from transferlab.errors import UserError, did_you_mean
-from transferlab.optim import stage_optimizer
-from transferlab.policy import StagePlan, apply_stage, set_train_mode
+from transferlab.infra.runtime import Precision, rng_state, seed_everything, set_rng_state
 from transferlab.run.build import BuiltRun, build_run
 from transferlab.run.tasks import stage_loop
-from transferlab.run_dirs import claim
-from transferlab.runtime import Precision, rng_state, seed_everything, set_rng_state
+from transferlab.staging.optim import stage_optimizer
+from transferlab.staging.policy import StagePlan, apply_stage, set_train_mode
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -456,82 +453,3 @@ def apply_hint(run: RunConfig, result: LRFindResult) -> list[str]:
         lines.append(f"freeze.finetune_lr_mult={mult:.3g}  (keeps optimizer.lr="
                      f"{run.optimizer.lr:g} for the head stage)")
     return lines
-
-
-# -- the command ---------------------------------------------------------------------------------
-SPEC = Spec(
-    prog="transferlab-lr-find",
-    summary="A learning-rate range test for one stage of the freeze policy: the run is "
-            "composed and built as transferlab-train builds it; the stage's trainable "
-            "parameters, BatchNorm modes and optimizer groups are applied; the base LR "
-            "(optimizer.lr) grows exponentially from start_lr to end_lr, one training batch a "
-            "step, every group keeping its LR multiplier; the sweep stops when the smoothed "
-            "loss exceeds diverge x its best. The model and optimizer are restored afterwards. "
-            "Writes lr_find.json, lr_find.png and TensorBoard scalars, and prints the "
-            "suggested base LR.",
-    keys=(
-        Key("stage", "the stage to probe: its index or name", metavar="<index|name>",
-            default_text="the first stage that trains anything"),
-        Key("start_lr", "the first base LR", number, 1e-7),
-        Key("end_lr", "the last base LR", number, 10.0),
-        Key("steps", "training batches of the sweep (at most)", positive_int, 200),
-        Key("smooth", "weight of each new loss in the moving average", number, 0.05),
-        Key("diverge", "stop when the smoothed loss exceeds diverge x its best", number, 4.0),
-        Key("rule", "how the LR is suggested: steepest = the smoothed loss's steepest descent "
-            "(before its minimum), min10 = a tenth of the LR at its minimum", default="steepest",
-            choices=RULES),
-        Key("warmup", "first train the stages before this one as the policy says (false: the "
-            "model as built, as fastai and torch-lr-finder do)", boolean, False),
-        Key("apply", "also print the override(s) that set the suggested LR", boolean, False),
-        Key("output", "the folder to write into", Path, metavar="<dir>",
-            default_text="outputs/lr_find/<date>/<time>_<name>-<stage>"),
-    ),
-    overrides="a config override, as for transferlab-train: backbone=..., freeze=..., "
-              "dataset=..., optimizer=..., trainer.batch_size=... (every other argument)",
-    usage="transferlab-lr-find [stage=<index|name>] [start_lr=X] [end_lr=X] [steps=N] ... "
-          "[<override> ...]",
-    examples=(
-        "transferlab-lr-find dataset=hymenoptera freeze=two_stage stage=finetune",
-        "transferlab-lr-find freeze=two_stage stage=1 warmup=true apply=true",
-        "transferlab-lr-find backbone=resnet18 freeze=discriminative end_lr=1 steps=100",
-    ),
-)
-
-
-def run_cli(argv: list[str]) -> int:
-    args = parse(SPEC, argv)
-    run = load_config(compose_config(args.overrides), args.overrides)
-    settings = {k: args[k] for k in ("start_lr", "end_lr", "steps", "smooth", "diverge",
-                                     "warmup")}
-    result = lr_find(run, args["stage"], rule=args["rule"], **settings)
-    out = args["output"] or Path(claim(
-        f"outputs/lr_find/{time.strftime('%Y-%m-%d')}/{time.strftime('%H-%M-%S')}_"
-        f"{run.name}-{result.stage.name}"))
-    try:
-        write_outputs(result, out, {**settings, "overrides": args.overrides},
-                      f"{run.name}: stage {result.stage.index} {result.stage.name}")
-    except OSError as exc:
-        raise UserError(f"output={out}: cannot write ({exc.strerror or exc})") from None
-    test = result.test
-    swept = (f"{len(test.lrs)} steps, {test.lrs[0]:.1e}..{test.lrs[-1]:.1e}, {test.stopped}"
-             if test.lrs else f"0 steps, {test.stopped}")
-    if result.suggestion is None:
-        print(f"lr_find: no suggestion for stage {result.stage.name} ({swept}): the loss did not "
-              "fall long enough; try a lower start_lr or more steps")
-    else:
-        print(f"lr_find: suggested optimizer.lr={result.suggestion:.3g} for stage "
-              f"{result.stage.index} {result.stage.name} (rule {result.rule}: "
-              f"{RULE_TEXT[result.rule]}; {swept})")
-        if args["apply"]:
-            print("use: " + "\n  or: ".join(apply_hint(run, result)))
-    print(f"Saved to: {out}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The ``transferlab-lr-find`` entry point: 0, 2 after one ``error:`` line, 130."""
-    return run_main(run_cli, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,13 +12,14 @@ takes that one (their clocks may name different seconds).
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from transferlab.distributed import current_world
 from transferlab.errors import UserError
+from transferlab.infra.distributed import current_world
 
 CLAIM_RESOLVER = "transferlab_claim"
 _claimed: dict[str, str] = {}
@@ -98,3 +99,16 @@ def safe_name(text: str) -> str:
         if len(text) > 8 and not number.is_integer():
             text = f"{number:.4g}"
     return re.sub(r"[/\\\s:,=\[\]{}()'\"]+", "_", text).strip("_") or "_"
+
+
+def fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

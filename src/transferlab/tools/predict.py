@@ -9,13 +9,13 @@
     transferlab-predict backbone=efficientnet_lite0 tta=flip cat.jpg        # test-time augmentation
     transferlab-predict --help                                              # every key
 
-Arguments are ``key=value``, as for ``transferlab-train`` (:mod:`transferlab.cli`); the other
+Arguments are ``key=value``, as for ``transferlab-train`` (:mod:`transferlab.cli.args`); the other
 arguments are the image files and folders. Folders are searched recursively. Files that are not
 readable images are listed in one warning line and skipped; a missing input path, or no image at
 all, is a one-line error (exit code 2).
 
 ``tta=flip|five_crop|ten_crop`` averages the softmax probabilities over views of each image
-(:mod:`transferlab.tta`); the output says so in a first line ``tta=...: ...``, and the CSV
+(:mod:`transferlab.tools.tta`); the output says so in a first line ``tta=...: ...``, and the CSV
 has a ``tta`` column (``none`` without TTA).
 """
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -35,23 +34,18 @@ from PIL import Image
 from torch import nn
 
 from transferlab.backbones import build_backbone
-from transferlab.checkpoint import load_checkpoint
-from transferlab.cli import Key, Spec, parse, positive_int, run_main
 from transferlab.config import BackboneConfig, compose_config, load_config
 from transferlab.data.image_folder import load_rgb
 from transferlab.errors import UserError, did_you_mean
+from transferlab.infra.checkpoint import load_checkpoint
 from transferlab.registry import BACKBONE_SOURCES
-from transferlab.runtime import pick_device
-from transferlab.saved_run import (
-    CHECKPOINTS,
-    WEIGHTS,
+from transferlab.run.saved import (
     checkpoint_path,
     checkpoint_weights,
     restore_model,
     saved_run_config,
 )
-from transferlab.tta import HELP as TTA_HELP
-from transferlab.tta import TTA_MODES, describe, mean_log_probs, views_transform
+from transferlab.tools.tta import mean_log_probs, views_transform
 
 SHOWN_SKIPPED = 10  # file names listed in the warning line (then "... and N more")
 
@@ -125,7 +119,7 @@ def skipped_warning(skipped: list[Path]) -> str:
 @dataclass
 class Predictor:
     """A classifier in eval mode, its preprocessing (an image to its ``(V, C, H, W)`` views,
-    :mod:`transferlab.tta`) and its class names."""
+    :mod:`transferlab.tools.tta`) and its class names."""
 
     model: nn.Module
     transform: Callable
@@ -263,126 +257,3 @@ def write_csv(out: Path, rows: Iterator[tuple[Path, torch.Tensor]], classes: lis
 
 # -- command line --------------------------------------------------------------------------------
 
-SPEC = Spec(
-    prog="transferlab-predict",
-    usage="transferlab-predict (backbone=<name> | run=<run dir>) [key=value ...] PATH [PATH ...]",
-    summary="Classify image files: the ImageNet top-k of a pretrained backbone (backbone=), or "
-            "a CSV of a trained run's predictions (run=). Give exactly one of backbone= and "
-            "run=. Folders are searched recursively; files that are not readable images are "
-            "skipped with one warning line.",
-    keys=(
-        Key("backbone", "a backbone preset (conf/backbone), or a torchvision or timm model name",
-            metavar="<name>"),
-        Key("run", "a run directory written by transferlab-train", Path, metavar="<run dir>"),
-        Key("backbone_source", "with backbone=: where the model comes from",
-            choices=tuple(BACKBONE_SOURCES.names()), default_text="the preset's, else guessed"),
-        Key("top_k", "with backbone=: classes shown per image", positive_int, 5),
-        Key("checkpoint", "with run=: which checkpoint of the run", default="best",
-            choices=CHECKPOINTS),
-        Key("weights", "with run=: the trained weights (raw) or their EMA (ema: runs trained "
-            "with trainer.ema.decay)", default="raw", choices=WEIGHTS),
-        Key("output", "with run=: the CSV to write", Path, metavar="<file>",
-            default_text="<run dir>/predictions.csv"),
-        Key("batch_size", "images per batch", positive_int, 32),
-        Key("device", "auto, cpu, cuda, cuda:N or mps", default="auto",
-            metavar="auto|cpu|cuda|..."),
-        Key("tta", TTA_HELP, default="none", choices=TTA_MODES),
-    ),
-    positionals="PATH",
-    positional_help="image files or folders (searched recursively)",
-    positionals_required=True,
-    notes=("A path whose text before its first '=' looks like a key (cat=1.jpg) is read as "
-           "key=value: write it as ./cat=1.jpg.",),
-    examples=(
-        "transferlab-predict backbone=efficientnet_lite0 top_k=3 cat.jpg photos/",
-        "transferlab-predict backbone=convnext_nano backbone_source=timm cat.jpg",
-        "transferlab-predict run=outputs/runs/2026-11-23/10-00-00_digits-efficientnet_lite0-"
-        "linear_probe photos/",
-        "transferlab-predict run=<run dir> checkpoint=last tta=flip output=preds.csv photos/",
-    ),
-)
-IMAGENET_ONLY, RUN_ONLY = ("top_k", "backbone_source"), ("checkpoint", "output", "weights")
-
-
-@dataclass
-class PredictArgs:
-    """The parsed command line: ``backbone`` or ``run`` (exactly one is set)."""
-
-    paths: list[str]
-    backbone: str | None = None
-    run: Path | None = None
-    backbone_source: str | None = None
-    top_k: int = 5
-    checkpoint: str = "best"
-    weights: str = "raw"
-    output: Path | None = None
-    batch_size: int = 32
-    device: str = "auto"
-    tta: str = "none"
-
-
-def parse_args(argv: list[str]) -> PredictArgs:
-    """``key=value`` arguments and image paths -> :class:`PredictArgs`; mistakes are
-    UserErrors."""
-    parsed = parse(SPEC, argv)
-    given = parsed.given
-    if ("backbone" in given) == ("run" in given):
-        raise UserError("give exactly one of backbone=<name> (ImageNet top-k of a pretrained "
-                        "model) and run=<run dir> (a trained run's predictions)"
-                        if not given & {"backbone", "run"} else
-                        "backbone= and run= exclude each other: give one of them")
-    wrong, mode, other = ((IMAGENET_ONLY, "run", "backbone") if "run" in given
-                          else (RUN_ONLY, "backbone", "run"))
-    extra = [k for k in wrong if k in given]
-    if extra:
-        keys = " and ".join(f"{k}=" for k in extra)
-        raise UserError(f"{keys} {'go' if len(extra) > 1 else 'goes'} with {other}=, "
-                        f"not with {mode}=")
-    return PredictArgs(paths=parsed.positionals,
-                       **{k: parsed[k] for k in SPEC.key_names})
-
-
-def imagenet_mode(args: PredictArgs, inputs: Inputs) -> None:
-    """Print the top-k ImageNet classes of each image."""
-    predictor = imagenet_predictor(args.backbone, args.backbone_source, args.tta)
-    if args.tta != "none":
-        print(describe(args.tta), flush=True)
-    count = 0
-    for path, probs in predict(predictor, inputs, args.batch_size, pick_device(args.device)):
-        print(format_top_k(path, probs, predictor.classes, args.top_k), flush=True)
-        count += 1
-    if count == 0:
-        raise UserError(f"none of the {len(inputs.images)} image(s) could be decoded")
-
-
-def run_mode(args: PredictArgs, inputs: Inputs) -> None:
-    """Write a trained run's predictions to a CSV and say where it went."""
-    predictor = run_predictor(args.run, args.checkpoint, args.weights, args.tta)
-    if args.tta != "none":
-        print(describe(args.tta), flush=True)
-    out = args.output or args.run / "predictions.csv"
-    rows = predict(predictor, inputs, args.batch_size, pick_device(args.device))
-    count = write_csv(out, rows, predictor.classes, args.tta)
-    if count == 0:
-        raise UserError(f"none of the {len(inputs.images)} image(s) could be decoded")
-    print(f"Predictions for {count} image(s) written to: {out}", flush=True)
-
-
-def run_cli(argv: list[str]) -> int:
-    """Parse, classify, warn about the skipped files."""
-    args = parse_args(argv)
-    inputs = gather_inputs(args.paths)
-    (run_mode if args.run is not None else imagenet_mode)(args, inputs)
-    if inputs.skipped:
-        print(skipped_warning(inputs.skipped), file=sys.stderr, flush=True)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The ``transferlab-predict`` entry point; the exit code: 0, 2 after one
-    ``error: <message>`` line for a user error, 130 when interrupted."""
-    return run_main(run_cli, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

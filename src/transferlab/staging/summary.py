@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from transferlab.backbones import Backbone
-from transferlab.policy import StagePlan, eval_batchnorms, is_batchnorm
+from transferlab.staging.policy import StagePlan, eval_batchnorms, is_batchnorm
 
 
 @dataclass

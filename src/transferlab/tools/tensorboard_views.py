@@ -19,7 +19,7 @@ from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
-from transferlab.tracking import HPARAM_METRICS
+from transferlab.run.record import HPARAM_METRICS
 
 SUFFIX = ".hparams_union"
 GROUPS_DIR = "seed_groups"

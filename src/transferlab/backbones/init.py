@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from transferlab.checkpoint import read_state_dict
 from transferlab.config.schema import InitConfig
 from transferlab.errors import UserError, did_you_mean
+from transferlab.infra.checkpoint import read_state_dict
 
 
 @dataclass

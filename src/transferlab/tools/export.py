@@ -32,7 +32,7 @@ through its eval transform, or the photos in ``images=``), first one image alone
 rest as a batch, and compares their class probabilities with the PyTorch model's. Above
 ``tolerance`` (default 1e-4) the command ends with one line ``error: ...`` and exit code 1; the
 files stay for inspection. Mistakes (no such run, a head=logreg or autoencoder run) are one
-line and exit code 2 (:mod:`transferlab.cli`).
+line and exit code 2 (:mod:`transferlab.cli.args`).
 """
 
 from __future__ import annotations
@@ -51,15 +51,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from transferlab.checkpoint import load_checkpoint
-from transferlab.cli import EXIT_JOB_FAILED, Key, Spec, parse, positive_int, run_main
+from transferlab.cli.args import positive_int
 from transferlab.config import RunConfig
 from transferlab.errors import UserError, did_you_mean
+from transferlab.infra.checkpoint import load_checkpoint
 from transferlab.registry import HEADS
-from transferlab.saved_run import (
+from transferlab.run.saved import (
     CHECKPOINTS,
-    WEIGHTS,
-    checkpoint_path,
     checkpoint_weights,
     restore_model,
     saved_run_config,
@@ -99,44 +97,6 @@ def tolerance_arg(text: str) -> float:
     return value
 
 
-SPEC = Spec(
-    prog="transferlab-export",
-    usage="transferlab-export (run=<run dir> | checkpoint=<file.pt>) [key=value ...]",
-    summary="Export a trained run's model to ONNX (dynamic batch axis) and TorchScript, with a "
-            "preprocessing.json that says how to prepare an image for it, then check that the "
-            "exported files give the PyTorch model's class probabilities on real images.",
-    keys=(
-        Key("run", "a run directory written by transferlab-train", Path, metavar="<run dir>"),
-        Key("checkpoint", "with run=: which checkpoint of the run; or, without run=, the path "
-            "of a checkpoint file", checkpoint_arg, "best",
-            metavar="best|last|best_ema|<file.pt>"),
-        Key("weights", "the trained weights (raw) or their EMA (ema: runs trained with "
-            "trainer.ema.decay)", default="raw", choices=WEIGHTS),
-        Key("format", "the files to write: model.onnx, model.ts or both", default="both",
-            choices=FORMATS),
-        Key("output", "the folder to write into", Path, metavar="<dir>",
-            default_text="<run dir>/export"),
-        Key("opset", "the ONNX opset version", positive_int, DEFAULT_OPSET),
-        Key("verify", "run the exported files on real images and compare with PyTorch", bool,
-            True),
-        Key("images", "verify on the images in this folder (searched recursively)", Path,
-            metavar="<folder>", default_text="the run's val split"),
-        Key("samples", "how many images verification runs (spread over the split or folder)",
-            samples_arg, 32, metavar="N|all"),
-        Key("tolerance", "the largest difference in any class probability that passes",
-            tolerance_arg, 1e-4, metavar="X"),
-    ),
-    notes=(f"ONNX needs the onnx and onnxruntime packages: {INSTALL_HINT}.",
-           "Exit code 1: verification failed (one line 'error: verification failed: ...'; the "
-           "files are kept)."),
-    examples=(
-        "transferlab-export run=outputs/runs/2026-11-23/10-00-00_hymenoptera-"
-        "efficientnet_lite0-linear_probe",
-        "transferlab-export run=<run dir> checkpoint=last format=onnx output=deploy/",
-        "transferlab-export checkpoint=<run dir>/checkpoints/best.pt images=photos/ samples=all",
-    ),
-)
-VERIFY_ONLY = ("images", "samples", "tolerance")
 
 
 @dataclass
@@ -159,34 +119,6 @@ class ExportArgs:
         return ("onnx", "torchscript") if self.format == "both" else (self.format,)
 
 
-def parse_args(argv: list[str]) -> ExportArgs:
-    """``key=value`` arguments -> :class:`ExportArgs`; mistakes are UserErrors."""
-    parsed = parse(SPEC, argv)
-    given, checkpoint = parsed.given, parsed["checkpoint"]
-    if not parsed["verify"]:
-        extra = [k for k in VERIFY_ONLY if k in given]
-        if extra:
-            keys = " and ".join(f"{k}=" for k in extra)
-            raise UserError(f"{keys} {'go' if len(extra) > 1 else 'goes'} with verify=true")
-    if "run" in given:
-        if isinstance(checkpoint, Path):
-            raise UserError("with run=, checkpoint= names one of the run's checkpoints "
-                            f"({', '.join(CHECKPOINTS)}): give run= or a checkpoint file, "
-                            "not both")
-        run_dir = parsed["run"]
-        path = checkpoint_path(run_dir, checkpoint)
-    elif isinstance(checkpoint, Path):
-        if not checkpoint.is_file():
-            raise UserError(f"checkpoint file {checkpoint} does not exist")
-        path = checkpoint
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
-    else:
-        raise UserError("give run=<run dir> (a directory written by transferlab-train) or "
-                        "checkpoint=<file.pt>")
-    output = parsed["output"] or (run_dir or path.parent) / "export"
-    return ExportArgs(checkpoint=path, output=output, run=run_dir,
-                      **{k: parsed[k] for k in ("format", "opset", "verify", "images",
-                                                "samples", "tolerance", "weights")})
 
 
 # -- the saved model ------------------------------------------------------------------------------
@@ -408,7 +340,7 @@ def spread(count: int, samples: int | None) -> list[int]:
 
 def val_images(saved: SavedModel, samples: int | None) -> tuple[torch.Tensor, str]:
     """Images of the run's val split through its eval transform, and their description."""
-    from transferlab.evaluate import eval_dataset
+    from transferlab.tools.evaluate import eval_dataset
 
     try:
         dataset = eval_dataset(saved.run, saved.backbone, saved.image_size, "val", saved.classes)
@@ -426,7 +358,7 @@ def folder_images(saved: SavedModel, folder: Path, samples: int | None) -> tuple
                                                                                   str]:
     """The images under ``folder`` through the run's eval transform, and their description."""
     from transferlab.data.transforms import eval_transform
-    from transferlab.predict import gather_inputs, read_rgb
+    from transferlab.tools.predict import gather_inputs, read_rgb
 
     if not folder.is_dir():
         raise UserError(f"images={folder} is not a folder")
@@ -524,57 +456,3 @@ def export_run(args: ExportArgs) -> dict[str, Any]:
                                   **verify(saved, files, images, args.tolerance)}
     (args.output / PREPROCESSING_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return record
-
-
-def summary_lines(args: ExportArgs, record: dict[str, Any]) -> list[str]:
-    run = record["run"]
-    lines = [f"Exported {Path(run['checkpoint']).name} (epoch {run['epoch']}) of "
-             f"{run['dir'] or run['checkpoint']} to {args.output}:"]
-    for fmt, info in record["files"].items():
-        how = "traced"
-        if fmt == "onnx":
-            asked = "" if info["opset"] == args.opset else f" (opset={args.opset} asked)"
-            how = f"opset {info['opset']}{asked}, dynamic batch, {info['exporter']} exporter"
-        lines.append(f"  {NAMES[fmt]:<12} {args.output / info['file']}  ({how})")
-    lines.append(f"  {'preprocess':<12} {args.output / PREPROCESSING_FILE}  "
-                 f"({record['image_size']} px, {len(record['classes'])} classes)")
-    if record.get("lora"):
-        lines.append(f"  {'LoRA':<12} {record['lora']['merged']} adapters merged into the "
-                     "weights (plain layers, no peft needed to run the files)")
-    return lines
-
-
-def verification_line(check: dict[str, Any]) -> str:
-    diffs = ", ".join(f"{NAMES[f]} {d:.1e}" for f, d in check["max_abs_diff"].items())
-    if "merge_max_abs_diff" in check:
-        diffs += f", merged LoRA vs adapters {check['merge_max_abs_diff']:.1e}"
-    return (f"max |probability difference| vs PyTorch on {check['source']}: {diffs} "
-            f"(tolerance {check['tolerance']:g})")
-
-
-def run_cli(argv: list[str]) -> int:
-    """Parse, export, verify, print where everything went."""
-    args = parse_args(argv)
-    record = export_run(args)
-    print("\n".join(summary_lines(args, record)), flush=True)
-    check = record["verification"]
-    if check is None:
-        print("Not verified (verify=false).", flush=True)
-        return 0
-    if not check["passed"]:
-        print(f"error: verification failed: {verification_line(check)}; the files are kept "
-              f"in {args.output}", file=sys.stderr, flush=True)
-        return EXIT_JOB_FAILED
-    print(f"Verified: {verification_line(check)}.", flush=True)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The ``transferlab-export`` entry point; the exit code: 0, 1 when the exported files do
-    not match PyTorch, 2 after one ``error: <message>`` line for a user error, 130 when
-    interrupted."""
-    return run_main(run_cli, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from transferlab.config import EarlyStoppingConfig
-from transferlab.policy import StagePlan
-from transferlab.tracking import RunTracker
+from transferlab.run.record import RunTracker
+from transferlab.staging.policy import StagePlan
 
 log = logging.getLogger("transferlab")
 

@@ -8,7 +8,7 @@
     transferlab-eval run=<run dir> tta=flip                                 # test-time augmentation
     transferlab-eval --help                                                  # every key
 
-Arguments are ``key=value``, as for ``transferlab-train`` (:mod:`transferlab.cli`); a mistake
+Arguments are ``key=value``, as for ``transferlab-train`` (:mod:`transferlab.cli.args`); a mistake
 is one line ``error: <message>`` on stderr and exit code 2.
 
 The model is rebuilt from the config saved in the checkpoint (backbone without pretrained
@@ -16,7 +16,7 @@ weights: they come from the checkpoint) and the split is rebuilt with the run's 
 its eval preprocessing, so ``best.pt`` on ``val`` reproduces the val accuracy the run recorded.
 
 ``tta=flip|five_crop|ten_crop`` averages the softmax probabilities over views of each image
-(:mod:`transferlab.tta`); the reports and the summary say which (``tta``, default ``none``).
+(:mod:`transferlab.tools.tta`); the reports and the summary say which (``tta``, default ``none``).
 
 Writes into the run directory (each evaluation replaces the previous one's files):
 
@@ -33,7 +33,6 @@ Writes into the run directory (each evaluation replaces the previous one's files
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,27 +40,22 @@ from typing import Any
 import matplotlib
 import numpy as np
 import torch
-import yaml
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from transferlab.checkpoint import load_checkpoint
-from transferlab.cli import Key, Prefix, Spec, parse, run_main
 from transferlab.config import RunConfig
 from transferlab.data import build_splits, default_num_workers
 from transferlab.errors import UserError
-from transferlab.runtime import Precision, pick_device
-from transferlab.saved_run import (
-    CHECKPOINTS,
-    WEIGHTS,
+from transferlab.infra.checkpoint import load_checkpoint
+from transferlab.infra.runtime import Precision, pick_device
+from transferlab.run.saved import (
     checkpoint_path,
     checkpoint_weights,
     restore_model,
     saved_run_config,
 )
-from transferlab.tta import HELP as TTA_HELP
-from transferlab.tta import TTA_MODES, describe, mean_log_probs, views_transform
+from transferlab.tools.tta import describe, mean_log_probs, views_transform
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -81,7 +75,7 @@ class EvalArgs:
     split: str = "val"
     weights: str = "raw"  # raw | ema (the EMA of the weights, trainer.ema)
     device: str | None = None  # None: the run's trainer.device
-    tta: str = "none"  # test-time augmentation (transferlab.tta)
+    tta: str = "none"  # test-time augmentation (transferlab.tools.tta)
     dataset: dict[str, Any] | None = None  # dataset.<field> overrides
 
 
@@ -94,52 +88,10 @@ class Predictions:
     loss: float
 
 
-# -- command line -------------------------------------------------------------------------------
-SPEC = Spec(
-    prog="transferlab-eval",
-    summary="Evaluate a saved checkpoint of a run on one of its data splits. Writes eval.json, "
-            "eval_confusion_matrix.png and TensorBoard records into the run directory, and "
-            "prints accuracy, loss and a per-class table.",
-    keys=(
-        Key("run", "a run directory written by transferlab-train", Path, required=True,
-            metavar="<run dir>"),
-        Key("checkpoint", "which checkpoint of the run", default="best", choices=CHECKPOINTS),
-        Key("split", "which split to evaluate on", default="val", choices=SPLITS),
-        Key("weights", "the trained weights (raw) or their EMA (ema: runs trained with "
-            "trainer.ema.decay)", default="raw", choices=WEIGHTS),
-        Key("device", "auto, cpu, cuda, cuda:N or mps", metavar="auto|cpu|cuda|...",
-            default_text="the run's trainer.device"),
-        Key("tta", TTA_HELP, default="none", choices=TTA_MODES),
-    ),
-    prefixes=(Prefix("dataset.", "a field of the run's dataset config, e.g. dataset.root=/data"
-                                 "/copy (numbers and true/false are read as YAML)"),),
-    examples=(
-        "transferlab-eval run=outputs/runs/2026-11-23/10-00-00_digits-efficientnet_lite0-"
-        "linear_probe",
-        "transferlab-eval run=<run dir> checkpoint=last split=test device=cpu",
-        "transferlab-eval run=<run dir> dataset.root=/data/other_copy",
-        "transferlab-eval run=<run dir> weights=ema checkpoint=best_ema tta=flip",
-    ),
-)
 
 
-def _value(text: str) -> Any:
-    """A command-line value as YAML reads it (numbers, true/false, null), else the string."""
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    return value if isinstance(value, str | int | float | bool) or value is None else text
 
 
-def parse_args(argv: list[str]) -> EvalArgs:
-    """``key=value`` items (like Hydra overrides) -> :class:`EvalArgs`; mistakes are UserErrors."""
-    parsed = parse(SPEC, argv)
-    dataset = {key.removeprefix("dataset."): _value(value)
-               for key, value in parsed.prefixed.items()}
-    return EvalArgs(run=parsed["run"], checkpoint=parsed["checkpoint"], split=parsed["split"],
-                    weights=parsed["weights"], device=parsed["device"], tta=parsed["tta"],
-                    dataset=dataset or None)
 
 
 # -- checkpoint, config, model, data -------------------------------------------------------------
@@ -173,7 +125,7 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, precisio
     """Run ``model`` (in eval mode) over ``loader``, as the training loop's evaluation does.
 
     Batches of ``(B, V, C, H, W)`` views (test-time augmentation) are scored by the mean of
-    the views' probabilities (:func:`transferlab.tta.mean_log_probs`)."""
+    the views' probabilities (:func:`transferlab.tools.tta.mean_log_probs`)."""
     model.eval()
     targets, predicted, loss_sum = [], [], 0.0
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -320,25 +272,3 @@ def evaluate_run(args: EvalArgs) -> dict[str, Any]:
         "dataset_overrides": args.dataset or {}, "device": str(device),
         "classes": classes, **classification_metrics(pred, classes),
     }
-
-
-def run_cli(argv: list[str]) -> None:
-    """Parse, evaluate, write the reports, print the summary."""
-    args = parse_args(argv)
-    report = evaluate_run(args)
-    json_path, png_path = write_reports(args.run, report, report["classes"])
-    tag = tb_tag(args.split, args.tta)
-    print(summary_text(report))
-    print(f"\nMetrics saved to: {json_path}\nConfusion matrix: {png_path}\n"
-          f"TensorBoard: tensorboard --logdir {args.run / 'tb'} "
-          f"(tag eval/{tag}/confusion_matrix)", flush=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point; the exit code: 0, 2 after one ``error: <message>`` line for a
-    user error, 130 when interrupted (:func:`transferlab.cli.run_main`)."""
-    return run_main(run_cli, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

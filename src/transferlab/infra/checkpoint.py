@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from transferlab.errors import UserError
-from transferlab.runtime import rng_state
-from transferlab.tracking import fsync_dir
+from transferlab.infra.run_dirs import fsync_dir
+from transferlab.infra.runtime import rng_state
 
 FORMAT = "transferlab-checkpoint/2"  # /2: the loop state a resume needs (``loop``)
 # Where the tensors of a checkpoint dict live, tried in order.
@@ -97,7 +97,7 @@ def save_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
     ``epoch`` is the last completed epoch; ``loop`` holds what an exact resume needs: the
     global step, the stage schedule's step, the data
     fingerprint, and for a checkpoint written mid-epoch (an interrupt) the epoch's progress.
-    ``ema``: the EMA of the weights (:meth:`transferlab.ema.WeightsEma.state`), when the run
+    ``ema``: the EMA of the weights (:meth:`transferlab.engine.ema.WeightsEma.state`), when the run
     keeps one."""
     payload = {
         "format": FORMAT,

@@ -1,0 +1,98 @@
+"""``transferlab-eval``: evaluate a run's checkpoint on a split (:mod:`transferlab.tools.evaluate`).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import yaml
+
+from transferlab.cli.args import Key, Prefix, Spec, parse, run_main
+from transferlab.run.saved import (
+    CHECKPOINTS,
+    WEIGHTS,
+)
+from transferlab.tools.tta import HELP as TTA_HELP
+from transferlab.tools.tta import TTA_MODES
+
+matplotlib.use("Agg")
+from transferlab.tools.evaluate import (
+    SPLITS,
+    EvalArgs,
+    evaluate_run,
+    summary_text,
+    tb_tag,
+    write_reports,
+)
+
+# -- command line -------------------------------------------------------------------------------
+SPEC = Spec(
+    prog="transferlab-eval",
+    summary="Evaluate a saved checkpoint of a run on one of its data splits. Writes eval.json, "
+            "eval_confusion_matrix.png and TensorBoard records into the run directory, and "
+            "prints accuracy, loss and a per-class table.",
+    keys=(
+        Key("run", "a run directory written by transferlab-train", Path, required=True,
+            metavar="<run dir>"),
+        Key("checkpoint", "which checkpoint of the run", default="best", choices=CHECKPOINTS),
+        Key("split", "which split to evaluate on", default="val", choices=SPLITS),
+        Key("weights", "the trained weights (raw) or their EMA (ema: runs trained with "
+            "trainer.ema.decay)", default="raw", choices=WEIGHTS),
+        Key("device", "auto, cpu, cuda, cuda:N or mps", metavar="auto|cpu|cuda|...",
+            default_text="the run's trainer.device"),
+        Key("tta", TTA_HELP, default="none", choices=TTA_MODES),
+    ),
+    prefixes=(Prefix("dataset.", "a field of the run's dataset config, e.g. dataset.root=/data"
+                                 "/copy (numbers and true/false are read as YAML)"),),
+    examples=(
+        "transferlab-eval run=outputs/runs/2026-11-23/10-00-00_digits-efficientnet_lite0-"
+        "linear_probe",
+        "transferlab-eval run=<run dir> checkpoint=last split=test device=cpu",
+        "transferlab-eval run=<run dir> dataset.root=/data/other_copy",
+        "transferlab-eval run=<run dir> weights=ema checkpoint=best_ema tta=flip",
+    ),
+)
+
+
+def _value(text: str) -> Any:
+    """A command-line value as YAML reads it (numbers, true/false, null), else the string."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, str | int | float | bool) or value is None else text
+
+
+def parse_args(argv: list[str]) -> EvalArgs:
+    """``key=value`` items (like Hydra overrides) -> :class:`EvalArgs`; mistakes are UserErrors."""
+    parsed = parse(SPEC, argv)
+    dataset = {key.removeprefix("dataset."): _value(value)
+               for key, value in parsed.prefixed.items()}
+    return EvalArgs(run=parsed["run"], checkpoint=parsed["checkpoint"], split=parsed["split"],
+                    weights=parsed["weights"], device=parsed["device"], tta=parsed["tta"],
+                    dataset=dataset or None)
+
+
+def run_cli(argv: list[str]) -> None:
+    """Parse, evaluate, write the reports, print the summary."""
+    args = parse_args(argv)
+    report = evaluate_run(args)
+    json_path, png_path = write_reports(args.run, report, report["classes"])
+    tag = tb_tag(args.split, args.tta)
+    print(summary_text(report))
+    print(f"\nMetrics saved to: {json_path}\nConfusion matrix: {png_path}\n"
+          f"TensorBoard: tensorboard --logdir {args.run / 'tb'} "
+          f"(tag eval/{tag}/confusion_matrix)", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; the exit code: 0, 2 after one ``error: <message>`` line for a
+    user error, 130 when interrupted (:func:`transferlab.cli.args.run_main`)."""
+    return run_main(run_cli, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
