@@ -15,6 +15,7 @@ import re
 import types
 import typing
 from collections.abc import Iterable
+from importlib import resources
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -358,6 +359,56 @@ def compose_config(overrides: Iterable[str] = ()) -> DictConfig:
         raise composition_error(exc) from None
     finally:
         GlobalHydra.instance().clear()
+
+
+# --- one option of a group, read as Hydra composes it -------------------------------------------
+
+_GLOBAL = "# @package _global_"
+
+
+def option_layers(group: str, option: str) -> tuple[DictConfig, dict[str, Any]] | None:
+    """``conf/<group>/<option>.yaml`` as Hydra composes it into ``group``: the typed node its
+    defaults list gives (its schema from the ConfigStore, or the option of the group that it
+    extends) and the file's own values for ``group`` (plain data, interpolations kept). None
+    when the group has no such file.
+
+    A ``# @package _global_`` file gives the values it sets under ``group`` only
+    (``freeze=scratch`` also sets ``backbone.pretrained``). The conf tree uses these defaults
+    only: ``/schema/<group>/<name>@_here_`` (``@<group>`` in a global file), another option of
+    the group, then ``_self_``; anything else is a ValueError here.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    from transferlab.config.store import register_configs
+
+    if group not in GROUPS:
+        raise UserError(f"unknown config group {group!r}{did_you_mean(group, GROUPS)}; choose "
+                        f"one of {', '.join(GROUPS)}")
+    path = resources.files("transferlab.conf").joinpath(group, f"{option}.yaml")
+    if not path.is_file():
+        return None
+    register_configs()
+    text = path.read_text()
+    is_global = text.lstrip().startswith(_GLOBAL)
+    data = OmegaConf.to_container(OmegaConf.create(text), resolve=False)
+    defaults = data.pop("defaults", [])
+    own = data.get(group, {}) if is_global else data
+    where = f"conf/{group}/{option}.yaml"
+    if defaults and defaults[-1] != "_self_" or defaults.count("_self_") > 1:
+        raise ValueError(f"{where}: its defaults list must end with _self_")
+    base = OmegaConf.structured(GROUPS[group])  # no defaults list: the type of the run's field
+    for entry in defaults[:-1]:
+        target, _, package = str(entry).partition("@")
+        if target.startswith("/schema/") and package == (group if is_global else "_here_"):
+            base = OmegaConf.merge(base, ConfigStore.instance().load(f"{target[1:]}.yaml").node)
+        elif "/" not in target and not package and not is_global:
+            extended = option_layers(group, target)
+            if extended is None:
+                raise ValueError(f"{where}: its default {entry!r} names no option of {group}")
+            base = OmegaConf.merge(*extended)
+        else:
+            raise ValueError(f"{where}: a default make_config does not read: {entry!r}")
+    return base, own
 
 
 def make_config(group: str, option: str, **fields: Any) -> Any:

@@ -3,8 +3,12 @@
 Each dataclass is registered in Hydra's ConfigStore (``schema/<group>/<option>``, see
 :mod:`transferlab.config.store`) and every YAML file of ``conf/<group>/`` extends its schema
 through its defaults list, so an unknown key or a value of the wrong type fails when Hydra
-composes the config, before anything is built. The YAML files keep the values; the defaults
-here are the ones a plain ``RunConfig`` gets in code.
+composes the config, before anything is built.
+
+Defaults live here, once: a ``conf/<group>/<option>.yaml`` holds its defaults line and only the
+values that differ from its schema (Hydra's structured-config tutorial), and a test keeps it so.
+The comments next to the fields are the documentation of the keys (``transferlab-train --cfg
+job`` prints the composed values).
 
 Checks that span fields, or that need the registries (is this optimizer known?), are in
 :mod:`transferlab.config.validate`.
@@ -22,8 +26,9 @@ from omegaconf import MISSING
 
 @dataclass
 class InitConfig:
-    """Weights restored into the backbone from a checkpoint file once it is built: any subset
-    of the file's tensors, renamed onto the backbone's parameter names (``backbone.init.*``)."""
+    """Weights restored into the backbone from a checkpoint file once it is built (after the
+    pretrained weights): any subset of the file's tensors, renamed onto the backbone's
+    parameter names (``backbone.init.*``; README, "Bring your own weights")."""
 
     path: str | None = None  # a transferlab checkpoint, a plain state_dict, a Lightning .ckpt
     include: list[str] = field(default_factory=lambda: ["*"])  # globs over the file's names
@@ -36,7 +41,9 @@ class InitConfig:
 
 @dataclass
 class BackboneConfig:
-    """A pretrained model of a zoo (``source``: timm, efficientnet_lite0_package)."""
+    """A pretrained model of a zoo (``source``: timm, efficientnet_lite0_package). Every
+    backbone option can take its weights from a local file (``weights_path``) and restore
+    tensors from any checkpoint once built (``init``; README, "Bring your own weights")."""
 
     name: str = MISSING
     source: str = MISSING
@@ -73,9 +80,14 @@ class HeadBase:
 
 @dataclass
 class HeadConfig(HeadBase):
-    """A new network head (linear | mlp | flatten_dense)."""
+    """A new network head (linear | mlp | flatten_dense): the one schema of the three.
 
-    dropout: float = 0.0
+    ``dropout`` is 0 here and for ``head=linear`` / ``head=flatten_dense``; ``head=mlp`` sets
+    0.2 in its YAML (the Keras GAP-BN-Dropout-Dense recipe that option has always given), so
+    ``HeadConfig(name="mlp")`` built in code gets 0.0 where ``make_config("head", "mlp")`` and
+    ``head=mlp`` get 0.2."""
+
+    dropout: float = 0.0  # before the Linear layer (linear, mlp; flatten_dense: none at 0)
 
 
 @dataclass
@@ -99,14 +111,16 @@ class DatasetConfig:
     val_fraction: float = 0.2
     test_fraction: float = 0.0  # held out as a test split where the data has none of its own
     split_seed: int = 0
-    train_fraction: float = 1.0  # keep this fraction of every class of the training split
-    samples_per_class: int | None = None  # or at most this many training images per class
+    # train on this fraction of every class of the training split (at least one image each)
+    train_fraction: float = 1.0
+    samples_per_class: int | None = None  # or on at most this many training images per class
     subset_seed: int = 0  # draws the training subset (the presets tie it to the run's seed)
-    folds: int | None = None  # k-fold CV of the (subset) training split; None: off
-    fold: int | None = None  # with folds: this run's fold (0..folds-1), its validation set
+    folds: int | None = None  # k-fold CV of the (subset) training split: K >= 2; None: off
+    fold: int | None = None  # with folds: this run's fold (0..folds-1) is its validation set
     fold_seed: int = 0  # draws the folds; not the run's seed, so folds stay fixed across seeds
-    image_size: int | None = None  # None: the backbone's native input size
-    crop_pct: float | None = None  # None: the backbone's (resize to size/crop_pct, centre crop)
+    image_size: int | None = None  # None: the backbone's native input size (images resized)
+    # None: the backbone's (resize to image_size / crop_pct, then a centre crop)
+    crop_pct: float | None = None
 
 
 @dataclass
@@ -152,7 +166,8 @@ class FakeDatasetConfig(DatasetConfig):
 @dataclass
 class AugmentConfig:
     """``none``: the deterministic eval transform. Every option can mix its training batches
-    (:mod:`transferlab.mixup`): MixUp / CutMix, one of them drawn per batch when both are on."""
+    (:mod:`transferlab.mixup`; README, "MixUp / CutMix"): MixUp / CutMix, one of them drawn per
+    batch when both are on; an alpha of 0 is off."""
 
     name: str = "none"
     mixup_alpha: float = 0.0  # MixUp's Beta(alpha, alpha) mixing weight; 0: off (0.2 typical)
@@ -214,7 +229,9 @@ class CosineSchedulerConfig(SchedulerConfig):
 @dataclass
 class StepSchedulerConfig(SchedulerConfig):
     name: str = "step"
-    step_epochs: int = 1  # multiply by gamma every step_epochs epochs
+    # multiply by gamma every step_epochs epochs. 3, what scheduler=step has always given (its
+    # YAML set it); a stage's own {name: step} and StepSchedulerConfig() in code got 1 before.
+    step_epochs: int = 3
     gamma: float = 0.1
 
 
@@ -310,7 +327,8 @@ class TwoStageConfig(FreezeConfig):
     finetune_epochs: int = 5  # stage 2: the head and blocks[fine_tune_at:]
     fine_tune_at: int = -4
     finetune_lr_mult: float = 0.1  # stage 2's LR, x optimizer.lr
-    finetune_bn: str = "frozen"  # eval: every BatchNorm in inference mode in stage 2
+    # stage 2's bn; eval: keep every BatchNorm in inference mode (Keras' training=False)
+    finetune_bn: str = "frozen"
 
 
 @dataclass
@@ -390,46 +408,64 @@ class RMSpropConfig(OptimizerConfig):
 
 @dataclass
 class FeatureCacheConfig:
-    """The frozen-prefix feature cache (:mod:`transferlab.feature_cache`)."""
+    """The frozen-prefix feature cache (:mod:`transferlab.feature_cache`; README, "Feature
+    cache"): a stage whose input end is frozen and deterministic (augment=none, frozen
+    BatchNorm, no dropout there) trains on the frozen part's stored outputs."""
 
-    mode: str = "auto"  # auto | off | memory | disk
-    dir: str | None = None  # None: $TRANSFERLAB_CACHE_DIR/features or ~/.cache/transferlab/...
-    dtype: str = "float16"  # float16 | float32
-    max_gb: float = 8.0  # an entry above this (estimated before extracting) is not cached
+    # auto: wherever valid, in the disk store shared by every run and sweep job; memory: in
+    # this run only; disk: the store, an error when it cannot be written; off: never
+    mode: str = "auto"
+    dir: str | None = None  # None: $TRANSFERLAB_CACHE_DIR/features, else ~/.cache/transferlab/...
+    dtype: str = "float16"  # float16 | float32 (exact features, twice the size)
+    # an entry estimated above this (before extracting) is not cached (the run says so)
+    max_gb: float = 8.0
 
 
 @dataclass
 class DistributedConfig:
-    """One run on N processes under ``torchrun`` (:mod:`transferlab.distributed`); no effect on
-    a run of one process. ``trainer.batch_size`` is per process: the global batch is
-    batch_size x processes x accumulate_grad_batches."""
+    """One run on N processes under ``torchrun --nproc_per_node=N -m transferlab.train ...``
+    (:mod:`transferlab.distributed`; README, "One run on N GPUs (DDP)"); no effect on a run of
+    one process. ``trainer.batch_size`` is per process: the global batch is
+    batch_size x N x accumulate_grad_batches."""
 
-    sync_bn: bool = False  # BatchNorm layers that train normalise over the global batch (CUDA)
-    scale_lr: bool = False  # every LR x the number of processes (the linear scaling rule)
+    # true: the BatchNorm layers that train normalise over the global batch (CUDA)
+    sync_bn: bool = False
+    # true: every LR x N (the linear scaling rule: the LRs are given for one process)
+    scale_lr: bool = False
 
 
 @dataclass
 class EmaConfig:
-    """An exponential moving average of the weights (:mod:`transferlab.ema`)."""
+    """An exponential moving average of the weights (:mod:`transferlab.ema`; README, "EMA of
+    the weights"), updated after every optimizer step and evaluated on val next to them every
+    epoch (``val_acc_ema``)."""
 
-    decay: float | None = None  # e.g. 0.999; None: off
-    warmup: bool = False  # the decay ramps up as 1 - (1 + step)^(-2/3) (short runs)
+    decay: float | None = None  # e.g. 0.999 (0.99 for a few hundred steps); None: off
+    # true: the decay ramps up as 1 - (1 + step)^(-2/3), capped at decay (short runs)
+    warmup: bool = False
 
 
 @dataclass
 class EarlyStoppingConfig:
-    """Early stopping per stage (:mod:`transferlab.early_stopping`); off while ``patience`` is
-    null."""
+    """Early stopping per stage (:mod:`transferlab.early_stopping`; README, "Early stopping per
+    stage"): a stage ends when ``monitor`` has not improved by more than ``min_delta`` for
+    ``patience`` epochs of that stage; the next stage starts at its planned epoch number, from
+    the stage's best weights with ``restore_best``. Off while ``patience`` is null."""
 
     patience: int | None = None  # None: off; else epochs without improvement that end a stage
-    monitor: str = "val_loss"  # val_loss | val_acc
+    monitor: str = "val_loss"  # val_loss | val_acc (classification runs only)
     min_delta: float = 0.0  # an improvement is a change by more than this
     restore_best: bool = True  # a stopped stage leaves the model with its best epoch's weights
 
 
 @dataclass
 class RegularizeConfig:
-    """A penalty added to the training loss (:mod:`transferlab.regularize`)."""
+    """A penalty added to the training loss (:mod:`transferlab.regularize`; README, "L2-SP").
+
+    ``l2sp`` (Li et al. 2018): alpha/2 ||w - w0||^2 pulls the trainable backbone weights back
+    toward w0, their weights when the run started (pretrained, then ``backbone.init``);
+    beta/2 ||w||^2 is plain L2 on the new head. It replaces weight decay: l2sp needs
+    ``optimizer.weight_decay=0``. ``none``: no penalty."""
 
     name: str = "none"  # none | l2sp
     alpha: float = 0.01  # l2sp: alpha/2 ||w - w0||^2 on the backbone (w0: its starting weights)
@@ -438,27 +474,38 @@ class RegularizeConfig:
 
 @dataclass
 class TrainerConfig:
+    """How a run trains (``conf/trainer/default.yaml`` changes none of these defaults)."""
+
     epochs: int = 5
-    batch_size: int = 32
+    batch_size: int = 32  # per process: under torchrun the global batch is x the processes
     eval_batch_size: int | None = None  # None: 2 x batch_size
-    num_workers: int | None = None  # None: picked from the CPU count
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    num_workers: int | None = None  # None: one loader process per spare CPU core (at most 8)
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     deterministic: bool = False
-    progress: bool | None = None  # None: a progress bar when stderr is a terminal
+    progress: bool | None = None  # None: a progress bar when the terminal is interactive
     channels_last: bool = True
-    # auto | off | bf16 | fp16 (runtime.Precision); auto: on CUDA bf16 where supported, else
-    # fp16, full precision elsewhere. An old run's true/false reads as auto/off.
+    # Mixed precision (runtime.Precision): auto (CUDA: bf16 where supported, else fp16 +
+    # GradScaler; full precision elsewhere) | off (float32) | bf16 (CUDA or CPU autocast) |
+    # fp16 (CUDA only, GradScaler). An old run's true/false reads as auto/off.
     amp: str = "auto"
     log_every_n_steps: int = 1
     label_smoothing: float = 0.0  # cross-entropy label smoothing
-    class_weights: str = "none"  # none | balanced: loss weights n / (k * count) per class
-    sampler: str = "shuffle"  # shuffle | balanced: draw classes equally often (with replacement)
-    keep_checkpoints: str = "best_last"  # best_last: best.pt + last.pt; all: + epoch_<N>.pt
+    # none | balanced: weight the loss by n / (classes x count) per class
+    class_weights: str = "none"
+    # shuffle | balanced: draw classes equally often, with replacement (imbalanced data)
+    sampler: str = "shuffle"
+    # best_last: checkpoints/best.pt + last.pt; all: also epoch_<N>.pt after every epoch
+    keep_checkpoints: str = "best_last"
     feature_cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
-    accumulate_grad_batches: int = 1  # an optimizer step every k batches (k x batch_size)
-    gradient_clip_val: float | None = None  # None: no clipping
-    gradient_clip_algorithm: str = "norm"  # norm: total L2 norm of the grads | value: each one
+    # An optimizer step every k batches: the gradients of k batches of batch_size, as one batch
+    # of k x batch_size (README, "Gradient accumulation and clipping"); the LR schedule counts
+    # optimizer steps.
+    accumulate_grad_batches: int = 1
+    # None: no clipping; else the limit, applied before every optimizer step
+    gradient_clip_val: float | None = None
+    # norm: the total L2 norm of the trainable grads | value: each one
+    gradient_clip_algorithm: str = "norm"
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     regularize: RegularizeConfig = field(default_factory=RegularizeConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -476,7 +523,8 @@ class AutoencoderTaskConfig(TaskConfig):
     """Unsupervised pretraining of the ``conv_encoder`` backbone as an autoencoder."""
 
     name: str = "autoencoder"
-    reconstructions: int = 8  # images shown (with their reconstructions) in TensorBoard
+    # val images shown with their reconstructions in TensorBoard (recon/val)
+    reconstructions: int = 8
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -488,7 +536,10 @@ class RunConfig:
     of the option chosen (a subclass of the field's type where the option has its own
     fields)."""
 
+    # names the run directory: outputs/runs/<date>/<time>_<name> (conf/train.yaml derives it)
     name: str = MISSING
+    # seeds the weights of new layers, shuffling and augmentation (the dataset splits use
+    # dataset.split_seed)
     seed: int = 0
     backbone: BackboneConfig = MISSING
     head: HeadBase = MISSING
@@ -499,8 +550,9 @@ class RunConfig:
     scheduler: SchedulerConfig = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
-    # null; a run directory to go on with (its saved config, not this one); or auto: in a
-    # sweep (-m), every job goes on with its own directory where that holds an unfinished run
+    # Go on with an interrupted run (README, "Interrupted? Resume"): null; a run directory
+    # (resume=<run dir>: its saved config, not this one); or auto, with -m: every job of the
+    # same sweep command goes on with its own unfinished run (finished ones are not run again)
     resume: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
