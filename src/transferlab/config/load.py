@@ -28,7 +28,7 @@ from omegaconf.errors import (
     ValidationError,
 )
 
-from transferlab.config.schema import GROUPS, FreezeConfig, RunConfig
+from transferlab.config.schema import GROUPS, AmpMode, FreezeConfig, RunConfig, StrEnum
 from transferlab.errors import UserError, did_you_mean, error_line
 from transferlab.registry import BY_GROUP, FREEZE_POLICIES, load_builtins
 
@@ -62,8 +62,19 @@ def _type_name(tp: Any) -> str:
         return "a mapping"
     if dataclasses.is_dataclass(tp):
         return "a mapping"
+    if isinstance(tp, type) and issubclass(tp, StrEnum):
+        return f"one of {', '.join(tp.values())}"
     return {int: "an int", float: "a number", str: "a string", bool: "true or false"}.get(
         tp, getattr(tp, "__name__", str(tp)))
+
+
+def _closed_set_hint(full_key: str, expected: Any, value: Any) -> str:
+    """The nearest allowed names of a closed set (or what an old value is written as now)."""
+    if not (isinstance(expected, type) and issubclass(expected, StrEnum)):
+        return ""
+    if expected is AmpMode and (mode := AmpMode.legacy(value)) is not None:
+        return f" (an older version's {str(value).lower()} is {full_key}={mode.value})"
+    return did_you_mean(str(value), expected.values())
 
 
 def _field_type(object_type: Any, key: Any) -> Any:
@@ -116,7 +127,8 @@ def omegaconf_error(exc: OmegaConfBaseException, where: str = "",
         expected = _field_type(object_type, getattr(exc, "key", None))
         value = getattr(exc, "value", None)
         if expected is not None:
-            return UserError(f"{full_key} must be {_type_name(expected)}, got {value!r}")
+            return UserError(f"{full_key} must be {_type_name(expected)}, got {value!r}"
+                             f"{_closed_set_hint(full_key, expected, value)}")
         return UserError(f"{full_key}: {error_line(exc)}")
     if isinstance(exc, InterpolationResolutionError):
         return UserError(f"cannot resolve {full_key or 'the config'}: {error_line(exc)}")
@@ -262,8 +274,18 @@ def typed_object(schema: type, value: Any, where: str) -> Any:
         raise omegaconf_error(exc, where) from None
 
 
+def _legacy(raw: dict) -> dict:
+    """A saved run's values that older versions wrote differently, as they read now: a
+    boolean ``trainer.amp`` (True/False, or OmegaConf's "True"/"False" of one) is auto/off."""
+    trainer = raw.get("trainer")
+    if isinstance(trainer, dict) and (mode := AmpMode.legacy(trainer.get("amp"))) is not None:
+        raw = {**raw, "trainer": {**trainer, "amp": mode.value}}
+    return raw
+
+
 def typed_run(raw: dict) -> DictConfig:
     """A plain run config (as saved in a checkpoint) typed by the schema of each option."""
+    raw = _legacy(raw)
     root = OmegaConf.structured(RunConfig)
     unknown = [k for k in raw if k not in {f.name for f in dataclasses.fields(RunConfig)}]
     if unknown:

@@ -10,16 +10,117 @@ values that differ from its schema (Hydra's structured-config tutorial), and a t
 The comments next to the fields are the documentation of the keys (``transferlab-train --cfg
 job`` prints the composed values).
 
-Checks that span fields, or that need the registries (is this optimizer known?), are in
-:mod:`transferlab.config.validate`.
+A closed set of values is a :class:`StrEnum`, so that a bad value fails at composition too,
+naming the key and the allowed values. Checks that span fields, or that need the registries
+(is this optimizer known?), are in :mod:`transferlab.config.validate`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import MISSING
+
+# --- closed sets --------------------------------------------------------------------------------
+
+
+class StrEnum(str, enum.Enum):
+    """A closed set of names, typed in the schema: OmegaConf takes only its members' names, so a
+    bad value fails at composition with the key and the allowed values. A member is also the
+    plain string: ``== "frozen"``, ``str()``, f-strings, ``format`` and JSON give its value.
+
+    Member names are their values (OmegaConf looks a value up by name). The config as plain
+    data (:meth:`RunConfig.as_dict`: checkpoints, TensorBoard, metrics.json) holds the values as
+    plain strings, never members. (Python 3.11's ``enum.StrEnum`` does this too; 3.10 has
+    none.)"""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    @classmethod
+    def values(cls) -> list[str]:
+        return [member.value for member in cls]
+
+
+class BnMode(StrEnum):
+    """What a stage does with BatchNorm layers (``freeze.stages[i].bn`` and the knobs that set
+    it): frozen = the layers in frozen parts in eval mode (statistics untouched), the rest
+    train; train = every layer updates its statistics; eval = every layer in eval mode, even
+    in trained parts (Keras' ``base_model(x, training=False)``)."""
+
+    frozen = "frozen"
+    train = "train"
+    eval = "eval"
+
+
+class AmpMode(StrEnum):
+    """``trainer.amp``: mixed precision (:class:`transferlab.runtime.Precision`)."""
+
+    auto = "auto"
+    off = "off"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+    @classmethod
+    def legacy(cls, value: object) -> AmpMode | None:
+        """The mode of an older version's boolean ``trainer.amp`` (true: auto, false: off), as
+        a saved run holds it (a bool, or OmegaConf's "True" / "False" of one); None for any
+        other value."""
+        return {"true": cls.auto, "false": cls.off}.get(str(value).strip().lower())
+
+
+class ClassWeights(StrEnum):
+    none = "none"
+    balanced = "balanced"
+
+
+class Sampler(StrEnum):
+    shuffle = "shuffle"
+    balanced = "balanced"
+
+
+class KeepCheckpoints(StrEnum):
+    best_last = "best_last"
+    all = "all"
+
+
+class ClipAlgorithm(StrEnum):
+    norm = "norm"
+    value = "value"
+
+
+class CacheMode(StrEnum):
+    auto = "auto"
+    off = "off"
+    memory = "memory"
+    disk = "disk"
+
+
+class CacheDtype(StrEnum):
+    float16 = "float16"
+    float32 = "float32"
+
+
+class Monitor(StrEnum):
+    val_loss = "val_loss"
+    val_acc = "val_acc"
+
+
+class Regularizer(StrEnum):
+    none = "none"
+    l2sp = "l2sp"
+
+
+class LoraLayers(StrEnum):
+    """The layer types of the target that get LoRA adapters: nn.Linear, nn.Conv2d or both."""
+
+    linear = "linear"
+    conv = "conv"
+    all = "all"
+
 
 # --- backbone -----------------------------------------------------------------------------------
 
@@ -262,10 +363,10 @@ class StageSpec:
     # Selectors (strings, or {select, lr, lr_mult} mappings); validation makes them
     # SelectorSpecs. (OmegaConf types no union of a string and a mapping.)
     train: list[Any] = field(default_factory=list)
-    # BatchNorm: frozen = layers in frozen parts in eval mode (statistics untouched), the rest
-    # train; train = every layer updates its statistics; eval = every layer in eval mode, even
-    # in trained parts (Keras' base_model(x, training=False)).
-    bn: str = "frozen"
+    # BatchNorm (BnMode): frozen = layers in frozen parts in eval mode (statistics untouched),
+    # the rest train; train = every layer updates its statistics; eval = every layer in eval
+    # mode, even in trained parts (Keras' base_model(x, training=False)).
+    bn: BnMode = BnMode.frozen
     reset_optimizer: bool = False  # drop optimizer state (e.g. Adam moments) at the stage start
     layer_decay: float | None = None  # backbone block i of n trains at lr * decay^(n-1-i)
     # None: the run's scheduler; else a scheduler config ({name: cosine, ...}), which
@@ -282,7 +383,7 @@ class GradualSpec:
     head_epochs: int | None = None  # epochs of the head-only stage (None: every)
     block_lr_mult: float = 0.1  # LR of the first (top) unfrozen block, x optimizer.lr
     decay: float = 1.0  # each block further down trains at decay x the LR of the one above
-    bn: str = "frozen"
+    bn: BnMode = BnMode.frozen  # of every stage
 
 
 @dataclass
@@ -328,7 +429,7 @@ class TwoStageConfig(FreezeConfig):
     fine_tune_at: int = -4
     finetune_lr_mult: float = 0.1  # stage 2's LR, x optimizer.lr
     # stage 2's bn; eval: keep every BatchNorm in inference mode (Keras' training=False)
-    finetune_bn: str = "frozen"
+    finetune_bn: BnMode = BnMode.frozen
 
 
 @dataclass
@@ -339,7 +440,8 @@ class LpFtConfig(FreezeConfig):
     probe_epochs: int = 10  # stage 1 (probe): the head alone, backbone and its BatchNorm frozen
     finetune_epochs: int = 10  # stage 2 (finetune): every parameter, the probed head kept
     finetune_lr_mult: float = 0.1  # stage 2's LR, x optimizer.lr
-    finetune_bn: str = "eval"  # stage 2: every BatchNorm keeps its statistics (inference mode)
+    # stage 2: every BatchNorm keeps its statistics (inference mode)
+    finetune_bn: BnMode = BnMode.eval
 
 
 @dataclass
@@ -357,7 +459,7 @@ class LoraConfig(FreezeConfig):
 
     name: str = "lora"
     target: str = "blocks[-4:]"  # a selector (blocks[a:b], a glob, a module path, backbone)
-    layers: str = "all"  # which layer types get adapters: linear | conv | all
+    layers: LoraLayers = LoraLayers.all  # which layer types get adapters: linear | conv | all
     rank: int = 8  # r: the adapters' inner dimension
     alpha: float = 16.0  # scaling: the update is (alpha / rank) * B A
     dropout: float = 0.0  # dropout on the adapters' input (train mode only)
@@ -414,9 +516,9 @@ class FeatureCacheConfig:
 
     # auto: wherever valid, in the disk store shared by every run and sweep job; memory: in
     # this run only; disk: the store, an error when it cannot be written; off: never
-    mode: str = "auto"
+    mode: CacheMode = CacheMode.auto
     dir: str | None = None  # None: $TRANSFERLAB_CACHE_DIR/features, else ~/.cache/transferlab/...
-    dtype: str = "float16"  # float16 | float32 (exact features, twice the size)
+    dtype: CacheDtype = CacheDtype.float16  # float16 | float32 (exact features, twice the size)
     # an entry estimated above this (before extracting) is not cached (the run says so)
     max_gb: float = 8.0
 
@@ -453,7 +555,7 @@ class EarlyStoppingConfig:
     the stage's best weights with ``restore_best``. Off while ``patience`` is null."""
 
     patience: int | None = None  # None: off; else epochs without improvement that end a stage
-    monitor: str = "val_loss"  # val_loss | val_acc (classification runs only)
+    monitor: Monitor = Monitor.val_loss  # val_loss | val_acc (classification runs only)
     min_delta: float = 0.0  # an improvement is a change by more than this
     restore_best: bool = True  # a stopped stage leaves the model with its best epoch's weights
 
@@ -467,7 +569,7 @@ class RegularizeConfig:
     beta/2 ||w||^2 is plain L2 on the new head. It replaces weight decay: l2sp needs
     ``optimizer.weight_decay=0``. ``none``: no penalty."""
 
-    name: str = "none"  # none | l2sp
+    name: Regularizer = Regularizer.none  # none | l2sp
     alpha: float = 0.01  # l2sp: alpha/2 ||w - w0||^2 on the backbone (w0: its starting weights)
     beta: float = 0.01  # l2sp: beta/2 ||w||^2 on the new head
 
@@ -486,16 +588,16 @@ class TrainerConfig:
     channels_last: bool = True
     # Mixed precision (runtime.Precision): auto (CUDA: bf16 where supported, else fp16 +
     # GradScaler; full precision elsewhere) | off (float32) | bf16 (CUDA or CPU autocast) |
-    # fp16 (CUDA only, GradScaler). An old run's true/false reads as auto/off.
-    amp: str = "auto"
+    # fp16 (CUDA only, GradScaler). An old saved run's true/false reads as auto/off.
+    amp: AmpMode = AmpMode.auto
     log_every_n_steps: int = 1
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     # none | balanced: weight the loss by n / (classes x count) per class
-    class_weights: str = "none"
+    class_weights: ClassWeights = ClassWeights.none
     # shuffle | balanced: draw classes equally often, with replacement (imbalanced data)
-    sampler: str = "shuffle"
+    sampler: Sampler = Sampler.shuffle
     # best_last: checkpoints/best.pt + last.pt; all: also epoch_<N>.pt after every epoch
-    keep_checkpoints: str = "best_last"
+    keep_checkpoints: KeepCheckpoints = KeepCheckpoints.best_last
     feature_cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     # An optimizer step every k batches: the gradients of k batches of batch_size, as one batch
@@ -505,7 +607,7 @@ class TrainerConfig:
     # None: no clipping; else the limit, applied before every optimizer step
     gradient_clip_val: float | None = None
     # norm: the total L2 norm of the trainable grads | value: each one
-    gradient_clip_algorithm: str = "norm"
+    gradient_clip_algorithm: ClipAlgorithm = ClipAlgorithm.norm
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     regularize: RegularizeConfig = field(default_factory=RegularizeConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -556,11 +658,23 @@ class RunConfig:
     resume: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        """The resolved config as plain data (saved in checkpoints and TensorBoard; read back
-        by :func:`transferlab.config.load_config`)."""
-        import dataclasses
+        """The resolved config as plain data (saved in checkpoints, loaded with
+        ``weights_only=True``; TensorBoard, metrics.json; compared on resume; read back by
+        :func:`transferlab.config.load_config`): closed-set values are plain strings."""
+        return plain(self)
 
-        return dataclasses.asdict(self)
+
+def plain(value: Any) -> Any:
+    """``dataclasses.asdict`` with :class:`StrEnum` members as their plain string values."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, list | tuple):
+        return type(value)(plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
 
 
 # config group -> the type of its field in RunConfig (the base of every option's schema)
