@@ -14,6 +14,7 @@ from torch import nn
 from transferlab.backbones import build_backbone, probe_features
 from transferlab.config import (
     BackboneConfig,
+    CosineSchedulerConfig,
     FreezeConfig,
     HeadConfig,
     RunConfig,
@@ -205,6 +206,23 @@ def test_linear_probe_with_epochs_gives_one_stage():
     assert only.epochs == 3 and run.freeze.total_epochs == 3
     assert only.train == [SelectorSpec(select="head")]
     assert only.bn == "frozen"
+
+
+def test_stage_shorthand_and_a_stage_scheduler_compose_and_load_typed():
+    """What keeps StageSpec.train and .scheduler untyped for OmegaConf (see StageSpec): a plain
+    string selector, and a stage scheduler with its own scheduler's keys, from the command
+    line; load_config types both."""
+    run = load_config(compose_train([
+        "freeze=linear_probe", "freeze.stages.0.train=[head,{select:'blocks[-1]',lr_mult:0.5}]",
+        "+freeze.stages.0.scheduler={name:cosine,min_lr_mult:0.1}"]))
+    (only,) = run.freeze.stages
+    assert only.train == [SelectorSpec("head"), SelectorSpec("blocks[-1]", lr_mult=0.5)]
+    assert isinstance(only.scheduler, CosineSchedulerConfig) and only.scheduler.min_lr_mult == 0.1
+    saved = run.as_dict()["freeze"]["stages"][0]
+    assert saved["train"][0] == {"select": "head", "lr": None, "lr_mult": 1.0}
+    assert saved["scheduler"] == {"name": "cosine", "warmup_steps": 0, "min_lr_mult": 0.1}
+    again = load_config(run.as_dict()).freeze.stages[0]  # a checkpoint's plain config
+    assert again.train == only.train and again.scheduler == only.scheduler
 
 
 def test_every_group_has_options():

@@ -358,10 +358,27 @@ class SelectorSpec:
 
 @dataclass
 class StageSpec:
+    """One stage of a freeze policy.
+
+    ``train`` and ``scheduler`` are typed by :func:`transferlab.config.load_config` (in
+    :func:`transferlab.config.validate.stage`), not by OmegaConf: after loading, ``train`` is
+    a ``list[SelectorSpec]`` and ``scheduler`` a ``SchedulerConfig | None`` (the subclass of
+    the scheduler it names). OmegaConf 2.3 cannot type them while Hydra composes:
+
+    * ``list[SelectorSpec]`` rejects a plain string entry ("str is not a subclass of
+      SelectorSpec"), and the shorthand ``train: [head]`` is what the YAMLs, the README and the
+      command line (``freeze.stages.0.train=[head,backbone]``) use; ``list[str |
+      SelectorSpec]`` is an unsupported Union (of a primitive and a dataclass), and Hydra has
+      no hook to turn strings into mappings before it merges a file into the schema.
+    * ``SchedulerConfig | None`` types a mapping by the field's annotation, not by the
+      ``name`` it holds, so a stage's ``{name: cosine, min_lr_mult: 0.1}`` would fail with
+      "Key 'min_lr_mult' not in 'SchedulerConfig'".
+    """
+
     name: str = MISSING
     epochs: int = MISSING
-    # Selectors (strings, or {select, lr, lr_mult} mappings); validation makes them
-    # SelectorSpecs. (OmegaConf types no union of a string and a mapping.)
+    # Selectors: strings (select alone) or {select, lr, lr_mult} mappings; SelectorSpecs once
+    # loaded (see the docstring: why not list[SelectorSpec] here)
     train: list[Any] = field(default_factory=list)
     # BatchNorm (BnMode): frozen = layers in frozen parts in eval mode (statistics untouched),
     # the rest train; train = every layer updates its statistics; eval = every layer in eval
@@ -369,8 +386,8 @@ class StageSpec:
     bn: BnMode = BnMode.frozen
     reset_optimizer: bool = False  # drop optimizer state (e.g. Adam moments) at the stage start
     layer_decay: float | None = None  # backbone block i of n trains at lr * decay^(n-1-i)
-    # None: the run's scheduler; else a scheduler config ({name: cosine, ...}), which
-    # validation makes the scheduler's typed config
+    # None: the run's scheduler; else a scheduler config ({name: cosine, ...}), the typed
+    # config of the scheduler it names once loaded (why not SchedulerConfig | None: docstring)
     scheduler: Any = None
 
 
