@@ -1,5 +1,7 @@
 """Defaults once: a conf/ YAML holds its defaults line and only the values that differ from its
-schema (the dataclass holds the default); composing nothing, so it is in the fast tier."""
+schema (the dataclass holds the default), and make_config(group, option) gives that option as
+group=option does (test_heads_config composes every option to compare). Composing nothing, so
+it is in the fast tier."""
 
 from __future__ import annotations
 
@@ -11,9 +13,17 @@ from typing import Any
 import pytest
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from transferlab.config import RunConfig
+from transferlab.config import (
+    HeadConfig,
+    RunConfig,
+    SelectorSpec,
+    SGDConfig,
+    StepSchedulerConfig,
+    make_config,
+)
 from transferlab.config.load import option_layers
-from transferlab.config.schema import GROUPS
+from transferlab.config.schema import GROUPS, Sampler
+from transferlab.errors import UserError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 OPTIONS = [(g, p.stem) for g in sorted(GROUPS) for p in sorted((CONF / g).glob("*.yaml"))]
@@ -85,3 +95,34 @@ def test_the_check_finds_a_repeated_default():
     optimizer, _ = option_layers("optimizer", "adam")
     assert list(repeats(optimizer, {"eps": 1.0e-8, "lr": 1}, "optimizer")) == [
         "optimizer.eps: 1e-08"]
+
+
+# --- make_config: the option as group=option gives it ---------------------------------------------
+
+
+def test_the_two_defaults_that_disagreed_are_decided():
+    # scheduler=step: its own schema holds its default, 3 (what the option always gave)
+    assert make_config("scheduler", "step").step_epochs == 3 == StepSchedulerConfig().step_epochs
+    # head=mlp: HeadConfig is shared by three heads and keeps 0.0; the mlp option sets 0.2
+    assert make_config("head", "mlp").dropout == 0.2
+    assert make_config("head", "linear").dropout == 0.0 == HeadConfig(name="mlp").dropout
+
+
+def test_make_config_takes_fields_and_says_what_is_wrong_in_one_line():
+    sgd = make_config("optimizer", "sgd", lr=0.1)
+    assert isinstance(sgd, SGDConfig) and (sgd.lr, sgd.momentum) == (0.1, 0.9)
+    two = make_config("freeze", "two_stage", head_epochs=2)
+    assert [s.epochs for s in two.stages] == [2, 5]  # ${freeze.head_epochs}, resolved
+    assert two.stages[1].train[1] == SelectorSpec("blocks[-4:]", lr_mult=0.1)
+    assert make_config("trainer", "default", sampler="balanced").sampler is Sampler.balanced
+    # a registered option without a file: its schema's defaults
+    assert make_config("backbone", "torchvision", name="resnet18").weights == "DEFAULT"
+    for args, fields, says in [
+        (("optimizer", "adam"), {"momentum": 0.9}, "unknown key optimizer.momentum"),
+        (("optimizer", "adm"), {}, "unknown optimizer option 'adm' (did you mean 'adam'"),
+        (("trainer", "default"), {"sampler": "x"}, "trainer.sampler must be one of shuffle"),
+        (("dataset", "csv"), {}, "dataset.root is not set"),
+    ]:
+        with pytest.raises(UserError) as exc:
+            make_config(*args, **fields)
+        assert str(exc.value).startswith(says), str(exc.value)

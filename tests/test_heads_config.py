@@ -21,10 +21,12 @@ from transferlab.config import (
     SelectorSpec,
     TrainerConfig,
     load_config,
+    make_config,
     typed_object,
 )
 from transferlab.config.load import option_layers
 from transferlab.config.schema import GROUPS as SCHEMA_GROUPS
+from transferlab.config.schema import plain
 from transferlab.config.validate import stage
 from transferlab.errors import UserError
 from transferlab.heads import build_head
@@ -286,7 +288,8 @@ COMPANIONS = {"task=autoencoder": ["backbone=conv_encoder"]}
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_loads(group, option, tmp_path):
     """Every option file keeps in step with its schema: it composes, loads and gives its
-    values. Composing only (about 0.2 s an option), so it is in the fast tier."""
+    values; and ``make_config(group, option)`` is the section ``group=option`` gives the run.
+    Composing only (about 0.2 s an option), so it is in the fast tier."""
     text = (CONF / group / f"{option}.yaml").read_text()
     data = yaml.safe_load(text) or {}
     is_global = "@package _global_" in text
@@ -295,8 +298,9 @@ def test_every_option_composes_and_loads(group, option, tmp_path):
     prefix = "" if is_global else group
     a_file = tmp_path / "given.pt"
     a_file.write_bytes(b"")
-    required = [*_required_keys(data, prefix), *_schema_required_keys(group, option)]
-    overrides += [f"{key}={a_file if key.endswith('path') else tmp_path}" for key in required]
+    required = {key: str(a_file if key.endswith("path") else tmp_path)
+                for key in [*_required_keys(data, prefix), *_schema_required_keys(group, option)]}
+    overrides += [f"{key}={value}" for key, value in required.items()]
     run = load_config(compose_train(overrides))
     assert isinstance(run, RunConfig)
     if is_global:
@@ -305,3 +309,8 @@ def test_every_option_composes_and_loads(group, option, tmp_path):
                 _assert_matches(getattr(run, top), value, top)
     else:
         _assert_matches(getattr(run, group), data, group)
+    if group in SCHEMA_GROUPS:  # not experiment, hparams_search: they set several groups
+        given = {key.partition(".")[2]: value for key, value in required.items()
+                 if key.startswith(f"{group}.")}
+        # freeze=scratch also sets backbone.pretrained: a global file; its freeze is compared
+        assert plain(make_config(group, option, **given)) == run.as_dict()[group]

@@ -434,8 +434,38 @@ def option_layers(group: str, option: str) -> tuple[DictConfig, dict[str, Any]] 
 
 
 def make_config(group: str, option: str, **fields: Any) -> Any:
-    """The typed config of a group's option in code: ``make_config("optimizer", "sgd",
-    lr=0.1)`` is an :class:`SGDConfig` (the option's schema from its registry)."""
+    """The typed config that ``group=option`` gives a run, in code: ``make_config("optimizer",
+    "sgd", lr=0.1)`` is the :class:`SGDConfig` of ``conf/optimizer/sgd.yaml`` with ``lr=0.1``.
+
+    The option's file is read as Hydra composes it (:func:`option_layers`), so for every
+    option of ``conf/`` this is ``load_config(<group>=<option>).<group>`` (a test checks each),
+    with two provisos: interpolations to other groups resolve against their schema defaults
+    (``${trainer.epochs}``: 5, ``${seed}``: 0), the values the default run gives them; and a
+    ``# @package _global_`` option gives its own group only (``freeze=scratch`` also turns
+    ``backbone.pretrained`` off in a run). A stage's ``train`` entries become
+    :class:`SelectorSpec`\\ s, as :func:`load_config` makes them. A registered option without a
+    file (a backbone ``source``, a dataset ``kind``) is its schema's defaults, as before."""
     load_builtins()
-    registry = BY_GROUP[group]
-    return registry.schema_of(option)(**{registry.key: option, **fields})
+    layers = option_layers(group, option)
+    if layers is None:
+        registry = BY_GROUP.get(group)
+        if registry is None or option not in registry:
+            options = sorted(p.name[:-5] for p in resources.files("transferlab.conf")
+                             .joinpath(group).iterdir() if p.name.endswith(".yaml"))
+            raise UserError(f"unknown {group} option {option!r}{did_you_mean(option, options)}; "
+                            f"choose one of {', '.join(options)}")
+        return registry.schema_of(option)(**{registry.key: option, **fields})
+    root = OmegaConf.structured(RunConfig)
+    root[group] = OmegaConf.merge(*layers)
+    try:
+        for key, value in fields.items():
+            root[group][key] = value
+        made = OmegaConf.to_object(root[group])
+    except OmegaConfBaseException as exc:
+        raise omegaconf_error(exc) from None
+    if isinstance(made, FreezeConfig):
+        from transferlab.config.validate import stage
+
+        for i, spec in enumerate(made.stages):
+            stage(spec, f"{group}.stages[{i}]")
+    return made
