@@ -188,7 +188,7 @@ class HeadConfig(HeadBase):
     ``HeadConfig(name="mlp")`` built in code gets 0.0 where ``make_config("head", "mlp")`` and
     ``head=mlp`` get 0.2."""
 
-    dropout: float = 0.0  # before the Linear layer (linear, mlp; flatten_dense: none at 0)
+    dropout: float = 0.0  # of the Dropout before the final Linear layer (0: none)
 
 
 @dataclass
