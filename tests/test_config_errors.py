@@ -3,12 +3,17 @@ as one line that names the key; and the registries behind the options."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
+import typing
 from dataclasses import dataclass
 
 import pytest
+import torch
+import yaml
 
-from transferlab.config import compose_config, load_config
+from transferlab.config import compose_config, load_config, schema
+from transferlab.config.schema import StrEnum
 from transferlab.errors import UserError
 from transferlab.registry import BY_GROUP, OPTIMIZERS, Registry
 
@@ -136,6 +141,89 @@ def assert_one_line(proc: subprocess.CompletedProcess, key: str) -> None:
 def test_sweep_with_a_bad_override_exits_2_before_any_job(tmp_path):
     proc = cli(["-m", "optimizer.lr=1e-3,1e-2", "trainer.epoch=3"], tmp_path)
     assert_one_line(proc, "trainer.epoch")
+
+
+# --- closed sets: Enums in the schema -----------------------------------------------------------
+
+# every StrEnum field of the schema: (the option that has it, the key, the dataclass holding it)
+CLOSED_SETS = [
+    (None, "trainer.amp", schema.TrainerConfig),
+    (None, "trainer.class_weights", schema.TrainerConfig),
+    (None, "trainer.sampler", schema.TrainerConfig),
+    (None, "trainer.keep_checkpoints", schema.TrainerConfig),
+    (None, "trainer.gradient_clip_algorithm", schema.TrainerConfig),
+    (None, "trainer.feature_cache.mode", schema.FeatureCacheConfig),
+    (None, "trainer.feature_cache.dtype", schema.FeatureCacheConfig),
+    (None, "trainer.early_stopping.monitor", schema.EarlyStoppingConfig),
+    (None, "trainer.regularize.name", schema.RegularizeConfig),
+    (None, "freeze.stages.0.bn", schema.StageSpec),
+    ("freeze=gradual", "freeze.gradual.bn", schema.GradualSpec),
+    ("freeze=two_stage", "freeze.finetune_bn", schema.TwoStageConfig),
+    ("freeze=lp_ft", "freeze.finetune_bn", schema.LpFtConfig),
+    ("freeze=lora", "freeze.layers", schema.LoraConfig),
+]
+
+
+def test_the_closed_set_cases_cover_every_enum_field_of_the_schema():
+    found = set()
+    for cls in vars(schema).values():
+        if isinstance(cls, type) and dataclasses.is_dataclass(cls):
+            for name, tp in typing.get_type_hints(cls).items():
+                if isinstance(tp, type) and issubclass(tp, StrEnum):
+                    found.add((cls, name))
+    assert {(owner, key.rsplit(".", 1)[1]) for _, key, owner in CLOSED_SETS} == found
+
+
+@pytest.mark.parametrize(("option", "key", "owner"), CLOSED_SETS,
+                         ids=[k if o is None else f"{o} {k}" for o, k, _ in CLOSED_SETS])
+def test_a_bad_closed_set_value_fails_at_composition_as_one_line(option, key, owner):
+    enum = typing.get_type_hints(owner)[key.rsplit(".", 1)[1]]
+    bad = f"{enum.values()[0]}x"
+    overrides = [*([option] if option else []), f"{key}={bad}"]
+    with pytest.raises(UserError) as exc:
+        compose_config(overrides)  # Hydra's composition itself, not the later validation
+    where = key.replace(".0.", "[0].")
+    assert str(exc.value).startswith(f"{where} must be one of {', '.join(enum.values())}, got "
+                                     f"{bad!r} (did you mean {enum.values()[0]!r}")
+
+
+def test_closed_set_values_are_str_and_their_plain_data_holds_plain_strings(tmp_path):
+    run = load_config(compose_config(["freeze=lp_ft", "trainer.sampler=balanced"]))
+    stage = run.freeze.stages[1]
+    assert stage.bn == "eval" and stage.bn is schema.BnMode.eval  # via ${freeze.finetune_bn}
+    assert run.trainer.sampler == "balanced" and run.trainer.sampler in ("balanced",)
+    assert f"{stage.bn}|{stage.bn:>5}|{str(run.trainer.amp)}" == "eval| eval|auto"
+    data = run.as_dict()
+
+    def leaves(value):
+        if isinstance(value, dict):
+            for v in value.values():
+                yield from leaves(v)
+        elif isinstance(value, list | tuple):
+            for v in value:
+                yield from leaves(v)
+        else:
+            yield value
+
+    assert not [v for v in leaves(data) if isinstance(v, StrEnum)]
+    assert data["freeze"]["stages"][1]["bn"] == "eval"
+    assert type(data["trainer"]["feature_cache"]["mode"]) is str
+    # what a checkpoint, TensorBoard's text and metrics.json do with it
+    torch.save({"config": data}, tmp_path / "c.pt")
+    assert torch.load(tmp_path / "c.pt", weights_only=True)["config"] == data
+    assert yaml.safe_load(yaml.safe_dump(data)) == data
+
+
+def test_an_old_saved_config_of_plain_strings_loads_and_resumes_as_the_same():
+    from transferlab.run.resume import same_config
+
+    overrides = ["freeze=two_stage", "freeze.finetune_bn=eval", "trainer.sampler=balanced"]
+    saved = load_config(compose_config(overrides)).as_dict()  # strings, as checkpoints hold
+    again = load_config(saved)
+    assert again.freeze.finetune_bn is schema.BnMode.eval
+    assert again.trainer.sampler is schema.Sampler.balanced
+    assert again.as_dict() == saved
+    assert same_config(saved, load_config(compose_config(overrides)).as_dict()) == []
 
 
 # --- registries -----------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from transferlab.config import (
     DatasetConfig,
     FolderDatasetConfig,
     TrainerConfig,
+    compose_config,
     load_config,
     make_config,
 )
@@ -281,9 +282,9 @@ def test_balanced_sampler_and_class_weights_follow_the_counts(tmp_path):
 
 @pytest.mark.parametrize("override", ["trainer.label_smoothing=1.0", "trainer.sampler=weighted",
                                       "trainer.class_weights=inverse"])
-def test_bad_loss_options_are_clear_errors(override, compose_cfg):
+def test_bad_loss_options_are_clear_errors(override):
     with pytest.raises(UserError, match=override.split("=")[0]):
-        load_config(compose_cfg([override]))
+        load_config(compose_config([override]))
 
 
 def _csv_images(tmp_path, labels: list[str], bom: bool = False) -> CsvDatasetConfig:

@@ -8,19 +8,25 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from transferlab.backbones import build_backbone, probe_features
 from transferlab.config import (
     BackboneConfig,
+    CosineSchedulerConfig,
     FreezeConfig,
     HeadConfig,
     RunConfig,
     SelectorSpec,
     TrainerConfig,
     load_config,
+    make_config,
     typed_object,
 )
+from transferlab.config.load import option_layers
+from transferlab.config.schema import GROUPS as SCHEMA_GROUPS
+from transferlab.config.schema import plain
 from transferlab.config.validate import stage
 from transferlab.errors import UserError
 from transferlab.heads import build_head
@@ -204,6 +210,23 @@ def test_linear_probe_with_epochs_gives_one_stage():
     assert only.bn == "frozen"
 
 
+def test_stage_shorthand_and_a_stage_scheduler_compose_and_load_typed():
+    """What keeps StageSpec.train and .scheduler untyped for OmegaConf (see StageSpec): a plain
+    string selector, and a stage scheduler with its own scheduler's keys, from the command
+    line; load_config types both."""
+    run = load_config(compose_train([
+        "freeze=linear_probe", "freeze.stages.0.train=[head,{select:'blocks[-1]',lr_mult:0.5}]",
+        "+freeze.stages.0.scheduler={name:cosine,min_lr_mult:0.1}"]))
+    (only,) = run.freeze.stages
+    assert only.train == [SelectorSpec("head"), SelectorSpec("blocks[-1]", lr_mult=0.5)]
+    assert isinstance(only.scheduler, CosineSchedulerConfig) and only.scheduler.min_lr_mult == 0.1
+    saved = run.as_dict()["freeze"]["stages"][0]
+    assert saved["train"][0] == {"select": "head", "lr": None, "lr_mult": 1.0}
+    assert saved["scheduler"] == {"name": "cosine", "warmup_steps": 0, "min_lr_mult": 0.1}
+    again = load_config(run.as_dict()).freeze.stages[0]  # a checkpoint's plain config
+    assert again.train == only.train and again.scheduler == only.scheduler
+
+
 def test_every_group_has_options():
     assert {"backbone", "head", "dataset", "augment", "freeze", "optimizer", "trainer"} <= set(
         GROUPS)
@@ -233,7 +256,7 @@ def _assert_matches(actual, expected, where: str) -> None:
 
 
 def _required_keys(data: dict, prefix: str):
-    """Dotted keys of the values an option leaves to the command line."""
+    """Dotted keys of the values an option's file leaves to the command line."""
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else key
         if isinstance(value, dict):
@@ -243,13 +266,30 @@ def _required_keys(data: dict, prefix: str):
             yield path
 
 
+def _schema_required_keys(group: str, option: str) -> list[str]:
+    """Dotted keys that an option leaves ??? in its schema (its file does not repeat them)."""
+    if group not in SCHEMA_GROUPS:
+        return []  # experiment, hparams_search: their files say it
+    def missing(node, where):  # (OmegaConf.missing_keys resolves the interpolations)
+        for key in node.keys():
+            child = node._get_node(key)
+            if isinstance(child, DictConfig) and not child._is_missing():
+                yield from missing(child, f"{where}.{key}")
+            elif child._is_missing():
+                yield f"{where}.{key}"
+
+    return list(missing(OmegaConf.merge(*option_layers(group, option)), group))
+
+
 # Options that only go with another one (the config's validation says so).
 COMPANIONS = {"task=autoencoder": ["backbone=conv_encoder"]}
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-@pytest.mark.slow
 def test_every_option_composes_and_loads(group, option, tmp_path):
+    """Every option file keeps in step with its schema: it composes, loads and gives its
+    values; and ``make_config(group, option)`` is the section ``group=option`` gives the run.
+    Composing only (about 0.2 s an option), so it is in the fast tier."""
     text = (CONF / group / f"{option}.yaml").read_text()
     data = yaml.safe_load(text) or {}
     is_global = "@package _global_" in text
@@ -258,8 +298,9 @@ def test_every_option_composes_and_loads(group, option, tmp_path):
     prefix = "" if is_global else group
     a_file = tmp_path / "given.pt"
     a_file.write_bytes(b"")
-    overrides += [f"{key}={a_file if key.endswith('path') else tmp_path}"
-                  for key in _required_keys(data, prefix)]
+    required = {key: str(a_file if key.endswith("path") else tmp_path)
+                for key in [*_required_keys(data, prefix), *_schema_required_keys(group, option)]}
+    overrides += [f"{key}={value}" for key, value in required.items()]
     run = load_config(compose_train(overrides))
     assert isinstance(run, RunConfig)
     if is_global:
@@ -268,3 +309,8 @@ def test_every_option_composes_and_loads(group, option, tmp_path):
                 _assert_matches(getattr(run, top), value, top)
     else:
         _assert_matches(getattr(run, group), data, group)
+    if group in SCHEMA_GROUPS:  # not experiment, hparams_search: they set several groups
+        given = {key.partition(".")[2]: value for key, value in required.items()
+                 if key.startswith(f"{group}.")}
+        # freeze=scratch also sets backbone.pretrained: a global file; its freeze is compared
+        assert plain(make_config(group, option, **given)) == run.as_dict()[group]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from transferlab.config import load_config
+from transferlab.config import compose_config, load_config
 from transferlab.config.validate import validate
 from transferlab.errors import UserError
 from transferlab.feature_cache import find_cut
@@ -79,7 +79,6 @@ def test_config_mistakes_are_one_line():
         ("rank", 0, "freeze.rank must be >= 1"),
         ("alpha", 0.0, "freeze.alpha must be > 0"),
         ("dropout", 1.0, "freeze.dropout must be in [0, 1)"),
-        ("layers", "attention", "freeze.layers must be one of linear, conv, all"),
         ("target", " ", "freeze.target must be a selector"),
     ]:
         bad = copy.deepcopy(run)
@@ -88,6 +87,9 @@ def test_config_mistakes_are_one_line():
             validate(bad)
         assert needle in str(excinfo.value) and "\n" not in str(excinfo.value), key
     validate(copy.deepcopy(run))  # the defaults pass
+    with pytest.raises(UserError) as excinfo:  # a LoraLayers: fails at composition
+        compose_config([*TINY, "freeze=lora", "freeze.layers=attention"])
+    assert str(excinfo.value).startswith("freeze.layers must be one of linear, conv, all")
 
 
 @pytest.mark.parametrize(("extra", "needle"), [

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from transferlab.config import load_config
+from transferlab.config import AmpMode, compose_config, load_config
 from transferlab.engine.context import EpochContext
 from transferlab.engine.epoch import CrossEntropy, train_epoch
 from transferlab.errors import UserError
@@ -69,25 +69,36 @@ def test_fp16_on_cpu_stops_a_run_before_training(tmp_path):
     assert not list(tmp_path.rglob("*.pt"))
 
 
-@pytest.mark.parametrize("given, expected", [
-    ("auto", "auto"), ("off", "off"), ("bf16", "bf16"), ("fp16", "fp16"),
-    ("true", "auto"), ("false", "off"),  # an old override (Hydra reads true as a bool)
-])
-def test_amp_overrides(given, expected):
+@pytest.mark.parametrize("given", ["auto", "off", "bf16", "fp16"])
+def test_amp_overrides(given):
     run = load_config(compose_train([*TINY, f"trainer.amp={given}"]))
-    assert run.trainer.amp == expected
+    assert run.trainer.amp == given and run.trainer.amp is AmpMode[given]
+    assert run.as_dict()["trainer"]["amp"] == given
+    assert type(run.as_dict()["trainer"]["amp"]) is str  # plain data: checkpoints, JSON
 
 
-@pytest.mark.parametrize("saved, expected", [(True, "auto"), (False, "off")])
+@pytest.mark.parametrize("given, mode", [("true", "auto"), ("false", "off")])
+def test_an_old_bool_amp_override_is_one_line_naming_its_mode(given, mode):
+    # trainer.amp is an AmpMode: OmegaConf takes no bool for it (Hydra reads true as one)
+    with pytest.raises(UserError) as info:
+        load_config(compose_config([*TINY, f"trainer.amp={given}"]))
+    message = str(info.value)
+    assert message.startswith("trainer.amp must be one of auto, off, bf16, fp16, got ")
+    assert f"trainer.amp={mode}" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("saved, expected", [(True, "auto"), (False, "off"),
+                                             ("True", "auto"), ("False", "off")])
 def test_an_old_saved_config_with_a_bool_amp_still_loads(saved, expected):
     plain = OmegaConf.to_container(compose_train(TINY), resolve=True)
     plain["trainer"]["amp"] = saved  # as a checkpoint of an older version holds it
-    assert load_config(plain).trainer.amp == expected
+    run = load_config(plain)
+    assert run.trainer.amp == expected and run.as_dict()["trainer"]["amp"] == expected
 
 
 def test_an_unknown_amp_mode_is_one_line():
     with pytest.raises(UserError) as info:
-        load_config(compose_train([*TINY, "trainer.amp=bf61"]))
+        load_config(compose_config([*TINY, "trainer.amp=bf61"]))
     message = str(info.value)
     assert message.startswith("trainer.amp must be one of auto, off, bf16, fp16, got 'bf61'")
     assert "did you mean 'bf16'" in message and "\n" not in message

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from transferlab.backbones import build_backbone, probe_features
-from transferlab.config import SchedulerConfig, load_config, make_config
+from transferlab.config import SchedulerConfig, compose_config, load_config, make_config
 from transferlab.data import build_splits, make_loaders
 from transferlab.data.transforms import eval_transform, train_transform
 from transferlab.engine.context import EpochContext
@@ -625,9 +625,9 @@ def test_layer_decay_must_be_in_zero_one(decay, ok, compose_cfg):
     ("two_stage", "freeze.stages.1.bn=Frozen", "freeze.stages[1].bn"),
     ("gradual", "freeze.gradual.bn=evaluate", "freeze.gradual.bn"),
 ])
-def test_bn_must_be_a_known_mode(preset, override, where, compose_cfg):
-    with pytest.raises(UserError) as exc:
-        load_config(compose_cfg([*TINY, f"freeze={preset}", override]))
+def test_bn_must_be_a_known_mode(preset, override, where):
+    with pytest.raises(UserError) as exc:  # at composition: bn is a BnMode
+        load_config(compose_config([*TINY, f"freeze={preset}", override]))
     message = one_line_error(exc)
     assert where in message
     assert all(mode in message for mode in ("frozen", "train", "eval"))

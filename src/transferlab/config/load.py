@@ -15,6 +15,7 @@ import re
 import types
 import typing
 from collections.abc import Iterable
+from importlib import resources
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -27,7 +28,7 @@ from omegaconf.errors import (
     ValidationError,
 )
 
-from transferlab.config.schema import GROUPS, FreezeConfig, RunConfig
+from transferlab.config.schema import GROUPS, AmpMode, FreezeConfig, RunConfig, StrEnum
 from transferlab.errors import UserError, did_you_mean, error_line
 from transferlab.registry import BY_GROUP, FREEZE_POLICIES, load_builtins
 
@@ -61,8 +62,19 @@ def _type_name(tp: Any) -> str:
         return "a mapping"
     if dataclasses.is_dataclass(tp):
         return "a mapping"
+    if isinstance(tp, type) and issubclass(tp, StrEnum):
+        return f"one of {', '.join(tp.values())}"
     return {int: "an int", float: "a number", str: "a string", bool: "true or false"}.get(
         tp, getattr(tp, "__name__", str(tp)))
+
+
+def _closed_set_hint(full_key: str, expected: Any, value: Any) -> str:
+    """The nearest allowed names of a closed set (or what an old value is written as now)."""
+    if not (isinstance(expected, type) and issubclass(expected, StrEnum)):
+        return ""
+    if expected is AmpMode and (mode := AmpMode.legacy(value)) is not None:
+        return f" (an older version's {str(value).lower()} is {full_key}={mode.value})"
+    return did_you_mean(str(value), expected.values())
 
 
 def _field_type(object_type: Any, key: Any) -> Any:
@@ -115,7 +127,8 @@ def omegaconf_error(exc: OmegaConfBaseException, where: str = "",
         expected = _field_type(object_type, getattr(exc, "key", None))
         value = getattr(exc, "value", None)
         if expected is not None:
-            return UserError(f"{full_key} must be {_type_name(expected)}, got {value!r}")
+            return UserError(f"{full_key} must be {_type_name(expected)}, got {value!r}"
+                             f"{_closed_set_hint(full_key, expected, value)}")
         return UserError(f"{full_key}: {error_line(exc)}")
     if isinstance(exc, InterpolationResolutionError):
         return UserError(f"cannot resolve {full_key or 'the config'}: {error_line(exc)}")
@@ -261,8 +274,18 @@ def typed_object(schema: type, value: Any, where: str) -> Any:
         raise omegaconf_error(exc, where) from None
 
 
+def _legacy(raw: dict) -> dict:
+    """A saved run's values that older versions wrote differently, as they read now: a
+    boolean ``trainer.amp`` (True/False, or OmegaConf's "True"/"False" of one) is auto/off."""
+    trainer = raw.get("trainer")
+    if isinstance(trainer, dict) and (mode := AmpMode.legacy(trainer.get("amp"))) is not None:
+        raw = {**raw, "trainer": {**trainer, "amp": mode.value}}
+    return raw
+
+
 def typed_run(raw: dict) -> DictConfig:
     """A plain run config (as saved in a checkpoint) typed by the schema of each option."""
+    raw = _legacy(raw)
     root = OmegaConf.structured(RunConfig)
     unknown = [k for k in raw if k not in {f.name for f in dataclasses.fields(RunConfig)}]
     if unknown:
@@ -360,9 +383,89 @@ def compose_config(overrides: Iterable[str] = ()) -> DictConfig:
         GlobalHydra.instance().clear()
 
 
+# --- one option of a group, read as Hydra composes it -------------------------------------------
+
+_GLOBAL = "# @package _global_"
+
+
+def option_layers(group: str, option: str) -> tuple[DictConfig, dict[str, Any]] | None:
+    """``conf/<group>/<option>.yaml`` as Hydra composes it into ``group``: the typed node its
+    defaults list gives (its schema from the ConfigStore, or the option of the group that it
+    extends) and the file's own values for ``group`` (plain data, interpolations kept). None
+    when the group has no such file.
+
+    A ``# @package _global_`` file gives the values it sets under ``group`` only
+    (``freeze=scratch`` also sets ``backbone.pretrained``). The conf tree uses these defaults
+    only: ``/schema/<group>/<name>@_here_`` (``@<group>`` in a global file), another option of
+    the group, then ``_self_``; anything else is a ValueError here.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    from transferlab.config.store import register_configs
+
+    if group not in GROUPS:
+        raise UserError(f"unknown config group {group!r}{did_you_mean(group, GROUPS)}; choose "
+                        f"one of {', '.join(GROUPS)}")
+    path = resources.files("transferlab.conf").joinpath(group, f"{option}.yaml")
+    if not path.is_file():
+        return None
+    register_configs()
+    text = path.read_text()
+    is_global = text.lstrip().startswith(_GLOBAL)
+    data = OmegaConf.to_container(OmegaConf.create(text), resolve=False)
+    defaults = data.pop("defaults", [])
+    own = data.get(group, {}) if is_global else data
+    where = f"conf/{group}/{option}.yaml"
+    if defaults and defaults[-1] != "_self_" or defaults.count("_self_") > 1:
+        raise ValueError(f"{where}: its defaults list must end with _self_")
+    base = OmegaConf.structured(GROUPS[group])  # no defaults list: the type of the run's field
+    for entry in defaults[:-1]:
+        target, _, package = str(entry).partition("@")
+        if target.startswith("/schema/") and package == (group if is_global else "_here_"):
+            base = OmegaConf.merge(base, ConfigStore.instance().load(f"{target[1:]}.yaml").node)
+        elif "/" not in target and not package and not is_global:
+            extended = option_layers(group, target)
+            if extended is None:
+                raise ValueError(f"{where}: its default {entry!r} names no option of {group}")
+            base = OmegaConf.merge(*extended)
+        else:
+            raise ValueError(f"{where}: a default make_config does not read: {entry!r}")
+    return base, own
+
+
 def make_config(group: str, option: str, **fields: Any) -> Any:
-    """The typed config of a group's option in code: ``make_config("optimizer", "sgd",
-    lr=0.1)`` is an :class:`SGDConfig` (the option's schema from its registry)."""
+    """The typed config that ``group=option`` gives a run, in code: ``make_config("optimizer",
+    "sgd", lr=0.1)`` is the :class:`SGDConfig` of ``conf/optimizer/sgd.yaml`` with ``lr=0.1``.
+
+    The option's file is read as Hydra composes it (:func:`option_layers`), so for every
+    option of ``conf/`` this is ``load_config(<group>=<option>).<group>`` (a test checks each),
+    with two provisos: interpolations to other groups resolve against their schema defaults
+    (``${trainer.epochs}``: 5, ``${seed}``: 0), the values the default run gives them; and a
+    ``# @package _global_`` option gives its own group only (``freeze=scratch`` also turns
+    ``backbone.pretrained`` off in a run). A stage's ``train`` entries become
+    :class:`SelectorSpec`\\ s, as :func:`load_config` makes them. A registered option without a
+    file (a backbone ``source``, a dataset ``kind``) is its schema's defaults, as before."""
     load_builtins()
-    registry = BY_GROUP[group]
-    return registry.schema_of(option)(**{registry.key: option, **fields})
+    layers = option_layers(group, option)
+    if layers is None:
+        registry = BY_GROUP.get(group)
+        if registry is None or option not in registry:
+            options = sorted(p.name[:-5] for p in resources.files("transferlab.conf")
+                             .joinpath(group).iterdir() if p.name.endswith(".yaml"))
+            raise UserError(f"unknown {group} option {option!r}{did_you_mean(option, options)}; "
+                            f"choose one of {', '.join(options)}")
+        return registry.schema_of(option)(**{registry.key: option, **fields})
+    root = OmegaConf.structured(RunConfig)
+    root[group] = OmegaConf.merge(*layers)
+    try:
+        for key, value in fields.items():
+            root[group][key] = value
+        made = OmegaConf.to_object(root[group])
+    except OmegaConfBaseException as exc:
+        raise omegaconf_error(exc) from None
+    if isinstance(made, FreezeConfig):
+        from transferlab.config.validate import stage
+
+        for i, spec in enumerate(made.stages):
+            stage(spec, f"{group}.stages[{i}]")
+    return made

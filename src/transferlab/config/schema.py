@@ -3,27 +3,133 @@
 Each dataclass is registered in Hydra's ConfigStore (``schema/<group>/<option>``, see
 :mod:`transferlab.config.store`) and every YAML file of ``conf/<group>/`` extends its schema
 through its defaults list, so an unknown key or a value of the wrong type fails when Hydra
-composes the config, before anything is built. The YAML files keep the values; the defaults
-here are the ones a plain ``RunConfig`` gets in code.
+composes the config, before anything is built.
 
-Checks that span fields, or that need the registries (is this optimizer known?), are in
-:mod:`transferlab.config.validate`.
+Defaults live here, once: a ``conf/<group>/<option>.yaml`` holds its defaults line and only the
+values that differ from its schema (Hydra's structured-config tutorial), and a test keeps it so.
+The comments next to the fields are the documentation of the keys (``transferlab-train --cfg
+job`` prints the composed values).
+
+A closed set of values is a :class:`StrEnum`, so that a bad value fails at composition too,
+naming the key and the allowed values. Checks that span fields, or that need the registries
+(is this optimizer known?), are in :mod:`transferlab.config.validate`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import MISSING
+
+# --- closed sets --------------------------------------------------------------------------------
+
+
+class StrEnum(str, enum.Enum):
+    """A closed set of names, typed in the schema: OmegaConf takes only its members' names, so a
+    bad value fails at composition with the key and the allowed values. A member is also the
+    plain string: ``== "frozen"``, ``str()``, f-strings, ``format`` and JSON give its value.
+
+    Member names are their values (OmegaConf looks a value up by name). The config as plain
+    data (:meth:`RunConfig.as_dict`: checkpoints, TensorBoard, metrics.json) holds the values as
+    plain strings, never members. (Python 3.11's ``enum.StrEnum`` does this too; 3.10 has
+    none.)"""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    @classmethod
+    def values(cls) -> list[str]:
+        return [member.value for member in cls]
+
+
+class BnMode(StrEnum):
+    """What a stage does with BatchNorm layers (``freeze.stages[i].bn`` and the knobs that set
+    it): frozen = the layers in frozen parts in eval mode (statistics untouched), the rest
+    train; train = every layer updates its statistics; eval = every layer in eval mode, even
+    in trained parts (Keras' ``base_model(x, training=False)``)."""
+
+    frozen = "frozen"
+    train = "train"
+    eval = "eval"
+
+
+class AmpMode(StrEnum):
+    """``trainer.amp``: mixed precision (:class:`transferlab.infra.runtime.Precision`)."""
+
+    auto = "auto"
+    off = "off"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+    @classmethod
+    def legacy(cls, value: object) -> AmpMode | None:
+        """The mode of an older version's boolean ``trainer.amp`` (true: auto, false: off), as
+        a saved run holds it (a bool, or OmegaConf's "True" / "False" of one); None for any
+        other value."""
+        return {"true": cls.auto, "false": cls.off}.get(str(value).strip().lower())
+
+
+class ClassWeights(StrEnum):
+    none = "none"
+    balanced = "balanced"
+
+
+class Sampler(StrEnum):
+    shuffle = "shuffle"
+    balanced = "balanced"
+
+
+class KeepCheckpoints(StrEnum):
+    best_last = "best_last"
+    all = "all"
+
+
+class ClipAlgorithm(StrEnum):
+    norm = "norm"
+    value = "value"
+
+
+class CacheMode(StrEnum):
+    auto = "auto"
+    off = "off"
+    memory = "memory"
+    disk = "disk"
+
+
+class CacheDtype(StrEnum):
+    float16 = "float16"
+    float32 = "float32"
+
+
+class Monitor(StrEnum):
+    val_loss = "val_loss"
+    val_acc = "val_acc"
+
+
+class Regularizer(StrEnum):
+    none = "none"
+    l2sp = "l2sp"
+
+
+class LoraLayers(StrEnum):
+    """The layer types of the target that get LoRA adapters: nn.Linear, nn.Conv2d or both."""
+
+    linear = "linear"
+    conv = "conv"
+    all = "all"
+
 
 # --- backbone -----------------------------------------------------------------------------------
 
 
 @dataclass
 class InitConfig:
-    """Weights restored into the backbone from a checkpoint file once it is built: any subset
-    of the file's tensors, renamed onto the backbone's parameter names (``backbone.init.*``)."""
+    """Weights restored into the backbone from a checkpoint file once it is built (after the
+    pretrained weights): any subset of the file's tensors, renamed onto the backbone's
+    parameter names (``backbone.init.*``; docs/weights.md, "Bring your own weights")."""
 
     path: str | None = None  # a transferlab checkpoint, a plain state_dict, a Lightning .ckpt
     include: list[str] = field(default_factory=lambda: ["*"])  # globs over the file's names
@@ -36,7 +142,9 @@ class InitConfig:
 
 @dataclass
 class BackboneConfig:
-    """A pretrained model of a zoo (``source``: timm, efficientnet_lite0_package)."""
+    """A pretrained model of a zoo (``source``: timm, efficientnet_lite0_package). Every
+    backbone option can take its weights from a local file (``weights_path``) and restore
+    tensors from any checkpoint once built (``init``; docs/weights.md, "Bring your own weights")."""
 
     name: str = MISSING
     source: str = MISSING
@@ -73,9 +181,14 @@ class HeadBase:
 
 @dataclass
 class HeadConfig(HeadBase):
-    """A new network head (linear | mlp | flatten_dense)."""
+    """A new network head (linear | mlp | flatten_dense): the one schema of the three.
 
-    dropout: float = 0.0
+    ``dropout`` is 0 here and for ``head=linear`` / ``head=flatten_dense``; ``head=mlp`` sets
+    0.2 in its YAML (the Keras GAP-BN-Dropout-Dense recipe that option has always given), so
+    ``HeadConfig(name="mlp")`` built in code gets 0.0 where ``make_config("head", "mlp")`` and
+    ``head=mlp`` get 0.2."""
+
+    dropout: float = 0.0  # of the Dropout before the final Linear layer (0: none)
 
 
 @dataclass
@@ -99,14 +212,16 @@ class DatasetConfig:
     val_fraction: float = 0.2
     test_fraction: float = 0.0  # held out as a test split where the data has none of its own
     split_seed: int = 0
-    train_fraction: float = 1.0  # keep this fraction of every class of the training split
-    samples_per_class: int | None = None  # or at most this many training images per class
+    # train on this fraction of every class of the training split (at least one image each)
+    train_fraction: float = 1.0
+    samples_per_class: int | None = None  # or on at most this many training images per class
     subset_seed: int = 0  # draws the training subset (the presets tie it to the run's seed)
-    folds: int | None = None  # k-fold CV of the (subset) training split; None: off
-    fold: int | None = None  # with folds: this run's fold (0..folds-1), its validation set
+    folds: int | None = None  # k-fold CV of the (subset) training split: K >= 2; None: off
+    fold: int | None = None  # with folds: this run's fold (0..folds-1) is its validation set
     fold_seed: int = 0  # draws the folds; not the run's seed, so folds stay fixed across seeds
-    image_size: int | None = None  # None: the backbone's native input size
-    crop_pct: float | None = None  # None: the backbone's (resize to size/crop_pct, centre crop)
+    image_size: int | None = None  # None: the backbone's native input size (images resized)
+    # None: the backbone's (resize to image_size / crop_pct, then a centre crop)
+    crop_pct: float | None = None
 
 
 @dataclass
@@ -152,8 +267,8 @@ class FakeDatasetConfig(DatasetConfig):
 @dataclass
 class AugmentConfig:
     """``none``: the deterministic eval transform. Every option can mix its training batches
-    (:mod:`transferlab.data.mixup`): MixUp / CutMix, one of them drawn per batch when both are
-    on."""
+    (:mod:`transferlab.data.mixup`; docs/training.md, "MixUp / CutMix"): MixUp / CutMix, one
+    of them drawn per batch when both are on; an alpha of 0 is off."""
 
     name: str = "none"
     mixup_alpha: float = 0.0  # MixUp's Beta(alpha, alpha) mixing weight; 0: off (0.2 typical)
@@ -215,7 +330,9 @@ class CosineSchedulerConfig(SchedulerConfig):
 @dataclass
 class StepSchedulerConfig(SchedulerConfig):
     name: str = "step"
-    step_epochs: int = 1  # multiply by gamma every step_epochs epochs
+    # multiply by gamma every step_epochs epochs. 3, what scheduler=step has always given (its
+    # YAML set it); a stage's own {name: step} and StepSchedulerConfig() in code got 1 before.
+    step_epochs: int = 3
     gamma: float = 0.1
 
 
@@ -241,19 +358,36 @@ class SelectorSpec:
 
 @dataclass
 class StageSpec:
+    """One stage of a freeze policy.
+
+    ``train`` and ``scheduler`` are typed by :func:`transferlab.config.load_config` (in
+    :func:`transferlab.config.validate.stage`), not by OmegaConf: after loading, ``train`` is
+    a ``list[SelectorSpec]`` and ``scheduler`` a ``SchedulerConfig | None`` (the subclass of
+    the scheduler it names). OmegaConf 2.3 cannot type them while Hydra composes:
+
+    * ``list[SelectorSpec]`` rejects a plain string entry ("str is not a subclass of
+      SelectorSpec"), and the shorthand ``train: [head]`` is what the YAMLs, the README and the
+      command line (``freeze.stages.0.train=[head,backbone]``) use; ``list[str |
+      SelectorSpec]`` is an unsupported Union (of a primitive and a dataclass), and Hydra has
+      no hook to turn strings into mappings before it merges a file into the schema.
+    * ``SchedulerConfig | None`` types a mapping by the field's annotation, not by the
+      ``name`` it holds, so a stage's ``{name: cosine, min_lr_mult: 0.1}`` would fail with
+      "Key 'min_lr_mult' not in 'SchedulerConfig'".
+    """
+
     name: str = MISSING
     epochs: int = MISSING
-    # Selectors (strings, or {select, lr, lr_mult} mappings); validation makes them
-    # SelectorSpecs. (OmegaConf types no union of a string and a mapping.)
+    # Selectors: strings (select alone) or {select, lr, lr_mult} mappings; SelectorSpecs once
+    # loaded (see the docstring: why not list[SelectorSpec] here)
     train: list[Any] = field(default_factory=list)
-    # BatchNorm: frozen = layers in frozen parts in eval mode (statistics untouched), the rest
-    # train; train = every layer updates its statistics; eval = every layer in eval mode, even
-    # in trained parts (Keras' base_model(x, training=False)).
-    bn: str = "frozen"
+    # BatchNorm (BnMode): frozen = layers in frozen parts in eval mode (statistics untouched),
+    # the rest train; train = every layer updates its statistics; eval = every layer in eval
+    # mode, even in trained parts (Keras' base_model(x, training=False)).
+    bn: BnMode = BnMode.frozen
     reset_optimizer: bool = False  # drop optimizer state (e.g. Adam moments) at the stage start
     layer_decay: float | None = None  # backbone block i of n trains at lr * decay^(n-1-i)
-    # None: the run's scheduler; else a scheduler config ({name: cosine, ...}), which
-    # validation makes the scheduler's typed config
+    # None: the run's scheduler; else a scheduler config ({name: cosine, ...}), the typed
+    # config of the scheduler it names once loaded (why not SchedulerConfig | None: docstring)
     scheduler: Any = None
 
 
@@ -266,7 +400,7 @@ class GradualSpec:
     head_epochs: int | None = None  # epochs of the head-only stage (None: every)
     block_lr_mult: float = 0.1  # LR of the first (top) unfrozen block, x optimizer.lr
     decay: float = 1.0  # each block further down trains at decay x the LR of the one above
-    bn: str = "frozen"
+    bn: BnMode = BnMode.frozen  # of every stage
 
 
 @dataclass
@@ -311,7 +445,8 @@ class TwoStageConfig(FreezeConfig):
     finetune_epochs: int = 5  # stage 2: the head and blocks[fine_tune_at:]
     fine_tune_at: int = -4
     finetune_lr_mult: float = 0.1  # stage 2's LR, x optimizer.lr
-    finetune_bn: str = "frozen"  # eval: every BatchNorm in inference mode in stage 2
+    # stage 2's bn; eval: keep every BatchNorm in inference mode (Keras' training=False)
+    finetune_bn: BnMode = BnMode.frozen
 
 
 @dataclass
@@ -322,7 +457,8 @@ class LpFtConfig(FreezeConfig):
     probe_epochs: int = 10  # stage 1 (probe): the head alone, backbone and its BatchNorm frozen
     finetune_epochs: int = 10  # stage 2 (finetune): every parameter, the probed head kept
     finetune_lr_mult: float = 0.1  # stage 2's LR, x optimizer.lr
-    finetune_bn: str = "eval"  # stage 2: every BatchNorm keeps its statistics (inference mode)
+    # stage 2: every BatchNorm keeps its statistics (inference mode)
+    finetune_bn: BnMode = BnMode.eval
 
 
 @dataclass
@@ -340,7 +476,7 @@ class LoraConfig(FreezeConfig):
 
     name: str = "lora"
     target: str = "blocks[-4:]"  # a selector (blocks[a:b], a glob, a module path, backbone)
-    layers: str = "all"  # which layer types get adapters: linear | conv | all
+    layers: LoraLayers = LoraLayers.all  # which layer types get adapters: linear | conv | all
     rank: int = 8  # r: the adapters' inner dimension
     alpha: float = 16.0  # scaling: the update is (alpha / rank) * B A
     dropout: float = 0.0  # dropout on the adapters' input (train mode only)
@@ -391,77 +527,106 @@ class RMSpropConfig(OptimizerConfig):
 
 @dataclass
 class FeatureCacheConfig:
-    """The frozen-prefix feature cache (:mod:`transferlab.feature_cache`)."""
+    """The frozen-prefix feature cache (:mod:`transferlab.feature_cache`; docs/training.md, "Feature
+    cache"): a stage whose input end is frozen and deterministic (augment=none, frozen
+    BatchNorm, no dropout there) trains on the frozen part's stored outputs."""
 
-    mode: str = "auto"  # auto | off | memory | disk
-    dir: str | None = None  # None: $TRANSFERLAB_CACHE_DIR/features or ~/.cache/transferlab/...
-    dtype: str = "float16"  # float16 | float32
-    max_gb: float = 8.0  # an entry above this (estimated before extracting) is not cached
+    # auto: wherever valid, in the disk store shared by every run and sweep job; memory: in
+    # this run only; disk: the store, an error when it cannot be written; off: never
+    mode: CacheMode = CacheMode.auto
+    dir: str | None = None  # None: $TRANSFERLAB_CACHE_DIR/features, else ~/.cache/transferlab/...
+    dtype: CacheDtype = CacheDtype.float16  # float16 | float32 (exact features, twice the size)
+    # an entry estimated above this (before extracting) is not cached (the run says so)
+    max_gb: float = 8.0
 
 
 @dataclass
 class DistributedConfig:
-    """One run on N processes under ``torchrun`` (:mod:`transferlab.infra.distributed`); no effect
-    on
-    a run of one process. ``trainer.batch_size`` is per process: the global batch is
-    batch_size x processes x accumulate_grad_batches."""
+    """One run on N processes under ``torchrun --nproc_per_node=N -m transferlab.train ...``
+    (:mod:`transferlab.infra.distributed`; docs/sweeps.md, "One run on N GPUs (DDP)"); no
+    effect on a run of one process. ``trainer.batch_size`` is per process: the global batch is
+    batch_size x N x accumulate_grad_batches."""
 
-    sync_bn: bool = False  # BatchNorm layers that train normalise over the global batch (CUDA)
-    scale_lr: bool = False  # every LR x the number of processes (the linear scaling rule)
+    # true: the BatchNorm layers that train normalise over the global batch (CUDA)
+    sync_bn: bool = False
+    # true: every LR x N (the linear scaling rule: the LRs are given for one process)
+    scale_lr: bool = False
 
 
 @dataclass
 class EmaConfig:
-    """An exponential moving average of the weights (:mod:`transferlab.engine.ema`)."""
+    """An exponential moving average of the weights (:mod:`transferlab.engine.ema`;
+    docs/training.md, "EMA of the weights"), updated after every optimizer step and evaluated
+    on val next to them every epoch (``val_acc_ema``)."""
 
-    decay: float | None = None  # e.g. 0.999; None: off
-    warmup: bool = False  # the decay ramps up as 1 - (1 + step)^(-2/3) (short runs)
+    decay: float | None = None  # e.g. 0.999 (0.99 for a few hundred steps); None: off
+    # true: the decay ramps up as 1 - (1 + step)^(-2/3), capped at decay (short runs)
+    warmup: bool = False
 
 
 @dataclass
 class EarlyStoppingConfig:
-    """Early stopping per stage (:mod:`transferlab.engine.early_stopping`); off while ``patience``
-    is
-    null."""
+    """Early stopping per stage (:mod:`transferlab.engine.early_stopping`; docs/training.md,
+    "Early stopping per stage"): a stage ends when ``monitor`` has not improved by more than
+    ``min_delta`` for ``patience`` epochs of that stage; the next stage starts at its planned
+    epoch number, from the stage's best weights with ``restore_best``. Off while ``patience``
+    is null."""
 
     patience: int | None = None  # None: off; else epochs without improvement that end a stage
-    monitor: str = "val_loss"  # val_loss | val_acc
+    monitor: Monitor = Monitor.val_loss  # val_loss | val_acc (classification runs only)
     min_delta: float = 0.0  # an improvement is a change by more than this
     restore_best: bool = True  # a stopped stage leaves the model with its best epoch's weights
 
 
 @dataclass
 class RegularizeConfig:
-    """A penalty added to the training loss (:mod:`transferlab.staging.regularize`)."""
+    """A penalty added to the training loss (:mod:`transferlab.staging.regularize`;
+    docs/policies.md, "L2-SP").
 
-    name: str = "none"  # none | l2sp
+    ``l2sp`` (Li et al. 2018): alpha/2 ||w - w0||^2 pulls the trainable backbone weights back
+    toward w0, their weights when the run started (pretrained, then ``backbone.init``);
+    beta/2 ||w||^2 is plain L2 on the new head. It replaces weight decay: l2sp needs
+    ``optimizer.weight_decay=0``. ``none``: no penalty."""
+
+    name: Regularizer = Regularizer.none  # none | l2sp
     alpha: float = 0.01  # l2sp: alpha/2 ||w - w0||^2 on the backbone (w0: its starting weights)
     beta: float = 0.01  # l2sp: beta/2 ||w||^2 on the new head
 
 
 @dataclass
 class TrainerConfig:
+    """How a run trains (``conf/trainer/default.yaml`` changes none of these defaults)."""
+
     epochs: int = 5
-    batch_size: int = 32
+    batch_size: int = 32  # per process: under torchrun the global batch is x the processes
     eval_batch_size: int | None = None  # None: 2 x batch_size
-    num_workers: int | None = None  # None: picked from the CPU count
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    num_workers: int | None = None  # None: one loader process per spare CPU core (at most 8)
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     deterministic: bool = False
-    progress: bool | None = None  # None: a progress bar when stderr is a terminal
+    progress: bool | None = None  # None: a progress bar when the terminal is interactive
     channels_last: bool = True
-    # auto | off | bf16 | fp16 (runtime.Precision); auto: on CUDA bf16 where supported, else
-    # fp16, full precision elsewhere. An old run's true/false reads as auto/off.
-    amp: str = "auto"
+    # Mixed precision (runtime.Precision): auto (CUDA: bf16 where supported, else fp16 +
+    # GradScaler; full precision elsewhere) | off (float32) | bf16 (CUDA or CPU autocast) |
+    # fp16 (CUDA only, GradScaler). An old saved run's true/false reads as auto/off.
+    amp: AmpMode = AmpMode.auto
     log_every_n_steps: int = 1
     label_smoothing: float = 0.0  # cross-entropy label smoothing
-    class_weights: str = "none"  # none | balanced: loss weights n / (k * count) per class
-    sampler: str = "shuffle"  # shuffle | balanced: draw classes equally often (with replacement)
-    keep_checkpoints: str = "best_last"  # best_last: best.pt + last.pt; all: + epoch_<N>.pt
+    # none | balanced: weight the loss by n / (classes x count) per class
+    class_weights: ClassWeights = ClassWeights.none
+    # shuffle | balanced: draw classes equally often, with replacement (imbalanced data)
+    sampler: Sampler = Sampler.shuffle
+    # best_last: checkpoints/best.pt + last.pt; all: also epoch_<N>.pt after every epoch
+    keep_checkpoints: KeepCheckpoints = KeepCheckpoints.best_last
     feature_cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
-    accumulate_grad_batches: int = 1  # an optimizer step every k batches (k x batch_size)
-    gradient_clip_val: float | None = None  # None: no clipping
-    gradient_clip_algorithm: str = "norm"  # norm: total L2 norm of the grads | value: each one
+    # An optimizer step every k batches: the gradients of k batches of batch_size, as one batch
+    # of k x batch_size (docs/training.md, "Gradient accumulation and clipping"); the LR
+    # schedule counts optimizer steps.
+    accumulate_grad_batches: int = 1
+    # None: no clipping; else the limit, applied before every optimizer step
+    gradient_clip_val: float | None = None
+    # norm: the total L2 norm of the trainable grads | value: each one
+    gradient_clip_algorithm: ClipAlgorithm = ClipAlgorithm.norm
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     regularize: RegularizeConfig = field(default_factory=RegularizeConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -479,7 +644,8 @@ class AutoencoderTaskConfig(TaskConfig):
     """Unsupervised pretraining of the ``conv_encoder`` backbone as an autoencoder."""
 
     name: str = "autoencoder"
-    reconstructions: int = 8  # images shown (with their reconstructions) in TensorBoard
+    # val images shown with their reconstructions in TensorBoard (recon/val)
+    reconstructions: int = 8
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -491,7 +657,10 @@ class RunConfig:
     of the option chosen (a subclass of the field's type where the option has its own
     fields)."""
 
+    # names the run directory: outputs/runs/<date>/<time>_<name> (conf/train.yaml derives it)
     name: str = MISSING
+    # seeds the weights of new layers, shuffling and augmentation (the dataset splits use
+    # dataset.split_seed)
     seed: int = 0
     backbone: BackboneConfig = MISSING
     head: HeadBase = MISSING
@@ -502,16 +671,29 @@ class RunConfig:
     scheduler: SchedulerConfig = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
-    # null; a run directory to go on with (its saved config, not this one); or auto: in a
-    # sweep (-m), every job goes on with its own directory where that holds an unfinished run
+    # Go on with an interrupted run (docs/resume.md, "Interrupted? Resume"): null; a run directory
+    # (resume=<run dir>: its saved config, not this one); or auto, with -m: every job of the
+    # same sweep command goes on with its own unfinished run (finished ones are not run again)
     resume: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        """The resolved config as plain data (saved in checkpoints and TensorBoard; read back
-        by :func:`transferlab.config.load_config`)."""
-        import dataclasses
+        """The resolved config as plain data (saved in checkpoints, loaded with
+        ``weights_only=True``; TensorBoard, metrics.json; compared on resume; read back by
+        :func:`transferlab.config.load_config`): closed-set values are plain strings."""
+        return plain(self)
 
-        return dataclasses.asdict(self)
+
+def plain(value: Any) -> Any:
+    """``dataclasses.asdict`` with :class:`StrEnum` members as their plain string values."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, list | tuple):
+        return type(value)(plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
 
 
 # config group -> the type of its field in RunConfig (the base of every option's schema)

@@ -1,5 +1,6 @@
 """Checks of a typed run config that no field type can express: value ranges, options known to
-the registries, fields that depend on each other, and options the run would not use.
+the registries, fields that depend on each other, and options the run would not use. (Closed
+sets of values are Enums in the schema: OmegaConf checks them at composition.)
 
 :func:`validate` runs in :func:`~transferlab.config.load_config`, before any model is built or
 any image is read. Every failure is one :class:`UserError` line naming the full key, the value
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from transferlab.config.schema import (
+    AmpMode,
     AugmentConfig,
     AutoencoderTaskConfig,
     ConvEncoderConfig,
@@ -45,29 +47,19 @@ from transferlab.config.schema import (
 from transferlab.errors import UserError, did_you_mean
 from transferlab.registry import SCHEDULERS
 
-BN_MODES = ("frozen", "train", "eval")
-CLASS_WEIGHTS = ("none", "balanced")
-SAMPLERS = ("shuffle", "balanced")
-FEATURE_CACHE_MODES = ("auto", "off", "memory", "disk")
-FEATURE_CACHE_DTYPES = ("float16", "float32")
-CLIP_ALGORITHMS = ("norm", "value")
-MONITORS = ("val_loss", "val_acc")
-REGULARIZERS = ("none", "l2sp")
-LORA_LAYERS = ("linear", "conv", "all")  # freeze=lora: nn.Linear, nn.Conv2d or both
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-AMP_MODES = ("auto", "off", "bf16", "fp16")
-# trainer.amp was a bool before it named a mode: a saved run's True/False (OmegaConf writes a
-# bool given to a string field as "True"/"False"), or an old override's true/false
-LEGACY_AMP = {"true": "auto", "false": "off"}
 
 
 def amp_mode(value: object) -> str:
-    """``trainer.amp`` as one of :data:`AMP_MODES` (an old true/false: auto/off)."""
+    """``trainer.amp`` as the plain name of its :class:`AmpMode` (a saved run of an older
+    version holds a bool: true/false read as auto/off), for values that did not come through
+    the schema."""
+    if (old := AmpMode.legacy(value)) is not None:
+        return old.value
     text = str(value).strip().lower()
-    text = LEGACY_AMP.get(text, text)
-    if text not in AMP_MODES:
-        raise UserError(f"trainer.amp must be one of {', '.join(AMP_MODES)}, got {value!r}"
-                        f"{did_you_mean(str(value), AMP_MODES)}")
+    if text not in AmpMode.values():
+        raise UserError(f"trainer.amp must be one of {', '.join(AmpMode.values())}, got "
+                        f"{value!r}{did_you_mean(str(value), AmpMode.values())}")
     return text
 
 
@@ -89,11 +81,6 @@ def _at_least(key: str, value: Any, lo: float, nullable: bool = False) -> None:
         return
     _check(key, value, value is not None and value >= lo, f">= {lo:g}" +
            (" (or null)" if nullable else ""))
-
-
-def _one_of(key: str, value: Any, allowed: Iterable[str]) -> None:
-    allowed = tuple(allowed)
-    _check(key, value, value in allowed, f"one of {', '.join(allowed)}")
 
 
 # --- per group ----------------------------------------------------------------------------------
@@ -240,7 +227,6 @@ def stage_scheduler(value: Any, where: str) -> SchedulerConfig | None:
 def stage(spec: StageSpec, where: str) -> None:
     """Check a stage; its ``train`` entries and ``scheduler`` become typed configs."""
     _at_least(f"{where}.epochs", spec.epochs, 0)
-    _one_of(f"{where}.bn", spec.bn, BN_MODES)
     if not spec.train:
         raise UserError(f"{where} ({spec.name}) trains nothing: give {where}.train")
     spec.train = [selector(e, f"{where}.train[{i}]") for i, e in enumerate(spec.train)]
@@ -257,17 +243,14 @@ def _freeze(run: RunConfig) -> None:
         _at_least("freeze.finetune_epochs", policy.finetune_epochs, 0)
         _check("freeze.finetune_lr_mult", policy.finetune_lr_mult,
                policy.finetune_lr_mult > 0, "> 0")
-        _one_of("freeze.finetune_bn", policy.finetune_bn, BN_MODES)
     if isinstance(policy, LpFtConfig):
         _at_least("freeze.probe_epochs", policy.probe_epochs, 0)
         _at_least("freeze.finetune_epochs", policy.finetune_epochs, 0)
         _check("freeze.finetune_lr_mult", policy.finetune_lr_mult,
                policy.finetune_lr_mult > 0, "> 0")
-        _one_of("freeze.finetune_bn", policy.finetune_bn, BN_MODES)
     if isinstance(policy, LoraConfig):
         _check("freeze.target", policy.target, bool(policy.target.strip()),
                "a selector (blocks[-4:], backbone, a glob over parameter names)")
-        _one_of("freeze.layers", policy.layers, LORA_LAYERS)
         _at_least("freeze.rank", policy.rank, 1)
         _check("freeze.alpha", policy.alpha, policy.alpha > 0, "> 0")
         _in("freeze.dropout", policy.dropout, 0, 1, hi_open=True)
@@ -291,7 +274,6 @@ def _freeze(run: RunConfig) -> None:
         _at_least("freeze.gradual.head_epochs", g.head_epochs, 0, nullable=True)
         _check("freeze.gradual.block_lr_mult", g.block_lr_mult, g.block_lr_mult > 0, "> 0")
         _in("freeze.gradual.decay", g.decay, 0, 1, lo_open=True)
-        _one_of("freeze.gradual.bn", g.bn, BN_MODES)
     elif policy.total_epochs < 1:
         raise UserError("the freeze policy runs 0 epochs in total: set trainer.epochs >= 1 (or "
                         "the policy's own epochs)")
@@ -307,13 +289,7 @@ def _trainer(run: RunConfig) -> None:
            "auto, cpu, cuda, cuda:N or mps")
     _at_least("trainer.log_every_n_steps", t.log_every_n_steps, 1)
     _in("trainer.label_smoothing", t.label_smoothing, 0, 1, hi_open=True)
-    _one_of("trainer.class_weights", t.class_weights, CLASS_WEIGHTS)
-    _one_of("trainer.sampler", t.sampler, SAMPLERS)
-    _one_of("trainer.keep_checkpoints", t.keep_checkpoints, ("best_last", "all"))
-    t.amp = amp_mode(t.amp)  # an old run's (or override's) true/false: auto/off
     c = t.feature_cache
-    _one_of("trainer.feature_cache.mode", c.mode, FEATURE_CACHE_MODES)
-    _one_of("trainer.feature_cache.dtype", c.dtype, FEATURE_CACHE_DTYPES)
     _check("trainer.feature_cache.max_gb", c.max_gb, c.max_gb > 0, "> 0")
     if t.ema.decay is not None:
         _in("trainer.ema.decay", t.ema.decay, 0, 1, lo_open=True, hi_open=True)
@@ -321,11 +297,9 @@ def _trainer(run: RunConfig) -> None:
     if t.gradient_clip_val is not None:
         _check("trainer.gradient_clip_val", t.gradient_clip_val, t.gradient_clip_val > 0,
                "> 0 (or null: no clipping)")
-    _one_of("trainer.gradient_clip_algorithm", t.gradient_clip_algorithm, CLIP_ALGORITHMS)
     _regularize(run)
     e = t.early_stopping
     _at_least("trainer.early_stopping.patience", e.patience, 1, nullable=True)
-    _one_of("trainer.early_stopping.monitor", e.monitor, MONITORS)
     _at_least("trainer.early_stopping.min_delta", e.min_delta, 0)
     if e.patience is not None and e.monitor == "val_acc" and \
             isinstance(run.task, AutoencoderTaskConfig):
@@ -348,7 +322,6 @@ def _task(run: RunConfig) -> None:
 
 def _regularize(run: RunConfig) -> None:
     r = run.trainer.regularize
-    _one_of("trainer.regularize.name", r.name, REGULARIZERS)
     _at_least("trainer.regularize.alpha", r.alpha, 0)
     _at_least("trainer.regularize.beta", r.beta, 0)
     if r.name == "none":
