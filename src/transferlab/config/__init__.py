@@ -1,14 +1,7 @@
 """The run configuration: typed schemas (registered in Hydra's ConfigStore), loading and
 validation. ``load_config(cfg)`` turns a composed config into a checked :class:`RunConfig`."""
 
-from transferlab.config.load import (
-    compose_config,
-    composition_error,
-    load_config,
-    make_config,
-    typed,
-    typed_object,
-)
+from transferlab.config.load import compose_config, load_config, make_config
 from transferlab.config.schema import (
     AdamConfig,
     AdamWConfig,
@@ -70,6 +63,7 @@ from transferlab.config.schema import (
     TrivialAugmentConfig,
     TwoStageConfig,
 )
+from transferlab.config.typed import composition_error, typed, typed_object
 
 __all__ = [
     "AmpMode",

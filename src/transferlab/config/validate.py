@@ -17,7 +17,6 @@ from typing import Any
 from transferlab.config.schema import (
     AmpMode,
     AugmentConfig,
-    AutoencoderTaskConfig,
     ConvEncoderConfig,
     CosineSchedulerConfig,
     CropFlipConfig,
@@ -44,8 +43,9 @@ from transferlab.config.schema import (
     TopKConfig,
     TwoStageConfig,
 )
+from transferlab.config.typed import typed_object
 from transferlab.errors import UserError, did_you_mean
-from transferlab.registry import SCHEDULERS
+from transferlab.registry import SCHEDULERS, TASKS
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -76,7 +76,7 @@ def _in(key: str, value: Any, lo: float, hi: float, lo_open: bool = False,
     _check(key, value, above and below, f"in {brackets}")
 
 
-def _at_least(key: str, value: Any, lo: float, nullable: bool = False) -> None:
+def at_least(key: str, value: Any, lo: float, nullable: bool = False) -> None:
     if value is None and nullable:
         return
     _check(key, value, value is not None and value >= lo, f">= {lo:g}" +
@@ -98,8 +98,8 @@ def _backbone(run: RunConfig) -> None:
     if isinstance(b, ConvEncoderConfig):
         _check("backbone.channels", b.channels, bool(b.channels) and min(b.channels) >= 1,
                "a non-empty list of channel counts >= 1")
-        _at_least("backbone.latent_dim", b.latent_dim, 1)
-        _at_least("backbone.image_size", b.image_size, 2 ** len(b.channels))
+        at_least("backbone.latent_dim", b.latent_dim, 1)
+        at_least("backbone.image_size", b.image_size, 2 ** len(b.channels))
 
 
 def _head(run: RunConfig) -> None:
@@ -108,7 +108,7 @@ def _head(run: RunConfig) -> None:
         _in("head.dropout", h.dropout, 0, 1, hi_open=True)
     if isinstance(h, LogRegHeadConfig):
         _check("head.C", h.C, h.C > 0, "> 0")
-        _at_least("head.max_iter", h.max_iter, 1)
+        at_least("head.max_iter", h.max_iter, 1)
 
 
 def _dataset(run: RunConfig) -> None:
@@ -117,9 +117,9 @@ def _dataset(run: RunConfig) -> None:
     _check("dataset.test_fraction", d.test_fraction, 0 <= d.test_fraction < 1 - d.val_fraction,
            "in [0, 1 - val_fraction)")
     _in("dataset.train_fraction", d.train_fraction, 0, 1, lo_open=True)
-    _at_least("dataset.samples_per_class", d.samples_per_class, 1, nullable=True)
-    _at_least("dataset.image_size", d.image_size, 1, nullable=True)
-    _at_least("dataset.folds", d.folds, 2, nullable=True)
+    at_least("dataset.samples_per_class", d.samples_per_class, 1, nullable=True)
+    at_least("dataset.image_size", d.image_size, 1, nullable=True)
+    at_least("dataset.folds", d.folds, 2, nullable=True)
     if d.folds is None and d.fold is not None:
         raise UserError(f"dataset.fold={d.fold} needs dataset.folds=<K>: set the number of folds "
                         "(e.g. dataset.folds=5), or drop dataset.fold")
@@ -129,8 +129,8 @@ def _dataset(run: RunConfig) -> None:
     if d.crop_pct is not None:
         _in("dataset.crop_pct", d.crop_pct, 0, 1, lo_open=True)
     if isinstance(d, FakeDatasetConfig):
-        _at_least("dataset.num_classes", d.num_classes, 2)
-        _at_least("dataset.size", d.size, 2 * d.num_classes)
+        at_least("dataset.num_classes", d.num_classes, 2)
+        at_least("dataset.size", d.size, 2 * d.num_classes)
 
 
 def _augment(run: RunConfig) -> None:
@@ -145,20 +145,17 @@ def _augment(run: RunConfig) -> None:
         _in("augment.shear", a.shear, 0, 90, hi_open=True)
         _in("augment.zoom", a.zoom, 0, 1, hi_open=True)
     if isinstance(a, RandAugmentConfig):
-        _at_least("augment.num_ops", a.num_ops, 0)
+        at_least("augment.num_ops", a.num_ops, 0)
         _in("augment.magnitude", a.magnitude, 0, 30)
-    _at_least("augment.mixup_alpha", a.mixup_alpha, 0)
-    _at_least("augment.cutmix_alpha", a.cutmix_alpha, 0)
+    at_least("augment.mixup_alpha", a.mixup_alpha, 0)
+    at_least("augment.cutmix_alpha", a.cutmix_alpha, 0)
     _in("augment.mix_prob", a.mix_prob, 0, 1)
-    if (a.mixup_alpha > 0 or a.cutmix_alpha > 0) and isinstance(run.task, AutoencoderTaskConfig):
-        raise UserError("augment.mixup_alpha / augment.cutmix_alpha mix labels: task=autoencoder "
-                        "has none; set them to 0")
 
 
 def _optimizer(run: RunConfig) -> None:
     o: OptimizerConfig = run.optimizer
     _check("optimizer.lr", o.lr, o.lr > 0, "> 0")
-    _at_least("optimizer.weight_decay", o.weight_decay, 0)
+    at_least("optimizer.weight_decay", o.weight_decay, 0)
     betas = getattr(o, "betas", None)
     if betas is not None:
         _check("optimizer.betas", list(betas), len(betas) == 2 and all(0 <= b < 1 for b in betas),
@@ -166,7 +163,7 @@ def _optimizer(run: RunConfig) -> None:
     if hasattr(o, "eps"):
         _check("optimizer.eps", o.eps, o.eps > 0, "> 0")
     if isinstance(o, SGDConfig | RMSpropConfig):
-        _at_least("optimizer.momentum", o.momentum, 0)
+        at_least("optimizer.momentum", o.momentum, 0)
     if isinstance(o, SGDConfig) and o.nesterov and o.momentum <= 0:
         raise UserError(f"optimizer.nesterov=true needs optimizer.momentum > 0, got "
                         f"{o.momentum}")
@@ -176,11 +173,11 @@ def _optimizer(run: RunConfig) -> None:
 
 def scheduler(spec: SchedulerConfig, where: str) -> None:
     SCHEDULERS.get(spec.name, f"{where}.name")
-    _at_least(f"{where}.warmup_steps", spec.warmup_steps, 0)
+    at_least(f"{where}.warmup_steps", spec.warmup_steps, 0)
     if isinstance(spec, CosineSchedulerConfig):
         _in(f"{where}.min_lr_mult", spec.min_lr_mult, 0, 1)
     if isinstance(spec, StepSchedulerConfig):
-        _at_least(f"{where}.step_epochs", spec.step_epochs, 1)
+        at_least(f"{where}.step_epochs", spec.step_epochs, 1)
         _check(f"{where}.gamma", spec.gamma, spec.gamma > 0, "> 0")
     if isinstance(spec, OneCycleSchedulerConfig):
         _in(f"{where}.pct_start", spec.pct_start, 0, 1, lo_open=True, hi_open=True)
@@ -196,8 +193,6 @@ def selector(entry: Any, where: str) -> SelectorSpec:
     elif isinstance(entry, str):
         spec = SelectorSpec(select=entry)
     elif isinstance(entry, dict):
-        from transferlab.config.load import typed_object
-
         spec = typed_object(SelectorSpec, entry, where)
     else:
         raise UserError(f"{where} must be a selector (a string, or a mapping with select, lr, "
@@ -214,8 +209,6 @@ def stage_scheduler(value: Any, where: str) -> SchedulerConfig | None:
     if value is None or isinstance(value, SchedulerConfig):
         spec = value
     else:
-        from transferlab.config.load import typed_object
-
         name = value.get("name", "constant") if isinstance(value, dict) else None
         schema = SCHEDULERS.schema_of(name, f"{where}.name") if name else SchedulerConfig
         spec = typed_object(schema, value, where)
@@ -226,7 +219,7 @@ def stage_scheduler(value: Any, where: str) -> SchedulerConfig | None:
 
 def stage(spec: StageSpec, where: str) -> None:
     """Check a stage; its ``train`` entries and ``scheduler`` become typed configs."""
-    _at_least(f"{where}.epochs", spec.epochs, 0)
+    at_least(f"{where}.epochs", spec.epochs, 0)
     if not spec.train:
         raise UserError(f"{where} ({spec.name}) trains nothing: give {where}.train")
     spec.train = [selector(e, f"{where}.train[{i}]") for i, e in enumerate(spec.train)]
@@ -239,25 +232,25 @@ def _freeze(run: RunConfig) -> None:
     policy: FreezeConfig = run.freeze
     # the policy's knobs first: the stages take their values from them
     if isinstance(policy, TwoStageConfig):
-        _at_least("freeze.head_epochs", policy.head_epochs, 0)
-        _at_least("freeze.finetune_epochs", policy.finetune_epochs, 0)
+        at_least("freeze.head_epochs", policy.head_epochs, 0)
+        at_least("freeze.finetune_epochs", policy.finetune_epochs, 0)
         _check("freeze.finetune_lr_mult", policy.finetune_lr_mult,
                policy.finetune_lr_mult > 0, "> 0")
     if isinstance(policy, LpFtConfig):
-        _at_least("freeze.probe_epochs", policy.probe_epochs, 0)
-        _at_least("freeze.finetune_epochs", policy.finetune_epochs, 0)
+        at_least("freeze.probe_epochs", policy.probe_epochs, 0)
+        at_least("freeze.finetune_epochs", policy.finetune_epochs, 0)
         _check("freeze.finetune_lr_mult", policy.finetune_lr_mult,
                policy.finetune_lr_mult > 0, "> 0")
     if isinstance(policy, LoraConfig):
         _check("freeze.target", policy.target, bool(policy.target.strip()),
                "a selector (blocks[-4:], backbone, a glob over parameter names)")
-        _at_least("freeze.rank", policy.rank, 1)
+        at_least("freeze.rank", policy.rank, 1)
         _check("freeze.alpha", policy.alpha, policy.alpha > 0, "> 0")
         _in("freeze.dropout", policy.dropout, 0, 1, hi_open=True)
     if isinstance(policy, TopKConfig):
-        _at_least("freeze.k", policy.k, 1)
+        at_least("freeze.k", policy.k, 1)
     if isinstance(policy, FreezeFirstNConfig):
-        _at_least("freeze.n", policy.n, 0)
+        at_least("freeze.n", policy.n, 0)
     if isinstance(policy, DiscriminativeConfig):
         _in("freeze.decay", policy.decay, 0, 1, lo_open=True)
     if not policy.stages and policy.gradual is None:
@@ -269,9 +262,9 @@ def _freeze(run: RunConfig) -> None:
         stage(spec, f"freeze.stages[{i}]")
     if policy.gradual is not None:
         g = policy.gradual
-        _at_least("freeze.gradual.every", g.every, 1)
-        _at_least("freeze.gradual.blocks", g.blocks, 1, nullable=True)
-        _at_least("freeze.gradual.head_epochs", g.head_epochs, 0, nullable=True)
+        at_least("freeze.gradual.every", g.every, 1)
+        at_least("freeze.gradual.blocks", g.blocks, 1, nullable=True)
+        at_least("freeze.gradual.head_epochs", g.head_epochs, 0, nullable=True)
         _check("freeze.gradual.block_lr_mult", g.block_lr_mult, g.block_lr_mult > 0, "> 0")
         _in("freeze.gradual.decay", g.decay, 0, 1, lo_open=True)
     elif policy.total_epochs < 1:
@@ -281,57 +274,39 @@ def _freeze(run: RunConfig) -> None:
 
 def _trainer(run: RunConfig) -> None:
     t = run.trainer
-    _at_least("trainer.epochs", t.epochs, 0)
-    _at_least("trainer.batch_size", t.batch_size, 1)
-    _at_least("trainer.eval_batch_size", t.eval_batch_size, 1, nullable=True)
-    _at_least("trainer.num_workers", t.num_workers, 0, nullable=True)
+    at_least("trainer.epochs", t.epochs, 0)
+    at_least("trainer.batch_size", t.batch_size, 1)
+    at_least("trainer.eval_batch_size", t.eval_batch_size, 1, nullable=True)
+    at_least("trainer.num_workers", t.num_workers, 0, nullable=True)
     _check("trainer.device", t.device, bool(_DEVICE.match(t.device)),
            "auto, cpu, cuda, cuda:N or mps")
-    _at_least("trainer.log_every_n_steps", t.log_every_n_steps, 1)
+    at_least("trainer.log_every_n_steps", t.log_every_n_steps, 1)
     _in("trainer.label_smoothing", t.label_smoothing, 0, 1, hi_open=True)
     c = t.feature_cache
     _check("trainer.feature_cache.max_gb", c.max_gb, c.max_gb > 0, "> 0")
     if t.ema.decay is not None:
         _in("trainer.ema.decay", t.ema.decay, 0, 1, lo_open=True, hi_open=True)
-    _at_least("trainer.accumulate_grad_batches", t.accumulate_grad_batches, 1)
+    at_least("trainer.accumulate_grad_batches", t.accumulate_grad_batches, 1)
     if t.gradient_clip_val is not None:
         _check("trainer.gradient_clip_val", t.gradient_clip_val, t.gradient_clip_val > 0,
                "> 0 (or null: no clipping)")
     _regularize(run)
     e = t.early_stopping
-    _at_least("trainer.early_stopping.patience", e.patience, 1, nullable=True)
-    _at_least("trainer.early_stopping.min_delta", e.min_delta, 0)
-    if e.patience is not None and e.monitor == "val_acc" and \
-            isinstance(run.task, AutoencoderTaskConfig):
-        raise UserError("trainer.early_stopping.monitor=val_acc: task=autoencoder has no "
-                        "accuracy; monitor val_loss (its reconstruction loss)")
+    at_least("trainer.early_stopping.patience", e.patience, 1, nullable=True)
+    at_least("trainer.early_stopping.min_delta", e.min_delta, 0)
 
 
 def _task(run: RunConfig) -> None:
-    if isinstance(run.task, AutoencoderTaskConfig):
-        _at_least("task.reconstructions", run.task.reconstructions, 0)
-        if not isinstance(run.backbone, ConvEncoderConfig):
-            raise UserError(f"task=autoencoder trains the conv_encoder backbone, not "
-                            f"{run.backbone.name} ({run.backbone.source}): add "
-                            "backbone=conv_encoder dataset.image_size=32 (or use "
-                            "experiment=ae_pretrain)")
-        _at_least("trainer.epochs", run.trainer.epochs, 1)
-    if isinstance(run.head, LogRegHeadConfig) and run.task.name != "classify":
-        raise UserError(f"head=logreg is a classifier: it does not go with task={run.task.name}")
+    """The checks the run's task owns (its registry entry's ``check``)."""
+    TASKS.builder(run.task.name).check(run)
 
 
 def _regularize(run: RunConfig) -> None:
     r = run.trainer.regularize
-    _at_least("trainer.regularize.alpha", r.alpha, 0)
-    _at_least("trainer.regularize.beta", r.beta, 0)
+    at_least("trainer.regularize.alpha", r.alpha, 0)
+    at_least("trainer.regularize.beta", r.beta, 0)
     if r.name == "none":
         return
-    if isinstance(run.head, LogRegHeadConfig) or isinstance(run.task, AutoencoderTaskConfig):
-        what = ("head=logreg fits a logistic regression on frozen features"
-                if isinstance(run.head, LogRegHeadConfig)
-                else "task=autoencoder trains an encoder and its decoder from scratch")
-        raise UserError(f"trainer.regularize.name={r.name}: {what}; use "
-                        "trainer.regularize.name=none")
     if run.optimizer.weight_decay > 0:
         raise UserError(f"trainer.regularize.name={r.name} replaces weight decay, but "
                         f"optimizer.weight_decay={run.optimizer.weight_decay}: add "
@@ -342,17 +317,6 @@ def _regularize(run: RunConfig) -> None:
 
 # (what the run is, predicate, keys or groups it does not use)
 _UNUSED: list[tuple[str, Callable[[RunConfig], bool], tuple[str, ...]]] = [
-    ("head=logreg fits a logistic regression on frozen features",
-     lambda run: isinstance(run.head, LogRegHeadConfig),
-     ("freeze", "optimizer", "scheduler", "augment", "trainer.epochs", "trainer.label_smoothing",
-      "trainer.class_weights", "trainer.sampler", "trainer.log_every_n_steps", "trainer.amp",
-      "trainer.ema",
-      "trainer.accumulate_grad_batches", "trainer.gradient_clip_val",
-      "trainer.gradient_clip_algorithm", "trainer.early_stopping", "trainer.regularize")),
-    ("task=autoencoder trains an encoder and its decoder without labels",
-     lambda run: isinstance(run.task, AutoencoderTaskConfig),
-     ("head", "freeze", "trainer.label_smoothing", "trainer.class_weights",
-      "trainer.feature_cache", "trainer.regularize")),
     ("trainer.regularize.name=none adds no penalty",
      lambda run: run.trainer.regularize.name == "none",
      ("trainer.regularize.alpha", "trainer.regularize.beta")),
@@ -373,7 +337,9 @@ def override_key(item: str) -> str:
 def unused(run: RunConfig, overrides: Iterable[str]) -> None:
     """An override that the run would ignore is an error, as an unknown key is."""
     keys = [(override_key(o), o) for o in overrides]
-    for what, applies, ignored in _UNUSED:
+    task = TASKS.builder(run.task.name)
+    owned = [(what, lambda run: True, ignored) for what, ignored in task.unused(run)]
+    for what, applies, ignored in [*owned, *_UNUSED]:
         if not applies(run):
             continue
         for key, item in keys:

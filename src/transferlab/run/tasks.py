@@ -19,12 +19,14 @@ from torch import nn
 from transferlab.backbones.conv_encoder import Autoencoder
 from transferlab.config import (
     AutoencoderTaskConfig,
+    ConvEncoderConfig,
     LogRegHeadConfig,
     RunConfig,
     SelectorSpec,
     StageSpec,
     TaskConfig,
 )
+from transferlab.config.validate import at_least
 from transferlab.data import make_loaders
 from transferlab.data.mixup import batch_mixer, mix_record, mixing, mixing_reason
 from transferlab.engine.ema import ema_columns
@@ -84,6 +86,18 @@ class Task:
         """The epochs the saved config ``raw`` plans (None: known once built, e.g. gradual)."""
         stages = raw["freeze"]["stages"]
         return sum(s["epochs"] for s in stages) if stages else None
+
+    def check(self, run: RunConfig) -> None:
+        """The cross-field checks this task owns (one-line errors, before anything is built)."""
+
+    def unused(self, run: RunConfig) -> list[tuple[str, tuple[str, ...]]]:
+        """(what the run is, the groups and keys it does not use): overriding one of them is an
+        error, as an unknown key is."""
+        return []
+
+    def stages_from_freeze(self, run: RunConfig) -> bool:
+        """Whether its stages are the freeze policy's (which then sets their epochs)."""
+        return True
 
     def curves_title(self, run: RunConfig) -> str | None:
         return run.name
@@ -166,8 +180,32 @@ def train_criterion(built: BuiltRun) -> nn.Module:
 
 
 class Classify(Task):
+    """A backbone with a new head, trained stage by stage by the freeze policy; with
+    ``head=logreg``, scikit-learn's LogisticRegression fitted on the frozen features."""
+
+    LOGREG = "head=logreg fits a logistic regression on frozen features"
+
     def deterministic_inputs(self, run: RunConfig) -> bool:
         return isinstance(run.head, LogRegHeadConfig)  # frozen features are not augmented
+
+    def check(self, run: RunConfig) -> None:
+        name = run.trainer.regularize.name
+        if isinstance(run.head, LogRegHeadConfig) and name != "none":
+            raise UserError(f"trainer.regularize.name={name}: {self.LOGREG}; use "
+                            "trainer.regularize.name=none")
+
+    def unused(self, run: RunConfig) -> list[tuple[str, tuple[str, ...]]]:
+        if not isinstance(run.head, LogRegHeadConfig):
+            return []
+        return [(self.LOGREG, (
+            "freeze", "optimizer", "scheduler", "augment", "trainer.epochs",
+            "trainer.label_smoothing", "trainer.class_weights", "trainer.sampler",
+            "trainer.log_every_n_steps", "trainer.amp", "trainer.ema",
+            "trainer.accumulate_grad_batches", "trainer.gradient_clip_val",
+            "trainer.gradient_clip_algorithm", "trainer.early_stopping", "trainer.regularize"))]
+
+    def stages_from_freeze(self, run: RunConfig) -> bool:
+        return not isinstance(run.head, LogRegHeadConfig)
 
     def build_model(self, built: BuiltRun) -> nn.Module | None:
         if isinstance(built.run.head, LogRegHeadConfig):
@@ -287,6 +325,37 @@ class Autoencode(Task):
 
     def objectives(self, built: BuiltRun) -> tuple[Objective, Objective]:
         return Reconstruction(), Reconstruction()
+
+    def check(self, run: RunConfig) -> None:
+        at_least("task.reconstructions", run.task.reconstructions, 0)
+        if not isinstance(run.backbone, ConvEncoderConfig):
+            raise UserError(f"task=autoencoder trains the conv_encoder backbone, not "
+                            f"{run.backbone.name} ({run.backbone.source}): add "
+                            "backbone=conv_encoder dataset.image_size=32 (or use "
+                            "experiment=ae_pretrain)")
+        at_least("trainer.epochs", run.trainer.epochs, 1)
+        if isinstance(run.head, LogRegHeadConfig):
+            raise UserError(f"head=logreg is a classifier: it does not go with "
+                            f"task={run.task.name}")
+        if run.augment.mixup_alpha > 0 or run.augment.cutmix_alpha > 0:
+            raise UserError("augment.mixup_alpha / augment.cutmix_alpha mix labels: "
+                            "task=autoencoder has none; set them to 0")
+        stopping = run.trainer.early_stopping
+        if stopping.patience is not None and stopping.monitor == "val_acc":
+            raise UserError("trainer.early_stopping.monitor=val_acc: task=autoencoder has no "
+                            "accuracy; monitor val_loss (its reconstruction loss)")
+        if run.trainer.regularize.name != "none":
+            raise UserError(f"trainer.regularize.name={run.trainer.regularize.name}: "
+                            "task=autoencoder trains an encoder and its decoder from scratch; "
+                            "use trainer.regularize.name=none")
+
+    def unused(self, run: RunConfig) -> list[tuple[str, tuple[str, ...]]]:
+        return [("task=autoencoder trains an encoder and its decoder without labels",
+                 ("head", "freeze", "trainer.label_smoothing", "trainer.class_weights",
+                  "trainer.feature_cache", "trainer.regularize"))]
+
+    def stages_from_freeze(self, run: RunConfig) -> bool:
+        return False
 
     @staticmethod
     def record(epoch: int, plan: StagePlan, tr: EpochStats, va: EpochStats) -> dict:
