@@ -24,7 +24,7 @@ from transferlab.staging.policy import apply_stage, is_adapter, plan_stages, set
 from transferlab.staging.summary import stage_table
 
 from .conftest import TINY, compose_train
-from .test_stages import block_params, build_model, head_params, is_bn, random_loader
+from .stage_helpers import block_params, build_model, head_params, is_bn, random_loader
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

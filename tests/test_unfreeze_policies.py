@@ -16,7 +16,7 @@ from transferlab.staging.optim import stage_optimizer
 from transferlab.staging.policy import apply_stage, plan_stages, set_train_mode
 
 from .conftest import TINY
-from .test_stages import block_params, build_model, head_params, is_bn, random_loader, torch_lrs
+from .stage_helpers import block_params, build_model, head_params, is_bn, random_loader, torch_lrs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,8 +6,6 @@ import copy
 import os
 from collections import OrderedDict
 
-import timm
-from timm.models import group_parameters
 from torch import nn
 
 from transferlab.backbones.base import Backbone, Block, InputSpec
@@ -57,6 +55,8 @@ def _timm_blocks(model: nn.Module) -> list[Block]:
     single layers (``conv_head``, ``bn2``), so each block is one structural unit.
     """
     try:
+        from timm.models import group_parameters
+
         groups = list(group_parameters(model, model.group_matcher(coarse=False)).values())
     except (AttributeError, NotImplementedError):
         groups = []
@@ -109,6 +109,8 @@ def _imagenet_categories() -> list[str]:
 
 
 def build_timm(cfg) -> Backbone:
+    import timm
+
     if not timm.is_model(cfg.name):
         raise UserError(
             f"unknown timm model {cfg.name!r}{did_you_mean(cfg.name, timm.list_models())}"
@@ -205,6 +207,8 @@ def load_lite0_package_weights(model: nn.Module) -> None:
 
 def build_efficientnet_lite0_package(cfg) -> Backbone:
     """timm's ``tf_efficientnet_lite0`` with ImageNet weights that ship in a pip package."""
+    import timm
+
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     if cfg.pretrained and cfg.weights_path:  # timm's tf_efficientnet_lite0 names, not the package's
         load_weights_file(model, cfg.weights_path, "timm model tf_efficientnet_lite0")

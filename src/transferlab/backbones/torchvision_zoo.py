@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torchvision import models as tvm
 
 from transferlab.backbones.base import Backbone, Block, InputSpec
 from transferlab.backbones.weights import load_torchvision_state_dict, load_weights_file
 from transferlab.config import BackboneConfig
 from transferlab.errors import UserError, did_you_mean
+
+if TYPE_CHECKING:
+    from torchvision import models as tvm
 
 
 class TorchvisionViTFeatures(nn.Module):
@@ -27,6 +30,8 @@ class TorchvisionViTFeatures(nn.Module):
         self.encoder = vit.encoder
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torchvision import models as tvm
+
         x = tvm.VisionTransformer._process_input(self, x)  # patchify; checks the size
         token = self.class_token.expand(x.shape[0], -1, -1)
         x = self.encoder(torch.cat([token, x], dim=1))
@@ -34,6 +39,8 @@ class TorchvisionViTFeatures(nn.Module):
 
 
 def _weights_enum(name: str, choice: str):
+    from torchvision import models as tvm
+
     try:
         enum = tvm.get_model_weights(name)
     except (ValueError, KeyError):
@@ -85,6 +92,8 @@ def _vgg_blocks(features: nn.Sequential) -> list[Block]:
 
 def _split(name: str, model: nn.Module) -> tuple[nn.Module, list[Block], nn.Module]:
     """(feature module, blocks, ImageNet classifier) for a torchvision model."""
+    from torchvision import models as tvm
+
     if isinstance(model, tvm.ResNet):
         body = nn.Sequential(OrderedDict(
             (n, getattr(model, n))
@@ -126,6 +135,8 @@ def _split(name: str, model: nn.Module) -> tuple[nn.Module, list[Block], nn.Modu
 
 
 def build_torchvision(cfg: BackboneConfig) -> Backbone:
+    from torchvision import models as tvm
+
     available = tvm.list_models(module=tvm)
     if cfg.name not in available:
         raise UserError(

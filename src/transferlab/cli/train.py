@@ -179,11 +179,36 @@ def check_launcher(argv: list[str]) -> None:
                         f"transferlab-train -m {launcher} <overrides>)")
 
 
+_HELP_FLAGS = ("--help", "-h")
+
+
+def help_text(argv: list[str]) -> str:
+    """``--help``: the text ``hydra.help`` of conf/train.yaml describes, for the config the other
+    arguments compose. Hydra's own ``--help`` prints the same, but first lists every config
+    group of the ConfigStore for placeholders our template does not use, deep-copying the whole
+    store once per group (163 copies of every option's schema: seconds)."""
+    import string
+
+    from omegaconf import OmegaConf, flag_override
+
+    from transferlab.config import compose_config
+
+    overrides = [a for a in argv if a not in _HELP_FLAGS and not a.startswith("-")]
+    cfg = compose_config(overrides, with_hydra=True)
+    template = cfg.hydra.help.template
+    with flag_override(cfg, ["struct", "readonly"], False):
+        del cfg["hydra"]
+    return string.Template(template).safe_substitute(CONFIG=OmegaConf.to_yaml(cfg))
+
+
 def _is_hydra_error(exc: BaseException) -> bool:
     return type(exc).__module__.split(".")[0] in ("hydra", "omegaconf")
 
 
 def _cli(argv: list[str]) -> int:
+    if any(a in _HELP_FLAGS for a in argv):
+        print(help_text(argv), end="", flush=True)
+        return 0
     register_configs()
     multirun = any(a in ("-m", "--multirun") for a in argv)
     resume = next((a.partition("=")[2] for a in argv if a.startswith("resume=")), None)

@@ -93,9 +93,10 @@ def _epochs_unused(run: RunConfig, overrides: Iterable[str]) -> None:
                     f"trainer.epochs: remove {given[0]!r}")
 
 
-def compose_config(overrides: Iterable[str] = ()) -> DictConfig:
-    """The config ``transferlab-train <overrides>`` composes (from the packaged ``conf/``);
-    Hydra's errors become one-line :class:`UserError`\\ s."""
+def compose_config(overrides: Iterable[str] = (), with_hydra: bool = False) -> DictConfig:
+    """The config ``transferlab-train <overrides>`` composes (from the packaged ``conf/``;
+    ``with_hydra``: its ``hydra`` node too); Hydra's errors become one-line
+    :class:`UserError`\\ s."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
@@ -105,7 +106,8 @@ def compose_config(overrides: Iterable[str] = ()) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module="transferlab.conf", version_base="1.3"):
-            return compose(config_name="train", overrides=list(overrides))
+            return compose(config_name="train", overrides=list(overrides),
+                           return_hydra_config=with_hydra)
     except UserError:
         raise
     except Exception as exc:  # Hydra's override and composition errors

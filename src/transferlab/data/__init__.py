@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.model_selection import StratifiedKFold, train_test_split
 from torch.utils.data import (
     DataLoader,
     Dataset,
@@ -82,6 +81,8 @@ def stratified_split(labels: list[int], fraction: float, seed: int,
     """Indices (keep, held_out) with ``fraction`` of every class held out, reproducible by seed."""
     indices = list(range(len(labels)))
     try:
+        from sklearn.model_selection import train_test_split
+
         keep, held = train_test_split(indices, test_size=fraction, stratify=labels,
                                       random_state=seed)
     except ValueError as exc:
@@ -136,6 +137,8 @@ def fold_split(labels: list[int], folds: int, fold: int,
         raise UserError(f"dataset.folds={folds}: class {few[0]} has only {counts[few[0]]} "
                         f"training image(s), every class needs >= {folds}: lower dataset.folds "
                         "or raise train_fraction / samples_per_class")
+    from sklearn.model_selection import StratifiedKFold
+
     kfold = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     train, val = list(kfold.split(np.zeros((len(labels), 1)), labels))[fold]
     return sorted(train.tolist()), sorted(val.tolist())
