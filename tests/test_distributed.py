@@ -149,7 +149,7 @@ def _ddp_worker(rank: int, pg_file: str, run_dir: str, overrides: list[str],
     """One of the 2 processes: the run, stopped part-way through epoch 2 by a SIGTERM to rank
     1 alone, then a resume that goes on and extends it; what every stage did to the weights on
     this rank goes to ``out/rank<r>.pt``."""
-    import transferlab.run.tasks as tasks
+    import transferlab.engine.stages as engine
     from transferlab.engine.early_stopping import EarlyStopping
     from transferlab.errors import Interrupted
 
@@ -163,7 +163,7 @@ def _ddp_worker(rank: int, pg_file: str, run_dir: str, overrides: list[str],
     def snapshot(model) -> dict:
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    apply_stage, end = tasks.apply_stage, EarlyStopping.end
+    apply_stage, end = engine.apply_stage, EarlyStopping.end
 
     def starting(model, plan):
         stages.append({"index": plan.index, "trainable": sorted(plan.trainable()),
@@ -174,7 +174,7 @@ def _ddp_worker(rank: int, pg_file: str, run_dir: str, overrides: list[str],
         end(self, model, next_plan)
         stages[-1]["end"] = snapshot(model)
 
-    step = tasks.BeforeStep.__call__
+    step = engine.Loop.before_step
     fired: list[int] = []
 
     def before_step(self, optimizer):
@@ -183,8 +183,8 @@ def _ddp_worker(rank: int, pg_file: str, run_dir: str, overrides: list[str],
             fired.append(self.step)
             os.kill(os.getpid(), signal.SIGTERM)
 
-    tasks.apply_stage, EarlyStopping.end = starting, ending
-    tasks.BeforeStep.__call__ = before_step
+    engine.apply_stage, EarlyStopping.end = starting, ending
+    engine.Loop.before_step = before_step
     world = World(rank, 2)
     try:
         try:

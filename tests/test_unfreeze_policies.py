@@ -9,9 +9,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from torch import nn
 
 from transferlab.config import load_config
+from transferlab.engine import stages
 from transferlab.errors import UserError
 from transferlab.infra.checkpoint import load_checkpoint
-from transferlab.run import tasks, train
+from transferlab.run import train
 from transferlab.staging.optim import stage_optimizer
 from transferlab.staging.policy import apply_stage, plan_stages, set_train_mode
 
@@ -83,13 +84,13 @@ def test_lp_ft_keeps_the_probed_head(compose_cfg, tmp_path, monkeypatch):
     """The head at the start of stage 2 is the head at the end of stage 1 (epoch_1.pt), not a
     fresh one; stage 2 then trains it further."""
     starts: dict[str, dict[str, torch.Tensor]] = {}
-    real_apply = tasks.apply_stage
+    real_apply = stages.apply_stage
 
     def recording_apply(model, plan):  # observe only: the real function does the work
         starts[plan.name] = head_state(model)
         real_apply(model, plan)
 
-    monkeypatch.setattr(tasks, "apply_stage", recording_apply)
+    monkeypatch.setattr(stages, "apply_stage", recording_apply)
     cfg = lp_ft(compose_cfg, "trainer.keep_checkpoints=all", "trainer.batch_size=128",
                 "optimizer.lr=0.01")
     train(cfg, tmp_path)

@@ -63,8 +63,7 @@ def saved_run_config(saved: Any,
     run = load_config(raw)  # unknown dataset.<field> keys are one-line errors here
     task = TASKS.builder(run.task.name)
     if not task.has_classes:
-        raise UserError(f"this is a task={run.task.name} run: it has no classifier; "
-                        f"{task.not_a_classifier}")
+        raise UserError(task.not_a_classifier)
     return run
 
 

@@ -311,7 +311,8 @@ class Autoencode(Task):
     loss_tag = "recon_loss"
     unused_groups = ("head", "freeze")
     has_classes = False
-    not_a_classifier = ("restore its encoder into one with experiment=ae_transfer "
+    not_a_classifier = ("this is an autoencoder run (task=autoencoder): it has no classifier; "
+                        "restore its encoder into one with experiment=ae_transfer "
                         "backbone.init.path=<its checkpoints/best.pt>")
 
     def build_model(self, built: BuiltRun) -> nn.Module | None:
