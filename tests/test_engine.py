@@ -89,6 +89,7 @@ class _Vandal(Hook):
             loop.model.state_dict()[self.name].add_(1)
 
 
+@pytest.mark.slow
 def test_a_normal_run_records_that_its_ledger_held(tmp_path, one_thread):
     overrides = [*SMALL, "freeze=two_stage", "freeze.head_epochs=1", "freeze.finetune_epochs=1"]
     result = train(compose_train(overrides), tmp_path, overrides)
@@ -123,6 +124,7 @@ def test_a_hook_that_writes_a_frozen_tensor_fails_the_run_naming_it(target, kind
     assert target in metrics["ledger"]["head"]["broken"]
 
 
+@pytest.mark.slow
 def test_a_resume_from_weights_that_moved_is_refused_by_the_ledger(tmp_path, one_thread):
     overrides = [*SMALL, "trainer.epochs=1"]
     train(compose_train(overrides), tmp_path, overrides)
@@ -140,6 +142,7 @@ def test_a_resume_from_weights_that_moved_is_refused_by_the_ledger(tmp_path, one
 # --- the LR finder's warm-up is the run's loop ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_lr_finder_warm_up_equals_the_runs_first_stage_bit_for_bit(tmp_path, one_thread):
     """Accumulation, clipping, MixUp and the schedule as the run has them: the warm-up's model
     and optimizer state at the finetune stage are the run's after its head stage."""
