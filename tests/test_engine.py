@@ -235,3 +235,89 @@ def test_set_train_mode_is_what_the_ledger_promises_for_statistics():
     for name in promised(model, plan):
         if name not in params:
             assert not modules[name.rsplit(".", 1)[0]].training
+
+
+# --- the hook points, in the order the docs give them --------------------------------------------
+
+
+class _Points(Hook):
+    """Records every point it is called at (step points once per stage, to keep it short)."""
+
+    def __init__(self):
+        self.seen: list[str] = []
+
+    def _add(self, point: str, loop) -> None:
+        entry = f"{point}:{loop.plan.name if loop.plan else '-'}"
+        if point not in ("on_step_start", "on_step_end") or entry not in self.seen:
+            self.seen.append(entry)
+
+
+for _point in ("on_fit_start", "setup_stage", "on_stage_start", "on_step_start", "on_step_end",
+               "on_train_epoch_end", "on_epoch_end", "on_stage_end", "on_fit_end"):
+    setattr(_Points, _point, lambda self, loop, _p=_point: self._add(_p, loop))
+_Points.on_validation_end = lambda self, loop, record: self._add("on_validation_end", loop)
+
+
+def test_fit_stages_calls_every_hook_point_in_order():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from transferlab.config.schema import AdamConfig, SchedulerConfig
+    from transferlab.engine.context import EpochContext
+    from transferlab.engine.epoch import CrossEntropy
+    from transferlab.engine.stages import Loop, fit_stages
+
+    torch.manual_seed(0)
+    model, backbone = tiny_model()
+    policy = FreezeConfig(name="custom", stages=[
+        StageSpec(name="head", epochs=1, train=[SelectorSpec("head")]),
+        StageSpec(name="top", epochs=1,
+                  train=[SelectorSpec("head"), SelectorSpec("blocks[-1]")])])
+    plans = plan_stages(model, backbone, policy, 0.01)
+    data = TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,)))
+    class EpochSampler(torch.utils.data.SequentialSampler):  # what the loop asks of a sampler
+        skip_batches = 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+    loader = DataLoader(data, batch_size=4, sampler=EpochSampler(data))
+    points = _Points()
+    loop = Loop(model=model, plans=plans, ctx=EpochContext.cpu(), train_loader=loader,
+                val_loader=DataLoader(data, batch_size=4), optimizer_cfg=AdamConfig(lr=0.01),
+                scheduler_cfg=SchedulerConfig(), train_objective=CrossEntropy(),
+                eval_objective=CrossEntropy(), hooks=[points])
+    fit_stages(loop)
+    per_stage = ["setup_stage", "on_stage_start", "on_step_start", "on_step_end",
+                 "on_train_epoch_end", "on_validation_end", "on_epoch_end", "on_stage_end"]
+    assert points.seen == ["on_fit_start:-", *[f"{p}:head" for p in per_stage],
+                           *[f"{p}:top" for p in per_stage], "on_fit_end:top"]
+    assert loop.step == 4 and loop.epoch == 2  # two optimizer steps an epoch, two epochs
+
+
+def test_a_range_test_step_is_one_optimizer_step_of_accumulated_batches():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from transferlab.engine.context import EpochContext
+    from transferlab.engine.epoch import CrossEntropy
+    from transferlab.engine.stepping import StepOptions
+    from transferlab.tools.lr_find import range_test
+
+    torch.manual_seed(0)
+    model, backbone = tiny_model()
+    plan = _plan(model, backbone, ["head"])
+    apply_stage(model, plan)
+    cfg = load_config(compose_train(SMALL)).optimizer
+    optimizer = stage_optimizer(model, plan, cfg, None)
+    batches = []
+    data = TensorDataset(torch.randn(24, 3, 32, 32), torch.randint(0, 3, (24,)))
+
+    class Counting(DataLoader):
+        def __iter__(self):
+            for batch in super().__iter__():
+                batches.append(len(batch[1]))
+                yield batch
+
+    test = range_test(model, optimizer, Counting(data, batch_size=4), CrossEntropy(),
+                      EpochContext.cpu(), base_lr=cfg.lr, start_lr=1e-5, end_lr=1e-3, steps=5,
+                      stepping=StepOptions(accumulate=3))
+    assert len(test.lrs) == 5 and len(batches) == 15  # 5 steps x 3 batches, cycling the data
