@@ -327,3 +327,20 @@ def test_the_console_scripts_are_these_modules_main():
                if ep.name.startswith("transferlab-")}
     for module, (command, *_) in SCRIPTS.items():
         assert scripts[command] == f"transferlab.cli.{module}:main"
+
+
+def test_train_help_composes_the_config_and_imports_no_torch():
+    """``transferlab-train [overrides] --help``: conf/train.yaml's help text with the config the
+    overrides compose, answered without importing torch (it starts faster than torch imports)."""
+    code = ("import sys\n"
+            "from transferlab.cli.train import _cli\n"
+            "assert _cli(['freeze=two_stage', '--help']) == 0\n"
+            "print('torch' in sys.modules, 'timm' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.startswith("transferlab-train: compose a run from config groups and train it.")
+    assert "== Config groups (group=option) ==" in out and "freeze: discriminative," in out
+    assert "name: two_stage" in out and "finetune_epochs: 5" in out  # the composed overrides
+    assert out.splitlines()[-1] == "False False"

@@ -18,10 +18,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from transferlab.cli import train
 from transferlab.config.store import register_configs
 from transferlab.errors import UserError
 from transferlab.infra import cluster
+from transferlab.run import jobs
 from transferlab.run.resume import requeued_action
 from transferlab.run.tasks import StopRequest
 
@@ -89,8 +89,8 @@ def test_slurm_preset_keys_are_typed():
 def test_a_launcher_without_multirun_is_an_error(launcher):
     with pytest.raises(UserError, match=f"hydra/launcher={launcher} launches the jobs of a "
                                         "sweep: add -m"):
-        train.check_launcher([f"hydra/launcher={launcher}", "seed=1"])
-    train.check_launcher([f"hydra/launcher={launcher}", "--cfg", "hydra"])  # only prints
+        jobs.check_launcher([f"hydra/launcher={launcher}", "seed=1"])
+    jobs.check_launcher([f"hydra/launcher={launcher}", "--cfg", "hydra"])  # only prints
 
 
 # --- inside a job -------------------------------------------------------------------------------

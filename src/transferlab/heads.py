@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from transferlab.config.schema import HeadBase, HeadConfig, LogRegHeadConfig
+from transferlab.config.schema import HeadBase, HeadConfig
 from transferlab.errors import UserError
 from transferlab.registry import HEADS
 
@@ -38,13 +38,11 @@ class FlattenDense(nn.Module):
         return self.fc(self.dropout(x.flatten(1)))
 
 
-@HEADS.register("linear", HeadConfig)
 def _linear(cfg: HeadConfig, feature_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Global average pool -> (Dropout) -> Linear."""
     return nn.Sequential(GlobalPool(), _dropout(cfg), nn.Linear(feature_shape[0], num_classes))
 
 
-@HEADS.register("mlp", HeadConfig)
 def _mlp(cfg: HeadConfig, feature_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Global average pool -> BatchNorm -> Dropout -> Linear (Keras' GAP-BN-Dropout-Dense)."""
     channels = feature_shape[0]
@@ -52,7 +50,6 @@ def _mlp(cfg: HeadConfig, feature_shape: tuple[int, ...], num_classes: int) -> n
                          nn.Linear(channels, num_classes))
 
 
-@HEADS.register("flatten_dense", HeadConfig)
 def _flatten_dense(cfg: HeadConfig, feature_shape: tuple[int, ...],
                    num_classes: int) -> nn.Module:
     return FlattenDense(feature_shape, num_classes, cfg.dropout)
@@ -60,7 +57,6 @@ def _flatten_dense(cfg: HeadConfig, feature_shape: tuple[int, ...],
 
 # A classical classifier fitted on frozen features, not a network head: the classify task
 # fits it instead of training (transferlab.run.tasks).
-HEADS.register("logreg", LogRegHeadConfig)
 
 
 def _dropout(cfg: HeadConfig) -> nn.Module:

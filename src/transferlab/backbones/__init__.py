@@ -1,19 +1,12 @@
-"""Backbones: build one from its config, with blocks, input spec and feature shape."""
+"""Backbones: build one from its config, with blocks, input spec and feature shape. The
+sources (torchvision, timm, an installed weights package, transferlab's own conv encoder) are
+registered in :func:`transferlab.registry.load_builtins`."""
 
 from __future__ import annotations
 
 from transferlab.backbones.base import Backbone, Block, InputSpec, probe_features
-from transferlab.backbones.conv_encoder import build_conv_encoder
-from transferlab.backbones.timm_zoo import build_efficientnet_lite0_package, build_timm
-from transferlab.backbones.torchvision_zoo import build_torchvision
-from transferlab.config.schema import BackboneConfig, ConvEncoderConfig, TorchvisionBackboneConfig
+from transferlab.config.schema import BackboneConfig
 from transferlab.registry import BACKBONE_SOURCES
-
-BACKBONE_SOURCES.register("torchvision", TorchvisionBackboneConfig, build_torchvision)
-BACKBONE_SOURCES.register("timm", BackboneConfig, build_timm)
-BACKBONE_SOURCES.register("efficientnet_lite0_package", BackboneConfig,
-                          build_efficientnet_lite0_package)
-BACKBONE_SOURCES.register("transferlab", ConvEncoderConfig, build_conv_encoder)
 
 
 def build_backbone(cfg: BackboneConfig) -> Backbone:

@@ -25,10 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transferlab.errors import UserError, did_you_mean
+from transferlab.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    UserError,
+    did_you_mean,
+)
 
 KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
-EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_CODES = ("exit codes: 0 success, 2 bad input (one line 'error: ...' on stderr), "
               "130 interrupted")
 HELP_WIDTH = 100

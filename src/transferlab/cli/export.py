@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from transferlab.cli.args import EXIT_JOB_FAILED, Key, Spec, parse, positive_int, run_main
-from transferlab.errors import UserError
+from transferlab.cli.args import Key, Spec, parse, positive_int, run_main
+from transferlab.errors import EXIT_JOB_FAILED, UserError
 from transferlab.run.saved import (
     CHECKPOINTS,
     WEIGHTS,

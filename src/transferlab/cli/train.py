@@ -5,181 +5,19 @@
     transferlab-train -m optimizer.lr=1e-3,1e-4        # a sweep (multirun)
     torchrun --nproc_per_node=4 -m transferlab.train   # one run on 4 GPUs (DDP)
 
-Exit codes: 0 done, 1 a sweep job failed, 2 bad input (one ``error:`` line, before any model
-is built or image read), 130 interrupted.
+``--help`` is answered here, from the config alone (no torch is imported); everything else goes
+to :func:`transferlab.run.jobs.launch`. Exit codes: 0 done, 1 a sweep job failed, 2 bad input
+(one ``error:`` line, before any model is built or image read), 130 interrupted.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import signal
+import string
 import sys
-from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig
+from transferlab.cli.args import run_main
 
-from transferlab.cli.args import EXIT_JOB_FAILED, run_main
-from transferlab.config import composition_error, load_config
-from transferlab.config.store import register_configs
-from transferlab.errors import Interrupted, UserError
-from transferlab.infra.checkpoint import load_checkpoint
-from transferlab.infra.cluster import export_submitit_env, hand_over, job_environment
-from transferlab.infra.distributed import (
-    current_world,
-    init_from_env,
-    launched,
-    quiet_logging,
-    shutdown,
-)
-from transferlab.infra.run_dirs import check_run_dir
-from transferlab.run import RunResult, resume_run, train
-from transferlab.run.resume import (
-    clear_unfinished,
-    find_sweep,
-    job_action,
-    read_status,
-    requeued_action,
-    same_config,
-)
-from transferlab.tools.sweep import SweepSummary, remember_swept_keys
-
-log = logging.getLogger("transferlab")
-
-
-@hydra.main(version_base="1.3", config_path="pkg://transferlab.conf", config_name="train")
-def _main(cfg: DictConfig) -> float | None:
-    hc = HydraConfig.get()
-    run_dir = Path(hc.runtime.output_dir)
-    overrides = list(hc.overrides.task)
-    export_submitit_env()  # a submitit job of several tasks: torch.distributed's env://
-    # the process group: joined already under torchrun (_distributed), here in a submitit job
-    world = init_from_env()
-    if not world.main:
-        quiet_logging(world.rank)  # after Hydra's own logging setup
-    try:
-        if cfg.get("resume") == "auto":
-            result = _auto_job(cfg, run_dir, overrides)
-        elif job_environment() is not None and (action := requeued_action(run_dir)):
-            # a submitit job requeued after preemption / its time limit: its own directory
-            result = _go_on(cfg, run_dir, overrides, action, requeued=True)
-        else:
-            result = train(cfg, run_dir, overrides=overrides)
-    except Interrupted as stop:
-        hand_over(stop.signum)  # submitit's preemption signal: requeued (rank 0 exits here)
-        raise
-    except UserError as exc:
-        if hc.mode != RunMode.MULTIRUN:
-            # SystemExit passes through Hydra (it reports an Exception on lines of its own)
-            print(f"{_rank_tag()}error: {exc}", file=sys.stderr, flush=True)
-            sys.exit(2)
-        # The sweep goes on; this job's metrics.json says why it failed.
-        print(f"error: job {hc.job.num}: {exc}", file=sys.stderr, flush=True)
-        return None
-    except Exception as exc:
-        if hc.mode != RunMode.MULTIRUN:
-            raise
-        # One broken job must not stop the sweep: its log keeps the traceback, its
-        # metrics.json the first line; the summary at the end counts it as failed.
-        log.exception("job failed")
-        print(f"error: job {hc.job.num} failed: {exc}", file=sys.stderr, flush=True)
-        return None
-    if world.main:
-        print(f"\nRun saved to: {run_dir}\nOpen it in TensorBoard: tensorboard --logdir "
-              f"{run_dir}", flush=True)
-    return result.best_val_acc
-
-
-def _rank_tag() -> str:
-    """``[rank N] `` before the error lines of a DDP process other than rank 0."""
-    world = current_world()
-    return "" if world.main else f"[rank {world.rank}] "
-
-
-def _distributed(argv: list[str], multirun: bool, resume: str | None) -> None:
-    """Under torchrun: one run on every process. The run directory is checked before the
-    processes meet (no process has written yet), then the process group is joined; processes
-    other than rank 0 leave Hydra's ``.hydra/`` and log file to rank 0 and log warnings only."""
-    if multirun:
-        raise UserError("-m under torchrun: torchrun trains one run on several processes; start "
-                        "one torchrun per run of the sweep")
-    if resume in (None, "", "null"):
-        check_run_dir(argv)
-    world = init_from_env()
-    if not world.main:
-        quiet_logging(world.rank)
-        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=none",
-                     "hydra/hydra_logging=none"]
-
-
-def _auto_job(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> RunResult:
-    """A job of a sweep launched again with ``resume=auto``: skip it when it completed, go on
-    with it when it left a checkpoint, start it (again) otherwise."""
-    action = job_action(run_dir)
-    if action == "busy":
-        raise UserError(f"{run_dir} is still running in another process")
-    if action == "start":
-        clear_unfinished(run_dir)
-        return train(cfg, run_dir, overrides=overrides)
-    return _go_on(cfg, run_dir, overrides, action, requeued=False)
-
-
-def _go_on(cfg: DictConfig, run_dir: Path, overrides: list[str], action: str, *,
-           requeued: bool) -> RunResult:
-    """``skip`` a job that completed before, or ``resume`` it from its ``last.pt``, which must
-    hold the config composed now. ``requeued``: a submitit job started again (its earlier
-    attempt was preempted or reached its time limit)."""
-    if action == "skip":
-        log.info("%s completed before: not run again", run_dir)
-        return RunResult(run_dir, read_status(run_dir))
-    saved = load_checkpoint(run_dir / "checkpoints" / "last.pt").get("config") or {}
-    differ = same_config(saved, load_config(cfg, overrides).as_dict())
-    if differ:
-        raise UserError(f"{'requeued job' if requeued else 'resume=auto'}: {run_dir} holds a "
-                        f"run of another config ({', '.join(differ[:5])} differ): launch the "
-                        "sweep as it was")
-    return resume_run(run_dir, requeued=requeued)
-
-
-def _resume_one(run_dir: Path, overrides: list[str]) -> int:
-    """``transferlab-train resume=<run dir> [allowed overrides]``: no new composition, the
-    run's saved config; the log goes on in its ``train.log``."""
-    if current_world().main:
-        _log_to(run_dir / "train.log")
-    result = resume_run(run_dir, overrides)
-    if current_world().main:
-        print(f"\nRun saved to: {run_dir}\nOpen it in TensorBoard: tensorboard --logdir "
-              f"{run_dir}", flush=True)
-    return 0 if result.metrics.get("status") == "completed" else EXIT_JOB_FAILED
-
-
-def _log_to(path: Path) -> None:
-    """The console and the run's log file, as Hydra's job logging sets them up."""
-    fmt = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(path, mode="a")):
-        handler.setFormatter(fmt)
-        root.addHandler(handler)
-
-
-# Flags that print something instead of running (a launcher may be given with them).
-_INFO_FLAGS = ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "-p", "--package")
-
-
-def check_launcher(argv: list[str]) -> None:
-    """``hydra/launcher=...`` launches the jobs of a sweep: without ``-m`` Hydra would run the
-    one run here, on this machine, and say nothing."""
-    launcher = next((a for a in argv if a.lstrip("+").startswith("hydra/launcher=")), None)
-    if launcher and not any(a.split("=")[0] in _INFO_FLAGS for a in argv):
-        raise UserError(f"{launcher} launches the jobs of a sweep: add -m (one run as one job: "
-                        f"transferlab-train -m {launcher} <overrides>)")
-
-
-_HELP_FLAGS = ("--help", "-h")
+HELP_FLAGS = ("--help", "-h")
 
 
 def help_text(argv: list[str]) -> str:
@@ -187,13 +25,11 @@ def help_text(argv: list[str]) -> str:
     arguments compose. Hydra's own ``--help`` prints the same, but first lists every config
     group of the ConfigStore for placeholders our template does not use, deep-copying the whole
     store once per group (163 copies of every option's schema: seconds)."""
-    import string
-
     from omegaconf import OmegaConf, flag_override
 
     from transferlab.config import compose_config
 
-    overrides = [a for a in argv if a not in _HELP_FLAGS and not a.startswith("-")]
+    overrides = [a for a in argv if a not in HELP_FLAGS and not a.startswith("-")]
     cfg = compose_config(overrides, with_hydra=True)
     template = cfg.hydra.help.template
     with flag_override(cfg, ["struct", "readonly"], False):
@@ -201,67 +37,13 @@ def help_text(argv: list[str]) -> str:
     return string.Template(template).safe_substitute(CONFIG=OmegaConf.to_yaml(cfg))
 
 
-def _is_hydra_error(exc: BaseException) -> bool:
-    return type(exc).__module__.split(".")[0] in ("hydra", "omegaconf")
-
-
 def _cli(argv: list[str]) -> int:
-    if any(a in _HELP_FLAGS for a in argv):
+    if any(a in HELP_FLAGS for a in argv):
         print(help_text(argv), end="", flush=True)
         return 0
-    register_configs()
-    multirun = any(a in ("-m", "--multirun") for a in argv)
-    resume = next((a.partition("=")[2] for a in argv if a.startswith("resume=")), None)
-    try:
-        if launched():
-            _distributed(argv, multirun, resume)
-        if resume not in (None, "", "null", "auto"):
-            if multirun:
-                raise UserError("resume=<run dir> goes on with one run; to go on with a sweep, "
-                                "launch it again with resume=auto")
-            code = _resume_one(Path(resume), [a for a in argv if not a.startswith("resume=")])
-            shutdown()
-            return code
-        if resume == "auto":
-            if not multirun:
-                raise UserError("resume=auto is for sweeps (-m); go on with one run with "
-                                "resume=<run dir>")
-            if not any(a.startswith("hydra.sweep.dir=") for a in argv):
-                found = find_sweep(argv)
-                if found is not None:
-                    print(f"resume=auto: going on with {found}", flush=True)
-                    sys.argv.append(f"hydra.sweep.dir={found}")
-        if not multirun:
-            check_launcher(argv)
-        if not multirun and not launched():  # (under torchrun: before the processes met)
-            check_run_dir(argv)
-        remember_swept_keys(argv)
-        # Hydra re-raises instead of printing its multi-line report: every error is ours.
-        os.environ["HYDRA_FULL_ERROR"] = "1"
-        try:
-            _main()  # Hydra reads sys.argv itself
-        except OSError as exc:  # the machine's, not a bug: an unwritable folder, a full disk
-            where = f" ({exc.filename})" if exc.filename else ""
-            raise UserError(f"{exc.strerror or exc}{where}: check the output folder "
-                            "(hydra.run.dir / hydra.sweep.dir) and the free disk space") from None
-        except Exception as exc:
-            if not _is_hydra_error(exc):
-                raise  # a bug: the traceback is what to report
-            raise composition_error(exc) from None
-    except UserError as exc:
-        if _rank_tag():  # the same line from every process: say which one
-            raise UserError(f"{_rank_tag()}{exc}") from None
-        raise
-    except (Interrupted, KeyboardInterrupt) as stop:
-        where = getattr(stop, "run_dir", None)
-        again = (f": go on with transferlab-train resume={where}"
-                 if where and (where / "checkpoints" / "last.pt").is_file() else "")
-        signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
-        print(f"{_rank_tag()}interrupted ({signal.Signals(signum).name}){again}",
-              file=sys.stderr, flush=True)
-        return 128 + signum
-    shutdown()
-    return EXIT_JOB_FAILED if SweepSummary.failed_jobs else 0
+    from transferlab.run.jobs import launch
+
+    return launch(argv)
 
 
 def main() -> None:

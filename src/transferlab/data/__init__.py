@@ -183,7 +183,6 @@ def assemble(cfg: DatasetConfig, classes: list[str], make, train: list, val: lis
                       train_labels=[label_of(x) for x in train], folds=folds)
 
 
-@DATASETS.register("digits", DatasetConfig)
 def _digits(cfg: DatasetConfig, train_tf, eval_tf) -> DataSplits:
     images, labels = digits_images()
     train, val, test = holdout(labels, cfg)
@@ -202,7 +201,6 @@ def _folder_root(cfg: DatasetConfig) -> Path:
     return root
 
 
-@DATASETS.register("image_folder", FolderDatasetConfig)
 def _image_folder(cfg: FolderDatasetConfig, train_tf, eval_tf) -> DataSplits:
     root = _folder_root(cfg)
     subdirs = class_folders(root)
@@ -232,7 +230,6 @@ def _image_folder(cfg: FolderDatasetConfig, train_tf, eval_tf) -> DataSplits:
                     label_of, train_tf, eval_tf, index.skipped)
 
 
-@DATASETS.register("csv", CsvDatasetConfig)
 def _csv(cfg: CsvDatasetConfig, train_tf, eval_tf) -> DataSplits:
     root = _folder_root(cfg)
     table = read_csv_index(root, cfg.csv_file, cfg.x_col, cfg.y_col)
@@ -243,7 +240,6 @@ def _csv(cfg: CsvDatasetConfig, train_tf, eval_tf) -> DataSplits:
                     train_tf, eval_tf, table.skipped)
 
 
-@DATASETS.register("torchvision", TorchvisionDatasetConfig)
 def _torchvision(cfg: TorchvisionDatasetConfig, train_tf, eval_tf) -> DataSplits:
     source = load_torchvision_set(cfg)
     labels = source.labels
@@ -265,7 +261,6 @@ def _all(dataset) -> list[tuple]:
     return [(dataset, i) for i in range(len(dataset))]
 
 
-@DATASETS.register("fake", FakeDatasetConfig)
 def _fake(cfg: FakeDatasetConfig, train_tf, eval_tf) -> DataSplits:
     from torchvision.datasets import FakeData
 

@@ -54,13 +54,11 @@ def _fixed(spec: InputSpec, image_size: int, crop_pct: float | None) -> list:
     return eval_transform(spec, image_size, crop_pct).transforms[:3]
 
 
-@AUGMENTS.register("none", AugmentConfig)
 def _none(augment: AugmentConfig, spec: InputSpec, image_size: int,
           crop_pct: float | None) -> T.Compose:
     return eval_transform(spec, image_size, crop_pct)
 
 
-@AUGMENTS.register("flip", FlipConfig)
 def _flip(augment: FlipConfig, spec: InputSpec, image_size: int,
           crop_pct: float | None) -> T.Compose:
     return T.Compose([*_fixed(spec, image_size, crop_pct), T.RandomHorizontalFlip(augment.hflip),
@@ -75,7 +73,6 @@ def _policy(policy, augment: FlipConfig, spec: InputSpec, image_size: int,
 
 
 # (bilinear: the policies' geometric ops refuse bicubic on tensor images, which digits are)
-@AUGMENTS.register("randaugment", RandAugmentConfig)
 def _randaugment(augment: RandAugmentConfig, spec: InputSpec, image_size: int,
                  crop_pct: float | None) -> T.Compose:
     policy = T.RandAugment(num_ops=augment.num_ops, magnitude=augment.magnitude,
@@ -83,14 +80,12 @@ def _randaugment(augment: RandAugmentConfig, spec: InputSpec, image_size: int,
     return _policy(policy, augment, spec, image_size, crop_pct)
 
 
-@AUGMENTS.register("trivialaugment", TrivialAugmentConfig)
 def _trivialaugment(augment: TrivialAugmentConfig, spec: InputSpec, image_size: int,
                     crop_pct: float | None) -> T.Compose:
     policy = T.TrivialAugmentWide(interpolation=T.InterpolationMode.BILINEAR)
     return _policy(policy, augment, spec, image_size, crop_pct)
 
 
-@AUGMENTS.register("crop_flip", CropFlipConfig)
 def _crop_flip(augment: CropFlipConfig, spec: InputSpec, image_size: int,
                crop_pct: float | None) -> T.Compose:
     interp = _INTERPOLATION.get(spec.interpolation, T.InterpolationMode.BILINEAR)
@@ -103,7 +98,6 @@ def _crop_flip(augment: CropFlipConfig, spec: InputSpec, image_size: int,
     ])
 
 
-@AUGMENTS.register("standard", StandardAugmentConfig)
 def _standard(augment: StandardAugmentConfig, spec: InputSpec, image_size: int,
               crop_pct: float | None) -> T.Compose:
     # Keras ImageDataGenerator(rotation_range=20, width/height_shift_range=0.2,

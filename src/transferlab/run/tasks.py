@@ -24,7 +24,6 @@ from transferlab.config import (
     RunConfig,
     SelectorSpec,
     StageSpec,
-    TaskConfig,
 )
 from transferlab.config.validate import at_least
 from transferlab.data import make_loaders
@@ -36,7 +35,6 @@ from transferlab.engine.stages import Loop, fit_stages, plain_record
 from transferlab.engine.stepping import StepOptions
 from transferlab.errors import UserError
 from transferlab.infra.runtime import set_rng_state
-from transferlab.registry import TASKS
 from transferlab.run.build import BuiltRun, build_classifier
 from transferlab.run.hooks import CachedInputs, StopRequest, run_hooks
 from transferlab.run.logreg import fit_logreg_head
@@ -423,5 +421,6 @@ def reconstruction_grid(model: nn.Module, images: torch.Tensor, mean, std,
     return torch.cat([images, recon]).mul(s).add(m).clamp(0, 1)
 
 
-TASKS.register("classify", TaskConfig, Classify())
-TASKS.register("autoencoder", AutoencoderTaskConfig, Autoencode())
+# the entries of task=classify and task=autoencoder (transferlab.registry.load_builtins)
+CLASSIFY = Classify()
+AUTOENCODE = Autoencode()

@@ -36,22 +36,18 @@ def torch_param_groups(model: nn.Module, plan: StagePlan, cfg: OptimizerConfig) 
     return out
 
 
-@OPTIMIZERS.register("adam", AdamConfig)
 def _adam(cfg: AdamConfig, groups: list[dict]) -> torch.optim.Optimizer:
     return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
-@OPTIMIZERS.register("adamw", AdamWConfig)
 def _adamw(cfg: AdamWConfig, groups: list[dict]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
-@OPTIMIZERS.register("sgd", SGDConfig)
 def _sgd(cfg: SGDConfig, groups: list[dict]) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
-@OPTIMIZERS.register("rmsprop", RMSpropConfig)
 def _rmsprop(cfg: RMSpropConfig, groups: list[dict]) -> torch.optim.Optimizer:
     return torch.optim.RMSprop(groups, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps,
                                momentum=cfg.momentum)

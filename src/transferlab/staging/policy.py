@@ -23,16 +23,10 @@ from torch import nn
 
 from transferlab.backbones import Backbone
 from transferlab.config.schema import (
-    DiscriminativeConfig,
     FreezeConfig,
-    FreezeFirstNConfig,
-    LoraConfig,
-    LpFtConfig,
     SelectorSpec,
     StageSpec,
     SurgicalConfig,
-    TopKConfig,
-    TwoStageConfig,
 )
 from transferlab.errors import UserError, nearest
 from transferlab.registry import FREEZE_POLICIES
@@ -74,18 +68,12 @@ def policy_entry(name: str) -> Policy:
     return FREEZE_POLICIES.builder(name) if name in FREEZE_POLICIES else Policy()
 
 
-# The built-in policies (conf/freeze/<name>.yaml holds their stages). Policies without knobs
-# use the plain schema; a policy of your own (explicit stages, any name) does too.
-for _name in ("linear_probe", "none", "scratch"):
-    FREEZE_POLICIES.register(_name, FreezeConfig, Policy())
-FREEZE_POLICIES.register("gradual", FreezeConfig, Policy(extends=None))
-FREEZE_POLICIES.register("discriminative", DiscriminativeConfig, Policy())
-FREEZE_POLICIES.register("freeze_first_n", FreezeFirstNConfig, Policy())
-FREEZE_POLICIES.register("top_k", TopKConfig, Policy())
-FREEZE_POLICIES.register("two_stage", TwoStageConfig, Policy("freeze.finetune_epochs"))
-FREEZE_POLICIES.register("lp_ft", LpFtConfig, Policy("freeze.finetune_epochs"))
-FREEZE_POLICIES.register("surgical", SurgicalConfig, Policy())
-FREEZE_POLICIES.register("lora", LoraConfig, Policy())
+# The entries of the built-in policies (registered in transferlab.registry.load_builtins;
+# conf/freeze/<name>.yaml holds their stages): one stage of trainer.epochs, a last stage of
+# freeze.finetune_epochs (two_stage, lp_ft), stages planned from the policy's settings (gradual).
+ONE_STAGE = Policy()
+FINETUNE = Policy("freeze.finetune_epochs")
+PLANNED = Policy(extends=None)
 
 _BLOCKS = re.compile(r"^blocks\[\s*(-?\d*)\s*(:?)\s*(-?\d*)\s*\]$")
 ADAPTER_PARTS = (".lora_A.", ".lora_B.")  # in the names of peft's LoRA adapter parameters

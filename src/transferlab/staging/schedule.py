@@ -22,23 +22,19 @@ from transferlab.registry import SCHEDULERS
 # ``span`` steps after the warm-up.
 
 
-@SCHEDULERS.register("constant", SchedulerConfig)
 def _constant(spec: SchedulerConfig, t: int, span: int, steps_per_epoch: int) -> float:
     return 1.0
 
 
-@SCHEDULERS.register("cosine", CosineSchedulerConfig)
 def _cosine(spec: CosineSchedulerConfig, t: int, span: int, steps_per_epoch: int) -> float:
     progress = min(t / max(span - 1, 1), 1.0)
     return spec.min_lr_mult + (1 - spec.min_lr_mult) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-@SCHEDULERS.register("step", StepSchedulerConfig)
 def _step(spec: StepSchedulerConfig, t: int, span: int, steps_per_epoch: int) -> float:
     return spec.gamma ** (t // (spec.step_epochs * max(steps_per_epoch, 1)))
 
 
-@SCHEDULERS.register("onecycle", OneCycleSchedulerConfig)
 def _onecycle(spec: OneCycleSchedulerConfig, t: int, span: int, steps_per_epoch: int) -> float:
     start, end = 1 / spec.div_factor, 1 / (spec.div_factor * spec.final_div_factor)
     rise = max(int(spec.pct_start * span), 1)
