@@ -16,6 +16,7 @@ from transferlab.config import compose_config, load_config, schema
 from transferlab.config.schema import StrEnum
 from transferlab.errors import UserError
 from transferlab.registry import BY_GROUP, OPTIMIZERS, Registry
+from transferlab.run import train
 
 from .conftest import CONF_DIR, cli
 
@@ -85,20 +86,33 @@ BAD_OVERRIDES = [
 
 @pytest.mark.parametrize(("overrides", "key", "says"), BAD_OVERRIDES,
                          ids=[" ".join(o) for o, _, _ in BAD_OVERRIDES])
-def test_a_bad_override_is_one_line_naming_the_key(overrides, key, says, monkeypatch):
-    # Nothing may be built: no backbone, no data.
-    for target in ("transferlab.run.build.build_backbone", "transferlab.run.build.build_splits"):
-        monkeypatch.setattr(target, _must_not_run)
+def test_a_bad_override_is_one_line_naming_the_key(overrides, key, says, monkeypatch, tmp_path):
+    # Through the run's own entry point, with its build steps replaced by a tripwire: a mistake
+    # the checks let through would reach them (AssertionError, not a UserError).
+    _tripwire(monkeypatch)
     with pytest.raises(UserError) as exc:
-        load_config(compose_config(overrides), overrides)
+        train(compose_config(overrides), tmp_path, overrides)
     message = str(exc.value)
     assert "\n" not in message
     assert key in message, message
     assert says in message, message
 
 
+def _tripwire(monkeypatch) -> None:
+    """Nothing may be built: no backbone, no data."""
+    for target in ("transferlab.run.build.build_backbone", "transferlab.run.build.build_splits"):
+        monkeypatch.setattr(target, _must_not_run)
+
+
 def _must_not_run(*args, **kwargs):
     raise AssertionError("built something before the config was checked")
+
+
+def test_the_tripwire_is_reached_by_a_valid_config(monkeypatch, tmp_path):
+    """The check above can fail: a config the checks accept goes on to the build."""
+    _tripwire(monkeypatch)
+    with pytest.raises(AssertionError, match="built something"):
+        train(compose_config(["trainer.epochs=1"]), tmp_path, ["trainer.epochs=1"])
 
 
 def test_there_are_at_least_30_cases_across_every_group():
