@@ -146,19 +146,12 @@ def main() -> None:
             for group in opt.param_groups:
                 writer.add_scalar(f"lr/{group['name']}", group["lr"], at)
 
-    class EpochSampler(torch.utils.data.SequentialSampler):  # what the engine asks of one
-        skip_batches = 0
-
-        def set_epoch(self, epoch: int) -> None:
-            self.epoch = epoch
-
-    engine_loader = DataLoader(data, batch_size=args.batch_size, sampler=EpochSampler(data))
     no_val = DataLoader(TensorDataset(torch.zeros(0, 3, 1, 1), torch.zeros(0)), batch_size=1)
 
     def run_engine():  # the whole staged loop: one stage of one epoch, no evaluation data
         loop = Loop(model=model, plans=[plan], ctx=EpochContext(device, precision,
                                                                channels_last=channels_last),
-                    train_loader=engine_loader, val_loader=no_val, optimizer_cfg=opt_cfg,
+                    train_loader=loader, val_loader=no_val, optimizer_cfg=opt_cfg,
                     scheduler_cfg=SchedulerConfig(), train_objective=CrossEntropy(),
                     eval_objective=CrossEntropy(),
                     hooks=[Distributed(), LogLearningRates(Recorder(), 1), FreezeLedger()])

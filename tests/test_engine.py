@@ -274,13 +274,7 @@ def test_fit_stages_calls_every_hook_point_in_order():
                   train=[SelectorSpec("head"), SelectorSpec("blocks[-1]")])])
     plans = plan_stages(model, backbone, policy, 0.01)
     data = TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,)))
-    class EpochSampler(torch.utils.data.SequentialSampler):  # what the loop asks of a sampler
-        skip_batches = 0
-
-        def set_epoch(self, epoch: int) -> None:
-            self.epoch = epoch
-
-    loader = DataLoader(data, batch_size=4, sampler=EpochSampler(data))
+    loader = DataLoader(data, batch_size=4)
     points = _Points()
     loop = Loop(model=model, plans=plans, ctx=EpochContext.cpu(), train_loader=loader,
                 val_loader=DataLoader(data, batch_size=4), optimizer_cfg=AdamConfig(lr=0.01),

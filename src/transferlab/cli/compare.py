@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from transferlab.cli.args import Key, Spec, parse, path, run_main
+from transferlab.cli.args import Key, Spec, boolean, parse, path, run_main
 from transferlab.errors import UserError
 from transferlab.tools.compare import (
     FOLD_KEYS,
@@ -17,12 +17,20 @@ from transferlab.tools.compare import (
     find_runs,
     format_table,
     group_runs,
-    plot_target,
     plot_val_curves,
     sort_runs,
     write_report,
     write_tensorboard,
 )
+
+
+def plot_target(text: str) -> Path | bool:
+    """``plot=``: true/false (or 1/0, yes/no), else the figure's path."""
+    try:
+        return boolean(text)
+    except ValueError:
+        return path(text)
+
 
 SPEC = Spec(
     prog="transferlab-compare",

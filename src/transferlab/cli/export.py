@@ -4,12 +4,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from transferlab.cli.args import Key, Spec, parse, positive_int, run_main
-from transferlab.errors import EXIT_JOB_FAILED, UserError
+from transferlab.errors import EXIT_JOB_FAILED, UserError, did_you_mean
 from transferlab.run.saved import (
     CHECKPOINTS,
     WEIGHTS,
@@ -22,11 +23,34 @@ from transferlab.tools.export import (
     NAMES,
     PREPROCESSING_FILE,
     ExportArgs,
-    checkpoint_arg,
     export_run,
-    samples_arg,
-    tolerance_arg,
 )
+
+
+def checkpoint_arg(text: str) -> str | Path:
+    """``best`` / ``last`` (a checkpoint of ``run=``), or the path of a ``.pt`` file."""
+    if text in CHECKPOINTS:
+        return text
+    if text.endswith(".pt") or "/" in text or os.sep in text:
+        return Path(text).expanduser()
+    raise ValueError(f"expected {' or '.join(CHECKPOINTS)} (with run=) or the path of a .pt "
+                     f"file{did_you_mean(text, CHECKPOINTS)}")
+
+
+def samples_arg(text: str) -> int | None:
+    """A positive count, or ``all`` (None)."""
+    return None if text.strip().lower() == "all" else positive_int(text)
+
+
+def tolerance_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("expected a number") from None
+    if not value > 0:
+        raise ValueError("expected a number > 0")
+    return value
+
 
 SPEC = Spec(
     prog="transferlab-export",

@@ -10,6 +10,7 @@ dispatches them to the run's hooks; the LR finder's range test brings its own).
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, replace
 
@@ -71,9 +72,9 @@ class _Running:
     def __init__(self, sums: tuple[float, int, int] = (0.0, 0, 0)):
         self.loss_sum, self.correct, self.count = sums
 
-    def update(self, loss: torch.Tensor, logits: torch.Tensor | None, y: torch.Tensor) -> None:
+    def update(self, loss: float, logits: torch.Tensor | None, y: torch.Tensor) -> None:
         n = y.shape[0]
-        self.loss_sum += float(loss) * n
+        self.loss_sum += loss * n
         if logits is not None:
             hard = y.argmax(1) if y.ndim == 2 else y  # soft (mixed) targets: the dominant label
             self.correct += int((logits.argmax(1) == hard).sum())
@@ -142,15 +143,18 @@ def train_epoch(model: nn.Module, loader, objective: Objective,
         stepper.begin(steps)
         with _grad_sync(model, stepper, steps):
             loss, logits = objective(model, x, y, ctx)
-            if not torch.isfinite(loss.detach()):
-                raise FloatingPointError(f"loss is {float(loss.detach())} at step {steps + 1}")
-            value = loss
+            loss_value = float(loss.detach())  # the one host sync of the batch
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss is {loss_value} at step {steps + 1}")
+            value, objective_value = loss, loss_value
             if penalty is not None:
                 term = penalty()
                 value = loss.float() + term
-                penalty_sum, batches = penalty_sum + float(term.detach()), batches + 1
-            stepped = stepper.backward(value, y.shape[0], steps)
-        running.update(loss.detach(), None if logits is None else logits.detach(), y)
+                term_value = float(term.detach())
+                objective_value += term_value
+                penalty_sum, batches = penalty_sum + term_value, batches + 1
+            stepped = stepper.backward(value, y.shape[0], steps, objective_value)
+        running.update(loss_value, None if logits is None else logits.detach(), y)
         steps += 1
         if ctx.progress:
             s = running.stats(0)
@@ -180,5 +184,5 @@ def evaluate(model: nn.Module, loader, objective: Objective, ctx: EpochContext,
                      dynamic_ncols=True):
         x, y = to_device(x, y, ctx)
         loss, logits = objective(model, x, y, ctx)
-        running.update(loss, logits, y)
+        running.update(float(loss), logits, y)
     return running.stats(time.perf_counter() - start)

@@ -179,9 +179,11 @@ def _resumed_part(loop: Loop) -> EpochStats | None:
 
 def _run_epoch(loop: Loop, epoch: int) -> None:
     plan, inputs, world = loop.plan, loop.inputs, loop.ctx.world
+    sampler = loop.train_loader.sampler
     set_train_mode(loop.model, plan)
     done = _resumed_part(loop)
-    loop.train_loader.sampler.set_epoch(epoch)  # the epoch's order: (seed, epoch)
+    if hasattr(sampler, "set_epoch"):  # a run's ResumableSampler: the order of (seed, epoch)
+        sampler.set_epoch(epoch)
     loop.epoch = epoch
     try:
         tr = train_epoch(loop.trained, inputs.train, loop.train_objective, loop.optimizer,
@@ -191,7 +193,8 @@ def _run_epoch(loop: Loop, epoch: int) -> None:
     except FloatingPointError as exc:  # "loss is nan at step S"
         raise UserError(f"{exc}".replace(" at step", f" at epoch {epoch} step")
                         + ": the run diverged; lower optimizer.lr") from None
-    loop.train_loader.sampler.skip_batches = 0
+    if done is not None:
+        sampler.skip_batches = 0
     loop.call("on_train_epoch_end")
     if tr.stopped and tr.steps < len(inputs.train):
         loop.interrupted = {"epoch": epoch, "steps": tr.steps,

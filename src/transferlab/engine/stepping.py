@@ -84,12 +84,13 @@ class Stepper:
             self.optimizer.zero_grad(set_to_none=True)
             self.first_size, self.seen, self.loss_sum = 0, 0, 0.0
 
-    def backward(self, loss: torch.Tensor, size: int, index: int) -> bool:
+    def backward(self, loss: torch.Tensor, size: int, index: int, value: float) -> bool:
+        """Backward of batch ``index``'s ``loss`` (``value``: its float, for ``after_step``)."""
         k = self.options.accumulate
         if self.first_size == 0:
             self.first_size = size
         self.seen += size
-        self.loss_sum += float(loss.detach()) * size
+        self.loss_sum += value * size
         if k > 1:  # its share of the k x b samples a full group holds (corrected at the step)
             loss = loss * (size / (k * self.first_size))
         self.precision.scaler.scale(loss).backward()

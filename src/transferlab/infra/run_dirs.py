@@ -19,7 +19,6 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from transferlab.errors import UserError
-from transferlab.infra.distributed import current_world
 
 CLAIM_RESOLVER = "transferlab_claim"
 _claimed: dict[str, str] = {}
@@ -28,6 +27,8 @@ SHARED = "<the run's, of every process>"  # the key of the directory a DDP run c
 
 def claim(path: str) -> str:
     """Create ``path`` (or the first free ``path-N``) and return it; under DDP, rank 0's."""
+    from transferlab.infra.distributed import current_world  # (torch: a run's, not --help's)
+
     world = current_world()
     if not world.active:
         return _claim(path)

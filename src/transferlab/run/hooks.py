@@ -122,11 +122,11 @@ class CachedInputs(Hook):
 
 class Record(Hook):
     """The run's record: the stage table at a stage's first start (console and TensorBoard
-    ``summary/<stage>``), the parameter counts, every epoch's record (``loop.improved``: a new
-    best) and its console line (``line(record, total_epochs, improved)``)."""
+    ``summary/<stage>``), the parameter counts, and every epoch's record (``loop.improved``: a
+    new best)."""
 
-    def __init__(self, tracker: RunTracker, backbone, line: Callable[[dict, int, bool], str]):
-        self.tracker, self.backbone, self.line = tracker, backbone, line
+    def __init__(self, tracker: RunTracker, backbone):
+        self.tracker, self.backbone = tracker, backbone
 
     def on_stage_start(self, loop) -> None:
         model, plan = loop.model, loop.plan
@@ -142,17 +142,15 @@ class Record(Hook):
     def on_epoch_end(self, loop) -> None:
         loop.improved = self.tracker.log_epoch(loop.record, loop.plan.index)
 
-    def after(self) -> Hook:
-        """The hook that writes the epoch's console line (after the task's own hooks)."""
-        return _Line(self)
 
+class ConsoleLine(Hook):
+    """The epoch's console line, ``line(record, total_epochs, improved)`` (the task's)."""
 
-class _Line(Hook):
-    def __init__(self, record: Record):
-        self.record = record
+    def __init__(self, line: Callable[[dict, int, bool], str]):
+        self.line = line
 
     def on_epoch_end(self, loop) -> None:
-        log.info(self.record.line(loop.record, loop.total_epochs, loop.improved))
+        log.info(self.line(loop.record, loop.total_epochs, loop.improved))
 
 
 class Checkpoint(Hook):
@@ -202,9 +200,9 @@ def run_hooks(built, tracker: RunTracker, run_dir: Path, stop: StopRequest) -> l
     record, the task's own hooks, the console line, the checkpoint, and stop requests last
     (after the checkpoint)."""
     trainer, task = built.run.trainer, built.task
-    record = Record(tracker, built.backbone, task.log_line)
     return [*Ema.of(trainer.ema), *task.input_hooks(built, tracker), Distributed(),
             EarlyStop(trainer.early_stopping, tracker),
-            LogLearningRates(tracker, trainer.log_every_n_steps), FreezeLedger(tracker), record,
-            *task.hooks(built, tracker), record.after(), Checkpoint(built, tracker, run_dir),
+            LogLearningRates(tracker, trainer.log_every_n_steps), FreezeLedger(tracker),
+            Record(tracker, built.backbone), *task.hooks(built, tracker),
+            ConsoleLine(task.log_line), Checkpoint(built, tracker, run_dir),
             StopOnRequest(stop, built.world)]

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import yaml
 
-from transferlab.cli.args import boolean, path
 from transferlab.infra.liveness import run_status
+from transferlab.infra.run_dirs import safe_name
 
 # column -> (header, True when larger is better)
 METRICS = {
@@ -365,14 +365,6 @@ def plot_val_curves(runs: list[RunRecord], path: Path, title: str = "") -> Path:
     return path
 
 
-def plot_target(text: str) -> Path | bool:
-    """``plot=``: true/false (or 1/0, yes/no), else the figure's path."""
-    try:
-        return boolean(text)
-    except ValueError:
-        return path(text)
-
-
 
 
 
@@ -392,8 +384,6 @@ def write_tensorboard(root: Path, runs: list[RunRecord], groups: list[RunRecord]
 def group_label(overrides: list[str], keys: tuple[str, ...] = SEED_KEYS) -> str:
     """A group's TensorBoard run name: what sets it apart (its overrides but the grouped keys,
     by default the seed)."""
-    from transferlab.infra.run_dirs import safe_name  # (it imports torch: only when needed)
-
     parts = [o for o in overrides if _key_of(o) not in keys]
     return "__".join(safe_name(o.replace("=", "-")) for o in parts) or "all"
 

@@ -51,13 +51,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from transferlab.cli.args import positive_int
 from transferlab.config import RunConfig
-from transferlab.errors import UserError, did_you_mean
+from transferlab.errors import UserError
 from transferlab.infra.checkpoint import load_checkpoint
 from transferlab.registry import HEADS
 from transferlab.run.saved import (
-    CHECKPOINTS,
     checkpoint_weights,
     restore_model,
     saved_run_config,
@@ -72,31 +70,6 @@ INSTALL_HINT = "pip install 'transferlab[export]'"
 
 
 # -- command line -------------------------------------------------------------------------------
-def checkpoint_arg(text: str) -> str | Path:
-    """``best`` / ``last`` (a checkpoint of ``run=``), or the path of a ``.pt`` file."""
-    if text in CHECKPOINTS:
-        return text
-    if text.endswith(".pt") or "/" in text or os.sep in text:
-        return Path(text).expanduser()
-    raise ValueError(f"expected {' or '.join(CHECKPOINTS)} (with run=) or the path of a .pt "
-                     f"file{did_you_mean(text, CHECKPOINTS)}")
-
-
-def samples_arg(text: str) -> int | None:
-    """A positive count, or ``all`` (None)."""
-    return None if text.strip().lower() == "all" else positive_int(text)
-
-
-def tolerance_arg(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError("expected a number") from None
-    if not value > 0:
-        raise ValueError("expected a number > 0")
-    return value
-
-
 
 
 @dataclass
