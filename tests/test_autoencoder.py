@@ -176,7 +176,8 @@ def test_conv_encoder_fields_belong_to_it():
 
 
 def test_task_errors(tmp_path):
-    with pytest.raises(UserError, match="unknown task.name 'autoencodr'.*classify, autoencoder"):
+    with pytest.raises(UserError,
+                       match="unknown task.name 'autoencodr'.*classify, logreg, autoencoder"):
         load_config(compose_train(["task.name=autoencodr"]))
     cfg = compose_train(["task=autoencoder", *FAST])  # the default backbone: not an encoder
     with pytest.raises(UserError, match="add backbone=conv_encoder"):

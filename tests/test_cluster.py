@@ -22,8 +22,8 @@ from transferlab.config.store import register_configs
 from transferlab.errors import UserError
 from transferlab.infra import cluster
 from transferlab.run import jobs
+from transferlab.run.hooks import StopRequest
 from transferlab.run.resume import requeued_action
-from transferlab.run.tasks import StopRequest
 
 from .conftest import CONF_DIR, TINY, cli
 

@@ -4,7 +4,9 @@ as one line that names the key; and the registries behind the options."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
+import sys
 import typing
 from dataclasses import dataclass
 
@@ -34,7 +36,7 @@ BAD_OVERRIDES = [
     (["augment.hflip=3"], "augment.hflip", "augment=flip"),  # none has no flip
     (["trainer.epochs=abc"], "trainer.epochs", "must be an int"),
     (["+optimizer.momentum=0.9"], "optimizer.momentum", "optimizer=sgd, rmsprop"),
-    (["head=logreg", "freeze=two_stage", "optimizer=sgd"], "freeze", "head=logreg"),
+    (["task=logreg", "freeze=two_stage", "optimizer=sgd"], "freeze", "task=logreg"),
     (["trainer.epoch=3"], "trainer.epoch", "'epochs'"),
     # unknown options and keys
     (["freeze=bogus"], "freeze", "two_stage"),
@@ -67,7 +69,9 @@ BAD_OVERRIDES = [
     (["freeze.stages.0.bn=maybe"], "freeze.stages[0].bn", "frozen, train, eval"),
     (["freeze.stages.0.epochs=-1"], "freeze.stages[0].epochs", ">= 0"),
     (["head.dropout=1.0"], "head.dropout", "[0, 1)"),
-    (["head=logreg", "head.C=0"], "head.C", "> 0"),
+    (["task=logreg", "task.C=0"], "task.C", "> 0"),
+    (["task=logreg", "task.max_iter=0"], "task.max_iter", ">= 1"),
+    (["head=logreg"], "head=logreg is now task=logreg", "task.C"),  # the option moved
     (["augment=randaugment", "augment.magnitude=31"], "augment.magnitude", "[0, 30]"),
     # fields that depend on each other
     (["optimizer=sgd", "optimizer.momentum=0", "optimizer.nesterov=true"], "optimizer.nesterov",
@@ -77,7 +81,8 @@ BAD_OVERRIDES = [
     (["task=autoencoder"], "task=autoencoder", "backbone=conv_encoder"),
     (["optimizer.name=sgd"], "optimizer.name=sgd", "optimizer=sgd"),  # the option, not its name
     # options the run would not use
-    (["head=logreg", "trainer.epochs=3"], "trainer.epochs", "head=logreg"),
+    (["task=logreg", "trainer.epochs=3"], "trainer.epochs", "task=logreg"),
+    (["task=logreg", "head=mlp"], "head", "task=logreg"),
     (["experiment=ae_pretrain", "head=mlp"], "head", "task=autoencoder"),
     (["experiment=mobilenet_v2_two_stage", "freeze=linear_probe"], "freeze.head_epochs",
      "freeze=two_stage"),
@@ -128,7 +133,8 @@ CLI_CASES = [
     (["trainer.epochs=abc"], "trainer.epochs"),
     (["freeze=two_stage", "+freeze.finetune_epoch=1"], "freeze.finetune_epoch"),
     (["optimizer.name=lion"], "optimizer.name"),
-    (["head=logreg", "freeze=two_stage", "optimizer=sgd"], "freeze"),
+    (["task=logreg", "freeze=two_stage", "optimizer=sgd"], "freeze"),
+    (["head=bogus"], "head"),  # an unknown option the CLI once took for a disk error
     (["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps"),
 ]
 
@@ -149,6 +155,41 @@ def assert_one_line(proc: subprocess.CompletedProcess, key: str) -> None:
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: ") and key in lines[0], lines[0]
+
+
+# A config error of each kind: composition (an unknown option, a wrong type: no run directory
+# yet), a value's range, a task's own rule, a key the run would not use (the run's directory
+# exists: its metrics.json says failed). None of them needs torch.
+NO_TORCH_CASES = [
+    (["freeze=bogus"], "freeze", False),
+    (["trainer.epochs=abc"], "trainer.epochs", False),
+    (["optimizer.lr=-1"], "optimizer.lr", True),
+    (["task=autoencoder"], "backbone=conv_encoder", True),
+    (["task=logreg", "trainer.epochs=3"], "trainer.epochs", True),
+]
+
+
+@pytest.mark.parametrize(("overrides", "key", "recorded"), NO_TORCH_CASES,
+                         ids=[" ".join(o) for o, _, _ in NO_TORCH_CASES])
+def test_a_config_error_is_one_line_before_torch_is_imported(overrides, key, recorded,
+                                                             tmp_path):
+    """``transferlab-train <bad override>``: exit 2 and one line, and torch was never imported
+    (the error comes faster than ``import torch``)."""
+    code = ("import atexit, sys\n"
+            "atexit.register(lambda: print('torch' in sys.modules, file=sys.stderr))\n"
+            "from transferlab.cli.train import main\n"
+            f"sys.argv = ['transferlab-train', *{overrides!r}, 'hydra.run.dir={tmp_path}/run']\n"
+            "main()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    *lines, imported = proc.stderr.splitlines()
+    assert imported == "False", proc.stderr
+    assert_one_line(subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout,
+                                                "\n".join(lines)), key)
+    metrics = tmp_path / "run" / "metrics.json"
+    assert metrics.is_file() == recorded
+    if recorded:  # the run's directory says why it failed
+        assert json.loads(metrics.read_text())["status"] == "failed"
 
 
 @pytest.mark.slow

@@ -334,3 +334,16 @@ def test_a_16_bit_png_is_the_same_image_as_its_8_bit_version(tmp_path):
     sixteen = np.asarray(load_rgb(tmp_path / "16.png"), dtype=np.int16)
     assert np.abs(eight - sixteen).max() <= 1
     assert 50 < sixteen.mean() < 200  # not washed out to white
+
+
+def test_digits_read_from_the_shipped_file_are_scikit_learns():
+    """The digits come from the file scikit-learn ships, read without importing it: the same
+    images and labels as its ``load_digits``."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    from transferlab.data.digits import load_digits
+
+    images, labels = load_digits()
+    bunch = sklearn_digits()
+    assert images.shape == (1797, 8, 8) and np.array_equal(images, bunch.images)
+    assert np.array_equal(labels, bunch.target)

@@ -125,12 +125,12 @@ def test_missing_run_dir_is_one_error_line_in_a_subprocess(tmp_path):
 
 def test_a_logreg_run_says_what_it_is(tmp_path, capsys):
     run_dir = tmp_path / "logreg"
-    overrides = [*TINY, "head=logreg", "dataset.samples_per_class=10"]
-    overrides.remove("trainer.epochs=1")  # head=logreg uses no epochs: an error to give any
+    overrides = [*TINY, "task=logreg", "dataset.samples_per_class=10"]
+    overrides.remove("trainer.epochs=1")  # task=logreg uses no epochs: an error to give any
     train(compose_train(overrides), run_dir)
     assert main([f"run={run_dir}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: {run_dir} is a head=logreg run") and "\n" not in err
+    assert err.startswith(f"error: {run_dir} is a task=logreg run") and "\n" not in err
 
 
 def test_a_checkpoint_that_is_not_a_dict_is_one_line(tmp_path, capsys):

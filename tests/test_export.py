@@ -211,11 +211,11 @@ def test_a_run_without_checkpoints_is_one_line(tmp_path, capsys):
 @pytest.mark.slow
 def test_a_logreg_run_has_no_network_to_export(tmp_path, capsys, one_thread):
     run_dir = tmp_path / "logreg"
-    overrides = [*TINY, "head=logreg", "dataset.samples_per_class=5"]
-    overrides.remove("trainer.epochs=1")  # head=logreg takes no epochs
+    overrides = [*TINY, "task=logreg", "dataset.samples_per_class=5"]
+    overrides.remove("trainer.epochs=1")  # task=logreg takes no epochs
     train(compose_train(overrides), run_dir)
     assert main([f"run={run_dir}"]) == 2
-    assert f"{run_dir} is a head=logreg run" in one_line_error(capsys)
+    assert f"{run_dir} is a task=logreg run" in one_line_error(capsys)
     assert not (run_dir / "export").exists()
 
 

@@ -1,4 +1,4 @@
-"""Frozen features for classical classifiers: the .npz export and the head=logreg baseline."""
+"""Frozen features for classical classifiers: the .npz export and the task=logreg baseline."""
 
 from __future__ import annotations
 
@@ -47,8 +47,8 @@ def test_features_errors_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "f.npz").exists()
 
 
-def test_logreg_head_is_recorded_like_any_run(compose_cfg, tmp_path):
-    cfg = compose_cfg([*TINY, "head=logreg", "head.C=0.5"])
+def test_logreg_task_is_recorded_like_any_run(compose_cfg, tmp_path):
+    cfg = compose_cfg([*TINY, "task=logreg", "task.C=0.5"])
     result = train(cfg, tmp_path)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["status"] == "completed" and result.best_val_acc == metrics["best"]["val_acc"]

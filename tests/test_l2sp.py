@@ -163,7 +163,7 @@ def test_a_resume_keeps_the_original_w0(l2sp_run, tmp_path):
      "trainer.regularize.alpha must be >= 0"),
     (["trainer.regularize.alpha=0.1"], "does not use trainer.regularize.alpha"),
     (["trainer.regularize.name=l2sp", "optimizer=adamw"], "add optimizer.weight_decay=0"),
-    (["trainer.regularize.name=l2sp", "head=logreg"], "head=logreg"),
+    (["trainer.regularize.name=l2sp", "task=logreg"], "task=logreg"),
     (["experiment=ae_pretrain", "trainer.regularize.name=l2sp"], "task=autoencoder"),
 ])
 def test_bad_values_are_one_line_errors(overrides, says):

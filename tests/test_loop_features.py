@@ -166,7 +166,7 @@ def test_accumulation_stops_an_epoch_only_after_an_optimizer_step():
      "trainer.early_stopping.min_delta must be >= 0"),
     (["experiment=ae_pretrain", "trainer.early_stopping.patience=2",
       "trainer.early_stopping.monitor=val_acc"], "task=autoencoder has no accuracy"),
-    (["head=logreg", "trainer.accumulate_grad_batches=2"],
+    (["task=logreg", "trainer.accumulate_grad_batches=2"],
      "does not use trainer.accumulate_grad_batches"),
 ])
 def test_bad_values_are_one_line_errors(overrides, says):

@@ -251,3 +251,11 @@ def test_help_lists_every_key(capsys):
     for key in ("stage", "start_lr", "end_lr", "steps", "smooth", "diverge", "rule", "warmup",
                 "apply", "output"):
         assert f"  {key}=" in out
+
+
+def test_a_logreg_run_has_no_learning_rate_to_find(capsys, tmp_path, one_thread):
+    base = [o for o in BASE if not o.startswith(("trainer.epochs", "freeze", "optimizer"))]
+    assert main([*base, "task=logreg", f"output={tmp_path}/x"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == ("error: task=logreg is fitted in closed form (no learning rate): there is "
+                    "nothing for lr_find to sweep")

@@ -146,9 +146,9 @@ def test_metrics_end_failed_whatever_step_fails(step, compose_cfg, tmp_path, mon
                                                 one_thread):
     """Config, build, the first logs, the loop: once metrics.json exists it never stays
     ``running``; it says ``failed`` with the error."""
-    where = {"load_config": "transferlab.run.load_config",
+    where = {"load_config": "transferlab.infra.run_dirs.load_config",
              "build_splits": "transferlab.run.build.build_splits",
-             "log_training_samples": "transferlab.run.tasks.log_training_samples",
+             "log_training_samples": "transferlab.run.images.log_training_samples",
              "train_epoch": "transferlab.engine.stages.train_epoch"}[step]
 
     def broken(*args, **kwargs):
@@ -187,7 +187,7 @@ def test_a_nan_loss_fails_the_run_with_where_and_strict_json(compose_cfg, tmp_pa
             loss = nn.functional.cross_entropy(logits, y)
             return loss * float("nan") if self.calls == 3 else loss
 
-    monkeypatch.setattr("transferlab.run.tasks.nn.CrossEntropyLoss", Diverged)
+    monkeypatch.setattr("transferlab.run.build.nn.CrossEntropyLoss", Diverged)
     with pytest.raises(UserError, match=r"^loss is nan at epoch 1 step 3: the run diverged"):
         train(compose_cfg([*TINY, *FAST]), tmp_path)
     text = (tmp_path / "metrics.json").read_text()

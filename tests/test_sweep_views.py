@@ -19,7 +19,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from transferlab.cli import compare as compare_cli
 from transferlab.config import load_config
 from transferlab.errors import UserError
-from transferlab.run.tasks import sample_indices
+from transferlab.run.images import sample_indices
 from transferlab.tools import compare
 from transferlab.tools.tensorboard_views import write_seed_groups, write_union_hparams
 

@@ -55,10 +55,6 @@ def _flatten_dense(cfg: HeadConfig, feature_shape: tuple[int, ...],
     return FlattenDense(feature_shape, num_classes, cfg.dropout)
 
 
-# A classical classifier fitted on frozen features, not a network head: the classify task
-# fits it instead of training (transferlab.run.tasks).
-
-
 def _dropout(cfg: HeadConfig) -> nn.Module:
     return nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
@@ -66,9 +62,6 @@ def _dropout(cfg: HeadConfig) -> nn.Module:
 def build_head(cfg: HeadBase, feature_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """The head ``cfg.name`` for backbone features of ``feature_shape`` (C, h, w) or (D,)."""
     build = HEADS.builder(cfg.name)
-    if build is None:
-        raise UserError(f"head={cfg.name} is not a network head: it is fitted on frozen "
-                        "features by a run (transferlab-train head=logreg)")
     if isinstance(cfg, HeadConfig) and not 0.0 <= cfg.dropout < 1.0:
         raise UserError(f"head.dropout must be in [0, 1), got {cfg.dropout}")
     return build(cfg, tuple(feature_shape), num_classes)

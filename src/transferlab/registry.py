@@ -149,7 +149,6 @@ def load_builtins() -> None:
         (HEADS, "linear", c.HeadConfig, f"{heads}:_linear"),
         (HEADS, "mlp", c.HeadConfig, f"{heads}:_mlp"),
         (HEADS, "flatten_dense", c.HeadConfig, f"{heads}:_flatten_dense"),
-        (HEADS, "logreg", c.LogRegHeadConfig, None),  # fitted in closed form (run.logreg)
         (DATASETS, "digits", c.DatasetConfig, f"{data}:_digits"),
         (DATASETS, "image_folder", c.FolderDatasetConfig, f"{data}:_image_folder"),
         (DATASETS, "csv", c.CsvDatasetConfig, f"{data}:_csv"),
@@ -183,6 +182,7 @@ def load_builtins() -> None:
         (SCHEDULERS, "onecycle", c.OneCycleSchedulerConfig, f"{schedule}:_onecycle"),
         # a task's entry: its model, stages, objectives, checks and hooks (run.tasks)
         (TASKS, "classify", c.TaskConfig, "transferlab.run.tasks:CLASSIFY"),
+        (TASKS, "logreg", c.LogRegTaskConfig, "transferlab.run.tasks:LOGREG"),
         (TASKS, "autoencoder", c.AutoencoderTaskConfig, "transferlab.run.tasks:AUTOENCODE"),
     ):
         registry.register(name, schema, Lazy(where) if where else None)

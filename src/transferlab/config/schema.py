@@ -191,15 +191,6 @@ class HeadConfig(HeadBase):
     dropout: float = 0.0  # of the Dropout before the final Linear layer (0: none)
 
 
-@dataclass
-class LogRegHeadConfig(HeadBase):
-    """scikit-learn's LogisticRegression on the frozen backbone's features (no network head)."""
-
-    name: str = "logreg"
-    C: float = 1.0  # inverse regularisation strength
-    max_iter: int = 1000  # solver iterations
-
-
 # --- dataset ------------------------------------------------------------------------------------
 
 
@@ -634,7 +625,8 @@ class TrainerConfig:
 
 @dataclass
 class TaskConfig:
-    """What a run trains: ``classify`` (a classifier, the default)."""
+    """What a run trains: ``classify`` (a classifier, the default); ``logreg`` and
+    ``autoencoder`` below."""
 
     name: str = "classify"
 
@@ -646,6 +638,16 @@ class AutoencoderTaskConfig(TaskConfig):
     name: str = "autoencoder"
     # val images shown with their reconstructions in TensorBoard (recon/val)
     reconstructions: int = 8
+
+
+@dataclass
+class LogRegTaskConfig(TaskConfig):
+    """scikit-learn's LogisticRegression fitted on the frozen backbone's features (no network
+    is trained)."""
+
+    name: str = "logreg"
+    C: float = 1.0  # inverse regularisation strength
+    max_iter: int = 1000  # solver iterations
 
 
 # --- the run ------------------------------------------------------------------------------------

@@ -141,6 +141,12 @@ def user_error_in(exc: BaseException) -> UserError | None:
     return None
 
 
+# options that moved: (group, option) -> what to give instead
+MOVED: dict[tuple[str, str], str] = {
+    ("head", "logreg"): "task=logreg (its head.C and head.max_iter are task.C and task.max_iter)",
+}
+
+
 def composition_error(exc: BaseException) -> UserError:
     """One line for whatever Hydra raised while parsing the overrides or composing."""
     if (inner := user_error_in(exc)) is not None:
@@ -155,6 +161,8 @@ def composition_error(exc: BaseException) -> UserError:
     missing = _MISSING_OPTION.search(text)
     if missing:
         group, option = missing.groups()
+        if (group, option) in MOVED:
+            return UserError(f"{group}={option} is now {MOVED[group, option]}")
         listed = _OPTION_LIST.search(text)
         options = [o.strip() for o in listed.group(1).splitlines() if o.strip()] if listed else []
         options = [o for o in options if not o.startswith("schema")]

@@ -26,7 +26,6 @@ from transferlab.config.schema import (
     FreezeConfig,
     FreezeFirstNConfig,
     HeadConfig,
-    LogRegHeadConfig,
     LoraConfig,
     LpFtConfig,
     OneCycleSchedulerConfig,
@@ -63,7 +62,7 @@ def amp_mode(value: object) -> str:
     return text
 
 
-def _check(key: str, value: Any, ok: bool, must: str) -> None:
+def check_value(key: str, value: Any, ok: bool, must: str) -> None:
     if not ok:
         raise UserError(f"{key} must be {must}, got {value!r}")
 
@@ -73,14 +72,14 @@ def _in(key: str, value: Any, lo: float, hi: float, lo_open: bool = False,
     above = value > lo if lo_open else value >= lo
     below = value < hi if hi_open else value <= hi
     brackets = ("(" if lo_open else "[") + f"{lo:g}, {hi:g}" + (")" if hi_open else "]")
-    _check(key, value, above and below, f"in {brackets}")
+    check_value(key, value, above and below, f"in {brackets}")
 
 
 def at_least(key: str, value: Any, lo: float, nullable: bool = False) -> None:
     if value is None and nullable:
         return
-    _check(key, value, value is not None and value >= lo, f">= {lo:g}" +
-           (" (or null)" if nullable else ""))
+    check_value(key, value, value is not None and value >= lo, f">= {lo:g}" +
+                (" (or null)" if nullable else ""))
 
 
 # --- per group ----------------------------------------------------------------------------------
@@ -88,7 +87,7 @@ def at_least(key: str, value: Any, lo: float, nullable: bool = False) -> None:
 
 def _backbone(run: RunConfig) -> None:
     b = run.backbone
-    _check("backbone.name", b.name, bool(b.name), "a model name")
+    check_value("backbone.name", b.name, bool(b.name), "a model name")
     if b.weights_path is not None and not Path(b.weights_path).expanduser().is_file():
         raise UserError(f"backbone.weights_path: {b.weights_path} does not exist: give the file "
                         "of the pretrained weights (a .pth state dict or model.safetensors)")
@@ -96,8 +95,8 @@ def _backbone(run: RunConfig) -> None:
         raise UserError(f"backbone.init.path: {b.init.path} does not exist: give a checkpoint "
                         "file (a transferlab checkpoint, a state dict or a Lightning .ckpt)")
     if isinstance(b, ConvEncoderConfig):
-        _check("backbone.channels", b.channels, bool(b.channels) and min(b.channels) >= 1,
-               "a non-empty list of channel counts >= 1")
+        check_value("backbone.channels", b.channels, bool(b.channels) and min(b.channels) >= 1,
+                    "a non-empty list of channel counts >= 1")
         at_least("backbone.latent_dim", b.latent_dim, 1)
         at_least("backbone.image_size", b.image_size, 2 ** len(b.channels))
 
@@ -106,16 +105,13 @@ def _head(run: RunConfig) -> None:
     h = run.head
     if isinstance(h, HeadConfig):
         _in("head.dropout", h.dropout, 0, 1, hi_open=True)
-    if isinstance(h, LogRegHeadConfig):
-        _check("head.C", h.C, h.C > 0, "> 0")
-        at_least("head.max_iter", h.max_iter, 1)
 
 
 def _dataset(run: RunConfig) -> None:
     d = run.dataset
     _in("dataset.val_fraction", d.val_fraction, 0, 1, lo_open=True, hi_open=True)
-    _check("dataset.test_fraction", d.test_fraction, 0 <= d.test_fraction < 1 - d.val_fraction,
-           "in [0, 1 - val_fraction)")
+    check_value("dataset.test_fraction", d.test_fraction, 0 <= d.test_fraction < 1 - d.val_fraction,
+                "in [0, 1 - val_fraction)")
     _in("dataset.train_fraction", d.train_fraction, 0, 1, lo_open=True)
     at_least("dataset.samples_per_class", d.samples_per_class, 1, nullable=True)
     at_least("dataset.image_size", d.image_size, 1, nullable=True)
@@ -124,8 +120,8 @@ def _dataset(run: RunConfig) -> None:
         raise UserError(f"dataset.fold={d.fold} needs dataset.folds=<K>: set the number of folds "
                         "(e.g. dataset.folds=5), or drop dataset.fold")
     if d.folds is not None:
-        _check("dataset.fold", d.fold, d.fold is not None and 0 <= d.fold < d.folds,
-               f"a fold in [0, {d.folds}) (dataset.fold=range(0,{d.folds}) sweeps them all)")
+        check_value("dataset.fold", d.fold, d.fold is not None and 0 <= d.fold < d.folds,
+                    f"a fold in [0, {d.folds}) (dataset.fold=range(0,{d.folds}) sweeps them all)")
     if d.crop_pct is not None:
         _in("dataset.crop_pct", d.crop_pct, 0, 1, lo_open=True)
     if isinstance(d, FakeDatasetConfig):
@@ -154,14 +150,14 @@ def _augment(run: RunConfig) -> None:
 
 def _optimizer(run: RunConfig) -> None:
     o: OptimizerConfig = run.optimizer
-    _check("optimizer.lr", o.lr, o.lr > 0, "> 0")
+    check_value("optimizer.lr", o.lr, o.lr > 0, "> 0")
     at_least("optimizer.weight_decay", o.weight_decay, 0)
     betas = getattr(o, "betas", None)
     if betas is not None:
-        _check("optimizer.betas", list(betas), len(betas) == 2 and all(0 <= b < 1 for b in betas),
-               "two numbers in [0, 1)")
+        check_value("optimizer.betas", list(betas),
+                    len(betas) == 2 and all(0 <= b < 1 for b in betas), "two numbers in [0, 1)")
     if hasattr(o, "eps"):
-        _check("optimizer.eps", o.eps, o.eps > 0, "> 0")
+        check_value("optimizer.eps", o.eps, o.eps > 0, "> 0")
     if isinstance(o, SGDConfig | RMSpropConfig):
         at_least("optimizer.momentum", o.momentum, 0)
     if isinstance(o, SGDConfig) and o.nesterov and o.momentum <= 0:
@@ -178,12 +174,12 @@ def scheduler(spec: SchedulerConfig, where: str) -> None:
         _in(f"{where}.min_lr_mult", spec.min_lr_mult, 0, 1)
     if isinstance(spec, StepSchedulerConfig):
         at_least(f"{where}.step_epochs", spec.step_epochs, 1)
-        _check(f"{where}.gamma", spec.gamma, spec.gamma > 0, "> 0")
+        check_value(f"{where}.gamma", spec.gamma, spec.gamma > 0, "> 0")
     if isinstance(spec, OneCycleSchedulerConfig):
         _in(f"{where}.pct_start", spec.pct_start, 0, 1, lo_open=True, hi_open=True)
-        _check(f"{where}.div_factor", spec.div_factor, spec.div_factor > 0, "> 0")
-        _check(f"{where}.final_div_factor", spec.final_div_factor, spec.final_div_factor > 0,
-               "> 0")
+        check_value(f"{where}.div_factor", spec.div_factor, spec.div_factor > 0, "> 0")
+        check_value(f"{where}.final_div_factor", spec.final_div_factor, spec.final_div_factor > 0,
+                    "> 0")
 
 
 def selector(entry: Any, where: str) -> SelectorSpec:
@@ -197,10 +193,10 @@ def selector(entry: Any, where: str) -> SelectorSpec:
     else:
         raise UserError(f"{where} must be a selector (a string, or a mapping with select, lr, "
                         f"lr_mult), got {entry!r}")
-    _check(f"{where}.select", spec.select, bool(spec.select.strip()), "a selector")
+    check_value(f"{where}.select", spec.select, bool(spec.select.strip()), "a selector")
     if spec.lr is not None:
-        _check(f"{where}.lr", spec.lr, spec.lr > 0, "> 0 (or null)")
-    _check(f"{where}.lr_mult", spec.lr_mult, spec.lr_mult > 0, "> 0")
+        check_value(f"{where}.lr", spec.lr, spec.lr > 0, "> 0 (or null)")
+    check_value(f"{where}.lr_mult", spec.lr_mult, spec.lr_mult > 0, "> 0")
     return spec
 
 
@@ -234,18 +230,18 @@ def _freeze(run: RunConfig) -> None:
     if isinstance(policy, TwoStageConfig):
         at_least("freeze.head_epochs", policy.head_epochs, 0)
         at_least("freeze.finetune_epochs", policy.finetune_epochs, 0)
-        _check("freeze.finetune_lr_mult", policy.finetune_lr_mult,
-               policy.finetune_lr_mult > 0, "> 0")
+        check_value("freeze.finetune_lr_mult", policy.finetune_lr_mult,
+                    policy.finetune_lr_mult > 0, "> 0")
     if isinstance(policy, LpFtConfig):
         at_least("freeze.probe_epochs", policy.probe_epochs, 0)
         at_least("freeze.finetune_epochs", policy.finetune_epochs, 0)
-        _check("freeze.finetune_lr_mult", policy.finetune_lr_mult,
-               policy.finetune_lr_mult > 0, "> 0")
+        check_value("freeze.finetune_lr_mult", policy.finetune_lr_mult,
+                    policy.finetune_lr_mult > 0, "> 0")
     if isinstance(policy, LoraConfig):
-        _check("freeze.target", policy.target, bool(policy.target.strip()),
-               "a selector (blocks[-4:], backbone, a glob over parameter names)")
+        check_value("freeze.target", policy.target, bool(policy.target.strip()),
+                    "a selector (blocks[-4:], backbone, a glob over parameter names)")
         at_least("freeze.rank", policy.rank, 1)
-        _check("freeze.alpha", policy.alpha, policy.alpha > 0, "> 0")
+        check_value("freeze.alpha", policy.alpha, policy.alpha > 0, "> 0")
         _in("freeze.dropout", policy.dropout, 0, 1, hi_open=True)
     if isinstance(policy, TopKConfig):
         at_least("freeze.k", policy.k, 1)
@@ -265,7 +261,7 @@ def _freeze(run: RunConfig) -> None:
         at_least("freeze.gradual.every", g.every, 1)
         at_least("freeze.gradual.blocks", g.blocks, 1, nullable=True)
         at_least("freeze.gradual.head_epochs", g.head_epochs, 0, nullable=True)
-        _check("freeze.gradual.block_lr_mult", g.block_lr_mult, g.block_lr_mult > 0, "> 0")
+        check_value("freeze.gradual.block_lr_mult", g.block_lr_mult, g.block_lr_mult > 0, "> 0")
         _in("freeze.gradual.decay", g.decay, 0, 1, lo_open=True)
     elif policy.total_epochs < 1:
         raise UserError("the freeze policy runs 0 epochs in total: set trainer.epochs >= 1 (or "
@@ -278,18 +274,18 @@ def _trainer(run: RunConfig) -> None:
     at_least("trainer.batch_size", t.batch_size, 1)
     at_least("trainer.eval_batch_size", t.eval_batch_size, 1, nullable=True)
     at_least("trainer.num_workers", t.num_workers, 0, nullable=True)
-    _check("trainer.device", t.device, bool(_DEVICE.match(t.device)),
-           "auto, cpu, cuda, cuda:N or mps")
+    check_value("trainer.device", t.device, bool(_DEVICE.match(t.device)),
+                "auto, cpu, cuda, cuda:N or mps")
     at_least("trainer.log_every_n_steps", t.log_every_n_steps, 1)
     _in("trainer.label_smoothing", t.label_smoothing, 0, 1, hi_open=True)
     c = t.feature_cache
-    _check("trainer.feature_cache.max_gb", c.max_gb, c.max_gb > 0, "> 0")
+    check_value("trainer.feature_cache.max_gb", c.max_gb, c.max_gb > 0, "> 0")
     if t.ema.decay is not None:
         _in("trainer.ema.decay", t.ema.decay, 0, 1, lo_open=True, hi_open=True)
     at_least("trainer.accumulate_grad_batches", t.accumulate_grad_batches, 1)
     if t.gradient_clip_val is not None:
-        _check("trainer.gradient_clip_val", t.gradient_clip_val, t.gradient_clip_val > 0,
-               "> 0 (or null: no clipping)")
+        check_value("trainer.gradient_clip_val", t.gradient_clip_val, t.gradient_clip_val > 0,
+                    "> 0 (or null: no clipping)")
     _regularize(run)
     e = t.early_stopping
     at_least("trainer.early_stopping.patience", e.patience, 1, nullable=True)

@@ -22,7 +22,6 @@ import io
 import logging
 import math
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,20 +31,9 @@ import torch.distributed as dist
 from torch import nn
 
 from transferlab.errors import UserError
+from transferlab.infra.processes import LOCAL_RANK, launched
 
 log = logging.getLogger("transferlab")
-
-# torchrun's environment: the number of processes, this one's rank and its rank on its node
-WORLD_SIZE, RANK, LOCAL_RANK = "WORLD_SIZE", "RANK", "LOCAL_RANK"
-
-
-def launched() -> bool:
-    """Whether this process is one of several that ``torchrun`` started."""
-    try:
-        return int(os.environ.get(WORLD_SIZE, "1")) > 1 and RANK in os.environ
-    except ValueError:
-        return False
-
 
 def init_from_env() -> World:
     """Join the process group torchrun's environment describes (once; a no-op for a single
@@ -61,30 +49,12 @@ def init_from_env() -> World:
     return current_world()
 
 
-def shutdown() -> None:
-    """Leave the process group (the end of a ``transferlab-train`` under torchrun)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def current_world() -> World:
     """This process's place: from the process group when there is one, else a single process."""
     if not (dist.is_available() and dist.is_initialized()):
         return World()
     rank = dist.get_rank()
     return World(rank, dist.get_world_size(), int(os.environ.get(LOCAL_RANK, rank)))
-
-
-def quiet_logging(rank: int) -> None:
-    """A process other than rank 0: warnings and errors only, on stderr, marked with the rank
-    (rank 0 alone writes the console, the log file and the record)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"[rank {rank}][%(levelname)s] %(message)s"))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(logging.WARNING)
 
 
 @dataclass(frozen=True)

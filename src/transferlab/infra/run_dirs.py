@@ -1,4 +1,5 @@
-"""Run directories that never collide, and finished runs that are never written into.
+"""Run directories that never collide, finished runs that are never written into, and the
+``metrics.json`` of a run that failed before its record opened.
 
 ``hydra.run.dir`` is ``${transferlab_claim:outputs/runs/<date>/<time>_<name>}``: the resolver
 creates the directory atomically (``mkdir`` without ``exist_ok``) and, when another run took
@@ -16,9 +17,11 @@ import os
 import re
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from transferlab.errors import UserError
+from transferlab.config import RunConfig, load_config
+from transferlab.errors import UserError, error_line
+from transferlab.infra.processes import env_rank, launched
 
 CLAIM_RESOLVER = "transferlab_claim"
 _claimed: dict[str, str] = {}
@@ -27,7 +30,9 @@ SHARED = "<the run's, of every process>"  # the key of the directory a DDP run c
 
 def claim(path: str) -> str:
     """Create ``path`` (or the first free ``path-N``) and return it; under DDP, rank 0's."""
-    from transferlab.infra.distributed import current_world  # (torch: a run's, not --help's)
+    if not launched():
+        return _claim(path)
+    from transferlab.infra.distributed import current_world  # (torch: DDP runs only)
 
     world = current_world()
     if not world.active:
@@ -88,6 +93,31 @@ def check_run_dir(argv: list[str]) -> None:
             status = "unreadable"
         raise UserError(f"hydra.run.dir={value} holds a run ({status}): choose another "
                         f"directory, or go on with that run with resume={value}")
+
+
+def write_failed_metrics(run_dir: Path, exc: BaseException) -> None:
+    """A ``metrics.json`` for a run that stopped before its record opened: ``failed`` with the
+    error's first line, or ``interrupted``."""
+    interrupted = isinstance(exc, KeyboardInterrupt)
+    data = {"status": "interrupted" if interrupted else "failed",
+            "error": "KeyboardInterrupt" if interrupted else error_line(exc), "history": [],
+            "best": None, "final": None, "params": {}, "wall_seconds": 0.0}
+    tmp = run_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, run_dir / "metrics.json")
+
+
+def config_of_run(cfg: DictConfig, overrides: list[str] | None, run_dir: Path) -> RunConfig:
+    """The checked config of the run in ``run_dir`` (which is created). A config that fails
+    its checks raises its one-line error, and the run's ``metrics.json`` says ``failed`` with
+    it (written by rank 0 of a DDP run). No torch is imported."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return load_config(cfg, overrides or [])
+    except BaseException as exc:
+        if env_rank() == 0:
+            write_failed_metrics(run_dir, exc)
+        raise
 
 
 def safe_name(text: str) -> str:

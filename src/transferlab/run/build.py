@@ -16,8 +16,18 @@ from torch import nn
 from transferlab.backbones import Backbone, build_backbone, probe_features
 from transferlab.backbones.init import LoadReport, format_report, restore_into
 from transferlab.config import AugmentConfig, LoraConfig, RunConfig
-from transferlab.data import DataSplits, build_splits, eval_batch_size, loader_workers
+from transferlab.data import (
+    DataSplits,
+    build_splits,
+    eval_batch_size,
+    loader_workers,
+    make_loaders,
+)
+from transferlab.data.mixup import batch_mixer
 from transferlab.engine.context import EpochContext
+from transferlab.engine.hooks import Hook
+from transferlab.engine.stages import Loop
+from transferlab.engine.stepping import StepOptions
 from transferlab.errors import UserError
 from transferlab.feature_cache import FeatureCache
 from transferlab.heads import build_head
@@ -157,3 +167,35 @@ def distribute(built: BuiltRun) -> None:
         for plan in built.plans:
             for group in plan.groups:
                 group.lr *= scale
+
+
+def stage_loop(built: BuiltRun, hooks: list[Hook]) -> Loop:
+    """The engine's loop for a built run: its model on its device (with a resume's weights),
+    its loaders (MixUp / CutMix where ``augment`` mixes), objectives, stepping, penalty and
+    ``hooks``: what training and the LR finder's warm-up both run."""
+    run, model = built.run, built.model
+    if built.resume is not None:
+        model.load_state_dict(built.resume.model)
+    model.to(built.device)
+    if built.channels_last:
+        model.to(memory_format=torch.channels_last)
+    train_loader, val_loader = make_loaders(built.splits, run.trainer, run.seed, built.device,
+                                            batch_mixer(run.augment, len(built.splits.classes),
+                                                        run.seed), built.world)
+    if train_loader.persistent_workers:  # its one base seed is drawn now, as on a resume
+        iter(train_loader)
+    train, val = built.task.objectives(built)
+    return Loop(model=model, plans=built.plans, ctx=built.context, train_loader=train_loader,
+                val_loader=val_loader, optimizer_cfg=run.optimizer, scheduler_cfg=run.scheduler,
+                train_objective=train, eval_objective=val, hooks=hooks,
+                stepping=StepOptions.from_trainer(run.trainer), record_fn=built.task.record,
+                penalty=built.penalty, resume=built.resume)
+
+
+def train_criterion(built: BuiltRun) -> nn.Module:
+    """A classifier's training loss: cross-entropy with the run's label smoothing and class
+    weights (the training loop's and the LR finder's)."""
+    trainer = built.run.trainer
+    weights = (built.splits.class_weights().to(built.device)
+               if trainer.class_weights == "balanced" else None)
+    return nn.CrossEntropyLoss(weight=weights, label_smoothing=trainer.label_smoothing)

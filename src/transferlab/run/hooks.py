@@ -1,6 +1,7 @@
 """The hooks of a training run (the engine's generic ones are in
 :mod:`transferlab.engine.hooks`): the stage's cached inputs, the record (TensorBoard,
-``metrics.json``, the console), the checkpoints, and stops on a signal.
+``metrics.json``, the console), the checkpoints, stops on a signal, and an autoencoder's
+reconstructions.
 
 :func:`run_hooks` puts a run's hooks in the order they must run in.
 """
@@ -14,6 +15,9 @@ import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
 
 from transferlab.engine.hooks import Distributed, EarlyStop, Ema, Hook, LogLearningRates
 from transferlab.engine.ledger import FreezeLedger
@@ -22,8 +26,12 @@ from transferlab.infra.checkpoint import save_epoch_checkpoints
 from transferlab.infra.cluster import preemption_signal
 from transferlab.infra.distributed import World
 from transferlab.infra.runtime import rng_state
+from transferlab.run.images import reconstruction_grid
 from transferlab.run.record import RunTracker
 from transferlab.staging.summary import stage_table
+
+if TYPE_CHECKING:
+    from transferlab.run.build import BuiltRun
 
 log = logging.getLogger("transferlab")
 
@@ -191,6 +199,24 @@ class Checkpoint(Hook):
             stage_name=loop.plan.name, config=built.run.as_dict(), history=self.tracker.history,
             best=self.tracker.best, classes=built.splits.classes if built.task.has_classes
             else [], loop=state)
+
+
+class ReconstructionImages(Hook):
+    """After every epoch, the first ``shown`` val images above their reconstructions
+    (``recon/val`` in TensorBoard)."""
+
+    def __init__(self, built: BuiltRun, tracker: RunTracker, shown: int):
+        self.built, self.tracker = built, tracker
+        self.shown = min(shown, len(built.splits.val))
+        self.samples = (torch.stack([built.splits.val[i][0] for i in range(self.shown)])
+                        if self.shown and tracker.writes else None)
+
+    def on_epoch_end(self, loop) -> None:
+        if self.samples is not None:
+            spec = self.built.backbone.input
+            grid = reconstruction_grid(loop.model, self.samples, spec.mean, spec.std,
+                                       loop.ctx.device)
+            self.tracker.log_images("recon/val", grid, loop.epoch, nrow=self.shown)
 
 
 def run_hooks(built, tracker: RunTracker, run_dir: Path, stop: StopRequest) -> list[Hook]:

@@ -6,6 +6,9 @@ torchrun. Every decision to train, skip or resume a job is here.
 
 Exit codes: 0 done, 1 a sweep job failed, 2 bad input (one ``error:`` line, before any model
 is built or image read), 130 interrupted.
+
+A config is checked before torch is imported (a one-line error takes no more than composing
+it): what trains and resumes is imported in the functions that train and resume.
 """
 
 from __future__ import annotations
@@ -15,35 +18,23 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from transferlab.config import composition_error, load_config
+from transferlab.config import composition_error
 from transferlab.config.store import register_configs
 from transferlab.errors import EXIT_JOB_FAILED, Interrupted, UserError
-from transferlab.infra.checkpoint import load_checkpoint
 from transferlab.infra.cluster import export_submitit_env, hand_over, job_environment
-from transferlab.infra.distributed import (
-    current_world,
-    init_from_env,
-    launched,
-    quiet_logging,
-    shutdown,
-)
-from transferlab.infra.run_dirs import check_run_dir
-from transferlab.run import RunResult, resume_run, train
-from transferlab.run.resume import (
-    clear_unfinished,
-    find_sweep,
-    job_action,
-    read_status,
-    requeued_action,
-    same_config,
-)
+from transferlab.infra.processes import env_rank, launched, quiet_logging, rank_tag, shutdown
+from transferlab.infra.run_dirs import check_run_dir, config_of_run
 from transferlab.tools.sweep import SweepSummary, remember_swept_keys
+
+if TYPE_CHECKING:
+    from transferlab.run.execute import RunResult
 
 log = logging.getLogger("transferlab")
 
@@ -54,25 +45,17 @@ def _main(cfg: DictConfig) -> float | None:
     run_dir = Path(hc.runtime.output_dir)
     overrides = list(hc.overrides.task)
     export_submitit_env()  # a submitit job of several tasks: torch.distributed's env://
-    # the process group: joined already under torchrun (_distributed), here in a submitit job
-    world = init_from_env()
-    if not world.main:
-        quiet_logging(world.rank)  # after Hydra's own logging setup
+    if env_rank() > 0:
+        quiet_logging(env_rank())  # after Hydra's own logging setup
     try:
-        if cfg.get("resume") == "auto":
-            result = _auto_job(cfg, run_dir, overrides)
-        elif job_environment() is not None and (action := requeued_action(run_dir)):
-            # a submitit job requeued after preemption / its time limit: its own directory
-            result = _go_on(cfg, run_dir, overrides, action, requeued=True)
-        else:
-            result = train(cfg, run_dir, overrides=overrides)
+        result = _job(cfg, run_dir, overrides)
     except Interrupted as stop:
         hand_over(stop.signum)  # submitit's preemption signal: requeued (rank 0 exits here)
         raise
     except UserError as exc:
         if hc.mode != RunMode.MULTIRUN:
             # SystemExit passes through Hydra (it reports an Exception on lines of its own)
-            print(f"{_rank_tag()}error: {exc}", file=sys.stderr, flush=True)
+            print(f"{rank_tag()}error: {exc}", file=sys.stderr, flush=True)
             sys.exit(2)
         # The sweep goes on; this job's metrics.json says why it failed.
         print(f"error: job {hc.job.num}: {exc}", file=sys.stderr, flush=True)
@@ -85,16 +68,27 @@ def _main(cfg: DictConfig) -> float | None:
         log.exception("job failed")
         print(f"error: job {hc.job.num} failed: {exc}", file=sys.stderr, flush=True)
         return None
-    if world.main:
+    if env_rank() == 0:
         print(f"\nRun saved to: {run_dir}\nOpen it in TensorBoard: tensorboard --logdir "
               f"{run_dir}", flush=True)
     return result.best_val_acc
 
 
-def _rank_tag() -> str:
-    """``[rank N] `` before the error lines of a DDP process other than rank 0."""
-    world = current_world()
-    return "" if world.main else f"[rank {world.rank}] "
+def _job(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> RunResult:
+    """One job: a sweep's job launched again (``resume=auto``), a requeued submitit job, or a
+    run, whose config is checked before torch is imported. Under DDP the process group is
+    joined (from torchrun's or submitit's environment) when the run starts."""
+    if cfg.get("resume") == "auto":
+        return _auto_job(cfg, run_dir, overrides)
+    if job_environment() is not None:  # a submitit job: requeued after preemption / its time
+        from transferlab.run.resume import requeued_action  # limit? (its own directory)
+
+        if action := requeued_action(run_dir):
+            return _go_on(cfg, run_dir, overrides, action, requeued=True)
+    run = config_of_run(cfg, overrides, run_dir)  # a one-line error here imports no torch
+    from transferlab.run.execute import train
+
+    return train(run, run_dir, overrides=overrides)
 
 
 def _distributed(argv: list[str], multirun: bool, resume: str | None) -> None:
@@ -104,6 +98,8 @@ def _distributed(argv: list[str], multirun: bool, resume: str | None) -> None:
     if multirun:
         raise UserError("-m under torchrun: torchrun trains one run on several processes; start "
                         "one torchrun per run of the sweep")
+    from transferlab.infra.distributed import init_from_env
+
     if resume in (None, "", "null"):
         check_run_dir(argv)
     world = init_from_env()
@@ -116,6 +112,9 @@ def _distributed(argv: list[str], multirun: bool, resume: str | None) -> None:
 def _auto_job(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> RunResult:
     """A job of a sweep launched again with ``resume=auto``: skip it when it completed, go on
     with it when it left a checkpoint, start it (again) otherwise."""
+    from transferlab.run.execute import train
+    from transferlab.run.resume import clear_unfinished, job_action
+
     action = job_action(run_dir)
     if action == "busy":
         raise UserError(f"{run_dir} is still running in another process")
@@ -130,6 +129,11 @@ def _go_on(cfg: DictConfig, run_dir: Path, overrides: list[str], action: str, *,
     """``skip`` a job that completed before, or ``resume`` it from its ``last.pt``, which must
     hold the config composed now. ``requeued``: a submitit job started again (its earlier
     attempt was preempted or reached its time limit)."""
+    from transferlab.config import load_config
+    from transferlab.infra.checkpoint import load_checkpoint
+    from transferlab.run.execute import RunResult, resume_run
+    from transferlab.run.resume import read_status, same_config
+
     if action == "skip":
         log.info("%s completed before: not run again", run_dir)
         return RunResult(run_dir, read_status(run_dir))
@@ -145,10 +149,12 @@ def _go_on(cfg: DictConfig, run_dir: Path, overrides: list[str], action: str, *,
 def _resume_one(run_dir: Path, overrides: list[str]) -> int:
     """``transferlab-train resume=<run dir> [allowed overrides]``: no new composition, the
     run's saved config; the log goes on in its ``train.log``."""
-    if current_world().main:
+    from transferlab.run.execute import resume_run
+
+    if env_rank() == 0:
         _log_to(run_dir / "train.log")
     result = resume_run(run_dir, overrides)
-    if current_world().main:
+    if env_rank() == 0:
         print(f"\nRun saved to: {run_dir}\nOpen it in TensorBoard: tensorboard --logdir "
               f"{run_dir}", flush=True)
     return 0 if result.metrics.get("status") == "completed" else EXIT_JOB_FAILED
@@ -201,6 +207,8 @@ def launch(argv: list[str]) -> int:
                 raise UserError("resume=auto is for sweeps (-m); go on with one run with "
                                 "resume=<run dir>")
             if not any(a.startswith("hydra.sweep.dir=") for a in argv):
+                from transferlab.run.resume import find_sweep
+
                 found = find_sweep(argv)
                 if found is not None:
                     print(f"resume=auto: going on with {found}", flush=True)
@@ -214,24 +222,25 @@ def launch(argv: list[str]) -> int:
         os.environ["HYDRA_FULL_ERROR"] = "1"
         try:
             _main()  # Hydra reads sys.argv itself
-        except OSError as exc:  # the machine's, not a bug: an unwritable folder, a full disk
-            where = f" ({exc.filename})" if exc.filename else ""
-            raise UserError(f"{exc.strerror or exc}{where}: check the output folder "
-                            "(hydra.run.dir / hydra.sweep.dir) and the free disk space") from None
         except Exception as exc:
-            if not _is_hydra_error(exc):
-                raise  # a bug: the traceback is what to report
-            raise composition_error(exc) from None
+            if _is_hydra_error(exc):  # (Hydra's missing option is an OSError too)
+                raise composition_error(exc) from None
+            if isinstance(exc, OSError):  # the machine's, not a bug: unwritable, a full disk
+                where = f" ({exc.filename})" if exc.filename else ""
+                raise UserError(f"{exc.strerror or exc}{where}: check the output folder "
+                                "(hydra.run.dir / hydra.sweep.dir) and the free disk "
+                                "space") from None
+            raise  # a bug: the traceback is what to report
     except UserError as exc:
-        if _rank_tag():  # the same line from every process: say which one
-            raise UserError(f"{_rank_tag()}{exc}") from None
+        if rank_tag():  # the same line from every process: say which one
+            raise UserError(f"{rank_tag()}{exc}") from None
         raise
     except (Interrupted, KeyboardInterrupt) as stop:
         where = getattr(stop, "run_dir", None)
         again = (f": go on with transferlab-train resume={where}"
                  if where and (where / "checkpoints" / "last.pt").is_file() else "")
         signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
-        print(f"{_rank_tag()}interrupted ({signal.Signals(signum).name}){again}",
+        print(f"{rank_tag()}interrupted ({signal.Signals(signum).name}){again}",
               file=sys.stderr, flush=True)
         return 128 + signum
     shutdown()

@@ -1,4 +1,4 @@
-"""``head=logreg``: scikit-learn's LogisticRegression on the frozen backbone's pooled
+"""``task=logreg``: scikit-learn's LogisticRegression on the frozen backbone's pooled
 features, in closed form instead of the staged loop (one record "epoch")."""
 
 from __future__ import annotations
@@ -44,14 +44,14 @@ def fit_logreg(arrays: dict[str, tuple[np.ndarray, np.ndarray]], c: float, max_i
 
 
 def fit_logreg_head(built: BuiltRun, tracker: RunTracker, run_dir: Path) -> None:
-    """``head=logreg``: scikit-learn's LogisticRegression on the frozen backbone's features of
+    """``task=logreg``: scikit-learn's LogisticRegression on the frozen backbone's features of
     the training images (eval preprocessing); recorded as one epoch (stage ``logreg``); the
     fitted pipeline is pickled to ``logreg.pkl``."""
     run, splits = built.run, built.splits
     arrays = extract_splits(built.backbone, splits, run.trainer, built.device,
                             built.image_size, built.feature_cache, "logreg")
     tracker.extra["feature_cache"] = built.feature_cache.report
-    fit = fit_logreg(arrays, run.head.C, run.head.max_iter, run.seed)
+    fit = fit_logreg(arrays, run.task.C, run.task.max_iter, run.seed)
     dim, k = arrays["train"][0].shape[1], len(splits.classes)
     tracker.params = {"total": dim * k + k, "trainable": dim * k + k}
     tracker.log_epoch({"epoch": 1, "stage": "logreg",

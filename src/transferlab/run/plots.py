@@ -4,11 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.figure import Figure  # (not pyplot: no GUI backend, no global figure state)
 
 
 def stage_starts(history: list[dict]) -> list[tuple[int, str]]:
@@ -34,7 +30,8 @@ def learning_curves(history: list[dict], title: str = "",
     panels = [("loss", "loss")]
     if any(r.get("val_acc") is not None for r in history):
         panels.insert(0, ("acc", "accuracy"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    fig = Figure(figsize=(5.5 * len(panels), 4.2))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (metric, label) in zip(axes[0], panels, strict=True):
         ax.plot(epochs, [r.get(f"train_{metric}") for r in history], "o-",
                 label=f"train {label}")
@@ -82,4 +79,3 @@ def save_learning_curves(history: list[dict], path: Path, title: str = "",
                          stops: list[dict] | None = None) -> None:
     fig = learning_curves(history, title, stops)
     fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -25,7 +25,7 @@ def checkpoint_path(run_dir: Path, name: str) -> Path:
         raise UserError(f"run directory {run_dir} does not exist")
     path = run_dir / "checkpoints" / f"{name}.pt"
     if not path.is_file() and (run_dir / "logreg.pkl").is_file():
-        raise UserError(f"{run_dir} is a head=logreg run: a logistic regression on frozen "
+        raise UserError(f"{run_dir} is a task=logreg run: a logistic regression on frozen "
                         "features (logreg.pkl), with no network checkpoint; its val accuracy is "
                         "in its metrics.json, and transferlab-features exports the features to "
                         "fit it again")

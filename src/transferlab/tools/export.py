@@ -31,7 +31,7 @@ onnxruntime and TorchScript with ``torch.jit.load``, on real images (the run's v
 through its eval transform, or the photos in ``images=``), first one image alone and then the
 rest as a batch, and compares their class probabilities with the PyTorch model's. Above
 ``tolerance`` (default 1e-4) the command ends with one line ``error: ...`` and exit code 1; the
-files stay for inspection. Mistakes (no such run, a head=logreg or autoencoder run) are one
+files stay for inspection. Mistakes (no such run, a task=logreg or autoencoder run) are one
 line and exit code 2 (:mod:`transferlab.cli.args`).
 """
 
@@ -54,7 +54,6 @@ from torch import nn
 from transferlab.config import RunConfig
 from transferlab.errors import UserError
 from transferlab.infra.checkpoint import load_checkpoint
-from transferlab.registry import HEADS
 from transferlab.run.saved import (
     checkpoint_weights,
     restore_model,
@@ -120,9 +119,6 @@ def load_saved_model(path: Path, weights: str = "raw") -> SavedModel:
     if "model" not in ckpt or not classes:
         raise UserError(f"{path} holds no model weights or class names (not a checkpoint "
                         "written by transferlab-train?)")
-    if HEADS.builder(run.head.name) is None:
-        raise UserError(f"{path} is from a head={run.head.name} run: a classical classifier on "
-                        "frozen features, not a network, so there is nothing to export")
     model, backbone, image_size = restore_model(run, checkpoint_weights(ckpt, weights, path),
                                               len(classes))
     model = model.float().cpu().eval()

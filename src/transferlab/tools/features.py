@@ -2,7 +2,7 @@
 
     transferlab-features dataset=hymenoptera output=hymenoptera_lite0.npz   # export to .npz
     transferlab-features --help                                             # every argument
-    transferlab-train head=logreg dataset=hymenoptera                       # a run: LogReg
+    transferlab-train task=logreg dataset=hymenoptera                       # a run: LogReg
 
 ``transferlab-features`` takes ``output=<file>`` and, as every other argument, the config
 overrides of ``transferlab-train`` (:mod:`transferlab.cli.args`).

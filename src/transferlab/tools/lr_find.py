@@ -69,8 +69,7 @@ from transferlab.engine.stages import fit_stages
 from transferlab.engine.stepping import StepHooks, StepOptions
 from transferlab.errors import UserError, did_you_mean
 from transferlab.infra.runtime import Precision, rng_state, seed_everything, set_rng_state
-from transferlab.run.build import BuiltRun, build_run
-from transferlab.run.tasks import stage_loop
+from transferlab.run.build import BuiltRun, build_run, stage_loop
 from transferlab.staging.optim import stage_optimizer
 from transferlab.staging.policy import StagePlan, apply_stage, set_train_mode
 
@@ -367,7 +366,7 @@ def prepare_stage(run: RunConfig, stage: str | None = None,
     seed_everything(run.seed, run.trainer.deterministic)
     built = build_run(run)
     if built.model is None:
-        raise UserError(f"head={run.head.name} is fitted in closed form (no learning rate): "
+        raise UserError(f"task={run.task.name} is fitted in closed form (no learning rate): "
                         "there is nothing for lr_find to sweep")
     plan = pick_stage(built.plans, stage, built.task.policy_label(run))
     loop = stage_loop(built, warmup_hooks(built) if warmup else [])
