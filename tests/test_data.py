@@ -347,3 +347,25 @@ def test_digits_read_from_the_shipped_file_are_scikit_learns():
     bunch = sklearn_digits()
     assert images.shape == (1797, 8, 8) and np.array_equal(images, bunch.images)
     assert np.array_equal(labels, bunch.target)
+
+
+def test_a_split_is_remembered_and_read_back_without_scikit_learn(tmp_path, monkeypatch):
+    """The first split is scikit-learn's and is written to the cache; the same split again is
+    read from there (scikit-learn not called); other labels, fraction or seed: another memo."""
+    import sys
+
+    from sklearn.model_selection import train_test_split
+
+    from transferlab.data import stratified_split
+
+    monkeypatch.setenv("TRANSFERLAB_CACHE_DIR", str(tmp_path))
+    labels = [i % 3 for i in range(60)]
+    keep, held = stratified_split(labels, 0.25, 7)
+    want_keep, want_held = train_test_split(list(range(60)), test_size=0.25, stratify=labels,
+                                            random_state=7)
+    assert (keep, held) == (sorted(want_keep), sorted(want_held))
+    assert len(list((tmp_path / "splits").glob("*.json"))) == 1
+    monkeypatch.setitem(sys.modules, "sklearn.model_selection", None)  # import fails now
+    assert stratified_split(labels, 0.25, 7) == (keep, held)
+    with pytest.raises(ImportError):
+        stratified_split(labels, 0.25, 8)  # another seed: not remembered

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import json
 import logging
 import math
 import os
@@ -42,6 +45,7 @@ from transferlab.data.torchvision_sets import load_torchvision_set
 from transferlab.data.transforms import eval_transform, train_transform
 from transferlab.errors import UserError
 from transferlab.infra.distributed import World
+from transferlab.infra.runtime import cache_root
 from transferlab.registry import DATASETS
 
 log = logging.getLogger(__name__)
@@ -78,7 +82,16 @@ class DataSplits:
 
 def stratified_split(labels: list[int], fraction: float, seed: int,
                      what: str = "val_fraction") -> tuple[list[int], list[int]]:
-    """Indices (keep, held_out) with ``fraction`` of every class held out, reproducible by seed."""
+    """Indices (keep, held_out) with ``fraction`` of every class held out, reproducible by seed:
+    scikit-learn's ``train_test_split`` (stratified), remembered on disk (:func:`_split_memo`)
+    so that the next run of the same data skips importing scikit-learn and SciPy."""
+    memo = _split_memo(labels, fraction, seed)
+    if memo is not None and memo.is_file():
+        try:
+            saved = json.loads(memo.read_text())
+            return saved["keep"], saved["held"]
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable: computed again, and written again
     indices = list(range(len(labels)))
     try:
         from sklearn.model_selection import train_test_split
@@ -88,7 +101,35 @@ def stratified_split(labels: list[int], fraction: float, seed: int,
     except ValueError as exc:
         raise UserError(f"cannot split {len(labels)} images with {what}={fraction} "
                         f"stratified by class ({exc})") from None
-    return sorted(keep), sorted(held)
+    keep, held = sorted(keep), sorted(held)
+    if memo is not None:
+        _write_memo(memo, {"keep": keep, "held": held})
+    return keep, held
+
+
+def _split_memo(labels: list[int], fraction: float, seed: int) -> Path | None:
+    """The memo of a split: named by the digest of everything its indices depend on (the
+    labels in order, the fraction, the seed and scikit-learn's version), so that it holds
+    exactly what scikit-learn would compute. None where scikit-learn's version is unknown."""
+    try:
+        version = importlib.metadata.version("scikit-learn")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    key = json.dumps([version, repr(float(fraction)), seed, [int(y) for y in labels]])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+    return cache_root() / "splits" / f"{digest}.json"
+
+
+def _write_memo(path: Path, data: dict) -> None:
+    """Whole or not at all (a temporary file renamed); a cache that cannot be written is
+    skipped: the split is computed again next time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def holdout(labels: list[int], cfg: DatasetConfig, val: bool = True,

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from transferlab.errors import UserError
+from transferlab.infra.runtime import cache_root
 
 try:
     import fcntl
@@ -33,17 +34,13 @@ except ImportError:  # pragma: no cover - Windows: no lock, the rename still kee
 
 log = logging.getLogger("transferlab")
 
-ENV = "TRANSFERLAB_CACHE_DIR"
 FORMAT = "transferlab-features/1"
 
 
 def default_dir() -> Path:
     """``$TRANSFERLAB_CACHE_DIR/features``, else ``$XDG_CACHE_HOME/transferlab/features``
     (``~/.cache/transferlab/features``)."""
-    if os.environ.get(ENV):
-        return Path(os.environ[ENV]).expanduser() / "features"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "transferlab" / "features"
+    return cache_root() / "features"
 
 
 @dataclass

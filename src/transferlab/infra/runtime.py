@@ -1,16 +1,29 @@
-"""Device choice, seeding and mixed precision."""
+"""Device choice, seeding, mixed precision and where transferlab keeps its caches."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from transferlab.config.validate import amp_mode
 from transferlab.errors import UserError
+
+CACHE_ENV = "TRANSFERLAB_CACHE_DIR"
+
+
+def cache_root() -> Path:
+    """``$TRANSFERLAB_CACHE_DIR``, else ``$XDG_CACHE_HOME/transferlab``
+    (``~/.cache/transferlab``): the feature cache's store (``features/``) and the memo of
+    dataset splits (``splits/``)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "transferlab"
 
 
 def pick_device(name: str) -> torch.device:
