@@ -12,6 +12,7 @@ takes that one (their clocks may name different seconds).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -107,17 +108,40 @@ def write_failed_metrics(run_dir: Path, exc: BaseException) -> None:
     os.replace(tmp, run_dir / "metrics.json")
 
 
-def config_of_run(cfg: DictConfig, overrides: list[str] | None, run_dir: Path) -> RunConfig:
+def config_of_run(cfg: DictConfig, overrides: list[str] | None, run_dir: Path, *,
+                  record_refusal: bool = True) -> RunConfig:
     """The checked config of the run in ``run_dir`` (which is created). A config that fails
-    its checks raises its one-line error, and the run's ``metrics.json`` says ``failed`` with
-    it (written by rank 0 of a DDP run). No torch is imported."""
+    its checks raises its one-line error. ``record_refusal`` (a sweep's job: one failed row of
+    its sweep): the run's ``metrics.json`` says ``failed`` with it (written by rank 0 of a DDP
+    run); otherwise (one run) what Hydra wrote for it is removed, so a run refused before it
+    built anything leaves no directory behind. No torch is imported."""
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         return load_config(cfg, overrides or [])
     except BaseException as exc:
         if env_rank() == 0:
-            write_failed_metrics(run_dir, exc)
+            if record_refusal or isinstance(exc, KeyboardInterrupt):
+                write_failed_metrics(run_dir, exc)
+            else:
+                remove_refused(run_dir)
         raise
+
+
+# What Hydra writes into a run's directory before the run starts.
+_HYDRA_FILES = (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", ".hydra",
+                "train.log")
+
+
+def remove_refused(run_dir: Path) -> None:
+    """Remove Hydra's files from the directory of a run that was refused, then the directory
+    if nothing else is in it (a directory named by ``hydra.run.dir`` that holds other files
+    keeps them)."""
+    for name in _HYDRA_FILES:
+        path = run_dir / name
+        with contextlib.suppress(OSError):
+            path.rmdir() if path.is_dir() else path.unlink()
+    with contextlib.suppress(OSError):
+        run_dir.rmdir()
 
 
 def safe_name(text: str) -> str:

@@ -48,7 +48,7 @@ def _main(cfg: DictConfig) -> float | None:
     if env_rank() > 0:
         quiet_logging(env_rank())  # after Hydra's own logging setup
     try:
-        result = _job(cfg, run_dir, overrides)
+        result = _job(cfg, run_dir, overrides, sweep=hc.mode == RunMode.MULTIRUN)
     except Interrupted as stop:
         hand_over(stop.signum)  # submitit's preemption signal: requeued (rank 0 exits here)
         raise
@@ -74,10 +74,11 @@ def _main(cfg: DictConfig) -> float | None:
     return result.best_val_acc
 
 
-def _job(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> RunResult:
+def _job(cfg: DictConfig, run_dir: Path, overrides: list[str], *, sweep: bool) -> RunResult:
     """One job: a sweep's job launched again (``resume=auto``), a requeued submitit job, or a
-    run, whose config is checked before torch is imported. Under DDP the process group is
-    joined (from torchrun's or submitit's environment) when the run starts."""
+    run, whose config is checked before torch is imported (a refused run leaves no directory;
+    a refused job of a ``sweep``, a failed row). Under DDP the process group is joined (from
+    torchrun's or submitit's environment) when the run starts."""
     if cfg.get("resume") == "auto":
         return _auto_job(cfg, run_dir, overrides)
     if job_environment() is not None:  # a submitit job: requeued after preemption / its time
@@ -85,7 +86,7 @@ def _job(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> RunResult:
 
         if action := requeued_action(run_dir):
             return _go_on(cfg, run_dir, overrides, action, requeued=True)
-    run = config_of_run(cfg, overrides, run_dir)  # a one-line error here imports no torch
+    run = config_of_run(cfg, overrides, run_dir, record_refusal=sweep)  # imports no torch
     from transferlab.run.execute import train
 
     return train(run, run_dir, overrides=overrides)
