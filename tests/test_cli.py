@@ -28,7 +28,12 @@ def test_cli_run_writes_a_run_directory_and_says_where(tmp_path):
     assert len(runs) == 1 and runs[0].name.endswith("digits-test_efficientnet-linear_probe")
     assert json.loads((runs[0] / "metrics.json").read_text())["status"] == "completed"
     assert (runs[0] / ".hydra" / "config.yaml").is_file()
-    assert f"tensorboard --logdir {runs[0]}" in proc.stdout.splitlines()[-1]
+    # as the user would type it: relative to the working directory (the README's lines)
+    relative = runs[0].relative_to(tmp_path)
+    assert str(relative).startswith("outputs/runs/")
+    assert proc.stdout.splitlines()[-2:] == [f"Run saved to: {relative}",
+                                              f"Open it in TensorBoard: tensorboard --logdir "
+                                              f"{relative}"]
 
 
 def test_missing_dataset_root(tmp_path):

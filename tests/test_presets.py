@@ -44,7 +44,8 @@ def test_every_experiment_composes_and_loads(name, compose_cfg, tmp_path):
     given = tmp_path / "given.pt"
     given.write_bytes(b"")
     run = load_config(compose_cfg([f"experiment={name}", *(f"{k}={given}" for k in required)]))
-    assert run.name.startswith(name)  # a preset names its runs (plus, maybe, the dataset)
+    # a preset names its runs, with the data they ran on (a preset runs on any dataset)
+    assert run.name.startswith(name) and run.dataset.name in run.name, run.name
     assert run.freeze.stages or run.freeze.gradual
 
 

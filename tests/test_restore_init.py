@@ -283,6 +283,7 @@ def test_weights_path_loads_torchvision_weights_offline(tmp_path, offline):
     assert torch.equal(bn.running_var, original.layer4[1].bn2.running_var)
     assert torch.equal(backbone.imagenet_head[-1].weight, original.fc.weight)
     assert len(backbone.categories) == 1000 and backbone.input.mean == (0.485, 0.456, 0.406)
+    assert backbone.weights == path  # what the run logs: "weights from <file>"
 
     # Without the file, the offline error names it as the way out.
     with pytest.raises(UserError) as err:

@@ -54,6 +54,7 @@ class Backbone:
     categories: list[str] | None = None  # class names of the pretrained classifier
     imagenet_head: nn.Module | None = None  # the pretrained classifier (features -> logits)
     feature_shape: tuple[int, ...] = field(default=())  # filled in by probe_features
+    weights: str = "random initialisation"  # where the weights came from (logged by the run)
 
     @property
     def feature_dim(self) -> int:

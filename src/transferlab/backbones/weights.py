@@ -35,10 +35,15 @@ def host_reachable(host: str, timeout: float = 3.0) -> bool:
         socket.setdefaulttimeout(old)
 
 
+def torchvision_weights_file(weights) -> Path:
+    """Where torchvision keeps (or downloads) the file of a weight enum member."""
+    return torch_hub_checkpoints() / os.path.basename(urlparse(weights.url).path)
+
+
 def load_torchvision_state_dict(weights, model_name: str) -> dict[str, torch.Tensor]:
     """The state dict of a torchvision weight enum member, from TORCH_HOME or downloaded."""
-    filename = os.path.basename(urlparse(weights.url).path)
-    target = torch_hub_checkpoints() / filename
+    target = torchvision_weights_file(weights)
+    filename = target.name
     try:
         return weights.get_state_dict(progress=True, check_hash=False)
     except Exception as exc:  # URLError, hash or unpickling errors

@@ -144,6 +144,15 @@ def remove_refused(run_dir: Path) -> None:
         run_dir.rmdir()
 
 
+def shown(path: Path) -> Path:
+    """``path`` as a user would type it here: relative to the working directory when it is
+    below it, else as it is."""
+    try:
+        return Path(path).resolve().relative_to(Path.cwd().resolve())
+    except (ValueError, OSError):
+        return Path(path)
+
+
 def safe_name(text: str) -> str:
     """A value fit for a directory name: no path separators, no spaces, short numbers."""
     try:

@@ -116,6 +116,7 @@ def build_backbone_of(run: RunConfig) -> tuple[Backbone, LoadReport | None, int,
     """(backbone with ``backbone.init`` restored, its report, image size, feature shape).
     The size is checked against the architecture before any image is read."""
     backbone = build_backbone(run.backbone)
+    log.info("backbone %s: weights from %s", backbone.name, backbone.weights)
     report = None
     if run.backbone.init.path:  # tensors of any checkpoint, after the pretrained weights
         report = restore_into(backbone.module, run.backbone.init)

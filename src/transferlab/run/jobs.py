@@ -30,7 +30,7 @@ from transferlab.config.store import register_configs
 from transferlab.errors import EXIT_JOB_FAILED, Interrupted, UserError
 from transferlab.infra.cluster import export_submitit_env, hand_over, job_environment
 from transferlab.infra.processes import env_rank, launched, quiet_logging, rank_tag, shutdown
-from transferlab.infra.run_dirs import check_run_dir, config_of_run
+from transferlab.infra.run_dirs import check_run_dir, config_of_run, shown
 from transferlab.tools.sweep import SweepSummary, remember_swept_keys
 
 if TYPE_CHECKING:
@@ -69,8 +69,7 @@ def _main(cfg: DictConfig) -> float | None:
         print(f"error: job {hc.job.num} failed: {exc}", file=sys.stderr, flush=True)
         return None
     if env_rank() == 0:
-        print(f"\nRun saved to: {run_dir}\nOpen it in TensorBoard: tensorboard --logdir "
-              f"{run_dir}", flush=True)
+        _say_saved(run_dir)
     return result.best_val_acc
 
 
@@ -156,9 +155,15 @@ def _resume_one(run_dir: Path, overrides: list[str]) -> int:
         _log_to(run_dir / "train.log")
     result = resume_run(run_dir, overrides)
     if env_rank() == 0:
-        print(f"\nRun saved to: {run_dir}\nOpen it in TensorBoard: tensorboard --logdir "
-              f"{run_dir}", flush=True)
+        _say_saved(run_dir)
     return 0 if result.metrics.get("status") == "completed" else EXIT_JOB_FAILED
+
+
+def _say_saved(run_dir: Path) -> None:
+    """Where the run is, relative to the working directory when it is below it."""
+    where = shown(run_dir)
+    print(f"\nRun saved to: {where}\nOpen it in TensorBoard: tensorboard --logdir {where}",
+          flush=True)
 
 
 def _log_to(path: Path) -> None:
