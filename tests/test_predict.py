@@ -146,6 +146,34 @@ def test_a_path_with_an_equals_sign_is_an_image_not_a_key(tmp_path, capsys, one_
     assert top_k_by_image(capsys.readouterr().out).keys() == {"red=1.png"}
 
 
+def test_a_backbone_takes_its_weights_from_a_file_offline(tmp_path, monkeypatch, capsys,
+                                                         one_thread):
+    """``backbone=<name> backbone.weights_path=<file>``, as the offline error advises: the file's
+    weights (an empty TORCH_HOME, downloads fail), the ImageNet head included."""
+    import torch
+    from torchvision.models import resnet18
+
+    from transferlab.tools.predict import imagenet_predictor
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError("no network")))
+    torch.manual_seed(5)
+    original = resnet18()
+    torch.save(original.state_dict(), tmp_path / "mine.pth")
+    body, head = imagenet_predictor("resnet18", None,
+                                    fields={"weights_path": str(tmp_path / "mine.pth")}).model
+    assert torch.equal(body.conv1.weight, original.conv1.weight)
+    assert torch.equal(head[-1].weight, original.fc.weight)
+
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "red.png")
+    assert main(["backbone=resnet18", f"backbone.weights_path={tmp_path / 'mine.pth'}",
+                 "top_k=2", str(tmp_path / "red.png")]) == 0
+    assert len(top_k_by_image(capsys.readouterr().out)["red.png"]) == 2
+    assert main(["backbone=resnet18", "backbone.weights_pth=x", str(tmp_path / "red.png")]) == 2
+    assert "did you mean 'weights_path'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["a.jpg"], "give exactly one of backbone=<name>"),
     (["backbone=resnet18", "run=x", "a.jpg"], "backbone= and run= exclude each other"),
@@ -154,6 +182,8 @@ def test_a_path_with_an_equals_sign_is_an_image_not_a_key(tmp_path, capsys, one_
     (["backbone=resnet18", "checkpoint=last", "output=o.csv", "a.jpg"],
      "checkpoint= and output= go with run=, not with backbone="),
     (["backbone=resnet18"], "no PATH given"),
+    (["run=x", "backbone.weights_path=w.pth", "a.jpg"],
+     "backbone.weights_path= goes with backbone=, not with run="),
     (["backbone=resnet18", "top_k=0", "a.jpg"], "invalid value for top_k: '0'"),
     (["backbone=resnet18", "backbone_source=tim", "a.jpg"], "did you mean 'timm'"),
     (["--backbone", "resnet18", "a.jpg"], "--backbone is not an option: write backbone="),

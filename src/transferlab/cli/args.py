@@ -275,6 +275,17 @@ def parse(spec: Spec, argv: Sequence[str]) -> Parsed:
     return parsed
 
 
+def yaml_value(text: str) -> Any:
+    """A command-line value as YAML reads it (numbers, true/false, null), else the string."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, str | int | float | bool) or value is None else text
+
+
 # -- help ------------------------------------------------------------------------------------
 def usage_line(spec: Spec) -> str:
     if spec.usage:

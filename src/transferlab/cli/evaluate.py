@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 import matplotlib
-import yaml
 
-from transferlab.cli.args import Key, Prefix, Spec, parse, run_main
+from transferlab.cli.args import Key, Prefix, Spec, parse, run_main, yaml_value
 from transferlab.run.saved import (
     CHECKPOINTS,
     WEIGHTS,
@@ -57,19 +55,10 @@ SPEC = Spec(
 )
 
 
-def _value(text: str) -> Any:
-    """A command-line value as YAML reads it (numbers, true/false, null), else the string."""
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    return value if isinstance(value, str | int | float | bool) or value is None else text
-
-
 def parse_args(argv: list[str]) -> EvalArgs:
     """``key=value`` items (like Hydra overrides) -> :class:`EvalArgs`; mistakes are UserErrors."""
     parsed = parse(SPEC, argv)
-    dataset = {key.removeprefix("dataset."): _value(value)
+    dataset = {key.removeprefix("dataset."): yaml_value(value)
                for key, value in parsed.prefixed.items()}
     return EvalArgs(run=parsed["run"], checkpoint=parsed["checkpoint"], split=parsed["split"],
                     weights=parsed["weights"], device=parsed["device"], tta=parsed["tta"],

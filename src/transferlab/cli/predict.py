@@ -5,10 +5,10 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from transferlab.cli.args import Key, Spec, parse, positive_int, run_main
+from transferlab.cli.args import Key, Prefix, Spec, parse, positive_int, run_main, yaml_value
 from transferlab.errors import UserError
 from transferlab.infra.runtime import pick_device
 from transferlab.registry import BACKBONE_SOURCES
@@ -56,6 +56,8 @@ SPEC = Spec(
             metavar="auto|cpu|cuda|..."),
         Key("tta", TTA_HELP, default="none", choices=TTA_MODES),
     ),
+    prefixes=(Prefix("backbone.", "with backbone=: a field of the backbone's config, e.g. "
+                     "backbone.weights_path=<file> (its weights from a file: no download)"),),
     positionals="PATH",
     positional_help="image files or folders (searched recursively)",
     positionals_required=True,
@@ -64,6 +66,7 @@ SPEC = Spec(
     examples=(
         "transferlab-predict backbone=efficientnet_lite0 top_k=3 cat.jpg photos/",
         "transferlab-predict backbone=convnext_nano backbone_source=timm cat.jpg",
+        "transferlab-predict backbone=resnet18 backbone.weights_path=resnet18.pth cat.jpg",
         "transferlab-predict run=outputs/runs/2026-11-23/10-00-00_digits-efficientnet_lite0-"
         "linear_probe photos/",
         "transferlab-predict run=<run dir> checkpoint=last tta=flip output=preds.csv photos/",
@@ -79,6 +82,7 @@ class PredictArgs:
     backbone: str | None = None
     run: Path | None = None
     backbone_source: str | None = None
+    backbone_fields: dict = field(default_factory=dict)  # backbone.<field>=<value>
     top_k: int = 5
     checkpoint: str = "best"
     weights: str = "raw"
@@ -101,17 +105,22 @@ def parse_args(argv: list[str]) -> PredictArgs:
     wrong, mode, other = ((IMAGENET_ONLY, "run", "backbone") if "run" in given
                           else (RUN_ONLY, "backbone", "run"))
     extra = [k for k in wrong if k in given]
+    if "run" in given and parsed.prefixed:
+        extra.append(f"{next(iter(parsed.prefixed))}")
     if extra:
         keys = " and ".join(f"{k}=" for k in extra)
         raise UserError(f"{keys} {'go' if len(extra) > 1 else 'goes'} with {other}=, "
                         f"not with {mode}=")
-    return PredictArgs(paths=parsed.positionals,
+    fields = {key.removeprefix("backbone."): yaml_value(value)
+              for key, value in parsed.prefixed.items()}
+    return PredictArgs(paths=parsed.positionals, backbone_fields=fields,
                        **{k: parsed[k] for k in SPEC.key_names})
 
 
 def imagenet_mode(args: PredictArgs, inputs: Inputs) -> None:
     """Print the top-k ImageNet classes of each image."""
-    predictor = imagenet_predictor(args.backbone, args.backbone_source, args.tta)
+    predictor = imagenet_predictor(args.backbone, args.backbone_source, args.tta,
+                                   args.backbone_fields)
     if args.tta != "none":
         print(describe(args.tta), flush=True)
     count = 0

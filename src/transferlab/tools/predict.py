@@ -35,6 +35,7 @@ from torch import nn
 
 from transferlab.backbones import build_backbone
 from transferlab.config import BackboneConfig, compose_config, load_config
+from transferlab.config.typed import typed_object
 from transferlab.data.image_folder import load_rgb
 from transferlab.errors import UserError, did_you_mean
 from transferlab.infra.checkpoint import load_checkpoint
@@ -162,9 +163,14 @@ def backbone_config(name: str, source: str | None) -> BackboneConfig:
     )
 
 
-def imagenet_predictor(name: str, source: str | None, tta: str = "none") -> Predictor:
-    """A pretrained backbone with its own ImageNet classifier, at its native input size."""
-    backbone = build_backbone(backbone_config(name, source))
+def imagenet_predictor(name: str, source: str | None, tta: str = "none",
+                       fields: dict | None = None) -> Predictor:
+    """A pretrained backbone with its own ImageNet classifier, at its native input size;
+    ``fields`` change its config (``weights_path``: its weights from a file)."""
+    cfg = backbone_config(name, source)
+    if fields:
+        cfg = typed_object(type(cfg), {**dataclasses.asdict(cfg), **fields}, "backbone")
+    backbone = build_backbone(cfg)
     if backbone.imagenet_head is None or not backbone.categories:
         raise UserError(f"backbone {backbone.name} has no ImageNet-1k classifier to predict "
                         "with: choose a model pretrained on ImageNet-1k")
