@@ -595,6 +595,8 @@ class TrainerConfig:
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     deterministic: bool = False
     progress: bool | None = None  # None: a progress bar when the terminal is interactive
+    # Off a terminal (progress unset): a progress line every this many seconds (0: none)
+    progress_seconds: float = 30.0
     channels_last: bool = True
     # Mixed precision (runtime.Precision): auto (CUDA: bf16 where supported, else fp16 +
     # GradScaler; full precision elsewhere) | off (float32) | bf16 (CUDA or CPU autocast) |

@@ -277,6 +277,7 @@ def _trainer(run: RunConfig) -> None:
     check_value("trainer.device", t.device, bool(_DEVICE.match(t.device)),
                 "auto, cpu, cuda, cuda:N or mps")
     at_least("trainer.log_every_n_steps", t.log_every_n_steps, 1)
+    at_least("trainer.progress_seconds", t.progress_seconds, 0)
     _in("trainer.label_smoothing", t.label_smoothing, 0, 1, hi_open=True)
     c = t.feature_cache
     check_value("trainer.feature_cache.max_gb", c.max_gb, c.max_gb > 0, "> 0")

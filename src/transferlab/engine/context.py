@@ -14,13 +14,15 @@ from transferlab.infra.runtime import Precision
 class EpochContext:
     """Where and how a pass runs: the device, the autocast precision (``trainer.amp``),
     channels-last images (``trainer.channels_last``, when the model's features are a map), a
-    progress bar, and this process of the run (:class:`~transferlab.infra.distributed.World`)."""
+    progress bar, else a progress line every ``progress_every`` seconds (0: none; off a
+    terminal), and this process of the run (:class:`~transferlab.infra.distributed.World`)."""
 
     device: torch.device
     precision: Precision
     channels_last: bool = False
     progress: bool = False
     world: World = field(default_factory=World)
+    progress_every: float = 0.0
 
     @classmethod
     def cpu(cls, amp: str = "off") -> EpochContext:

@@ -17,9 +17,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from transferlab.engine.context import EpochContext
+from transferlab.engine.progress import Progress
 from transferlab.engine.stepping import StepHooks, StepOptions, Stepper
 from transferlab.infra.distributed import World
 
@@ -80,6 +80,11 @@ class _Running:
             self.correct += int((logits.argmax(1) == hard).sum())
         self.count += n
 
+    def figures(self) -> dict[str, str]:
+        """The running loss and accuracy, as a progress display shows them."""
+        n = max(self.count, 1)
+        return {"loss": f"{self.loss_sum / n:.4f}", "acc": f"{self.correct / n:.3f}"}
+
     def stats(self, seconds: float, steps: int = 0, stopped: bool = False) -> EpochStats:
         n = max(self.count, 1)
         return EpochStats(self.loss_sum / n, self.correct / n, self.count, seconds, steps,
@@ -134,8 +139,8 @@ def train_epoch(model: nn.Module, loader, objective: Objective,
     start = time.perf_counter() - (resume.seconds if resume else 0.0)
     running = _Running(resume.sums if resume else (0.0, 0, 0))
     steps = resume.steps if resume else 0
-    bar = tqdm(loader, desc=desc, leave=False, disable=not ctx.progress, dynamic_ncols=True,
-               initial=steps, total=len(loader))
+    bar = Progress(loader, desc, bar=ctx.progress, every=ctx.progress_every,
+                   total=len(loader), initial=steps)
     stepper = Stepper(optimizer, ctx.precision, len(loader), stepping, hooks)
     penalty_sum, batches = 0.0, 0
     for x, y in bar:
@@ -156,9 +161,7 @@ def train_epoch(model: nn.Module, loader, objective: Objective,
             stepped = stepper.backward(value, y.shape[0], steps, objective_value)
         running.update(loss_value, None if logits is None else logits.detach(), y)
         steps += 1
-        if ctx.progress:
-            s = running.stats(0)
-            bar.set_postfix(loss=f"{s.loss:.4f}", acc=f"{s.acc:.3f}")
+        bar.update(y.shape[0], running.figures if bar.wants_postfix else None)
         if stepped and hooks.should_stop():
             bar.close()
             return _with_penalty(running.stats(time.perf_counter() - start, steps,
@@ -180,9 +183,11 @@ def evaluate(model: nn.Module, loader, objective: Objective, ctx: EpochContext,
     ``loader``; leaves the model in eval mode."""
     model.eval()
     start, running = time.perf_counter(), _Running()
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=not ctx.progress,
-                     dynamic_ncols=True):
+    bar = Progress(loader, desc, bar=ctx.progress, every=ctx.progress_every, total=len(loader))
+    for x, y in bar:
         x, y = to_device(x, y, ctx)
         loss, logits = objective(model, x, y, ctx)
         running.update(float(loss), logits, y)
+        bar.update(y.shape[0])
+    bar.close()
     return running.stats(time.perf_counter() - start)

@@ -88,7 +88,7 @@ class BuiltRun:
     def context(self) -> EpochContext:
         """Where and how its passes run (device, precision, channels-last, progress, world)."""
         return EpochContext(self.device, self.precision, self.channels_last, self.progress,
-                            self.world)
+                            self.world, self.progress_every)
 
     @property
     def total_epochs(self) -> int:
@@ -99,6 +99,14 @@ class BuiltRun:
         """A progress bar: ``trainer.progress``, or when stderr is a terminal (rank 0's only)."""
         shown = self.run.trainer.progress
         return self.world.main and (sys.stderr.isatty() if shown is None else shown)
+
+    @property
+    def progress_every(self) -> float:
+        """Seconds between progress lines: ``trainer.progress_seconds`` off a terminal
+        (``trainer.progress`` unset, rank 0), else none (a bar, or ``progress=false``)."""
+        trainer = self.run.trainer
+        quiet = trainer.progress is False or self.progress or not self.world.main
+        return 0.0 if quiet else float(trainer.progress_seconds)
 
 
 def build_classifier(run: RunConfig, backbone: Backbone, feature_shape: tuple[int, ...],

@@ -26,7 +26,8 @@ from transferlab.registry import TASKS, load_builtins
 
 # Overrides a resume takes: they cannot change the result (or extend the last stage).
 EXTENDING = ("trainer.epochs", "freeze.finetune_epochs")  # give the last stage more epochs
-RESUME_OVERRIDES = ("trainer.progress", "trainer.num_workers", *EXTENDING)
+RUNTIME = ("trainer.progress", "trainer.progress_seconds", "trainer.num_workers")  # how, not what
+RESUME_OVERRIDES = (*RUNTIME, *EXTENDING)
 
 
 @dataclass
@@ -130,7 +131,7 @@ def resumed_config(saved: dict, overrides: list[str], done_epochs: int) -> dict:
         if key not in RESUME_OVERRIDES:
             raise UserError(f"resume takes the run's saved config: {item!r} would change it "
                             f"(a resume takes only {', '.join(RESUME_OVERRIDES)})")
-        if key in ("trainer.progress", "trainer.num_workers"):
+        if key in RUNTIME:
             section, field = key.split(".")
             raw[section][field] = None if value == "null" else _value(value)
             continue
