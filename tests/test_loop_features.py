@@ -190,6 +190,66 @@ def test_good_values_compose():
     assert defaults.trainer.gradient_clip_val is None
 
 
+# --- one tie rule: early stopping's restored epoch and best.pt ---------------------------------
+
+class _Tracker:
+    def __init__(self):
+        self.extra, self.texts = {}, []
+
+    def log_text(self, tag, text, step):
+        self.texts.append(text)
+
+
+def _stopping(monitor: str, min_delta: float = 0.0):
+    from types import SimpleNamespace
+
+    from transferlab.config.schema import EarlyStoppingConfig
+    from transferlab.engine.early_stopping import EarlyStopping
+
+    stopping = EarlyStopping(EarlyStoppingConfig(patience=2, monitor=monitor,
+                                                 min_delta=min_delta), _Tracker())
+    stopping.begin(SimpleNamespace(name="head", index=0, first_epoch=1, last_epoch=9))
+    return stopping
+
+
+@pytest.mark.parametrize("monitor", ["val_acc", "val_loss"])
+def test_early_stopping_restores_the_epoch_best_pt_holds_on_a_tie(monitor):
+    """Epoch 2 has epoch 1's accuracy at a lower loss: the run's best (best.pt) is epoch 2, and
+    so is the epoch early stopping restores; epoch 2 resets no patience under val_acc (it did
+    not improve the monitored value), and a later exact tie in both stays with the earlier."""
+    from transferlab.engine.best import epoch_rank
+
+    records = [{"epoch": 1, "val_acc": 0.9, "val_loss": 0.5},
+               {"epoch": 2, "val_acc": 0.9, "val_loss": 0.3},
+               {"epoch": 3, "val_acc": 0.9, "val_loss": 0.3},
+               {"epoch": 4, "val_acc": 0.8, "val_loss": 0.9}]
+    model = nn.Linear(2, 2)
+    stopping = _stopping(monitor)
+    for record in records:
+        with torch.no_grad():
+            model.weight.fill_(record["epoch"])
+        if stopping.update(record, model):
+            break
+    run_best = max(records, key=epoch_rank)  # the record's rule (the first of equals)
+    assert run_best["epoch"] == stopping.best_epoch == 2
+    assert stopping.best_state["weight"].eq(2).all()
+    assert stopping.epoch == (3 if monitor == "val_acc" else 4)  # patience 2 from its reference
+    stopping.end(model, None)
+    assert model.weight.eq(2).all() and "the weights of epoch 2 restored" in \
+        stopping.tracker.texts[0]
+    assert stopping.tracker.extra["stopped_early"][0]["best_epoch"] == 2
+
+
+def test_an_improvement_below_min_delta_is_not_the_best_epoch():
+    """min_delta decides what counts as better; the tie rule applies to equal values only."""
+    stopping = _stopping("val_acc", min_delta=0.05)
+    model = nn.Linear(2, 2)
+    for record in ({"epoch": 1, "val_acc": 0.90, "val_loss": 0.5},
+                   {"epoch": 2, "val_acc": 0.92, "val_loss": 0.2}):
+        stopping.update(record, model)
+    assert stopping.best_epoch == 1 and stopping.wait == 1
+
+
 # --- early stopping in a run --------------------------------------------------------------------
 
 # two_stage on 100 digits: the head stage (5 planned epochs, on cached features) stops after

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from transferlab.config.schema import EmaConfig
+from transferlab.engine.best import epoch_rank
 
 
 class WeightsEma:
@@ -121,9 +122,11 @@ def ema_fields(stats, record: dict) -> dict:
 
 
 def best_ema(history: list[dict]) -> dict | None:
-    """The epoch whose EMA weights scored best on val (acc, then lower loss), or None."""
+    """The epoch whose EMA weights scored best on val (:mod:`~transferlab.engine.best`'s
+    rule: acc, then lower loss, the earlier of equals), or None."""
     rows = [r for r in history if r.get("val_loss_ema") is not None]
     if not rows:
         return None
-    top = max(rows, key=lambda r: (r.get("val_acc_ema") or 0.0, -r["val_loss_ema"]))
+    top = max(rows, key=lambda r: epoch_rank({"val_acc": r.get("val_acc_ema"),
+                                              "val_loss": r["val_loss_ema"]}))
     return {k: top[k] for k in ("epoch", "val_acc_ema", "val_loss_ema") if k in top}

@@ -15,6 +15,7 @@ import yaml
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
+from transferlab.engine.best import epoch_rank
 from transferlab.engine.ema import best_ema
 from transferlab.errors import Interrupted, error_line
 from transferlab.infra.liveness import process_started
@@ -170,7 +171,7 @@ class RunTracker:
                 self.writer.add_scalar("val/acc_ema", record["val_acc_ema"], epoch)
             self.extra["best_ema"] = best_ema(self.history)
         self.writer.add_scalar("stage", stage_index, epoch)
-        improved = self.best is None or _rank(record) > _rank(self.best)
+        improved = self.best is None or epoch_rank(record) > epoch_rank(self.best)
         if improved:
             self.best = _summary(record)
         summary = self.summary_metrics()
@@ -286,8 +287,3 @@ def _summary(record: dict) -> dict:
     return {k: record[k] for k in ("epoch", "val_acc", "val_loss", "val_acc_ema", "val_loss_ema")
             if k in record}
 
-
-def _rank(record: dict) -> tuple[float, float]:
-    """Larger is better: val acc (0 when there is none), then lower val loss."""
-    acc = record.get("val_acc")
-    return (acc if acc is not None else 0.0, -record["val_loss"])
