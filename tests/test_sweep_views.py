@@ -77,6 +77,20 @@ def test_union_hparams_hold_every_key_of_every_run(tmp_path):
                                                              "hparam/final_val_loss"}
 
 
+def test_the_keys_that_differ_are_marked_and_come_first(tmp_path):
+    """TensorBoard's HParams table shows the columns whose ``differs`` is true first (and,
+    with all false, the first five by name: the swept ``optimizer.lr`` hidden)."""
+    runs = [{"augment": "none", "backbone": "lite0", "dataset": "digits", "freeze": "lp",
+             "head": "linear", "optimizer": "adam", "optimizer.lr": lr, "seed": 0}
+            for lr in (1e-3, 1e-2, 1e-1)]
+    runs[2]["trainer.label_smoothing"] = 0.1  # a key one run has: differs too
+    write_union_hparams(tmp_path, runs)
+    infos = _experiment(tmp_path).hparam_infos
+    assert [(h.name, h.differs) for h in infos[:2]] == [("optimizer.lr", True),
+                                                        ("trainer.label_smoothing", True)]
+    assert not any(h.differs for h in infos[2:]) and len(infos) == 9
+
+
 def test_seed_groups_write_mean_min_max_runs(tmp_path):
     histories = [[{"epoch": 1, "val_acc": 0.5, "val_loss": 1.0, "train_acc": 0.4,
                    "train_loss": 2.0}, {"epoch": 2, "val_acc": 0.7, "val_loss": 0.8,
@@ -278,6 +292,10 @@ def test_tensorboard_serves_every_key_every_run_and_the_seed_bands(policy_seed_s
         columns = {h["name"] for h in experiment.get("hparamInfos", [])}
         assert {"freeze", "seed", "optimizer.lr", "trainer.label_smoothing",
                 "optimizer.weight_decay"} <= columns, sorted(columns)
+        # what was swept comes back marked (the HParams table shows it first), the rest not
+        differs = {h["name"]: h.get("differs", False) for h in experiment["hparamInfos"]}
+        assert differs["freeze"] and differs["seed"] and differs["trainer.label_smoothing"]
+        assert not differs["backbone"] and not differs["dataset"], differs
         assert len(groups["sessionGroups"]) == 8  # every run a row
         band = {}
         for stat in ("mean", "min", "max"):

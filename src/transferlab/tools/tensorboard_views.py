@@ -48,17 +48,35 @@ def write_union_hparams(root: Path, hparams: Sequence[dict]) -> Path | None:
             names.setdefault(name, []).append(value)
     if not names:
         return None
+    differ = {name for name, values in names.items()
+              if len(values) < len(hparams) or len({repr(v) for v in values}) > 1}
     columns = []
-    for name in sorted(names):
+    for name in sorted(names, key=lambda n: (n not in differ, n)):  # what was swept first
         domain = _domain(names[name])
         columns.append(hp.HParam(name, domain) if domain is not None else hp.HParam(name))
     metrics = [hp.Metric(f"hparam/{m}", display_name=m) for m in HPARAM_METRICS]
     for old in root.glob(f"events.out.tfevents.*{SUFFIX}"):
         old.unlink()
     writer = SummaryWriter(log_dir=str(root), filename_suffix=SUFFIX)
-    writer.file_writer.add_summary(hp.hparams_config_pb(columns, metrics))
+    writer.file_writer.add_summary(_marking_differs(hp.hparams_config_pb(columns, metrics),
+                                                    differ))
     writer.close()
     return next(root.glob(f"events.out.tfevents.*{SUFFIX}"))
+
+
+def _marking_differs(summary, differ: set[str]):
+    """The experiment record with ``differs`` set on the hparams whose values are not the same
+    in every run (TensorBoard's HParams table shows those columns first; ``hparams_config_pb``
+    leaves it false, and TensorBoard then shows the first five keys by name, hiding the swept
+    one)."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    value = summary.value[0]
+    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+    for info in data.experiment.hparam_infos:
+        info.differs = info.name in differ
+    value.metadata.plugin_data.content = data.SerializeToString()
+    return summary
 
 
 def group_curves(histories: Sequence[list[dict]]) -> dict[str, dict[int, tuple]]:
