@@ -259,6 +259,9 @@ SCRIPTS = {
                ["--run", "some/run"], "error: --run is not an option: write run=<value>"),
     "compare": ("transferlab-compare", [".", "sort_by=final_val_loss"], "sort_by",
                 [".", "--no-plot"], "error: --no-plot is not an option: write plot=false"),
+    "blocks": ("transferlab-blocks", ["backbone=resnet18", "backbon_source=timm"],
+               "backbon_source", ["--backbone", "resnet18"],
+               "error: --backbone is not an option: write backbone=<value>"),
 }
 CASES = ("help", "unknown", "flag")
 # Each run imports torch (about 5-10 s): the subprocess tests are marked slow.

@@ -22,11 +22,9 @@ has a ``tta`` column (``none`` without TTA).
 from __future__ import annotations
 
 import csv
-import dataclasses
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -34,18 +32,16 @@ from PIL import Image
 from torch import nn
 
 from transferlab.backbones import build_backbone
-from transferlab.config import BackboneConfig, compose_config, load_config
-from transferlab.config.typed import typed_object
 from transferlab.data.image_folder import load_rgb
-from transferlab.errors import UserError, did_you_mean
+from transferlab.errors import UserError
 from transferlab.infra.checkpoint import load_checkpoint
-from transferlab.registry import BACKBONE_SOURCES
 from transferlab.run.saved import (
     checkpoint_path,
     checkpoint_weights,
     restore_model,
     saved_run_config,
 )
+from transferlab.tools.backbone_lookup import backbone_config
 from transferlab.tools.tta import mean_log_probs, views_transform
 
 SHOWN_SKIPPED = 10  # file names listed in the warning line (then "... and N more")
@@ -127,50 +123,11 @@ class Predictor:
     classes: list[str]
 
 
-def preset_config(name: str) -> BackboneConfig | None:
-    """The backbone preset ``conf/backbone/<name>.yaml``, if there is one."""
-    preset = resources.files("transferlab.conf") / "backbone" / f"{name}.yaml"
-    if not preset.is_file():
-        return None
-    return load_config(compose_config([f"backbone={name}"])).backbone
-
-
-def _backbone_of(name: str, source: str) -> BackboneConfig:
-    """A pretrained model ``name`` of ``source`` with its schema's defaults."""
-    return BACKBONE_SOURCES.schema_of(source)(name=name, source=source)
-
-
-def backbone_config(name: str, source: str | None) -> BackboneConfig:
-    """A pretrained backbone by preset name, or a torchvision / timm model name."""
-    if source is not None:
-        return _backbone_of(name, source)
-    preset = preset_config(name)
-    if preset is not None:
-        return dataclasses.replace(preset, pretrained=True)
-    import timm
-    from torchvision import models as tvm
-
-    torchvision_names = tvm.list_models(module=tvm)
-    if name in torchvision_names:
-        return _backbone_of(name, "torchvision")
-    if timm.is_model(name):
-        return _backbone_of(name, "timm")
-    presets = [p.name[:-5] for p in (resources.files("transferlab.conf") / "backbone").iterdir()
-               if p.name.endswith(".yaml")]
-    raise UserError(
-        f"unknown backbone {name!r}{did_you_mean(name, [*presets, *torchvision_names])}: give a "
-        f"preset ({', '.join(sorted(presets))}), a torchvision or a timm model name"
-    )
-
-
 def imagenet_predictor(name: str, source: str | None, tta: str = "none",
                        fields: dict | None = None) -> Predictor:
     """A pretrained backbone with its own ImageNet classifier, at its native input size;
     ``fields`` change its config (``weights_path``: its weights from a file)."""
-    cfg = backbone_config(name, source)
-    if fields:
-        cfg = typed_object(type(cfg), {**dataclasses.asdict(cfg), **fields}, "backbone")
-    backbone = build_backbone(cfg)
+    backbone = build_backbone(backbone_config(name, source, fields))
     if backbone.imagenet_head is None or not backbone.categories:
         raise UserError(f"backbone {backbone.name} has no ImageNet-1k classifier to predict "
                         "with: choose a model pretrained on ImageNet-1k")
