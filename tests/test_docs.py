@@ -561,3 +561,43 @@ def test_slugs_are_githubs():
     assert slug("Early stopping, MixUp and EMA on `two_stage`: what they do") == \
         "early-stopping-mixup-and-ema-on-two_stage-what-they-do"
     assert slug("Freeze policy × training-data fraction") == "freeze-policy--training-data-fraction"
+
+
+# -- custom freeze policies shown as YAML -----------------------------------------------------
+def policy_blocks() -> list[tuple[str, str, str]]:
+    """(page, policy name, YAML) of every ```yaml block of the pages that is a freeze policy
+    file (its first line ``# conf/freeze/<name>.yaml``)."""
+    found = []
+    for page in PAGES:
+        for match in re.finditer(r"```yaml\n# conf/freeze/(\w+)\.yaml\n(.*?)```",
+                                 page.read_text(), re.S):
+            found.append((page.name, match.group(1), match.group(2)))
+    return found
+
+
+@pytest.mark.parametrize(("page", "name", "text"), policy_blocks(),
+                         ids=[f"{p}:{n}" for p, n, _ in policy_blocks()])
+def test_a_custom_policy_in_the_docs_plans_on_the_default_backbone(page, name, text):
+    """The policy, as a user would save it, is typed by the schema and its stages planned on
+    the default backbone (its architecture; the weights do not matter): every selector picks
+    parameters, and no parameter is picked twice in a stage."""
+    import yaml
+
+    from transferlab.backbones import build_backbone, probe_features
+    from transferlab.config import HeadConfig
+    from transferlab.heads import build_head
+    from transferlab.model import TransferModel
+    from transferlab.staging.policy import plan_stages
+
+    raw = OmegaConf.to_container(compose_config([]), resolve=True)
+    raw["freeze"] = yaml.safe_load(text)
+    run = load_config(raw)
+    backbone = build_backbone(type(run.backbone)(**{**vars(run.backbone), "pretrained": False}))
+    model = TransferModel(backbone.module, build_head(HeadConfig(name="linear"),
+                                                      probe_features(backbone, 64), 10))
+    plans = plan_stages(model, backbone, run.freeze, run.optimizer.lr)
+    assert [p.name for p in plans] == [s["name"] for s in yaml.safe_load(text)["stages"]]
+
+
+def test_the_docs_show_a_custom_policy():
+    assert [n for _, n, _ in policy_blocks()] == ["my_policy"]

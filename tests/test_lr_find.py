@@ -172,7 +172,7 @@ def test_suggestion_rules_on_a_known_curve():
 def test_command_writes_its_files_and_suggests_an_lr_inside_the_range(tmp_path, capsys,
                                                                       one_thread):
     out = tmp_path / "find"
-    code = main([*BASE, "freeze=two_stage", "stage=0", "start_lr=1e-4", "end_lr=10",
+    code = main([*BASE, "freeze=two_stage", "stage=1", "start_lr=1e-4", "end_lr=10",
                  "steps=20", "apply=true", f"output={out}"])
     assert code == 0
     printed = capsys.readouterr().out.splitlines()
@@ -181,7 +181,9 @@ def test_command_writes_its_files_and_suggests_an_lr_inside_the_range(tmp_path, 
     assert (out / "lr_find.png").stat().st_size > 0
     assert list((out / "tb").glob("events.out.tfevents.*"))
     assert len(data["lrs"]) == len(data["losses"]) == len(data["smoothed"]) > 0
-    assert data["stage"] == {"index": 0, "name": "head"} and data["rule"] == "steepest"
+    assert data["stage"] == {"index": 0, "number": 1, "name": "head"}
+    assert data["rule"] == "steepest"
+    assert " for stage 1 head (rule steepest" in printed[0]  # as the run's stage table
     assert data["suggestion"] is not None, data
     assert data["lrs"][0] <= data["suggestion"] <= data["lrs"][-1]
     assert printed[0].startswith(f"lr_find: suggested optimizer.lr={data['suggestion']:.3g} ")
@@ -221,8 +223,9 @@ def test_warmup_trains_the_earlier_stages_first(one_thread):
 
 
 @pytest.mark.parametrize("stage, expected", [
-    ("7", "stage=7: freeze=two_stage has stages 0 head, 1 finetune; give stage=0..1 or a "
-          "stage name"),
+    ("7", "stage=7: freeze=two_stage has stages 1 head, 2 finetune (numbered from 1, as a "
+          "run's stage table prints them); give stage=1..2 or a stage name"),
+    ("0", "stage=0: freeze=two_stage has stages 1 head, 2 finetune"),
     ("finetuen", "stage='finetuen': freeze=two_stage has no such stage (did you mean "
                  "'finetune'?)"),
 ])

@@ -36,7 +36,8 @@ SPEC = Spec(
             "Writes lr_find.json, lr_find.png and TensorBoard scalars, and prints the "
             "suggested base LR.",
     keys=(
-        Key("stage", "the stage to probe: its index or name", metavar="<index|name>",
+        Key("stage", "the stage to probe: its number (from 1, as a run's stage table prints "
+            "it) or name", metavar="<number|name>",
             default_text="the first stage that trains anything"),
         Key("start_lr", "the first base LR", number, 1e-7),
         Key("end_lr", "the last base LR", number, 10.0),
@@ -54,11 +55,11 @@ SPEC = Spec(
     ),
     overrides="a config override, as for transferlab-train: backbone=..., freeze=..., "
               "dataset=..., optimizer=..., trainer.batch_size=... (every other argument)",
-    usage="transferlab-lr-find [stage=<index|name>] [start_lr=X] [end_lr=X] [steps=N] ... "
+    usage="transferlab-lr-find [stage=<number|name>] [start_lr=X] [end_lr=X] [steps=N] ... "
           "[<override> ...]",
     examples=(
         "transferlab-lr-find dataset=hymenoptera freeze=two_stage stage=finetune",
-        "transferlab-lr-find freeze=two_stage stage=1 warmup=true apply=true",
+        "transferlab-lr-find freeze=two_stage stage=2 warmup=true apply=true",
         "transferlab-lr-find backbone=resnet18 freeze=discriminative end_lr=1 steps=100",
     ),
 )
@@ -75,7 +76,7 @@ def run_cli(argv: list[str]) -> int:
         f"{run.name}-{result.stage.name}"))
     try:
         write_outputs(result, out, {**settings, "overrides": args.overrides},
-                      f"{run.name}: stage {result.stage.index} {result.stage.name}")
+                      f"{run.name}: stage {result.stage.index + 1} {result.stage.name}")
     except OSError as exc:
         raise UserError(f"output={out}: cannot write ({exc.strerror or exc})") from None
     test = result.test
@@ -86,7 +87,7 @@ def run_cli(argv: list[str]) -> int:
               "fall long enough; try a lower start_lr or more steps")
     else:
         print(f"lr_find: suggested optimizer.lr={result.suggestion:.3g} for stage "
-              f"{result.stage.index} {result.stage.name} (rule {result.rule}: "
+              f"{result.stage.index + 1} {result.stage.name} (rule {result.rule}: "
               f"{RULE_TEXT[result.rule]}; {swept})")
         if args["apply"]:
             print("use: " + "\n  or: ".join(apply_hint(run, result)))

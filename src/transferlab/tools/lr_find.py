@@ -106,7 +106,8 @@ class LRFindResult:
     built: BuiltRun | None = None
 
     def as_dict(self, settings: dict) -> dict:
-        return {"stage": {"index": self.stage.index, "name": self.stage.name},
+        return {"stage": {"index": self.stage.index, "number": self.stage.index + 1,
+                          "name": self.stage.name},
                 "rule": self.rule, "rule_text": RULE_TEXT[self.rule],
                 "suggestion": self.suggestion, "stopped": self.test.stopped,
                 "group_lr_mults": self.test.group_mults, "settings": settings,
@@ -287,20 +288,22 @@ def suggest(lrs: list[float], smoothed: list[float], rule: str = "steepest") -> 
 
 # -- a stage of a built run ----------------------------------------------------------------------
 def pick_stage(plans: list[StagePlan], stage: str | None, policy: str) -> StagePlan:
-    """The plan that ``stage=`` names (an index or a name); None: the first stage that trains
-    anything. ``policy``: where the stages come from, for messages (``freeze=two_stage``)."""
-    listed = ", ".join(f"{p.index} {p.name}" for p in plans)
+    """The plan that ``stage=`` names (its number, from 1 as a run's stage table prints it, or
+    its name); None: the first stage that trains anything. ``policy``: where the stages come
+    from, for messages (``freeze=two_stage``)."""
+    listed = ", ".join(f"{p.index + 1} {p.name}" for p in plans)
     if stage is None:
         for plan in plans:
             if plan.spec.epochs > 0 and plan.groups:
                 return plan
         raise UserError(f"{policy} trains nothing (stages: {listed})")
     if stage.lstrip("-").isdigit():
-        index = int(stage)
-        if not 0 <= index < len(plans):
-            raise UserError(f"stage={stage}: {policy} has stages {listed}; give stage=0.."
-                            f"{len(plans) - 1} or a stage name")
-        plan = plans[index]
+        number = int(stage)
+        if not 1 <= number <= len(plans):
+            raise UserError(f"stage={stage}: {policy} has stages {listed} (numbered from 1, as "
+                            f"a run's stage table prints them); give stage=1..{len(plans)} or "
+                            "a stage name")
+        plan = plans[number - 1]
     else:
         names = [p.name for p in plans]
         if stage not in names:
