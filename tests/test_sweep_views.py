@@ -134,6 +134,34 @@ def test_failed_runs_are_hidden_by_default_and_counted(tmp_path, capsys):
     assert "failed: optimizer.lr must be > 0" in capsys.readouterr().out
 
 
+def test_a_table_fits_its_width_and_writes_what_it_cut_below(tmp_path):
+    """A failed job's long error and long overrides no longer make a 600-character line: the
+    table fits the terminal, and each cut cell is written in full, wrapped, below it."""
+    long = [f"dataset.root=/data/{'very_long_folder_name_' * 3}{i}" for i in range(2)]
+    _fake_run(tmp_path, "0_a", [*long, "seed=0"], [0.5, 0.6])
+    failed = _fake_run(tmp_path, "1_b", [*long, "seed=1"], [0.5], status="failed")
+    error = "cannot read " + "/data/some/deep/folder/" * 12 + "image.png: truncated file"
+    data = json.loads((failed / "metrics.json").read_text())
+    (failed / "metrics.json").write_text(json.dumps({**data, "error": error}))
+    runs = [compare.read_run(p) for p in sorted(tmp_path.iterdir())]
+    wide = compare.format_table(runs, root=tmp_path, width=1000)
+    assert max(len(line) for line in wide.splitlines()) > 300  # as it was
+    text = compare.format_table(runs, root=tmp_path, width=120)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 120, text
+    header, rows = lines[:2], lines[3:5]  # headers of several words on two lines
+    assert header[0].split()[:2] == ["best", "best"]  # bottom-aligned
+    assert header[1].split()[:4] == ["run", "overrides", "status", "val"]
+    assert rows[1].startswith("1 ") and "failed: cannot" in rows[1] and "…" in rows[1]
+    below = lines[lines.index("") + 1:]
+    assert all(line.startswith(("0 overrides: ", "1 overrides: ", "1 status: ", "    "))
+               for line in below), below
+    status = below.index(next(line for line in below if line.startswith("1 status: ")))
+    wrapped = below[status:]
+    assert "".join(line.removeprefix("    ") for line in wrapped).replace(" ", "") == \
+        f"1 status: failed: {error}".replace(" ", "")
+
+
 def test_csv_numbers_are_written_for_people(tmp_path, capsys):
     for seed in (0, 1):
         _fake_run(tmp_path, f"{seed}_a", [f"seed={seed}"], [0.5, 0.123456789])

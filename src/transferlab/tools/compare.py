@@ -19,7 +19,11 @@ import csv
 import io
 import json
 import math
+import os
+import shutil
 import statistics
+import sys
+import textwrap
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,8 +257,10 @@ def _rows(runs: list[RunRecord], root: Path | None) -> tuple[list[str], list[lis
     return header, rows
 
 
-def format_table(runs: list[RunRecord], fmt: str = "table", root: Path | None = None) -> str:
-    """The runs as an aligned text table, a Markdown table or CSV."""
+def format_table(runs: list[RunRecord], fmt: str = "table", root: Path | None = None,
+                 width: int | None = None) -> str:
+    """The runs as an aligned text table (fitted to ``width`` columns, by default the
+    terminal's when it goes to one: :func:`fit_table`), a Markdown table or CSV."""
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out)
@@ -273,13 +279,78 @@ def format_table(runs: list[RunRecord], fmt: str = "table", root: Path | None = 
         return "\n".join(lines)
     if fmt != "table":
         raise ValueError(f"unknown format {fmt!r}; choose table, markdown or csv")
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(header)]
-    left = {0, 1, 2}
-    def line(cells):  # noqa: E306
-        return "  ".join(c.ljust(w) if i in left else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
-    return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+    return fit_table(header, rows, width or _terminal_width())
+
+
+def _terminal_width() -> int:
+    """The terminal's columns when the table goes to one (or ``$COLUMNS``); a file or a pipe
+    gets the whole table, one row a line, as ``git`` and ``ls`` do."""
+    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        return shutil.get_terminal_size((120, 24)).columns
+    return 10**6
+
+
+# Text columns a table narrows, in this order, to fit its width (status, overrides, run), and
+# how narrow each may get.
+_NARROWED = ((2, 16), (1, 16), (0, 32))
+
+
+def fit_table(header: list[str], rows: list[list[str]], width: int) -> str:
+    """An aligned table at most ``width`` characters wide where it can be: the headers of
+    several words take two lines, then the status, overrides and run columns are cut (``…``)
+    as far as their minimum (a run's path keeps its end: its time and name); a cut status or
+    overrides cell is written in full below the table, wrapped (a failed run's error, a long
+    list of overrides)."""
+    def natural(heads):
+        return [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+                for i, h in enumerate(heads)]
+
+    def excess(ws):
+        return sum(ws) + 2 * (len(ws) - 1) - width
+
+    widths, heads = natural(header), [[h] for h in header]
+    if excess(widths) > 0:  # first the headers of several words on two lines
+        heads = [_two_lines(h) if i >= 3 else [h] for i, h in enumerate(header)]
+        widths = [max(len(max(heads[i], key=len)), *(len(r[i]) for r in rows))
+                  for i in range(len(header))] if rows else widths
+    for column, narrowest in _NARROWED:  # then cut the text columns
+        if excess(widths) <= 0:
+            break
+        widths[column] = max(narrowest, len(header[column]), widths[column] - excess(widths))
+    cut = [(row[0], header[i], c) for row in rows for i, c in enumerate(row)
+           if 0 < i < 3 and len(c) > widths[i]]
+
+    def line(cells):
+        return "  ".join(
+            _cut(c, w, keep_end=i == 0).ljust(w) if i < 3 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    depth = max(len(h) for h in heads)
+    lines = [line([h[k - depth + len(h)] if k - depth + len(h) >= 0 else "" for h in heads])
+             for k in range(depth)]
+    lines += ["  ".join("-" * w for w in widths)] + [line(r) for r in rows]
+    if cut:
+        lines.append("")
+        lines += [textwrap.fill(f"{run} {column}: {text}", width, subsequent_indent="    ",
+                                break_on_hyphens=False) for run, column, text in cut]
+    return "\n".join(lines)
+
+
+def _two_lines(text: str) -> list[str]:
+    """A header of several words as two lines of about equal length (one word: one line)."""
+    words = text.split()
+    if len(words) < 2:
+        return [text]
+    k = min(range(1, len(words)), key=lambda k: max(len(" ".join(words[:k])),
+                                                      len(" ".join(words[k:]))))
+    return [" ".join(words[:k]), " ".join(words[k:])]
+
+
+def _cut(text: str, width: int, keep_end: bool = False) -> str:
+    """``text`` in ``width`` characters; a run's path keeps its end (its time and name)."""
+    if len(text) <= width:
+        return text
+    return "…" + text[-(width - 1):] if keep_end else text[:width - 1] + "…"
 
 
 def _csv(value: float | None) -> str:
