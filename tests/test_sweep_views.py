@@ -337,3 +337,24 @@ def test_tensorboard_serves_every_key_every_run_and_the_seed_bands(policy_seed_s
     finally:
         board.terminate()
         board.wait(timeout=30)
+
+
+def test_the_figure_names_the_best_runs_marks_identical_curves_and_only_what_it_shows(tmp_path):
+    """40 runs: the legend names the 12 best and counts the rest (no legend that squeezes the
+    axes); a curve equal to another says so; the title mentions no seed band when there is
+    none, nor stage boundaries a one-stage run does not have."""
+    for i in range(40):
+        accs = [0.5, 0.6] if i in (0, 1) else [0.3, 0.3 + i / 1000]
+        _fake_run(tmp_path, f"{i}_r", [f"optimizer.lr={i}"], accs)
+    runs = [compare.read_run(p) for p in sorted(tmp_path.iterdir())]
+    fig = compare.val_curves_figure(runs)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert len(labels) == compare.LEGEND_MAX + 1
+    assert labels[-1] == "28 more run(s), lower best val acc"
+    assert labels[:2] == ["optimizer.lr=0", "optimizer.lr=1 (= optimizer.lr=0)"]
+    assert labels[2] == "optimizer.lr=39"  # then by best val acc
+    assert ax.get_title() == "validation accuracy"
+    grouped = compare.group_seeds(runs[:3])  # no seed groups among distinct lrs
+    assert compare.val_curves_figure(grouped).axes[0].get_title() == "validation accuracy"
+    assert compare.plot_val_curves(runs, tmp_path / "f.png").stat().st_size > 0

@@ -391,49 +391,91 @@ def curve_points(run: RunRecord, key: str = "val_acc") -> tuple[list[int], list,
             [curve[e][2] for e in epochs])
 
 
-def plot_val_curves(runs: list[RunRecord], path: Path, title: str = "") -> Path:
-    """Validation accuracy of every run (a seed group: the mean, with its min-max band) in one
-    figure, the legend beside the axes; dotted lines at stage boundaries. Runs without
-    accuracy (autoencoders) are left out."""
-    import matplotlib
+LEGEND_MAX = 12  # runs named in the figure's legend; the others are drawn thin and grey
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def plot_val_curves(runs: list[RunRecord], path: Path, title: str = "") -> Path:
+    """:func:`val_curves_figure` saved as ``path`` (a PNG)."""
+    fig = val_curves_figure(runs, title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return path
+
+
+def val_curves_figure(runs: list[RunRecord], title: str = ""):
+    """Validation accuracy of every run (a seed group: the mean, with its min-max band) in one
+    figure, the legend beside the axes; dotted lines at stage boundaries. The legend names the
+    :data:`LEGEND_MAX` best runs (by best val accuracy); the rest are thin grey lines, counted
+    in one entry. A curve identical to one drawn before is said so in the legend, and each
+    run's markers sit at other epochs, so curves on top of each other stay visible. Runs
+    without accuracy (autoencoders) are left out."""
+    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    from transferlab.run.plots import stage_starts
-
-    shown = [(r, lbl) for r, lbl in zip(runs, varying_overrides(runs), strict=True)
-             if curve_points(r)[0]]
-    longest = max((len(" ".join(lbl)) for _, lbl in shown), default=10)
-    fig, ax = plt.subplots(figsize=(7 + min(longest, 60) * 0.07, 4.8))
-    all_epochs: set[int] = set()
-    for (run, label), (colour, dash, marker) in zip(shown, _styles(len(shown)), strict=True):
-        epochs, mean, low, high = curve_points(run)
-        all_epochs.update(epochs)
-        name = " ".join(label) or run.path.name
-        if run.runs > 1:
-            name += f" (mean of {run.runs})"
-            ax.fill_between(epochs, low, high, color=colour, alpha=0.15, linewidth=0)
-        ax.plot(epochs, mean, color=colour, linestyle=dash, marker=marker, markersize=3,
-                label=name)
-        for epoch, _ in stage_starts(run.history)[1:]:
-            ax.axvline(epoch - 0.5, color=colour, linestyle=":", linewidth=1)
+    shown = [(r, " ".join(lbl) or r.path.name) for r, lbl in
+             zip(runs, varying_overrides(runs), strict=True) if curve_points(r)[0]]
+    shown.sort(key=lambda item: -(item[0].value("best_val_acc") or 0.0))
+    named, rest = shown[:LEGEND_MAX], shown[LEGEND_MAX:]
+    longest = max((len(label) for _, label in named), default=10)
+    fig = Figure(figsize=(7 + min(longest, 60) * 0.07, 4.8))
+    ax = fig.add_subplot()
+    epochs_seen = _draw_named(ax, named)
+    for run, _ in rest:
+        epochs, mean, _, _ = curve_points(run)
+        epochs_seen.update(epochs)
+        ax.plot(epochs, mean, color="0.6", linewidth=0.7, alpha=0.6, zorder=1)  # beneath
+    if rest:
+        ax.plot([], [], color="0.6", linewidth=0.7,
+                label=f"{len(rest)} more run(s), lower best val acc")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if all_epochs:
-        ax.set_xlim(min(all_epochs) - 0.5, max(all_epochs) + 0.5)
+    if epochs_seen:
+        ax.set_xlim(min(epochs_seen) - 0.5, max(epochs_seen) + 0.5)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy")
-    ax.set_title(title or "validation accuracy (dotted: stage boundaries; band: min-max over "
-                          "seeds)", fontsize=9)
+    ax.set_title(title or _plot_title(shown), fontsize=9)
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return fig
+
+
+def _draw_named(ax, named: list[tuple[RunRecord, str]]) -> set[int]:
+    """The legend's runs, each in its own style; the epochs they cover."""
+    from transferlab.run.plots import stage_starts
+
+    epochs_seen: set[int] = set()
+    drawn: dict[tuple, str] = {}
+    count = len(named)
+    for i, ((run, name), (colour, dash, marker)) in enumerate(
+            zip(named, _styles(count), strict=True)):
+        epochs, mean, low, high = curve_points(run)
+        epochs_seen.update(epochs)
+        if run.runs > 1:
+            name += f" (mean of {run.runs})"
+            ax.fill_between(epochs, low, high, color=colour, alpha=0.15, linewidth=0)
+        key = (tuple(epochs), tuple(mean))
+        if key in drawn:
+            name += f" (= {drawn[key]})"
+        drawn.setdefault(key, name.split(" (")[0])
+        every = max(1, min(count, len(epochs)))  # each run's markers at other epochs
+        ax.plot(epochs, mean, color=colour, linestyle=dash, marker=marker, markersize=4,
+                markevery=(i % every, every), label=name)
+        for epoch, _ in stage_starts(run.history)[1:]:
+            ax.axvline(epoch - 0.5, color=colour, linestyle=":", linewidth=1)
+    return epochs_seen
+
+
+def _plot_title(shown: list[tuple[RunRecord, str]]) -> str:
+    """What the figure shows, naming only what is in it (bands, stage boundaries)."""
+    from transferlab.run.plots import stage_starts
+
+    notes = []
+    if any(len(stage_starts(r.history)) > 1 for r, _ in shown):
+        notes.append("dotted: stage boundaries")
+    if any(r.runs > 1 for r, _ in shown):
+        notes.append("band: min-max over seeds")
+    return "validation accuracy" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 
