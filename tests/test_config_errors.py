@@ -187,6 +187,20 @@ def test_a_config_error_is_one_line_before_torch_is_imported(overrides, key, tmp
     assert not (tmp_path / "run").exists(), list((tmp_path / "run").rglob("*"))
 
 
+def test_an_unknown_option_is_the_promised_line(tmp_path):
+    """The whole line the docs promise (configuration.md), through the console script's main,
+    not Hydra's text with an output-folder hint (its MissingConfigException is an OSError)."""
+    code = ("import sys\nfrom transferlab.cli.train import main\n"
+            f"sys.argv = ['transferlab-train', 'freeze=bogus', 'hydra.run.dir={tmp_path}/run']\n"
+            "sys.exit(main())\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "error: unknown freeze option 'bogus'; choose one of discriminative, freeze_first_n, "
+        "gradual, linear_probe, lora, lp_ft, none, scratch, surgical, top_k, two_stage"]
+
+
 @pytest.mark.slow
 def test_sweep_with_a_bad_override_exits_2_before_any_job(tmp_path):
     proc = cli(["-m", "optimizer.lr=1e-3,1e-2", "trainer.epoch=3"], tmp_path)
