@@ -282,3 +282,81 @@ def test_compare_errors_are_one_line(tmp_path, capsys):
     assert err[2] == "error: --no-plot is not an option: write plot=false"
     assert err[3] == "error: --sort is not an option: write sort=<value>"
     assert "invalid value for sort: 'val_loss'" in err[4] and "final_val_loss" in err[4]
+
+
+# --- sweeps never write into each other ---------------------------------------------------------
+
+
+def test_two_sweeps_of_one_name_started_together_get_a_directory_each(tmp_path):
+    """The same ``-m name=dupsw`` twice in the same second: two claimed directories
+    (``<time>_dupsw`` and ``<time>_dupsw-2``), every job of both completed in its own."""
+    import concurrent.futures
+
+    argv = ["-m", *SWEEP, "name=dupsw", "seed=0,1",
+            "hydra.sweep.dir=${transferlab_claim_sweep:outputs/sweeps/same/dupsw}"]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        procs = list(pool.map(lambda _: cli(argv, tmp_path), range(2)))
+    assert all(p.returncode == 0 for p in procs), [p.stderr[-2000:] for p in procs]
+    sweeps = sweep_dirs(tmp_path)
+    assert [s.name for s in sweeps] == ["dupsw", "dupsw-2"]
+    for sweep in sweeps:
+        jobs = job_dirs(sweep)
+        assert [metrics(j)["status"] for j in jobs] == ["completed", "completed"]
+        marks = {(j / ".transferlab_job").read_text().split()[0] for j in jobs}
+        assert len(marks) == 1  # the jobs of one launch
+    said = {p.stdout.strip().splitlines()[-1].split()[-1] for p in procs}
+    assert said == {"outputs/sweeps/same/dupsw", "outputs/sweeps/same/dupsw-2"}
+
+
+def _finished_sweep(root: Path) -> Path:
+    sweep = root / "outputs" / "sweeps" / "mine"
+    for job in ("0_seed-0", "1_seed-1"):
+        (sweep / job).mkdir(parents=True)
+        (sweep / job / "metrics.json").write_text(json.dumps({"status": "completed"}))
+    return sweep
+
+
+@pytest.mark.parametrize(("argv", "line"), [
+    (["hydra.sweep.dir=outputs/sweeps/mine"],
+     "error: hydra.sweep.dir=outputs/sweeps/mine holds a sweep (2 job(s)): choose another "
+     "directory, or go on with that sweep with resume=auto"),
+    (["hydra.sweep.subdir=same"],
+     "error: hydra.sweep.subdir=same gives every job of the sweep the same directory: name "
+     "each job apart, e.g. hydra.sweep.subdir='${hydra.job.num}_my_name'"),
+])
+def test_a_sweep_is_never_launched_into_another_or_into_one_folder(argv, line, tmp_path):
+    """Refused before Hydra starts (nothing is written; torch is not even imported)."""
+    sweep = _finished_sweep(tmp_path)
+    before = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()}
+    proc = cli(["-m", *SWEEP, "seed=0,1", *argv], tmp_path)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [line], proc.stderr
+    assert {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()} == before
+    assert [p.name for p in sweep.parent.iterdir()] == ["mine"]  # no sweep made beside it
+
+
+def test_a_job_directory_held_by_another_sweep_is_refused(tmp_path):
+    from transferlab.errors import UserError
+    from transferlab.infra.run_dirs import claim_job_dir
+
+    job = tmp_path / "0_seed-0"
+    claim_job_dir(job, "host:1:100", 0)
+    claim_job_dir(job, "host:1:100", 0)  # the same job again (a requeued submitit job)
+    with pytest.raises(UserError, match=r"job 0: .* is the directory of another job "
+                                        r"\(host:1:100 0\)"):
+        claim_job_dir(job, "host:9:900", 0)  # another sweep launched into the same folder
+    with pytest.raises(UserError, match="another job"):
+        claim_job_dir(job, "host:1:100", 1)  # another job of the same sweep
+
+
+def test_an_interpolated_run_dir_that_holds_a_run_is_refused(tmp_path):
+    """``hydra.run.dir=outputs/fixed/${name}``: the guard reads the directory the run would
+    write into, not the text."""
+    done = tmp_path / "outputs" / "fixed" / "digits-test_efficientnet-linear_probe"
+    done.mkdir(parents=True)
+    (done / "metrics.json").write_text(json.dumps({"status": "completed"}))
+    proc = cli([*TINY, "hydra.run.dir=outputs/fixed/${name}"], tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"error: hydra.run.dir=outputs/fixed/{done.name} holds a run (completed): choose another "
+        f"directory, or go on with that run with resume=outputs/fixed/{done.name}"]
+    assert json.loads((done / "metrics.json").read_text()) == {"status": "completed"}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab.config import RunConfig, load_config
+from transferlab.config import RunConfig, compose_config, load_config
 from transferlab.errors import UserError, error_line
 from transferlab.infra.processes import env_rank, launched
 
@@ -74,8 +74,26 @@ def _claim(path: str) -> str:
                     "started in the same second")
 
 
+SWEEP_CLAIM_RESOLVER = "transferlab_claim_sweep"
+SWEEP_DIR_ENV = "TRANSFERLAB_SWEEP_DIR"  # the claimed sweep directory, for the jobs' processes
+
+
+def claim_sweep(path: str) -> str:
+    """The sweep's directory (``hydra.sweep.dir``): claimed as a run's is (created atomically;
+    ``<dir>-2``... when another sweep took it, in the same second) by its first resolution, in
+    the launching process before any job; every later resolution, in this process or a job's
+    (joblib, submitit: they inherit the environment), gets that same directory."""
+    if os.environ.get(SWEEP_DIR_ENV):
+        return os.environ[SWEEP_DIR_ENV]
+    got = _claim(path)
+    os.environ[SWEEP_DIR_ENV] = got
+    return got
+
+
 if not OmegaConf.has_resolver(CLAIM_RESOLVER):
     OmegaConf.register_new_resolver(CLAIM_RESOLVER, claim)
+if not OmegaConf.has_resolver(SWEEP_CLAIM_RESOLVER):
+    OmegaConf.register_new_resolver(SWEEP_CLAIM_RESOLVER, claim_sweep)
 
 
 def check_run_dir(argv: list[str]) -> None:
@@ -85,6 +103,8 @@ def check_run_dir(argv: list[str]) -> None:
         key, _, value = item.partition("=")
         if key.lstrip("+") != "hydra.run.dir" or not value:
             continue
+        if "${" in value:  # the directory the run would write into, not the text
+            value = _resolved_run_dir(argv) or value
         metrics = Path(value).expanduser() / "metrics.json"
         if not metrics.is_file():
             continue
@@ -94,6 +114,64 @@ def check_run_dir(argv: list[str]) -> None:
             status = "unreadable"
         raise UserError(f"hydra.run.dir={value} holds a run ({status}): choose another "
                         f"directory, or go on with that run with resume={value}")
+
+
+def _resolved_run_dir(argv: list[str]) -> str | None:
+    """``hydra.run.dir`` as the run would resolve it (``outputs/fixed/${name}``), from the
+    config this command line composes; None when it cannot be resolved here (the run then
+    reports why)."""
+    overrides = [a for a in argv if not a.startswith("-")]
+    try:
+        cfg = compose_config(overrides, with_hydra=True)
+        return str(OmegaConf.select(cfg, "hydra.run.dir", throw_on_resolution_failure=True))
+    except Exception:  # a composition error, an unresolvable interpolation: the run says it
+        return None
+
+
+# What a hydra.sweep.subdir must hold so that no two jobs share a directory.
+_UNIQUE_SUBDIR = ("hydra.job.num", "hydra.job.id", "transferlab_job_name")
+
+
+def check_sweep_dir(argv: list[str]) -> None:
+    """A sweep never writes into another's directory: ``hydra.sweep.dir=<dir>`` that holds
+    jobs is refused except by ``resume=auto`` (which goes on with it), and a
+    ``hydra.sweep.subdir`` must name each job apart (``${hydra.job.num}``...)."""
+    auto = "resume=auto" in argv
+    for item in argv:
+        key, _, value = item.partition("=")
+        key = key.lstrip("+")
+        if key == "hydra.sweep.dir" and value and not auto:
+            jobs = sorted(Path(value).expanduser().glob("*/metrics.json"))
+            if jobs:
+                raise UserError(f"hydra.sweep.dir={value} holds a sweep ({len(jobs)} job(s)): "
+                                "choose another directory, or go on with that sweep with "
+                                "resume=auto")
+        if key == "hydra.sweep.subdir" and not any(u in value for u in _UNIQUE_SUBDIR):
+            raise UserError(f"hydra.sweep.subdir={value} gives every job of the sweep the same "
+                            "directory: name each job apart, e.g. "
+                            "hydra.sweep.subdir='${hydra.job.num}_my_name'")
+
+
+JOB_MARK = ".transferlab_job"  # who holds a sweep job's directory: "<sweep id> <job number>"
+
+
+def claim_job_dir(run_dir: Path, sweep_id: str, num: int) -> None:
+    """Mark ``run_dir`` as the directory of job ``num`` of the sweep ``sweep_id``; a directory
+    that another job holds (another sweep launched into the same folder at the same time) is
+    refused, before the job writes anything."""
+    mark, mine = run_dir / JOB_MARK, f"{sweep_id} {num}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        holder = mark.read_text().strip() if mark.is_file() else "?"
+        if holder != mine:
+            raise UserError(f"job {num}: {run_dir} is the directory of another job ({holder}): "
+                            "two sweeps were launched into one folder; launch this one into "
+                            "a folder of its own") from None
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(mine)
 
 
 def write_failed_metrics(run_dir: Path, exc: BaseException) -> None:

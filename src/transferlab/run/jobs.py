@@ -30,8 +30,14 @@ from transferlab.config.store import register_configs
 from transferlab.errors import EXIT_JOB_FAILED, Interrupted, UserError
 from transferlab.infra.cluster import export_submitit_env, hand_over, job_environment
 from transferlab.infra.processes import env_rank, launched, quiet_logging, rank_tag, shutdown
-from transferlab.infra.run_dirs import check_run_dir, config_of_run, shown
-from transferlab.tools.sweep import SweepSummary, remember_swept_keys
+from transferlab.infra.run_dirs import (
+    check_run_dir,
+    check_sweep_dir,
+    claim_job_dir,
+    config_of_run,
+    shown,
+)
+from transferlab.tools.sweep import SWEEP_ID_ENV, SweepSummary, remember_swept_keys
 
 if TYPE_CHECKING:
     from transferlab.run.execute import RunResult
@@ -48,7 +54,8 @@ def _main(cfg: DictConfig) -> float | None:
     if env_rank() > 0:
         quiet_logging(env_rank())  # after Hydra's own logging setup
     try:
-        result = _job(cfg, run_dir, overrides, sweep=hc.mode == RunMode.MULTIRUN)
+        sweep = hc.job.num if hc.mode == RunMode.MULTIRUN else None
+        result = _job(cfg, run_dir, overrides, sweep=sweep)
     except Interrupted as stop:
         hand_over(stop.signum)  # submitit's preemption signal: requeued (rank 0 exits here)
         raise
@@ -73,11 +80,13 @@ def _main(cfg: DictConfig) -> float | None:
     return result.best_val_acc
 
 
-def _job(cfg: DictConfig, run_dir: Path, overrides: list[str], *, sweep: bool) -> RunResult:
+def _job(cfg: DictConfig, run_dir: Path, overrides: list[str], *,
+         sweep: int | None) -> RunResult:
     """One job: a sweep's job launched again (``resume=auto``), a requeued submitit job, or a
     run, whose config is checked before torch is imported (a refused run leaves no directory;
-    a refused job of a ``sweep``, a failed row). Under DDP the process group is joined (from
-    torchrun's or submitit's environment) when the run starts."""
+    a refused job of a sweep, number ``sweep``, a failed row; a job directory is never shared
+    by two jobs: :func:`~transferlab.infra.run_dirs.claim_job_dir`). Under DDP the process
+    group is joined (from torchrun's or submitit's environment) when the run starts."""
     if cfg.get("resume") == "auto":
         return _auto_job(cfg, run_dir, overrides)
     if job_environment() is not None:  # a submitit job: requeued after preemption / its time
@@ -85,7 +94,9 @@ def _job(cfg: DictConfig, run_dir: Path, overrides: list[str], *, sweep: bool) -
 
         if action := requeued_action(run_dir):
             return _go_on(cfg, run_dir, overrides, action, requeued=True)
-    run = config_of_run(cfg, overrides, run_dir, record_refusal=sweep)  # imports no torch
+    if sweep is not None:
+        claim_job_dir(run_dir, os.environ.get(SWEEP_ID_ENV, "?"), sweep)
+    run = config_of_run(cfg, overrides, run_dir, record_refusal=sweep is not None)  # no torch
     from transferlab.run.execute import train
 
     return train(run, run_dir, overrides=overrides)
@@ -223,6 +234,8 @@ def launch(argv: list[str]) -> int:
             check_launcher(argv)
         if not multirun and not launched():  # (under torchrun: before the processes met)
             check_run_dir(argv)
+        if multirun:
+            check_sweep_dir(argv)
         remember_swept_keys(argv)
         # Hydra re-raises instead of printing its multi-line report: every error is ours.
         os.environ["HYDRA_FULL_ERROR"] = "1"

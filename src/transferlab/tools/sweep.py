@@ -13,20 +13,23 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab.infra.run_dirs import safe_name
+from transferlab.infra.run_dirs import SWEEP_DIR_ENV, safe_name
 
 log = logging.getLogger("transferlab")
 
 SWEPT_ENV = "TRANSFERLAB_SWEPT_KEYS"
 NAMED_ENV = "TRANSFERLAB_NAME_GIVEN"
 SWEEP_NAME_ENV = "TRANSFERLAB_SWEEP_NAME"
+SWEEP_ID_ENV = "TRANSFERLAB_SWEEP_ID"  # this launch of a sweep, as its jobs' directories say
 RESOLVER = "transferlab_job_name"
 SWEEP_RESOLVER = "transferlab_sweep_name"
 MAX_NAME = 120
@@ -54,6 +57,8 @@ def remember_swept_keys(argv: list[str]) -> None:
     os.environ[SWEPT_ENV] = ",".join(swept_keys(argv))
     os.environ[NAMED_ENV] = "1" if any(a.startswith("name=") for a in argv) else ""
     os.environ.pop(SWEEP_NAME_ENV, None)
+    os.environ.pop(SWEEP_DIR_ENV, None)
+    os.environ[SWEEP_ID_ENV] = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
 
 
 def job_name(num: Any, task_overrides: list[str], sweeper_params: list[str] | None = None) -> str:
