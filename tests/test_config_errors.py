@@ -52,6 +52,10 @@ BAD_OVERRIDES = [
     (["dataset.image_size=big"], "dataset.image_size", "an int or null"),
     # out of range
     (["optimizer.lr=-1"], "optimizer.lr", "> 0"),
+    (["optimizer.lr=1e300"], "optimizer.lr", "float32 (<= 3.4e38), got 1e+300"),
+    (["seed=-5"], "seed", "in 0 .. 4294967295, got -5"),
+    (["seed=99999999999999999999"], "seed", "got 99999999999999999999"),
+    (["name=../../x"], "name=../../x", "outside its folder"),
     (["trainer.batch_size=0"], "trainer.batch_size", ">= 1"),
     (["trainer.device=gpu"], "trainer.device", "cuda"),
     (["trainer.label_smoothing=1.5"], "trainer.label_smoothing", "[0, 1)"),
@@ -135,6 +139,9 @@ CLI_CASES = [
     (["task=logreg", "freeze=two_stage", "optimizer=sgd"], "freeze"),
     (["head=bogus"], "head"),  # an unknown option the CLI once took for a disk error
     (["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps"),
+    (["seed=99999999999999999999"], "seed"),  # once an overflow traceback
+    (["optimizer.lr=1e300"], "optimizer.lr"),  # once a float32 overflow traceback
+    (["name=../../escaped"], "name=../../escaped"),  # once a run outside outputs/
 ]
 
 

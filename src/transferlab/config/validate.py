@@ -150,7 +150,7 @@ def _augment(run: RunConfig) -> None:
 
 def _optimizer(run: RunConfig) -> None:
     o: OptimizerConfig = run.optimizer
-    check_value("optimizer.lr", o.lr, o.lr > 0, "> 0")
+    check_value("optimizer.lr", o.lr, 0 < o.lr <= FLOAT32_MAX, "> 0 and a float32 (<= 3.4e38)")
     at_least("optimizer.weight_decay", o.weight_decay, 0)
     betas = getattr(o, "betas", None)
     if betas is not None:
@@ -344,9 +344,27 @@ def unused(run: RunConfig, overrides: Iterable[str]) -> None:
                 raise UserError(f"{what} and does not use {key}: remove {item!r}")
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+SEED_RANGE = 2**32  # what every generator seeded from it takes (NumPy's, Python's, torch's)
+
+
+def _run_level(run: RunConfig) -> None:
+    check_value("seed", run.seed, 0 <= run.seed < SEED_RANGE, f"in 0 .. {SEED_RANGE - 1}")
+    check_name(run.name)
+
+
+def check_name(name: str) -> None:
+    """A run's name names its directory under ``outputs/``: no path in it."""
+    if any(c in name for c in "/\\") or name in ("", ".", "..") or name.startswith(".."):
+        raise UserError(f"name={name} would put the run outside its folder: give a name "
+                        "without / \\ or a leading .. (it names "
+                        "outputs/runs/<date>/<time>_<name>)")
+
+
 def validate(run: RunConfig, overrides: Iterable[str] = ()) -> None:
     """Every cross-field check; typed stage entries replace the raw ones in place."""
-    for check in (_backbone, _head, _dataset, _augment, _optimizer, _freeze, _trainer, _task):
+    for check in (_run_level, _backbone, _head, _dataset, _augment, _optimizer, _freeze,
+                  _trainer, _task):
         check(run)
     scheduler(run.scheduler, "scheduler")
     unused(run, overrides)

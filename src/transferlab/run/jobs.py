@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 
 from transferlab.config import composition_error
 from transferlab.config.store import register_configs
+from transferlab.config.validate import check_name
 from transferlab.errors import EXIT_JOB_FAILED, Interrupted, UserError
 from transferlab.infra.cluster import export_submitit_env, hand_over, job_environment
 from transferlab.infra.processes import env_rank, launched, quiet_logging, rank_tag, shutdown
@@ -230,6 +231,9 @@ def launch(argv: list[str]) -> int:
                 if found is not None:
                     print(f"resume=auto: going on with {found}", flush=True)
                     sys.argv.append(f"hydra.sweep.dir={found}")
+        for item in argv:  # (before Hydra claims a directory by it)
+            if item.lstrip("+").startswith("name="):
+                check_name(item.partition("=")[2])
         if not multirun:
             check_launcher(argv)
         if not multirun and not launched():  # (under torchrun: before the processes met)
