@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from pathlib import Path
 
@@ -305,6 +306,45 @@ def test_csv_numeric_labels_are_one_class_however_written(tmp_path):
     cfg = _csv_images(tmp_path, ["1", "1.0", " 1 ", "1", "2", "2.0", "2", "2.00"])
     splits = build_splits(cfg, NONE, SPEC, 32)
     assert splits.classes == ["1", "2"]
+
+
+def test_csv_numeric_labels_beyond_float_precision_stay_apart(tmp_path):
+    big = ["12345678901234567890", "12345678901234567891"]
+    cfg = _csv_images(tmp_path, [*big * 4])
+    assert build_splits(cfg, NONE, SPEC, 32).classes == sorted(big)
+
+
+def _rewrite_csv(cfg: CsvDatasetConfig, rows: list[str]) -> None:
+    Path(cfg.csv_file).write_text("id,label\n" + "".join(f"{r}\n" for r in rows))
+
+
+@pytest.mark.parametrize("name", ["../outside.png", "{root}/../outside.png", "/etc/hostname"])
+def test_csv_files_outside_the_root_are_refused_unless_allowed(tmp_path, name):
+    """A CSV must not steer a run to files elsewhere (they would train, and show in
+    TensorBoard's sample grid) unless the user says so."""
+    cfg = _csv_images(tmp_path, ["a", "b"] * 4)
+    Image.new("RGB", (40, 40)).save(tmp_path / "outside.png")
+    name = name.format(root=cfg.root)
+    rows = [f"{i}.png,{'ab'[i % 2]}" for i in range(8)] + [f"{name},a"]
+    _rewrite_csv(cfg, rows)
+    with pytest.raises(UserError) as exc:
+        build_splits(cfg, NONE, SPEC, 32)
+    assert str(exc.value) == (f"labels.csv row 10: {name!r} is outside dataset.root={cfg.root}: "
+                              "list files under the root, or set "
+                              "dataset.allow_outside_root=true")
+    allowed = dataclasses.replace(cfg, allow_outside_root=True)
+    if name != "/etc/hostname":  # (not an image: skipped as one)
+        splits = build_splits(allowed, NONE, SPEC, 32)
+        assert len(splits.train) + len(splits.val) == 9
+
+
+def test_csv_one_file_with_two_labels_is_refused(tmp_path):
+    cfg = _csv_images(tmp_path, ["a", "b"] * 4)
+    _rewrite_csv(cfg, [f"{i}.png,{'ab'[i % 2]}" for i in range(8)] + ["./0.png,b"])
+    with pytest.raises(UserError) as exc:
+        build_splits(cfg, NONE, SPEC, 32)
+    assert str(exc.value) == ("labels.csv rows 2 and 10 give './0.png' two labels ('a', 'b'): "
+                              "keep one row per file")
 
 
 def test_csv_empty_label_is_refused_with_its_row(tmp_path):

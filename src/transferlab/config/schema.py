@@ -232,6 +232,7 @@ class CsvDatasetConfig(DatasetConfig):
     csv_file: str = MISSING
     x_col: str = "id"
     y_col: str = "label"
+    allow_outside_root: bool = False  # files named by an absolute path or ../ outside root
 
 
 @dataclass

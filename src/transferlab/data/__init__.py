@@ -273,7 +273,7 @@ def _image_folder(cfg: FolderDatasetConfig, train_tf, eval_tf) -> DataSplits:
 
 def _csv(cfg: CsvDatasetConfig, train_tf, eval_tf) -> DataSplits:
     root = _folder_root(cfg)
-    table = read_csv_index(root, cfg.csv_file, cfg.x_col, cfg.y_col)
+    table = read_csv_index(root, cfg.csv_file, cfg.x_col, cfg.y_col, cfg.allow_outside_root)
     train_idx, val_idx, test_idx = holdout([y for _, y in table.samples], cfg)
     pick = lambda idx: [table.samples[i] for i in idx]  # noqa: E731
     return assemble(cfg, table.classes, lambda samples, tf: ImageFileDataset(samples, tf),

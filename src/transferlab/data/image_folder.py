@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from PIL import Image
@@ -94,16 +96,21 @@ def normalise_label(text: str | None) -> str:
     that integer (``1``, ``1.0`` and `` 1 `` are one class)."""
     label = (text or "").strip()
     try:
-        number = float(label)
-    except ValueError:
+        number = Decimal(label)  # exact: 12345678901234567890 and ...891 stay two classes
+    except InvalidOperation:
         return label
-    return str(int(number)) if number.is_integer() else label
+    if not number.is_finite() or number != number.to_integral_value():
+        return label
+    return str(int(number))
 
 
-def read_csv_index(root: Path, csv_file: str | None, x_col: str, y_col: str) -> FolderIndex:
+def read_csv_index(root: Path, csv_file: str | None, x_col: str, y_col: str,
+                   allow_outside_root: bool = False) -> FolderIndex:
     """A CSV of image file names (``x_col``, relative to ``root``) and labels (``y_col``), the
     Kaggle layout (e.g. ``id,has_cactus``). Classes are the sorted distinct labels; rows whose
-    file is missing or unreadable are skipped and listed."""
+    file is missing or unreadable are skipped and listed. A file outside ``root`` (an absolute
+    path, ``../``) is refused unless ``allow_outside_root``; a file listed twice with two
+    labels is refused."""
     import csv
 
     if not csv_file:
@@ -127,6 +134,7 @@ def read_csv_index(root: Path, csv_file: str | None, x_col: str, y_col: str) -> 
             rows.append((row[x_col], label))
     if not rows:
         raise UserError(f"{path} has no rows")
+    _check_rows(rows, root, path, allow_outside_root)
     classes = sorted({y for _, y in rows})
     label = {name: i for i, name in enumerate(classes)}
     samples, skipped = [], []
@@ -140,6 +148,20 @@ def read_csv_index(root: Path, csv_file: str | None, x_col: str, y_col: str) -> 
         raise UserError(f"none of the {len(rows)} files named in {path} is a readable image "
                         f"under {root}: check dataset.root and dataset.x_col")
     return FolderIndex(classes, samples, skipped)
+
+
+def _check_rows(rows: list[tuple[str, str]], root: Path, path: Path, outside: bool) -> None:
+    """Every file under ``root`` (unless ``outside``), and one label per file."""
+    inside, seen = os.path.normpath(os.path.abspath(root)), {}
+    for number, (name, label) in enumerate(rows, start=2):
+        file = os.path.normpath(os.path.join(inside, name))  # by the text: symlinks may point out
+        if not outside and os.path.commonpath([inside, file]) != inside:
+            raise UserError(f"{path.name} row {number}: {name!r} is outside dataset.root={root}: "
+                            "list files under the root, or set dataset.allow_outside_root=true")
+        if seen.setdefault(file, (label, number))[0] != label:
+            first_label, first_row = seen[file]
+            raise UserError(f"{path.name} rows {first_row} and {number} give {name!r} two labels "
+                            f"({first_label!r}, {label!r}): keep one row per file")
 
 
 class ImageFileDataset(Dataset):
