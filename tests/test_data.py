@@ -360,6 +360,19 @@ def test_csv_saved_by_excel_with_a_byte_order_mark_reads(tmp_path):
     assert build_splits(cfg, NONE, SPEC, 32).classes == ["a", "b"]
 
 
+def test_a_float_tiff_in_0_1_is_the_same_image_as_its_8_bit_version(tmp_path):
+    """32-bit float TIFFs (values in [0, 1]) once loaded all black."""
+    from skimage import data as skdata
+
+    from transferlab.data.image_folder import load_rgb
+
+    gray8 = skdata.camera()
+    Image.fromarray(gray8.astype(np.float32) / 255.0, mode="F").save(tmp_path / "f.tif")
+    Image.fromarray(gray8).save(tmp_path / "8.png")
+    floats, eight = (np.asarray(load_rgb(tmp_path / n)) for n in ("f.tif", "8.png"))
+    assert floats.mean() > 50 and np.abs(floats.astype(int) - eight.astype(int)).max() <= 1
+
+
 def test_a_16_bit_png_is_the_same_image_as_its_8_bit_version(tmp_path):
     from skimage import data as skdata
 

@@ -21,7 +21,15 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".t
 def to_rgb(image: Image.Image) -> Image.Image:
     """An 8-bit RGB copy of any PIL image. 16-bit and 32-bit integer images (PNG mode ``I;16``,
     ``I``) are scaled to 8 bits first: PIL's own conversion clips them, which turns a 16-bit
-    photo almost white."""
+    photo almost white. 32-bit float images (TIFF mode ``F``) in [0, 1] are scaled by 255 (PIL
+    would truncate them to 0 and 1: all black); floats beyond 1 are taken as 0..255 values."""
+    if image.mode == "F":
+        import numpy as np
+
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        scale = 255.0 if values.size and values.max() <= 1.0 else 1.0
+        eight = np.clip(np.round(values * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(eight, mode="L").convert("RGB")
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         import numpy as np
 
