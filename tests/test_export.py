@@ -310,3 +310,24 @@ def test_hymenoptera_val_photos_match_pytorch(hymenoptera, tmp_path, capsys, one
     assert np.abs(ours - theirs.numpy()).mean() <= one_level * 0.01
     deployed = onnx_probs(run_dir / "export" / "model.onnx", torch.from_numpy(ours))
     np.testing.assert_allclose(deployed, reference_probs(model, theirs), rtol=0, atol=1e-2)
+
+
+def test_a_re_export_in_one_format_removes_the_other_formats_older_file(tiny_run, tmp_path,
+                                                                          capsys, caplog,
+                                                                          one_thread):
+    """preprocessing.json describes the folder's model files: a model.ts of an earlier export
+    does not stay beside a new format=onnx export."""
+    out = tmp_path / "out"
+    assert main([f"run={tiny_run}", f"output={out}", "format=torchscript", "verify=false"]) == 0
+    assert (out / "model.ts").is_file()
+    assert main([f"run={tiny_run}", f"output={out}", "format=onnx", "verify=false",
+                 "opset=18"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "preprocessing.json"]
+    assert list(read_json(out / "preprocessing.json")["files"]) == ["onnx"]
+    assert "removed model.ts of an earlier export" in caplog.text
+
+
+def test_an_output_that_cannot_be_written_is_one_line(tiny_run, tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file where the export folder should be")
+    assert main([f"run={tiny_run}", f"output={tmp_path / 'taken'}", "verify=false"]) == 2
+    assert f"error: File exists: {tmp_path / 'taken'}: check" in one_line_error(capsys)

@@ -194,3 +194,14 @@ def test_command_line_mistakes_are_one_line_before_any_model_is_built(argv, need
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+
+
+@pytest.mark.slow
+def test_an_output_that_is_a_folder_is_one_line(tiny_run, tmp_path, capsys):
+    save_digits(tmp_path / "photos", 2)
+    (tmp_path / "out.csv").mkdir()
+    assert main([f"run={tiny_run}", f"output={tmp_path / 'out.csv'}", str(tmp_path / "photos")]) \
+        == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: Is a directory: {tmp_path / 'out.csv'}")
+

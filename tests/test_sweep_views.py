@@ -358,3 +358,32 @@ def test_the_figure_names_the_best_runs_marks_identical_curves_and_only_what_it_
     grouped = compare.group_seeds(runs[:3])  # no seed groups among distinct lrs
     assert compare.val_curves_figure(grouped).axes[0].get_title() == "validation accuracy"
     assert compare.plot_val_curves(runs, tmp_path / "f.png").stat().st_size > 0
+
+
+def test_a_foreign_record_is_a_row_not_a_traceback(tmp_path, capsys):
+    """A metrics.json of another tool (history entries without stage): one unreadable row,
+    listed with all=true; the figure is drawn from the others."""
+    _fake_run(tmp_path, "0_a", ["seed=0"], [0.5, 0.6])
+    other = tmp_path / "1_other"
+    other.mkdir()
+    (other / "metrics.json").write_text(json.dumps(
+        {"status": "completed", "history": [{"epoch": 1, "val_acc": 0.5, "val_loss": 1.0}]}))
+    assert compare_cli.main([str(tmp_path), "all=true"]) == 0
+    out, err = capsys.readouterr()
+    assert "unreadable" in out and "Traceback" not in err
+    assert "no 'stage'" in out
+
+
+def test_a_figure_that_cannot_be_written_is_a_warning_or_one_error_line(tmp_path, capsys):
+    """A read-only sweep (here: the figure's name taken by a folder) still prints its table,
+    with one warning; a figure asked for by name that cannot be written is one error line."""
+    _fake_run(tmp_path, "0_a", ["seed=0"], [0.5, 0.6])
+    (tmp_path / "compare_val_acc.png").mkdir()
+    assert compare_cli.main([str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "0.6000" in out
+    (warning,) = [line for line in err.splitlines() if line]
+    assert warning.startswith("warning: no figure: Is a directory: ") and "plot=<file>" in warning
+    assert compare_cli.main([str(tmp_path), f"plot={tmp_path / 'compare_val_acc.png'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: Is a directory: ")

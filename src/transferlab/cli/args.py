@@ -17,6 +17,7 @@ the error says the ``key=value`` spelling to write instead.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import textwrap
@@ -348,4 +349,22 @@ def run_main(fn: Callable[[list[str]], int | None], argv: Sequence[str] | None =
         sys.stdout.flush()
         print("interrupted", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+    except OSError as exc:  # the machine's, not a bug: an unwritable folder, a full disk...
+        sys.stdout.flush()
+        print(f"error: {os_error_line(exc)}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
     return EXIT_OK if code is None else int(code)
+
+
+def os_error_line(exc: OSError) -> str:
+    """An error of the file system as one line: what failed, on which path, what to check."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    target = exc.filename2 or exc.filename
+    if target is not None:  # a temporary file (.<name>.<pid>.tmp): the file asked for
+        folder, name = os.path.split(str(target))
+        asked = re.fullmatch(r"\.(.+)\.\d+\.tmp", name)
+        target = os.path.join(folder, asked.group(1)) if asked else target
+    where = f": {target}" if target is not None else ""
+    return (f"{what}{where}: check that its folder exists and can be written, that it is not "
+            "a file where a folder is needed (or a folder where a file is), and the free disk "
+            "space")

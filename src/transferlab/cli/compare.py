@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from transferlab.cli.args import Key, Spec, boolean, parse, path, run_main
+from transferlab.cli.args import Key, Spec, boolean, os_error_line, parse, path, run_main
 from transferlab.errors import UserError
 from transferlab.tools.compare import (
     FOLD_KEYS,
@@ -106,8 +106,14 @@ def run_cli(argv: list[str]) -> int:
         target = plot if isinstance(plot, Path) else (
             parsed["report"].parent / (parsed["report"].stem + "_val_acc.png")
             if parsed["report"] else base / "compare_val_acc.png")
-        figure = plot_val_curves(runs, target)
-        print(f"\nValidation curves: {figure}", file=sys.stderr)
+        try:
+            figure = plot_val_curves(runs, target)
+            print(f"\nValidation curves: {figure}", file=sys.stderr)
+        except OSError as exc:
+            if plot is not None:  # a figure asked for (plot=, report=): the command failed
+                raise
+            print(f"warning: no figure: {os_error_line(exc)} (plot=<file> puts it elsewhere)",
+                  file=sys.stderr)  # a read-only sweep: the table is what was asked for
     if parsed["report"]:
         print(f"Report: {write_report(parsed['report'], runs, figure, root)}", file=sys.stderr)
     if parsed["tensorboard"]:

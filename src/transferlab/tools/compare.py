@@ -117,6 +117,10 @@ def _foreign(data: object) -> str | None:
             return f"not a transferlab record ({key} is a {type(data[key]).__name__})"
     if any(not isinstance(h, dict) for h in data.get("history") or []):
         return "not a transferlab record (history entries are not records)"
+    lacking = [k for h in data.get("history") or [] for k in ("epoch", "stage", "val_loss")
+               if k not in h]
+    if lacking:
+        return f"not a transferlab record (a history entry has no {lacking[0]!r})"
     return None
 
 
@@ -248,7 +252,8 @@ def _rows(runs: list[RunRecord], root: Path | None) -> tuple[list[str], list[lis
         header.insert(3, "runs")
     rows = []
     for run, overrides in zip(runs, varying_overrides(runs), strict=True):
-        status = run.status + (f": {run.error}" if run.error and run.status == "failed" else "")
+        said = run.error and run.status in ("failed", "unreadable")
+        status = run.status + (f": {run.error}" if said else "")
         row = [_run_label(run, root), " ".join(overrides) or "-", status]
         if "runs" in header:
             row.append(str(run.runs))

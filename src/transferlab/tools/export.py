@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 import sys
 import warnings
@@ -61,6 +62,7 @@ from transferlab.run.saved import (
 )
 
 FORMATS = ("onnx", "torchscript", "both")
+log = logging.getLogger("transferlab")
 ONNX_FILE, TORCHSCRIPT_FILE, PREPROCESSING_FILE = "model.onnx", "model.ts", "preprocessing.json"
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 FORMAT_TAG = "transferlab-export/1"
@@ -424,4 +426,18 @@ def export_run(args: ExportArgs) -> dict[str, Any]:
         record["verification"] = {"source": source,
                                   **verify(saved, files, images, args.tolerance)}
     (args.output / PREPROCESSING_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    _remove_stale(args.output, args.formats)
     return record
+
+
+def _remove_stale(folder: Path, formats: tuple[str, ...]) -> None:
+    """A model file of an earlier export in a format not exported now would sit beside a
+    preprocessing.json that does not describe it: removed, and said so."""
+    for fmt, name in (("onnx", ONNX_FILE), ("torchscript", TORCHSCRIPT_FILE)):
+        stale = [p for p in (folder / name, folder / f"{name}.data") if p.is_file()]
+        if fmt not in formats and stale:
+            for path in stale:
+                path.unlink()
+            log.warning("removed %s of an earlier export (format=%s this time: "
+                        "preprocessing.json describes only what was exported now)",
+                        ", ".join(p.name for p in stale), "+".join(formats))
