@@ -54,6 +54,11 @@ BAD_OVERRIDES = [
     (["optimizer.lr=-1"], "optimizer.lr", "> 0"),
     (["optimizer.lr=1e300"], "optimizer.lr", "float32 (<= 3.4e38), got 1e+300"),
     (["seed=-5"], "seed", "in 0 .. 4294967295, got -5"),
+    # keys the run would not use
+    (["trainer.ema.warmup=true"], "trainer.ema.warmup", "no EMA is kept"),
+    (["trainer.feature_cache.mode=off", "trainer.feature_cache.dtype=float32"],
+     "trainer.feature_cache.dtype", "mode=off caches no features"),
+    (["dataset.subset_seed=3"], "dataset.subset_seed", "whole training split"),
     (["seed=99999999999999999999"], "seed", "got 99999999999999999999"),
     (["name=../../x"], "name=../../x", "outside its folder"),
     (["trainer.batch_size=0"], "trainer.batch_size", ">= 1"),

@@ -323,6 +323,15 @@ _UNUSED: list[tuple[str, Callable[[RunConfig], bool], tuple[str, ...]]] = [
      lambda run: run.trainer.early_stopping.patience is None,
      ("trainer.early_stopping.monitor", "trainer.early_stopping.min_delta",
       "trainer.early_stopping.restore_best")),
+    ("no EMA is kept until trainer.ema.decay=D is given,",
+     lambda run: run.trainer.ema.decay is None, ("trainer.ema.warmup",)),
+    ("trainer.feature_cache.mode=off caches no features",
+     lambda run: run.trainer.feature_cache.mode == "off",
+     ("trainer.feature_cache.dtype", "trainer.feature_cache.dir", "trainer.feature_cache.max_gb")),
+    ("the run trains on the whole training split (no dataset.train_fraction < 1 or "
+     "dataset.samples_per_class)",
+     lambda run: run.dataset.train_fraction >= 1 and run.dataset.samples_per_class is None,
+     ("dataset.subset_seed",)),
 ]
 
 

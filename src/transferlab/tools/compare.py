@@ -288,9 +288,9 @@ def format_table(runs: list[RunRecord], fmt: str = "table", root: Path | None = 
 
 
 def _terminal_width() -> int:
-    """The terminal's columns when the table goes to one (or ``$COLUMNS``); a file or a pipe
-    gets the whole table, one row a line, as ``git`` and ``ls`` do."""
-    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+    """The terminal's columns when the table goes to one; a file or a pipe gets the whole
+    table, one row a line, as ``git`` and ``ls`` do."""
+    if sys.stdout.isatty():
         return shutil.get_terminal_size((120, 24)).columns
     return 10**6
 
@@ -510,7 +510,6 @@ def write_report(path: Path, runs: list[RunRecord], figure: Path | None,
                  root: Path | None) -> Path:
     """One Markdown file: the table, the figure and the best run's overrides (first in
     ``runs``), to paste into an experiments/ README."""
-    import os
 
     lines = [f"# Runs under {root or 'the given paths'}", "", format_table(runs, "markdown",
                                                                           root=root), ""]
