@@ -347,6 +347,16 @@ def test_csv_one_file_with_two_labels_is_refused(tmp_path):
                               "keep one row per file")
 
 
+def test_a_class_with_one_image_is_named_in_the_split_error(tmp_path):
+    """Once scikit-learn's text, naming the class by its index ([1])."""
+    cfg = _csv_images(tmp_path, ["ants"] * 6 + ["bees"] + ["wasps"] * 5)
+    with pytest.raises(UserError) as exc:
+        build_splits(cfg, NONE, SPEC, 32)
+    assert str(exc.value) == ("cannot split 12 images with val_fraction=0.25 stratified by "
+                              "class: class 'bees' has 1 image, every class needs at least 2: "
+                              "add images or remove the class")
+
+
 def test_csv_empty_label_is_refused_with_its_row(tmp_path):
     cfg = _csv_images(tmp_path, ["a", "b", "a", "", "b", "a", "b", "a"])
     with pytest.raises(UserError) as exc:

@@ -81,10 +81,12 @@ class DataSplits:
 
 
 def stratified_split(labels: list[int], fraction: float, seed: int,
-                     what: str = "val_fraction") -> tuple[list[int], list[int]]:
+                     what: str = "val_fraction",
+                     names: list[str] | None = None) -> tuple[list[int], list[int]]:
     """Indices (keep, held_out) with ``fraction`` of every class held out, reproducible by seed:
     scikit-learn's ``train_test_split`` (stratified), remembered on disk (:func:`_split_memo`)
     so that the next run of the same data skips importing scikit-learn and SciPy."""
+    _check_two_each(labels, fraction, what, names)
     memo = _split_memo(labels, fraction, seed)
     if memo is not None and memo.is_file():
         try:
@@ -105,6 +107,22 @@ def stratified_split(labels: list[int], fraction: float, seed: int,
     if memo is not None:
         _write_memo(memo, {"keep": keep, "held": held})
     return keep, held
+
+
+def _check_two_each(labels: list[int], fraction: float, what: str,
+                    names: list[str] | None) -> None:
+    """A stratified hold-out needs 2 images of every class: the classes short of them, by
+    name (``names[label]``), in one line."""
+    counts: dict[int, int] = {}
+    for y in labels:
+        counts[y] = counts.get(y, 0) + 1
+    short = sorted(y for y, n in counts.items() if n < 2)
+    if short:
+        said = ", ".join(repr(names[y]) if names else repr(y) for y in short[:5])
+        more = f" and {len(short) - 5} more" if len(short) > 5 else ""
+        raise UserError(f"cannot split {len(labels)} images with {what}={fraction} stratified "
+                        f"by class: class {said}{more} has 1 image, every class needs at least "
+                        "2: add images or remove the class")
 
 
 def _split_memo(labels: list[int], fraction: float, seed: int) -> Path | None:
@@ -132,17 +150,18 @@ def _write_memo(path: Path, data: dict) -> None:
         pass
 
 
-def holdout(labels: list[int], cfg: DatasetConfig, val: bool = True,
-            test: bool = True) -> tuple[list[int], list[int], list[int]]:
+def holdout(labels: list[int], cfg: DatasetConfig, val: bool = True, test: bool = True,
+            names: list[str] | None = None) -> tuple[list[int], list[int], list[int]]:
     """(train, val, test) indices: stratified, seeded hold-outs of ``val_fraction`` and
     ``test_fraction`` of the whole, for the splits the data does not have on its own."""
     train, held_val, held_test = list(range(len(labels))), [], []
     if val:
-        train, held_val = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
+        train, held_val = stratified_split(labels, cfg.val_fraction, cfg.split_seed,
+                                           names=names)
     if test and cfg.test_fraction > 0:
         share = cfg.test_fraction / ((1.0 - cfg.val_fraction) if val else 1.0)
         keep, out = stratified_split([labels[i] for i in train], share, cfg.split_seed,
-                                     "test_fraction")
+                                     "test_fraction", names)
         train, held_test = [train[i] for i in keep], [train[i] for i in out]
     return train, held_val, held_test
 
@@ -259,13 +278,15 @@ def _image_folder(cfg: FolderDatasetConfig, train_tf, eval_tf) -> DataSplits:
             test = index_folder(root / "test", classes=train.classes)
             test_samples, skipped = test.samples, skipped + test.skipped
         elif cfg.test_fraction > 0:
-            keep, _, out = holdout([y for _, y in train.samples], cfg, val=False)
+            keep, _, out = holdout([y for _, y in train.samples], cfg, val=False,
+                                   names=train.classes)
             train.samples, test_samples = ([train.samples[i] for i in keep],
                                            [train.samples[i] for i in out])
         return assemble(cfg, train.classes, make, train.samples, val.samples, test_samples,
                         label_of, train_tf, eval_tf, skipped)
     index = index_folder(root)
-    train_idx, val_idx, test_idx = holdout([y for _, y in index.samples], cfg)
+    train_idx, val_idx, test_idx = holdout([y for _, y in index.samples], cfg,
+                                           names=index.classes)
     pick = lambda idx: [index.samples[i] for i in idx]  # noqa: E731
     return assemble(cfg, index.classes, make, pick(train_idx), pick(val_idx), pick(test_idx),
                     label_of, train_tf, eval_tf, index.skipped)
@@ -274,7 +295,8 @@ def _image_folder(cfg: FolderDatasetConfig, train_tf, eval_tf) -> DataSplits:
 def _csv(cfg: CsvDatasetConfig, train_tf, eval_tf) -> DataSplits:
     root = _folder_root(cfg)
     table = read_csv_index(root, cfg.csv_file, cfg.x_col, cfg.y_col, cfg.allow_outside_root)
-    train_idx, val_idx, test_idx = holdout([y for _, y in table.samples], cfg)
+    train_idx, val_idx, test_idx = holdout([y for _, y in table.samples], cfg,
+                                           names=table.classes)
     pick = lambda idx: [table.samples[i] for i in idx]  # noqa: E731
     return assemble(cfg, table.classes, lambda samples, tf: ImageFileDataset(samples, tf),
                     pick(train_idx), pick(val_idx), pick(test_idx), lambda s: s[1],
