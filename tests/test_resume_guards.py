@@ -5,6 +5,8 @@ is writing (its lock); and the commands that say how to go on."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -20,6 +22,18 @@ from transferlab.infra.checkpoint import (
     read_file,
     save_checkpoint,
 )
+from transferlab.run.resume import resume_checkpoint
+
+from .test_resume import BASE, run_cli
+
+
+def flip_middle(path: Path, count: int = 2000) -> None:
+    """Invert ``count`` bytes in the middle of ``path`` (a damaged disk block)."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    for i in range(middle, middle + count):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
 
 
 def small_checkpoint(path: Path) -> None:
@@ -30,6 +44,8 @@ def small_checkpoint(path: Path) -> None:
                     loop={"step": 3, "schedule_step": 3, "data": {}})
 
 
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.strip()]
 
 
 # --- the seal: fast mechanics ---------------------------------------------------------------
@@ -73,6 +89,16 @@ def test_a_checkpoint_without_a_seal_loads_unchecked(tmp_path):
 # --- the checkpoint's keys, the data's identity, the lock: fast mechanics ----------------------
 
 
+def test_a_checkpoint_with_missing_keys_names_them(tmp_path):
+    run_dir = tmp_path / "run"
+    path = run_dir / "checkpoints" / "last.pt"
+    small_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["epoch"], ckpt["loop"]["schedule_step"]
+    torch.save(ckpt, path)
+    with pytest.raises(UserError, match=r"lacks epoch, loop.schedule_step \(a damaged or edited "
+                                        r"checkpoint\): it kept no other checkpoint; start"):
+        resume_checkpoint(run_dir)
 
 
 
@@ -86,6 +112,47 @@ def test_a_checkpoint_without_a_seal_loads_unchecked(tmp_path):
 # --- real processes ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
+def test_a_corrupt_last_pt_is_refused_by_resume_and_eval(tiny_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    last = run_dir / "checkpoints" / "last.pt"
+    flip_middle(last)
+    before = (run_dir / "metrics.json").read_text()
+    proc = run_cli([f"resume={run_dir}", "trainer.epochs=3"], tmp_path)
+    assert proc.returncode == 2
+    assert error_lines(proc) == [
+        f"error: resume={run_dir}: {last} is corrupt (its bytes do not match the SHA-256 "
+        f"written with it): go back to an earlier checkpoint of the run (best.pt): cp "
+        f"{run_dir / 'checkpoints' / 'best.pt'} {last}, then resume again; or start the run "
+        "again"]
+    assert (run_dir / "metrics.json").read_text() == before  # the record is left as it was
+    evaluated = subprocess.run([sys.executable, "-m", "transferlab.cli.evaluate",
+                                f"run={run_dir}", "checkpoint=last"], cwd=tmp_path,
+                               capture_output=True, text=True, timeout=300)
+    assert evaluated.returncode == 2
+    assert error_lines(evaluated) == [f"error: checkpoint: {last} is corrupt: its bytes do not "
+                                      "match the SHA-256 written with it (a damaged disk or an "
+                                      "interrupted copy); use another of its checkpoints "
+                                      "(best.pt) or train again"]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_missing_keys_is_one_line_not_a_traceback(tiny_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    last = run_dir / "checkpoints" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    del ckpt["epoch"]
+    torch.save(ckpt, last)
+    proc = run_cli([f"resume={run_dir}", "trainer.epochs=3"], tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert error_lines(proc) == [
+        f"error: resume={run_dir}: {last} has the format tag 'transferlab-checkpoint/2' but "
+        f"lacks epoch (a damaged or edited checkpoint): go back to an earlier checkpoint of the "
+        f"run (best.pt): cp {run_dir / 'checkpoints' / 'best.pt'} {last}, then resume again; "
+        "or start the run again"]
 
 
 
@@ -94,8 +161,28 @@ def test_a_checkpoint_without_a_seal_loads_unchecked(tmp_path):
 
 
 
-
-
+@pytest.mark.slow
+def test_resuming_a_logreg_run_or_a_run_whose_checkpoint_went_says_why(tiny_run, tmp_path):
+    run_dir = tmp_path / "logreg"
+    fitted = run_cli([*BASE, "task=logreg", "dataset.samples_per_class=10",
+                      f"hydra.run.dir={run_dir}"], tmp_path)
+    assert fitted.returncode == 0, fitted.stderr
+    proc = run_cli([f"resume={run_dir}"], tmp_path)
+    assert proc.returncode == 2
+    assert error_lines(proc) == [
+        f"error: resume={run_dir}: a task=logreg run fits its logistic regression in one pass "
+        "(logreg.pkl), with no epochs to go on with or checkpoint to go on from: to fit it "
+        "again, start a new run"]
+    gone = tmp_path / "gone"
+    shutil.copytree(tiny_run, gone)
+    (gone / "checkpoints" / "last.pt").unlink()
+    proc = run_cli([f"resume={gone}", "trainer.epochs=3"], tmp_path)
+    assert proc.returncode == 2
+    assert error_lines(proc) == [
+        f"error: resume={gone}: checkpoints/last.pt is missing, though metrics.json records 2 "
+        f"finished epoch(s): it was deleted or moved; put it back, or go back to an earlier "
+        f"checkpoint of the run (best.pt): cp {gone / 'checkpoints' / 'best.pt'} "
+        f"{gone / 'checkpoints' / 'last.pt'}, then resume again; or start the run again"]
 
 
 

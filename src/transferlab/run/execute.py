@@ -112,6 +112,17 @@ def resume_run(run_dir: str | Path, overrides: list[str] | None = None, *,
     (``trainer.epochs``, ``freeze.finetune_epochs``). ``requeued``: the run's own submitit job
     started again, so a ``running`` record is not another process's run (see
     :func:`~transferlab.run.resume.requeued_action`)."""
+    from transferlab.run.resume import check_is_run
+
+    world = init_from_env()
+    run_dir = Path(run_dir)
+    check_is_run(run_dir)
+    return _resume(run_dir, overrides, requeued, world)
+
+
+def _resume(run_dir: Path, overrides: list[str] | None, requeued: bool,
+            world: World) -> RunResult:
+    """:func:`resume_run` of a run directory: its state checked, then trained on."""
     from transferlab.run.resume import (
         ResumePoint,
         overrides_extend,
@@ -121,15 +132,13 @@ def resume_run(run_dir: str | Path, overrides: list[str] | None = None, *,
         still_running,
     )
 
-    world = init_from_env()
-    run_dir = Path(run_dir)
     status = read_status(run_dir) if world.main else {}
     # DDP: rank 0's reading, which its own record cannot race with
     status, running = world.broadcast((status, world.main and still_running(status)))
     if running and not requeued:
         raise UserError(f"resume={run_dir}: the run is still going (pid {status['pid']} on "
                         "this host)")
-    ckpt = resume_checkpoint(run_dir)
+    ckpt = resume_checkpoint(run_dir, status)
     point = ResumePoint.from_checkpoint(ckpt)
     run = load_config(resumed_config(ckpt["config"], list(overrides or []), point.epoch))
     if status.get("status") == "completed" and not overrides_extend(overrides or []):
