@@ -4,6 +4,7 @@ is writing (its lock); and the commands that say how to go on."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from transferlab.errors import UserError
@@ -22,7 +24,7 @@ from transferlab.infra.checkpoint import (
     read_file,
     save_checkpoint,
 )
-from transferlab.run.resume import resume_checkpoint
+from transferlab.run.resume import check_data, resume_checkpoint
 
 from .test_resume import BASE, run_cli
 
@@ -101,6 +103,21 @@ def test_a_checkpoint_with_missing_keys_names_them(tmp_path):
         resume_checkpoint(run_dir)
 
 
+def test_changed_images_of_the_same_count_are_refused_naming_the_split(tmp_path):
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("- dataset=image_folder\n"
+                                                        "- dataset.root=/data/x y\n")
+    saved = {"train": 4, "val": 2, "test": 0, "classes": ["a", "b"],
+             "identity": {"train": "1", "val": "2"}}
+    check_data(saved, json.loads(json.dumps(saved)), tmp_path)  # the same: goes on
+    check_data({k: v for k, v in saved.items() if k != "identity"}, saved, tmp_path)  # older
+    now = {**saved, "identity": {"train": "1", "val": "3"}}
+    with pytest.raises(UserError) as info:
+        check_data(saved, now, tmp_path)
+    assert str(info.value) == (
+        "the data set changed since the run started (val: the same 2 images by count, but "
+        "their files or labels changed): a resume would not give the run's result; start a "
+        "new run: transferlab-train dataset=image_folder 'dataset.root=/data/x y'")
 
 
 
@@ -155,8 +172,42 @@ def test_a_checkpoint_missing_keys_is_one_line_not_a_traceback(tiny_run, tmp_pat
         "or start the run again"]
 
 
+def _image_folder(root: Path) -> None:
+    """root/{train,val}/{ants,bees}/*.png: tiny images, the classes told apart by colour."""
+    for split, count in (("train", 6), ("val", 3)):
+        for label, name in enumerate(("ants", "bees")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (12, 12), (40 + 150 * label, 20 * i, 90)).save(
+                    folder / f"{i}.png")
 
 
+@pytest.mark.slow
+def test_a_resume_refuses_images_swapped_between_classes(tmp_path):
+    root = tmp_path / "images"
+    _image_folder(root)
+    run_dir = tmp_path / "run"
+    args = [*BASE, "dataset=image_folder", f"dataset.root={root}", "trainer.epochs=1"]
+    first = run_cli([*args, f"hydra.run.dir={run_dir}"], tmp_path)
+    assert first.returncode == 0, first.stderr
+    same = tmp_path / "same"
+    shutil.copytree(run_dir, same)
+    unchanged = run_cli([f"resume={same}", "trainer.epochs=2"], tmp_path)  # the same images
+    assert unchanged.returncode == 0, unchanged.stderr
+    ants, bees = root / "train" / "ants" / "0.png", root / "train" / "bees" / "0.png"
+    ants.rename(tmp_path / "swap.png")
+    bees.rename(ants)
+    (tmp_path / "swap.png").rename(bees)
+    before = (run_dir / "metrics.json").read_text()
+    proc = run_cli([f"resume={run_dir}", "trainer.epochs=2"], tmp_path)
+    assert proc.returncode == 2
+    fresh = " ".join(args)
+    assert error_lines(proc) == [
+        "error: the data set changed since the run started (train: the same 12 images by "
+        "count, but their files or labels changed): a resume would not give the run's result; "
+        f"start a new run: transferlab-train {fresh}"]
+    assert (run_dir / "metrics.json").read_text() == before
 
 
 

@@ -162,7 +162,7 @@ def _execute(run: RunConfig, run_dir: Path, overrides: list[str] | None,
         seed_everything(run.seed, run.trainer.deterministic)
         built = build_run(run, world)
         if resume is not None:
-            check_data(resume.data, built.data_fingerprint())
+            check_data(resume.data, built.data_fingerprint(), run_dir)
             resume.check_world(world.size)
             built.resume = resume
         if world.rank > 0:  # the weights are built (alike): dropout draws differ per process

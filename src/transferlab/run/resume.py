@@ -217,17 +217,40 @@ def _value(text: str) -> Any:
         return text
 
 
-def check_data(saved: dict, now: dict) -> None:
-    """The data set must be the one the run started with."""
+def check_data(saved: dict, now: dict, run_dir: Path) -> None:
+    """The data set must be the one the run started with: the same split sizes, classes and,
+    where both have one, each split's identity (its images and labels; a checkpoint of an
+    earlier version has none)."""
     changes = []
     for split in ("train", "val", "test"):
         if saved.get(split) != now.get(split):
             changes.append(f"{split} {saved.get(split)} -> {now.get(split)} images")
+            continue
+        before, after = (d.get("identity", {}).get(split) for d in (saved, now))
+        if before is not None and after is not None and before != after:
+            changes.append(f"{split}: the same {now.get(split)} images by count, but their "
+                           "files or labels changed")
     if saved.get("classes") != now.get("classes"):
         changes.append(f"classes {saved.get('classes')} -> {now.get('classes')}")
     if changes:
         raise UserError(f"the data set changed since the run started ({'; '.join(changes)}): a "
-                        "resume would not give the run's result; start a new run")
+                        f"resume would not give the run's result; {fresh_start(run_dir)}")
+
+
+def fresh_start(run_dir: Path) -> str:
+    """How to start the run in ``run_dir`` again, as a new run: its command line, read from
+    Hydra's record of its overrides."""
+    import shlex
+
+    import yaml
+
+    try:
+        overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        overrides = None
+    if not isinstance(overrides, list):
+        return "start a new run with the run's overrides"
+    return f"start a new run: transferlab-train {shlex.join(str(o) for o in overrides)}".strip()
 
 
 # --- resume=auto: a sweep launched again goes on where it stopped -------------------------------
