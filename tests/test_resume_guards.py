@@ -5,7 +5,11 @@ is writing (its lock); and the commands that say how to go on."""
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import zipfile
@@ -24,9 +28,12 @@ from transferlab.infra.checkpoint import (
     read_file,
     save_checkpoint,
 )
+from transferlab.infra.run_dirs import LOCK_FILE, lock_run
 from transferlab.run.resume import check_data, resume_checkpoint
 
-from .test_resume import BASE, run_cli
+from .test_resume import BASE, checkpoint_epoch, launch, run_cli, wait_for
+
+HOST = socket.gethostname()
 
 
 def flip_middle(path: Path, count: int = 2000) -> None:
@@ -120,8 +127,34 @@ def test_changed_images_of_the_same_count_are_refused_naming_the_split(tmp_path)
         "new run: transferlab-train dataset=image_folder 'dataset.root=/data/x y'")
 
 
+def _live_on(started) -> None:
+    import time
+
+    started.set()
+
+    time.sleep(60)
 
 
+def test_a_locked_run_refuses_a_second_writer_naming_the_pid(tmp_path):
+    with lock_run(tmp_path):
+        assert (tmp_path / LOCK_FILE).read_text() == f"{os.getpid()} {HOST}\n"
+        with pytest.raises(UserError, match=rf"^{tmp_path} is in use by another process \(pid "
+                                            rf"{os.getpid()} on {HOST}\) that trains or "
+                                            "resumes it: wait for it to end, or stop it"):
+            with lock_run(tmp_path):
+                pass
+        # a forked child (a DataLoader worker) does not keep the lock after its parent
+        fork = multiprocessing.get_context("fork")
+        started = fork.Event()
+        child = fork.Process(target=_live_on, args=(started,))
+        child.start()
+        assert started.wait(60)  # the child runs (its copy of the lock's descriptor closed)
+    try:
+        with lock_run(tmp_path):  # the parent let it go: free, though the child lives on
+            assert child.is_alive()
+    finally:
+        child.kill()
+        child.join()
 
 
 
@@ -210,6 +243,30 @@ def test_a_resume_refuses_images_swapped_between_classes(tmp_path):
     assert (run_dir / "metrics.json").read_text() == before
 
 
+@pytest.mark.slow
+def test_a_second_resume_of_a_run_is_refused_while_the_first_goes_on(tmp_path):
+    run_dir = tmp_path / "run"
+    first = run_cli([*BASE, "trainer.epochs=1", "dataset.samples_per_class=20",
+                     f"hydra.run.dir={run_dir}"], tmp_path)
+    assert first.returncode == 0, first.stderr
+    going = launch([f"resume={run_dir}", "trainer.epochs=500"], tmp_path)
+    try:
+        wait_for(lambda: (run_dir / LOCK_FILE).read_text() == f"{going.pid} {HOST}\n", going)
+        second = run_cli([f"resume={run_dir}", "trainer.epochs=500"], tmp_path)
+        assert second.returncode == 2
+        assert error_lines(second) == [
+            f"error: {run_dir} is in use by another process (pid {going.pid} on {HOST}) that "
+            f"trains or resumes it: wait for it to end, or stop it (kill -INT {going.pid}), "
+            "then resume again"]
+        wait_for(lambda: (checkpoint_epoch(run_dir) or (0, False))[0] >= 2, going)
+    finally:
+        going.send_signal(signal.SIGINT)
+        _, err = going.communicate(timeout=120)
+    assert going.returncode == 130, err
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert len(metrics["resumes"]) == 1  # the second wrote nothing into the run
+    epochs = [h["epoch"] for h in metrics["history"]]
+    assert epochs == list(range(1, len(epochs) + 1))
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from transferlab.config import RunConfig, load_config
 from transferlab.data import derived_seed
 from transferlab.errors import Interrupted, UserError
 from transferlab.infra.distributed import World, init_from_env
-from transferlab.infra.run_dirs import config_of_run, write_failed_metrics
+from transferlab.infra.run_dirs import config_of_run, lock_run, write_failed_metrics
 from transferlab.infra.runtime import seed_everything
 from transferlab.registry import TASKS
 from transferlab.run.build import BuiltRun, build_run
@@ -101,7 +101,9 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
     stopped, config and build included."""
     run_dir = Path(run_dir)
     run = cfg if isinstance(cfg, RunConfig) else config_of_run(cfg, overrides, run_dir)
-    return _execute(run, run_dir, overrides, None, init_from_env())
+    world = init_from_env()
+    with lock_run(run_dir, world):  # no other process writes the run while it trains
+        return _execute(run, run_dir, overrides, None, world)
 
 
 def resume_run(run_dir: str | Path, overrides: list[str] | None = None, *,
@@ -111,18 +113,20 @@ def resume_run(run_dir: str | Path, overrides: list[str] | None = None, *,
     (``trainer.progress``, ``trainer.num_workers``) or extend the last stage
     (``trainer.epochs``, ``freeze.finetune_epochs``). ``requeued``: the run's own submitit job
     started again, so a ``running`` record is not another process's run (see
-    :func:`~transferlab.run.resume.requeued_action`)."""
+    :func:`~transferlab.run.resume.requeued_action`). The run is locked while it goes on
+    (:func:`~transferlab.infra.run_dirs.lock_run`): a second resume of it is refused."""
     from transferlab.run.resume import check_is_run
 
     world = init_from_env()
     run_dir = Path(run_dir)
-    check_is_run(run_dir)
-    return _resume(run_dir, overrides, requeued, world)
+    check_is_run(run_dir)  # (before its lock file is made)
+    with lock_run(run_dir, world):  # one process goes on with a run: a second is refused
+        return _resume(run_dir, overrides, requeued, world)
 
 
 def _resume(run_dir: Path, overrides: list[str] | None, requeued: bool,
             world: World) -> RunResult:
-    """:func:`resume_run` of a run directory: its state checked, then trained on."""
+    """:func:`resume_run` once the run is locked: its state checked, then trained on."""
     from transferlab.run.resume import (
         ResumePoint,
         overrides_extend,
