@@ -28,7 +28,9 @@ from transferlab.infra.checkpoint import (
     read_file,
     save_checkpoint,
 )
+from transferlab.infra.processes import resume_command
 from transferlab.infra.run_dirs import LOCK_FILE, lock_run
+from transferlab.run.jobs import _how_to_go_on
 from transferlab.run.resume import check_data, resume_checkpoint
 
 from .test_resume import BASE, checkpoint_epoch, launch, run_cli, wait_for
@@ -157,6 +159,17 @@ def test_a_locked_run_refuses_a_second_writer_naming_the_pid(tmp_path):
         child.join()
 
 
+def test_resume_commands_name_torchrun_and_resume_auto(monkeypatch):
+    assert resume_command("r") == "transferlab-train resume=r"
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert resume_command("r") == "torchrun --nproc_per_node=4 -m transferlab.train resume=r"
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert resume_command("r") == ("torchrun --nnodes=2 --nproc_per_node=4 -m "
+                                   "transferlab.train resume=r")
+    assert _how_to_go_on(["-m", "seed=0,1", "resume=auto", "a b=1"], True, Path("r/0")) == \
+        ": go on with transferlab-train -m seed=0,1 'a b=1' resume=auto"
 
 
 # --- real processes ---------------------------------------------------------------------------
@@ -293,5 +306,40 @@ def test_resuming_a_logreg_run_or_a_run_whose_checkpoint_went_says_why(tiny_run,
         f"{gone / 'checkpoints' / 'last.pt'}, then resume again; or start the run again"]
 
 
+@pytest.mark.slow
+def test_an_interrupted_sweep_says_resume_auto_and_that_goes_on(tmp_path):
+    sweep = ["-m", *BASE, "trainer.epochs=2", "dataset.samples_per_class=20", "seed=0,1"]
+    proc = launch(sweep, tmp_path)
+    job0 = tmp_path / "outputs" / "sweeps"
+    wait_for(lambda: any(checkpoint_epoch(j) for j in job0.glob("*/*/*")), proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1] == ("interrupted (SIGINT): go on with transferlab-train -m "
+                         f"{' '.join(sweep[1:])} resume=auto")
+    again = run_cli([*sweep, "resume=auto"], tmp_path)
+    assert again.returncode == 0, again.stderr
+    (sweep_dir,) = job0.glob("*/*")
+    jobs = [p for p in sweep_dir.iterdir() if p.is_dir() and p.name[0].isdigit()]
+    assert len(jobs) == 2
+    assert all(json.loads((j / "metrics.json").read_text())["status"] == "completed"
+               for j in jobs)
 
 
+@pytest.mark.slow
+def test_an_interrupted_ddp_run_names_torchrun_with_its_processes(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0",
+           "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", "-m", "transferlab.train", *BASE,
+                             "trainer.epochs=200", "dataset.samples_per_class=20",
+                             f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (checkpoint_epoch(run_dir) or (0, False))[0] >= 1, proc)
+    proc.send_signal(signal.SIGTERM)  # what a scheduler sends; torchrun passes it on
+    _, err = proc.communicate(timeout=180)
+    command = f"torchrun --nproc_per_node=2 -m transferlab.train resume={run_dir}"
+    assert f"\ninterrupted (SIGTERM): go on with {command}\n" in f"\n{err}", err[-3000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["resume_command"] == command
