@@ -159,6 +159,19 @@ def test_a_locked_run_refuses_a_second_writer_naming_the_pid(tmp_path):
         child.join()
 
 
+def test_a_file_system_without_locks_runs_unlocked(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with lock_run(tmp_path):
+        pass
+    assert "no lock taken (No locks available)" in caplog.text
+
+
 def test_resume_commands_name_torchrun_and_resume_auto(monkeypatch):
     assert resume_command("r") == "transferlab-train resume=r"
     monkeypatch.setenv("WORLD_SIZE", "4")

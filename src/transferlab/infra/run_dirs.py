@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 import socket
@@ -36,6 +37,7 @@ from transferlab.infra.processes import env_rank, launched
 if TYPE_CHECKING:
     from transferlab.infra.distributed import World
 
+log = logging.getLogger("transferlab")
 LOCK_FILE = ".lock"  # in a run directory: its writer's advisory lock (holds "pid host")
 CLAIM_RESOLVER = "transferlab_claim"
 _claimed: dict[str, str] = {}
@@ -129,7 +131,9 @@ def lock_run(run_dir: Path, world: World | None = None) -> Iterator[None]:
             os.close(fd)
 
 
-def _lock(run_dir: Path) -> int:
+def _lock(run_dir: Path) -> int | None:
+    """The descriptor of ``run_dir``'s lock, now this process's; None where the file system
+    has no ``flock`` (some cluster mounts): the run goes on unlocked, as before locks."""
     fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -139,6 +143,11 @@ def _lock(run_dir: Path) -> int:
         raise UserError(f"{run_dir} is in use by another process (pid {pid} on {host}) that "
                         f"trains or resumes it: wait for it to end, or stop it (kill -INT {pid}), "
                         "then resume again") from None
+    except OSError as exc:  # ENOLCK, ENOSYS, EOPNOTSUPP: no locks on this file system
+        os.close(fd)
+        log.warning("%s: no lock taken (%s): nothing stops a second resume of this run",
+                    run_dir, exc.strerror or exc)
+        return None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
     _held.add(fd)
