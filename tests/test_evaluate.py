@@ -109,7 +109,13 @@ def test_user_errors_are_one_line(tiny_metrics, capsys, args, needle):
 
 def test_run_without_checkpoints(tmp_path, capsys):
     assert main([f"run={tmp_path}"]) == 2
-    assert "no checkpoint best.pt" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no checkpoint best.pt" in err and "the run saved none (no epoch finished)" in err
+    (tmp_path / "metrics.json").write_text(json.dumps({"history": [{"epoch": 1}]}))
+    assert main([f"run={tmp_path}"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: no checkpoint best.pt in {tmp_path / 'checkpoints'}: none is left, though "
+        "metrics.json records 1 finished epoch(s) (deleted or moved?)\n")
 
 
 @pytest.mark.slow  # a process of its own

@@ -1,8 +1,17 @@
 """Checkpoint files: the one reader of every weights file (``weights_only=True``), and the
-writer of a run's checkpoints (model, optimizer, stage, RNG, history: enough to resume)."""
+writer of a run's checkpoints (model, optimizer, stage, RNG, history: enough to resume).
+
+A checkpoint written here is sealed: the file is ``torch.save``'s zip archive whose comment
+(the archive's last bytes) is ``transferlab-sha256:<hex>``, the SHA-256 of every byte before
+it. Any zip reader (``torch.load`` included) still reads it; :func:`read_file` checks the
+digest before loading, so a damaged file is refused in one line instead of resuming or
+evaluating silently wrong weights. Files without the seal (written by an earlier version, or
+by anything else) load unchecked.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import shutil
@@ -21,6 +30,68 @@ FORMAT = "transferlab-checkpoint/2"  # /2: the loop state a resume needs (``loop
 STATE_KEYS = ("state_dict", "model_state_dict", "model")
 EXPECTED = ("a file written by torch.save holding a state dict (a transferlab checkpoint, "
             "a torchvision/timm .pth, a Lightning .ckpt) or a .safetensors file")
+SEAL = b"transferlab-sha256:"  # the zip comment of a sealed checkpoint: this, then 64 hex digits
+SEAL_LENGTH = len(SEAL) + 64
+_EOCD = b"PK\x05\x06"  # a zip archive's end record: 22 bytes, the last 2 its comment's length
+_CHUNK = 1 << 20
+
+
+class CorruptCheckpoint(UserError):
+    """A sealed checkpoint whose bytes no longer match the digest written with them."""
+
+    def __init__(self, message: str, path: Path):
+        super().__init__(message)
+        self.path = path
+
+
+def _digest(f, size: int) -> str:
+    """The SHA-256 of the first ``size`` bytes of the open file ``f``."""
+    h = hashlib.sha256()
+    f.seek(0)
+    while size > 0:
+        chunk = f.read(min(_CHUNK, size))
+        if not chunk:
+            break
+        h.update(chunk)
+        size -= len(chunk)
+    return h.hexdigest()
+
+
+def seal(f) -> None:
+    """Append the digest to the zip archive ``torch.save`` just wrote into ``f`` (open for
+    reading and writing): the archive's comment becomes ``SEAL`` + the SHA-256 of every byte
+    before it (the comment's length field included)."""
+    f.seek(-22, os.SEEK_END)
+    end = f.read(22)
+    if not end.startswith(_EOCD) or end[-2:] != b"\0\0":
+        raise RuntimeError("torch.save did not end its file with a zip end record")
+    f.seek(-2, os.SEEK_END)
+    f.write(SEAL_LENGTH.to_bytes(2, "little"))
+    f.flush()
+    size = f.seek(0, os.SEEK_END)
+    digest = _digest(f, size)
+    f.seek(0, os.SEEK_END)
+    f.write(SEAL + digest.encode())
+
+
+def check_seal(path: Path) -> bool:
+    """Whether ``path`` is sealed (True) or not (False: an older or foreign file). A sealed
+    file whose bytes changed raises :class:`CorruptCheckpoint`."""
+    with path.open("rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size < SEAL_LENGTH + 22:
+            return False
+        f.seek(size - SEAL_LENGTH)
+        tail = f.read(SEAL_LENGTH)
+        if not tail.startswith(SEAL):
+            return False
+        if _digest(f, size - SEAL_LENGTH) == tail[len(SEAL):].decode("ascii", "replace"):
+            return True
+    others = sorted(p.name for p in path.parent.glob("*.pt") if p != path)
+    instead = (f"use another of its checkpoints ({', '.join(others)}) or train again"
+               if others else "train again")
+    raise CorruptCheckpoint(f"{path} is corrupt: its bytes do not match the SHA-256 written "
+                            f"with it (a damaged disk or an interrupted copy); {instead}", path)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -37,6 +108,11 @@ def read_file(path: str | Path, option: str = "checkpoint") -> dict[str, Any]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"{option}: {path} does not exist (expected {EXPECTED})")
+    if path.suffix != ".safetensors":
+        try:
+            check_seal(path)
+        except CorruptCheckpoint as exc:
+            raise CorruptCheckpoint(f"{option}: {exc}", path) from None
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -92,7 +168,8 @@ def save_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
                     loop: dict[str, Any] | None = None,
                     ema: dict[str, Any] | None = None) -> None:
     """Write atomically and durably (a crash or SIGKILL mid-write never leaves a truncated
-    ``last.pt``: a temporary file, fsync, rename, fsync of the folder).
+    ``last.pt``: a temporary file, fsync, rename, fsync of the folder), sealed with the
+    SHA-256 of its bytes (:func:`seal`).
 
     ``epoch`` is the last completed epoch; ``loop`` holds what an exact resume needs: the
     global step, the stage schedule's step, the data
@@ -116,8 +193,9 @@ def save_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
         payload["ema"] = ema
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    with tmp.open("wb") as f:
+    with tmp.open("w+b") as f:
         torch.save(payload, f)
+        seal(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -11,6 +11,7 @@ import sys
 
 # torchrun's environment: the number of processes, this one's rank and its rank on its node
 WORLD_SIZE, RANK, LOCAL_RANK = "WORLD_SIZE", "RANK", "LOCAL_RANK"
+LOCAL_WORLD_SIZE = "LOCAL_WORLD_SIZE"  # the processes on this node
 
 
 def launched() -> bool:
@@ -34,6 +35,21 @@ def rank_tag() -> str:
     """``[rank N] `` before the error lines of a DDP process other than rank 0."""
     rank = env_rank()
     return f"[rank {rank}] " if rank else ""
+
+
+def resume_command(run_dir: object) -> str:
+    """The command that goes on with the run in ``run_dir`` as this process runs it: under
+    torchrun, with as many processes (a run resumes with the processes it trained with)."""
+    if not launched():
+        return f"transferlab-train resume={run_dir}"
+    world = int(os.environ[WORLD_SIZE])
+    try:
+        per_node = int(os.environ.get(LOCAL_WORLD_SIZE, world))
+    except ValueError:
+        per_node = world
+    nodes = f" --nnodes={world // per_node}" if per_node and world != per_node else ""
+    return (f"torchrun{nodes} --nproc_per_node={per_node} -m transferlab.train "
+            f"resume={run_dir}")
 
 
 def quiet_logging(rank: int) -> None:

@@ -8,15 +8,25 @@ that name in the same second, takes ``<name>-2``, ``<name>-3``... A process reso
 
 Under torchrun (one run, several processes) rank 0 claims the directory and every process
 takes that one (their clocks may name different seconds).
+
+A run being trained or resumed is locked (:func:`lock_run`): an advisory ``fcntl`` lock on its
+``.lock`` file, held by the process that writes the run until the run ends (the kernel lets it
+go when the process dies, SIGKILL included). A second process that would write into the run
+is refused in one line naming the holder's pid.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import logging
 import os
 import re
+import socket
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -24,6 +34,11 @@ from transferlab.config import RunConfig, compose_config, load_config
 from transferlab.errors import UserError, error_line
 from transferlab.infra.processes import env_rank, launched
 
+if TYPE_CHECKING:
+    from transferlab.infra.distributed import World
+
+log = logging.getLogger("transferlab")
+LOCK_FILE = ".lock"  # in a run directory: its writer's advisory lock (holds "pid host")
 CLAIM_RESOLVER = "transferlab_claim"
 _claimed: dict[str, str] = {}
 SHARED = "<the run's, of every process>"  # the key of the directory a DDP run claimed
@@ -94,6 +109,67 @@ if not OmegaConf.has_resolver(CLAIM_RESOLVER):
     OmegaConf.register_new_resolver(CLAIM_RESOLVER, claim)
 if not OmegaConf.has_resolver(SWEEP_CLAIM_RESOLVER):
     OmegaConf.register_new_resolver(SWEEP_CLAIM_RESOLVER, claim_sweep)
+
+
+_held: set[int] = set()  # the descriptors of the locks this process holds
+
+
+def _close_in_child() -> None:
+    """A forked child (a DataLoader worker) shares the lock's open file: closing its copy
+    keeps the lock the parent's alone (it goes when the parent ends, not the last worker)."""
+    for fd in list(_held):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
+
+
+@contextlib.contextmanager
+def lock_run(run_dir: Path, world: World | None = None) -> Iterator[None]:
+    """Hold ``run_dir``'s lock while the block runs. Another process holding it is a one-line
+    :class:`UserError` naming its pid. ``world``: the DDP group of the run (rank 0 takes the
+    lock, and every process raises its refusal)."""
+    fd, error = None, None
+    if world is None or world.main:
+        try:
+            fd = _lock(Path(run_dir))
+        except UserError as exc:
+            error = str(exc)
+    if world is not None and world.active:
+        error = world.broadcast(error)
+    if error:
+        raise UserError(error)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            _held.discard(fd)
+            os.close(fd)
+
+
+def _lock(run_dir: Path) -> int | None:
+    """The descriptor of ``run_dir``'s lock, now this process's; None where the file system
+    has no ``flock`` (some cluster mounts): the run goes on unlocked, as before locks."""
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid, host = (os.pread(fd, 200, 0).decode("utf-8", "replace").split() + ["?", "?"])[:2]
+        os.close(fd)
+        raise UserError(f"{run_dir} is in use by another process (pid {pid} on {host}) that "
+                        f"trains or resumes it: wait for it to end, or stop it (kill -INT {pid}), "
+                        "then resume again") from None
+    except OSError as exc:  # ENOLCK, ENOSYS, EOPNOTSUPP: no locks on this file system
+        os.close(fd)
+        log.warning("%s: no lock taken (%s): nothing stops a second resume of this run",
+                    run_dir, exc.strerror or exc)
+        return None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    _held.add(fd)
+    return fd
 
 
 def check_run_dir(argv: list[str]) -> None:

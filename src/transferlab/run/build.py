@@ -63,6 +63,7 @@ class BuiltRun:
     resume: ResumePoint | None = None  # where a resumed run goes on
     penalty: L2SP | None = None  # trainer.regularize, set by the task with the model
     world: World = field(default_factory=World)  # this process of the run's (DDP: several)
+    data: dict = field(default_factory=dict)  # the data's fingerprint when it was built
 
     @property
     def channels_last(self) -> bool:
@@ -70,11 +71,9 @@ class BuiltRun:
         return self.run.trainer.channels_last and len(self.feature_shape) == 3
 
     def data_fingerprint(self) -> dict:
-        """What a resume checks has not changed on disk: split sizes and classes."""
-        splits = self.splits
-        return {"train": len(splits.train), "val": len(splits.val),
-                "test": len(splits.test) if splits.test is not None else 0,
-                "classes": list(splits.classes)}
+        """What a resume checks has not changed on disk (taken when the run's data was built:
+        :func:`data_fingerprint`)."""
+        return self.data
 
     @functools.cached_property
     def feature_cache(self) -> FeatureCache:
@@ -107,6 +106,18 @@ class BuiltRun:
         trainer = self.run.trainer
         quiet = trainer.progress is False or self.progress or not self.world.main
         return 0.0 if quiet else float(trainer.progress_seconds)
+
+
+def data_fingerprint(splits: DataSplits) -> dict:
+    """Split sizes, classes and each split's identity (a hash of its images and labels,
+    :func:`~transferlab.feature_cache.identity.dataset_identity`; None for a dataset type it
+    does not know): what a resume checks has not changed on disk."""
+    from transferlab.feature_cache.identity import dataset_identity
+
+    named = {"train": splits.train, "val": splits.val, "test": splits.test}
+    return {**{k: len(d) if d is not None else 0 for k, d in named.items()},
+            "classes": list(splits.classes),
+            "identity": {k: dataset_identity(d) for k, d in named.items() if d is not None}}
 
 
 def build_classifier(run: RunConfig, backbone: Backbone, feature_shape: tuple[int, ...],
@@ -145,7 +156,8 @@ def build_run(run: RunConfig, world: World | None = None) -> BuiltRun:
     splits = build_splits(run.dataset, augment, backbone.input, image_size)
     built = BuiltRun(run=run, task=task, device=device, precision=precision, backbone=backbone,
                      image_size=image_size, feature_shape=feature_shape, splits=splits,
-                     model=None, init_report=report, world=world)
+                     model=None, init_report=report, world=world,
+                     data=data_fingerprint(splits))
     built.model = task.build_model(built)
     if built.model is not None:
         built.plans = task.plan_stages(built)

@@ -20,7 +20,7 @@ from transferlab.config import RunConfig, load_config
 from transferlab.data import derived_seed
 from transferlab.errors import Interrupted, UserError
 from transferlab.infra.distributed import World, init_from_env
-from transferlab.infra.run_dirs import config_of_run, write_failed_metrics
+from transferlab.infra.run_dirs import config_of_run, lock_run, write_failed_metrics
 from transferlab.infra.runtime import seed_everything
 from transferlab.registry import TASKS
 from transferlab.run.build import BuiltRun, build_run
@@ -101,7 +101,9 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
     stopped, config and build included."""
     run_dir = Path(run_dir)
     run = cfg if isinstance(cfg, RunConfig) else config_of_run(cfg, overrides, run_dir)
-    return _execute(run, run_dir, overrides, None, init_from_env())
+    world = init_from_env()
+    with lock_run(run_dir, world):  # no other process writes the run while it trains
+        return _execute(run, run_dir, overrides, None, world)
 
 
 def resume_run(run_dir: str | Path, overrides: list[str] | None = None, *,
@@ -111,7 +113,20 @@ def resume_run(run_dir: str | Path, overrides: list[str] | None = None, *,
     (``trainer.progress``, ``trainer.num_workers``) or extend the last stage
     (``trainer.epochs``, ``freeze.finetune_epochs``). ``requeued``: the run's own submitit job
     started again, so a ``running`` record is not another process's run (see
-    :func:`~transferlab.run.resume.requeued_action`)."""
+    :func:`~transferlab.run.resume.requeued_action`). The run is locked while it goes on
+    (:func:`~transferlab.infra.run_dirs.lock_run`): a second resume of it is refused."""
+    from transferlab.run.resume import check_is_run
+
+    world = init_from_env()
+    run_dir = Path(run_dir)
+    check_is_run(run_dir)  # (before its lock file is made)
+    with lock_run(run_dir, world):  # one process goes on with a run: a second is refused
+        return _resume(run_dir, overrides, requeued, world)
+
+
+def _resume(run_dir: Path, overrides: list[str] | None, requeued: bool,
+            world: World) -> RunResult:
+    """:func:`resume_run` once the run is locked: its state checked, then trained on."""
     from transferlab.run.resume import (
         ResumePoint,
         overrides_extend,
@@ -121,15 +136,13 @@ def resume_run(run_dir: str | Path, overrides: list[str] | None = None, *,
         still_running,
     )
 
-    world = init_from_env()
-    run_dir = Path(run_dir)
     status = read_status(run_dir) if world.main else {}
     # DDP: rank 0's reading, which its own record cannot race with
     status, running = world.broadcast((status, world.main and still_running(status)))
     if running and not requeued:
         raise UserError(f"resume={run_dir}: the run is still going (pid {status['pid']} on "
                         "this host)")
-    ckpt = resume_checkpoint(run_dir)
+    ckpt = resume_checkpoint(run_dir, status)
     point = ResumePoint.from_checkpoint(ckpt)
     run = load_config(resumed_config(ckpt["config"], list(overrides or []), point.epoch))
     if status.get("status") == "completed" and not overrides_extend(overrides or []):
@@ -153,7 +166,7 @@ def _execute(run: RunConfig, run_dir: Path, overrides: list[str] | None,
         seed_everything(run.seed, run.trainer.deterministic)
         built = build_run(run, world)
         if resume is not None:
-            check_data(resume.data, built.data_fingerprint())
+            check_data(resume.data, built.data_fingerprint(), run_dir)
             resume.check_world(world.size)
             built.resume = resume
         if world.rank > 0:  # the weights are built (alike): dropout draws differ per process

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -30,7 +31,14 @@ from transferlab.config.store import register_configs
 from transferlab.config.validate import check_name
 from transferlab.errors import EXIT_JOB_FAILED, Interrupted, UserError
 from transferlab.infra.cluster import export_submitit_env, hand_over, job_environment
-from transferlab.infra.processes import env_rank, launched, quiet_logging, rank_tag, shutdown
+from transferlab.infra.processes import (
+    env_rank,
+    launched,
+    quiet_logging,
+    rank_tag,
+    resume_command,
+    shutdown,
+)
 from transferlab.infra.run_dirs import (
     check_run_dir,
     check_sweep_dir,
@@ -205,6 +213,19 @@ def _is_hydra_error(exc: BaseException) -> bool:
     return type(exc).__module__.split(".")[0] in ("hydra", "omegaconf")
 
 
+def _how_to_go_on(argv: list[str], multirun: bool, run_dir: Path | None) -> str:
+    """What the line of an interrupted command adds: the command that goes on. A sweep: the
+    same command with ``resume=auto`` (it skips the jobs that completed, resumes the one
+    stopped, starts the rest); one run with a checkpoint: ``resume=<run dir>``, under
+    torchrun with as many processes."""
+    if multirun:
+        same = [a for a in argv if not a.startswith("resume=") and a not in ("-m", "--multirun")]
+        return f": go on with transferlab-train -m {shlex.join(same)} resume=auto"
+    if run_dir is not None and (run_dir / "checkpoints" / "last.pt").is_file():
+        return f": go on with {resume_command(shown(run_dir))}"
+    return ""
+
+
 def launch(argv: list[str]) -> int:
     """Run ``transferlab-train <argv>`` (Hydra reads ``sys.argv`` itself); the exit code."""
     register_configs()
@@ -259,11 +280,9 @@ def launch(argv: list[str]) -> int:
             raise UserError(f"{rank_tag()}{exc}") from None
         raise
     except (Interrupted, KeyboardInterrupt) as stop:
-        where = getattr(stop, "run_dir", None)
-        again = (f": go on with transferlab-train resume={where}"
-                 if where and (where / "checkpoints" / "last.pt").is_file() else "")
         signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
-        print(f"{rank_tag()}interrupted ({signal.Signals(signum).name}){again}",
+        print(f"{rank_tag()}interrupted ({signal.Signals(signum).name})"
+              f"{_how_to_go_on(argv, multirun, getattr(stop, 'run_dir', None))}",
               file=sys.stderr, flush=True)
         return 128 + signum
     shutdown()

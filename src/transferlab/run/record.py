@@ -19,6 +19,7 @@ from transferlab.engine.best import epoch_rank
 from transferlab.engine.ema import best_ema
 from transferlab.errors import Interrupted, error_line
 from transferlab.infra.liveness import process_started
+from transferlab.infra.processes import resume_command
 from transferlab.infra.run_dirs import fsync_dir
 
 HPARAM_METRICS = ("best_val_acc", "best_val_loss", "final_val_acc", "final_val_loss")
@@ -230,7 +231,7 @@ class RunTracker:
 
     def _resume_hint(self) -> None:
         if (self.run_dir / "checkpoints" / "last.pt").is_file():
-            self.extra["resume_command"] = f"transferlab-train resume={self.run_dir}"
+            self.extra["resume_command"] = resume_command(self.run_dir)
 
     def _write(self, status: str) -> dict:
         final = self.history[-1] if self.history else None

@@ -20,7 +20,7 @@ from typing import Any
 
 from transferlab.config.validate import amp_mode, override_key
 from transferlab.errors import UserError
-from transferlab.infra.checkpoint import FORMAT, load_checkpoint
+from transferlab.infra.checkpoint import FORMAT, CorruptCheckpoint, load_checkpoint
 from transferlab.infra.liveness import run_status
 from transferlab.registry import TASKS, load_builtins
 
@@ -99,24 +99,85 @@ def still_running(status: dict) -> bool:
     return run_status(status) == "running" and status.get("pid") != os.getpid()
 
 
-def resume_checkpoint(run_dir: Path) -> dict:
-    """``run_dir``'s ``last.pt``, checked to be a checkpoint this version resumes."""
+# What a resume reads from a checkpoint of this format (``loop``: its own keys).
+CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "stage", "config", "history", "best", "rng",
+                   "loop")
+LOOP_KEYS = ("step", "schedule_step", "data")
+
+
+def check_is_run(run_dir: Path) -> None:
+    """``run_dir`` is a directory that holds a run."""
     if not run_dir.is_dir():
         raise UserError(f"resume={run_dir}: no such directory")
+    if not any((run_dir / name).exists() for name in ("metrics.json", ".hydra", "checkpoints")):
+        raise UserError(f"resume={run_dir}: not a transferlab run directory (no metrics.json, "
+                        "no checkpoints/last.pt)")
+
+
+def resume_checkpoint(run_dir: Path, status: dict | None = None) -> dict:
+    """``run_dir``'s ``last.pt``, checked to be a whole checkpoint this version resumes.
+    ``status``: the run's ``metrics.json`` (what it says the run did, for the messages)."""
+    check_is_run(run_dir)
     path = run_dir / "checkpoints" / "last.pt"
     if not path.is_file():
-        if not (run_dir / "metrics.json").is_file() and not (run_dir / ".hydra").is_dir():
-            raise UserError(f"resume={run_dir}: not a transferlab run directory (no "
-                            "metrics.json, no checkpoints/last.pt)")
-        raise UserError(f"resume={run_dir}: the run saved no checkpoint (no epoch finished): "
-                        "start it again")
-    ckpt = load_checkpoint(path)
-    if ckpt.get("format") != FORMAT or not isinstance(ckpt.get("loop"), dict) \
-            or "schedule_step" not in ckpt["loop"]:
+        raise UserError(f"resume={run_dir}: {_no_checkpoint(run_dir, status or {})}")
+    try:
+        ckpt = load_checkpoint(path)
+    except CorruptCheckpoint:
+        raise UserError(f"resume={run_dir}: {path} is corrupt (its bytes do not match the "
+                        f"SHA-256 written with it): {_go_back(run_dir)}") from None
+    if ckpt.get("format") != FORMAT:
         raise UserError(f"resume={run_dir}: {path} was written by another transferlab version "
                         f"(format {ckpt.get('format')!r}; this one resumes {FORMAT!r}); start "
                         "the run again")
+    missing = _missing(ckpt)
+    if missing:
+        raise UserError(f"resume={run_dir}: {path} has the format tag {FORMAT!r} but lacks "
+                        f"{', '.join(missing)} (a damaged or edited checkpoint): "
+                        f"{_go_back(run_dir)}")
     return ckpt
+
+
+def _missing(ckpt: dict) -> list[str]:
+    """The keys a resume reads that ``ckpt`` lacks (``loop.step``: a key of its ``loop``)."""
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    for key, inner in (("loop", LOOP_KEYS), ("stage", ("index",))):
+        if key in ckpt:
+            have = ckpt[key] if isinstance(ckpt[key], dict) else {}
+            missing += [f"{key}.{k}" for k in inner if k not in have]
+    return missing
+
+
+def _no_checkpoint(run_dir: Path, status: dict) -> str:
+    """Why a run directory without ``checkpoints/last.pt`` cannot be resumed."""
+    task = (status.get("hparams") or {}).get("task")
+    if isinstance(task, str) and task in TASKS:
+        reason = TASKS.builder(task).not_resumable
+        if reason:
+            return reason
+    done = len(status.get("history") or [])
+    if done:
+        return (f"checkpoints/last.pt is missing, though metrics.json records {done} finished "
+                f"epoch(s): it was deleted or moved; put it back, or {_go_back(run_dir)}")
+    return "the run saved no checkpoint (no epoch finished): start it again"
+
+
+def _go_back(run_dir: Path) -> str:
+    """How to go on when ``last.pt`` cannot be used: from an earlier checkpoint of the run
+    (``epoch_<N>.pt``, ``best.pt``), or again from the start."""
+    folder = run_dir / "checkpoints"
+
+    def order(path: Path) -> int:
+        tail = path.stem.rpartition("_")[2]
+        return int(tail) if tail.isdigit() else -1
+
+    earlier = sorted((p for p in folder.glob("*.pt") if p.name != "last.pt"
+                      and (p.stem == "best" or p.stem.startswith("epoch_"))), key=order)
+    if not earlier:
+        return "it kept no other checkpoint; start the run again"
+    names = ", ".join(p.name for p in reversed(earlier))
+    return (f"go back to an earlier checkpoint of the run ({names}): cp {earlier[-1]} "
+            f"{folder / 'last.pt'}, then resume again; or start the run again")
 
 
 def resumed_config(saved: dict, overrides: list[str], done_epochs: int) -> dict:
@@ -157,17 +218,40 @@ def _value(text: str) -> Any:
         return text
 
 
-def check_data(saved: dict, now: dict) -> None:
-    """The data set must be the one the run started with."""
+def check_data(saved: dict, now: dict, run_dir: Path) -> None:
+    """The data set must be the one the run started with: the same split sizes, classes and,
+    where both have one, each split's identity (its images and labels; a checkpoint of an
+    earlier version has none)."""
     changes = []
     for split in ("train", "val", "test"):
         if saved.get(split) != now.get(split):
             changes.append(f"{split} {saved.get(split)} -> {now.get(split)} images")
+            continue
+        before, after = (d.get("identity", {}).get(split) for d in (saved, now))
+        if before is not None and after is not None and before != after:
+            changes.append(f"{split}: the same {now.get(split)} images by count, but their "
+                           "files or labels changed")
     if saved.get("classes") != now.get("classes"):
         changes.append(f"classes {saved.get('classes')} -> {now.get('classes')}")
     if changes:
         raise UserError(f"the data set changed since the run started ({'; '.join(changes)}): a "
-                        "resume would not give the run's result; start a new run")
+                        f"resume would not give the run's result; {fresh_start(run_dir)}")
+
+
+def fresh_start(run_dir: Path) -> str:
+    """How to start the run in ``run_dir`` again, as a new run: its command line, read from
+    Hydra's record of its overrides."""
+    import shlex
+
+    import yaml
+
+    try:
+        overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        overrides = None
+    if not isinstance(overrides, list):
+        return "start a new run with the run's overrides"
+    return f"start a new run: transferlab-train {shlex.join(str(o) for o in overrides)}".strip()
 
 
 # --- resume=auto: a sweep launched again goes on where it stopped -------------------------------

@@ -14,6 +14,7 @@ from transferlab.config import RunConfig, load_config
 from transferlab.errors import UserError
 from transferlab.registry import TASKS
 from transferlab.run.build import build_classifier
+from transferlab.run.resume import read_status
 
 CHECKPOINTS = ("best", "last", "best_ema")  # best_ema.pt: runs with trainer.ema.decay
 WEIGHTS = ("raw", "ema")
@@ -31,7 +32,10 @@ def checkpoint_path(run_dir: Path, name: str) -> Path:
                         "fit it again")
     if not path.is_file():
         saved = sorted(p.stem for p in (run_dir / "checkpoints").glob("*.pt"))
-        have = f"it has: {', '.join(saved)}" if saved else "the run saved none (no epoch finished?)"
+        done = len(read_status(run_dir).get("history") or [])
+        have = (f"it has: {', '.join(saved)}" if saved else
+                f"none is left, though metrics.json records {done} finished epoch(s) (deleted "
+                "or moved?)" if done else "the run saved none (no epoch finished)")
         raise UserError(f"no checkpoint {name}.pt in {run_dir / 'checkpoints'}: {have}")
     return path
 

@@ -49,6 +49,7 @@ class Task:
     loss_tag = "loss"  # TensorBoard: <split>/<loss_tag>
     unused_groups: tuple[str, ...] = ()  # config groups left out of its HParams record
     has_classes = True  # its checkpoints hold the class names (a classifier's)
+    not_resumable: str | None = None  # why its runs have nothing to resume (None: they do)
 
     # --- its config: checked before anything is built -----------------------------------------
 
@@ -220,6 +221,9 @@ class LogReg(Task):
 
     IS = "task=logreg fits a logistic regression on frozen features"
     unused_groups = ("head", "freeze", "optimizer", "scheduler", "augment")
+    not_resumable = ("a task=logreg run fits its logistic regression in one pass (logreg.pkl), "
+                     "with no epochs to go on with or checkpoint to go on from: to fit it "
+                     "again, start a new run")
 
     def check(self, run: RunConfig) -> None:
         task: LogRegTaskConfig = run.task
