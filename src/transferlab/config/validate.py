@@ -17,6 +17,7 @@ from typing import Any
 from transferlab.config.schema import (
     AmpMode,
     AugmentConfig,
+    CacheMode,
     ConvEncoderConfig,
     CosineSchedulerConfig,
     CropFlipConfig,
@@ -280,6 +281,7 @@ def _trainer(run: RunConfig) -> None:
     _in("trainer.label_smoothing", t.label_smoothing, 0, 1, hi_open=True)
     c = t.feature_cache
     check_value("trainer.feature_cache.max_gb", c.max_gb, c.max_gb > 0, "> 0")
+    check_value("trainer.feature_cache.lock_timeout", c.lock_timeout, c.lock_timeout > 0, "> 0")
     if t.ema.decay is not None:
         _in("trainer.ema.decay", t.ema.decay, 0, 1, lo_open=True, hi_open=True)
     at_least("trainer.accumulate_grad_batches", t.accumulate_grad_batches, 1)
@@ -322,6 +324,12 @@ _UNUSED: list[tuple[str, Callable[[RunConfig], bool], tuple[str, ...]]] = [
      lambda run: run.trainer.early_stopping.patience is None,
      ("trainer.early_stopping.monitor", "trainer.early_stopping.min_delta",
       "trainer.early_stopping.restore_best")),
+    ("trainer.feature_cache.mode=off caches nothing",
+     lambda run: run.trainer.feature_cache.mode == CacheMode.off,
+     ("trainer.feature_cache.identity", "trainer.feature_cache.lock_timeout")),
+    ("trainer.feature_cache.mode=memory takes no lock",
+     lambda run: run.trainer.feature_cache.mode == CacheMode.memory,
+     ("trainer.feature_cache.lock_timeout",)),
 ]
 
 
