@@ -38,6 +38,9 @@ def test_an_entry_reads_back_checked_and_any_change_is_caught(tmp_path):
     assert bad is None and entry.meta["format"] == FORMAT
     np.testing.assert_array_equal(entry.labels, LABELS)
     assert store.lookup("absent") == (None, None)
+    assert isinstance(entry.features, np.memmap)  # large next to read_below (0): mapped
+    read = store.lookup("e", LABELS, read_below=1 << 30)[0].features  # read, then checked
+    assert not isinstance(read, np.memmap) and read.shape == (6, 4)
     # the dataset's labels are not the entry's: bad, whatever the checksums say
     assert store.lookup("e", np.roll(LABELS, 1))[1] == "its labels differ from the dataset's"
 

@@ -20,6 +20,7 @@ writes the store's entry.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass
 
@@ -261,12 +262,12 @@ class FeatureCache:
         (one warning: the split is extracted in memory for this run)."""
         started = time.perf_counter()
         expected = dataset_labels(dataset)
-        entry, bad = self.store.lookup(key, expected)
+        entry, bad = self.store.lookup(key, expected, _read_below())
         source = "disk"
         if entry is None:
             try:
                 with self.store.lock(key) as held:
-                    entry, bad_now = self.store.lookup(key, expected)  # written meanwhile?
+                    entry, bad_now = self.store.lookup(key, expected, _read_below())
                     if entry is None:
                         source = "extracted"
                         if bad or bad_now:
@@ -310,7 +311,7 @@ class FeatureCache:
         process of each node (the others wait for it)."""
         started = time.perf_counter()
         expected = dataset_labels(dataset)
-        entry, bad = self.store.lookup(key, expected)
+        entry, bad = self.store.lookup(key, expected, _read_below())
         if self.world.all(entry is not None):
             return _Split(*self._load(entry), "disk", time.perf_counter() - started)
         if bad and self.world.main:
@@ -349,10 +350,10 @@ class FeatureCache:
 
     def _load(self, entry) -> tuple[torch.Tensor, torch.Tensor]:
         """The entry's tensors: read into memory when it is small next to the available
-        memory, else left memory-mapped (pages read as batches ask for them)."""
+        memory (:func:`_read_below`; the store's lookup may have read it), else left
+        memory-mapped (pages read as batches ask for them)."""
         features = entry.features
-        available = _available_memory()
-        if available is None or entry.nbytes < available // 4:
+        if isinstance(features, np.memmap) and entry.nbytes < _read_below():
             features = np.array(features)  # one read
         return torch.from_numpy(features), torch.from_numpy(np.asarray(entry.labels))
 
@@ -429,6 +430,12 @@ def _unusable(store: DiskStore) -> str | None:
         except OSError as exc:
             why = f"cannot read the feature cache key ({exc.strerror or exc}: {exc.filename})"
     return why
+
+
+def _read_below() -> int:
+    """Entries of fewer bytes are read into memory: a quarter of the available memory."""
+    available = _available_memory()
+    return sys.maxsize if available is None else available // 4
 
 
 def _prefix_fn(cut: Cut, module: nn.Module, model: nn.Module):

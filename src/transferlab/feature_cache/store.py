@@ -171,10 +171,12 @@ class DiskStore:
         """The complete, checked entry ``key``, memory-mapped, or None (absent or bad)."""
         return self.lookup(key, labels)[0]
 
-    def lookup(self, key: str, labels: np.ndarray | None = None
+    def lookup(self, key: str, labels: np.ndarray | None = None, read_below: int = 0
                ) -> tuple[Entry | None, str | None]:
         """(the entry, None) when ``key`` is whole and passes its checks (its labels equal to
-        ``labels`` where given); (None, None) when absent; (None, what is wrong) when bad."""
+        ``labels`` where given); (None, None) when absent; (None, what is wrong) when bad.
+        Features of fewer than ``read_below`` bytes are read into memory before they are
+        checked (what is checked is what the caller gets), others stay memory-mapped."""
         folder = self.root / key
         if not folder.exists():
             return None, None
@@ -182,6 +184,8 @@ class DiskStore:
             meta = json.loads((folder / "meta.json").read_text())
             features = np.load(folder / "features.npy", mmap_mode="c")
             stored = np.load(folder / "labels.npy")
+            if features.nbytes < read_below:
+                features = np.array(features)  # one read
         except (OSError, ValueError, EOFError) as exc:
             return None, f"unreadable ({exc})"
         return self._checked(meta, features, stored, labels, folder)
