@@ -34,7 +34,8 @@ def _train(tmp_path: Path, name: str, store: Path, *extra: str):
 
 
 def _entries(store: Path) -> list[Path]:
-    return sorted(p for p in store.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p for p in store.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and p.suffix != ".lock")
 
 
 def _entry_of(store: Path, rows: int) -> Path:
@@ -179,8 +180,8 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def _fill(disk: Path) -> None:
-    """Fill ``disk`` to the last byte."""
+def _fill(disk: Path, leave: int = 0) -> None:
+    """Fill ``disk`` to the last byte, then give back ``leave`` bytes."""
     fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     try:
         for size in (1 << 16, 4096, 1):
@@ -189,6 +190,7 @@ def _fill(disk: Path) -> None:
                     os.write(fd, bytes(size))
                 except OSError:
                     break
+        os.ftruncate(fd, os.fstat(fd).st_size - leave)
     finally:
         os.close(fd)
 
@@ -231,11 +233,11 @@ def test_a_disk_filled_during_extraction_is_one_error_line_and_a_failed_run(tmp_
     for line in run.stdout:
         if "waiting for it" in line:
             break
-    _fill(small_disk)  # another job took the space meanwhile
+    _fill(small_disk, leave=1 << 16)  # another job took the space meanwhile, but 64 KB
     holder.kill()
     holder.wait()
     out, err = run.communicate(timeout=300)
-    assert run.returncode == 2, (out, err)  # once: SIGBUS, rc 135, nothing on stderr
+    assert run.returncode == 2, (out, err)  # once: SIGBUS (-7), nothing on stderr
     assert err.strip().splitlines() == [
         f"error: feature cache: cannot write an entry in {store} (No space left on device): "
         "free space there, set trainer.feature_cache.dir to another folder, or "
@@ -250,7 +252,8 @@ def test_features_export_over_a_full_disk_keeps_the_earlier_file(tmp_path, small
     out = small_disk / "feats.npz"
     command = [sys.executable, "-m", "transferlab.cli.features", *TINY,
                f"trainer.feature_cache.dir={tmp_path / 'store'}", f"output={out}"]
-    first = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    first = subprocess.run([*command, "dataset.train_fraction=0.5"], capture_output=True,
+                           text=True, timeout=300, cwd=tmp_path)  # a smaller file first
     assert first.returncode == 0, first.stderr
     before = dict(np.load(out))
     _fill(small_disk)
@@ -317,7 +320,8 @@ def test_a_lock_that_cannot_be_opened_falls_back_to_memory_or_fails_in_disk_mode
     assert "kept in memory for this run only" in warning
     assert metrics["feature_cache"]["head"]["splits"] == {"train": "extracted",
                                                           "val": "extracted"}
-    assert [e.name for e in _entries(store)] != [train_key]  # only val was written
+    written = [e.name for e in _entries(store)]
+    assert len(written) == 1 and train_key not in written  # only val's entry was written
 
     proc, metrics = _train(tmp_path, "disk", store, "trainer.feature_cache.mode=disk")
     assert proc.returncode == 2
