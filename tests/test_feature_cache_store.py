@@ -194,3 +194,34 @@ def test_dataset_identity_and_labels_of_a_folder_with_a_non_utf8_name(tmp_path):
     assert dataset_identity(data) is not None
     np.testing.assert_array_equal(dataset_labels(data), [1, 0])
     assert dataset_labels(object()) is None and dataset_identity(object()) is None
+
+
+# -- config -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("overrides", "says"), [
+    (["trainer.feature_cache.identity=bytes"],
+     "trainer.feature_cache.identity must be one of content, stat"),
+    (["trainer.feature_cache.lock_timeout=0"], "trainer.feature_cache.lock_timeout must be > 0"),
+    (["trainer.feature_cache.mode=off", "trainer.feature_cache.identity=stat"],
+     "trainer.feature_cache.mode=off caches nothing and does not use "
+     "trainer.feature_cache.identity"),
+    (["trainer.feature_cache.mode=memory", "trainer.feature_cache.lock_timeout=5"],
+     "trainer.feature_cache.mode=memory takes no lock and does not use "
+     "trainer.feature_cache.lock_timeout"),
+])
+def test_cache_settings_are_checked_at_composition(overrides, says):
+    from transferlab.config import compose_config, load_config
+
+    with pytest.raises(UserError) as exc:
+        load_config(compose_config(overrides), overrides)
+    assert says in str(exc.value), str(exc.value)
+
+
+def test_the_defaults_are_content_identity_and_a_five_minute_lock_timeout():
+    from transferlab.config import compose_config, load_config
+
+    cache = load_config(compose_config([]), []).trainer.feature_cache
+    assert cache.identity == "content" and cache.lock_timeout == 300.0
+    overrides = ["trainer.feature_cache.identity=stat", "trainer.feature_cache.lock_timeout=60"]
+    cache = load_config(compose_config(overrides), overrides).trainer.feature_cache
+    assert cache.identity == "stat" and cache.lock_timeout == 60.0
