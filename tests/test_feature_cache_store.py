@@ -169,6 +169,18 @@ def test_a_lock_file_that_cannot_be_opened_is_lock_unavailable(tmp_path):
         pass
 
 
+def test_a_file_system_without_locks_is_lock_unavailable(tmp_path, monkeypatch):
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(LockUnavailable, match="cannot lock the lock file .*No locks available"), \
+            DiskStore(tmp_path, key=KEY).lock("e"):
+        pass
+
+
 # -- identities -------------------------------------------------------------------------------
 
 def test_file_identity_by_content_or_stat_and_any_file_name(tmp_path):

@@ -115,10 +115,12 @@ class Entry:
 
 
 class LockUnavailable(Exception):  # noqa: N818 (a state, as Interrupted)
-    """The entry's lock file cannot be opened (not writable by this user, not a file)."""
+    """The entry's lock file cannot be opened (not writable by this user, not a file) or
+    locked (a file system without locks)."""
 
     def __init__(self, path: Path, exc: OSError):
-        super().__init__(f"cannot open the lock file {path} ({exc.strerror or exc})")
+        super().__init__(f"cannot {'lock' if exc.errno == errno.ENOLCK else 'open'} the lock "
+                         f"file {path} ({exc.strerror or exc})")
         self.path = path
 
 
@@ -218,7 +220,10 @@ class DiskStore:
         except OSError as exc:
             raise LockUnavailable(path, exc) from None
         try:
-            self._acquire(fd, path)
+            try:
+                self._acquire(fd, path)
+            except OSError as exc:  # a file system without locks (ENOLCK)
+                raise LockUnavailable(path, exc) from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
             yield Held(fd)
