@@ -237,3 +237,49 @@ def test_the_defaults_are_content_identity_and_a_five_minute_lock_timeout():
     overrides = ["trainer.feature_cache.identity=stat", "trainer.feature_cache.lock_timeout=60"]
     cache = load_config(compose_config(overrides), overrides).trainer.feature_cache
     assert cache.identity == "stat" and cache.lock_timeout == 60.0
+
+
+# -- FeatureCache: which errors of an extraction become the disk's one line ---------------------
+
+def _cache_and_data(tmp_path, fail_with: int | None = None):
+    import torch
+
+    from transferlab.backbones import build_backbone, probe_features
+    from transferlab.config import BackboneConfig, FeatureCacheConfig
+    from transferlab.data.digits import TensorImageDataset
+    from transferlab.data.transforms import eval_transform
+    from transferlab.feature_cache import FeatureCache
+    from transferlab.infra.runtime import Precision
+
+    class Broken(TensorImageDataset):
+        def __getitem__(self, i):
+            if fail_with is not None:
+                raise OSError(fail_with, "cannot read image")
+            return super().__getitem__(i)
+
+    torch.manual_seed(0)
+    backbone = build_backbone(BackboneConfig(name="test_efficientnet", source="timm",
+                                             pretrained=False))
+    probe_features(backbone, 32)
+    images = torch.randint(0, 255, (6, 3, 32, 32), dtype=torch.uint8)
+    data = Broken(images, [0, 1, 0, 1, 0, 1], eval_transform(backbone.input, 32))
+    cpu = torch.device("cpu")
+    cache = FeatureCache(FeatureCacheConfig(dir=str(tmp_path / "store")), cpu,
+                         Precision(cpu, "off"), False, 4, 0)
+    return cache, backbone, data
+
+
+def test_a_full_disk_is_one_line_and_an_unreadable_image_keeps_its_error(tmp_path, monkeypatch):
+    cache, backbone, data = _cache_and_data(tmp_path, fail_with=errno.EIO)
+    with pytest.raises(OSError, match="cannot read image"):
+        cache.pooled_features(backbone, 32, {"train": data})
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    cache, backbone, data = _cache_and_data(tmp_path)
+    with pytest.raises(UserError, match=r"cannot write an entry in .*store \(No space left on "
+                                        r"device\): free space there"):
+        cache.pooled_features(backbone, 32, {"train": data})
+    assert not list((tmp_path / "store").glob(".tmp-*"))

@@ -19,6 +19,7 @@ writes the store's entry.
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 import time
@@ -288,7 +289,8 @@ class FeatureCache:
     def _write(self, key: str, key_parts: dict, run_prefix, cut: Cut, dataset: Dataset,
                shape: tuple[int, ...], held: Held | None):
         """Extract ``dataset`` into the store's entry ``key`` (the caller holds its lock); a
-        disk that cannot take it (full, read-only) is a one-line error."""
+        disk that cannot take it (full, over quota, read-only) is a one-line error (an image
+        that cannot be read is not this: its error passes)."""
         beat = held.beat if held is not None else _nothing
 
         def fill(features: np.ndarray, labels: np.ndarray) -> None:
@@ -299,6 +301,8 @@ class FeatureCache:
             return self.store.put(key, (len(dataset), *shape), self.cfg.dtype,
                                   {"key": key_parts}, fill, beat)
         except OSError as exc:
+            if exc.errno not in _DISK_FULL:
+                raise
             raise UserError(f"feature cache: cannot write an entry in {self.store.root} "
                             f"({exc.strerror or exc}): free space there, set "
                             "trainer.feature_cache.dir to another folder, or "
@@ -414,6 +418,9 @@ class FeatureCache:
                 start += n
                 if beat is not None:
                     beat()
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
 def _nothing() -> None:
