@@ -283,3 +283,24 @@ def test_a_full_disk_is_one_line_and_an_unreadable_image_keeps_its_error(tmp_pat
                                         r"device\): free space there"):
         cache.pooled_features(backbone, 32, {"train": data})
     assert not list((tmp_path / "store").glob(".tmp-*"))
+
+
+def test_a_key_that_cannot_be_made_means_memory_with_auto_and_an_error_with_disk(
+        tmp_path, monkeypatch, caplog):
+    import torch
+
+    from transferlab.config import FeatureCacheConfig
+    from transferlab.feature_cache import FeatureCache
+    from transferlab.infra.runtime import Precision
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(blocker))  # its "transferlab/" cannot be made
+    cpu = torch.device("cpu")
+    cache = FeatureCache(FeatureCacheConfig(dir=str(tmp_path / "store")), cpu,
+                         Precision(cpu, "off"), False, 4, 0)
+    assert cache.store is None
+    assert "cannot read or make this user's feature cache key" in caplog.text
+    with pytest.raises(UserError, match="mode=disk: cannot read or make .*XDG_CONFIG_HOME"):
+        FeatureCache(FeatureCacheConfig(dir=str(tmp_path / "store"), mode="disk"), cpu,
+                     Precision(cpu, "off"), False, 4, 0)

@@ -435,7 +435,8 @@ def _unusable(store: DiskStore) -> str | None:
         try:
             store.signer  # noqa: B018 (reads, or makes, this user's key)
         except OSError as exc:
-            why = f"cannot read the feature cache key ({exc.strerror or exc}: {exc.filename})"
+            why = (f"cannot read or make this user's feature cache key {exc.filename} "
+                   f"({exc.strerror or exc}; XDG_CONFIG_HOME chooses its folder)")
     return why
 
 
