@@ -230,6 +230,7 @@ CLOSED_SETS = [
     (None, "trainer.gradient_clip_algorithm", schema.TrainerConfig),
     (None, "trainer.feature_cache.mode", schema.FeatureCacheConfig),
     (None, "trainer.feature_cache.dtype", schema.FeatureCacheConfig),
+    (None, "trainer.feature_cache.identity", schema.FeatureCacheConfig),
     (None, "trainer.early_stopping.monitor", schema.EarlyStoppingConfig),
     (None, "trainer.regularize.name", schema.RegularizeConfig),
     (None, "freeze.stages.0.bn", schema.StageSpec),

@@ -200,9 +200,9 @@ def _tiny_backbone() -> Backbone:
     return backbone
 
 
-def _pooled(backbone, splits, store: Path, size: int = 32) -> dict:
-    cache = FeatureCache(FeatureCacheConfig(dir=str(store), dtype="float32"), CPU,
-                         Precision(CPU, "off"), False, 8, 0)
+def _pooled(backbone, splits, store: Path, size: int = 32, identity: str = "content") -> dict:
+    cache = FeatureCache(FeatureCacheConfig(dir=str(store), dtype="float32", identity=identity),
+                         CPU, Precision(CPU, "off"), False, 8, 0)
     out = cache.pooled_features(backbone, size, {"train": splits.train, "val": splits.val})
     return {"sources": cache.report["features"]["splits"], "features": out}
 
@@ -220,10 +220,24 @@ def test_a_changed_input_gives_a_new_key(tmp_path):
     assert again["sources"] == {"train": "disk", "val": "disk"}
     np.testing.assert_array_equal(first["features"]["train"][0], again["features"]["train"][0])
 
-    # touching one training image: train is extracted again, val still read from the store
+    # touching one training image: its content is the same (identity=content, the default);
+    # identity=stat (path, size, mtime) extracts train again, val still read from the store
     image = root / "train" / "a" / "0.png"
     stat = image.stat()
+    assert _pooled(backbone, splits, store, identity="stat")["sources"]["train"] == "extracted"
     os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert _pooled(backbone, splits, store)["sources"] == {"train": "disk", "val": "disk"}
+    assert _pooled(backbone, splits, store, identity="stat")["sources"] == {
+        "train": "extracted", "val": "disk"}
+
+    # another image of the same size in its place, its modification time kept: only
+    # identity=content sees it
+    stat = image.stat()
+    pixels = np.random.default_rng(7).integers(0, 255, (20, 20, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(image)  # noise: stored, not compressed: the same size
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert image.stat().st_size == stat.st_size
+    assert _pooled(backbone, splits, store, identity="stat")["sources"]["train"] == "disk"
     assert _pooled(backbone, splits, store)["sources"] == {"train": "extracted", "val": "disk"}
 
     # another image size: every split again

@@ -99,6 +99,11 @@ class CacheMode(StrEnum):
     disk = "disk"
 
 
+class CacheIdentity(StrEnum):
+    content = "content"
+    stat = "stat"
+
+
 class CacheDtype(StrEnum):
     float16 = "float16"
     float32 = "float32"
@@ -530,6 +535,12 @@ class FeatureCacheConfig:
     dtype: CacheDtype = CacheDtype.float16  # float16 | float32 (exact features, twice the size)
     # an entry estimated above this (before extracting) is not cached (the run says so)
     max_gb: float = 8.0
+    # content: image files are known by their bytes (read every run); stat: by path, size and
+    # modification time (blind to a file replaced in place with its time kept)
+    identity: CacheIdentity = CacheIdentity.content
+    # seconds a run waits for another process's extraction of the same entry while that
+    # process shows no progress (stopped, hung); a working extraction is waited for however long
+    lock_timeout: float = 300.0
 
 
 @dataclass

@@ -17,6 +17,7 @@ from typing import Any
 from transferlab.config.schema import (
     AmpMode,
     AugmentConfig,
+    CacheMode,
     ConvEncoderConfig,
     CosineSchedulerConfig,
     CropFlipConfig,
@@ -281,6 +282,7 @@ def _trainer(run: RunConfig) -> None:
     _in("trainer.label_smoothing", t.label_smoothing, 0, 1, hi_open=True)
     c = t.feature_cache
     check_value("trainer.feature_cache.max_gb", c.max_gb, c.max_gb > 0, "> 0")
+    check_value("trainer.feature_cache.lock_timeout", c.lock_timeout, c.lock_timeout > 0, "> 0")
     if t.ema.decay is not None:
         _in("trainer.ema.decay", t.ema.decay, 0, 1, lo_open=True, hi_open=True)
     at_least("trainer.accumulate_grad_batches", t.accumulate_grad_batches, 1)
@@ -326,8 +328,12 @@ _UNUSED: list[tuple[str, Callable[[RunConfig], bool], tuple[str, ...]]] = [
     ("no EMA is kept until trainer.ema.decay=D is given,",
      lambda run: run.trainer.ema.decay is None, ("trainer.ema.warmup",)),
     ("trainer.feature_cache.mode=off caches no features",
-     lambda run: run.trainer.feature_cache.mode == "off",
-     ("trainer.feature_cache.dtype", "trainer.feature_cache.dir", "trainer.feature_cache.max_gb")),
+     lambda run: run.trainer.feature_cache.mode == CacheMode.off,
+     ("trainer.feature_cache.dtype", "trainer.feature_cache.dir", "trainer.feature_cache.max_gb",
+      "trainer.feature_cache.identity", "trainer.feature_cache.lock_timeout")),
+    ("trainer.feature_cache.mode=memory takes no lock",
+     lambda run: run.trainer.feature_cache.mode == CacheMode.memory,
+     ("trainer.feature_cache.lock_timeout",)),
     ("the run trains on the whole training split (no dataset.train_fraction < 1 or "
      "dataset.samples_per_class)",
      lambda run: run.dataset.train_fraction >= 1 and run.dataset.samples_per_class is None,

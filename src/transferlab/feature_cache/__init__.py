@@ -19,7 +19,9 @@ writes the store's entry.
 
 from __future__ import annotations
 
+import errno
 import logging
+import sys
 import time
 from dataclasses import dataclass
 
@@ -29,12 +31,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from transferlab.backbones import Backbone
-from transferlab.config.schema import FeatureCacheConfig, TrainerConfig
+from transferlab.config.schema import CacheIdentity, CacheMode, FeatureCacheConfig, TrainerConfig
 from transferlab.data import DataSplits, eval_batch_size, loader_workers, worker_context
 from transferlab.errors import UserError
 from transferlab.feature_cache.cut import Cut, find_cut
-from transferlab.feature_cache.identity import dataset_identity, tensors_hash
-from transferlab.feature_cache.store import FORMAT, DiskStore, default_dir
+from transferlab.feature_cache.identity import dataset_identity, dataset_labels, tensors_hash
+from transferlab.feature_cache.store import FORMAT, DiskStore, Held, LockUnavailable, default_dir
 from transferlab.infra.distributed import World
 from transferlab.infra.runtime import Precision
 
@@ -109,12 +111,12 @@ class FeatureCache:
         self.view: dict = {}
         self.report: dict[str, dict] = {}
         self.store: DiskStore | None = None
-        if cfg.mode in ("auto", "disk"):
-            store = DiskStore(cfg.dir or default_dir())
-            why = self.world.first(store.check_writable())  # DDP: all use the store, or none
+        if cfg.mode in (CacheMode.auto, CacheMode.disk):
+            store = DiskStore(cfg.dir or default_dir(), cfg.lock_timeout)
+            why = self.world.first(_unusable(store))  # DDP: all use the store, or none
             if why is None:
                 self.store = store
-            elif cfg.mode == "disk":
+            elif cfg.mode == CacheMode.disk:
                 raise UserError(f"trainer.feature_cache.mode=disk: {why}: set "
                                 "trainer.feature_cache.dir to a writable folder, or mode=memory")
             else:
@@ -123,7 +125,7 @@ class FeatureCache:
 
     @property
     def enabled(self) -> bool:
-        return self.cfg.mode != "off"
+        return self.cfg.mode != CacheMode.off
 
     # -- a training stage ------------------------------------------------------------------
     def stage_inputs(self, stage: str, model: nn.Module, backbone: Backbone, image_size: int,
@@ -186,7 +188,8 @@ class FeatureCache:
     def _splits(self, stage: str, cut: Cut, backbone: Backbone, model: nn.Module,
                 image_size: int, parts: dict[str, Dataset], why: str) -> dict[str, _Split] | None:
         started = time.perf_counter()
-        identities = {name: dataset_identity(ds) for name, ds in parts.items()}
+        content = self.cfg.identity == CacheIdentity.content
+        identities = {name: dataset_identity(ds, content) for name, ds in parts.items()}
         unknown = [name for name, ident in identities.items() if ident is None]
         if unknown:
             kind = type(parts[unknown[0]]).__name__
@@ -207,7 +210,8 @@ class FeatureCache:
                 "weights": weights, "cut": cut.identity(), "dtype": self.cfg.dtype,
                 "device": self.device.type, "channels_last": self.channels_last,
                 "autocast": str(self.precision.dtype) if self.precision.enabled else None,
-                "torch": torch.__version__}
+                "torch": torch.__version__,
+                "signer": self.store.signer if self.store else None}
         run_prefix = _prefix_fn(cut, backbone.module, model)
         got = {}
         for name, dataset in parts.items():
@@ -239,31 +243,70 @@ class FeatureCache:
             hit = self.memory[key]
             return _Split(hit.features, hit.labels, "memory", 0.0)
         started = time.perf_counter()
-        if self.store is None:
+        split = None
+        if self.store is not None and self.world.active:
+            split = self._shared_entry(key, key_parts, run_prefix, cut, dataset, shape)
+        elif self.store is not None:
+            split = self._stored_entry(key, key_parts, run_prefix, cut, dataset, shape)
+        if split is None:  # memory only (mode=memory, or the store cannot be used)
             features, labels = self._extracted(cut, run_prefix, dataset, shape,
                                                getattr(torch, self.cfg.dtype))
             split = _Split(features, labels, "extracted", time.perf_counter() - started)
-        elif self.world.active:
-            split = self._shared_entry(key, key_parts, run_prefix, cut, dataset, shape)
-        else:
-            source = "disk"
-            entry = self.store.get(key)
-            if entry is None:
-                with self.store.lock(key):
-                    entry = self.store.get(key)  # another process may have written it
-                    if entry is None:
-                        source = "extracted"
-
-                        def fill(features: np.ndarray, labels: np.ndarray) -> None:
-                            self._extract(cut, run_prefix, dataset, torch.from_numpy(features),
-                                          torch.from_numpy(labels))
-
-                        entry = self.store.put(key, (len(dataset), *shape), self.cfg.dtype,
-                                               {"key": key_parts}, fill)
-            split = _Split(*self._load(entry), source, time.perf_counter() - started)
         split = self._to_device(split)
         self.memory[key] = split
         return split
+
+    def _stored_entry(self, key: str, key_parts: dict, run_prefix, cut: Cut, dataset: Dataset,
+                      shape: tuple[int, ...]) -> _Split | None:
+        """The store's entry: read and checked, or (absent or bad) extracted under its lock
+        and written, replacing a bad one. None when its lock cannot be taken and mode=auto
+        (one warning: the split is extracted in memory for this run)."""
+        started = time.perf_counter()
+        expected = dataset_labels(dataset)
+        entry, bad = self.store.lookup(key, expected, _read_below())
+        source = "disk"
+        if entry is None:
+            try:
+                with self.store.lock(key) as held:
+                    entry, bad_now = self.store.lookup(key, expected, _read_below())
+                    if entry is None:
+                        source = "extracted"
+                        if bad or bad_now:
+                            log.warning("feature cache: entry %s is bad (%s): extracting it "
+                                        "again", self.store.root / key, bad or bad_now)
+                        entry = self._write(key, key_parts, run_prefix, cut, dataset, shape,
+                                            held)
+            except LockUnavailable as exc:
+                if self.cfg.mode == CacheMode.disk:
+                    raise UserError(f"trainer.feature_cache.mode=disk: {exc}: make it a file "
+                                    "you can write (or delete it), set trainer.feature_cache.dir "
+                                    "to a folder of your own, or mode=memory") from None
+                log.warning("feature cache: %s: this split's features are kept in memory for "
+                            "this run only", exc)
+                return None
+        return _Split(*self._load(entry), source, time.perf_counter() - started)
+
+    def _write(self, key: str, key_parts: dict, run_prefix, cut: Cut, dataset: Dataset,
+               shape: tuple[int, ...], held: Held | None):
+        """Extract ``dataset`` into the store's entry ``key`` (the caller holds its lock); a
+        disk that cannot take it (full, over quota, read-only) is a one-line error (an image
+        that cannot be read is not this: its error passes)."""
+        beat = held.beat if held is not None else _nothing
+
+        def fill(features: np.ndarray, labels: np.ndarray) -> None:
+            self._extract(cut, run_prefix, dataset, torch.from_numpy(features),
+                          torch.from_numpy(labels), beat)
+
+        try:
+            return self.store.put(key, (len(dataset), *shape), self.cfg.dtype,
+                                  {"key": key_parts}, fill, beat)
+        except OSError as exc:
+            if exc.errno not in _DISK_FULL:
+                raise
+            raise UserError(f"feature cache: cannot write an entry in {self.store.root} "
+                            f"({exc.strerror or exc}): free space there, set "
+                            "trainer.feature_cache.dir to another folder, or "
+                            "trainer.feature_cache.mode=memory") from None
 
     def _shared_entry(self, key: str, key_parts: dict, run_prefix, cut: Cut, dataset: Dataset,
                       shape: tuple[int, ...]) -> _Split:
@@ -271,20 +314,29 @@ class FeatureCache:
         processes together (:meth:`_extracted`), then written into the store by the first
         process of each node (the others wait for it)."""
         started = time.perf_counter()
-        entry = self.store.get(key)
+        expected = dataset_labels(dataset)
+        entry, bad = self.store.lookup(key, expected, _read_below())
         if self.world.all(entry is not None):
             return _Split(*self._load(entry), "disk", time.perf_counter() - started)
+        if bad and self.world.main:
+            log.warning("feature cache: entry %s is bad (%s): extracting it again",
+                        self.store.root / key, bad)
         features, labels = self._extracted(cut, run_prefix, dataset, shape,
                                            getattr(torch, self.cfg.dtype))
         if self.world.local_rank == 0:
-            with self.store.lock(key):
-                if self.store.get(key) is None:
-                    def fill(into: np.ndarray, into_labels: np.ndarray) -> None:
-                        into[:] = features.numpy()
-                        into_labels[:] = labels.numpy()
+            def fill(into: np.ndarray, into_labels: np.ndarray) -> None:
+                into[:] = features.numpy()
+                into_labels[:] = labels.numpy()
 
-                    self.store.put(key, (len(dataset), *shape), self.cfg.dtype,
-                                   {"key": key_parts}, fill)
+            try:  # a failure here must not stop this process alone (the others would wait)
+                with self.store.lock(key) as held:
+                    if self.store.get(key, expected) is None:
+                        self.store.put(key, (len(dataset), *shape), self.cfg.dtype,
+                                       {"key": key_parts}, fill,
+                                       held.beat if held is not None else _nothing)
+            except (LockUnavailable, OSError, UserError) as exc:
+                log.warning("feature cache: entry %s not written (%s): the run goes on with "
+                            "its features in memory", key[:12], exc)
         self.world.barrier()
         return _Split(features, labels, "extracted", time.perf_counter() - started)
 
@@ -302,10 +354,10 @@ class FeatureCache:
 
     def _load(self, entry) -> tuple[torch.Tensor, torch.Tensor]:
         """The entry's tensors: read into memory when it is small next to the available
-        memory, else left memory-mapped (pages read as batches ask for them)."""
+        memory (:func:`_read_below`; the store's lookup may have read it), else left
+        memory-mapped (pages read as batches ask for them)."""
         features = entry.features
-        available = _available_memory()
-        if available is None or entry.nbytes < available // 4:
+        if isinstance(features, np.memmap) and entry.nbytes < _read_below():
             features = np.array(features)  # one read
         return torch.from_numpy(features), torch.from_numpy(np.asarray(entry.labels))
 
@@ -345,8 +397,9 @@ class FeatureCache:
         return tuple(x.shape[1:])
 
     def _extract(self, cut: Cut, run_prefix, dataset: Dataset, features: torch.Tensor,
-                 labels: torch.Tensor) -> None:
-        """One forward pass of the prefix over ``dataset``, in order, into ``features``."""
+                 labels: torch.Tensor, beat=None) -> None:
+        """One forward pass of the prefix over ``dataset``, in order, into ``features``;
+        ``beat()`` after every batch (the lock's sign of life)."""
         loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False,
                             num_workers=self.workers, pin_memory=self.device.type == "cuda",
                             multiprocessing_context=worker_context() if self.workers else None,
@@ -363,6 +416,34 @@ class FeatureCache:
                 features[start:start + n] = out.to("cpu", features.dtype)
                 labels[start:start + n] = torch.as_tensor(y)
                 start += n
+                if beat is not None:
+                    beat()
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
+def _nothing() -> None:
+    pass
+
+
+def _unusable(store: DiskStore) -> str | None:
+    """Why ``store`` cannot be used (its folder not writable, this user's key not readable),
+    or None."""
+    why = store.check_writable()
+    if why is None:
+        try:
+            store.signer  # noqa: B018 (reads, or makes, this user's key)
+        except OSError as exc:
+            why = (f"cannot read or make this user's feature cache key {exc.filename} "
+                   f"({exc.strerror or exc}; XDG_CONFIG_HOME chooses its folder)")
+    return why
+
+
+def _read_below() -> int:
+    """Entries of fewer bytes are read into memory: a quarter of the available memory."""
+    available = _available_memory()
+    return sys.maxsize if available is None else available // 4
 
 
 def _prefix_fn(cut: Cut, module: nn.Module, model: nn.Module):

@@ -60,10 +60,23 @@ def check_writable(path: Path, key: str) -> None:
 
 def save_npz(path: Path, splits: DataSplits,
              arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
-    """``<split>_features``, ``<split>_labels`` for each split, and ``classes``."""
+    """``<split>_features``, ``<split>_labels`` for each split, and ``classes``, written to a
+    temporary file renamed over ``path`` once complete: a full disk (a one-line error) or a
+    kill leaves an earlier ``path`` as it was, and no partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"classes": np.array(splits.classes)}
     for name, (x, y) in arrays.items():
         payload[f"{name}_features"], payload[f"{name}_labels"] = x, y
-    np.savez_compressed(path, **payload)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise UserError(f"output={path}: cannot write it ({exc.strerror or exc}): free space "
+                        "in its folder, or choose another output=") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

@@ -103,9 +103,14 @@ def gather_inputs(paths: list[str]) -> Inputs:
     return inputs
 
 
+def shown(path: Path) -> str:
+    """``path`` as text any console takes: a name's bytes that are not UTF-8 as ``\\udcXX``."""
+    return str(path).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def skipped_warning(skipped: list[Path]) -> str:
     """One line naming the skipped files (the first few) and their count."""
-    names = ", ".join(str(p) for p in skipped[:SHOWN_SKIPPED])
+    names = ", ".join(shown(p) for p in skipped[:SHOWN_SKIPPED])
     more = f" ... and {len(skipped) - SHOWN_SKIPPED} more" if len(skipped) > SHOWN_SKIPPED else ""
     return (f"warning: skipped {len(skipped)} file(s) that are not readable images: "
             f"{names}{more}")
@@ -181,7 +186,7 @@ def format_top_k(path: Path, probs: torch.Tensor, classes: list[str], k: int) ->
     top = probs.topk(min(k, len(classes)))
     lines = [f"  {p:.4f}  {classes[i]}" for p, i in zip(top.values.tolist(),
                                                          top.indices.tolist(), strict=True)]
-    return "\n".join([str(path), *lines])
+    return "\n".join([shown(path), *lines])
 
 
 CSV_FIXED = ["path", "label", "probability", "tta"]
@@ -198,12 +203,14 @@ def write_csv(out: Path, rows: Iterator[tuple[Path, torch.Tensor]], classes: lis
               tta: str = "none") -> int:
     """Write one row per image; returns how many were written. The rows go to a temporary
     file renamed over ``out`` once every image is done: a failure, an interrupt or no
-    decodable image leaves an earlier ``out`` as it was (and no partial file)."""
+    decodable image leaves an earlier ``out`` as it was (and no partial file). The file is
+    UTF-8; a file name that is not keeps its own bytes (``surrogateescape``): the path column
+    names the very file."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     count = 0
     try:
-        with tmp.open("w", newline="") as f:
+        with tmp.open("w", newline="", encoding="utf-8", errors="surrogateescape") as f:
             writer = csv.writer(f)
             writer.writerow(csv_header(classes))
             for path, probs in rows:
