@@ -52,7 +52,7 @@ BAD_OVERRIDES = [
     (["dataset.image_size=big"], "dataset.image_size", "an int or null"),
     # out of range
     (["optimizer.lr=-1"], "optimizer.lr", "> 0"),
-    (["optimizer.lr=1e300"], "optimizer.lr", "float32 (<= 3.4e38), got 1e+300"),
+    (["optimizer.lr=1e300"], "optimizer.lr", "must be a float32 (<= 3.4e38), got 1e+300"),
     (["seed=-5"], "seed", "in 0 .. 4294967295, got -5"),
     # keys the run would not use
     (["trainer.ema.warmup=true"], "trainer.ema.warmup", "no EMA is kept"),

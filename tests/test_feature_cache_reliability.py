@@ -136,8 +136,8 @@ def test_an_image_replaced_with_its_size_and_time_kept_is_extracted_again(tmp_pa
     proc, _ = _train(tmp_path, "stat2", store, *data, "trainer.feature_cache.identity=stat")
     assert "train 8 hit (disk), val 8 hit (disk)" in proc.stdout
 
-    proc, _ = _train(tmp_path, "off", store, "trainer.feature_cache.mode=off",
-                     "trainer.feature_cache.identity=stat")
+    proc = cli([*RUN, f"hydra.run.dir={tmp_path / 'off'}", "trainer.feature_cache.mode=off",
+                "trainer.feature_cache.identity=stat"], tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: trainer.feature_cache.mode=off caches no features and does not use "

@@ -92,7 +92,7 @@ def test_model_optimizer_and_rng_are_restored_bit_for_bit(one_thread):
 
 @pytest.mark.slow
 def test_frozen_blocks_never_change_during_the_sweep(one_thread):
-    setup = setup_for(["freeze=two_stage", "freeze.fine_tune_at=-1"], stage="1")
+    setup = setup_for(["freeze=two_stage", "freeze.fine_tune_at=-1"], stage="2")  # finetune
     model, plan = setup.model, setup.plan
     trainable = plan.trainable()
     frozen = {n for n, _ in model.named_parameters()} - trainable

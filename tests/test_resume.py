@@ -138,7 +138,7 @@ def test_sigint_and_sigterm_stop_cleanly_and_resume_exactly(sig, code, reference
     assert proc.returncode == code, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines[-1] == (f"interrupted ({signal.Signals(sig).name}): go on with "
-                         f"transferlab-train resume={run_dir}")
+                         f"transferlab-train resume=run")  # as typed here (cwd: tmp_path)
     assert "Traceback" not in err
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "interrupted"

@@ -353,6 +353,8 @@ def test_an_interrupted_ddp_run_names_torchrun_with_its_processes(tmp_path):
     wait_for(lambda: (checkpoint_epoch(run_dir) or (0, False))[0] >= 1, proc)
     proc.send_signal(signal.SIGTERM)  # what a scheduler sends; torchrun passes it on
     _, err = proc.communicate(timeout=180)
-    command = f"torchrun --nproc_per_node=2 -m transferlab.train resume={run_dir}"
-    assert f"\ninterrupted (SIGTERM): go on with {command}\n" in f"\n{err}", err[-3000:]
-    assert json.loads((run_dir / "metrics.json").read_text())["resume_command"] == command
+    command = "torchrun --nproc_per_node=2 -m transferlab.train resume={}"
+    said = command.format("run")  # relative to the working directory (tmp_path), as typed
+    assert f"\ninterrupted (SIGTERM): go on with {said}\n" in f"\n{err}", err[-3000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["resume_command"] == \
+        command.format(run_dir)

@@ -65,7 +65,6 @@ SPEC = Spec(
            "key=value: write it as ./cat=1.jpg.",),
     examples=(
         "transferlab-predict backbone=efficientnet_lite0 top_k=3 cat.jpg photos/",
-        "transferlab-predict backbone=convnext_nano backbone_source=timm cat.jpg",
         "transferlab-predict backbone=resnet18 backbone.weights_path=resnet18.pth cat.jpg",
         "transferlab-predict run=outputs/runs/2026-11-23/10-00-00_digits-efficientnet_lite0-"
         "linear_probe photos/",

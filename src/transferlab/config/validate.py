@@ -151,7 +151,8 @@ def _augment(run: RunConfig) -> None:
 
 def _optimizer(run: RunConfig) -> None:
     o: OptimizerConfig = run.optimizer
-    check_value("optimizer.lr", o.lr, 0 < o.lr <= FLOAT32_MAX, "> 0 and a float32 (<= 3.4e38)")
+    check_value("optimizer.lr", o.lr, o.lr > 0, "> 0")
+    check_value("optimizer.lr", o.lr, o.lr <= FLOAT32_MAX, "a float32 (<= 3.4e38)")
     at_least("optimizer.weight_decay", o.weight_decay, 0)
     betas = getattr(o, "betas", None)
     if betas is not None:
