@@ -168,6 +168,8 @@ def _execute(run: RunConfig, run_dir: Path, overrides: list[str] | None,
         if resume is not None:
             check_data(resume.data, built.data_fingerprint(), run_dir)
             resume.check_world(world.size)
+            resume.put_back(built.backbone.module.state_dict(),
+                            f"resume={run_dir}: checkpoints/last.pt")
             built.resume = resume
         if world.rank > 0:  # the weights are built (alike): dropout draws differ per process
             seed_everything(derived_seed("rank", run.seed, world.rank), run.trainer.deterministic)
