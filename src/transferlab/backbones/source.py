@@ -39,12 +39,20 @@ def record_source(backbone: Backbone, cfg: BackboneConfig) -> None:
                            for name, t in backbone.module.state_dict().items()}
 
 
+def plain_state(module: nn.Module, keep_vars: bool = False) -> dict[str, torch.Tensor]:
+    """``module``'s state dict by the names its tensors have without LoRA adapters: a LoRA
+    layer (``freeze=lora``) holds the layer it adapts as its ``base_layer`` (peft's name)."""
+    return {name.replace(".base_layer.", "."): t
+            for name, t in module.state_dict(keep_vars=keep_vars).items()}
+
+
 def weights_source(model: nn.Module, backbone: Backbone) -> WeightsSource | None:
     """The tensors of ``model`` that are the backbone's recorded ones (``backbone.source``),
-    by the model's keys (a LoRA layer's ``base_layer`` keeps its tensors), or None."""
+    by the model's keys, or None (:func:`plain_state`: a LoRA layer's tensors are those of
+    the layer it adapts)."""
     if not backbone.source:
         return None
-    names = {id(t): name for name, t in backbone.module.state_dict(keep_vars=True).items()}
+    names = {id(t): name for name, t in plain_state(backbone.module, keep_vars=True).items()}
     tensors = {}
     for key, t in model.state_dict(keep_vars=True).items():
         name = names.get(id(t))
