@@ -227,6 +227,7 @@ CLOSED_SETS = [
     (None, "trainer.class_weights", schema.TrainerConfig),
     (None, "trainer.sampler", schema.TrainerConfig),
     (None, "trainer.keep_checkpoints", schema.TrainerConfig),
+    (None, "trainer.checkpoint_weights", schema.TrainerConfig),
     (None, "trainer.gradient_clip_algorithm", schema.TrainerConfig),
     (None, "trainer.feature_cache.mode", schema.FeatureCacheConfig),
     (None, "trainer.feature_cache.dtype", schema.FeatureCacheConfig),

@@ -55,6 +55,9 @@ class Backbone:
     imagenet_head: nn.Module | None = None  # the pretrained classifier (features -> logits)
     feature_shape: tuple[int, ...] = field(default=())  # filled in by probe_features
     weights: str = "random initialisation"  # where the weights came from (logged by the run)
+    # The fingerprints of its weights as built, by module key, when they can be built again
+    # from the config (a run's build sets them: transferlab.backbones.source.record_source)
+    source: dict[str, str] | None = None
 
     @property
     def feature_dim(self) -> int:

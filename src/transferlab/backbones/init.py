@@ -7,7 +7,9 @@ and buffers, e.g. BatchNorm running statistics) and returns a :class:`LoadReport
 
 The file may be a transferlab checkpoint (its ``model`` state dict: ``backbone.*`` and
 ``head.*``), a plain state dict (torchvision / timm files), a PyTorch Lightning ``.ckpt``
-(``state_dict``), a dict with ``model_state_dict``, or a ``.safetensors`` file.
+(``state_dict``), a dict with ``model_state_dict``, or a ``.safetensors`` file. A transferlab
+checkpoint that left out its pretrained tensors has them rebuilt and checked first
+(:func:`transferlab.backbones.source.read_weights`).
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from transferlab.backbones.source import read_weights
 from transferlab.config.schema import InitConfig
 from transferlab.errors import UserError, did_you_mean
-from transferlab.infra.checkpoint import read_state_dict
 
 
 @dataclass
@@ -99,7 +101,7 @@ def restore_into(module: nn.Module, init: InitConfig) -> LoadReport:
     """
     if not init.path:
         raise UserError("backbone.init.path is not set")
-    tensors = read_state_dict(init.path, option="backbone.init.path")
+    tensors = read_weights(init.path, option="backbone.init.path")
     mapping = map_names(list(tensors), init)
     target = module.state_dict(keep_vars=True)  # the live parameters and buffers
     report = LoadReport(path=str(init.path), file_tensors=len(tensors), selected=len(mapping))

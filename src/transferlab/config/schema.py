@@ -87,6 +87,11 @@ class KeepCheckpoints(StrEnum):
     all = "all"
 
 
+class CheckpointWeights(StrEnum):
+    changed = "changed"
+    full = "full"
+
+
 class ClipAlgorithm(StrEnum):
     norm = "norm"
     value = "value"
@@ -622,6 +627,9 @@ class TrainerConfig:
     sampler: Sampler = Sampler.shuffle
     # best_last: checkpoints/best.pt + last.pt; all: also epoch_<N>.pt after every epoch
     keep_checkpoints: KeepCheckpoints = KeepCheckpoints.best_last
+    # changed: a checkpoint leaves out the tensors still equal to the pretrained weights of the
+    # backbone's zoo or package (rebuilt and checked on load); full: it holds every tensor
+    checkpoint_weights: CheckpointWeights = CheckpointWeights.changed
     feature_cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     # An optimizer step every k batches: the gradients of k batches of batch_size, as one batch

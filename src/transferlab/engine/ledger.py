@@ -20,7 +20,6 @@ buffers checked, held or broken, which checks ran) and TensorBoard the same text
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import torch
@@ -28,6 +27,7 @@ from torch import nn
 
 from transferlab.engine.hooks import Hook, Recorder
 from transferlab.errors import UserError
+from transferlab.infra.delta import fingerprint
 from transferlab.staging.policy import StagePlan, eval_batchnorms
 
 RECORD_KEY = "ledger"  # metrics.json
@@ -36,15 +36,6 @@ RECORD_KEY = "ledger"  # metrics.json
 class FreezeLedgerError(UserError):
     """A stage broke what its plan promised: a frozen tensor or statistic changed, or the
     optimizer's groups are not the plan's."""
-
-
-def fingerprint(tensor: torch.Tensor) -> str:
-    """A hash of the tensor's dtype, shape and bytes (any device, any dtype)."""
-    t = tensor.detach()
-    data = t.reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes()
-    h = hashlib.blake2b(data, digest_size=12)
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    return h.hexdigest()
 
 
 def promised(model: nn.Module, plan: StagePlan) -> dict[str, torch.Tensor]:

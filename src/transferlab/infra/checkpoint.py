@@ -7,6 +7,10 @@ it. Any zip reader (``torch.load`` included) still reads it; :func:`read_file` c
 digest before loading, so a damaged file is refused in one line instead of resuming or
 evaluating silently wrong weights. Files without the seal (written by an earlier version, or
 by anything else) load unchecked.
+
+A run's checkpoint may leave out the tensors still equal to its pretrained weights
+(:mod:`transferlab.infra.delta`, ``trainer.checkpoint_weights=changed``): its format is then
+:data:`FORMAT_DELTA` and its ``source`` says what to rebuild and check.
 """
 
 from __future__ import annotations
@@ -22,10 +26,13 @@ import torch
 from torch import nn
 
 from transferlab.errors import UserError
+from transferlab.infra.delta import WeightsSource, split
 from transferlab.infra.run_dirs import fsync_dir
 from transferlab.infra.runtime import rng_state
 
 FORMAT = "transferlab-checkpoint/2"  # /2: the loop state a resume needs (``loop``)
+FORMAT_DELTA = "transferlab-checkpoint/3"  # /3: /2 leaving out pretrained tensors (``source``)
+FORMATS = (FORMAT, FORMAT_DELTA)  # what this version reads
 # Where the tensors of a checkpoint dict live, tried in order.
 STATE_KEYS = ("state_dict", "model_state_dict", "model")
 EXPECTED = ("a file written by torch.save holding a state dict (a transferlab checkpoint, "
@@ -143,7 +150,13 @@ def read_state_dict(path: str | Path, option: str = "checkpoint") -> dict[str, t
     """The named tensors of any weights file (see :func:`read_file`): a dict holding
     ``state_dict``, ``model_state_dict`` or ``model`` is unwrapped; entries that are not
     tensors are skipped; a file without tensors is a one-line error."""
-    obj = read_file(path, option)
+    return state_dict_of(read_file(path, option), path, option)
+
+
+def state_dict_of(obj: dict[str, Any], path: str | Path,
+                  option: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The named tensors of ``obj``, the dict the weights file at ``path`` holds (see
+    :func:`read_state_dict`)."""
     for key in STATE_KEYS:
         inner = obj.get(key)
         if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
@@ -166,7 +179,8 @@ def save_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
                     epoch: int, stage_index: int, stage_name: str, config: dict,
                     history: list[dict], best: dict | None, classes: list[str],
                     loop: dict[str, Any] | None = None,
-                    ema: dict[str, Any] | None = None) -> None:
+                    ema: dict[str, Any] | None = None,
+                    source: WeightsSource | None = None) -> None:
     """Write atomically and durably (a crash or SIGKILL mid-write never leaves a truncated
     ``last.pt``: a temporary file, fsync, rename, fsync of the folder), sealed with the
     SHA-256 of its bytes (:func:`seal`).
@@ -175,7 +189,9 @@ def save_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
     global step, the stage schedule's step, the data
     fingerprint, and for a checkpoint written mid-epoch (an interrupt) the epoch's progress.
     ``ema``: the EMA of the weights (:meth:`transferlab.engine.ema.WeightsEma.state`), when the run
-    keeps one."""
+    keeps one. ``source``: the run's pretrained tensors, left out of every state dict the
+    checkpoint holds (the model, the EMA, early stopping's best weights) where still equal
+    (:func:`leave_out`)."""
     payload = {
         "format": FORMAT,
         "model": model.state_dict(),
@@ -191,6 +207,8 @@ def save_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
     }
     if ema is not None:
         payload["ema"] = ema
+    if source is not None:
+        leave_out(payload, source)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with tmp.open("w+b") as f:
@@ -200,6 +218,22 @@ def save_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def leave_out(payload: dict[str, Any], source: WeightsSource) -> None:
+    """Leave out of ``payload``'s state dicts the tensors equal to ``source``'s; if any was,
+    the payload says so (its format :data:`FORMAT_DELTA`, its ``source`` record)."""
+    omitted: dict[str, list[str]] = {}
+    payload["model"] = split(payload["model"], source.tensors, omitted)
+    if payload.get("ema") is not None:
+        payload["ema"] = {**payload["ema"],
+                          "model": split(payload["ema"]["model"], source.tensors, omitted)}
+    stopping = payload["loop"].get("early_stopping") or {}
+    if stopping.get("best_model") is not None:
+        payload["loop"] = {**payload["loop"], "early_stopping": {
+            **stopping, "best_model": split(stopping["best_model"], source.tensors, omitted)}}
+    if omitted:
+        payload.update(format=FORMAT_DELTA, source=source.record(omitted))
 
 
 def save_epoch_checkpoints(run_dir: Path, improved: bool, keep_every: bool = False,

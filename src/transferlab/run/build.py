@@ -15,7 +15,8 @@ from torch import nn
 
 from transferlab.backbones import Backbone, build_backbone, probe_features
 from transferlab.backbones.init import LoadReport, format_report, restore_into
-from transferlab.config import AugmentConfig, LoraConfig, RunConfig
+from transferlab.backbones.source import record_source, weights_source
+from transferlab.config import AugmentConfig, CheckpointWeights, LoraConfig, RunConfig
 from transferlab.data import (
     DataSplits,
     build_splits,
@@ -39,6 +40,7 @@ from transferlab.registry import TASKS
 from transferlab.staging.policy import StagePlan, training_batchnorms
 
 if TYPE_CHECKING:
+    from transferlab.infra.delta import WeightsSource
     from transferlab.run.resume import ResumePoint
     from transferlab.staging.regularize import L2SP
 
@@ -64,6 +66,8 @@ class BuiltRun:
     penalty: L2SP | None = None  # trainer.regularize, set by the task with the model
     world: World = field(default_factory=World)  # this process of the run's (DDP: several)
     data: dict = field(default_factory=dict)  # the data's fingerprint when it was built
+    # The pretrained tensors its checkpoints leave out where unchanged (None: they hold all)
+    source: WeightsSource | None = None
 
     @property
     def channels_last(self) -> bool:
@@ -130,12 +134,16 @@ def build_classifier(run: RunConfig, backbone: Backbone, feature_shape: tuple[in
     return model
 
 
-def build_backbone_of(run: RunConfig) -> tuple[Backbone, LoadReport | None, int,
-                                                 tuple[int, ...]]:
+def build_backbone_of(run: RunConfig, source: bool = False
+                      ) -> tuple[Backbone, LoadReport | None, int, tuple[int, ...]]:
     """(backbone with ``backbone.init`` restored, its report, image size, feature shape).
-    The size is checked against the architecture before any image is read."""
+    The size is checked against the architecture before any image is read. ``source``: for
+    the run's checkpoints (``trainer.checkpoint_weights=changed``), the weights as built are
+    fingerprinted first (:func:`~transferlab.backbones.source.record_source`)."""
     backbone = build_backbone(run.backbone)
     log.info("backbone %s: weights from %s", backbone.name, backbone.weights)
+    if source and run.trainer.checkpoint_weights == CheckpointWeights.changed:
+        record_source(backbone, run.backbone)
     report = None
     if run.backbone.init.path:  # tensors of any checkpoint, after the pretrained weights
         report = restore_into(backbone.module, run.backbone.init)
@@ -151,7 +159,7 @@ def build_run(run: RunConfig, world: World | None = None) -> BuiltRun:
     task = TASKS.builder(run.task.name)
     device = pick_device_for(pick_device(run.trainer.device), run.trainer.device, world)
     precision = Precision(device, run.trainer.amp)
-    backbone, report, image_size, feature_shape = build_backbone_of(run)
+    backbone, report, image_size, feature_shape = build_backbone_of(run, source=True)
     augment = AugmentConfig() if task.deterministic_inputs(run) else run.augment
     splits = build_splits(run.dataset, augment, backbone.input, image_size)
     built = BuiltRun(run=run, task=task, device=device, precision=precision, backbone=backbone,
@@ -160,6 +168,7 @@ def build_run(run: RunConfig, world: World | None = None) -> BuiltRun:
                      data=data_fingerprint(splits))
     built.model = task.build_model(built)
     if built.model is not None:
+        built.source = weights_source(built.model, backbone)
         built.plans = task.plan_stages(built)
         if world.active:
             distribute(built)

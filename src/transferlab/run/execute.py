@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig
 
 from transferlab.backbones.init import format_report, report_summary
+from transferlab.backbones.source import plain_state
 from transferlab.config import RunConfig, load_config
 from transferlab.data import derived_seed
 from transferlab.errors import Interrupted, UserError
@@ -168,6 +169,8 @@ def _execute(run: RunConfig, run_dir: Path, overrides: list[str] | None,
         if resume is not None:
             check_data(resume.data, built.data_fingerprint(), run_dir)
             resume.check_world(world.size)
+            resume.put_back(plain_state(built.backbone.module),
+                            f"resume={run_dir}: checkpoints/last.pt")
             built.resume = resume
         if world.rank > 0:  # the weights are built (alike): dropout draws differ per process
             seed_everything(derived_seed("rank", run.seed, world.rank), run.trainer.deterministic)

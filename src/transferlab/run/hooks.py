@@ -165,7 +165,8 @@ class Checkpoint(Hook):
     """``last.pt`` (and ``best.pt``, ``epoch_<N>.pt`` with ``keep_checkpoints=all``) after
     every epoch, and a partial one when a stop ends an epoch part-way: enough to resume
     exactly (:mod:`transferlab.run.resume`). Under DDP every process calls it (their RNG
-    states go in); rank 0 writes."""
+    states go in); rank 0 writes. The weights still equal to the pretrained ones are left out
+    (``built.source``, ``trainer.checkpoint_weights=changed``)."""
 
     def __init__(self, built, tracker: RunTracker, run_dir: Path):
         self.built, self.tracker, self.run_dir = built, tracker, run_dir
@@ -198,7 +199,7 @@ class Checkpoint(Hook):
             optimizer=loop.optimizer, epoch=epoch, stage_index=loop.plan.index,
             stage_name=loop.plan.name, config=built.run.as_dict(), history=self.tracker.history,
             best=self.tracker.best, classes=built.splits.classes if built.task.has_classes
-            else [], loop=state)
+            else [], loop=state, source=built.source)
 
 
 class ReconstructionImages(Hook):

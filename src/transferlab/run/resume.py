@@ -20,7 +20,8 @@ from typing import Any
 
 from transferlab.config.validate import amp_mode, override_key
 from transferlab.errors import UserError
-from transferlab.infra.checkpoint import FORMAT, CorruptCheckpoint, load_checkpoint
+from transferlab.infra.checkpoint import FORMATS, CorruptCheckpoint, load_checkpoint
+from transferlab.infra.delta import complete, is_delta
 from transferlab.infra.liveness import run_status
 from transferlab.registry import TASKS, load_builtins
 
@@ -51,6 +52,7 @@ class ResumePoint:
     world_size: int = 1  # the processes that trained it (DDP)
     rng_ranks: list[dict] | None = None  # DDP: the RNG states of ranks 1, 2, ...
     ledger: dict | None = None  # the freeze ledger's fingerprints of the stage (none: older)
+    source: dict | None = None  # the pretrained tensors the checkpoint left out (none: full)
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict) -> ResumePoint:
@@ -63,7 +65,22 @@ class ResumePoint:
                    partial=loop.get("partial"), ema=ckpt.get("ema"),
                    early_stopping=loop.get("early_stopping"), l2sp_w0=loop.get("l2sp_w0"),
                    world_size=int(loop.get("world_size", 1)), rng_ranks=loop.get("rng_ranks"),
-                   ledger=loop.get("ledger"))
+                   ledger=loop.get("ledger"), source=ckpt["source"] if is_delta(ckpt) else None)
+
+    def put_back(self, pretrained: dict, where: str) -> None:
+        """Put back into every state dict the tensors the checkpoint left out, from the
+        rebuilt backbone's ``pretrained`` state dict, each checked against its fingerprint
+        (:func:`transferlab.infra.delta.complete`)."""
+        if self.source is None:
+            return
+        self.model = complete(self.model, self.source, pretrained, where)
+        if self.ema is not None:
+            self.ema = {**self.ema,
+                        "model": complete(self.ema["model"], self.source, pretrained, where)}
+        best = (self.early_stopping or {}).get("best_model")
+        if best is not None:
+            self.early_stopping = {**self.early_stopping,
+                                   "best_model": complete(best, self.source, pretrained, where)}
 
     def rng_of(self, rank: int) -> dict:
         """The RNG states of process ``rank`` when the checkpoint was written."""
@@ -126,13 +143,13 @@ def resume_checkpoint(run_dir: Path, status: dict | None = None) -> dict:
     except CorruptCheckpoint:
         raise UserError(f"resume={run_dir}: {path} is corrupt (its bytes do not match the "
                         f"SHA-256 written with it): {_go_back(run_dir)}") from None
-    if ckpt.get("format") != FORMAT:
+    if ckpt.get("format") not in FORMATS:
         raise UserError(f"resume={run_dir}: {path} was written by another transferlab version "
-                        f"(format {ckpt.get('format')!r}; this one resumes {FORMAT!r}); start "
-                        "the run again")
+                        f"(format {ckpt.get('format')!r}; this one resumes "
+                        f"{' and '.join(map(repr, FORMATS))}); start the run again")
     missing = _missing(ckpt)
     if missing:
-        raise UserError(f"resume={run_dir}: {path} has the format tag {FORMAT!r} but lacks "
+        raise UserError(f"resume={run_dir}: {path} has the format tag {ckpt['format']!r} but lacks "
                         f"{', '.join(missing)} (a damaged or edited checkpoint): "
                         f"{_go_back(run_dir)}")
     return ckpt

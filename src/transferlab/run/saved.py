@@ -1,5 +1,7 @@
 """A finished run's model, rebuilt from its checkpoint: the saved config builds the
-architecture (no pretrained weights needed), the checkpoint fills every weight."""
+architecture, the checkpoint fills every weight. A checkpoint that left out the tensors still
+equal to the pretrained weights (:mod:`transferlab.infra.delta`) has them rebuilt from the
+backbone's zoo or package and checked; a full one needs no pretrained weights."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from torch import nn
 from transferlab.backbones import build_backbone, probe_features
 from transferlab.config import RunConfig, load_config
 from transferlab.errors import UserError
+from transferlab.infra.delta import complete, is_delta
 from transferlab.registry import TASKS
 from transferlab.run.build import build_classifier
 from transferlab.run.resume import read_status
@@ -52,14 +55,17 @@ def checkpoint_weights(ckpt: dict, weights: str, path: Path) -> dict:
     return ema["model"]
 
 
-def saved_run_config(saved: Any,
-                     dataset_overrides: dict[str, Any] | None = None) -> RunConfig:
-    """The run's saved config with ``dataset.*`` overrides applied and pretrained weights off."""
+def saved_run_config(saved: Any, dataset_overrides: dict[str, Any] | None = None,
+                     pretrained: bool = False) -> RunConfig:
+    """The run's saved config with ``dataset.*`` overrides applied, no ``backbone.init`` and
+    no weights file; pretrained weights off, unless ``pretrained`` (the checkpoint left them
+    out: they are built as the run built them)."""
     if not isinstance(saved, dict):
         raise UserError("the checkpoint holds no run config (not written by transferlab-train?)")
     raw = copy.deepcopy(saved)
-    if isinstance(raw.get("backbone"), dict):  # every weight comes from the checkpoint
-        raw["backbone"].update(pretrained=False, weights_path=None)
+    if isinstance(raw.get("backbone"), dict):  # every other weight comes from the checkpoint
+        raw["backbone"].update(pretrained=pretrained and bool(raw["backbone"].get("pretrained")),
+                               weights_path=None)
         if isinstance(raw["backbone"].get("init"), dict):
             raw["backbone"]["init"]["path"] = None
     if dataset_overrides and isinstance(raw.get("dataset"), dict):
@@ -71,10 +77,36 @@ def saved_run_config(saved: Any,
     return run
 
 
-def restore_model(run: RunConfig, state: dict, num_classes: int) -> tuple[nn.Module, Any, int]:
+def checkpoint_config(ckpt: dict,
+                      dataset_overrides: dict[str, Any] | None = None) -> RunConfig:
+    """The config a checkpoint's model is rebuilt from (:func:`saved_run_config`): with the
+    run's pretrained weights where the checkpoint left them out."""
+    return saved_run_config(ckpt.get("config"), dataset_overrides, pretrained=is_delta(ckpt))
+
+
+def restore_saved(run: RunConfig, ckpt: dict, path: Path, weights: str,
+                  num_classes: int) -> tuple[nn.Module, Any, int]:
+    """:func:`restore_model` of a loaded checkpoint's ``weights`` (raw or ema), ``run`` being
+    its :func:`checkpoint_config`."""
+    source = ckpt["source"] if is_delta(ckpt) else None
+    return restore_model(run, checkpoint_weights(ckpt, weights, path), num_classes, source, path)
+
+
+def restore_model(run: RunConfig, state: dict, num_classes: int, source: dict | None = None,
+                  path: Path | None = None) -> tuple[nn.Module, Any, int]:
     """(model with the checkpoint's weights in eval mode, backbone, image size), built the way
-    :func:`transferlab.run.train` builds it."""
-    backbone = build_backbone(run.backbone)
+    :func:`transferlab.run.train` builds it. ``source``: the checkpoint's record of the
+    pretrained tensors it left out (``run`` then builds the pretrained backbone): they are put
+    back, each checked against its fingerprint."""
+    try:
+        backbone = build_backbone(run.backbone)
+    except UserError as exc:
+        if source is None:
+            raise
+        raise UserError(f"{path} leaves out the tensors equal to its pretrained weights "
+                        f"({source.get('weights')}), which are built again: {exc}") from None
+    if source is not None:
+        state = complete(state, source, backbone.module.state_dict(), str(path))
     image_size = run.dataset.image_size or backbone.input.size
     feature_shape = probe_features(backbone, image_size)
     model = build_classifier(run, backbone, feature_shape, num_classes)

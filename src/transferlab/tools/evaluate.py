@@ -50,10 +50,9 @@ from transferlab.errors import UserError
 from transferlab.infra.checkpoint import load_checkpoint
 from transferlab.infra.runtime import Precision, pick_device
 from transferlab.run.saved import (
+    checkpoint_config,
     checkpoint_path,
-    checkpoint_weights,
-    restore_model,
-    saved_run_config,
+    restore_saved,
 )
 from transferlab.tools.tta import describe, mean_log_probs, views_transform
 
@@ -251,12 +250,11 @@ def evaluate_run(args: EvalArgs) -> dict[str, Any]:
     """Evaluate ``args.checkpoint`` of ``args.run`` on ``args.split``; the eval.json record."""
     path = checkpoint_path(args.run, args.checkpoint)
     ckpt = load_checkpoint(path)
-    run = saved_run_config(ckpt.get("config"), args.dataset)
+    run = checkpoint_config(ckpt, args.dataset)
     classes = [str(c) for c in ckpt.get("classes") or []]
     if "model" not in ckpt or not classes:
         raise UserError(f"{path} holds no model weights or class names")
-    model, backbone, image_size = restore_model(
-        run, checkpoint_weights(ckpt, args.weights, path), len(classes))
+    model, backbone, image_size = restore_saved(run, ckpt, path, args.weights, len(classes))
     dataset = eval_dataset(run, backbone, image_size, args.split, classes, args.tta)
     device = pick_device(args.device or run.trainer.device)
     channels_last = run.trainer.channels_last and len(backbone.feature_shape) == 3

@@ -56,9 +56,8 @@ from transferlab.config import RunConfig
 from transferlab.errors import UserError
 from transferlab.infra.checkpoint import load_checkpoint
 from transferlab.run.saved import (
-    checkpoint_weights,
-    restore_model,
-    saved_run_config,
+    checkpoint_config,
+    restore_saved,
 )
 
 FORMATS = ("onnx", "torchscript", "both")
@@ -116,13 +115,12 @@ def load_saved_model(path: Path, weights: str = "raw") -> SavedModel:
     """The classifier of the checkpoint at ``path``; a run with no network to export is a
     one-line :class:`UserError`."""
     ckpt = load_checkpoint(path)
-    run = saved_run_config(ckpt.get("config"))  # an autoencoder run is refused here
+    run = checkpoint_config(ckpt)  # an autoencoder run is refused here
     classes = [str(c) for c in ckpt.get("classes") or []]
     if "model" not in ckpt or not classes:
         raise UserError(f"{path} holds no model weights or class names (not a checkpoint "
                         "written by transferlab-train?)")
-    model, backbone, image_size = restore_model(run, checkpoint_weights(ckpt, weights, path),
-                                              len(classes))
+    model, backbone, image_size = restore_saved(run, ckpt, path, weights, len(classes))
     model = model.float().cpu().eval()
     adapters = adapted = None
     if model.adapters is not None:  # freeze=lora: export the plain layers with merged weights

@@ -36,10 +36,9 @@ from transferlab.data.image_folder import load_rgb
 from transferlab.errors import UserError
 from transferlab.infra.checkpoint import load_checkpoint
 from transferlab.run.saved import (
+    checkpoint_config,
     checkpoint_path,
-    checkpoint_weights,
-    restore_model,
-    saved_run_config,
+    restore_saved,
 )
 from transferlab.tools.backbone_lookup import backbone_config
 from transferlab.tools.tta import mean_log_probs, views_transform
@@ -151,9 +150,8 @@ def run_predictor(run_dir: Path, which: str, weights: str = "raw",
         raise UserError(f"{run_dir} holds no transferlab checkpoint {which}.pt (no model or "
                         "classes in it)")
     classes = [str(c) for c in ckpt["classes"]]
-    run = saved_run_config(ckpt.get("config"))
-    model, backbone, image_size = restore_model(run, checkpoint_weights(ckpt, weights, path),
-                                                len(classes))
+    run = checkpoint_config(ckpt)
+    model, backbone, image_size = restore_saved(run, ckpt, path, weights, len(classes))
     transform = views_transform(tta, backbone.input, image_size, run.dataset.crop_pct)
     return Predictor(model, transform, classes)
 
