@@ -601,3 +601,23 @@ def test_a_custom_policy_in_the_docs_plans_on_the_default_backbone(page, name, t
 
 def test_the_docs_show_a_custom_policy():
     assert [n for _, n, _ in policy_blocks()] == ["my_policy"]
+
+
+# -- the README's measured figure of the default run --------------------------------------------
+@pytest.mark.slow
+def test_the_default_run_reaches_the_accuracy_the_readme_gives(tmp_path):
+    """``transferlab-train`` as the README's first lines run it: the validation accuracy it
+    quotes is the one this version reaches (timings cannot be checked; accuracy can)."""
+    import json
+    import subprocess
+    import sys
+
+    quoted = re.search(r"accuracy \((0\.\d{4}), measured on this version\)",
+                       (ROOT / "README.md").read_text().replace("\n", " "))
+    assert quoted, "the README no longer quotes the default run's accuracy"
+    proc = subprocess.run([sys.executable, "-m", "transferlab.train",
+                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    best = json.loads((tmp_path / "run" / "metrics.json").read_text())["best"]["val_acc"]
+    assert f"{best:.4f}" == quoted.group(1)
