@@ -26,6 +26,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from transferlab.errors import Interrupted
+from transferlab.infra.liveness import run_status
 
 log = logging.getLogger("transferlab")
 
@@ -233,10 +235,7 @@ def record_end(run_dir: Path, end: ChildEnd) -> str | None:
     record = record if isinstance(record, dict) else {
         "history": [], "best": None, "final": None, "params": {}, "wall_seconds": 0.0}
     record.update(status="interrupted" if stopped else "failed", error=error)
-    with contextlib.suppress(OSError):
-        tmp = path.with_name("metrics.json.tmp")
-        tmp.write_text(json.dumps(record, indent=2))
-        os.replace(tmp, path)
+    _write_record(run_dir, record)
     return error
 
 
@@ -245,3 +244,47 @@ def _signal_name(signum: int) -> str:
         return signal.Signals(signum).name
     except ValueError:
         return f"signal {signum}"
+
+
+# --- the sweep's main process, when its launcher lost a job ------------------------------------
+
+
+def close_dead_jobs(sweep_dir: Path, cause: str, *, poll_s: float = 0.5,
+                    unrecorded_s: float = 120.0) -> list[tuple[str, str]]:
+    """After the launcher gave up on a job that died (submitit's ``UncompletedJobError``,
+    loky's ``TerminatedWorkerError`` when a worker itself died): wait for the sweep's jobs
+    still going (their record ``running``, their process alive; a job directory without a
+    record yet, at most ``unrecorded_s``), then close the record of each job whose process
+    died ``failed``, saying so. Returns (job directory name, error) of those."""
+    started = time.monotonic()
+    while True:
+        jobs = [p for p in Path(sweep_dir).iterdir() if p.is_dir() and p.name[:1].isdigit()]
+        records = {job: _record(job) for job in jobs}
+        going = [j for j, r in records.items() if r is not None and run_status(r) == "running"]
+        unrecorded = [j for j, r in records.items() if r is None]
+        if not going and (not unrecorded or time.monotonic() - started > unrecorded_s):
+            break
+        time.sleep(poll_s)
+    closed = []
+    for job, record in sorted(records.items()):
+        if record is not None and run_status(record) == "dead":
+            error = f"its process (pid {record.get('pid')}) died ({cause})"
+            record.update(status="failed", error=error)
+            _write_record(job, record)
+            closed.append((job.name, error))
+    return closed
+
+
+def _record(job: Path) -> dict | None:
+    try:
+        record = json.loads((job / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _write_record(job: Path, record: dict) -> None:
+    with contextlib.suppress(OSError):
+        tmp = job / "metrics.json.tmp"
+        tmp.write_text(json.dumps(record, indent=2))
+        os.replace(tmp, job / "metrics.json")

@@ -269,6 +269,31 @@ def _sweep_stopped_by() -> int | None:
     return stop.signum
 
 
+def _lost_a_job(exc: BaseException) -> bool:
+    """Whether the launcher gave up because a job's process died: submitit's job without a
+    result, or a joblib worker that died itself (a job's death is contained in it)."""
+    kinds = [getattr(sys.modules.get(module), name, None) for module, name in (
+        ("submitit.core.utils", "UncompletedJobError"),
+        ("joblib.externals.loky.process_executor", "TerminatedWorkerError"))]
+    return isinstance(exc, tuple(k for k in kinds if isinstance(k, type)))
+
+
+def _after_lost_job(argv: list[str], exc: BaseException) -> int:
+    """The launcher gave up on a job whose process died: the jobs still going end first, the
+    dead ones are failed rows saying so, and the sweep's table prints (exit 1), with how to
+    go on with the jobs that did not end (``resume=auto``)."""
+    from transferlab.infra.job_process import close_dead_jobs
+
+    sweep_dir = SweepSummary.sweep_dir
+    cause = type(exc).__name__
+    for name, error in close_dead_jobs(sweep_dir, cause):
+        print(f"error: job {name.partition('_')[0]}: {error}", file=sys.stderr, flush=True)
+    SweepSummary.summarize(sweep_dir)
+    print(f"error: the launcher stopped on a dead job ({cause})"
+          f"{_how_to_go_on(argv, True, None)}", file=sys.stderr, flush=True)
+    return EXIT_JOB_FAILED
+
+
 def launch(argv: list[str]) -> int:
     """Run ``transferlab-train <argv>`` (Hydra reads ``sys.argv`` itself); the exit code."""
     register_configs()
@@ -312,6 +337,8 @@ def launch(argv: list[str]) -> int:
         except Exception as exc:
             if (signum := _sweep_stopped_by()) is not None:  # (a worker stopped at its start)
                 raise Interrupted(signum) from None
+            if _lost_a_job(exc) and SweepSummary.sweep_dir is not None:
+                return _after_lost_job(argv, exc)
             if _is_hydra_error(exc):  # (Hydra's missing option is an OSError too)
                 raise composition_error(exc) from None
             if isinstance(exc, OSError):  # the machine's, not a bug: unwritable, a full disk

@@ -137,18 +137,25 @@ class SweepSummary(Callback):
 
     failed_jobs = 0  # read by the CLI to choose its exit code
     stop: SweepStop | None = None  # read by the CLI: the signal that stopped the sweep
+    sweep_dir: Path | None = None  # the sweep's directory, once it started
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        SweepSummary.sweep_dir = Path(config.hydra.sweep.dir)
         if runs_jobs_in_workers(OmegaConf.select(config, "hydra.launcher")):
             SweepSummary.stop = SweepStop(Path(config.hydra.sweep.dir),
                                           os.environ.get(SWEEP_ID_ENV, "?")).install()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from transferlab.tools.compare import find_runs, format_table, sort_runs
-
         if SweepSummary.stop is not None and SweepSummary.stop.signum is not None:
             return
-        sweep_dir = Path(config.hydra.sweep.dir)
+        self.summarize(Path(config.hydra.sweep.dir))
+
+    @staticmethod
+    def summarize(sweep_dir: Path) -> None:
+        """The table of the sweep's jobs, and how many failed (also when its launcher failed
+        because a job died: the CLI calls it then)."""
+        from transferlab.tools.compare import find_runs, format_table, sort_runs
+
         runs = sort_runs(find_runs([sweep_dir]), "best_val_acc")
         if not runs:
             return
