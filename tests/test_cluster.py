@@ -253,9 +253,9 @@ def test_a_killed_submitit_job_is_one_failed_row_and_the_other_job_finishes(tmp_
     assert "Traceback" not in err
     why = f"its process (pid {records[0]['pid']}) died (UncompletedJobError)"
     assert err.splitlines()[0] == f"error: job 0: {why}"
-    assert err.splitlines()[-1].startswith("error: the launcher stopped on a dead job "
-                                           "(UncompletedJobError): go on with transferlab-train "
-                                           "-m ")
+    assert err.splitlines()[-1].startswith("error: the launcher stopped when a process of the "
+                                           "sweep died (UncompletedJobError): go on with "
+                                           "transferlab-train -m ")
     assert err.splitlines()[-1].endswith(" resume=auto")
     jobs = sorted(p for p in _sweep(tmp_path).iterdir() if p.is_dir() and p.name[0].isdigit())
     assert (_metrics(jobs[0])["status"], _metrics(jobs[0])["error"]) == ("failed", why)

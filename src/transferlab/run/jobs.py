@@ -289,7 +289,7 @@ def _after_lost_job(argv: list[str], exc: BaseException) -> int:
     for name, error in close_dead_jobs(sweep_dir, cause):
         print(f"error: job {name.partition('_')[0]}: {error}", file=sys.stderr, flush=True)
     SweepSummary.summarize(sweep_dir)
-    print(f"error: the launcher stopped on a dead job ({cause})"
+    print(f"error: the launcher stopped when a process of the sweep died ({cause})"
           f"{_how_to_go_on(argv, True, None)}", file=sys.stderr, flush=True)
     return EXIT_JOB_FAILED
 
