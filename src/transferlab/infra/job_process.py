@@ -164,15 +164,25 @@ def run_in_child(body: Callable[[], Any]) -> ChildEnd:
     ends with 0, 128 + N when a stop by signal N ended it, 2 (SystemExit's code) or 1 (an
     exception, its traceback on stderr)."""
     _become_job_worker()
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
     read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the job: the worker's own handlers again, then the body
-        os.close(read)
-        for s, handler in _worker_handlers.items():
-            signal.signal(s, handler)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
+    try:
+        pid = os.fork()
+    except OSError:  # (no memory, too many processes) the job is not run
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        os._exit(_child(body, write))
+        os.close(read)
+        os.close(write)
+        raise
+    if pid == 0:  # the job: the worker's own handlers again, then the body; never back
+        code = 1
+        try:
+            os.close(read)
+            for s, handler in _worker_handlers.items():
+                signal.signal(s, handler)
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            code = _child(body, write)
+        finally:
+            os._exit(code)
     os.close(write)
     _Forward.child = pid
     signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
@@ -183,8 +193,11 @@ def run_in_child(body: Callable[[], Any]) -> ChildEnd:
     # read once the child is gone: processes it forked (loader workers) may hold the pipe
     # open, and what it wrote (a number) fits in the pipe's buffer
     os.set_blocking(read, False)
-    with os.fdopen(read, "rb") as pipe:
-        data = pipe.read() or b""
+    with os.fdopen(read, "rb", buffering=0) as pipe:
+        try:
+            data = pipe.read() or b""
+        except BlockingIOError:
+            data = b""
     try:
         value = json.loads(data) if data else None
     except ValueError:

@@ -330,6 +330,7 @@ def launch(argv: list[str]) -> int:
         if multirun:
             check_sweep_dir(argv)
         remember_swept_keys(argv)
+        SweepSummary.reset()
         # Hydra re-raises instead of printing its multi-line report: every error is ours.
         os.environ["HYDRA_FULL_ERROR"] = "1"
         try:

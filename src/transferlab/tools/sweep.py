@@ -139,6 +139,11 @@ class SweepSummary(Callback):
     stop: SweepStop | None = None  # read by the CLI: the signal that stopped the sweep
     sweep_dir: Path | None = None  # the sweep's directory, once it started
 
+    @classmethod
+    def reset(cls) -> None:
+        """A new launch (in this process): no failed job, no stop, no sweep yet."""
+        cls.failed_jobs, cls.stop, cls.sweep_dir = 0, None, None
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         SweepSummary.sweep_dir = Path(config.hydra.sweep.dir)
         if runs_jobs_in_workers(OmegaConf.select(config, "hydra.launcher")):
