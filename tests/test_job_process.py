@@ -92,7 +92,7 @@ def test_the_record_of_a_job_that_died_is_closed(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "failed"
 
 
-def test_a_sweep_stop_is_marked_for_its_launch_and_a_second_ctrl_c_stops_at_once(tmp_path):
+def test_a_sweep_stop_is_marked_for_its_launch_and_a_third_ctrl_c_ends_it(tmp_path):
     stop = SweepStop(tmp_path, "host:1:100")
     assert not stop_requested(tmp_path, "host:1:100")
     stop._handle(signal.SIGINT, None)  # (no worker runs a job: nothing to pass on)
@@ -100,6 +100,7 @@ def test_a_sweep_stop_is_marked_for_its_launch_and_a_second_ctrl_c_stops_at_once
     assert (tmp_path / STOP_MARK).read_text() == "host:1:100 SIGINT\n"
     assert stop_requested(tmp_path, "host:1:100")
     assert not stop_requested(tmp_path, "host:9:900")  # another launch's mark
+    stop._handle(signal.SIGINT, None)  # passed on: the jobs stop at once; the sweep waits
     with pytest.raises(KeyboardInterrupt):
         stop._handle(signal.SIGINT, None)
     stop.clear()

@@ -461,3 +461,24 @@ def test_ctrl_c_stops_a_joblib_sweep_with_checkpoints_and_resume_auto_finishes_i
     for job in jobs:
         assert metrics(job)["status"] == "completed" and len(metrics(job)["history"]) == 3
         assert len(metrics(job)["resumes"]) == 1
+
+
+def test_a_second_ctrl_c_stops_the_jobs_at_once_and_they_still_end_interrupted(tmp_path):
+    """Two Ctrl-C in a row: the jobs stop at once (whether or not they saved), each record
+    says ``interrupted`` (none left ``running``), and the sweep's one line, exit 130."""
+    proc = _start(["-m", *PARALLEL], tmp_path, start_new_session=True)
+    try:
+        _wait_until_both_jobs_run(proc, tmp_path, 1)
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert [line for line in err.splitlines() if line.strip()] == [
+        f"interrupted (SIGINT): go on with transferlab-train -m {shlex.join(PARALLEL)} "
+        "resume=auto"]
+    assert "SIGINT again: the sweep's jobs stop at once" in out
+    (sweep,) = sweep_dirs(tmp_path)
+    assert [metrics(job)["status"] for job in job_dirs(sweep)] == ["interrupted"] * 2

@@ -49,11 +49,13 @@ class SweepStop:
     """SIGINT / SIGTERM of a sweep whose jobs run in worker processes: the first is written to
     the sweep directory and passed on to the workers that run jobs (they pass it to their job,
     which saves a checkpoint and ends ``interrupted``); the sweep then waits for its jobs. A
-    second Ctrl-C is passed on too (the jobs stop at once) and stops the sweep."""
+    second Ctrl-C is passed on too (the jobs stop at once, unsaved); a third ends the sweep
+    without waiting for them."""
 
     def __init__(self, sweep_dir: Path, launch_id: str):
         self.sweep_dir, self.launch_id = Path(sweep_dir), launch_id
         self.signum: int | None = None
+        self.count = 0  # the SIGINTs so far
         self.owner = os.getpid()
         self._previous: dict[int, Any] = {}
 
@@ -76,19 +78,22 @@ class SweepStop:
     def _handle(self, signum, frame) -> None:
         if os.getpid() != self.owner:
             return
-        again = self.signum is not None
-        if not again:
+        name = signal.Signals(signum).name
+        self.count += signum == signal.SIGINT
+        if self.signum is None:
             self.signum = signum
             with contextlib.suppress(OSError):
-                (self.sweep_dir / STOP_MARK).write_text(
-                    f"{self.launch_id} {signal.Signals(signum).name}\n")
+                (self.sweep_dir / STOP_MARK).write_text(f"{self.launch_id} {name}\n")
             log.warning("%s: the sweep's jobs finish their step and save a checkpoint; no new "
-                        "job starts (Ctrl-C again to stop at once)", signal.Signals(signum).name)
+                        "job starts (Ctrl-C again to stop them at once)", name)
+        elif self.count == 2:
+            log.warning("%s again: the sweep's jobs stop at once (Ctrl-C again to end the "
+                        "sweep without waiting for them)", name)
+        if self.count > 2:
+            raise KeyboardInterrupt
         for pid in job_workers():
             with contextlib.suppress(OSError):
                 os.kill(pid, signum)
-        if again and signum == signal.SIGINT:
-            raise KeyboardInterrupt
 
 
 def job_workers() -> list[int]:
@@ -150,6 +155,11 @@ class ChildEnd:
     pid: int
     code: int
     value: Any = None
+
+    @property
+    def stopped(self) -> bool:
+        """Whether a stop signal (SIGINT, SIGTERM) ended it."""
+        return self.code in (-s for s in STOPS) or self.code in (128 + s for s in STOPS)
 
     @property
     def how(self) -> str:
@@ -243,11 +253,10 @@ def record_end(run_dir: Path, end: ChildEnd) -> str | None:
         record = None
     if isinstance(record, dict) and record.get("status") != "running":
         return None
-    stopped = end.code in (-s for s in STOPS) or end.code in (128 + s for s in STOPS)
     error = f"its process (pid {end.pid}) {end.how}"
     record = record if isinstance(record, dict) else {
         "history": [], "best": None, "final": None, "params": {}, "wall_seconds": 0.0}
-    record.update(status="interrupted" if stopped else "failed", error=error)
+    record.update(status="interrupted" if end.stopped else "failed", error=error)
     _write_record(run_dir, record)
     return error
 

@@ -79,7 +79,7 @@ def _in_own_process(cfg: DictConfig, hc) -> float | None:
         return None
     end = run_in_child(lambda: _run_job(cfg, hc))
     error = record_end(run_dir, end) if end.code else None
-    if error:
+    if error and not end.stopped:  # (a stop: the sweep's line says how to go on)
         print(f"error: job {hc.job.num}: {error}", file=sys.stderr, flush=True)
     return end.value
 
