@@ -222,6 +222,47 @@ def test_submitit_local_sweep_runs_real_jobs_and_a_preempted_one_resumes(tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
+def test_a_killed_submitit_job_is_one_failed_row_and_the_other_job_finishes(tmp_path):
+    """SIGKILL to job 0 of a submitit_local sweep while job 1 runs: submitit gives up on job 0
+    (before: its UncompletedJobError traceback, no table); now job 1 runs to its end,
+    job 0 is a failed row saying its process died, the table prints, exit 1."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSFERLAB_SWE")}
+    env.update(HYDRA_FULL_ERROR="0", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "transferlab.train", "-m", *JOB, "seed=0,1",
+         "hydra/launcher=submitit_local"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        records: list[dict] = []
+        while len(records) < 2 or any(r.get("status") != "running" for r in records):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+            time.sleep(0.05)
+            records = []
+            for path in sorted((tmp_path / "outputs" / "sweeps").glob("*/*/*/metrics.json")):
+                try:
+                    records.append(json.loads(path.read_text()))
+                except ValueError:  # being written
+                    pass
+        os.kill(records[0]["pid"], signal.SIGKILL)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err[-3000:]
+    assert "Traceback" not in err
+    why = f"its process (pid {records[0]['pid']}) died (UncompletedJobError)"
+    assert err.splitlines()[0] == f"error: job 0: {why}"
+    assert err.splitlines()[-1].startswith("error: the launcher stopped when a process of the "
+                                           "sweep died (UncompletedJobError): go on with "
+                                           "transferlab-train -m ")
+    assert err.splitlines()[-1].endswith(" resume=auto")
+    jobs = sorted(p for p in _sweep(tmp_path).iterdir() if p.is_dir() and p.name[0].isdigit())
+    assert (_metrics(jobs[0])["status"], _metrics(jobs[0])["error"]) == ("failed", why)
+    assert _metrics(jobs[1])["status"] == "completed" and len(_metrics(jobs[1])["history"]) == 3
+    assert "2 job(s), 1 failed" in out
+
+
 # Stand-ins for SLURM's commands: sbatch answers with a job id and runs the array's tasks here
 # one after another, in the environment SLURM gives them; srun runs its command; sacct knows
 # nothing (submitit then waits for the jobs' result files). submitit keeps the batch file.

@@ -3,9 +3,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -360,3 +367,118 @@ def test_an_interpolated_run_dir_that_holds_a_run_is_refused(tmp_path):
         f"error: hydra.run.dir=outputs/fixed/{done.name} holds a run (completed): choose another "
         f"directory, or go on with that run with resume=outputs/fixed/{done.name}"]
     assert json.loads((done / "metrics.json").read_text()) == {"status": "completed"}
+
+
+# --- a job's death, a Ctrl-C: the sweep is not lost -----------------------------------------------
+
+# 1000 digits, 3 epochs of the whole tiny model (seconds each on a shared core): time to signal
+# the jobs while both run. The joblib launcher runs each job in a child of its worker.
+PARALLEL = [*SWEEP, "dataset.samples_per_class=100", "trainer.epochs=3", "freeze=none",
+            "seed=0,1", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+
+
+def _start(args: list[str], cwd: Path, **popen) -> subprocess.Popen:
+    """``transferlab-train <args>`` started in a subprocess (as :func:`cli` runs it)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSFERLAB_SWE")}
+    env.update(HYDRA_FULL_ERROR="0", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "transferlab.train", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _wait_until_both_jobs_run(proc: subprocess.Popen, cwd: Path, epochs: int) -> list[dict]:
+    """The records of the sweep's two jobs once both are running with ``epochs`` done."""
+    deadline = time.monotonic() + 240
+    while True:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the jobs did not start"
+        records = []
+        for path in sorted((cwd / "outputs" / "sweeps").glob("*/*/*/metrics.json")):
+            with contextlib.suppress(OSError, ValueError):
+                records.append(json.loads(path.read_text()))
+        if len(records) == 2 and all(r.get("status") == "running"
+                                     and len(r.get("history", [])) >= epochs for r in records):
+            return records
+        time.sleep(0.05)
+
+
+def test_a_killed_job_is_one_failed_row_and_the_other_jobs_finish(tmp_path):
+    """SIGKILL to one job of a joblib sweep (its pid from its running record): that job is a
+    failed row saying how it ended, the other job completes, the summary prints, exit 1
+    (before: loky's TerminatedWorkerError, 59 lines, no summary, both jobs left running)."""
+    proc = _start(["-m", *PARALLEL], tmp_path)
+    try:
+        first, _ = _wait_until_both_jobs_run(proc, tmp_path, 0)
+        os.kill(first["pid"], signal.SIGKILL)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err[-3000:]
+    assert "Traceback" not in err and "TerminatedWorkerError" not in err
+    (sweep,) = sweep_dirs(tmp_path)
+    killed, other = job_dirs(sweep)
+    why = f"its process (pid {first['pid']}) was killed by SIGKILL"
+    assert metrics(killed)["status"] == "failed" and metrics(killed)["error"] == why
+    assert f"error: job 0: {why}" in err.splitlines()
+    assert metrics(other)["status"] == "completed" and len(metrics(other)["history"]) == 3
+    assert "2 job(s), 1 failed" in out
+    assert [line.split()[:3] for line in out.splitlines() if line.startswith(("0 ", "1 "))] \
+        == [["1", "seed=1", "completed"], ["0", "seed=0", "failed:"]]
+
+
+@pytest.mark.parametrize("to", ["main", "group"])
+def test_ctrl_c_stops_a_joblib_sweep_with_checkpoints_and_resume_auto_finishes_it(to, tmp_path):
+    """SIGINT to the sweep's main process (``kill -INT``) or to its process group (Ctrl-C in a
+    terminal) while both jobs run: each job gets it once, saves a checkpoint and ends
+    ``interrupted``; one line says how to go on, exit 130 (before: the workers were killed,
+    both jobs left ``running``). ``resume=auto`` then completes both."""
+    proc = _start(["-m", *PARALLEL], tmp_path, start_new_session=True)
+    try:
+        _wait_until_both_jobs_run(proc, tmp_path, 1)
+        if to == "main":
+            proc.send_signal(signal.SIGINT)
+        else:
+            os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.strip()][-1] == (
+        f"interrupted (SIGINT): go on with transferlab-train -m {shlex.join(PARALLEL)} "
+        "resume=auto")
+    assert "Sweep " not in out  # no table: the sweep did not end
+    (sweep,) = sweep_dirs(tmp_path)
+    jobs = job_dirs(sweep)
+    for job in jobs:
+        # "signal 2": one SIGINT (a second would have stopped the job at once, unsaved)
+        assert (metrics(job)["status"], metrics(job)["error"]) == ("interrupted", "signal 2")
+        assert (job / "checkpoints" / "last.pt").is_file()
+    assert not (sweep / ".transferlab_stop").exists()
+
+    again = cli(["-m", *PARALLEL, "resume=auto"], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "2 job(s), 0 failed" in again.stdout
+    for job in jobs:
+        assert metrics(job)["status"] == "completed" and len(metrics(job)["history"]) == 3
+        assert len(metrics(job)["resumes"]) == 1
+
+
+def test_a_second_ctrl_c_stops_the_jobs_at_once_and_they_still_end_interrupted(tmp_path):
+    """Two Ctrl-C in a row: the jobs stop at once (whether or not they saved), each record
+    says ``interrupted`` (none left ``running``), and the sweep's one line, exit 130."""
+    proc = _start(["-m", *PARALLEL], tmp_path, start_new_session=True)
+    try:
+        _wait_until_both_jobs_run(proc, tmp_path, 1)
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert [line for line in err.splitlines() if line.strip()] == [
+        f"interrupted (SIGINT): go on with transferlab-train -m {shlex.join(PARALLEL)} "
+        "resume=auto"]
+    assert "SIGINT again: the sweep's jobs stop at once" in out
+    (sweep,) = sweep_dirs(tmp_path)
+    assert [metrics(job)["status"] for job in job_dirs(sweep)] == ["interrupted"] * 2

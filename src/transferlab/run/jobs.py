@@ -31,6 +31,7 @@ from transferlab.config.store import register_configs
 from transferlab.config.validate import check_name
 from transferlab.errors import EXIT_JOB_FAILED, Interrupted, UserError
 from transferlab.infra.cluster import export_submitit_env, hand_over, job_environment
+from transferlab.infra.job_process import record_end, run_in_child, stop_requested
 from transferlab.infra.processes import (
     env_rank,
     launched,
@@ -46,7 +47,12 @@ from transferlab.infra.run_dirs import (
     config_of_run,
     shown,
 )
-from transferlab.tools.sweep import SWEEP_ID_ENV, SweepSummary, remember_swept_keys
+from transferlab.tools.sweep import (
+    SWEEP_ID_ENV,
+    SweepSummary,
+    remember_swept_keys,
+    runs_jobs_in_workers,
+)
 
 if TYPE_CHECKING:
     from transferlab.run.execute import RunResult
@@ -57,6 +63,30 @@ log = logging.getLogger("transferlab")
 @hydra.main(version_base="1.3", config_path="pkg://transferlab.conf", config_name="train")
 def _main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN and runs_jobs_in_workers(hc.launcher):
+        return _in_own_process(cfg, hc)
+    return _run_job(cfg, hc)
+
+
+def _in_own_process(cfg: DictConfig, hc) -> float | None:
+    """A job in a worker process that several jobs share (joblib): run in a child of its own
+    (:func:`~transferlab.infra.job_process.run_in_child`), so that its death is one failed row
+    of the sweep, not the end of the worker and of every other job. A job of a sweep that was
+    stopped (Ctrl-C) before it started is not started."""
+    run_dir = Path(hc.runtime.output_dir)
+    if stop_requested(Path(hc.sweep.dir), os.environ.get(SWEEP_ID_ENV, "?")):
+        log.info("job %s not started: the sweep was stopped", hc.job.num)
+        return None
+    end = run_in_child(lambda: _run_job(cfg, hc))
+    error = record_end(run_dir, end) if end.code else None
+    if error and not end.stopped:  # (a stop: the sweep's line says how to go on)
+        print(f"error: job {hc.job.num}: {error}", file=sys.stderr, flush=True)
+    return end.value
+
+
+def _run_job(cfg: DictConfig, hc) -> float | None:
+    """The job (or the one run) Hydra composed: its best validation accuracy (the objective
+    of a search); a job of a sweep that fails is recorded as such and returns None."""
     run_dir = Path(hc.runtime.output_dir)
     overrides = list(hc.overrides.task)
     export_submitit_env()  # a submitit job of several tasks: torch.distributed's env://
@@ -226,6 +256,44 @@ def _how_to_go_on(argv: list[str], multirun: bool, run_dir: Path | None) -> str:
     return ""
 
 
+def _sweep_stopped_by() -> int | None:
+    """The signal that stopped a sweep whose jobs ran in worker processes (they saved and
+    ended ``interrupted``), None where none did; the sweep's signal handlers are restored and
+    its stop mark removed (``resume=auto`` then runs its jobs)."""
+    stop = SweepSummary.stop
+    if stop is None:
+        return None
+    stop.restore()
+    if stop.signum is not None:
+        stop.clear()
+    return stop.signum
+
+
+def _lost_a_job(exc: BaseException) -> bool:
+    """Whether the launcher gave up because a job's process died: submitit's job without a
+    result, or a joblib worker that died itself (a job's death is contained in it)."""
+    kinds = [getattr(sys.modules.get(module), name, None) for module, name in (
+        ("submitit.core.utils", "UncompletedJobError"),
+        ("joblib.externals.loky.process_executor", "TerminatedWorkerError"))]
+    return isinstance(exc, tuple(k for k in kinds if isinstance(k, type)))
+
+
+def _after_lost_job(argv: list[str], exc: BaseException) -> int:
+    """The launcher gave up on a job whose process died: the jobs still going end first, the
+    dead ones are failed rows saying so, and the sweep's table prints (exit 1), with how to
+    go on with the jobs that did not end (``resume=auto``)."""
+    from transferlab.infra.job_process import close_dead_jobs
+
+    sweep_dir = SweepSummary.sweep_dir
+    cause = type(exc).__name__
+    for name, error in close_dead_jobs(sweep_dir, cause):
+        print(f"error: job {name.partition('_')[0]}: {error}", file=sys.stderr, flush=True)
+    SweepSummary.summarize(sweep_dir)
+    print(f"error: the launcher stopped when a process of the sweep died ({cause})"
+          f"{_how_to_go_on(argv, True, None)}", file=sys.stderr, flush=True)
+    return EXIT_JOB_FAILED
+
+
 def launch(argv: list[str]) -> int:
     """Run ``transferlab-train <argv>`` (Hydra reads ``sys.argv`` itself); the exit code."""
     register_configs()
@@ -262,11 +330,16 @@ def launch(argv: list[str]) -> int:
         if multirun:
             check_sweep_dir(argv)
         remember_swept_keys(argv)
+        SweepSummary.reset()
         # Hydra re-raises instead of printing its multi-line report: every error is ours.
         os.environ["HYDRA_FULL_ERROR"] = "1"
         try:
             _main()  # Hydra reads sys.argv itself
         except Exception as exc:
+            if (signum := _sweep_stopped_by()) is not None:  # (a worker stopped at its start)
+                raise Interrupted(signum) from None
+            if _lost_a_job(exc) and SweepSummary.sweep_dir is not None:
+                return _after_lost_job(argv, exc)
             if _is_hydra_error(exc):  # (Hydra's missing option is an OSError too)
                 raise composition_error(exc) from None
             if isinstance(exc, OSError):  # the machine's, not a bug: unwritable, a full disk
@@ -275,11 +348,14 @@ def launch(argv: list[str]) -> int:
                                 "(hydra.run.dir / hydra.sweep.dir) and the free disk "
                                 "space") from None
             raise  # a bug: the traceback is what to report
+        if (signum := _sweep_stopped_by()) is not None:
+            raise Interrupted(signum)
     except UserError as exc:
         if rank_tag():  # the same line from every process: say which one
             raise UserError(f"{rank_tag()}{exc}") from None
         raise
     except (Interrupted, KeyboardInterrupt) as stop:
+        _sweep_stopped_by()  # (a second Ctrl-C: the sweep's handlers restored)
         signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
         print(f"{rank_tag()}interrupted ({signal.Signals(signum).name})"
               f"{_how_to_go_on(argv, multirun, getattr(stop, 'run_dir', None))}",

@@ -22,6 +22,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from transferlab.infra.job_process import SweepStop
 from transferlab.infra.run_dirs import SWEEP_DIR_ENV, safe_name
 
 log = logging.getLogger("transferlab")
@@ -120,15 +121,46 @@ def register_resolver() -> None:
 register_resolver()  # on import: joblib workers import this module with the task function
 
 
+def runs_jobs_in_workers(launcher: DictConfig | None) -> bool:
+    """Whether ``hydra.launcher`` runs the jobs in local worker processes that several jobs
+    share (Hydra's joblib launcher): each job then runs in a child of its worker, and the
+    sweep's stop signals are passed on (:mod:`transferlab.infra.job_process`)."""
+    target = str(OmegaConf.select(launcher, "_target_", default="") if launcher else "")
+    return target.rpartition(".")[2] == "JoblibLauncher"
+
+
 class SweepSummary(Callback):
-    """Prints the comparison table of a sweep's jobs when it ends, and how many failed."""
+    """Prints the comparison table of a sweep's jobs when it ends, and how many failed. A
+    sweep whose jobs run in worker processes passes SIGINT / SIGTERM on to them while it runs
+    (:class:`~transferlab.infra.job_process.SweepStop`); a stopped sweep prints no table (the
+    CLI prints the line that says how to go on)."""
 
     failed_jobs = 0  # read by the CLI to choose its exit code
+    stop: SweepStop | None = None  # read by the CLI: the signal that stopped the sweep
+    sweep_dir: Path | None = None  # the sweep's directory, once it started
+
+    @classmethod
+    def reset(cls) -> None:
+        """A new launch (in this process): no failed job, no stop, no sweep yet."""
+        cls.failed_jobs, cls.stop, cls.sweep_dir = 0, None, None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        SweepSummary.sweep_dir = Path(config.hydra.sweep.dir)
+        if runs_jobs_in_workers(OmegaConf.select(config, "hydra.launcher")):
+            SweepSummary.stop = SweepStop(Path(config.hydra.sweep.dir),
+                                          os.environ.get(SWEEP_ID_ENV, "?")).install()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if SweepSummary.stop is not None and SweepSummary.stop.signum is not None:
+            return
+        self.summarize(Path(config.hydra.sweep.dir))
+
+    @staticmethod
+    def summarize(sweep_dir: Path) -> None:
+        """The table of the sweep's jobs, and how many failed (also when its launcher failed
+        because a job died: the CLI calls it then)."""
         from transferlab.tools.compare import find_runs, format_table, sort_runs
 
-        sweep_dir = Path(config.hydra.sweep.dir)
         runs = sort_runs(find_runs([sweep_dir]), "best_val_acc")
         if not runs:
             return

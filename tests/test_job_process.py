@@ -1,0 +1,107 @@
+"""Sweep jobs in processes of their own (:mod:`transferlab.infra.job_process`), in process:
+the child's value and exit, the record of a job that died, the sweep's stop mark. The sweeps
+themselves (a SIGKILLed job, Ctrl-C) are in tests/test_sweeps.py and tests/test_cluster.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from transferlab.infra.job_process import (
+    STOP_MARK,
+    ChildEnd,
+    SweepStop,
+    record_end,
+    run_in_child,
+    stop_requested,
+)
+
+
+def _in_a_worker(tmp_path, *bodies) -> list[dict]:
+    """Each body through :func:`run_in_child`, in a forked stand-in for a joblib worker (it
+    leaves its process group and takes over SIGINT / SIGTERM: not pytest's process)."""
+    out = tmp_path / "ends.json"
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            ends = [run_in_child(body) for body in bodies]
+            out.write_text(json.dumps([e.__dict__ for e in ends]))
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return json.loads(out.read_text())
+
+
+def _killed():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fails():
+    raise SystemExit(2)
+
+
+def _interrupted():
+    raise KeyboardInterrupt
+
+
+def test_a_child_returns_its_value_and_a_death_is_its_exit_code(tmp_path):
+    ends = _in_a_worker(tmp_path, lambda: 0.75, _killed, _fails, _interrupted, lambda: None)
+    assert [(e["code"], e["value"]) for e in ends] == [(0, 0.75), (-9, None), (2, None),
+                                                       (130, None), (0, None)]
+    assert len({e["pid"] for e in ends}) == 5 and os.getpid() not in {e["pid"] for e in ends}
+
+
+def test_a_child_gets_the_stop_signals_its_worker_gets(tmp_path):
+    def stopped_by_its_worker():
+        os.kill(os.getppid(), signal.SIGINT)  # (the sweep's main process sends it so)
+        time.sleep(30)
+
+    (end,) = _in_a_worker(tmp_path, stopped_by_its_worker)
+    assert end["code"] == 130  # KeyboardInterrupt in the child; the worker went on
+
+
+def _record(job, **fields):
+    (job / "metrics.json").write_text(json.dumps(fields))
+
+
+def test_the_record_of_a_job_that_died_is_closed(tmp_path):
+    _record(tmp_path, status="running", pid=4242, history=[{"epoch": 1}])
+    error = record_end(tmp_path, ChildEnd(4242, -signal.SIGKILL))
+    assert error == "its process (pid 4242) was killed by SIGKILL"
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved == {"status": "failed", "pid": 4242, "history": [{"epoch": 1}],
+                     "error": error}
+
+    _record(tmp_path, status="running", pid=4242)  # a stop before its first checkpoint
+    record_end(tmp_path, ChildEnd(4242, -signal.SIGTERM))
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "interrupted"
+
+    _record(tmp_path, status="interrupted", pid=4242)  # it closed its own record
+    assert record_end(tmp_path, ChildEnd(4242, 130)) is None
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "interrupted"
+
+    (tmp_path / "metrics.json").unlink()  # it died before its record opened
+    assert record_end(tmp_path, ChildEnd(7, 1)) == "its process (pid 7) exited with code 1"
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "failed"
+
+
+def test_a_sweep_stop_is_marked_for_its_launch_and_a_third_ctrl_c_ends_it(tmp_path):
+    stop = SweepStop(tmp_path, "host:1:100")
+    assert not stop_requested(tmp_path, "host:1:100")
+    stop._handle(signal.SIGINT, None)  # (no worker runs a job: nothing to pass on)
+    assert stop.signum == signal.SIGINT
+    assert (tmp_path / STOP_MARK).read_text() == "host:1:100 SIGINT\n"
+    assert stop_requested(tmp_path, "host:1:100")
+    assert not stop_requested(tmp_path, "host:9:900")  # another launch's mark
+    stop._handle(signal.SIGINT, None)  # passed on: the jobs stop at once; the sweep waits
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)
+    stop.clear()
+    assert not (tmp_path / STOP_MARK).exists()
