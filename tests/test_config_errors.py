@@ -147,6 +147,7 @@ CLI_CASES = [
     (["seed=99999999999999999999"], "seed"),  # once an overflow traceback
     (["optimizer.lr=1e300"], "optimizer.lr"),  # once a float32 overflow traceback
     (["name=../../escaped"], "name=../../escaped"),  # once a run outside outputs/
+    (["trainer.distributed.scale_lr=true"], "trainer.distributed.scale_lr"),  # once ignored
 ]
 
 
@@ -173,6 +174,7 @@ def assert_one_line(proc: subprocess.CompletedProcess, key: str) -> None:
 # (after: Hydra's directory is removed again). None of them needs torch.
 NO_TORCH_CASES = [
     (["freeze=bogus"], "freeze"),
+    (["trainer.distributed.scale_lr=true"], "torchrun --nproc_per_node=N"),
     (["trainer.epochs=abc"], "trainer.epochs"),
     (["optimizer.lr=-1"], "optimizer.lr"),
     (["task=autoencoder"], "backbone=conv_encoder"),

@@ -239,6 +239,20 @@ def check_launcher(argv: list[str]) -> None:
                         f"transferlab-train -m {launcher} <overrides>)")
 
 
+def check_one_process(argv: list[str]) -> None:
+    """``trainer.distributed.*`` acts on a run of several processes: given to one run that
+    torchrun did not start, it would do nothing (a sweep may give it to jobs that a launcher
+    starts on several processes: not checked there)."""
+    if launched():
+        return
+    for item in argv:
+        key = item.lstrip("+~").partition("=")[0]
+        if key.startswith("trainer.distributed."):
+            raise UserError(f"{key} acts on a run of several processes and this one has one: "
+                            f"start it with torchrun --nproc_per_node=N -m transferlab.train "
+                            f"..., or remove {item!r}")
+
+
 def _is_hydra_error(exc: BaseException) -> bool:
     return type(exc).__module__.split(".")[0] in ("hydra", "omegaconf")
 
@@ -325,6 +339,7 @@ def launch(argv: list[str]) -> int:
                 check_name(item.partition("=")[2])
         if not multirun:
             check_launcher(argv)
+            check_one_process(argv)
         if not multirun and not launched():  # (under torchrun: before the processes met)
             check_run_dir(argv)
         if multirun:
