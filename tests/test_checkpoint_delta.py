@@ -94,6 +94,7 @@ def test_a_fingerprint_ignores_the_memory_format():
     assert fingerprint(t) != fingerprint(t.double())
 
 
+@pytest.mark.slow  # (a second or more: the fast tier stays under a minute)
 def test_random_weights_are_stored_in_full(tiny_run):
     """A backbone with pretrained=false has no source to rebuild: every tensor is kept."""
     ckpt = load_checkpoint(tiny_run / "checkpoints" / "best.pt")

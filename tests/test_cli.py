@@ -78,3 +78,47 @@ def test_image_below_the_default_backbones_stride(tmp_path):
 def test_an_unwritable_output_folder_is_one_line(tmp_path):
     proc = cli([*TINY, "hydra.run.dir=/proc/transferlab/run"], tmp_path)
     assert_one_line_error(proc, "/proc/transferlab", "hydra.run.dir")
+
+
+def _csv_data(tmp_path, rows: list[str]) -> list[str]:
+    """A folder of 8 small images (two looks: one per class) plus float TIFFs, and a CSV of
+    ``rows`` naming them; the overrides that train on it."""
+    import numpy as np
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir(exist_ok=True)
+    for i in range(8):
+        pixels = np.full((32, 32, 3), 40 if i % 2 else 200, dtype=np.uint8)
+        Image.fromarray(pixels).save(images / f"{i}.png")
+        level = np.full((32, 32), 0.15 if i % 2 else 0.8, dtype=np.float32)  # in [0, 1]
+        Image.fromarray(level, mode="F").save(images / f"{i}.tif")
+    (tmp_path / "labels.csv").write_text("id,label\n" + "".join(f"{r}\n" for r in rows))
+    return [*TINY, "dataset=csv", f"dataset.root={images}",
+            f"dataset.csv_file={tmp_path / 'labels.csv'}", "dataset.val_fraction=0.5",
+            "augment=none"]
+
+
+@pytest.mark.parametrize(("rows", "needle"), [
+    ([f"{i}.png,{i % 2}" for i in range(8)] + ["../labels.csv,0"],
+     "labels.csv row 10: '../labels.csv' is outside dataset.root="),
+    ([f"{i}.png,{i % 2}" for i in range(8)] + ["0.png,1"],
+     "labels.csv rows 2 and 10 give '0.png' two labels ('0', '1'): keep one row per file"),
+])
+def test_a_csv_that_steers_outside_its_root_or_labels_a_file_twice_is_one_line(rows, needle,
+                                                                              tmp_path):
+    proc = cli(_csv_data(tmp_path, rows), tmp_path)
+    assert_one_line_error(proc, needle)
+
+
+def test_float_tiffs_and_labels_beyond_float_precision_train_as_they_are(tmp_path):
+    """Two classes whose labels differ in their 20th digit stay two classes, and float TIFFs
+    in [0, 1] are the images they are (once all black: a run at chance)."""
+    big = ("12345678901234567890", "12345678901234567891")
+    proc = cli([*_csv_data(tmp_path, [f"{i}.tif,{big[i % 2]}" for i in range(8)]),
+                "trainer.epochs=8", "optimizer.lr=0.05"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (run,) = (tmp_path / "outputs" / "runs").glob("*/*")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert " 2 classes, " in proc.stdout  # the run's first line: not merged into one
+    assert metrics["best"]["val_acc"] == 1.0  # the two looks told apart: the pixels are there

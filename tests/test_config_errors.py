@@ -20,6 +20,7 @@ from transferlab.registry import BY_GROUP, OPTIMIZERS, Registry
 from transferlab.run import train
 
 from .conftest import CONF_DIR, cli
+from .test_docs import compose as fast_compose
 
 # (overrides, text the one-line message must hold: the key, and what is wrong)
 BAD_OVERRIDES = [
@@ -103,8 +104,8 @@ def test_a_bad_override_is_one_line_naming_the_key(overrides, key, says, monkeyp
     # Through the run's own entry point, with its build steps replaced by a tripwire: a mistake
     # the checks let through would reach them (AssertionError, not a UserError).
     _tripwire(monkeypatch)
-    with pytest.raises(UserError) as exc:
-        train(compose_config(overrides), tmp_path, overrides)
+    with pytest.raises(UserError) as exc:  # (composed as test_docs composes: checked equal there)
+        train(fast_compose(overrides), tmp_path, overrides)
     message = str(exc.value)
     assert "\n" not in message
     assert key in message, message

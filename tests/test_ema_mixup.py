@@ -113,6 +113,7 @@ def ema_run(tmp_path_factory):
     return run_dir, json.loads((run_dir / "metrics.json").read_text())
 
 
+@pytest.mark.slow  # (a second or more: the fast tier stays under a minute)
 def test_the_run_records_the_ema_next_to_the_raw_weights(ema_run):
     run_dir, metrics = ema_run
     assert metrics["feature_cache"]["head"]["cut"]  # the EMA was evaluated on cached features

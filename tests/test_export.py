@@ -106,6 +106,7 @@ def test_both_formats_compute_the_pytorch_probabilities(tiny_run, tmp_path, caps
     assert [d.dim_param or d.dim_value for d in dims] == ["batch", 3, 32, 32]
 
 
+@pytest.mark.slow  # (a second or more: the fast tier stays under a minute)
 def test_a_checkpoint_file_alone_and_one_format(tiny_run, capsys, one_thread):
     checkpoint = tiny_run / "checkpoints" / "last.pt"
     assert main([f"checkpoint={checkpoint}", "format=onnx", "verify=false", "opset=18"]) == 0
@@ -312,6 +313,7 @@ def test_hymenoptera_val_photos_match_pytorch(hymenoptera, tmp_path, capsys, one
     np.testing.assert_allclose(deployed, reference_probs(model, theirs), rtol=0, atol=1e-2)
 
 
+@pytest.mark.slow  # (a second or more: the fast tier stays under a minute)
 def test_a_re_export_in_one_format_removes_the_other_formats_older_file(tiny_run, tmp_path,
                                                                           capsys, caplog,
                                                                           one_thread):

@@ -126,6 +126,7 @@ def test_the_signing_key_is_made_once_private_and_checked(tmp_path):
 
 # -- the lock -----------------------------------------------------------------------------------
 
+@pytest.mark.slow  # (a second or more: the fast tier stays under a minute)
 def test_the_lock_names_its_holder_and_times_out_when_it_shows_no_progress(tmp_path):
     holder, waiter = DiskStore(tmp_path, key=KEY), DiskStore(tmp_path, 1.0, key=KEY)
     with holder.lock("e"):
@@ -140,6 +141,7 @@ def test_the_lock_names_its_holder_and_times_out_when_it_shows_no_progress(tmp_p
     assert "no progress for 1 s" in message and "lock_timeout" in message
 
 
+@pytest.mark.slow  # (a second or more: the fast tier stays under a minute)
 def test_a_holder_that_shows_progress_is_waited_for_past_the_timeout(tmp_path):
     holder, waiter = DiskStore(tmp_path, key=KEY), DiskStore(tmp_path, 1.5, key=KEY)
     taken = threading.Event()

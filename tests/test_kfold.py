@@ -39,6 +39,7 @@ def _labels(dataset) -> list[int]:
     return [dataset.label_of(source, index) for source, index in dataset.items]
 
 
+@pytest.mark.slow  # (a second or more: the fast tier stays under a minute)
 def test_folds_partition_the_training_split_stratified_and_fixed_across_seeds():
     whole = _splits([])
     train, held = set(_indices(whole.train)), set(_indices(whole.val) + _indices(whole.test))
@@ -63,6 +64,7 @@ def test_folds_partition_the_training_split_stratified_and_fixed_across_seeds():
     assert _indices(moved.val) != _indices(vals[0])  # the fold seed draws them
 
 
+@pytest.mark.slow  # (a second or more: the fast tier stays under a minute)
 def test_subset_first_then_fold():
     subset = _splits(["dataset.samples_per_class=9", "dataset.subset_seed=3"])
     folds = [_splits(["dataset.samples_per_class=9", "dataset.subset_seed=3",
@@ -71,6 +73,7 @@ def test_subset_first_then_fold():
     assert all(Counter(_labels(f.val)) == dict.fromkeys(range(4), 3) for f in folds)
 
 
+@pytest.mark.slow  # (a second or more: the fast tier stays under a minute)
 def test_two_folds_never_share_a_feature_cache_entry():
     a, b = (_splits(["dataset.folds=3", f"dataset.fold={i}"]) for i in (0, 1))
     assert dataset_identity(a.train) != dataset_identity(b.train)

@@ -286,6 +286,7 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k].to(a[k].device)) for k in a)
 
 
+@pytest.mark.slow  # (a second or more: the fast tier stays under a minute)
 def test_a_stage_stops_early_and_the_next_starts_from_its_best_weights(tmp_path, stage_starts,
                                                                         one_thread):
     run_dir = tmp_path / "run"

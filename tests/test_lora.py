@@ -180,7 +180,8 @@ def test_the_feature_cache_stops_before_the_first_adapted_block():
 
 
 @pytest.mark.parametrize(("base", "target", "size"), [
-    (VIT, "blocks[-3:]", 160),  # Linear layers: the fused qkv, proj, fc1, fc2
+    pytest.param(VIT, "blocks[-3:]", 160,  # Linear layers: the fused qkv, proj, fc1, fc2
+                 marks=pytest.mark.slow),
     pytest.param(VIT, "backbone.patch_embed.proj", 160,  # a Conv2d (16x16, stride 16)
                  marks=pytest.mark.slow),
     pytest.param(TINY, "blocks[-4:]", 32,  # EfficientNet's 1x1 and 3x3 convolutions

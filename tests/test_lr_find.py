@@ -50,6 +50,7 @@ def assert_same_tree(a, b, where="") -> None:
         assert a == b, where
 
 
+@pytest.mark.slow  # (a second or more: the fast tier stays under a minute)
 def test_model_optimizer_and_rng_are_restored_bit_for_bit(one_thread):
     setup = setup_for(["freeze=two_stage"], stage="finetune")
     model, optimizer = setup.model, setup.optimizer

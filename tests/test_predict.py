@@ -146,6 +146,7 @@ def test_a_path_with_an_equals_sign_is_an_image_not_a_key(tmp_path, capsys, one_
     assert top_k_by_image(capsys.readouterr().out).keys() == {"red=1.png"}
 
 
+@pytest.mark.slow  # (a second or more: the fast tier stays under a minute)
 def test_a_backbone_takes_its_weights_from_a_file_offline(tmp_path, monkeypatch, capsys,
                                                          one_thread):
     """``backbone=<name> backbone.weights_path=<file>``, as the offline error advises: the file's
