@@ -104,6 +104,8 @@ def _csv_data(tmp_path, rows: list[str]) -> list[str]:
      "labels.csv row 10: '../labels.csv' is outside dataset.root="),
     ([f"{i}.png,{i % 2}" for i in range(8)] + ["0.png,1"],
      "labels.csv rows 2 and 10 give '0.png' two labels ('0', '1'): keep one row per file"),
+    ([f"{i}.png,{'ants' if i < 4 else 'bees'}" for i in range(7)] + ["7.png,wasps"],
+     "class 'wasps' has 1 image, every class needs at least 2"),  # once named [2]
 ])
 def test_a_csv_that_steers_outside_its_root_or_labels_a_file_twice_is_one_line(rows, needle,
                                                                               tmp_path):
