@@ -35,6 +35,7 @@ from typing import Any
 
 from transferlab.errors import Interrupted
 from transferlab.infra.liveness import run_status
+from transferlab.infra.run_dirs import atomic_write_text
 
 log = logging.getLogger("transferlab")
 
@@ -307,6 +308,4 @@ def _record(job: Path) -> dict | None:
 
 def _write_record(job: Path, record: dict) -> None:
     with contextlib.suppress(OSError):
-        tmp = job / "metrics.json.tmp"
-        tmp.write_text(json.dumps(record, indent=2))
-        os.replace(tmp, job / "metrics.json")
+        atomic_write_text(job / "metrics.json", json.dumps(record, indent=2))

@@ -257,9 +257,7 @@ def write_failed_metrics(run_dir: Path, exc: BaseException) -> None:
     data = {"status": "interrupted" if interrupted else "failed",
             "error": "KeyboardInterrupt" if interrupted else error_line(exc), "history": [],
             "best": None, "final": None, "params": {}, "wall_seconds": 0.0}
-    tmp = run_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, run_dir / "metrics.json")
+    atomic_write_text(run_dir / "metrics.json", json.dumps(data, indent=2))
 
 
 def config_of_run(cfg: DictConfig, overrides: list[str] | None, run_dir: Path, *,
@@ -317,6 +315,18 @@ def safe_name(text: str) -> str:
         if len(text) > 8 and not number.is_integer():
             text = f"{number:.4g}"
     return re.sub(r"[/\\\s:,=\[\]{}()'\"]+", "_", text).strip("_") or "_"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file, fsync it, rename it over ``path``, fsync the folder:
+    a crash at any point leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def fsync_dir(folder: Path) -> None:

@@ -20,7 +20,7 @@ from transferlab.engine.ema import best_ema
 from transferlab.errors import Interrupted, error_line
 from transferlab.infra.liveness import process_started
 from transferlab.infra.processes import resume_command
-from transferlab.infra.run_dirs import fsync_dir
+from transferlab.infra.run_dirs import atomic_write_text
 
 HPARAM_METRICS = ("best_val_acc", "best_val_loss", "final_val_acc", "final_val_loss")
 STEP_TAGS = ("lr/", "grad/")  # TensorBoard tags per optimizer step (the others: per epoch)
@@ -261,18 +261,6 @@ def finite(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [finite(v) for v in value]
     return value
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file, fsync it, rename it over ``path``, fsync the folder:
-    a crash at any point leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
