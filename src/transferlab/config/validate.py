@@ -273,6 +273,7 @@ def _freeze(run: RunConfig) -> None:
 def _trainer(run: RunConfig) -> None:
     t = run.trainer
     at_least("trainer.epochs", t.epochs, 0)
+    at_least("trainer.pause_after_epoch", t.pause_after_epoch, 1, nullable=True)
     at_least("trainer.batch_size", t.batch_size, 1)
     at_least("trainer.eval_batch_size", t.eval_batch_size, 1, nullable=True)
     at_least("trainer.num_workers", t.num_workers, 0, nullable=True)

@@ -17,7 +17,7 @@ from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from transferlab.engine.best import epoch_rank
 from transferlab.engine.ema import best_ema
-from transferlab.errors import Interrupted, error_line
+from transferlab.errors import Interrupted, Paused, error_line
 from transferlab.infra.liveness import process_started
 from transferlab.infra.processes import resume_command
 from transferlab.infra.run_dirs import atomic_write_text
@@ -119,8 +119,8 @@ class RunTracker:
             self.best = resume["best"]
             previous = _read_json(self.metrics_path)
             self.extra = {k: v for k, v in previous.items() if k not in RECORD_KEYS}
-            self.extra.pop("error", None)
-            self.extra.pop("resume_command", None)
+            for key in ("error", "resume_command", "paused"):
+                self.extra.pop(key, None)
             self.extra.update(here)
             if "best_ema" in self.extra:  # as of the checkpoint, not of a later epoch
                 self.extra["best_ema"] = best_ema(self.history)
@@ -204,8 +204,9 @@ class RunTracker:
 
     @contextlib.contextmanager
     def recording(self, curves_title: str | None = None):
-        """Closes the record however the block ends: ``completed``, ``interrupted`` or
-        ``failed`` (with the error's first line), and draws the learning curves of the epochs
+        """Closes the record however the block ends: ``completed``, ``paused`` (at
+        ``trainer.pause_after_epoch``), ``interrupted`` or ``failed`` (with the error's first
+        line), and draws the learning curves of the epochs
         that ran (``curves_title``: the figure's title). The result is in ``self.metrics``."""
         status, error = "completed", None
         try:
@@ -216,6 +217,11 @@ class RunTracker:
             raise
         except Interrupted as stop:
             status, error = "interrupted", f"signal {stop.signum}"
+            self._resume_hint()
+            raise
+        except Paused as pause:
+            status = "paused"
+            self.extra["paused"] = {"epoch": pause.epoch, "of": pause.total}
             self._resume_hint()
             raise
         except Exception as exc:
