@@ -348,6 +348,15 @@ def override_key(item: str) -> str:
     return item.lstrip("+~").partition("=")[0].replace("/", ".")
 
 
+# Keys that say how far a session of the run goes, not what the run is: not in its record of
+# overrides (HParams, the comparison tables), not compared when a job is resumed.
+SESSION_KEYS = ("resume", "trainer.pause_after_epoch")
+
+
+def is_session_override(item: str) -> bool:
+    return override_key(item) in SESSION_KEYS
+
+
 def unused(run: RunConfig, overrides: Iterable[str]) -> None:
     """An override that the run would ignore is an error, as an unknown key is."""
     keys = [(override_key(o), o) for o in overrides]

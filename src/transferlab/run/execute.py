@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from transferlab.backbones.init import format_report, report_summary
 from transferlab.backbones.source import plain_state
 from transferlab.config import RunConfig, load_config
+from transferlab.config.validate import is_session_override
 from transferlab.data import derived_seed
 from transferlab.errors import Interrupted, Paused, UserError
 from transferlab.infra.distributed import World, init_from_env
@@ -58,7 +59,7 @@ def run_hparams(run: RunConfig, overrides: list[str] | None, epochs: int,
         hp.pop(key, None)
     for item in overrides or []:
         key, _, value = item.lstrip("+~").partition("=")
-        if key == "resume":
+        if is_session_override(item):
             continue
         if key and ("." in key or key not in hp) and key.split(".")[0] not in leave_out:
             hp[key] = _scalar(value)

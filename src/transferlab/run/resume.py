@@ -19,7 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transferlab.config.validate import amp_mode, override_key
+from transferlab.config.validate import (
+    SESSION_KEYS,
+    amp_mode,
+    is_session_override,
+    override_key,
+)
 from transferlab.errors import UserError
 from transferlab.infra.checkpoint import FORMATS, CorruptCheckpoint, load_checkpoint
 from transferlab.infra.delta import complete, is_delta
@@ -29,7 +34,7 @@ from transferlab.registry import TASKS, load_builtins
 # Overrides a resume takes: they cannot change the result (or extend the last stage).
 EXTENDING = ("trainer.epochs", "freeze.finetune_epochs")  # give the last stage more epochs
 RUNTIME = ("trainer.progress", "trainer.progress_seconds", "trainer.num_workers")  # how, not what
-PAUSE = "trainer.pause_after_epoch"  # how far this session goes: not kept by a resume
+PAUSE = SESSION_KEYS[1]  # trainer.pause_after_epoch: how far a session goes (not kept)
 RESUME_OVERRIDES = (*RUNTIME, PAUSE, *EXTENDING)
 
 
@@ -286,7 +291,7 @@ def fresh_start(run_dir: Path) -> str:
 def _task_overrides(argv: list[str]) -> list[str]:
     """The config overrides of a command line (no flags, no ``hydra.*``, no ``resume=``)."""
     return sorted(a for a in argv if "=" in a and not a.startswith("-")
-                  and not override_key(a).startswith(("hydra.", "resume")))
+                  and not override_key(a).startswith("hydra.") and not is_session_override(a))
 
 
 def find_sweep(argv: list[str], root: Path = Path("outputs/sweeps")) -> Path | None:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import yaml
 
+from transferlab.config.validate import is_session_override
 from transferlab.infra.liveness import run_status
 from transferlab.infra.run_dirs import safe_name
 
@@ -75,7 +76,8 @@ def _overrides(run_dir: Path) -> list[str]:
         items = yaml.safe_load(path.read_text()) or []
     except yaml.YAMLError:
         return []
-    return [str(i) for i in items if not str(i).lstrip("+~").startswith(("hydra.", "hydra/"))]
+    return [str(i) for i in items if not str(i).lstrip("+~").startswith(("hydra.", "hydra/"))
+            and not is_session_override(str(i))]
 
 
 def read_run(run_dir: Path) -> RunRecord:
