@@ -241,6 +241,19 @@ HALVING = ["-m", "hydra/sweeper=halving", "hydra.sweeper.eta=2", *TINY,
            "freeze.head_epochs=2", "freeze.finetune_epochs=2"]
 
 
+def session_hparams(tb_dir: Path) -> dict:
+    """The HParams of a run's TensorBoard session, as the dashboard reads them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    events = EventAccumulator(str(tb_dir))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    return {k: v.number_value if v.HasField("number_value") else v.string_value
+            for k, v in info.hparams.items()}
+
+
 def _record(cwd: Path) -> dict | None:
     found = list((cwd / "outputs" / "sweeps").glob("*/*/halving.json"))
     try:
@@ -265,8 +278,12 @@ def test_a_halving_sweep_killed_in_a_rung_goes_on_with_resume_auto(tmp_path):
     first = _record(tmp_path)
     sweep = next((tmp_path / "outputs" / "sweeps").glob("*/*"))
     losers = [c for c in first["rungs"][0]["configurations"] if not c["went_on"]]
-    stamps = {c["config"]: (sweep / first["configurations"][c["config"]]["runs"][0] /
-                            "metrics.json").stat().st_mtime_ns for c in losers}
+    def stamp(config: int) -> tuple:  # a run's last write: its process and time
+        run = sweep / first["configurations"][config]["runs"][0]
+        record = json.loads((run / "metrics.json").read_text())
+        return record["pid"], record["updated_at"], record["status"]
+
+    stamps = {c["config"]: stamp(c["config"]) for c in losers}
     again = cli([*HALVING, "resume=auto"], tmp_path)
     assert again.returncode == 0, again.stderr
     assert f"resume=auto: going on with {sweep.relative_to(tmp_path)}" in again.stdout
@@ -274,16 +291,20 @@ def test_a_halving_sweep_killed_in_a_rung_goes_on_with_resume_auto(tmp_path):
     assert record["rungs"][0] == first["rungs"][0]
     assert [r["budget"] for r in record["rungs"]] == [1, 2, None]
     assert record["epochs_trained"] == 4 * 1 + 2 * 1 + 1 * 2
-    for config, stamp in stamps.items():  # not launched again
-        run = sweep / record["configurations"][config]["runs"][0]
-        assert (run / "metrics.json").stat().st_mtime_ns == stamp
-        assert json.loads((run / "metrics.json").read_text())["status"] == "paused"
+    assert len(stamps) == 2
+    for config, before in stamps.items():  # not launched again: still paused
+        assert stamp(config) == before and before[2] == "paused"
     winner = record["winner"]
     run = sweep / record["configurations"][winner["config"]]["runs"][0]
     final = json.loads((run / "metrics.json").read_text())
     assert final["status"] == "completed" and len(final["history"]) == 4
     assert [e["epoch"] for e in final["history"]] == [1, 2, 3, 4]  # continued, not retrained
     assert math.isclose(winner["value"], max(e["val_acc"] for e in final["history"]))
+    for config in record["configurations"]:  # the rung each run reached, in its HParams
+        run = sweep / config["runs"][0]
+        assert json.loads((run / "metrics.json").read_text())["hparams"]["halving.rung"] == \
+            config["rung"]
+    assert session_hparams(run / "tb")["halving.rung"] == config["rung"]
     assert "Halving (val_acc, max; eta 2)" in again.stdout
     assert "paused" in again.stdout  # the sweep's table shows the losers as paused
 

@@ -98,6 +98,7 @@ class HalvingSweeper(Sweeper):
             if halving.rungs[-1]["last"]:
                 break
             alive, rung = going_on, rung + 1
+        halving.mark_runs()
         print(f"\nHalving ({self.metric}, {self.mode}; eta {self.eta}):\n{halving.table()}",
               flush=True)
         return None

@@ -20,7 +20,7 @@ from transferlab.engine.ema import best_ema
 from transferlab.errors import Interrupted, Paused, error_line
 from transferlab.infra.liveness import process_started
 from transferlab.infra.processes import resume_command
-from transferlab.infra.run_dirs import atomic_write_text
+from transferlab.infra.run_dirs import atomic_write_text, lock_run
 
 HPARAM_METRICS = ("best_val_acc", "best_val_loss", "final_val_acc", "final_val_loss")
 STEP_TAGS = ("lr/", "grad/")  # TensorBoard tags per optimizer step (the others: per epoch)
@@ -59,6 +59,45 @@ def trim_events(tb_dir: Path, epoch: int, step: int) -> int:
     for path in files:
         path.unlink()
     return dropped
+
+
+HPARAMS_TAGS = ("_hparams_/experiment", "_hparams_/session_start_info")
+
+
+def add_hparams(run_dir: Path, extra: dict[str, Any]) -> None:
+    """Add ``extra`` to the HParams of a run that has ended (a halving sweep's rung): in its
+    ``metrics.json`` and in its TensorBoard session, whose start record is rewritten (the
+    HParams dashboard reads a run's first one). The run's lock is held meanwhile."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from torch.utils.tensorboard.writer import FileWriter
+
+    with lock_run(run_dir):
+        record = _read_json(run_dir / "metrics.json")
+        if not record:
+            return
+        hparams = {**record.get("hparams", {}), **{k: _hparam_value(v) for k, v in extra.items()}}
+        record["hparams"] = hparams
+        atomic_write_text(run_dir / "metrics.json", json.dumps(finite(record), indent=2,
+                                                               allow_nan=False))
+        files = sorted((run_dir / "tb").glob("events.out.tfevents.*"))
+        kept = []
+        for path in files:
+            for raw in RawEventFileLoader(str(path)).Load():  # (as written: no migration)
+                event = Event.FromString(raw)
+                if event.HasField("file_version") or (event.HasField("summary") and any(
+                        v.tag in HPARAMS_TAGS for v in event.summary.value)):
+                    continue
+                kept.append(event)
+        writer = FileWriter(str(run_dir / "tb"), filename_suffix=".hparams")
+        metrics = dict.fromkeys((f"hparam/{m}" for m in HPARAM_METRICS), 0.0)
+        for summary in hparams_summary(hparams, metrics)[:2]:  # (its end record is kept)
+            writer.add_summary(summary)
+        for event in kept:
+            writer.add_event(event, event.step, event.wall_time)
+        writer.close()
+        for path in files:
+            path.unlink()
 
 
 def _hparam_value(value: Any) -> int | float | str | bool:

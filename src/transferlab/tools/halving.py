@@ -249,6 +249,15 @@ class Halving:
         self.write()
         return on
 
+    def mark_runs(self) -> None:
+        """Every run's HParams gain the rung it reached (``halving.rung``): the sweep's
+        TensorBoard view then shows it beside the run's final metric."""
+        from transferlab.run.record import add_hparams
+
+        for config in self.configs:
+            for job in config.jobs:
+                add_hparams(self.sweep_dir / job.subdir, {"halving.rung": config.rung})
+
     def epochs_trained(self) -> int:
         """The epochs of every job's record (the sweep's compute, in epochs)."""
         return sum(len(read_status(self.sweep_dir / j.subdir).get("history") or [])
