@@ -98,6 +98,19 @@ def test_configurations_are_the_grid_with_one_job_per_fold():
     assert len(set(subdirs)) == 12 and subdirs[0].startswith("0_")
 
 
+def test_grid_points_that_differ_only_by_keys_their_policy_does_not_use_are_one():
+    argv = ["freeze=linear_probe,two_stage", "freeze.fine_tune_at=-2,-4"]
+    optional = [k.key for k in optional_keys(["-m", *argv])]
+    configs = configurations(parsed(*relaxed(argv, optional_keys(["-m", *argv]))), [], None,
+                             0, optional)
+    assert [c.overrides for c in configs] == [
+        ["freeze=linear_probe"], ["freeze=two_stage", "++freeze.fine_tune_at=-2"],
+        ["freeze=two_stage", "++freeze.fine_tune_at=-4"]]
+    assert [c.jobs[0].subdir for c in configs] == [
+        "0_freeze-linear_probe", "1_freeze-two_stage__freeze.fine_tune_at--2",
+        "2_freeze-two_stage__freeze.fine_tune_at--4"]
+
+
 def test_intervals_are_sampled_with_a_seed():
     args = ("optimizer.lr=tag(log,interval(1e-4,1e-1))", "freeze=linear_probe,lp_ft",
             "freeze.finetune_epochs=int(interval(2,6))")
@@ -306,6 +319,8 @@ def test_a_halving_sweep_killed_in_a_rung_goes_on_with_resume_auto(tmp_path):
             config["rung"]
     assert session_hparams(run / "tb")["halving.rung"] == config["rung"]
     assert "Halving (val_acc, max; eta 2)" in again.stdout
+    assert ("freeze.head_epochs: not used by the 2 jobs with freeze=linear_probe (it belongs to "
+            "freeze=two_stage)") in again.stdout
     assert "paused" in again.stdout  # the sweep's table shows the losers as paused
 
 

@@ -10,6 +10,7 @@ every plugin module when it starts.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,12 +68,14 @@ class HalvingSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> Any:
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
+        from transferlab.config.sweep_keys import OPTIONAL_KEYS_ENV
         from transferlab.tools.halving import Halving, HalvingPlan, configurations
 
         given = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        optional = [k for k in os.environ.get(OPTIONAL_KEYS_ENV, "").split(",") if k]
         configs = configurations(parser.parse_overrides(given), self.average_over,
-                                 self.samples, self.seed)
+                                 self.samples, self.seed, optional)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")  # (resume=auto finds it)

@@ -40,7 +40,7 @@ class OptionalKey:
 
     def line(self) -> str:
         """What the sweep says of it (one line)."""
-        jobs = f"the {self.jobs} jobs" if self.jobs is not None else "the jobs"
+        jobs = {None: "the jobs", 1: "the job"}.get(self.jobs, f"the {self.jobs} jobs")
         return (f"{self.key}: not used by {jobs} with {self.group}={','.join(self.others)} "
                 f"(it belongs to {self.group}={','.join(self.users)})")
 
@@ -119,6 +119,24 @@ def relaxed(argv: list[str], keys: list[OptionalKey]) -> list[str]:
     jobs without it drop it again: :func:`drop_unused`)."""
     rewrite = {k.item: f"++{k.item}" for k in keys if k.key != TRAINER_EPOCHS}
     return [rewrite.get(a, a) for a in argv]
+
+
+def used_overrides(overrides: list[str], keys: list[str]) -> list[str]:
+    """A job's overrides without the optional ``keys`` that its options do not have (read from
+    the option files, before anything is composed): two jobs whose used overrides are the
+    same train the same run."""
+    from transferlab.config.validate import override_key
+
+    choice = {override_key(o): o.partition("=")[2] for o in overrides
+              if override_key(o) in GROUPS}
+    used = []
+    for item in overrides:
+        key = override_key(item)
+        group = "freeze" if key == TRAINER_EPOCHS else key.split(".")[0]
+        if key in keys and group in choice and _has(group, choice[group], key) is False:
+            continue
+        used.append(item)
+    return used
 
 
 def drop_unused(cfg: DictConfig, overrides: list[str],

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from transferlab.config.sweep_keys import used_overrides
 from transferlab.errors import UserError
 from transferlab.infra.run_dirs import atomic_write_text
 from transferlab.run.resume import PAUSE, paused_at, read_status
@@ -159,11 +160,13 @@ def _sampled(override, rng: random.Random) -> str:
 
 
 def configurations(overrides: list, average_over: list[str], samples: int | None,
-                   seed: int) -> list[Configuration]:
+                   seed: int, optional: list[str] = ()) -> list[Configuration]:
     """The sweep's configurations from Hydra's parsed overrides: the grid of its discrete
     sweeps (``a=1,2``, ``choice``, ``range``), or ``samples`` configurations drawn (seeded)
     when it has intervals (each key: a random choice or a draw from its interval). The keys
-    in ``average_over`` give each configuration one job per value."""
+    in ``average_over`` give each configuration one job per value. Points of the grid that
+    differ only by ``optional`` keys their options do not use (a sweep across policies:
+    :mod:`transferlab.config.sweep_keys`) are one configuration, listed once."""
     fixed, grid, drawn, averaged = [], [], [], []
     for o in overrides:
         key = o.get_key_element()
@@ -186,12 +189,17 @@ def configurations(overrides: list, average_over: list[str], samples: int | None
         points = [list(p) for p in itertools.product(*grid)]
         if samples is not None and samples < len(points):
             points = [points[i] for i in sorted(rng.sample(range(len(points)), samples))]
+    if optional:
+        unique = {tuple(used_overrides(p, list(optional))): p for p in reversed(points)}
+        points = [p for p in points if unique.get(tuple(used_overrides(p, list(optional))))
+                  is p]
     out, num = [], 0
     for i, point in enumerate(points):
-        config = Configuration(i, point)
+        shown = used_overrides(point, list(optional)) if optional else point
+        config = Configuration(i, shown)
         for extra in itertools.product(*averaged):
-            job = [*point, *extra, *fixed]
-            config.jobs.append(Job(job, job_name(num, job)))
+            config.jobs.append(Job([*point, *extra, *fixed],
+                                   job_name(num, [*shown, *extra, *fixed])))
             num += 1
         out.append(config)
     return out
