@@ -68,8 +68,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from transferlab.cli.args import parse
 from transferlab.config import compose_config, load_config
-from transferlab.config.typed import composition_error
 from transferlab.config.sweep_keys import drop_unused, optional_keys, relaxed
+from transferlab.config.typed import composition_error
 from transferlab.config.validate import override_key
 from transferlab.errors import UserError
 
