@@ -215,6 +215,19 @@ class Checkpoint(Hook):
             else [], loop=state, source=built.source)
 
 
+class RecordPredictions(Hook):
+    """After the last stage, the per-image predictions of the run's best weights on its val
+    (and test) split: ``predictions_<split>.npz`` (:mod:`transferlab.run.predictions`)."""
+
+    def __init__(self, built: BuiltRun, tracker: RunTracker):
+        self.built, self.tracker = built, tracker
+
+    def on_fit_end(self, loop) -> None:
+        from transferlab.run.predictions import record_run_predictions
+
+        record_run_predictions(self.built, loop, self.tracker)
+
+
 class ReconstructionImages(Hook):
     """After every epoch, the first ``shown`` val images above their reconstructions
     (``recon/val`` in TensorBoard)."""

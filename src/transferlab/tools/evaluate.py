@@ -24,6 +24,9 @@ Writes into the run directory (each evaluation replaces the previous one's files
   weights a run with ``trainer.ema.decay`` keeps), tta, accuracy, loss, per-class precision /
   recall / F1 / support, macro and weighted averages and the confusion matrix (rows: true
   class, columns: predicted class);
+* ``eval_predictions.npz``: every image's label, predicted class and probability of its label
+  (:mod:`transferlab.run.predictions`; the run's own ``predictions_<split>.npz`` stay as
+  the run wrote them);
 * ``eval_confusion_matrix.png``: the confusion matrix as a figure;
 * ``tb/``: the same figure (tag ``eval/<split>/confusion_matrix``) and the accuracy and loss
   (``eval/<split>/acc``, ``eval/<split>/loss``) at the checkpoint's epoch; with TTA the tags
@@ -47,8 +50,16 @@ from torch.utils.data import DataLoader, Dataset
 from transferlab.config import RunConfig
 from transferlab.data import build_splits, default_num_workers
 from transferlab.errors import UserError
+from transferlab.feature_cache.identity import dataset_identity
 from transferlab.infra.checkpoint import load_checkpoint
 from transferlab.infra.runtime import Precision, pick_device
+from transferlab.run.predictions import (
+    EVAL_PREDICTIONS,
+    Predictions,
+    logits_scores,
+    predict,
+    save_predictions,
+)
 from transferlab.run.saved import (
     checkpoint_config,
     checkpoint_path,
@@ -78,21 +89,6 @@ class EvalArgs:
     dataset: dict[str, Any] | None = None  # dataset.<field> overrides
 
 
-@dataclass
-class Predictions:
-    """Every sample's true and predicted class, and the mean cross-entropy loss."""
-
-    targets: np.ndarray
-    predicted: np.ndarray
-    loss: float
-
-
-
-
-
-
-
-
 # -- checkpoint, config, model, data -------------------------------------------------------------
 def eval_dataset(run: RunConfig, backbone, image_size: int, split: str,
                  classes: list[str], tta: str = "none") -> Dataset:
@@ -118,31 +114,18 @@ def eval_loader(dataset: Dataset, run: RunConfig, device: torch.device) -> DataL
                       shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
 
 
-@torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, device: torch.device, precision: Precision,
-            channels_last: bool) -> Predictions:
-    """Run ``model`` (in eval mode) over ``loader``, as the training loop's evaluation does.
-
-    Batches of ``(B, V, C, H, W)`` views (test-time augmentation) are scored by the mean of
-    the views' probabilities (:func:`transferlab.tools.tta.mean_log_probs`)."""
-    model.eval()
-    targets, predicted, loss_sum = [], [], 0.0
+def tta_scores(channels_last: bool):
+    """The log-probabilities of a batch: of its images, or for ``(B, V, C, H, W)`` views
+    (test-time augmentation) the mean of the views' probabilities
+    (:func:`transferlab.tools.tta.mean_log_probs`)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    for x, y in loader:
-        y = y.to(device)
-        with precision.autocast():
-            if x.dim() == 5:
-                scores = mean_log_probs(model, x.to(device), fmt)
-                loss = nn.functional.nll_loss(scores, y)
-            else:
-                scores = model(x.to(device, memory_format=fmt))
-                loss = nn.functional.cross_entropy(scores, y)
-        loss_sum += float(loss) * y.shape[0]
-        targets.append(y.cpu())
-        predicted.append(scores.argmax(1).cpu())
-    y_true = torch.cat(targets).numpy() if targets else np.zeros(0, dtype=np.int64)
-    y_pred = torch.cat(predicted).numpy() if predicted else np.zeros(0, dtype=np.int64)
-    return Predictions(y_true, y_pred, loss_sum / max(len(y_true), 1))
+
+    def scores(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 5:
+            return mean_log_probs(model, x, fmt)
+        return logits_scores(model, x)
+
+    return scores
 
 
 # -- metrics and reports -------------------------------------------------------------------------
@@ -262,7 +245,13 @@ def evaluate_run(args: EvalArgs) -> dict[str, Any]:
     if channels_last:
         model.to(memory_format=torch.channels_last)
     pred = predict(model, eval_loader(dataset, run, device), device,
-                   Precision(device, run.trainer.amp, inference=True), channels_last)
+                   Precision(device, run.trainer.amp, inference=True), channels_last,
+                   tta_scores(channels_last))
+    identity = dataset_identity(dataset) if not args.dataset and args.tta == "none" else None
+    save_predictions(args.run / EVAL_PREDICTIONS, pred, {
+        "checkpoint": args.checkpoint, "epoch": ckpt.get("epoch"), "weights": args.weights,
+        "split": args.split, "tta": args.tta, "classes": classes, "identity": identity,
+        "dataset_overrides": args.dataset or {}})
     return {
         "run": str(args.run), "checkpoint": args.checkpoint, "checkpoint_path": str(path),
         "epoch": ckpt.get("epoch"), "split": args.split, "weights": args.weights,
