@@ -19,6 +19,7 @@ from transferlab.tools.compare import (
     group_runs,
     plot_val_curves,
     sort_runs,
+    statistics_lines,
     write_report,
     write_tensorboard,
 )
@@ -95,6 +96,9 @@ def run_cli(argv: list[str]) -> int:
     runs = sort_runs(runs, parsed["sort"], parsed["reverse"])
     root = paths[0] if len(paths) == 1 and paths[0].is_dir() else None
     print(format_table(runs, parsed["format"], root=root) if runs else "(no runs to show)")
+    statistics = statistics_lines(runs, root) if runs else []
+    if statistics and parsed["format"] != "csv":  # csv: the intervals are columns
+        print("\n" + "\n".join(statistics))
     if hidden:
         print(f"({len(hidden)} failed run(s) hidden: all=true shows them)", file=sys.stderr)
     plot = parsed["plot"]
@@ -115,9 +119,10 @@ def run_cli(argv: list[str]) -> int:
             print(f"warning: no figure: {os_error_line(exc)} (plot=<file> puts it elsewhere)",
                   file=sys.stderr)  # a read-only sweep: the table is what was asked for
     if parsed["report"]:
-        print(f"Report: {write_report(parsed['report'], runs, figure, root)}", file=sys.stderr)
+        report = write_report(parsed["report"], runs, figure, root, statistics)
+        print(f"Report: {report}", file=sys.stderr)
     if parsed["tensorboard"]:
-        write_tensorboard(base, every, runs if keys else [], keys)
+        write_tensorboard(base, every, runs if keys else [], keys, statistics)
         logdirs = " ".join(str(p) for p in paths)
         if len(paths) == 1:
             print(f"\ntensorboard --logdir {logdirs}")

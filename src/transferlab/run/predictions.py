@@ -13,6 +13,7 @@ imports torch where it is used.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -143,44 +144,96 @@ def load_predictions(path: Path) -> Predictions:
 
 
 # -- the end of a classification run ------------------------------------------------------------
-def record_run_predictions(built: BuiltRun, loop, tracker) -> None:
+class BestWeights:
+    """The best epoch's weights so far within the current stage, kept on the CPU: the
+    tensors a stage can change (its trainable parameters and every buffer) of the model its
+    val pass scores (``loop.inputs.model``: after the feature cache's cut, where the stage
+    trains on cached features). Within a stage nothing else moves (the freeze ledger checks
+    it), so these and the stage's own val inputs reproduce the best epoch's val pass."""
+
+    def __init__(self):
+        self.stage: int | None = None
+        self.epoch: int | None = None
+        self.state: dict | None = None
+
+    def keep(self, loop) -> None:
+        model = loop.inputs.model
+        changing = ({n for n, p in model.named_parameters() if p.requires_grad}
+                    | {n for n, _ in model.named_buffers()})
+        self.state = {k: v.detach().to("cpu", copy=True)
+                      for k, v in model.state_dict().items() if k in changing}
+        self.stage, self.epoch = loop.plan.index, loop.epoch
+
+    def of(self, loop, epoch: int) -> dict | None:
+        """The kept weights when they are ``epoch``'s, of the stage ``loop`` ends in."""
+        if self.state is None or self.epoch != epoch or loop.plan is None:
+            return None
+        return self.state if self.stage == loop.plan.index else None
+
+
+@contextlib.contextmanager
+def swapped_in(model: nn.Module, state: dict | None):
+    """``model`` with ``state`` (some of its tensors) loaded for the block, then its own
+    tensors back; nothing changes for ``state=None``."""
+    if state is None:
+        yield
+        return
+    own = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
+           if k in state}
+    model.load_state_dict(state, strict=False)
+    try:
+        yield
+    finally:
+        model.load_state_dict(own, strict=False)
+
+
+def record_run_predictions(built: BuiltRun, loop, tracker, kept: BestWeights) -> None:
     """The predictions of the run's best weights (those of ``best.pt``) on its val split (and
     its test split, where it has one), saved as ``predictions_<split>.npz`` and listed in
     ``metrics.json["predictions"]``. Rank 0 alone, after the last stage.
 
-    When the last epoch is the best one, val's predictions come from the stage's own val
-    inputs (the feature cache's, where the stage trained on cached features): a pass over
-    stored features, not over the images. Otherwise ``best.pt`` is restored as
+    When the best epoch is in the last stage (the last epoch, or one ``kept`` holds), val's
+    predictions come from that stage's own val inputs (the feature cache's, where the stage
+    trained on cached features): a pass over stored features, not over the images. Otherwise
+    (and under DDP, whose val inputs are shared out) ``best.pt`` is restored as
     ``transferlab-eval`` restores it and the images are read again."""
     best, final = tracker.best or {}, tracker.history[-1] if tracker.history else {}
     if not built.world.main or "epoch" not in best:
         return
-    splits, ctx = built.splits, built.context
     # the weights in memory are best.pt's: the last epoch is the best and no early stop put
     # another epoch's weights back
     restored = any(s.get("restored") for s in tracker.extra.get("stopped_early") or [])
-    is_last = best["epoch"] == final.get("epoch") and not restored
-    model = built.model if is_last else _restored_best(built, tracker.run_dir)
-    header = {"checkpoint": "best", "epoch": best["epoch"], "weights": "raw",
-              "classes": [str(c) for c in splits.classes]}
-    written = {}
-    for split in ("val", "test"):
-        dataset = getattr(splits, split)
-        if dataset is None:
-            continue
-        if split == "val" and is_last and not built.world.active and loop.inputs is not None:
-            on, loader = loop.inputs.model, loop.inputs.val  # in the val split's order
-        else:
-            on, loader = model, _ordered_loader(dataset, built)
-        pred = predict(on, loader, ctx.device, ctx.precision, ctx.channels_last)
-        identity = (built.data.get("identity") or {}).get(split)
-        path = save_predictions(tracker.run_dir / predictions_file(split), pred,
-                                {**header, "split": split, "identity": identity})
-        written[split] = {"file": path.name, "epoch": best["epoch"], "samples": len(pred.targets),
-                          "accuracy": pred.accuracy}
+    in_memory = best["epoch"] == final.get("epoch") and not restored
+    state = None if in_memory or built.world.active else kept.of(loop, best["epoch"])
+    own_inputs = (in_memory or state is not None) and not built.world.active
+    with swapped_in(loop.inputs.model if state is not None else built.model, state):
+        model = built.model if in_memory or state is not None else _restored_best(
+            built, tracker.run_dir)
+        written = {split: _split_predictions(built, split, model,
+                                             loop.inputs if own_inputs and split == "val"
+                                             else None, tracker.run_dir, best["epoch"])
+                   for split in ("val", "test") if getattr(built.splits, split) is not None}
     tracker.extra["predictions"] = written
     log.info("predictions of best.pt (epoch %d): %s", best["epoch"],
              ", ".join(f"{s} acc {w['accuracy']:.4f} -> {w['file']}" for s, w in written.items()))
+
+
+def _split_predictions(built: BuiltRun, split: str, model: nn.Module, inputs, run_dir: Path,
+                       epoch: int) -> dict[str, Any]:
+    """One split's predictions file: by ``inputs`` (a stage's model and val loader, in the val
+    split's order) where given, else by ``model`` over the split's images."""
+    ctx = built.context
+    if inputs is not None:
+        pred = predict(inputs.model, inputs.val, ctx.device, ctx.precision, ctx.channels_last)
+    else:
+        pred = predict(model, _ordered_loader(getattr(built.splits, split), built), ctx.device,
+                       ctx.precision, ctx.channels_last)
+    header = {"checkpoint": "best", "epoch": epoch, "weights": "raw", "split": split,
+              "classes": [str(c) for c in built.splits.classes],
+              "identity": (built.data.get("identity") or {}).get(split)}
+    path = save_predictions(run_dir / predictions_file(split), pred, header)
+    return {"file": path.name, "epoch": epoch, "samples": len(pred.targets),
+            "accuracy": pred.accuracy}
 
 
 def _ordered_loader(dataset, built: BuiltRun):
