@@ -96,7 +96,7 @@ def run_cli(argv: list[str]) -> int:
     runs = sort_runs(runs, parsed["sort"], parsed["reverse"])
     root = paths[0] if len(paths) == 1 and paths[0].is_dir() else None
     print(format_table(runs, parsed["format"], root=root) if runs else "(no runs to show)")
-    statistics = statistics_lines(runs, root) if runs else []
+    statistics = statistics_lines(runs, root)
     if statistics and parsed["format"] != "csv":  # csv: the intervals are columns
         print("\n" + "\n".join(statistics))
     if hidden:

@@ -263,7 +263,7 @@ def _run_label(run: RunRecord, root: Path | None) -> str:
     return number if sep and number.isdigit() and "/" not in name else name
 
 
-CI_HEADER = "val acc 95% CI"  # beside best val acc: the interval of best.pt's accuracy
+CI_HEADER = "95% CI"  # beside best val acc: the interval of best.pt's val accuracy
 
 
 def _rows(runs: list[RunRecord], root: Path | None) -> tuple[list[str], list[list[str]]]:
@@ -514,8 +514,13 @@ def _plot_title(shown: list[tuple[RunRecord, str]]) -> str:
 
 def statistics_lines(runs: list[RunRecord], root: Path | None = None) -> list[str]:
     """What the intervals are, the pairwise verdicts of ``runs`` (best first: see
-    :func:`~transferlab.tools.compare_stats.pairs`) and the rows without predictions."""
-    labels = [" ".join(overrides) or _run_label(run, root)
+    :func:`~transferlab.tools.compare_stats.pairs`) and the rows without predictions; none
+    when no row has predictions."""
+    if not any(r.scored is not None for r in runs):
+        return []
+    grouped = SEED_KEYS + FOLD_KEYS  # a group's own (seed=0,1,2): its test says how many
+    labels = [" ".join(o for o in overrides if run.runs == 1 or _key_of(o) not in grouped)
+              or _run_label(run, root)
               for run, overrides in zip(runs, varying_overrides(runs), strict=True)]
     return statistics_text(list(zip(labels, [r.scored for r in runs], strict=True)))
 

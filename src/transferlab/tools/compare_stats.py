@@ -24,7 +24,6 @@ import numpy as np
 
 from transferlab.run.predictions import EVAL_PREDICTIONS, load_predictions, predictions_file
 from transferlab.tools.stats import (
-    LEVEL,
     Interval,
     accuracy_interval,
     mcnemar,
@@ -34,9 +33,9 @@ from transferlab.tools.stats import (
 
 ALL_PAIRS_UP_TO = 4  # more rows than this: the best one against each other one
 UNAVAILABLE = "n/a"
-METHOD = ("95 % percentile bootstrap of best.pt's val predictions (seed groups: images and "
-          "seeds resampled together); two runs: McNemar's exact test; two groups: a paired "
-          "bootstrap over seeds and images")
+METHOD = ("intervals: 95 % percentile bootstrap of best.pt's val predictions (groups: images and "
+          "seeds resampled together); differences: McNemar's exact test (two runs), a paired "
+          "bootstrap over seeds and images (two groups)")
 
 
 @dataclass
@@ -151,8 +150,7 @@ def statistics_text(entries: Sequence[tuple[str, Scored | None]]) -> list[str]:
     runs have none."""
     lines = difference_lines(entries)
     missing = sum(s is None for _, s in entries)
-    out = [f"Val accuracy intervals ({LEVEL:.0%}) and differences: {METHOD}.".replace(
-        "95%", "95 %")]
+    out = [f"Val accuracy, {METHOD}."]
     out += [f"  {line}" for line in lines] if lines else ["  (fewer than two rows with "
                                                          "predictions: no pairs)"]
     if missing:
