@@ -27,7 +27,8 @@ Writes into the run directory (each evaluation replaces the previous one's files
 * ``eval_predictions.npz``: every image's label, predicted class and probability of its label
   (:mod:`transferlab.run.predictions`; the run's own ``predictions_<split>.npz`` stay as
   the run wrote them);
-* ``eval_confusion_matrix.png``: the confusion matrix as a figure;
+* ``eval_confusion_matrix.png``: the confusion matrix as a figure, each class's accuracy
+  (recall) as a bar beside it;
 * ``tb/``: the same figure (tag ``eval/<split>/confusion_matrix``) and the accuracy and loss
   (``eval/<split>/acc``, ``eval/<split>/loss``) at the checkpoint's epoch; with TTA the tags
   are ``eval/<split>_tta_<mode>/...``.
@@ -157,10 +158,13 @@ def classification_metrics(pred: Predictions, classes: list[str]) -> dict[str, A
 
 
 def confusion_figure(matrix: list[list[int]], classes: list[str], title: str = "") -> Figure:
-    """The confusion matrix (rows: true, columns: predicted) with counts in the cells."""
+    """The confusion matrix (rows: true, columns: predicted) with counts in the cells, and
+    beside it each class's accuracy (its recall: the diagonal over the row) as a bar, on the
+    matrix's rows."""
     counts = np.asarray(matrix)
     side = min(max(4.0, 0.55 * len(classes) + 2.0), 20.0)
-    fig, ax = plt.subplots(figsize=(side + 1.0, side))
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(side + 1.0 + 0.4 * side, side),
+                                   gridspec_kw={"width_ratios": [1.0, 0.4]})
     image = ax.imshow(counts, cmap="Blues")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     ticks = range(len(classes))
@@ -175,8 +179,39 @@ def confusion_figure(matrix: list[list[int]], classes: list[str], title: str = "
                 color="white" if count > threshold else "black")
     if title:
         ax.set_title(title)
+    per_class_bars(bars, counts, classes)
     fig.tight_layout()
     return fig
+
+
+def per_class_accuracy(counts: np.ndarray) -> np.ndarray:
+    """Each class's accuracy (recall) from a confusion matrix; NaN for a class with no image."""
+    totals = counts.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(totals > 0, np.diag(counts) / np.maximum(totals, 1), np.nan)
+
+
+def per_class_bars(ax, counts: np.ndarray, classes: list[str]) -> None:
+    """Per-class accuracy as horizontal bars, top to bottom in the matrix's row order, the
+    overall accuracy dashed."""
+    acc = per_class_accuracy(counts)
+    rows = np.arange(len(classes))
+    ax.barh(rows, np.nan_to_num(acc), color="C0", height=0.7)
+    for row, value in zip(rows, acc, strict=True):
+        ax.text(min(value, 0.98) if value == value else 0.0, row,
+                f" {value:.2f}" if value == value else " no images", va="center",
+                ha="right" if value == value and value > 0.5 else "left", fontsize=8,
+                color="white" if value == value and value > 0.5 else "black")
+    total = counts.sum()
+    if total:
+        ax.axvline(np.trace(counts) / total, color="0.3", linestyle="--", linewidth=1,
+                   label="overall")
+        ax.legend(fontsize=7, loc="lower right")
+    ax.set_ylim(len(classes) - 0.5, -0.5)  # the matrix's row order
+    ax.set_yticks(rows, labels=classes)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("accuracy (recall)")
+    ax.set_title("per class")
 
 
 def summary_text(report: dict[str, Any]) -> str:
