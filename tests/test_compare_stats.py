@@ -142,3 +142,14 @@ def test_fold_groups_put_their_folds_images_side_by_side(tmp_path):
     assert best.scored.interval.estimate == pytest.approx(200 / N)
     (line,) = [ln for ln in compare.statistics_lines(groups) if " − " in ln or " vs " in ln]
     assert "McNemar exact" in line and f"of {2 * N} images" in line
+
+
+def test_many_rows_compare_the_best_with_each_other_under_holm(tmp_path):
+    for k, right in enumerate((230, 200, 195, 190, 120)):
+        _fake_run(tmp_path, f"{k}_r", [f"optimizer.lr=0.{k + 1}"], _correct(right, k))
+    runs = compare.sort_runs(compare.find_runs([tmp_path]), "best_val_acc")
+    lines = [ln.strip() for ln in compare.statistics_lines(runs)[1:]]
+    assert [ln.split(" = ")[0] for ln in lines] == [
+        f"optimizer.lr=0.1 − optimizer.lr=0.{k}" for k in (2, 3, 4, 5)]
+    assert all("after Holm over 4 pairs" in ln for ln in lines)
+    assert all(ln.split(": ")[1].startswith("optimizer.lr=0.1 is better") for ln in lines)

@@ -95,3 +95,16 @@ def test_the_verdict_is_said_in_words():
         "(McNemar exact)")
     apart = stats.Difference(-0.04, -0.07, -0.01, 0.0004, "t")
     assert stats.verdict("A", "B", apart).endswith("p < 0.001: B is better (t)")
+
+
+def test_holms_adjustment_is_statsmodels_and_decides_the_verdict():
+    from statsmodels.stats.multitest import multipletests
+
+    ps = [0.04, 0.23, 0.01, 0.39, 0.5]
+    expected = multipletests(ps, method="holm")[1]
+    assert stats.holm(ps) == pytest.approx(expected, rel=1e-12)
+    assert stats.holm(ps).tolist() == pytest.approx([0.16, 0.69, 0.05, 0.78, 0.78])
+    diff = stats.Difference(0.028, 0.006, 0.053, 0.04, "t")
+    assert stats.verdict("A", "B", diff).endswith("p = 0.04: A is better (t)")
+    assert stats.verdict("A", "B", diff, adjusted=(0.16, 5)).endswith(
+        "p = 0.04 (0.16 after Holm over 5 pairs): not distinguishable (t)")

@@ -26,6 +26,7 @@ from transferlab.run.predictions import EVAL_PREDICTIONS, load_predictions, pred
 from transferlab.tools.stats import (
     Interval,
     accuracy_interval,
+    holm,
     mcnemar,
     paired_difference,
     verdict,
@@ -35,7 +36,8 @@ ALL_PAIRS_UP_TO = 4  # more rows than this: the best one against each other one
 UNAVAILABLE = "n/a"
 METHOD = ("intervals: 95 % percentile bootstrap of best.pt's val predictions (groups: images and "
           "seeds resampled together); differences: McNemar's exact test (two runs), a paired "
-          "bootstrap over seeds and images (two groups)")
+          "bootstrap over seeds and images (two groups); several pairs: decided by Holm's "
+          "adjusted p")
 
 
 @dataclass
@@ -129,20 +131,24 @@ def pairs(count: int) -> list[tuple[int, int]]:
 
 def difference_lines(entries: Sequence[tuple[str, Scored | None]]) -> list[str]:
     """The pairwise verdicts of ``entries`` (label, correctness), in their order (best first);
-    entries without correctness are left out; pairs on other images are said so."""
+    entries without correctness are left out; pairs on other images are said so. With several
+    pairs, each verdict goes by Holm's adjusted p over them."""
     scored = [(label, s) for label, s in entries if s is not None]
-    lines = []
+    tested, lines = [], {}
     for i, j in pairs(len(scored)):
         (la, a), (lb, b) = scored[i], scored[j]
         if a.images != b.images:
-            lines.append(f"{la} vs {lb}: not on the same val images: no paired test")
-            continue
-        if len(a.correct) == 1 and len(b.correct) == 1:
-            diff = mcnemar(a.correct[0], b.correct[0])
+            lines[(i, j)] = f"{la} vs {lb}: not on the same val images: no paired test"
+        elif len(a.correct) == 1 and len(b.correct) == 1:
+            tested.append(((i, j), mcnemar(a.correct[0], b.correct[0])))
         else:
-            diff = paired_difference(a.correct, b.correct, a.rows == b.rows and len(a.rows) > 1)
-        lines.append(verdict(la, lb, diff))
-    return lines
+            tested.append(((i, j), paired_difference(a.correct, b.correct,
+                                                     a.rows == b.rows and len(a.rows) > 1)))
+    adjusted = holm([d.p for _, d in tested]) if len(tested) > 1 else None
+    for k, ((i, j), diff) in enumerate(tested):
+        lines[(i, j)] = verdict(scored[i][0], scored[j][0], diff, adjusted=None
+                                if adjusted is None else (float(adjusted[k]), len(tested)))
+    return [lines[pair] for pair in sorted(lines)]
 
 
 def statistics_text(entries: Sequence[tuple[str, Scored | None]]) -> list[str]:

@@ -21,6 +21,8 @@ each other, cover the same images in the same order (the predictions files of
   1: the level at which the interval would just reach 0). With few seeds the seed level takes
   few distinct values (3 seeds: 10 multisets), so the interval is coarse at that level.
 
+- :func:`holm`: Holm's step-down adjustment of the p-values of several pairs tested at once.
+
 Everything is seeded (``seed``): the same inputs give the same numbers.
 """
 
@@ -164,12 +166,28 @@ def p_text(p: float) -> str:
     return "p < 0.001" if p < 0.001 else f"p = {p:.3f}" if p < 0.01 else f"p = {p:.2f}"
 
 
-def verdict(a: str, b: str, diff: Difference, alpha: float = 0.05) -> str:
-    """``A − B = +1.3 points, 95 % CI [−0.6, +3.1], p = 0.21: not distinguishable``."""
-    if diff.p >= alpha:
-        said = "not distinguishable"
-    else:
-        said = f"{a if diff.estimate > 0 else b} is better"
+def holm(ps) -> np.ndarray:
+    """Holm's step-down adjustment of ``ps`` (several pairs tested at once): the smallest is
+    multiplied by their number, the next by one less, ..., kept non-decreasing, capped at 1.
+    Deciding on these keeps the chance of any false "is better" at ``alpha``."""
+    ps = np.asarray(ps, dtype=float)
+    order = np.argsort(ps, kind="stable")
+    scaled = ps[order] * (len(ps) - np.arange(len(ps)))
+    adjusted = np.empty_like(ps)
+    adjusted[order] = np.minimum(1.0, np.maximum.accumulate(scaled))
+    return adjusted
+
+
+def verdict(a: str, b: str, diff: Difference, alpha: float = 0.05,
+            adjusted: tuple[float, int] | None = None) -> str:
+    """``A − B = +1.3 points, 95 % CI [−0.6, +3.1], p = 0.21: not distinguishable``.
+    ``adjusted``: (Holm's p, the number of pairs) when several pairs were tested: the verdict
+    goes by it."""
+    p = diff.p if adjusted is None else adjusted[0]
+    said = "not distinguishable" if p >= alpha else f"{a if diff.estimate > 0 else b} is better"
+    holm_said = ("" if adjusted is None else
+                 f" ({p_text(adjusted[0]).removeprefix('p ').lstrip('= ')} after Holm over "
+                 f"{adjusted[1]} pairs)")
     return (f"{a} − {b} = {points(diff.estimate)} points, {LEVEL:.0%} CI "
-            f"[{points(diff.low)}, {points(diff.high)}], {p_text(diff.p)}: {said} "
+            f"[{points(diff.low)}, {points(diff.high)}], {p_text(diff.p)}{holm_said}: {said} "
             f"({diff.test})").replace("95%", "95 %")
