@@ -50,7 +50,8 @@ def test_the_best_epochs_weights_are_kept_per_stage_and_swapped_in_and_back():
 @pytest.mark.slow
 def test_a_best_epoch_in_an_earlier_stage_is_scored_from_best_pt(tmp_path):
     """Stage 2 at a destructive LR: the best epoch is stage 1's, whose weights are no longer in
-    memory; the run restores best.pt and its file equals transferlab-eval's."""
+    memory; the run restores best.pt and its files (val, and the test split it holds out)
+    equal transferlab-eval's."""
     run_dir = tmp_path / "run"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -58,7 +59,8 @@ def test_a_best_epoch_in_an_earlier_stage_is_scored_from_best_pt(tmp_path):
         train(compose_train([*TINY, "freeze=two_stage", "freeze.head_epochs=2",
                              "freeze.finetune_epochs=1", "optimizer.lr=0.03",
                              "freeze.finetune_lr_mult=3000",
-                             "dataset.samples_per_class=20"]), run_dir)
+                             "dataset.samples_per_class=20", "dataset.test_fraction=0.1"]),
+              run_dir)
     finally:
         torch.set_num_threads(threads)
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -72,3 +74,8 @@ def test_a_best_epoch_in_an_earlier_stage_is_scored_from_best_pt(tmp_path):
     again = load_predictions(run_dir / EVAL_PREDICTIONS)
     assert np.array_equal(again.predicted, own.predicted)
     assert again.label_prob == pytest.approx(own.label_prob, abs=1e-5)
+    test = load_predictions(run_dir / "predictions_test.npz")  # its test split too
+    assert test.header["split"] == "test" and test.header["epoch"] == best["epoch"]
+    assert metrics["predictions"]["test"]["samples"] == len(test.targets) > 0
+    assert eval_main([f"run={run_dir}", "split=test"]) == 0
+    assert np.array_equal(load_predictions(run_dir / EVAL_PREDICTIONS).predicted, test.predicted)

@@ -38,7 +38,9 @@ SPEC = Spec(
     usage="transferlab-compare [PATH ...] [key=value ...]",
     summary="Compare transferlab runs: a table of every run under the given sweep directories, "
             "run directories or outputs/ (read from their metrics.json, so partial sweeps and "
-            "runs still going work too), best first, and a figure of their validation accuracy.",
+            "runs still going work too), best first, with each run's (or group's) 95 % interval "
+            "and paired tests under the table (from the runs' predictions_val.npz), and a "
+            "figure of their validation accuracy.",
     keys=(
         Key("sort", "the metric to sort by, best first", default="best_val_acc",
             choices=tuple(METRICS)),
@@ -52,11 +54,12 @@ SPEC = Spec(
             plot_target, metavar="<file>|true|false",
             default_text="<first path>/compare_val_acc.png, none with format=csv"),
         Key("tensorboard", "write the runs' union HParams record (and, with group_seeds, the "
-            "seed groups' mean / min / max curves) at the first path, and print the command "
-            "that opens them in TensorBoard", bool, False),
+            "seed groups' mean / min / max curves; the paired statistics as the text "
+            "compare/differences) at the first path, and print the command that opens them in "
+            "TensorBoard", bool, False),
         Key("all", "show failed runs too (hidden by default)", bool, False),
-        Key("report", "write a Markdown report: the table, the figure and the best run's "
-            "overrides", path, metavar="<file.md>"),
+        Key("report", "write a Markdown report: the table, the paired statistics, the figure "
+            "and the best run's overrides", path, metavar="<file.md>"),
     ),
     positionals="PATH",
     positional_help="sweep or run directories, searched recursively (default: outputs)",
