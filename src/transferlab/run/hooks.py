@@ -215,6 +215,28 @@ class Checkpoint(Hook):
             else [], loop=state, source=built.source)
 
 
+class RecordPredictions(Hook):
+    """After the last stage, the per-image predictions of the run's best weights on its val
+    (and test) split: ``predictions_<split>.npz`` (:mod:`transferlab.run.predictions`). The
+    best epoch's weights of the current stage are kept (rank 0, without DDP) so that they
+    are scored on the stage's own val inputs."""
+
+    def __init__(self, built: BuiltRun, tracker: RunTracker):
+        from transferlab.run.predictions import BestWeights
+
+        self.built, self.tracker, self.kept = built, tracker, BestWeights()
+
+    def on_epoch_end(self, loop) -> None:
+        world = self.built.world
+        if loop.improved and world.main and not world.active:
+            self.kept.keep(loop)
+
+    def on_fit_end(self, loop) -> None:
+        from transferlab.run.predictions import record_run_predictions
+
+        record_run_predictions(self.built, loop, self.tracker, self.kept)
+
+
 class ReconstructionImages(Hook):
     """After every epoch, the first ``shown`` val images above their reconstructions
     (``recon/val`` in TensorBoard)."""
