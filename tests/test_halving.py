@@ -4,6 +4,8 @@ record, and a killed sweep resumed with ``resume=auto``)."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -15,6 +17,7 @@ import pytest
 import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from transferlab.cli import compare as compare_cli
 from transferlab.config import load_config
 from transferlab.config.sweep_keys import drop_unused, optional_keys, relaxed
 from transferlab.errors import UserError
@@ -276,7 +279,7 @@ def _record(cwd: Path) -> dict | None:
 
 
 @pytest.mark.slow
-def test_a_halving_sweep_killed_in_a_rung_goes_on_with_resume_auto(tmp_path):
+def test_a_halving_sweep_killed_in_a_rung_goes_on_with_resume_auto(tmp_path, capsys):
     """4 configurations, eta 2, plans of 4 epochs: 4 x 1 epoch, 2 to epoch 2, 1 to epoch 4
     (8 epochs). Killed (SIGKILL) once rung 0 is recorded; resume=auto does not launch rung
     0's jobs again, and the sweep ends as one that was never killed."""
@@ -321,6 +324,10 @@ def test_a_halving_sweep_killed_in_a_rung_goes_on_with_resume_auto(tmp_path):
     assert "Halving (val_acc, max; eta 2)" in again.stdout
     assert ("freeze.head_epochs: not used by the 2 jobs with freeze=linear_probe (it belongs to "
             "freeze=two_stage)") in again.stdout
+    capsys.readouterr()
+    assert compare_cli.main([str(sweep), "rung=1", "format=csv"]) == 0  # rung 1: at epoch 2
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert sorted((r["status"], r["epochs"]) for r in rows) == [("paused", "2"), ("went on", "2")]
     assert "paused" in again.stdout  # the sweep's table shows the losers as paused
 
 

@@ -58,6 +58,9 @@ SPEC = Spec(
             "compare/differences) at the first path, and print the command that opens them in "
             "TensorBoard", bool, False),
         Key("all", "show failed runs too (hidden by default)", bool, False),
+        Key("rung", "a halving sweep as it stood at rung N: the configurations that ran in it, "
+            "their records up to its budget, 'went on' for those that went on", int,
+            metavar="<N>"),
         Key("report", "write a Markdown report: the table, the paired statistics, the figure "
             "and the best run's overrides", path, metavar="<file.md>"),
     ),
@@ -71,6 +74,7 @@ SPEC = Spec(
         "transferlab-compare outputs/ sort=final_val_loss format=markdown plot=false",
         "transferlab-compare <sweep> group_seeds=true group_folds=true format=csv",
         "transferlab-compare <sweep> group_seeds=true report=results.md tensorboard=true",
+        "transferlab-compare <halving sweep> rung=1",
     ),
 )
 
@@ -89,6 +93,10 @@ def run_cli(argv: list[str]) -> int:
         raise UserError(f"{exc}: give a sweep directory, a run directory or outputs/") from None
     if not runs:
         raise UserError(f"no runs (no metrics.json) under {' '.join(map(str, paths))}")
+    if parsed["rung"] is not None:
+        from transferlab.tools.halving import runs_at_rung
+
+        runs = runs_at_rung(runs, paths[0], parsed["rung"])
     hidden = [] if parsed["all"] else [r for r in runs if r.status in HIDDEN]
     runs = [r for r in runs if r not in hidden]
     every = runs

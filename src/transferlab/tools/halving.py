@@ -302,6 +302,47 @@ class Halving:
         return "\n".join(lines)
 
 
+# --- one rung of a finished (or stopped) sweep, for transferlab-compare --------------------
+
+
+def runs_at_rung(runs: list, sweep_dir: Path, rung: int) -> list:
+    """``transferlab-compare <sweep> rung=N``: the runs of the configurations that ran in
+    rung ``N``, their records cut at its budget (best, final, epochs), status ``went on`` for
+    those that went on to the next rung. Their per-image predictions (the run's ``best.pt``,
+    later) are left out."""
+    import dataclasses
+
+    from transferlab.engine.best import epoch_rank
+
+    try:
+        record = json.loads((sweep_dir / RECORD).read_text())
+    except (OSError, ValueError):
+        raise UserError(f"rung={rung}: {sweep_dir} holds no readable {RECORD}: give the "
+                        "directory of a halving sweep (hydra/sweeper=halving)") from None
+    rungs = record.get("rungs") or []
+    if not 0 <= rung < len(rungs):
+        raise UserError(f"rung={rung}: the sweep ran rungs 0 to {len(rungs) - 1}")
+    entry = rungs[rung]
+    budget = entry["budget"] or math.inf
+    went_on = {c["config"]: c["went_on"] for c in entry["configurations"]}
+    dirs = {run: c["config"] for c in record["configurations"] for run in c["runs"]}
+    out = []
+    for run in runs:
+        config = dirs.get(run.path.name)
+        if config not in went_on:
+            continue
+        history = [e for e in run.history if e.get("epoch", 0) <= budget]
+        best = max(history, key=epoch_rank, default={})  # (the first of equals: max keeps it)
+        final = history[-1] if history else {}
+        values = {**run.values, "best_val_acc": best.get("val_acc"),
+                  "best_epoch": best.get("epoch"), "final_val_acc": final.get("val_acc"),
+                  "final_val_loss": final.get("val_loss"), "epochs": len(history)}
+        status = "went on" if went_on[config] else run.status
+        out.append(dataclasses.replace(run, status=status, values=values, history=history,
+                                       scored=None))
+    return out
+
+
 def _key(value: float | None, mode: str) -> tuple[bool, float]:
     return value is None, (-(value or 0.0) if mode == "max" else (value or 0.0))
 
