@@ -95,6 +95,17 @@ def test_a_missing_extra_is_one_line_naming_the_pip_command(tmp_path, monkeypatc
 # --- slow: real runs, a real MLflow store -----------------------------------------------------
 
 @pytest.mark.slow
+def test_a_store_that_cannot_be_opened_is_one_line_naming_it(tmp_path):
+    (tmp_path / "blocker").write_text("a file where the store's folder would go")
+    uri = f"sqlite:///{tmp_path / 'blocker' / 'mlflow.db'}"
+    trainer = {"loggers": ["mlflow"], "mlflow": {"tracking_uri": uri, "experiment": "x"}}
+    with pytest.raises(UserError, match=r"^trainer\.loggers=mlflow: the tracking store "
+                       rf"{uri} failed: .*File exists.*\(set it with trainer\.mlflow\."
+                       r"tracking_uri or \$MLFLOW_TRACKING_URI\)$"):
+        open_trackers(tmp_path / "run", {"trainer": trainer}, resumed=False)
+
+
+@pytest.mark.slow
 def test_a_sweep_is_one_mlflow_parent_with_a_child_per_job(tmp_path):
     """4 jobs in 2 joblib workers (jobs in processes of their own), the store named by
     MLFLOW_TRACKING_URI: one parent run, 4 children whose metrics equal their metrics.json;

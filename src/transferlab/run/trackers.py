@@ -19,6 +19,7 @@ process; an MLflow sweep is one parent run whose children are the jobs). Under D
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -29,7 +30,7 @@ import uuid
 from pathlib import Path
 from typing import Any, ClassVar
 
-from transferlab.errors import UserError, did_you_mean
+from transferlab.errors import UserError, did_you_mean, error_line
 from transferlab.infra.run_dirs import JOB_MARK, atomic_write_text
 
 log = logging.getLogger("transferlab")
@@ -207,10 +208,28 @@ MLFLOW_STATUS = {"completed": "FINISHED", "failed": "FAILED"}  # else KILLED (it
 
 def _mlflow_client(trainer: dict, uri: str | None = None):
     """MLflow's client for ``uri`` (else ``trainer.mlflow.tracking_uri``, else
-    ``$MLFLOW_TRACKING_URI``, else MLflow's default) and the URI it resolved to."""
+    ``$MLFLOW_TRACKING_URI``, else MLflow's default) and the URI it resolved to (a relative
+    SQLite path made absolute: a resume from another directory finds the same store)."""
     mlflow = needs("mlflow", "mlflow", "mlflow")
     uri = uri or (trainer.get("mlflow") or {}).get("tracking_uri") or mlflow.get_tracking_uri()
-    return mlflow.tracking.MlflowClient(tracking_uri=uri), uri
+    scheme, _, path = uri.partition(":///")
+    if scheme == "sqlite" and path and not path.startswith("/"):
+        uri = f"sqlite:///{Path(path).resolve()}"
+    with _store_errors(uri):  # (a SQL store is opened, and its tables made, here)
+        return mlflow.tracking.MlflowClient(tracking_uri=uri), uri
+
+
+@contextlib.contextmanager
+def _store_errors(uri: str):
+    """A store that cannot be reached or written: one line naming it and the keys that set it."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"trainer.loggers=mlflow: the tracking store {uri} failed: "
+                        f"{error_line(exc)} (set it with trainer.mlflow.tracking_uri or "
+                        "$MLFLOW_TRACKING_URI)") from None
 
 
 def _mlflow_experiment(client, name: str) -> str:
@@ -240,9 +259,14 @@ class MLflow(Tracker):
         if state:  # the run's own MLflow run, where it was started
             self.client, self.uri = _mlflow_client(self.trainer, state["tracking_uri"])
             self.run_id = state["run_id"]
-            self.client.update_run(self.run_id, status="RUNNING")
+            with _store_errors(self.uri):
+                self.client.update_run(self.run_id, status="RUNNING")
             return
         self.client, self.uri = _mlflow_client(self.trainer)
+        with _store_errors(self.uri):
+            self._start(params)
+
+    def _start(self, params: dict[str, Any]) -> None:
         experiment = _mlflow_experiment(self.client, self.trainer["mlflow"]["experiment"])
         tags = {"transferlab.run_dir": str(self.run_dir.resolve())}
         parent = sweep_root(self.run_dir, MLFLOW_PARENT)
@@ -293,9 +317,10 @@ class MLflow(Tracker):
             client.update_run(state["run_id"], status="RUNNING")
             return
         client, uri = _mlflow_client(trainer)
-        experiment = _mlflow_experiment(client, trainer["mlflow"]["experiment"])
-        run = client.create_run(experiment, run_name=sweep_dir.name, tags={
-            "transferlab.sweep_dir": str(sweep_dir.resolve())})
+        with _store_errors(uri):
+            experiment = _mlflow_experiment(client, trainer["mlflow"]["experiment"])
+            run = client.create_run(experiment, run_name=sweep_dir.name, tags={
+                "transferlab.sweep_dir": str(sweep_dir.resolve())})
         sweep_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps({"tracking_uri": uri, "run_id": run.info.run_id,
                                             "experiment_id": experiment}, indent=2))

@@ -22,6 +22,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from transferlab.errors import UserError
 from transferlab.infra.job_process import SweepStop
 from transferlab.infra.run_dirs import SWEEP_DIR_ENV, safe_name
 from transferlab.run import trackers
@@ -147,10 +148,13 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         SweepSummary.sweep_dir = Path(config.hydra.sweep.dir)
-        trackers.start_sweep(SweepSummary.sweep_dir, _trainer(config))  # MLflow's parent run
         if runs_jobs_in_workers(OmegaConf.select(config, "hydra.launcher")):
             SweepSummary.stop = SweepStop(Path(config.hydra.sweep.dir),
                                           os.environ.get(SWEEP_ID_ENV, "?")).install()
+        try:  # the sweep's record in its trackers (MLflow's parent run)
+            trackers.start_sweep(SweepSummary.sweep_dir, _trainer(config))
+        except UserError as exc:  # each job then fails with it, one row each
+            log.warning("error: %s", exc)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
