@@ -78,6 +78,18 @@ def test_tensorboard_is_the_default_and_csv_alone_writes_no_events(tmp_path):
     _assert_csv_equals_history(tmp_path)
 
 
+def test_a_process_that_does_not_write_opens_no_tracker(tmp_path):
+    """Under DDP the record of every rank but 0 is kept in memory only (``writes=False``)."""
+    from transferlab.run.record import RunTracker
+
+    tracker = RunTracker(tmp_path, {"trainer": {"loggers": ["tensorboard", "csv"]}},
+                         {"seed": 0}, writes=False)
+    tracker.log_epoch({"epoch": 1, "stage": "head", "train_loss": 1.0, "train_acc": 0.5,
+                       "val_loss": 1.0, "val_acc": 0.5, "lr": {"head": 0.01}, "seconds": 0.1}, 0)
+    tracker.finish("completed")
+    assert tracker.trackers == [] and list(tmp_path.iterdir()) == []
+
+
 def test_an_unknown_logger_fails_at_composition():
     with pytest.raises(UserError, match=r"trainer\.loggers.*'mlfow'.*tensorboard, csv, mlflow"):
         compose_config(["trainer.loggers=[tensorboard,mlfow]"])
