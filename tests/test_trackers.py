@@ -78,6 +78,13 @@ def test_tensorboard_is_the_default_and_csv_alone_writes_no_events(tmp_path):
     _assert_csv_equals_history(tmp_path)
 
 
+def test_every_logger_of_the_schema_has_its_entry_and_no_more():
+    from transferlab.config.schema import Logger
+    from transferlab.run.trackers import TRACKERS
+
+    assert list(TRACKERS) == Logger.values()
+
+
 def test_a_process_that_does_not_write_opens_no_tracker(tmp_path):
     """Under DDP the record of every rank but 0 is kept in memory only (``writes=False``)."""
     from transferlab.run.record import RunTracker

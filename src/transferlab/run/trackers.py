@@ -355,7 +355,7 @@ class Wandb(Tracker):
             project=self.trainer["wandb"]["project"], dir=str(self.run_dir),
             mode=str(self.trainer["wandb"]["mode"]), id=run_id, resume="allow",
             name=self.run_dir.name, group=sweep.name if sweep is not None else None,
-            config=None if resumed else {k: v for k, v in params.items()},
+            config=None if resumed else params,
             settings=wandb.Settings(silent=True, x_disable_stats=True, save_code=False))
         write_state(self.run_dir, self.name, {"id": run_id})
 
