@@ -25,6 +25,7 @@ from transferlab.errors import UserError
 from transferlab.infra.distributed import World, pick_device_for
 from transferlab.run import resume_run, train
 from transferlab.run.build import build_run
+from transferlab.run.predictions import load_predictions
 from transferlab.run.resume import ResumePoint
 
 from .conftest import TINY, compose_train
@@ -304,3 +305,8 @@ def test_torchrun_trains_one_run_and_only_rank_0_writes(tmp_path):
     assert metrics["distributed"]["lr_scale"] == 2
     assert metrics["history"][0]["lr"] == {"head": 2e-3}  # optimizer.lr 1e-3 x 2 processes
     assert metrics["feature_cache"]["finetune"]["cut"] is None  # the whole model trains
+    # rank 0 alone scores every val image (not its shard) with best.pt's weights
+    own = load_predictions(run_dir / "predictions_val.npz")
+    assert own.header["epoch"] == metrics["best"]["epoch"]
+    assert len(own.targets) == metrics["data"]["val"]
+    assert own.accuracy == pytest.approx(metrics["best"]["val_acc"], abs=2 / len(own.targets))

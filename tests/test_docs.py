@@ -68,6 +68,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from transferlab.cli.args import parse
 from transferlab.config import compose_config, load_config
+from transferlab.config.sweep_keys import drop_unused, optional_keys, relaxed
 from transferlab.config.typed import composition_error
 from transferlab.config.validate import override_key
 from transferlab.errors import UserError
@@ -210,10 +211,12 @@ def compose(overrides: list[str]) -> DictConfig:
 
 
 @functools.cache
-def _load(overrides: tuple[str, ...]) -> None:
+def _load(overrides: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
     """Compose and validate, as transferlab-train does before building anything (cached:
-    README repeats commands of the pages)."""
-    load_config(compose(list(overrides)), list(overrides))
+    README repeats commands of the pages). ``optional``: the keys a sweep's job drops when its
+    options do not have them (:mod:`transferlab.config.sweep_keys`)."""
+    cfg, kept = drop_unused(compose(list(overrides)), list(overrides), list(optional))
+    load_config(cfg, kept)
 
 
 def _fill(word: str) -> str:
@@ -245,8 +248,13 @@ def _sweep_variants(overrides: list[str]) -> list[list[str]]:
             continue
         head = word.partition("=")[0]
         if isinstance(override.value(), IntervalSweep):
-            raise UserError(f"{word}: an interval sweep belongs in an hparams_search config, "
-                            "not on the command line")
+            if "hydra/sweeper=halving" not in overrides:
+                raise UserError(f"{word}: an interval sweep belongs in an hparams_search config "
+                                "or a halving sweep (hydra/sweeper=halving), not on a plain "
+                                "command line")
+            values.append([f"{head}={v}" for v in (override.value().start,
+                                                   override.value().end)])
+            continue
         swept = [f"{head}={v}" for v in override.sweep_string_iterator()]
         if isinstance(override.value(), RangeSweep):
             swept = [swept[0], swept[-1]] if len(swept) > 1 else swept
@@ -292,8 +300,12 @@ def _check_overrides(overrides: list[str], multirun: bool) -> None:
                 raise UserError(f"resume takes the run's saved config: {item!r} would change "
                                 f"it (a resume takes only {', '.join(RESUME_OVERRIDES)})")
         return
-    for variant in _sweep_variants(overrides) if multirun else [overrides]:
-        _load(tuple(variant))
+    if not multirun:
+        _load(tuple(overrides))
+        return
+    optional = optional_keys(["-m", *overrides])  # as transferlab-train reads a sweep
+    for variant in _sweep_variants(relaxed(overrides, optional)):
+        _load(tuple(variant), tuple(k.key for k in optional))
 
 
 def _train_words(words: list[str]) -> tuple[list[str], bool]:

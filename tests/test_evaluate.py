@@ -145,3 +145,34 @@ def test_a_checkpoint_that_is_not_a_dict_is_one_line(tmp_path, capsys):
     assert main([f"run={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
     assert "holds a Tensor, not a dict" in err and "\n" not in err and "Traceback" not in err
+
+
+def test_the_runs_predictions_are_best_pts_and_eval_writes_its_own(tiny_metrics, capsys):
+    from transferlab.run.predictions import EVAL_PREDICTIONS, load_predictions
+
+    run_dir, metrics = tiny_metrics
+    own = load_predictions(run_dir / "predictions_val.npz")
+    assert own.header["epoch"] == metrics["best"]["epoch"] and own.header["split"] == "val"
+    assert own.accuracy == pytest.approx(metrics["best"]["val_acc"], abs=1e-12)
+    assert own.loss == pytest.approx(metrics["best"]["val_loss"], abs=1e-4)
+    assert metrics["predictions"]["val"]["accuracy"] == own.accuracy
+    assert own.header["identity"] == metrics_identity(run_dir)
+    report = evaluate(run_dir)
+    assert str(run_dir / EVAL_PREDICTIONS) in capsys.readouterr().out
+    again = load_predictions(run_dir / EVAL_PREDICTIONS)
+    assert again.accuracy == report["accuracy"]
+    assert again.header["identity"] == own.header["identity"]
+    assert (again.targets == own.targets).all() and (again.predicted == own.predicted).all()
+    assert again.label_prob == pytest.approx(own.label_prob, abs=1e-4)
+    assert ((again.label_prob > 0) & (again.label_prob <= 1)).all()
+    flip = evaluate(run_dir, "tta=flip")
+    tta = load_predictions(run_dir / EVAL_PREDICTIONS)
+    assert tta.header["tta"] == "flip" and tta.accuracy == flip["accuracy"]
+    assert (run_dir / "predictions_val.npz").stat().st_size < 20_000  # 360 images
+
+
+def metrics_identity(run_dir) -> str:
+    """The val split's identity in the run's data fingerprint (its last checkpoint)."""
+    from transferlab.infra.checkpoint import load_checkpoint
+
+    return load_checkpoint(run_dir / "checkpoints" / "last.pt")["loop"]["data"]["identity"]["val"]

@@ -150,8 +150,8 @@ def test_a_table_fits_its_width_and_writes_what_it_cut_below(tmp_path):
     lines = text.splitlines()
     assert max(len(line) for line in lines) <= 120, text
     header, rows = lines[:2], lines[3:5]  # headers of several words on two lines
-    assert header[0].split()[:2] == ["best", "best"]  # bottom-aligned
-    assert header[1].split()[:4] == ["run", "overrides", "status", "val"]
+    assert header[0].split()[:3] == ["best", "95%", "best"]  # bottom-aligned
+    assert header[1].split()[:5] == ["run", "overrides", "status", "val", "acc"]
     assert rows[1].startswith("1 ") and "failed: cannot" in rows[1] and "…" in rows[1]
     below = lines[lines.index("") + 1:]
     assert all(line.startswith(("0 overrides: ", "1 overrides: ", "1 status: ", "    "))

@@ -112,7 +112,7 @@ def test_every_job_records_its_hparams_and_metrics_in_tensorboard(four_job_sweep
 
 def test_compare_lists_the_jobs_best_first(four_job_sweep, capsys):
     lines = run_compare(capsys, str(four_job_sweep), "plot=false")
-    rows = lines[2:]
+    rows = lines[2:lines.index("")]  # the table; the paired statistics below it
     assert len(rows) == 4
     accs = {job.name.partition("_")[0]: metrics(job)["best"]["val_acc"]
             for job in job_dirs(four_job_sweep)}
@@ -161,10 +161,10 @@ def test_a_failing_job_does_not_lose_the_others(tmp_path, capsys):
 
     assert compare_cli.main([str(sweep), "plot=false"]) == 0  # failed runs hidden by default
     out, err = capsys.readouterr()
-    rows = out.strip().splitlines()[2:]
+    rows = out.split("\n\n")[0].splitlines()[2:]  # the table; the statistics below it
     assert len(rows) == 3 and all("completed" in r for r in rows)
     assert "(1 failed run(s) hidden: all=true shows them)" in err
-    rows = run_compare(capsys, str(sweep), "plot=false", "all=true")[2:]
+    rows = run_compare(capsys, str(sweep), "plot=false", "all=true")[2:6]
     assert len(rows) == 4
     assert sum("completed" in r for r in rows) == 3
     assert "failed: optimizer.lr must be > 0" in rows[-1]  # no metric: listed last

@@ -28,6 +28,15 @@ class Interrupted(BaseException):  # noqa: N818 (as KeyboardInterrupt: not an er
         self.signum = signum
 
 
+class Paused(BaseException):  # noqa: N818 (the end of a run's budget: not an error)
+    """A run stopped at its pause point (``trainer.pause_after_epoch``) after the epoch's
+    checkpoint: it goes on with ``resume=<run dir>``."""
+
+    def __init__(self, epoch: int, total: int):
+        super().__init__(epoch, total)
+        self.epoch, self.total = epoch, total
+
+
 def nearest(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     """The candidates closest to ``name`` (for "did you mean" hints)."""
     candidates = list(dict.fromkeys(candidates))

@@ -19,6 +19,7 @@ from transferlab.tools.compare import (
     group_runs,
     plot_val_curves,
     sort_runs,
+    statistics_lines,
     write_report,
     write_tensorboard,
 )
@@ -37,7 +38,9 @@ SPEC = Spec(
     usage="transferlab-compare [PATH ...] [key=value ...]",
     summary="Compare transferlab runs: a table of every run under the given sweep directories, "
             "run directories or outputs/ (read from their metrics.json, so partial sweeps and "
-            "runs still going work too), best first, and a figure of their validation accuracy.",
+            "runs still going work too), best first, with each run's (or group's) 95 % interval "
+            "and paired tests under the table (from the runs' predictions_val.npz), and a "
+            "figure of their validation accuracy.",
     keys=(
         Key("sort", "the metric to sort by, best first", default="best_val_acc",
             choices=tuple(METRICS)),
@@ -51,11 +54,12 @@ SPEC = Spec(
             plot_target, metavar="<file>|true|false",
             default_text="<first path>/compare_val_acc.png, none with format=csv"),
         Key("tensorboard", "write the runs' union HParams record (and, with group_seeds, the "
-            "seed groups' mean / min / max curves) at the first path, and print the command "
-            "that opens them in TensorBoard", bool, False),
+            "seed groups' mean / min / max curves; the paired statistics as the text "
+            "compare/differences) at the first path, and print the command that opens them in "
+            "TensorBoard", bool, False),
         Key("all", "show failed runs too (hidden by default)", bool, False),
-        Key("report", "write a Markdown report: the table, the figure and the best run's "
-            "overrides", path, metavar="<file.md>"),
+        Key("report", "write a Markdown report: the table, the paired statistics, the figure "
+            "and the best run's overrides", path, metavar="<file.md>"),
     ),
     positionals="PATH",
     positional_help="sweep or run directories, searched recursively (default: outputs)",
@@ -95,6 +99,9 @@ def run_cli(argv: list[str]) -> int:
     runs = sort_runs(runs, parsed["sort"], parsed["reverse"])
     root = paths[0] if len(paths) == 1 and paths[0].is_dir() else None
     print(format_table(runs, parsed["format"], root=root) if runs else "(no runs to show)")
+    statistics = statistics_lines(runs, root)
+    if statistics and parsed["format"] != "csv":  # csv: the intervals are columns
+        print("\n" + "\n".join(statistics))
     if hidden:
         print(f"({len(hidden)} failed run(s) hidden: all=true shows them)", file=sys.stderr)
     plot = parsed["plot"]
@@ -115,9 +122,10 @@ def run_cli(argv: list[str]) -> int:
             print(f"warning: no figure: {os_error_line(exc)} (plot=<file> puts it elsewhere)",
                   file=sys.stderr)  # a read-only sweep: the table is what was asked for
     if parsed["report"]:
-        print(f"Report: {write_report(parsed['report'], runs, figure, root)}", file=sys.stderr)
+        report = write_report(parsed["report"], runs, figure, root, statistics)
+        print(f"Report: {report}", file=sys.stderr)
     if parsed["tensorboard"]:
-        write_tensorboard(base, every, runs if keys else [], keys)
+        write_tensorboard(base, every, runs if keys else [], keys, statistics)
         logdirs = " ".join(str(p) for p in paths)
         if len(paths) == 1:
             print(f"\ntensorboard --logdir {logdirs}")

@@ -17,6 +17,7 @@ from transferlab.tools.tta import HELP as TTA_HELP
 from transferlab.tools.tta import TTA_MODES
 
 matplotlib.use("Agg")
+from transferlab.run.predictions import EVAL_PREDICTIONS
 from transferlab.tools.evaluate import (
     SPLITS,
     EvalArgs,
@@ -30,7 +31,8 @@ from transferlab.tools.evaluate import (
 SPEC = Spec(
     prog="transferlab-eval",
     summary="Evaluate a saved checkpoint of a run on one of its data splits. Writes eval.json, "
-            "eval_confusion_matrix.png and TensorBoard records into the run directory, and "
+            "eval_confusion_matrix.png, eval_predictions.npz and TensorBoard records into the run "
+            "directory, and "
             "prints accuracy, loss and a per-class table.",
     keys=(
         Key("run", "a run directory written by transferlab-train", Path, required=True,
@@ -73,6 +75,7 @@ def run_cli(argv: list[str]) -> None:
     tag = tb_tag(args.split, args.tta)
     print(summary_text(report))
     print(f"\nMetrics saved to: {json_path}\nConfusion matrix: {png_path}\n"
+          f"Per-image predictions: {args.run / EVAL_PREDICTIONS}\n"
           f"TensorBoard: tensorboard --logdir {args.run / 'tb'} "
           f"(tag eval/{tag}/confusion_matrix)", flush=True)
 

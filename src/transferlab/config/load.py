@@ -64,12 +64,12 @@ def load_config(cfg: DictConfig | dict, overrides: Iterable[str] = ()) -> RunCon
         raise UserError("the composed config is not a run config (conf/train.yaml must start "
                         "with the schema/run default)")
     validate(run, overrides)
-    if "freeze" in node and not _uses_trainer_epochs(node.freeze):
+    if "freeze" in node and not uses_trainer_epochs(node.freeze):
         _epochs_unused(run, overrides)
     return run
 
 
-def _uses_trainer_epochs(freeze: DictConfig) -> bool:
+def uses_trainer_epochs(freeze: DictConfig) -> bool:
     """Whether the freeze policy's stages take their epochs from ``trainer.epochs``."""
     return "trainer.epochs" in str(OmegaConf.to_container(freeze, resolve=False))
 

@@ -637,6 +637,9 @@ class TrainerConfig:
     """How a run trains (``conf/trainer/default.yaml`` changes none of these defaults)."""
 
     epochs: int = 5
+    # Stop after this epoch of the plan (counted over all stages) with a checkpoint and the
+    # status ``paused``; ``resume=<run dir>`` goes on exactly (None: run the whole plan)
+    pause_after_epoch: int | None = None
     batch_size: int = 32  # per process: under torchrun the global batch is x the processes
     eval_batch_size: int | None = None  # None: 2 x batch_size
     num_workers: int | None = None  # None: one loader process per spare CPU core (at most 8)

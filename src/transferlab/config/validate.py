@@ -273,6 +273,7 @@ def _freeze(run: RunConfig) -> None:
 def _trainer(run: RunConfig) -> None:
     t = run.trainer
     at_least("trainer.epochs", t.epochs, 0)
+    at_least("trainer.pause_after_epoch", t.pause_after_epoch, 1, nullable=True)
     at_least("trainer.batch_size", t.batch_size, 1)
     at_least("trainer.eval_batch_size", t.eval_batch_size, 1, nullable=True)
     at_least("trainer.num_workers", t.num_workers, 0, nullable=True)
@@ -345,6 +346,15 @@ _UNUSED: list[tuple[str, Callable[[RunConfig], bool], tuple[str, ...]]] = [
 def override_key(item: str) -> str:
     """``optimizer.lr`` of ``optimizer.lr=1e-3``, ``freeze`` of ``+freeze=two_stage``."""
     return item.lstrip("+~").partition("=")[0].replace("/", ".")
+
+
+# Keys that say how far a session of the run goes, not what the run is: not in its record of
+# overrides (HParams, the comparison tables), not compared when a job is resumed.
+SESSION_KEYS = ("resume", "trainer.pause_after_epoch")
+
+
+def is_session_override(item: str) -> bool:
+    return override_key(item) in SESSION_KEYS
 
 
 def unused(run: RunConfig, overrides: Iterable[str]) -> None:

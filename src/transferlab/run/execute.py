@@ -18,8 +18,9 @@ from omegaconf import DictConfig
 from transferlab.backbones.init import format_report, report_summary
 from transferlab.backbones.source import plain_state
 from transferlab.config import RunConfig, load_config
+from transferlab.config.validate import is_session_override
 from transferlab.data import derived_seed
-from transferlab.errors import Interrupted, UserError
+from transferlab.errors import Interrupted, Paused, UserError
 from transferlab.infra.distributed import World, init_from_env
 from transferlab.infra.run_dirs import config_of_run, lock_run, write_failed_metrics
 from transferlab.infra.runtime import seed_everything
@@ -58,7 +59,7 @@ def run_hparams(run: RunConfig, overrides: list[str] | None, epochs: int,
         hp.pop(key, None)
     for item in overrides or []:
         key, _, value = item.lstrip("+~").partition("=")
-        if key == "resume":
+        if is_session_override(item):
             continue
         if key and ("." in key or key not in hp) and key.split(".")[0] not in leave_out:
             hp[key] = _scalar(value)
@@ -201,6 +202,11 @@ def _execute(run: RunConfig, run_dir: Path, overrides: list[str] | None,
     except (Interrupted, KeyboardInterrupt) as stop:
         stop.run_dir = run_dir  # for the message that says how to go on
         raise
+    except Paused as pause:
+        log.info("paused after epoch %d of %d: go on with %s", pause.epoch, pause.total,
+                 tracker.metrics.get("resume_command"))
+        world.barrier()
+        return RunResult(run_dir, tracker.metrics, built)
     log.info(task.summary(tracker.metrics, run_dir))
     world.barrier()  # DDP: every process returns once rank 0's record is complete
     return RunResult(run_dir, tracker.metrics, built)

@@ -21,7 +21,7 @@ import torch
 
 from transferlab.engine.hooks import Distributed, EarlyStop, Ema, Hook, LogLearningRates
 from transferlab.engine.ledger import FreezeLedger
-from transferlab.errors import Interrupted
+from transferlab.errors import Interrupted, Paused
 from transferlab.infra.checkpoint import save_epoch_checkpoints
 from transferlab.infra.cluster import preemption_signal
 from transferlab.infra.distributed import World
@@ -107,6 +107,19 @@ class StopOnRequest(Hook):
     def on_epoch_end(self, loop) -> None:
         if self.stop_requested(loop):
             raise Interrupted(loop.stop_signal)
+
+
+class PauseAt(Hook):
+    """``trainer.pause_after_epoch``: the fit ends after that epoch of the plan (its checkpoint
+    written: this hook comes after :class:`Checkpoint`) with :class:`Paused`, unless the
+    epoch is the plan's last."""
+
+    def __init__(self, epoch: int | None):
+        self.epoch = epoch
+
+    def on_epoch_end(self, loop) -> None:
+        if self.epoch is not None and loop.epoch == self.epoch < loop.total_epochs:
+            raise Paused(loop.epoch, loop.total_epochs)
 
 
 class CachedInputs(Hook):
@@ -202,6 +215,28 @@ class Checkpoint(Hook):
             else [], loop=state, source=built.source)
 
 
+class RecordPredictions(Hook):
+    """After the last stage, the per-image predictions of the run's best weights on its val
+    (and test) split: ``predictions_<split>.npz`` (:mod:`transferlab.run.predictions`). The
+    best epoch's weights of the current stage are kept (rank 0, without DDP) so that they
+    are scored on the stage's own val inputs."""
+
+    def __init__(self, built: BuiltRun, tracker: RunTracker):
+        from transferlab.run.predictions import BestWeights
+
+        self.built, self.tracker, self.kept = built, tracker, BestWeights()
+
+    def on_epoch_end(self, loop) -> None:
+        world = self.built.world
+        if loop.improved and world.main and not world.active:
+            self.kept.keep(loop)
+
+    def on_fit_end(self, loop) -> None:
+        from transferlab.run.predictions import record_run_predictions
+
+        record_run_predictions(self.built, loop, self.tracker, self.kept)
+
+
 class ReconstructionImages(Hook):
     """After every epoch, the first ``shown`` val images above their reconstructions
     (``recon/val`` in TensorBoard)."""
@@ -225,11 +260,11 @@ def run_hooks(built, tracker: RunTracker, run_dir: Path, stop: StopRequest) -> l
     frozen part synced before the stage's inputs are computed), the task's input hooks (the
     feature cache), the DDP wrapper, early stopping, LR logging, the freeze ledger, the
     record, the task's own hooks, the console line, the checkpoint, and stop requests last
-    (after the checkpoint)."""
+    (after the checkpoint), then the pause point."""
     trainer, task = built.run.trainer, built.task
     return [*Ema.of(trainer.ema), *task.input_hooks(built, tracker), Distributed(),
             EarlyStop(trainer.early_stopping, tracker),
             LogLearningRates(tracker, trainer.log_every_n_steps), FreezeLedger(tracker),
             Record(tracker, built.backbone), *task.hooks(built, tracker),
             ConsoleLine(task.log_line), Checkpoint(built, tracker, run_dir),
-            StopOnRequest(stop, built.world)]
+            StopOnRequest(stop, built.world), PauseAt(trainer.pause_after_epoch)]

@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 
 from transferlab.config import composition_error
 from transferlab.config.store import register_configs
+from transferlab.config.sweep_keys import OPTIONAL_KEYS_ENV, drop_unused, optional_keys, relaxed
 from transferlab.config.validate import check_name
 from transferlab.errors import EXIT_JOB_FAILED, Interrupted, UserError
 from transferlab.infra.cluster import export_submitit_env, hand_over, job_environment
@@ -89,6 +90,9 @@ def _run_job(cfg: DictConfig, hc) -> float | None:
     of a search); a job of a sweep that fails is recorded as such and returns None."""
     run_dir = Path(hc.runtime.output_dir)
     overrides = list(hc.overrides.task)
+    if hc.mode == RunMode.MULTIRUN:  # keys of the sweep that this job's options do not have
+        keys = [k for k in os.environ.get(OPTIONAL_KEYS_ENV, "").split(",") if k]
+        cfg, overrides = drop_unused(cfg, overrides, keys)
     export_submitit_env()  # a submitit job of several tasks: torch.distributed's env://
     if env_rank() > 0:
         quiet_logging(env_rank())  # after Hydra's own logging setup
@@ -131,7 +135,7 @@ def _job(cfg: DictConfig, run_dir: Path, overrides: list[str], *,
     if job_environment() is not None:  # a submitit job: requeued after preemption / its time
         from transferlab.run.resume import requeued_action  # limit? (its own directory)
 
-        if action := requeued_action(run_dir):
+        if action := requeued_action(run_dir, _pause_of(cfg)):
             return _go_on(cfg, run_dir, overrides, action, requeued=True)
     if sweep is not None:
         claim_job_dir(run_dir, os.environ.get(SWEEP_ID_ENV, "?"), sweep)
@@ -165,7 +169,7 @@ def _auto_job(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> RunResult
     from transferlab.run.execute import train
     from transferlab.run.resume import clear_unfinished, job_action
 
-    action = job_action(run_dir)
+    action = job_action(run_dir, _pause_of(cfg))
     if action == "busy":
         raise UserError(f"{run_dir} is still running in another process")
     if action == "start":
@@ -182,10 +186,10 @@ def _go_on(cfg: DictConfig, run_dir: Path, overrides: list[str], action: str, *,
     from transferlab.config import load_config
     from transferlab.infra.checkpoint import load_checkpoint
     from transferlab.run.execute import RunResult, resume_run
-    from transferlab.run.resume import read_status, same_config
+    from transferlab.run.resume import PAUSE, read_status, same_config
 
     if action == "skip":
-        log.info("%s completed before: not run again", run_dir)
+        log.info("%s %s before: not run again", run_dir, read_status(run_dir).get("status"))
         return RunResult(run_dir, read_status(run_dir))
     saved = load_checkpoint(run_dir / "checkpoints" / "last.pt").get("config") or {}
     differ = same_config(saved, load_config(cfg, overrides).as_dict())
@@ -193,7 +197,14 @@ def _go_on(cfg: DictConfig, run_dir: Path, overrides: list[str], action: str, *,
         raise UserError(f"{'requeued job' if requeued else 'resume=auto'}: {run_dir} holds a "
                         f"run of another config ({', '.join(differ[:5])} differ): launch the "
                         "sweep as it was")
-    return resume_run(run_dir, requeued=requeued)
+    pause = _pause_of(cfg)  # the job's own pause point (a halving sweep's rung), if any
+    return resume_run(run_dir, [f"{PAUSE}={pause}"] if pause is not None else None,
+                      requeued=requeued)
+
+
+def _pause_of(cfg: DictConfig) -> int | None:
+    """The pause point a job is launched with (``trainer.pause_after_epoch``)."""
+    return cfg.get("trainer", {}).get("pause_after_epoch")
 
 
 def _resume_one(run_dir: Path, overrides: list[str]) -> int:
@@ -206,7 +217,7 @@ def _resume_one(run_dir: Path, overrides: list[str]) -> int:
     result = resume_run(run_dir, overrides)
     if env_rank() == 0:
         _say_saved(run_dir)
-    return 0 if result.metrics.get("status") == "completed" else EXIT_JOB_FAILED
+    return 0 if result.metrics.get("status") in ("completed", "paused") else EXIT_JOB_FAILED
 
 
 def _say_saved(run_dir: Path) -> None:
@@ -308,6 +319,21 @@ def _after_lost_job(argv: list[str], exc: BaseException) -> int:
     return EXIT_JOB_FAILED
 
 
+def _cross_option_keys(argv: list[str]) -> list[str]:
+    """A sweep across the options of a group: its keys that only some of those options have
+    apply to the jobs whose option has them (:mod:`transferlab.config.sweep_keys`); one line
+    says which jobs do not use each. Hydra reads ``sys.argv``: it is rewritten too."""
+    keys = optional_keys(argv)
+    if not keys:
+        return argv
+    for key in keys:
+        print(key.line(), flush=True)
+    os.environ[OPTIONAL_KEYS_ENV] = ",".join(k.key for k in keys)
+    new = relaxed(argv, keys)
+    sys.argv[len(sys.argv) - len(argv):] = new
+    return new
+
+
 def launch(argv: list[str]) -> int:
     """Run ``transferlab-train <argv>`` (Hydra reads ``sys.argv`` itself); the exit code."""
     register_configs()
@@ -316,6 +342,9 @@ def launch(argv: list[str]) -> int:
     try:
         if launched():
             _distributed(argv, multirun, resume)
+        os.environ.pop(OPTIONAL_KEYS_ENV, None)
+        if multirun:
+            argv = _cross_option_keys(argv)
         if resume not in (None, "", "null", "auto"):
             if multirun:
                 raise UserError("resume=<run dir> goes on with one run; to go on with a sweep, "

@@ -17,10 +17,10 @@ from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from transferlab.engine.best import epoch_rank
 from transferlab.engine.ema import best_ema
-from transferlab.errors import Interrupted, error_line
+from transferlab.errors import Interrupted, Paused, error_line
 from transferlab.infra.liveness import process_started
 from transferlab.infra.processes import resume_command
-from transferlab.infra.run_dirs import atomic_write_text
+from transferlab.infra.run_dirs import atomic_write_text, lock_run
 from transferlab.run.trackers import open_trackers
 
 log = logging.getLogger("transferlab")
@@ -62,6 +62,47 @@ def trim_events(tb_dir: Path, epoch: int, step: int) -> int:
     for path in files:
         path.unlink()
     return dropped
+
+
+HPARAMS_TAGS = ("_hparams_/experiment", "_hparams_/session_start_info")
+
+
+def add_hparams(run_dir: Path, extra: dict[str, Any]) -> None:
+    """Add ``extra`` to the HParams of a run that has ended (a halving sweep's rung): in its
+    ``metrics.json`` and in its TensorBoard session, whose start record is rewritten (the
+    HParams dashboard reads a run's first one). The run's lock is held meanwhile."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from torch.utils.tensorboard.writer import FileWriter
+
+    with lock_run(run_dir):
+        record = _read_json(run_dir / "metrics.json")
+        if not record:
+            return
+        hparams = {**record.get("hparams", {}), **{k: _hparam_value(v) for k, v in extra.items()}}
+        record["hparams"] = hparams
+        atomic_write_text(run_dir / "metrics.json", json.dumps(finite(record), indent=2,
+                                                               allow_nan=False))
+        files = sorted((run_dir / "tb").glob("events.out.tfevents.*"))
+        if not files:  # no TensorBoard session (trainer.loggers without tensorboard)
+            return
+        kept = []
+        for path in files:
+            for raw in RawEventFileLoader(str(path)).Load():  # (as written: no migration)
+                event = Event.FromString(raw)
+                if event.HasField("file_version") or (event.HasField("summary") and any(
+                        v.tag in HPARAMS_TAGS for v in event.summary.value)):
+                    continue
+                kept.append(event)
+        writer = FileWriter(str(run_dir / "tb"), filename_suffix=".hparams")
+        metrics = dict.fromkeys((f"hparam/{m}" for m in HPARAM_METRICS), 0.0)
+        for summary in hparams_summary(hparams, metrics)[:2]:  # (its end record is kept)
+            writer.add_summary(summary)
+        for event in kept:
+            writer.add_event(event, event.step, event.wall_time)
+        writer.close()
+        for path in files:
+            path.unlink()
 
 
 def _hparam_value(value: Any) -> int | float | str | bool:
@@ -126,8 +167,8 @@ class RunTracker:
             self.best = resume["best"]
             previous = _read_json(self.metrics_path)
             self.extra = {k: v for k, v in previous.items() if k not in RECORD_KEYS}
-            self.extra.pop("error", None)
-            self.extra.pop("resume_command", None)
+            for key in ("error", "resume_command", "paused"):
+                self.extra.pop(key, None)
             self.extra.update(here)
             if "best_ema" in self.extra:  # as of the checkpoint, not of a later epoch
                 self.extra["best_ema"] = best_ema(self.history)
@@ -235,8 +276,9 @@ class RunTracker:
 
     @contextlib.contextmanager
     def recording(self, curves_title: str | None = None):
-        """Closes the record however the block ends: ``completed``, ``interrupted`` or
-        ``failed`` (with the error's first line), and draws the learning curves of the epochs
+        """Closes the record however the block ends: ``completed``, ``paused`` (at
+        ``trainer.pause_after_epoch``), ``interrupted`` or ``failed`` (with the error's first
+        line), and draws the learning curves of the epochs
         that ran (``curves_title``: the figure's title). The result is in ``self.metrics``."""
         status, error = "completed", None
         try:
@@ -247,6 +289,11 @@ class RunTracker:
             raise
         except Interrupted as stop:
             status, error = "interrupted", f"signal {stop.signum}"
+            self._resume_hint()
+            raise
+        except Paused as pause:
+            status = "paused"
+            self.extra["paused"] = {"epoch": pause.epoch, "of": pause.total}
             self._resume_hint()
             raise
         except Exception as exc:

@@ -13,12 +13,18 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transferlab.config.validate import amp_mode, override_key
+from transferlab.config.validate import (
+    SESSION_KEYS,
+    amp_mode,
+    is_session_override,
+    override_key,
+)
 from transferlab.errors import UserError
 from transferlab.infra.checkpoint import FORMATS, CorruptCheckpoint, load_checkpoint
 from transferlab.infra.delta import complete, is_delta
@@ -28,7 +34,8 @@ from transferlab.registry import TASKS, load_builtins
 # Overrides a resume takes: they cannot change the result (or extend the last stage).
 EXTENDING = ("trainer.epochs", "freeze.finetune_epochs")  # give the last stage more epochs
 RUNTIME = ("trainer.progress", "trainer.progress_seconds", "trainer.num_workers")  # how, not what
-RESUME_OVERRIDES = (*RUNTIME, *EXTENDING)
+PAUSE = SESSION_KEYS[1]  # trainer.pause_after_epoch: how far a session goes (not kept)
+RESUME_OVERRIDES = (*RUNTIME, PAUSE, *EXTENDING)
 
 
 @dataclass
@@ -198,9 +205,12 @@ def _go_back(run_dir: Path) -> str:
 
 
 def resumed_config(saved: dict, overrides: list[str], done_epochs: int) -> dict:
-    """The saved config with the overrides a resume takes applied; anything else refused."""
+    """The saved config with the overrides a resume takes applied; anything else refused. A
+    pause point is the session's own: a resume goes on to the end of the plan unless it is
+    given a new one."""
     raw = copy.deepcopy(saved)
     raw["resume"] = None
+    raw["trainer"]["pause_after_epoch"] = None
     load_builtins()
     task = TASKS.builder(raw["task"]["name"])
     for item in overrides:
@@ -209,7 +219,7 @@ def resumed_config(saved: dict, overrides: list[str], done_epochs: int) -> dict:
         if key not in RESUME_OVERRIDES:
             raise UserError(f"resume takes the run's saved config: {item!r} would change it "
                             f"(a resume takes only {', '.join(RESUME_OVERRIDES)})")
-        if key in RUNTIME:
+        if key in (*RUNTIME, PAUSE):
             section, field = key.split(".")
             raw[section][field] = None if value == "null" else _value(value)
             continue
@@ -218,6 +228,10 @@ def resumed_config(saved: dict, overrides: list[str], done_epochs: int) -> dict:
     if total is not None and (not isinstance(total, int) or total < done_epochs):
         raise UserError(f"the run has done {done_epochs} epochs: extend it to at least that many "
                         f"(the overrides give {total})")
+    pause = raw["trainer"]["pause_after_epoch"]
+    if isinstance(pause, int) and pause <= done_epochs:
+        raise UserError(f"{PAUSE}={pause}: the run has done {done_epochs} epochs already; give a "
+                        f"later pause point, or none to go on to the end")
     return raw
 
 
@@ -277,7 +291,7 @@ def fresh_start(run_dir: Path) -> str:
 def _task_overrides(argv: list[str]) -> list[str]:
     """The config overrides of a command line (no flags, no ``hydra.*``, no ``resume=``)."""
     return sorted(a for a in argv if "=" in a and not a.startswith("-")
-                  and not override_key(a).startswith(("hydra.", "resume")))
+                  and not override_key(a).startswith("hydra.") and not is_session_override(a))
 
 
 def find_sweep(argv: list[str], root: Path = Path("outputs/sweeps")) -> Path | None:
@@ -297,11 +311,12 @@ def find_sweep(argv: list[str], root: Path = Path("outputs/sweeps")) -> Path | N
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
-def job_action(run_dir: Path) -> str:
-    """What ``resume=auto`` does with a sweep job's directory: ``skip`` (completed), ``resume``
-    (a checkpoint of an unfinished run), ``busy`` (still going), or ``start``."""
+def job_action(run_dir: Path, pause: int | None = None) -> str:
+    """What ``resume=auto`` does with a sweep job's directory: ``skip`` (completed, or paused
+    at or after ``pause``, the pause point the job is launched with now), ``resume`` (a
+    checkpoint of an unfinished run), ``busy`` (still going), or ``start``."""
     status = read_status(run_dir)
-    if status.get("status") == "completed":
+    if status.get("status") == "completed" or paused_at(status) >= (pause or math.inf):
         return "skip"
     if still_running(status):
         return "busy"
@@ -310,13 +325,22 @@ def job_action(run_dir: Path) -> str:
     return "start"
 
 
-def requeued_action(run_dir: Path) -> str | None:
+def paused_at(status: dict) -> float:
+    """The epoch a ``paused`` run's record stopped at (-inf for any other status)."""
+    if status.get("status") != "paused":
+        return -math.inf
+    return float((status.get("paused") or {}).get("epoch", -math.inf))
+
+
+def requeued_action(run_dir: Path, pause: int | None = None) -> str | None:
     """What a submitit job does with its own job directory when it starts: ``skip`` (a
-    completed run), ``resume`` (the checkpoint of an earlier attempt: the job was requeued
-    after preemption or its time limit), None (a new job: train). No ``busy``: the scheduler
+    completed run, or one paused at or after ``pause``), ``resume`` (the checkpoint of an
+    earlier attempt: the job was requeued after preemption or its time limit), None (a new
+    job: train). No ``busy``: the scheduler
     runs one attempt of a job at a time, so a ``running`` record is the earlier attempt's
     (killed), or another task's of this one."""
-    if read_status(run_dir).get("status") == "completed":
+    status = read_status(run_dir)
+    if status.get("status") == "completed" or paused_at(status) >= (pause or math.inf):
         return "skip"
     if (run_dir / "checkpoints" / "last.pt").is_file():
         return "resume"
@@ -345,6 +369,8 @@ def same_config(saved: dict, now: dict) -> list[str]:
 
     a, b = flat({k: v for k, v in saved.items() if k != "resume"}), \
         flat({k: v for k, v in now.items() if k != "resume"})
+    for d in (a, b):  # how far a session goes is not the run's config
+        d.pop(PAUSE, None)
     for d in (a, b):  # a run saved before trainer.amp named a mode holds True / False
         if isinstance(d.get("trainer.amp"), bool):
             d["trainer.amp"] = amp_mode(d["trainer.amp"])

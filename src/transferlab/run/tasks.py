@@ -203,6 +203,11 @@ class Classify(Task):
         if mixing(run.augment):  # soft targets (MixUp / CutMix)
             tracker.extra["mix"] = mix_record(run.augment)
 
+    def hooks(self, built: BuiltRun, tracker: RunTracker) -> list[Hook]:
+        from transferlab.run.hooks import RecordPredictions
+
+        return [RecordPredictions(built, tracker)]
+
     def input_hooks(self, built: BuiltRun, recorder) -> list[Hook]:
         from transferlab.data.mixup import mixing_reason
         from transferlab.run.hooks import CachedInputs

@@ -30,8 +30,18 @@ from pathlib import Path
 
 import yaml
 
+from transferlab.config.validate import is_session_override
 from transferlab.infra.liveness import run_status
 from transferlab.infra.run_dirs import safe_name
+from transferlab.tools.compare_stats import (
+    Scored,
+    group_scored,
+    interval_text,
+    interval_values,
+    natural,
+    read_scored,
+    statistics_text,
+)
 
 # column -> (header, True when larger is better)
 METRICS = {
@@ -62,6 +72,7 @@ class RunRecord:
     spread: dict[str, float] = field(default_factory=dict)  # std over the group's runs
     hparams: dict = field(default_factory=dict)  # the run's HParams record
     members: list[RunRecord] = field(default_factory=list)  # a group's runs
+    scored: Scored | None = None  # per-image val correctness (tools.compare_stats)
 
     def value(self, key: str) -> float | None:
         return self.values.get(key)
@@ -75,7 +86,8 @@ def _overrides(run_dir: Path) -> list[str]:
         items = yaml.safe_load(path.read_text()) or []
     except yaml.YAMLError:
         return []
-    return [str(i) for i in items if not str(i).lstrip("+~").startswith(("hydra.", "hydra/"))]
+    return [str(i) for i in items if not str(i).lstrip("+~").startswith(("hydra.", "hydra/"))
+            and not is_session_override(str(i))]
 
 
 def read_run(run_dir: Path) -> RunRecord:
@@ -103,7 +115,8 @@ def read_run(run_dir: Path) -> RunRecord:
         "wall_seconds": data.get("wall_seconds"),
     }
     return RunRecord(run_dir, run_status(data), overrides, values, history, data.get("error"),
-                     hparams=dict(data.get("hparams") or {}))
+                     hparams=dict(data.get("hparams") or {}),
+                     scored=read_scored(run_dir, best.get("epoch")))
 
 
 def _foreign(data: object) -> str | None:
@@ -184,22 +197,26 @@ def group_runs(runs: list[RunRecord], keys: tuple[str, ...]) -> list[RunRecord]:
         label = list(key)
         for name in keys:
             got = sorted((o.partition("=")[2] for m in members for o in m.overrides
-                          if _key_of(o) == name), key=_natural)
+                          if _key_of(o) == name), key=natural)
             if got:
                 label.append(f"{name}={','.join(got)}")
         errors = [m.error for m in members if m.error]
         merged.append(RunRecord(members[0].path, status, label, values,
                                 members[0].history, errors[0] if errors else None,
-                                runs=len(members), spread=spread, members=members))
+                                runs=len(members), spread=spread, members=members,
+                                scored=_group_scored(members, keys)))
     return merged
 
 
-def _natural(text: str) -> tuple:
-    """Numbers in numeric order (fold 2 before fold 10), anything else after them."""
-    try:
-        return (0, float(text), "")
-    except ValueError:
-        return (1, 0.0, text)
+def _group_scored(members: list[RunRecord], keys: tuple[str, ...]) -> Scored | None:
+    """The group's correctness: a row per seed (the grouped keys but the fold), its folds'
+    val images side by side."""
+    def values(member: RunRecord, names) -> str:
+        return ",".join(o.partition("=")[2] for o in member.overrides
+                        if _key_of(o) in names)
+
+    rows = tuple(k for k in keys if k not in FOLD_KEYS)
+    return group_scored([(m.scored, values(m, rows), values(m, FOLD_KEYS)) for m in members])
 
 
 def varying_overrides(runs: list[RunRecord]) -> list[list[str]]:
@@ -246,8 +263,12 @@ def _run_label(run: RunRecord, root: Path | None) -> str:
     return number if sep and number.isdigit() and "/" not in name else name
 
 
+CI_HEADER = "95% CI"  # beside best val acc: the interval of best.pt's val accuracy
+
+
 def _rows(runs: list[RunRecord], root: Path | None) -> tuple[list[str], list[list[str]]]:
     header = ["run", "overrides", "status"] + [METRICS[m][0] for m in METRICS]
+    header.insert(header.index(METRICS["best_val_acc"][0]) + 1, CI_HEADER)
     if any(r.runs > 1 for r in runs):
         header.insert(3, "runs")
     rows = []
@@ -258,6 +279,7 @@ def _rows(runs: list[RunRecord], root: Path | None) -> tuple[list[str], list[lis
         if "runs" in header:
             row.append(str(run.runs))
         row += [_fmt(run, m) for m in METRICS]
+        row.insert(header.index(CI_HEADER), interval_text(run.scored))
         rows.append(row)
     return header, rows
 
@@ -271,11 +293,12 @@ def format_table(runs: list[RunRecord], fmt: str = "table", root: Path | None = 
         writer = csv.writer(out)
         names = list(METRICS)
         writer.writerow(["run", "overrides", "status", "error", "runs", *names,
-                         *(f"{n}_std" for n in names)])
+                         *(f"{n}_std" for n in names), "val_acc_ci_low", "val_acc_ci_high"])
         for run, overrides in zip(runs, varying_overrides(runs), strict=True):
             writer.writerow([str(run.path), " ".join(overrides), run.status, run.error or "",
                              run.runs, *(_csv(run.value(n)) for n in names),
-                             *(_csv(run.spread.get(n)) if run.runs > 1 else "" for n in names)])
+                             *(_csv(run.spread.get(n)) if run.runs > 1 else "" for n in names),
+                             *(_csv(v) for v in interval_values(run.scored))])
         return out.getvalue().rstrip("\n")
     header, rows = _rows(runs, root)
     if fmt == "markdown":
@@ -489,14 +512,43 @@ def _plot_title(shown: list[tuple[RunRecord, str]]) -> str:
 
 
 
+def statistics_lines(runs: list[RunRecord], root: Path | None = None) -> list[str]:
+    """What the intervals are, the pairwise verdicts of ``runs`` (best first: see
+    :func:`~transferlab.tools.compare_stats.pairs`) and the rows without predictions; none
+    when no row has predictions."""
+    if not any(r.scored is not None for r in runs):
+        return []
+    grouped = SEED_KEYS + FOLD_KEYS  # a group's own (seed=0,1,2): its test says how many
+    labels = [" ".join(o for o in overrides if run.runs == 1 or _key_of(o) not in grouped)
+              or _run_label(run, root)
+              for run, overrides in zip(runs, varying_overrides(runs), strict=True)]
+    return statistics_text(list(zip(labels, [r.scored for r in runs], strict=True)))
+
+
+STATS_SUFFIX = ".compare_stats"
+
+
 def write_tensorboard(root: Path, runs: list[RunRecord], groups: list[RunRecord],
-                       keys: tuple[str, ...] = SEED_KEYS) -> None:
+                      keys: tuple[str, ...] = SEED_KEYS, statistics: list[str] = ()) -> None:
+    """The union HParams record, the seed groups' curves and (``statistics``) the text
+    ``compare/differences``, at ``root``, each replacing the one written there before."""
     from transferlab.tools.tensorboard_views import write_seed_groups, write_union_hparams
 
     write_union_hparams(root, [r.hparams for r in runs if r.hparams])
     write_seed_groups(root, {group_label(label, keys): [m.history for m in g.members]
                              for g, label in zip(groups, varying_overrides(groups), strict=True)
                              if g.runs > 1})
+    if statistics:
+        from torch.utils.tensorboard import SummaryWriter
+
+        for old in root.glob(f"events.out.tfevents.*{STATS_SUFFIX}"):
+            old.unlink()
+        writer = SummaryWriter(log_dir=str(root), filename_suffix=STATS_SUFFIX)
+        try:
+            writer.add_text("compare/differences", "```\n" + "\n".join(statistics) + "\n```",
+                            0)
+        finally:
+            writer.close()
 
 
 def group_label(overrides: list[str], keys: tuple[str, ...] = SEED_KEYS) -> str:
@@ -507,12 +559,15 @@ def group_label(overrides: list[str], keys: tuple[str, ...] = SEED_KEYS) -> str:
 
 
 def write_report(path: Path, runs: list[RunRecord], figure: Path | None,
-                 root: Path | None) -> Path:
-    """One Markdown file: the table, the figure and the best run's overrides (first in
-    ``runs``), to paste into an experiments/ README."""
+                 root: Path | None, statistics: list[str] = ()) -> Path:
+    """One Markdown file: the table, the paired statistics (:func:`statistics_lines`), the
+    figure and the best run's overrides (first in ``runs``), to paste into an experiments/
+    README."""
 
     lines = [f"# Runs under {root or 'the given paths'}", "", format_table(runs, "markdown",
                                                                           root=root), ""]
+    if statistics:
+        lines += [statistics[0], ""] + [f"- {line.strip()}" for line in statistics[1:]] + [""]
     if figure is not None:
         rel = os.path.relpath(figure, path.parent)
         lines += [f"![validation accuracy]({rel})", ""]

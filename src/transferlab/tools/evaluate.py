@@ -24,7 +24,11 @@ Writes into the run directory (each evaluation replaces the previous one's files
   weights a run with ``trainer.ema.decay`` keeps), tta, accuracy, loss, per-class precision /
   recall / F1 / support, macro and weighted averages and the confusion matrix (rows: true
   class, columns: predicted class);
-* ``eval_confusion_matrix.png``: the confusion matrix as a figure;
+* ``eval_predictions.npz``: every image's label, predicted class and probability of its label
+  (:mod:`transferlab.run.predictions`; the run's own ``predictions_<split>.npz`` stay as
+  the run wrote them);
+* ``eval_confusion_matrix.png``: the confusion matrix as a figure, each class's accuracy
+  (recall) as a bar beside it;
 * ``tb/``: the same figure (tag ``eval/<split>/confusion_matrix``) and the accuracy and loss
   (``eval/<split>/acc``, ``eval/<split>/loss``) at the checkpoint's epoch; with TTA the tags
   are ``eval/<split>_tta_<mode>/...``.
@@ -47,8 +51,16 @@ from torch.utils.data import DataLoader, Dataset
 from transferlab.config import RunConfig
 from transferlab.data import build_splits, default_num_workers
 from transferlab.errors import UserError
+from transferlab.feature_cache.identity import dataset_identity
 from transferlab.infra.checkpoint import load_checkpoint
 from transferlab.infra.runtime import Precision, pick_device
+from transferlab.run.predictions import (
+    EVAL_PREDICTIONS,
+    Predictions,
+    logits_scores,
+    predict,
+    save_predictions,
+)
 from transferlab.run.saved import (
     checkpoint_config,
     checkpoint_path,
@@ -78,21 +90,6 @@ class EvalArgs:
     dataset: dict[str, Any] | None = None  # dataset.<field> overrides
 
 
-@dataclass
-class Predictions:
-    """Every sample's true and predicted class, and the mean cross-entropy loss."""
-
-    targets: np.ndarray
-    predicted: np.ndarray
-    loss: float
-
-
-
-
-
-
-
-
 # -- checkpoint, config, model, data -------------------------------------------------------------
 def eval_dataset(run: RunConfig, backbone, image_size: int, split: str,
                  classes: list[str], tta: str = "none") -> Dataset:
@@ -118,31 +115,18 @@ def eval_loader(dataset: Dataset, run: RunConfig, device: torch.device) -> DataL
                       shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
 
 
-@torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, device: torch.device, precision: Precision,
-            channels_last: bool) -> Predictions:
-    """Run ``model`` (in eval mode) over ``loader``, as the training loop's evaluation does.
-
-    Batches of ``(B, V, C, H, W)`` views (test-time augmentation) are scored by the mean of
-    the views' probabilities (:func:`transferlab.tools.tta.mean_log_probs`)."""
-    model.eval()
-    targets, predicted, loss_sum = [], [], 0.0
+def tta_scores(channels_last: bool):
+    """The log-probabilities of a batch: of its images, or for ``(B, V, C, H, W)`` views
+    (test-time augmentation) the mean of the views' probabilities
+    (:func:`transferlab.tools.tta.mean_log_probs`)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    for x, y in loader:
-        y = y.to(device)
-        with precision.autocast():
-            if x.dim() == 5:
-                scores = mean_log_probs(model, x.to(device), fmt)
-                loss = nn.functional.nll_loss(scores, y)
-            else:
-                scores = model(x.to(device, memory_format=fmt))
-                loss = nn.functional.cross_entropy(scores, y)
-        loss_sum += float(loss) * y.shape[0]
-        targets.append(y.cpu())
-        predicted.append(scores.argmax(1).cpu())
-    y_true = torch.cat(targets).numpy() if targets else np.zeros(0, dtype=np.int64)
-    y_pred = torch.cat(predicted).numpy() if predicted else np.zeros(0, dtype=np.int64)
-    return Predictions(y_true, y_pred, loss_sum / max(len(y_true), 1))
+
+    def scores(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 5:
+            return mean_log_probs(model, x, fmt)
+        return logits_scores(model, x)
+
+    return scores
 
 
 # -- metrics and reports -------------------------------------------------------------------------
@@ -174,10 +158,13 @@ def classification_metrics(pred: Predictions, classes: list[str]) -> dict[str, A
 
 
 def confusion_figure(matrix: list[list[int]], classes: list[str], title: str = "") -> Figure:
-    """The confusion matrix (rows: true, columns: predicted) with counts in the cells."""
+    """The confusion matrix (rows: true, columns: predicted) with counts in the cells, and
+    beside it each class's accuracy (its recall: the diagonal over the row) as a bar, on the
+    matrix's rows."""
     counts = np.asarray(matrix)
     side = min(max(4.0, 0.55 * len(classes) + 2.0), 20.0)
-    fig, ax = plt.subplots(figsize=(side + 1.0, side))
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(side + 1.0 + 0.4 * side, side),
+                                   gridspec_kw={"width_ratios": [1.0, 0.4]})
     image = ax.imshow(counts, cmap="Blues")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     ticks = range(len(classes))
@@ -192,8 +179,39 @@ def confusion_figure(matrix: list[list[int]], classes: list[str], title: str = "
                 color="white" if count > threshold else "black")
     if title:
         ax.set_title(title)
+    per_class_bars(bars, counts, classes)
     fig.tight_layout()
     return fig
+
+
+def per_class_accuracy(counts: np.ndarray) -> np.ndarray:
+    """Each class's accuracy (recall) from a confusion matrix; NaN for a class with no image."""
+    totals = counts.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(totals > 0, np.diag(counts) / np.maximum(totals, 1), np.nan)
+
+
+def per_class_bars(ax, counts: np.ndarray, classes: list[str]) -> None:
+    """Per-class accuracy as horizontal bars, top to bottom in the matrix's row order, the
+    overall accuracy dashed."""
+    acc = per_class_accuracy(counts)
+    rows = np.arange(len(classes))
+    ax.barh(rows, np.nan_to_num(acc), color="C0", height=0.7)
+    for row, value in zip(rows, acc, strict=True):
+        ax.text(min(value, 0.98) if value == value else 0.0, row,
+                f" {value:.2f}" if value == value else " no images", va="center",
+                ha="right" if value == value and value > 0.5 else "left", fontsize=8,
+                color="white" if value == value and value > 0.5 else "black")
+    total = counts.sum()
+    if total:
+        ax.axvline(np.trace(counts) / total, color="0.3", linestyle="--", linewidth=1,
+                   label="overall")
+        ax.legend(fontsize=7, loc="lower right")
+    ax.set_ylim(len(classes) - 0.5, -0.5)  # the matrix's row order
+    ax.set_yticks(rows, labels=classes)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("accuracy (recall)")
+    ax.set_title("per class")
 
 
 def summary_text(report: dict[str, Any]) -> str:
@@ -262,7 +280,13 @@ def evaluate_run(args: EvalArgs) -> dict[str, Any]:
     if channels_last:
         model.to(memory_format=torch.channels_last)
     pred = predict(model, eval_loader(dataset, run, device), device,
-                   Precision(device, run.trainer.amp, inference=True), channels_last)
+                   Precision(device, run.trainer.amp, inference=True), channels_last,
+                   tta_scores(channels_last))
+    identity = dataset_identity(dataset) if not args.dataset and args.tta == "none" else None
+    save_predictions(args.run / EVAL_PREDICTIONS, pred, {
+        "checkpoint": args.checkpoint, "epoch": ckpt.get("epoch"), "weights": args.weights,
+        "split": args.split, "tta": args.tta, "classes": classes, "identity": identity,
+        "dataset_overrides": args.dataset or {}})
     return {
         "run": str(args.run), "checkpoint": args.checkpoint, "checkpoint_path": str(path),
         "epoch": ckpt.get("epoch"), "split": args.split, "weights": args.weights,
