@@ -237,6 +237,7 @@ CLOSED_SETS = [
     (None, "trainer.feature_cache.identity", schema.FeatureCacheConfig),
     (None, "trainer.early_stopping.monitor", schema.EarlyStoppingConfig),
     (None, "trainer.regularize.name", schema.RegularizeConfig),
+    (None, "trainer.wandb.mode", schema.WandbConfig),
     (None, "freeze.stages.0.bn", schema.StageSpec),
     ("freeze=gradual", "freeze.gradual.bn", schema.GradualSpec),
     ("freeze=two_stage", "freeze.finetune_bn", schema.TwoStageConfig),

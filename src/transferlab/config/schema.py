@@ -124,6 +124,21 @@ class Regularizer(StrEnum):
     l2sp = "l2sp"
 
 
+class Logger(StrEnum):
+    """``trainer.loggers``: where a run's record goes besides metrics.json
+    (:mod:`transferlab.run.trackers`, docs/trackers.md)."""
+
+    tensorboard = "tensorboard"
+    csv = "csv"
+    mlflow = "mlflow"
+    wandb = "wandb"
+
+
+class WandbMode(StrEnum):
+    offline = "offline"  # no network: `wandb sync <its run dir>` uploads it later
+    online = "online"
+
+
 class LoraLayers(StrEnum):
     """The layer types of the target that get LoRA adapters: nn.Linear, nn.Conv2d or both."""
 
@@ -562,6 +577,22 @@ class DistributedConfig:
 
 
 @dataclass
+class MlflowConfig:
+    """``trainer.loggers=[...,mlflow]`` (docs/trackers.md)."""
+
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else MLflow's own default
+    experiment: str = "transferlab"
+
+
+@dataclass
+class WandbConfig:
+    """``trainer.loggers=[...,wandb]`` (docs/trackers.md)."""
+
+    project: str = "transferlab"
+    mode: WandbMode = WandbMode.offline
+
+
+@dataclass
 class EmaConfig:
     """An exponential moving average of the weights (:mod:`transferlab.engine.ema`;
     docs/training.md, "EMA of the weights"), updated after every optimizer step and evaluated
@@ -646,6 +677,10 @@ class TrainerConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     regularize: RegularizeConfig = field(default_factory=RegularizeConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    # Trackers of the run's record (docs/trackers.md): tensorboard | csv | mlflow | wandb
+    loggers: list[Logger] = field(default_factory=lambda: [Logger.tensorboard])
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass

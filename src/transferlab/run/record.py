@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import socket
@@ -12,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from transferlab.engine.best import epoch_rank
@@ -21,6 +21,9 @@ from transferlab.errors import Interrupted, Paused, error_line
 from transferlab.infra.liveness import process_started
 from transferlab.infra.processes import resume_command
 from transferlab.infra.run_dirs import atomic_write_text, lock_run
+from transferlab.run.trackers import open_trackers
+
+log = logging.getLogger("transferlab")
 
 HPARAM_METRICS = ("best_val_acc", "best_val_loss", "final_val_acc", "final_val_loss")
 STEP_TAGS = ("lr/", "grad/")  # TensorBoard tags per optimizer step (the others: per epoch)
@@ -81,6 +84,8 @@ def add_hparams(run_dir: Path, extra: dict[str, Any]) -> None:
         atomic_write_text(run_dir / "metrics.json", json.dumps(finite(record), indent=2,
                                                                allow_nan=False))
         files = sorted((run_dir / "tb").glob("events.out.tfevents.*"))
+        if not files:  # no TensorBoard session (trainer.loggers without tensorboard)
+            return
         kept = []
         for path in files:
             for raw in RawEventFileLoader(str(path)).Load():  # (as written: no migration)
@@ -142,14 +147,18 @@ class RunTracker:
         # where and when it ran (sweeps launched in parallel show their worker processes)
         here = {"host": socket.gethostname(), "pid": os.getpid(),
                 "pid_started": process_started(os.getpid())}
+        # trainer.loggers (run.trackers): TensorBoard's writer is self.writer
+        self.trackers = open_trackers(run_dir, config, resume is not None) if writes else []
         if resume is None:
             self.history: list[dict] = []
             self.best: dict | None = None
             self.extra: dict[str, Any] = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                           **here, "hparams": self.hparams}
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tb")) if writes else _Silent()
+            self.writer = self._events()
             text = yaml.safe_dump(config, sort_keys=False)
             self.writer.add_text("config", "```yaml\n" + text + "\n```", 0)
+            for tracker in self.trackers:
+                tracker.log_text("config", text, 0)
             for summary in hparams_summary(self.hparams, dict.fromkeys(
                     (f"hparam/{m}" for m in HPARAM_METRICS), 0.0)):
                 self.writer.file_writer.add_summary(summary)
@@ -170,8 +179,14 @@ class RunTracker:
                 "from_step": resume["step"], "mid_epoch": resume.get("partial") is not None}]
             if writes:
                 trim_events(run_dir / "tb", resume["epoch"], resume["step"])
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tb")) if writes else _Silent()
+            self.writer = self._events()
         self._write("running")
+
+    def _events(self):
+        """The TensorBoard writer of ``tb/`` (trainer.loggers has tensorboard), else one that
+        writes nothing."""
+        writers = [w for t in self.trackers if (w := t.summary_writer()) is not None]
+        return writers[0] if writers else _Silent()
 
     # -- per step / per epoch -------------------------------------------------------------
     def log_lrs(self, step: int, optimizer) -> None:
@@ -192,6 +207,8 @@ class RunTracker:
     def log_text(self, tag: str, text: str, step: int = 0) -> None:
         # Markdown renders leading spaces away: keep the table in a code block.
         self.writer.add_text(tag, "```\n" + text + "\n```", step)
+        for tracker in self.trackers:
+            tracker.log_text(tag, text, step)
 
     def log_epoch(self, record: dict, stage_index: int) -> bool:
         """Record one epoch; returns True when it is the best so far (val acc, then val loss;
@@ -218,6 +235,8 @@ class RunTracker:
         for name in HPARAM_METRICS:
             self.writer.add_scalar(f"hparam/{name}", summary[name], epoch)
         self.writer.flush()
+        for tracker in self.trackers:
+            tracker.log_epoch(record, self.history)
         self._write("running")
         return improved
 
@@ -239,7 +258,21 @@ class RunTracker:
         self.writer.flush()
         self.writer.close()
         self.metrics = self._write(status)
+        self._finish_trackers(status)
         return self.metrics
+
+    def _finish_trackers(self, status: str) -> None:
+        """Each tracker's end: the summary, the learning curves, the status. One that fails
+        (its server gone) is a warning: metrics.json is written, the run's result stands."""
+        curves = self.run_dir / "learning_curves.png"
+        epoch = self.history[-1]["epoch"] if self.history else 0
+        for tracker in self.trackers:
+            try:
+                tracker.finish(status, self.summary_metrics(), epoch,
+                               curves if curves.is_file() else None)
+            except Exception as exc:  # noqa: BLE001 (said, and the record is complete)
+                log.warning("trainer.loggers=%s: could not close its record: %s",
+                            tracker.name, error_line(exc))
 
     @contextlib.contextmanager
     def recording(self, curves_title: str | None = None):

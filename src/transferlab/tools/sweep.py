@@ -22,8 +22,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from transferlab.errors import UserError
 from transferlab.infra.job_process import SweepStop
 from transferlab.infra.run_dirs import SWEEP_DIR_ENV, safe_name
+from transferlab.run import trackers
 
 log = logging.getLogger("transferlab")
 
@@ -149,11 +151,19 @@ class SweepSummary(Callback):
         if runs_jobs_in_workers(OmegaConf.select(config, "hydra.launcher")):
             SweepSummary.stop = SweepStop(Path(config.hydra.sweep.dir),
                                           os.environ.get(SWEEP_ID_ENV, "?")).install()
+        try:  # the sweep's record in its trackers (MLflow's parent run)
+            trackers.start_sweep(SweepSummary.sweep_dir, _trainer(config))
+        except UserError as exc:  # each job then fails with it, one row each
+            log.warning("error: %s", exc)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
         if SweepSummary.stop is not None and SweepSummary.stop.signum is not None:
+            trackers.end_sweep(sweep_dir, _trainer(config), "interrupted")
             return
-        self.summarize(Path(config.hydra.sweep.dir))
+        self.summarize(sweep_dir)
+        trackers.end_sweep(sweep_dir, _trainer(config),
+                           "failed" if SweepSummary.failed_jobs else "completed")
 
     @staticmethod
     def summarize(sweep_dir: Path) -> None:
@@ -172,6 +182,11 @@ class SweepSummary(Callback):
               f"Compare: transferlab-compare {sweep_dir}\n"
               f"Open it in TensorBoard: tensorboard --logdir {sweep_dir}", file=sys.stdout,
               flush=True)
+
+
+def _trainer(config: DictConfig) -> dict:
+    """The sweep's ``trainer`` settings as plain data (what its trackers read)."""
+    return OmegaConf.to_container(config.trainer, resolve=True, enum_to_str=True)
 
 
 def write_sweep_views(sweep_dir: Path, runs) -> None:
