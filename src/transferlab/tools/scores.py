@@ -12,6 +12,8 @@ labelled target data set, without fine-tuning. Higher is better for every score 
 * :func:`transrate`: TransRate (Huang et al., ICML 2022): the coding rate of the (centred)
   features minus their coding rate given the class.
 
+and the slow but honest reference, :func:`probe_accuracy` (scikit-learn, imported when it runs).
+
 Everything is numpy (float64); ``features`` is (N, D), ``labels`` (N,) integers 0..C-1,
 ``probs`` (N, Z) rows that sum to one.
 """
@@ -140,7 +142,7 @@ def transrate(features: np.ndarray, labels: np.ndarray, eps: float = 1e-4) -> fl
     f = f - f.mean(axis=0)
     given = sum(np.mean(y == k) * coding_rate(f[y == k], eps)
                 for k in np.unique(y))
-    return coding_rate(f, eps) - given
+    return float(coding_rate(f, eps) - given)
 
 
 def _checked(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -184,3 +186,24 @@ SCORES: dict[str, Score] = {s.name: s for s in (
     Score("h_score", h_score, False, "H-score: between-class share of feature variance"),
     Score("transrate", transrate, False, "TransRate: coding rate minus class-given rate"),
 )}
+
+
+def probe_accuracy(features: np.ndarray, labels: np.ndarray, folds: int = 5,
+                   seed: int = 0) -> float:
+    """The slow but honest reference: the mean held-out accuracy of a logistic regression
+    (standardised features, C=1) over ``folds`` stratified folds of the training split."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    k = min(folds, int(np.bincount(labels).min()))
+    if k < 2:
+        raise UserError("the probe needs at least 2 training images of every class")
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    return float(cross_val_score(model, features, labels, cv=cv).mean())
+
+
+RANK_SCORES: dict[str, Score] = {**SCORES, "probe": Score(
+    "probe", probe_accuracy, False, "probe: k-fold logistic-regression accuracy (slow, honest)")}

@@ -1,0 +1,232 @@
+"""Rank backbones (and their blocks) for a data set before training any of them.
+
+    transferlab-rank dataset=hymenoptera                      # the offline zoo, LogME, blocks
+    transferlab-rank dataset=hymenoptera backbones=efficientnet_lite0,resnet18 scores=logme,leep
+
+Each candidate backbone is built as a run builds it (``backbone=<name>`` on top of the run's
+overrides). Its pooled features of the training split (eval preprocessing; the val split is
+never read) come from the feature cache: the entries ``transferlab-features``, ``task=logreg``
+and a frozen-backbone run read for that split, so a second call, or a later sweep, starts warm.
+Each chosen score of :mod:`transferlab.tools.scores` is computed on them. ``blocks``: the
+globally pooled outputs at every block boundary, from one pass over the training images, are
+scored too (one store entry of their own). A backbone that cannot be built (an online one
+without network) becomes one row saying why; the rest still comes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from transferlab.backbones import Backbone
+from transferlab.backbones.segments import block_boundaries, sequential_view
+from transferlab.config import AugmentConfig, RunConfig
+from transferlab.data import build_splits, eval_batch_size, loader_workers, worker_context
+from transferlab.errors import UserError
+from transferlab.feature_cache import FeatureCache
+from transferlab.feature_cache.identity import dataset_identity, dataset_labels, tensors_hash
+from transferlab.feature_cache.store import FORMAT, DiskStore
+from transferlab.infra.runtime import Precision, pick_device
+from transferlab.tools.backbone_lookup import backbone_config
+from transferlab.tools.scores import RANK_SCORES
+
+log = logging.getLogger("transferlab")
+
+@dataclass
+class Row:
+    """One candidate: a whole backbone (``block`` None) or its features after one block."""
+
+    backbone: str
+    block: str | None = None
+    block_index: int | None = None
+    dim: int | None = None
+    scores: dict[str, float | None] = field(default_factory=dict)
+    error: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return self.backbone if self.block is None else f"{self.backbone} @ {self.block}"
+
+
+@dataclass
+class Features:
+    """What the scores of one candidate read: its features, labels, and (a whole ImageNet
+    backbone only) the source model's class probabilities."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    probs: np.ndarray | None = None
+
+
+def score_row(row: Row, data: Features, scores: list[str]) -> Row:
+    """Every chosen score of the candidate; None where it does not apply (LEEP and NCE need
+    the source model's ImageNet probabilities: whole pretrained ImageNet backbones only)."""
+    row.dim = int(data.features.shape[1])
+    for name in scores:
+        entry = RANK_SCORES[name]
+        inputs = data.probs if entry.reads_probs else data.features
+        row.scores[name] = None if inputs is None else entry.fn(inputs, data.labels)
+    return row
+
+
+def source_probs(backbone: Backbone, pooled: np.ndarray) -> np.ndarray | None:
+    """The original ImageNet classifier's probabilities from the pooled features (the head's
+    average pooling over a 1x1 map is the identity), or None without an ImageNet head."""
+    if backbone.imagenet_head is None:
+        return None
+    x = torch.from_numpy(np.ascontiguousarray(pooled, dtype=np.float32))
+    if len(backbone.feature_shape) == 3:
+        x = x[:, :, None, None]
+    head = backbone.imagenet_head.to("cpu").eval()
+    with torch.no_grad():
+        return head(x).double().softmax(dim=1).numpy()
+
+
+# -- block boundaries ----------------------------------------------------------------------------
+def boundary_points(backbone: Backbone, image_size: int) -> list[tuple[int, int, str]]:
+    """(segment index, block index, block name) of the last cut after each block, input to
+    output; empty when the backbone has no sequential view (only used whole)."""
+    segments = sequential_view(backbone, image_size)
+    if segments is None:
+        return []
+    last: dict[int, int] = {}
+    for cut in block_boundaries(segments, backbone):
+        names = [n for s in segments[:cut] for n in s.param_names()]
+        owners = [j for j, b in enumerate(backbone.blocks) for n in names if b.owns(n)]
+        if owners:
+            last[max(owners)] = cut
+    return [(cut, j, backbone.blocks[j].name) for j, cut in sorted(last.items())]
+
+
+def _block_pass(backbone: Backbone, points: list[int], dataset: Dataset, image_size: int,
+                run: RunConfig, device: torch.device,
+                into: tuple[np.ndarray, np.ndarray]) -> None:
+    """One forward pass over ``dataset``: the globally pooled output at each cut of
+    ``points``, side by side, written into ``into`` (features, labels)."""
+    segments = sequential_view(backbone, image_size)
+    backbone.module.to(device).eval()
+    features, labels = into
+    loader = DataLoader(dataset, batch_size=eval_batch_size(run.trainer), shuffle=False,
+                        num_workers=loader_workers(run.trainer),
+                        multiprocessing_context=worker_context()
+                        if loader_workers(run.trainer) else None)
+    start, stops = 0, set(points)
+    with torch.no_grad(), Precision(device, run.trainer.amp).autocast():
+        for x, y in loader:
+            out, pooled = x.to(device), []
+            for i, seg in enumerate(segments[:max(points)], start=1):
+                out = seg.fn(out)
+                if i in stops:
+                    pooled.append(out.float().mean(dim=(2, 3)) if out.ndim == 4 else out.float())
+            n = len(y)
+            features[start:start + n] = torch.cat(pooled, dim=1).cpu().numpy()
+            labels[start:start + n] = np.asarray(y)
+            start += n
+
+
+def block_features(backbone: Backbone, dataset: Dataset, image_size: int, run: RunConfig,
+                   device: torch.device, store: DiskStore | None
+                   ) -> list[tuple[int, str, np.ndarray, np.ndarray]]:
+    """(block index, block name, pooled features (N, C), labels) after each block, from the
+    store's entry of this backbone, data and size, or one pass written into it."""
+    points = boundary_points(backbone, image_size)
+    if not points:
+        return []
+    widths = _widths(backbone, [p[0] for p in points], image_size)
+    shape = (len(dataset), sum(widths))
+    dtype = run.trainer.feature_cache.dtype
+    key_parts = {"format": FORMAT, "kind": "rank block boundaries", "backbone": backbone.name,
+                 "weights": tensors_hash([("backbone", backbone.module)]),
+                 "data": dataset_identity(dataset), "size": image_size, "dtype": dtype,
+                 "cuts": [p[0] for p in points], "torch": torch.__version__,
+                 "signer": store.signer if store else None}
+    key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:40]
+    entry = None
+    if store is not None and key_parts["data"] is not None:
+        entry = store.get(key, dataset_labels(dataset))
+        if entry is None:
+            with store.lock(key):
+                entry = store.get(key, dataset_labels(dataset)) or store.put(
+                    key, shape, dtype, {"key": key_parts},
+                    lambda f, y: _block_pass(backbone, [p[0] for p in points], dataset,
+                                             image_size, run, device, (f, y)))
+        features, labels = np.asarray(entry.features, dtype=np.float64), entry.labels
+    else:
+        features, labels = np.zeros(shape, dtype=np.float32), np.zeros(len(dataset), np.int64)
+        _block_pass(backbone, [p[0] for p in points], dataset, image_size, run, device,
+                    (features, labels))
+    edges = np.cumsum([0, *widths])
+    return [(j, name, features[:, edges[i]:edges[i + 1]], labels)
+            for i, (_, j, name) in enumerate(points)]
+
+
+def _widths(backbone: Backbone, cuts: list[int], image_size: int) -> list[int]:
+    segments = sequential_view(backbone, image_size)
+    x = torch.zeros(1, 3, image_size, image_size,
+                    device=next(backbone.module.parameters()).device)
+    widths = []
+    with torch.no_grad():
+        for i, seg in enumerate(segments[:max(cuts)], start=1):
+            x = seg.fn(x)
+            if i in cuts:
+                widths.append(int(x.shape[1]))
+    return widths
+
+
+# -- one candidate, the whole ranking ---------------------------------------------------------
+def feature_cache(run: RunConfig, backbone: Backbone, device: torch.device) -> FeatureCache:
+    """The cache :func:`~transferlab.feature_cache.extract_splits` makes for this
+    backbone (the same entries as ``transferlab-features`` and ``task=logreg``)."""
+    trainer = run.trainer
+    return FeatureCache(trainer.feature_cache, device, Precision(device, trainer.amp),
+                        trainer.channels_last and len(backbone.feature_shape) == 3,
+                        eval_batch_size(trainer), loader_workers(trainer))
+
+
+def rank_backbone(run: RunConfig, name: str, scores: list[str], blocks: bool,
+                  device: torch.device) -> list[Row]:
+    """The rows of one backbone: whole, then (``blocks``) after each block; one row with the
+    error when it cannot be built or its features cannot be made."""
+    from transferlab.run.build import build_backbone_of
+
+    started = time.perf_counter()
+    try:
+        run = dataclasses.replace(run, backbone=backbone_config(name, None))
+        backbone, _, size, _ = build_backbone_of(run)
+        splits = build_splits(run.dataset, AugmentConfig(), backbone.input, size)
+        cache = feature_cache(run, backbone, device)
+        x, y = cache.pooled_features(backbone, size, {"train": splits.train},
+                                     f"rank {name}")["train"]
+        rows = [score_row(Row(name), Features(x, y, source_probs(backbone, x)), scores)]
+        if blocks:
+            for j, block, fx, fy in block_features(backbone, splits.train, size, run,
+                                                   cache.device, cache.store):
+                rows.append(score_row(Row(name, block, j), Features(fx, fy), scores))
+    except UserError as exc:
+        return [Row(name, error=str(exc), seconds=time.perf_counter() - started)]
+    rows[0].seconds = time.perf_counter() - started
+    return rows
+
+
+def rank(run: RunConfig, backbones: list[str], scores: list[str], blocks: bool) -> list[Row]:
+    """Every candidate's rows, in the order given (the report ranks them)."""
+    unknown = [s for s in scores if s not in RANK_SCORES]
+    if unknown:
+        from transferlab.errors import did_you_mean
+
+        raise UserError(f"unknown score {unknown[0]!r}{did_you_mean(unknown[0], RANK_SCORES)}; "
+                        f"choose from {', '.join(RANK_SCORES)}")
+    device = pick_device(run.trainer.device)
+    rows: list[Row] = []
+    for name in backbones:
+        rows += rank_backbone(run, name, scores, blocks, device)
+    return rows
