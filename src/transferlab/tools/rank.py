@@ -70,11 +70,14 @@ class Features:
 def score_row(row: Row, data: Features, scores: list[str]) -> Row:
     """Every chosen score of the candidate; None where it does not apply (LEEP and NCE need
     the source model's ImageNet probabilities: whole pretrained ImageNet backbones only)."""
+    from threadpoolctl import threadpool_limits
+
     row.dim = int(data.features.shape[1])
-    for name in scores:
-        entry = RANK_SCORES[name]
-        inputs = data.probs if entry.reads_probs else data.features
-        row.scores[name] = None if inputs is None else entry.fn(inputs, data.labels)
+    with threadpool_limits(1, "blas"):  # these matrices are small: threads only contend
+        for name in scores:
+            entry = RANK_SCORES[name]
+            inputs = data.probs if entry.reads_probs else data.features
+            row.scores[name] = None if inputs is None else entry.fn(inputs, data.labels)
     return row
 
 

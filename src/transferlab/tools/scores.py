@@ -40,10 +40,16 @@ class Evidence:
 
 
 def _spectrum(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(U, sigma): left singular vectors of the span and the eigenvalues of F^T F there."""
-    u, s, _ = np.linalg.svd(features, full_matrices=False)
-    keep = s > s.max(initial=0.0) * max(features.shape) * np.finfo(float).eps
-    return u[:, keep], s[keep] ** 2
+    """(U, sigma): an orthonormal basis of F's column span and the non-zero eigenvalues of
+    F^T F there (F = U sqrt(sigma) V^T), from the eigendecomposition of the smaller Gram
+    matrix (faster than an SVD of a wide or tall F)."""
+    n, d = features.shape
+    gram = features @ features.T if n <= d else features.T @ features
+    sigma, vectors = np.linalg.eigh(gram)
+    keep = sigma > max(sigma.max(initial=0.0), 0.0) * max(n, d) * np.finfo(float).eps * 10
+    sigma, vectors = sigma[keep], vectors[:, keep]
+    u = vectors if n <= d else features @ vectors / np.sqrt(sigma)
+    return u, sigma
 
 
 def evidence_of(sigma: np.ndarray, x: np.ndarray, outside: float, n: int, d: int,
