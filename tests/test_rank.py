@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from transferlab.cli.args import help_text
 from transferlab.cli.rank import SPEC, main
@@ -21,6 +22,7 @@ from transferlab.tools.rank_report import (
     report,
 )
 from transferlab.tools.scores import probe_accuracy
+from transferlab.tools.unfreeze import fit_linear_head, relative_grad_norms
 
 
 def _rows() -> list[Row]:
@@ -143,3 +145,58 @@ def test_rank_twice_the_second_from_the_cache_and_an_offline_backbone_is_one_row
 def _same_scores(got: list[dict], want: list[dict]) -> bool:
     want = {(r["backbone"], r["block"]): r["scores"] for r in want}
     return all(r["scores"] == pytest.approx(want[(r["backbone"], r["block"])]) for r in got)
+
+
+# -- what to unfreeze: Auto-RGN ------------------------------------------------------------------
+def _tiny_backbone():
+    from torch import nn
+
+    from transferlab.backbones.base import Backbone, Block, InputSpec
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.ReLU())
+    return Backbone("tiny", module, [Block("conv0", ("0",)), Block("conv2", ("2",))],
+                    InputSpec(8, (0.5,) * 3, (0.5,) * 3), pretrained=False, feature_shape=(6, 6, 6))
+
+
+def test_relative_gradient_norm_is_grad_over_weight_norm_per_block():
+    """Checked against the gradient of the same loss computed directly (rel. 1e-5); the
+    backbone's requires_grad is put back as it was."""
+    from torch.utils.data import TensorDataset
+
+    backbone = _tiny_backbone()
+    for p in backbone.module.parameters():
+        p.requires_grad_(False)
+    x, y = torch.randn(8, 3, 8, 8), torch.tensor([0, 1] * 4)
+    head = torch.nn.Linear(6, 2)
+    ratios = relative_grad_norms(backbone, head, TensorDataset(x, y), batches=1, batch_size=8)
+    assert all(not p.requires_grad and p.grad is None for p in backbone.module.parameters())
+
+    module = backbone.module.requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(head(module(x).mean(dim=(2, 3))), y)
+    weights = [[module[0].weight, module[0].bias], [module[2].weight, module[2].bias]]
+    grads = torch.autograd.grad(loss, [p for ps in weights for p in ps])
+    for k, ps in enumerate(weights):
+        g = torch.sqrt(sum(t.pow(2).sum() for t in grads[2 * k:2 * k + 2]))
+        w = torch.sqrt(sum(p.pow(2).sum() for p in ps))
+        assert ratios[k] == pytest.approx(float(g / w), rel=1e-5)
+
+
+def test_linear_head_fits_separable_features():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 20)
+    features = rng.normal(size=(60, 5)) + 5 * np.eye(5)[labels]
+    head = fit_linear_head(features, labels)
+    with torch.no_grad():
+        predicted = head(torch.from_numpy(features).float()).argmax(1).numpy()
+    assert (predicted == labels).mean() == 1.0
+
+
+def test_reading_names_the_blocks_of_largest_relative_gradient_norm():
+    rows = [Row("x", "s", 0, scores={"logme": 0.1}, rgn=0.02),
+            Row("x", "t", 1, scores={"logme": 0.2}, rgn=0.05),
+            Row("x", "u", 2, scores={"logme": 0.3}, rgn=0.01)]
+    text = reading(rows, "x", "logme")
+    assert "blocks 1 (t, 5.0e-02), 0 (s, 2.0e-02), 2 (u, 1.0e-02)" in text
+    assert text.endswith("try freeze=surgical freeze.block=1")
+    assert block_table(rows, "x", ["logme"])[0][-1] == "rgn"

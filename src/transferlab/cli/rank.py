@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from transferlab.cli.args import Key, Spec, boolean, parse, run_main
+from transferlab.cli.args import Key, Spec, boolean, integer, parse, run_main
 from transferlab.errors import UserError, did_you_mean
 from transferlab.tools.scores import RANK_SCORES
 
@@ -32,6 +32,13 @@ def score_names(text: str) -> list[str]:
     return items
 
 
+def batches(text: str) -> int:
+    value = integer(text)
+    if value < 0:
+        raise ValueError("expected an integer >= 0")
+    return value
+
+
 SPEC = Spec(
     prog="transferlab-rank",
     summary="Rank candidate backbones (and the features after each of their blocks) for a "
@@ -46,6 +53,9 @@ SPEC = Spec(
             default_text=f"the offline zoo {OFFLINE_ZOO}"),
         Key("blocks", "also score the pooled features after every block of each backbone",
             boolean, default=True),
+        Key("rgn_batches", "with blocks=true: each block's relative gradient norm (Auto-RGN) "
+            "on this many batches of 16 training images, under a linear head fitted on the "
+            "features (0: not measured)", batches, default=0),
         Key("scores", f"comma-separated scores, the first ranks: {', '.join(RANK_SCORES)}",
             score_names, default=["logme"], metavar="<a,b,...>", default_text="logme"),
         Key("output", "the folder of rank.json, rank.md, rank.png", Path, metavar="<dir>",
@@ -54,13 +64,14 @@ SPEC = Spec(
     overrides="a config override, as for transferlab-train: dataset=..., dataset.root=..., "
               "dataset.train_fraction=0.1, dataset.folds=5 dataset.fold=0, "
               "dataset.image_size=..., trainer.device=cpu (not backbone=: use backbones=)",
-    usage="transferlab-rank [backbones=<a,b,...>] [blocks=true|false] [scores=<a,b,...>] "
-          "[output=<dir>] [<override> ...]",
+    usage="transferlab-rank [backbones=<a,b,...>] [blocks=true|false] [rgn_batches=N] "
+          "[scores=<a,b,...>] [output=<dir>] [<override> ...]",
     examples=(
         "transferlab-rank dataset=hymenoptera",
         "transferlab-rank dataset=hymenoptera backbones=efficientnet_lite0,resnet18 "
         "scores=logme,leep,probe blocks=false",
-        "transferlab-rank dataset=digits dataset.train_fraction=0.1 output=rank_digits",
+        "transferlab-rank dataset=digits dataset.train_fraction=0.1 rgn_batches=2 "
+        "output=rank_digits",
     ),
     notes=("exit code 1: a backbone could not be scored (its row says why; the others are "
            "in the table).",),
@@ -82,7 +93,7 @@ def run_cli(argv: list[str]) -> int:
     out = args["output"] or (Path("outputs/rank") / time.strftime("%Y-%m-%d")
                              / f"{time.strftime('%H-%M-%S')}_{run.dataset.name}")
     started = time.perf_counter()
-    rows = rank(run, args["backbones"], args["scores"], args["blocks"])
+    rows = rank(run, args["backbones"], args["scores"], args["blocks"], args["rgn_batches"])
     seconds = time.perf_counter() - started
     rep = report(rows, args["scores"], args.overrides)
     write_report(out, rows, rep, seconds)

@@ -37,6 +37,7 @@ from transferlab.feature_cache.store import FORMAT, DiskStore
 from transferlab.infra.runtime import Precision, pick_device
 from transferlab.tools.backbone_lookup import backbone_config
 from transferlab.tools.scores import RANK_SCORES
+from transferlab.tools.unfreeze import fit_linear_head, relative_grad_norms
 
 log = logging.getLogger("transferlab")
 
@@ -51,6 +52,7 @@ class Row:
     scores: dict[str, float | None] = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
+    rgn: float | None = None  # a block's relative gradient norm (Auto-RGN), when measured
 
     @property
     def label(self) -> str:
@@ -196,8 +198,9 @@ def feature_cache(run: RunConfig, backbone: Backbone, device: torch.device) -> F
 
 
 def rank_backbone(run: RunConfig, name: str, scores: list[str], blocks: bool,
-                  device: torch.device) -> list[Row]:
-    """The rows of one backbone: whole, then (``blocks``) after each block; one row with the
+                  device: torch.device, rgn_batches: int = 0) -> list[Row]:
+    """The rows of one backbone: whole, then (``blocks``) after each block, with their
+    relative gradient norm on ``rgn_batches`` batches (0: not measured); one row with the
     error when it cannot be built or its features cannot be made."""
     from transferlab.run.build import build_backbone_of
 
@@ -211,16 +214,21 @@ def rank_backbone(run: RunConfig, name: str, scores: list[str], blocks: bool,
                                      f"rank {name}")["train"]
         rows = [score_row(Row(name), Features(x, y, source_probs(backbone, x)), scores)]
         if blocks:
+            rgn = relative_grad_norms(backbone, fit_linear_head(x, y), splits.train,
+                                      rgn_batches, device=device) if rgn_batches else None
             for j, block, fx, fy in block_features(backbone, splits.train, size, run,
                                                    cache.device, cache.store):
-                rows.append(score_row(Row(name, block, j), Features(fx, fy), scores))
+                row = score_row(Row(name, block, j), Features(fx, fy), scores)
+                row.rgn = rgn[j] if rgn else None
+                rows.append(row)
     except UserError as exc:
         return [Row(name, error=str(exc), seconds=time.perf_counter() - started)]
     rows[0].seconds = time.perf_counter() - started
     return rows
 
 
-def rank(run: RunConfig, backbones: list[str], scores: list[str], blocks: bool) -> list[Row]:
+def rank(run: RunConfig, backbones: list[str], scores: list[str], blocks: bool,
+         rgn_batches: int = 0) -> list[Row]:
     """Every candidate's rows, in the order given (the report ranks them)."""
     unknown = [s for s in scores if s not in RANK_SCORES]
     if unknown:
@@ -231,5 +239,5 @@ def rank(run: RunConfig, backbones: list[str], scores: list[str], blocks: bool) 
     device = pick_device(run.trainer.device)
     rows: list[Row] = []
     for name in backbones:
-        rows += rank_backbone(run, name, scores, blocks, device)
+        rows += rank_backbone(run, name, scores, blocks, device, rgn_batches)
     return rows

@@ -54,10 +54,12 @@ def block_table(rows: list[Row], backbone: str, scores: list[str]) -> list[list[
     primary = scores[0]
     order = sorted(blocks, key=lambda r: -(r.scores.get(primary) or -math.inf))
     rank_of = {id(r): i + 1 for i, r in enumerate(order)}
-    lines = [["block", "name", *scores, "rank", "dim"]]
+    rgn = any(r.rgn is not None for r in blocks)
+    lines = [["block", "name", *scores, "rank", "dim", *(["rgn"] if rgn else [])]]
     for row in blocks:
         lines.append([str(row.block_index), row.block, *(_fmt(row.scores[s]) for s in scores),
-                      str(rank_of[id(row)]), str(row.dim)])
+                      str(rank_of[id(row)]), str(row.dim),
+                      *([f"{row.rgn:.2e}" if row.rgn is not None else "n/a"] if rgn else [])])
     return lines
 
 
@@ -71,14 +73,26 @@ def reading(rows: list[Row], backbone: str, primary: str) -> str | None:
     best = max(blocks, key=lambda r: r.scores[primary])
     last = blocks[-1]
     if best is last:
-        return (f"{backbone}: {primary} is highest after its last block ({last.block}): the "
+        text = (f"{backbone}: {primary} is highest after its last block ({last.block}): the "
                 f"pretrained features suit this data as they are; start with "
                 f"freeze=linear_probe, then try freeze=top_k freeze.k=2")
-    after = last.block_index - best.block_index
-    return (f"{backbone}: {primary} peaks after block {best.block_index} ({best.block}, "
-            f"{best.scores[primary]:.4f}) and falls to {last.scores[primary]:.4f} by the last "
-            f"block: the {after} blocks after it are the ImageNet-specific ones; try "
-            f"freeze=top_k freeze.k={after} (they train, the rest stays frozen)")
+    else:
+        after = last.block_index - best.block_index
+        text = (f"{backbone}: {primary} peaks after block {best.block_index} ({best.block}, "
+                f"{best.scores[primary]:.4f}) and falls to {last.scores[primary]:.4f} by the "
+                f"last block: the {after} blocks after it are the ImageNet-specific ones; try "
+                f"freeze=top_k freeze.k={after} (they train, the rest stays frozen)")
+    return text + _rgn_reading(blocks)
+
+
+def _rgn_reading(blocks: list[Row]) -> str:
+    """The blocks of the largest relative gradient norm, and the surgical run for the first."""
+    measured = sorted((r for r in blocks if r.rgn is not None), key=lambda r: -r.rgn)[:3]
+    if not measured:
+        return ""
+    names = ", ".join(f"{r.block_index} ({r.block}, {r.rgn:.1e})" for r in measured)
+    return (f". Auto-RGN: the largest relative gradient norms are in blocks {names}; "
+            f"try freeze=surgical freeze.block={measured[0].block_index}")
 
 
 def next_command(rows: list[Row], primary: str, overrides: list[str]) -> str | None:
