@@ -12,7 +12,7 @@ import torch
 
 from transferlab.cli.args import help_text
 from transferlab.cli.rank import SPEC, main
-from transferlab.tools.rank import Row
+from transferlab.tools.rank import Row, source_probs
 from transferlab.tools.rank_report import (
     block_table,
     console_text,
@@ -179,7 +179,7 @@ def test_relative_gradient_norm_is_grad_over_weight_norm_per_block():
     for k, ps in enumerate(weights):
         g = torch.sqrt(sum(t.pow(2).sum() for t in grads[2 * k:2 * k + 2]))
         w = torch.sqrt(sum(p.pow(2).sum() for p in ps))
-        assert ratios[k] == pytest.approx(float(g / w), rel=1e-5)
+        assert ratios[k] == pytest.approx(float(g.detach() / w.detach()), rel=1e-5)
 
 
 def test_linear_head_fits_separable_features():
@@ -200,3 +200,22 @@ def test_reading_names_the_blocks_of_largest_relative_gradient_norm():
     assert "blocks 1 (t, 5.0e-02), 0 (s, 2.0e-02), 2 (u, 1.0e-02)" in text
     assert text.endswith("try freeze=surgical freeze.block=1")
     assert block_table(rows, "x", ["logme"])[0][-1] == "rgn"
+
+
+def test_source_probabilities_from_pooled_features_only_when_the_head_averages():
+    """A global-average head gives, from the pooled features, the probabilities it gives from
+    the map (1e-5); a head that reads the map's layout (VGG's 7x7) gives none: LEEP is n/a."""
+    from torch import nn
+
+    backbone = _tiny_backbone()
+    torch.manual_seed(1)
+    maps = torch.randn(5, 6, 6, 6)
+    backbone.imagenet_head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1),
+                                           nn.Linear(6, 10))
+    probs = source_probs(backbone, maps.mean(dim=(2, 3)).numpy())
+    with torch.no_grad():
+        want = backbone.imagenet_head(maps).softmax(dim=1).numpy()
+    np.testing.assert_allclose(probs, want, rtol=1e-5, atol=1e-6)
+    backbone.imagenet_head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(1),
+                                           nn.Linear(24, 10))
+    assert source_probs(backbone, maps.mean(dim=(2, 3)).numpy()) is None

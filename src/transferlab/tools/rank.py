@@ -84,15 +84,21 @@ def score_row(row: Row, data: Features, scores: list[str]) -> Row:
 
 
 def source_probs(backbone: Backbone, pooled: np.ndarray) -> np.ndarray | None:
-    """The original ImageNet classifier's probabilities from the pooled features (the head's
-    average pooling over a 1x1 map is the identity), or None without an ImageNet head."""
+    """The original ImageNet classifier's probabilities from the pooled features, or None
+    without an ImageNet head, or when that head reads more than the average of the feature
+    map (VGG's 7x7 classifier): checked on a random map of the backbone's feature shape."""
     if backbone.imagenet_head is None:
         return None
-    x = torch.from_numpy(np.ascontiguousarray(pooled, dtype=np.float32))
-    if len(backbone.feature_shape) == 3:
-        x = x[:, :, None, None]
     head = backbone.imagenet_head.to("cpu").eval()
+    x = torch.from_numpy(np.ascontiguousarray(pooled, dtype=np.float32))
     with torch.no_grad():
+        if len(backbone.feature_shape) == 3:
+            probe = torch.randn(2, *backbone.feature_shape, generator=torch.Generator()
+                                .manual_seed(0))
+            averaged = probe.mean(dim=(2, 3), keepdim=True)
+            if not torch.allclose(head(probe), head(averaged), rtol=1e-4, atol=1e-4):
+                return None
+            x = x[:, :, None, None]
         return head(x).double().softmax(dim=1).numpy()
 
 
