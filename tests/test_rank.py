@@ -89,7 +89,7 @@ def test_probe_accuracy_separates_separable_from_random():
 @pytest.mark.parametrize("argv, error", [
     (["scores=logme,lepe"], "error: invalid value for scores: 'logme,lepe': unknown score "
                             "'lepe' (did you mean 'leep', 'probe', 'logme'?); choose from logme, "
-                            "leep, nce, h_score, transrate, probe"),
+                            "leep, nce, h_score, h_score_shrinkage, transrate, probe"),
     (["backbone=resnet18"], "error: backbone=resnet18: transferlab-rank takes "
                             "backbones=<a,b,...> (one or more), not backbone="),
     (["--blocks"], "error: --blocks is not an option: write blocks=true"),

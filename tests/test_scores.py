@@ -23,6 +23,15 @@ from transferlab.tools.scores import (
 )
 
 
+@pytest.fixture(autouse=True)
+def one_blas_thread():
+    """As transferlab-rank computes them: threads only contend on these small matrices."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, "blas"):
+        yield
+
+
 def _gaussian_logpdf(y: np.ndarray, cov: np.ndarray) -> float:
     """log N(y; 0, cov), straight from the density (Cholesky)."""
     chol = np.linalg.cholesky(cov)
@@ -157,3 +166,30 @@ def test_bad_inputs_are_one_line_errors(features, labels, match):
 def test_probabilities_are_checked():
     with pytest.raises(UserError, match="class probabilities"):
         leep(np.array([[2.0, 0.0], [0.0, 1.0]]), np.array([0, 1]))
+
+
+@pytest.mark.slow  # importing scikit-learn takes a second or two
+def test_ledoit_wolf_matches_scikit_learn():
+    """Our shrunk covariance and weight against scikit-learn's reference (rel. 1e-9)."""
+    covariance = pytest.importorskip("sklearn.covariance")
+    from transferlab.tools.scores import ledoit_wolf
+
+    rng = np.random.default_rng(6)
+    for n, d in ((50, 8), (20, 60)):
+        f = rng.normal(size=(n, d)) @ rng.normal(size=(d, d))
+        want_cov, want_shrinkage = covariance.ledoit_wolf(f)
+        cov, shrinkage = ledoit_wolf(f - f.mean(axis=0))
+        assert shrinkage == pytest.approx(want_shrinkage, rel=1e-9)
+        np.testing.assert_allclose(cov, want_cov, rtol=1e-9, atol=1e-12)
+
+
+def test_shrunk_h_score_does_not_saturate_when_dimensions_exceed_samples():
+    """With D > N the plain H-score is C-1 for any features (1e-6); the shrunk one still
+    tells separable features from random ones."""
+    from transferlab.tools.scores import h_score_shrinkage
+
+    separable, labels = _blobs(10, 80, separation=1.0)  # 30 samples, 80 dimensions
+    random = np.random.default_rng(7).normal(size=separable.shape)
+    assert h_score(separable, labels) == pytest.approx(2.0, abs=1e-6)
+    assert h_score(random, labels) == pytest.approx(2.0, abs=1e-6)
+    assert h_score_shrinkage(separable, labels) > 2 * h_score_shrinkage(random, labels)

@@ -8,7 +8,8 @@ labelled target data set, without fine-tuning. Higher is better for every score 
   empirical predictor" built from the source model's class probabilities.
 * :func:`nce`: NCE (Tran et al., ICCV 2019): the negative conditional entropy of the target
   labels given the source model's hard labels.
-* :func:`h_score`: H-score (Bao et al., ICIP 2019): ``tr(cov(f)^+ cov(E[f | y]))``.
+* :func:`h_score`: H-score (Bao et al., ICIP 2019): ``tr(cov(f)^+ cov(E[f | y]))``, and
+  :func:`h_score_shrinkage` (Ibrahim et al., 2022), its covariance shrunk (Ledoit-Wolf).
 * :func:`transrate`: TransRate (Huang et al., ICML 2022): the coding rate of the (centred)
   features minus their coding rate given the class.
 
@@ -122,16 +123,47 @@ def nce(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.sum(joint[nz] * np.log(joint[nz] / np.broadcast_to(pz, joint.shape)[nz])))
 
 
-def h_score(features: np.ndarray, labels: np.ndarray) -> float:
-    """H-score: tr(cov(f)^+ cov(g)), g(x) the mean feature of x's class."""
-    f, y = _checked(features, labels)
-    f = f - f.mean(axis=0)
+def _class_mean_cov(f: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """cov(g), g(x) the mean of x's class in the centred features ``f``."""
     means = np.stack([f[y == k].mean(axis=0) if np.any(y == k) else np.zeros(f.shape[1])
                       for k in range(int(y.max()) + 1)])
     g = means[y]
+    return g.T @ g / len(f)
+
+
+def h_score(features: np.ndarray, labels: np.ndarray) -> float:
+    """H-score: tr(cov(f)^+ cov(g)), g(x) the mean feature of x's class. With more feature
+    dimensions than samples cov(f) is singular and the score saturates at C-1: see
+    :func:`h_score_shrinkage`."""
+    f, y = _checked(features, labels)
+    f = f - f.mean(axis=0)
     cov_f = f.T @ f / len(f)
-    cov_g = g.T @ g / len(f)
-    return float(np.trace(np.linalg.pinv(cov_f, rcond=1e-10, hermitian=True) @ cov_g))
+    return float(np.trace(np.linalg.pinv(cov_f, rcond=1e-10, hermitian=True)
+                          @ _class_mean_cov(f, y)))
+
+
+def ledoit_wolf(f: np.ndarray) -> tuple[np.ndarray, float]:
+    """(the Ledoit-Wolf shrunk covariance of the centred ``f``, its shrinkage): the sample
+    covariance pulled towards mu I by the weight that minimises the expected squared error
+    (Ledoit and Wolf, 2004)."""
+    n, d = f.shape
+    cov = f.T @ f / n
+    mu = np.trace(cov) / d
+    squares = f**2
+    spread = float(np.sum(squares.T @ squares) / n - np.sum(cov**2)) / (d * n)
+    distance = float(np.sum(cov**2) - 2 * mu * np.trace(cov) + d * mu**2) / d
+    shrinkage = 0.0 if distance == 0 else min(spread, distance) / distance
+    return (1 - shrinkage) * cov + shrinkage * mu * np.eye(d), shrinkage
+
+
+def h_score_shrinkage(features: np.ndarray, labels: np.ndarray) -> float:
+    """The regularised H-score (Ibrahim et al., 2022): cov(f) by Ledoit-Wolf shrinkage
+    (weight a), tr(cov_a(f)^-1 (1 - a) cov(g)); meaningful when D exceeds N."""
+    f, y = _checked(features, labels)
+    f = f - f.mean(axis=0)
+    cov_f, shrinkage = ledoit_wolf(f)
+    return float(np.trace(np.linalg.pinv(cov_f, rcond=1e-15, hermitian=True)
+                          @ ((1 - shrinkage) * _class_mean_cov(f, y))))
 
 
 def coding_rate(z: np.ndarray, eps: float) -> float:
@@ -190,6 +222,8 @@ SCORES: dict[str, Score] = {s.name: s for s in (
     Score("leep", leep, True, "LEEP: log-likelihood of the source-label predictor"),
     Score("nce", nce, True, "NCE: -H(target label | source label)"),
     Score("h_score", h_score, False, "H-score: between-class share of feature variance"),
+    Score("h_score_shrinkage", h_score_shrinkage, False,
+          "H-score with a Ledoit-Wolf shrunk covariance (for more dimensions than images)"),
     Score("transrate", transrate, False, "TransRate: coding rate minus class-given rate"),
 )}
 

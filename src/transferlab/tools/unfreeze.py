@@ -35,7 +35,12 @@ def fit_linear_head(features: np.ndarray, labels: np.ndarray, steps: int = 100) 
         loss.backward()
         return loss
 
-    optimizer.step(closure)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a small problem: more threads only contend
+    try:
+        optimizer.step(closure)
+    finally:
+        torch.set_num_threads(threads)
     return head
 
 
