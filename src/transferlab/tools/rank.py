@@ -27,13 +27,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from transferlab.backbones import Backbone
-from transferlab.backbones.segments import block_boundaries, sequential_view
+from transferlab.backbones.segments import Segment, block_boundaries, sequential_view
 from transferlab.config import AugmentConfig, RunConfig
 from transferlab.data import build_splits, eval_batch_size, loader_workers, worker_context
 from transferlab.errors import UserError
 from transferlab.feature_cache import FeatureCache
 from transferlab.feature_cache.identity import dataset_identity, dataset_labels, tensors_hash
-from transferlab.feature_cache.store import FORMAT, DiskStore
+from transferlab.feature_cache.store import FORMAT, DiskStore, LockUnavailable
 from transferlab.infra.runtime import Precision, pick_device
 from transferlab.tools.backbone_lookup import backbone_config
 from transferlab.tools.scores import RANK_SCORES
@@ -103,12 +103,9 @@ def source_probs(backbone: Backbone, pooled: np.ndarray) -> np.ndarray | None:
 
 
 # -- block boundaries ----------------------------------------------------------------------------
-def boundary_points(backbone: Backbone, image_size: int) -> list[tuple[int, int, str]]:
-    """(segment index, block index, block name) of the last cut after each block, input to
-    output; empty when the backbone has no sequential view (only used whole)."""
-    segments = sequential_view(backbone, image_size)
-    if segments is None:
-        return []
+def boundary_points(backbone: Backbone, segments: list[Segment]) -> list[tuple[int, int, str]]:
+    """(segment index, block index, block name) of the last cut after each block of the
+    backbone's sequential view ``segments``, input to output."""
     last: dict[int, int] = {}
     for cut in block_boundaries(segments, backbone):
         names = [n for s in segments[:cut] for n in s.param_names()]
@@ -118,27 +115,30 @@ def boundary_points(backbone: Backbone, image_size: int) -> list[tuple[int, int,
     return [(cut, j, backbone.blocks[j].name) for j, cut in sorted(last.items())]
 
 
-def _block_pass(backbone: Backbone, points: list[int], dataset: Dataset, image_size: int,
-                run: RunConfig, device: torch.device,
-                into: tuple[np.ndarray, np.ndarray]) -> None:
-    """One forward pass over ``dataset``: the globally pooled output at each cut of
-    ``points``, side by side, written into ``into`` (features, labels)."""
-    segments = sequential_view(backbone, image_size)
-    backbone.module.to(device).eval()
+def _pooled_at(segments: list[Segment], cuts: list[int], x: torch.Tensor) -> list[torch.Tensor]:
+    """The chain run on ``x`` up to the last cut: the globally pooled output at each cut."""
+    pooled, stops = [], set(cuts)
+    for i, seg in enumerate(segments[:max(cuts)], start=1):
+        x = seg.fn(x)
+        if i in stops:
+            pooled.append(x.float().mean(dim=(2, 3)) if x.ndim == 4 else x.float())
+    return pooled
+
+
+def _block_pass(segments: list[Segment], cuts: list[int], dataset: Dataset, run: RunConfig,
+                device: torch.device, into: tuple[np.ndarray, np.ndarray]) -> None:
+    """One forward pass over ``dataset``: the pooled outputs at ``cuts``, side by side,
+    written into ``into`` (features, labels)."""
     features, labels = into
+    workers = loader_workers(run.trainer)
     loader = DataLoader(dataset, batch_size=eval_batch_size(run.trainer), shuffle=False,
-                        num_workers=loader_workers(run.trainer),
-                        multiprocessing_context=worker_context()
-                        if loader_workers(run.trainer) else None)
-    start, stops = 0, set(points)
+                        num_workers=workers,
+                        multiprocessing_context=worker_context() if workers else None)
+    start = 0
     with torch.no_grad(), Precision(device, run.trainer.amp).autocast():
         for x, y in loader:
-            out, pooled = x.to(device), []
-            for i, seg in enumerate(segments[:max(points)], start=1):
-                out = seg.fn(out)
-                if i in stops:
-                    pooled.append(out.float().mean(dim=(2, 3)) if out.ndim == 4 else out.float())
             n = len(y)
+            pooled = _pooled_at(segments, cuts, x.to(device))
             features[start:start + n] = torch.cat(pooled, dim=1).cpu().numpy()
             labels[start:start + n] = np.asarray(y)
             start += n
@@ -148,49 +148,52 @@ def block_features(backbone: Backbone, dataset: Dataset, image_size: int, run: R
                    device: torch.device, store: DiskStore | None
                    ) -> list[tuple[int, str, np.ndarray, np.ndarray]]:
     """(block index, block name, pooled features (N, C), labels) after each block, from the
-    store's entry of this backbone, data and size, or one pass written into it."""
-    points = boundary_points(backbone, image_size)
+    store's entry of this backbone, data and size, or one pass written into it; empty when
+    the backbone has no sequential view (it is only used whole)."""
+    module = backbone.module.to(device).eval()
+    segments = sequential_view(backbone, image_size)
+    points = boundary_points(backbone, segments) if segments else []
     if not points:
         return []
-    widths = _widths(backbone, [p[0] for p in points], image_size)
-    shape = (len(dataset), sum(widths))
-    dtype = run.trainer.feature_cache.dtype
+    cuts = [p[0] for p in points]
+    with torch.no_grad():
+        probe = torch.zeros(1, 3, image_size, image_size, device=device)
+        widths = [int(t.shape[1]) for t in _pooled_at(segments, cuts, probe)]
+    shape, dtype = (len(dataset), sum(widths)), run.trainer.feature_cache.dtype
     key_parts = {"format": FORMAT, "kind": "rank block boundaries", "backbone": backbone.name,
-                 "weights": tensors_hash([("backbone", backbone.module)]),
+                 "weights": tensors_hash([("backbone", module)]),
                  "data": dataset_identity(dataset), "size": image_size, "dtype": dtype,
-                 "cuts": [p[0] for p in points], "torch": torch.__version__,
+                 "cuts": cuts, "torch": torch.__version__,
                  "signer": store.signer if store else None}
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:40]
-    entry = None
-    if store is not None and key_parts["data"] is not None:
-        entry = store.get(key, dataset_labels(dataset))
-        if entry is None:
-            with store.lock(key):
-                entry = store.get(key, dataset_labels(dataset)) or store.put(
-                    key, shape, dtype, {"key": key_parts},
-                    lambda f, y: _block_pass(backbone, [p[0] for p in points], dataset,
-                                             image_size, run, device, (f, y)))
-        features, labels = np.asarray(entry.features, dtype=np.float64), entry.labels
-    else:
-        features, labels = np.zeros(shape, dtype=np.float32), np.zeros(len(dataset), np.int64)
-        _block_pass(backbone, [p[0] for p in points], dataset, image_size, run, device,
-                    (features, labels))
+
+    def fill(features: np.ndarray, labels: np.ndarray) -> None:
+        _block_pass(segments, cuts, dataset, run, device, (features, labels))
+
+    features, labels = _stored(store, key, key_parts, shape, dataset, fill)
     edges = np.cumsum([0, *widths])
     return [(j, name, features[:, edges[i]:edges[i + 1]], labels)
             for i, (_, j, name) in enumerate(points)]
 
 
-def _widths(backbone: Backbone, cuts: list[int], image_size: int) -> list[int]:
-    segments = sequential_view(backbone, image_size)
-    x = torch.zeros(1, 3, image_size, image_size,
-                    device=next(backbone.module.parameters()).device)
-    widths = []
-    with torch.no_grad():
-        for i, seg in enumerate(segments[:max(cuts)], start=1):
-            x = seg.fn(x)
-            if i in cuts:
-                widths.append(int(x.shape[1]))
-    return widths
+def _stored(store: DiskStore | None, key: str, key_parts: dict, shape: tuple[int, int],
+            dataset: Dataset, fill) -> tuple[np.ndarray, np.ndarray]:
+    """The store's entry ``key`` (filled under its lock when absent or bad), or, without a
+    usable store, the arrays filled in memory."""
+    if store is not None and key_parts["data"] is not None:
+        expected = dataset_labels(dataset)
+        try:
+            entry = store.get(key, expected)
+            if entry is None:
+                with store.lock(key):
+                    entry = store.get(key, expected) or store.put(
+                        key, shape, key_parts["dtype"], {"key": key_parts}, fill)
+            return np.asarray(entry.features, dtype=np.float64), np.asarray(entry.labels)
+        except LockUnavailable as exc:
+            log.warning("feature cache: %s: the block features are kept in memory", exc)
+    features, labels = np.zeros(shape, dtype=np.float32), np.zeros(shape[0], np.int64)
+    fill(features, labels)
+    return features, labels
 
 
 # -- one candidate, the whole ranking ---------------------------------------------------------
