@@ -135,10 +135,11 @@ def _block_pass(segments: list[Segment], cuts: list[int], dataset: Dataset, run:
                         num_workers=workers,
                         multiprocessing_context=worker_context() if workers else None)
     start = 0
+    fmt = torch.channels_last if run.trainer.channels_last else torch.contiguous_format
     with torch.no_grad(), Precision(device, run.trainer.amp).autocast():
         for x, y in loader:
             n = len(y)
-            pooled = _pooled_at(segments, cuts, x.to(device))
+            pooled = _pooled_at(segments, cuts, x.to(device, memory_format=fmt))
             features[start:start + n] = torch.cat(pooled, dim=1).cpu().numpy()
             labels[start:start + n] = np.asarray(y)
             start += n
