@@ -93,6 +93,8 @@ def test_probe_accuracy_separates_separable_from_random():
     (["backbone=resnet18"], "error: backbone=resnet18: transferlab-rank takes "
                             "backbones=<a,b,...> (one or more), not backbone="),
     (["--blocks"], "error: --blocks is not an option: write blocks=true"),
+    (["blocks=false", "rgn_batches=2"], "error: rgn_batches=2 measures blocks: drop "
+                                        "blocks=false, or rgn_batches="),
     (["blocks=maybe"], "error: invalid value for blocks: 'maybe': expected true/false "
                        "(or 1/0, yes/no)"),
 ])

@@ -55,7 +55,7 @@ SPEC = Spec(
             boolean, default=True),
         Key("rgn_batches", "with blocks=true: each block's relative gradient norm (Auto-RGN) "
             "on this many batches of 16 training images, under a linear head fitted on the "
-            "features (0: not measured)", batches, default=0),
+            "features (0: not measured)", batches, default=0, metavar="N"),
         Key("scores", f"comma-separated scores, the first ranks: {', '.join(RANK_SCORES)}",
             score_names, default=["logme"], metavar="<a,b,...>", default_text="logme"),
         Key("output", "the folder of rank.json, rank.md, rank.png", Path, metavar="<dir>",
@@ -85,6 +85,9 @@ def run_cli(argv: list[str]) -> int:
     if given_backbone:
         raise UserError(f"{given_backbone[0]}: transferlab-rank takes backbones=<a,b,...> "
                         "(one or more), not backbone=")
+    if args["rgn_batches"] and not args["blocks"]:
+        raise UserError(f"rgn_batches={args['rgn_batches']} measures blocks: drop "
+                        "blocks=false, or rgn_batches=")
     from transferlab.config import compose_config, load_config
     from transferlab.tools.rank import rank
     from transferlab.tools.rank_report import console_text, report, write_report
