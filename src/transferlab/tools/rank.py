@@ -226,8 +226,12 @@ def rank_backbone(run: RunConfig, name: str, scores: list[str], blocks: bool,
         if blocks:
             rgn = relative_grad_norms(backbone, fit_linear_head(x, y), splits.train,
                                       rgn_batches, device=device) if rgn_batches else None
-            for j, block, fx, fy in block_features(backbone, splits.train, size, run,
-                                                   cache.device, cache.store):
+            boundaries = block_features(backbone, splits.train, size, run, cache.device,
+                                        cache.store)
+            if not boundaries:
+                log.warning("%s cannot be cut at its block boundaries (no sequential view): "
+                            "it is scored whole only", name)
+            for j, block, fx, fy in boundaries:
                 row = score_row(Row(name, block, j), Features(fx, fy), scores)
                 row.rgn = rgn[j] if rgn else None
                 rows.append(row)
