@@ -69,12 +69,14 @@ def test_next_command_sweeps_the_top_two_that_were_scored():
     assert next_command([Row("x", error="no")], "logme", []) is None
 
 
-def test_console_text_says_what_the_score_means_and_mentions_halving_as_future():
+def test_console_text_says_what_the_score_means_and_suggests_a_sweep_and_halving():
     text = console_text(report(_rows(), ["logme"], ["dataset=digits"]))
     assert text.splitlines()[0].startswith("ranked by logme on the training split")
     assert "failed: weights cannot be downloaded" in text
-    assert "next: transferlab-train -m dataset=digits backbone=c,b" in text
-    assert "when the halving sweeper (hydra/sweeper=halving) is available" in text
+    assert text.splitlines()[-2:] == [
+        "next: transferlab-train -m dataset=digits backbone=c,b freeze=linear_probe,top_k",
+        "  or, stopping the weak ones early: transferlab-train -m hydra/sweeper=halving "
+        "dataset=digits backbone=c,b freeze=linear_probe,top_k"]
 
 
 @pytest.mark.slow  # importing scikit-learn takes a second or two

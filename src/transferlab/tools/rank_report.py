@@ -120,8 +120,9 @@ def md_table(lines: list[list[str]]) -> str:
     return "\n".join([rows[0], "|" + "---|" * width, *rows[1:]])
 
 
-HALVING = ("when the halving sweeper (hydra/sweeper=halving) is available, add it to this "
-           "command to stop the weak candidates early")
+def halving_command(plain: str) -> str:
+    """The same sweep under successive halving (docs/sweeps.md, Halving sweeps)."""
+    return plain.replace("transferlab-train -m ", "transferlab-train -m hydra/sweeper=halving ", 1)
 
 
 def report(rows: list[Row], scores: list[str], overrides: list[str]) -> dict:
@@ -135,7 +136,8 @@ def report(rows: list[Row], scores: list[str], overrides: list[str]) -> dict:
         "blocks": {b: block_table(rows, b, scores) for b in backbones
                    if any(r.backbone == b and r.block is not None for r in rows)},
         "readings": [t for b in backbones if (t := reading(rows, b, primary))],
-        "next": next_command(rows, primary, overrides),
+        "next": (plain := next_command(rows, primary, overrides)),
+        "next_halving": halving_command(plain) if plain else None,
         "rows": [asdict(r) for r in rows],
     }
 
@@ -150,7 +152,8 @@ def console_text(rep: dict) -> str:
         lines += ["", "reading (a heuristic from linear separability, not a fine-tuning "
                   "result):", *(f"  {t}" for t in rep["readings"])]
     if rep["next"]:
-        lines += ["", f"next: {rep['next']}", f"      ({HALVING})"]
+        lines += ["", f"next: {rep['next']}",
+                  f"  or, stopping the weak ones early: {rep['next_halving']}"]
     return "\n".join(lines)
 
 
@@ -166,8 +169,9 @@ def markdown(rep: dict, seconds: float) -> str:
     if rep["readings"]:
         parts += ["## Reading", "", *(f"- {t}" for t in rep["readings"]), ""]
     if rep["next"]:
-        parts += ["## Next", "", "```", rep["next"], "```", "", HALVING[0].upper() + HALVING[1:]
-                  + ".", ""]
+        parts += ["## Next", "", "```", rep["next"], "```", "",
+                  "or, stopping the weak candidates early (successive halving):", "", "```",
+                  rep["next_halving"], "```", ""]
     parts += ["![scores](rank.png)", ""]
     return "\n".join(parts)
 
