@@ -104,7 +104,12 @@ def _top5(backbone, image) -> list[str]:
     return [backbone.categories[i] for i in probs.topk(5).indices]
 
 
-@pytest.fixture(scope="module", params=sorted(LITES))
+# lite0 in the fast tier (as before); lite1 and lite2 in the slow one (the fast tier's minute)
+@pytest.fixture(scope="module", params=[
+    "efficientnet_lite0",
+    pytest.param("efficientnet_lite1", marks=pytest.mark.slow),
+    pytest.param("efficientnet_lite2", marks=pytest.mark.slow),
+])
 def lite(request):
     return build_backbone(backbone_cfg(request.param))
 
