@@ -144,6 +144,7 @@ def test_a_rung_launches_only_the_jobs_short_of_its_budget(tmp_path):
                                               f"hydra.sweep.subdir='{configs[2].jobs[0].subdir}'"]]
     on = halving.score(0, configs)
     assert [c.index for c in on] == [0]  # the tie goes to the first; the failed one is last
+    assert halving.rungs[0]["tied_at_cut"] == 2  # (and a warning says so)
     record = json.loads((tmp_path / "halving.json").read_text())
     assert [c["config"] for c in record["rungs"][0]["configurations"]] == [0, 1, 2]
     assert record["epochs_trained"] == 2 and "winner" not in record

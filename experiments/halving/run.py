@@ -7,11 +7,12 @@ The digits grid: 3 learning rates x 3 freeze policies (``linear_probe`` 9 epochs
 ``two_stage`` 3 + 6; ``lp_ft`` 3 + 6: each policy's own epoch keys on one command line), the
 default backbone (ImageNet EfficientNet-Lite0) with digits' 8x8 scans upsampled to 32 px (not
 64: a 2-core CPU budget, as in ``which_policy``), no augmentation (the frozen
-stages read the feature cache), ``trainer.deterministic=true``. Both sweeps rank by the best
+stages read the feature cache), ``trainer.deterministic=true``. Every sweep ranks by the best
 validation accuracy of digits' validation split. The exhaustive sweep is a plain ``-m``; the
-halving sweep is eta 3 from 1 epoch. Both run in one process each, one after the other, so
-their wall times compare on the same machine, after a short warm-up sweep that fills the
-feature cache, so that neither pays for it.
+halving sweeps (``HALVING``) are eta 3 from epoch 1, and eta 3 on rungs that start after the
+shared head stage. Each sweep runs in one process, one after the other, so their wall times
+compare on the same machine, after a short warm-up sweep that fills the feature cache, so
+that none pays for it.
 
 Results go to ``results.json`` beside this script (one entry per study, replaced by a rerun).
 """
@@ -39,7 +40,12 @@ STUDIES = {
 WARMUP = ["trainer.epochs=1", "freeze.head_epochs=1", "freeze.probe_epochs=1",
           "freeze.finetune_epochs=1"]
 WARMUP_KEYS = [w.split("=")[0] for w in WARMUP]
-HALVING = ["hydra/sweeper=halving", "hydra.sweeper.eta=3", "hydra.sweeper.min_epochs=1"]
+# the halving sweeps: eta 3 from epoch 1 (the sweeper's defaults), and rungs that start after
+# the head stage the three policies share (epochs 1-3 are the same training for all three)
+HALVING = {"from epoch 1": ["hydra/sweeper=halving", "hydra.sweeper.eta=3",
+                            "hydra.sweeper.min_epochs=1"],
+           "rungs 4, 6, 9": ["hydra/sweeper=halving", "hydra.sweeper.eta=3",
+                             "hydra.sweeper.rungs=[4,6,9]"]}
 
 
 def sweep(args: list[str], out: Path) -> float:
@@ -62,48 +68,50 @@ def jobs(out: Path) -> dict[str, dict]:
         overrides = yaml.safe_load((path.parent / ".hydra" / "overrides.yaml").read_text())
         key = " ".join(o for o in overrides if o.split("=")[0] in ("optimizer.lr", "freeze"))
         found[key] = {"status": record["status"], "epochs": len(record["history"]),
+                      "finetune_epochs": sum(e["stage"] == "finetune" for e in record["history"]),
                       "best_val_acc": (record.get("best") or {}).get("val_acc"),
                       "history": [round(e["val_acc"], 4) for e in record["history"]],
                       "resumes": len(record.get("resumes", []))}
     return found
 
 
+def summary(wall: float, found: dict[str, dict], pick: str, value: float) -> dict:
+    return {"wall_s": round(wall, 1), "epochs": sum(j["epochs"] for j in found.values()),
+            "finetune_epochs": sum(j["finetune_epochs"] for j in found.values()),
+            "pick": pick, "pick_val_acc": value, "jobs": found}
+
+
 def run_study(name: str) -> dict:
     grid = STUDIES[name]
+    out = {"grid": grid, "halving": HALVING}
     with tempfile.TemporaryDirectory(prefix="halving-") as tmp:
         root = Path(tmp)
         # fill the feature cache first (each policy for 1 + 1 epochs: the frozen backbone's
-        # and the frozen prefix's outputs), so that neither sweep pays for it
+        # and the frozen prefix's outputs), so that no sweep pays for it
         sweep([g for g in grid if g.split("=")[0].split(".")[0] in ("dataset", "freeze")
-               and g.split("=")[0] not in WARMUP_KEYS] + WARMUP,
-              root / "warmup")
-        exhaustive_wall = sweep(grid, root / "exhaustive")
-        halving_wall = sweep([*HALVING, *grid], root / "halving")
-        exhaustive, halved = jobs(root / "exhaustive"), jobs(root / "halving")
-        record = json.loads((root / "halving" / "halving.json").read_text())
-    pick = max(exhaustive, key=lambda k: (exhaustive[k]["best_val_acc"], -list(exhaustive)
-                                          .index(k)))
-    winner = " ".join(record["winner"]["overrides"])
-    return {
-        "grid": grid, "halving": HALVING,
-        "exhaustive": {"wall_s": round(exhaustive_wall, 1),
-                       "epochs": sum(j["epochs"] for j in exhaustive.values()),
-                       "pick": pick, "pick_val_acc": exhaustive[pick]["best_val_acc"],
-                       "jobs": exhaustive},
-        "halving_run": {"wall_s": round(halving_wall, 1), "epochs": record["epochs_trained"],
-                        "pick": winner, "pick_val_acc": record["winner"]["value"],
-                        "rungs": record["rungs"], "jobs": halved},
-    }
+               and g.split("=")[0] not in WARMUP_KEYS] + WARMUP, root / "warmup")
+        wall = sweep(grid, root / "exhaustive")
+        found = jobs(root / "exhaustive")
+        pick = max(found, key=lambda k: (found[k]["best_val_acc"], -list(found).index(k)))
+        out["exhaustive"] = summary(wall, found, pick, found[pick]["best_val_acc"])
+        for i, (label, args) in enumerate(HALVING.items()):
+            wall = sweep([*args, *grid], root / f"halving{i}")
+            record = json.loads((root / f"halving{i}" / "halving.json").read_text())
+            out[label] = {**summary(wall, jobs(root / f"halving{i}"),
+                                    " ".join(record["winner"]["overrides"]),
+                                    record["winner"]["value"]),
+                          "rungs": record["rungs"]}
+    return out
 
 
 def report(results: dict) -> str:
-    lines = ["| study | sweep | epochs trained | wall time | pick | its best val acc |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| study | sweep | epochs trained | of them fine-tuning | wall time | pick | its "
+             "best val acc |", "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
-        for label, key in (("exhaustive", "exhaustive"), ("halving (eta 3)", "halving_run")):
-            s = r[key]
-            lines.append(f"| {name} | {label} | {s['epochs']} | {s['wall_s']:.0f} s | "
-                         f"`{s['pick']}` | {s['pick_val_acc']:.4f} |")
+        for label in ("exhaustive", *HALVING):
+            s = r[label]
+            lines.append(f"| {name} | {label} | {s['epochs']} | {s['finetune_epochs']} | "
+                         f"{s['wall_s']:.0f} s | `{s['pick']}` | {s['pick_val_acc']:.4f} |")
     return "\n".join(lines)
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import random
 from dataclasses import asdict, dataclass, field
@@ -38,6 +39,7 @@ from transferlab.infra.run_dirs import atomic_write_text
 from transferlab.run.resume import PAUSE, paused_at, read_status
 from transferlab.tools.sweep import job_name
 
+log = logging.getLogger("transferlab")
 MODES = {"max": max, "min": min}
 RECORD = "halving.json"
 
@@ -251,11 +253,31 @@ class Halving:
         order = ranked([c.value for c in alive], self.mode)
         keep = len(alive) if last else self.plan.going_on(len(alive))
         on = [alive[i] for i in sorted(order[:keep])]
-        self.rungs.append({"rung": rung, "budget": pause, "last": last, "configurations": [
-            {"config": c.index, "value": c.value, "went_on": c in on and not last}
-            for c in (alive[i] for i in order)]})
+        tied = self._tied_at_cut(rung, [alive[i] for i in order], keep)
+        self.rungs.append({"rung": rung, "budget": pause, "last": last, "tied_at_cut": tied,
+                           "configurations": [
+                               {"config": c.index, "value": c.value,
+                                "went_on": c in on and not last}
+                               for c in (alive[i] for i in order)]})
         self.write()
         return on
+
+    def _tied_at_cut(self, rung: int, ranked_configs: list[Configuration], keep: int) -> int:
+        """How many configurations share the value at the rung's cut (0: no tie there). A tie
+        at the cut is decided by the order of the command line, not by evidence: typically
+        policies still in the head stage they share. Said in one warning line."""
+        if keep >= len(ranked_configs) or ranked_configs[keep].value is None:
+            return 0
+        cut = ranked_configs[keep - 1].value
+        tied = [c for c in ranked_configs if c.value == cut]
+        if ranked_configs[keep].value != cut:
+            return 0
+        log.warning("halving: rung %d: %d configurations tie at %s %.4f where it cuts; the "
+                    "first listed went on (configurations that train the same first stage are "
+                    "alike until it ends: start the rungs after it with hydra.sweeper."
+                    "min_epochs=N or hydra.sweeper.rungs=[...])", rung, len(tied), self.metric,
+                    cut)
+        return len(tied)
 
     def mark_runs(self) -> None:
         """Every run's HParams gain the rung it reached (``halving.rung``): the sweep's
