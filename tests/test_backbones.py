@@ -72,6 +72,7 @@ def test_vgg_too_small_image_is_a_clear_error():
         probe_features(backbone, 16)
 
 
+@pytest.mark.slow  # (timm's model list: 2 s)
 def test_unknown_models_list_close_names():
     with pytest.raises(UserError, match="resnet18"):
         build_backbone(TorchvisionBackboneConfig(name="resnet181", pretrained=False))

@@ -183,6 +183,7 @@ NO_TORCH_CASES = [
 ]
 
 
+@pytest.mark.slow  # a process each (the console script, as a user runs it)
 @pytest.mark.parametrize(("overrides", "key"), NO_TORCH_CASES,
                          ids=[" ".join(o) for o, _ in NO_TORCH_CASES])
 def test_a_config_error_is_one_line_before_torch_is_imported(overrides, key, tmp_path):

@@ -135,6 +135,7 @@ def build_splits_for(compose_cfg, overrides):
     return build_splits(run.dataset, run.augment, SPEC, 32)
 
 
+@pytest.mark.slow  # (builds the run's data: about a second)
 def test_train_fraction_reaches_the_run(compose_cfg):
     full = build_splits_for(compose_cfg, [])
     part = build_splits_for(compose_cfg, ["dataset.train_fraction=0.1", "seed=3"])

@@ -128,6 +128,7 @@ def test_the_run_records_the_ema_next_to_the_raw_weights(ema_run):
     assert {"val/acc_ema", "val/loss_ema", "val/acc", "val/loss"} <= set(tags)
 
 
+@pytest.mark.slow  # (its run fixture: the fast tier stays under a minute)
 def test_the_checkpoint_holds_the_ema_and_the_frozen_part_equals_the_model(ema_run):
     run_dir, _ = ema_run
     for name in ("last", "best", "best_ema"):
@@ -154,6 +155,7 @@ def test_eval_with_weights_ema_reproduces_the_recorded_val_acc_ema(ema_run, chec
     assert raw["weights"] == "raw" and raw["loss"] != pytest.approx(report["loss"], abs=1e-6)
 
 
+@pytest.mark.slow  # (its run fixture: the fast tier stays under a minute)
 def test_weights_ema_without_an_ema_is_one_line_exit_2(ema_run, tmp_path, capsys):
     run_dir, _ = ema_run
     plain = tmp_path / "plain"
@@ -230,6 +232,7 @@ def mix_run(tmp_path_factory):
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+@pytest.mark.slow  # (its run fixture: the fast tier stays under a minute)
 def test_with_mixing_the_feature_cache_is_not_used_and_says_why(mix_run):
     report = mix_run["feature_cache"]["head"]
     assert report["cut"] is None
@@ -255,6 +258,7 @@ def test_mixing_does_not_go_with_the_autoencoder():
         load_config(compose_train(["experiment=ae_pretrain", "augment.mixup_alpha=0.2"]))
 
 
+@pytest.mark.slow  # (its run fixture: the fast tier stays under a minute)
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.load is deprecated
 def test_export_weights_ema_exports_the_average(ema_run, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
@@ -274,6 +278,7 @@ def test_export_weights_ema_exports_the_average(ema_run, tmp_path, capsys):
         assert not torch.equal(exported[key], ckpt["model"][key])
 
 
+@pytest.mark.slow  # (its run fixture: the fast tier stays under a minute)
 def test_the_learning_curves_draw_the_ema_weights_val_curve(ema_run):
     from transferlab.run.plots import learning_curves
 

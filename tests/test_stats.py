@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy import stats as sps
-from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
 
 from transferlab.tools import stats
 
@@ -38,6 +37,8 @@ def test_the_accuracy_interval_is_scipys_percentile_bootstrap():
 
 
 def test_mcnemar_p_is_statsmodels_exact_test():
+    from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar  # (slow to import)
+
     a, b = _fixed(N, 170, 2), _fixed(N, 170, 2).copy()
     b[np.flatnonzero(a)[:14]] = False  # 14 images only A gets right
     b[np.flatnonzero(~a)[:4]] = True  # 4 only B gets right

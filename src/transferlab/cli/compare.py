@@ -74,7 +74,6 @@ SPEC = Spec(
         "transferlab-compare outputs/ sort=final_val_loss format=markdown plot=false",
         "transferlab-compare <sweep> group_seeds=true group_folds=true format=csv",
         "transferlab-compare <sweep> group_seeds=true report=results.md tensorboard=true",
-        "transferlab-compare <halving sweep> rung=1",
     ),
 )
 
