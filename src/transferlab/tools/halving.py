@@ -269,9 +269,9 @@ class Halving:
         if keep >= len(ranked_configs) or ranked_configs[keep].value is None:
             return 0
         cut = ranked_configs[keep - 1].value
-        tied = [c for c in ranked_configs if c.value == cut]
         if ranked_configs[keep].value != cut:
             return 0
+        tied = [c for c in ranked_configs if c.value == cut]
         log.warning("halving: rung %d: %d configurations tie at %s %.4f where it cuts; the "
                     "first listed went on (configurations that train the same first stage are "
                     "alike until it ends: start the rungs after it with hydra.sweeper."
