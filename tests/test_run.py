@@ -210,3 +210,27 @@ def test_non_finite_numbers_are_written_as_null(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text(),
                          parse_constant=lambda c: pytest.fail(f"bare {c}"))
     assert metrics["history"][0]["train_loss"] is None and metrics["final"]["val_loss"] is None
+
+
+@pytest.mark.slow  # (a whole run)
+def test_a_stop_asked_after_the_last_epochs_look_completes_the_run_and_is_kept(
+        compose_cfg, tmp_path, monkeypatch):
+    """Ctrl-C after the fit's last look at it (its end-of-run work): the run completes, and
+    the stop is kept, once, for the sweep that runs it (it stops before its next job)."""
+    import os
+    import signal
+
+    from transferlab.engine import stages
+    from transferlab.run.hooks import StopRequest
+
+    fit = stages.fit_stages
+
+    def fit_then_ctrl_c(loop):
+        fit(loop)
+        os.kill(os.getpid(), signal.SIGINT)  # caught by the run's StopRequest
+        return loop
+
+    monkeypatch.setattr(stages, "fit_stages", fit_then_ctrl_c)
+    result = train(compose_cfg(TINY), tmp_path / "run")
+    assert result.metrics["status"] == "completed"
+    assert StopRequest.take_late() == signal.SIGINT and StopRequest.take_late() is None

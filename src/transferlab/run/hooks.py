@@ -43,10 +43,19 @@ class StopRequest:
     (:mod:`transferlab.infra.cluster`): it is the one :class:`Interrupted` carries when both came
     (SLURM may send SIGTERM first), so that the job is requeued."""
 
+    late: int | None = None  # a stop that came after the fit's last look (take_late)
+
     def __init__(self):
         self.signum: int | None = None
         self.owner = os.getpid()
         self.preemption = preemption_signal()
+
+    @classmethod
+    def take_late(cls) -> int | None:
+        """The signal of a stop asked for after the fit's last look at it (the run completed
+        anyway), once: the sweep that runs the job stops before its next one."""
+        late, cls.late = cls.late, None
+        return late
 
     def __call__(self) -> bool:
         return self.signum is not None

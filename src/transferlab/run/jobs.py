@@ -120,6 +120,11 @@ def _run_job(cfg: DictConfig, hc) -> float | None:
         return None
     if env_rank() == 0:
         _say_saved(run_dir)
+    if hc.mode == RunMode.MULTIRUN and result.built is not None:
+        from transferlab.run.hooks import StopRequest  # (torch is imported: a run trained)
+
+        if (signum := StopRequest.take_late()) is not None:  # Ctrl-C at the run's very end:
+            raise Interrupted(signum)  # the job completed, the sweep stops before the next
     return result.best_val_acc
 
 

@@ -135,6 +135,8 @@ class Task:
             if built.resume is not None:
                 set_rng_state(built.resume.rng_of(built.world.rank))
             fit_stages(loop)
+            if stop():  # (after the last epoch's look: the run is complete, the sweep stops)
+                StopRequest.late = stop.signum
 
     # --- its record -----------------------------------------------------------------------------
 
