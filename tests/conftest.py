@@ -6,6 +6,7 @@ import copy
 import functools
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,16 @@ TINY = ["backbone=timm", "backbone.name=test_efficientnet", "backbone.pretrained
 # The tiny model of the mechanics tests: its classes and input size.
 TINY_CLASSES = 3
 TINY_SIZE = 32
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _sigint_as_a_terminal_gives_it():
+    """A shell without job control that starts ``pytest &`` makes it ignore SIGINT, and every
+    process the tests start would inherit that (a Python started so never raises
+    KeyboardInterrupt): the Ctrl-C tests would then test the shell. They get SIGINT as a
+    terminal gives it."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True, scope="session")
