@@ -22,13 +22,12 @@ from transferlab.config import load_config
 from transferlab.config.sweep_keys import drop_unused, optional_keys, relaxed
 from transferlab.errors import UserError
 from transferlab.run import resume_run, train
-from transferlab.run.resume import job_action, resumed_config
+from transferlab.run.resume import job_action, reached, resumed_config
 from transferlab.tools.halving import (
     Halving,
     HalvingPlan,
     configurations,
     ranked,
-    reached,
     run_value,
 )
 

@@ -64,11 +64,6 @@ def _options(override) -> list[str] | None:
         return None
 
 
-def _sweep_length(override) -> int | None:
-    options = _options(override)
-    return len(options) if options is not None else None
-
-
 def _has(group: str, option: str, key: str) -> bool | None:
     """Whether ``group=option`` has ``key`` (None: no such option file)."""
     layers = option_layers(group, option)
@@ -88,14 +83,12 @@ def optional_keys(argv: list[str]) -> list[OptionalKey]:
     the jobs says so)."""
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
     parsed = _parsed(overrides)
-    swept = {}
-    for o in parsed:
-        key = o.get_key_element().lstrip("+~")
-        if key in GROUPS and (options := _options(o)) is not None:
-            swept[key] = options
+    sweeps = [(o.get_key_element().lstrip("+~"), _options(o)) for o in parsed
+              if o.is_sweep_override()]
+    swept = {k: v for k, v in sweeps if k in GROUPS and v is not None}
     if not swept:
         return []
-    lengths = [_sweep_length(o) for o in parsed if o.is_sweep_override()]
+    lengths = [len(v) if v is not None else None for _, v in sweeps]
     total = math.prod(lengths) if None not in lengths else None
     found = []
     for item, o in zip(overrides, parsed, strict=False):

@@ -194,8 +194,9 @@ def _go_on(cfg: DictConfig, run_dir: Path, overrides: list[str], action: str, *,
     from transferlab.run.resume import PAUSE, read_status, same_config
 
     if action == "skip":
-        log.info("%s %s before: not run again", run_dir, read_status(run_dir).get("status"))
-        return RunResult(run_dir, read_status(run_dir))
+        status = read_status(run_dir)
+        log.info("%s %s before: not run again", run_dir, status.get("status"))
+        return RunResult(run_dir, status)
     saved = load_checkpoint(run_dir / "checkpoints" / "last.pt").get("config") or {}
     differ = same_config(saved, load_config(cfg, overrides).as_dict())
     if differ:

@@ -36,7 +36,6 @@ def trim_events(tb_dir: Path, epoch: int, step: int) -> int:
     ``step``, the others (per epoch) after ``epoch``. Every event file of ``tb_dir`` is
     rewritten into one; returns the number of points dropped."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    from torch.utils.tensorboard.writer import FileWriter
 
     files = sorted(tb_dir.glob("events.out.tfevents.*"))
     if not files:
@@ -55,13 +54,24 @@ def trim_events(tb_dir: Path, epoch: int, step: int) -> int:
                 del event.summary.value[:]
                 event.summary.value.extend(values)
             kept.append(event)
-    writer = FileWriter(str(tb_dir), filename_suffix=".resumed")
-    for event in kept:
+    _rewrite_events(tb_dir, files, kept, ".resumed")
+    return dropped
+
+
+def _rewrite_events(tb_dir: Path, files: list[Path], events: list, suffix: str,
+                    summaries=()) -> None:
+    """Replace the event ``files`` of ``tb_dir`` by one file: ``summaries`` first, then
+    ``events`` (each with its own step and time)."""
+    from torch.utils.tensorboard.writer import FileWriter
+
+    writer = FileWriter(str(tb_dir), filename_suffix=suffix)
+    for summary in summaries:
+        writer.add_summary(summary)
+    for event in events:
         writer.add_event(event, event.step, event.wall_time)
     writer.close()
     for path in files:
         path.unlink()
-    return dropped
 
 
 HPARAMS_TAGS = ("_hparams_/experiment", "_hparams_/session_start_info")
@@ -73,7 +83,6 @@ def add_hparams(run_dir: Path, extra: dict[str, Any]) -> None:
     HParams dashboard reads a run's first one). The run's lock is held meanwhile."""
     from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
     from tensorboard.compat.proto.event_pb2 import Event
-    from torch.utils.tensorboard.writer import FileWriter
 
     with lock_run(run_dir):
         record = _read_json(run_dir / "metrics.json")
@@ -94,15 +103,9 @@ def add_hparams(run_dir: Path, extra: dict[str, Any]) -> None:
                         v.tag in HPARAMS_TAGS for v in event.summary.value)):
                     continue
                 kept.append(event)
-        writer = FileWriter(str(run_dir / "tb"), filename_suffix=".hparams")
         metrics = dict.fromkeys((f"hparam/{m}" for m in HPARAM_METRICS), 0.0)
-        for summary in hparams_summary(hparams, metrics)[:2]:  # (its end record is kept)
-            writer.add_summary(summary)
-        for event in kept:
-            writer.add_event(event, event.step, event.wall_time)
-        writer.close()
-        for path in files:
-            path.unlink()
+        _rewrite_events(run_dir / "tb", files, kept, ".hparams",
+                        hparams_summary(hparams, metrics)[:2])  # (its end record is kept)
 
 
 def _hparam_value(value: Any) -> int | float | str | bool:

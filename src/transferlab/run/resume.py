@@ -316,13 +316,19 @@ def job_action(run_dir: Path, pause: int | None = None) -> str:
     at or after ``pause``, the pause point the job is launched with now), ``resume`` (a
     checkpoint of an unfinished run), ``busy`` (still going), or ``start``."""
     status = read_status(run_dir)
-    if status.get("status") == "completed" or paused_at(status) >= (pause or math.inf):
+    if reached(status, pause):
         return "skip"
     if still_running(status):
         return "busy"
     if (run_dir / "checkpoints" / "last.pt").is_file():
         return "resume"
     return "start"
+
+
+def reached(status: dict, pause: int | None) -> bool:
+    """Whether a run's record has nothing to do before ``pause`` (the pause point a job is
+    launched with; None: the end): it completed, or it is paused at or after ``pause``."""
+    return status.get("status") == "completed" or paused_at(status) >= (pause or math.inf)
 
 
 def paused_at(status: dict) -> float:
@@ -336,11 +342,9 @@ def requeued_action(run_dir: Path, pause: int | None = None) -> str | None:
     """What a submitit job does with its own job directory when it starts: ``skip`` (a
     completed run, or one paused at or after ``pause``), ``resume`` (the checkpoint of an
     earlier attempt: the job was requeued after preemption or its time limit), None (a new
-    job: train). No ``busy``: the scheduler
-    runs one attempt of a job at a time, so a ``running`` record is the earlier attempt's
-    (killed), or another task's of this one."""
-    status = read_status(run_dir)
-    if status.get("status") == "completed" or paused_at(status) >= (pause or math.inf):
+    job: train). No ``busy``: the scheduler runs one attempt of a job at a time, so a
+    ``running`` record is the earlier attempt's (killed), or another task's of this one."""
+    if reached(read_status(run_dir), pause):
         return "skip"
     if (run_dir / "checkpoints" / "last.pt").is_file():
         return "resume"

@@ -36,7 +36,7 @@ from typing import Any
 from transferlab.config.sweep_keys import used_overrides
 from transferlab.errors import UserError
 from transferlab.infra.run_dirs import atomic_write_text
-from transferlab.run.resume import PAUSE, paused_at, read_status
+from transferlab.run.resume import PAUSE, reached, read_status
 from transferlab.tools.sweep import job_name
 
 log = logging.getLogger("transferlab")
@@ -117,11 +117,6 @@ def run_value(status: dict, metric: str, mode: str, budget: int | None) -> float
               if (budget is None or r.get("epoch", 0) <= budget)
               and isinstance(r.get(metric), int | float) and math.isfinite(r[metric])]
     return MODES[mode](values) if values else None
-
-
-def reached(status: dict, pause: int | None) -> bool:
-    """Whether a job's record is at the rung's pause point already (not to be launched)."""
-    return status.get("status") == "completed" or paused_at(status) >= (pause or math.inf)
 
 
 # --- the configurations of a sweep ----------------------------------------------------------
