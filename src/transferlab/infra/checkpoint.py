@@ -209,6 +209,11 @@ def save_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
         payload["ema"] = ema
     if source is not None:
         leave_out(payload, source)
+    write_sealed(path, payload)
+
+
+def write_sealed(path: Path, payload: dict[str, Any]) -> None:
+    """``torch.save(payload)`` at ``path``, atomically and durably, sealed (:func:`seal`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with tmp.open("w+b") as f:

@@ -208,9 +208,11 @@ class Classify(Task):
     def hooks(self, built: BuiltRun, tracker: RunTracker) -> list[Hook]:
         from transferlab.run.extra_test import ExtraTests
         from transferlab.run.hooks import RecordPredictions
+        from transferlab.run.wise import WiseStart
 
         return [RecordPredictions(built, tracker),
-                ExtraTests(built, tracker)]
+                ExtraTests(built, tracker),
+                WiseStart(built, tracker.run_dir)]
 
     def input_hooks(self, built: BuiltRun, recorder) -> list[Hook]:
         from transferlab.data.mixup import mixing_reason
