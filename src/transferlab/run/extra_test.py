@@ -17,34 +17,15 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from transferlab.data.image_folder import ImageFileDataset, class_folders, index_folder
+from transferlab.data.extra_test import extra_test_set
+from transferlab.data.image_folder import ImageFileDataset
 from transferlab.engine.hooks import Hook
-from transferlab.errors import UserError, did_you_mean
 
 if TYPE_CHECKING:
     from transferlab.run.build import BuiltRun
     from transferlab.run.record import RunTracker
 
 log = logging.getLogger("transferlab")
-
-
-def extra_test_set(name: str, folder: str, classes: list[str], transform) -> ImageFileDataset:
-    """The images of ``folder``'s class folders, labelled by their index in ``classes``."""
-    key = f"dataset.extra_test.{name}"
-    root = Path(os.path.expanduser(folder))
-    if not root.is_dir():
-        raise UserError(f"{key}: {root} does not exist: give a folder of class folders named as "
-                        "the run's classes")
-    found = class_folders(root)
-    unknown = [f for f in found if f not in classes]
-    if unknown:
-        shown = ", ".join(classes[:8]) + (" ..." if len(classes) > 8 else "")
-        raise UserError(f"{key}: {root} has class folder {unknown[0]!r}, not a class of the run"
-                        f"{did_you_mean(unknown[0], classes)}; its classes are {shown}: rename "
-                        "or remove the folder")
-    index = index_folder(root, classes=found)  # no class folders: one line from there
-    samples = [(path, classes.index(found[label])) for path, label in index.samples]
-    return ImageFileDataset(samples, transform)
 
 
 class ExtraTests(Hook):

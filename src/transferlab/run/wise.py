@@ -28,7 +28,6 @@ from transferlab.engine.hooks import Hook
 from transferlab.errors import UserError
 from transferlab.infra.checkpoint import load_checkpoint, write_sealed
 from transferlab.infra.delta import is_delta, split
-from transferlab.run.saved import restore_model, saved_run_config
 from transferlab.staging.policy import NAMED_SELECTORS
 
 log = logging.getLogger("transferlab")
@@ -84,6 +83,8 @@ def load_start(run_dir: Path | None, config: Any, num_classes: int,
     """(the model with a run's start weights, in eval mode on the CPU, and what the file
     says of them: its path, stage and epoch). ``config``: the run's saved config (from any of
     its checkpoints). A run without the file is a one-line error saying why."""
+    from transferlab.run.saved import restore_model, saved_run_config
+
     if run_dir is None:
         raise UserError("wise= needs the run directory (its checkpoints/wise_start.pt): give "
                         "run=<run dir>, or a checkpoint inside <run dir>/checkpoints/")
