@@ -100,6 +100,20 @@ def test_alpha_grids():
             alphas(bad)
 
 
+@pytest.mark.slow  # imports the data modules
+def test_without_the_robust_extra_corruptions_is_one_line(monkeypatch):
+    import sys
+
+    from transferlab.errors import UserError
+    from transferlab.tools.corruptions import corruption_names
+
+    monkeypatch.setitem(sys.modules, "imagecorruptions", None)  # as if not installed
+    with pytest.raises(UserError) as caught:
+        corruption_names("all")
+    assert str(caught.value) == ("corruptions= needs the imagecorruptions package: "
+                                 "pip install 'transferlab[robust]'")
+
+
 # -- corruptions ---------------------------------------------------------------------------------
 @pytest.mark.slow  # imports imagecorruptions (numba)
 def test_corrupted_images_are_seeded_per_image_and_grow_with_severity():
