@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.metadata
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -90,18 +91,15 @@ def robustness(run_dir: Path, split: str, dataset_overrides: dict | None, asked:
                done: Evaluated, clean: float) -> dict[str, Any]:
     """``eval.json``'s ``corruptions`` and ``wise`` entries (those asked for)."""
     out: dict[str, Any] = {}
-    grid = None
+    grid: Callable[[], dict[str, Any]] | None = None  # the corruption grid of the model as it is
     if asked.corruptions:
         check_size(done.image_size)
         fixed, tail = eval_stages(done.backbone.input, done.image_size, done.run.dataset.crop_pct)
         splits = build_splits(done.run.dataset, done.run.augment, done.backbone.input,
                               done.image_size, fixed)
         base = getattr(splits, split)
-
-        def grid() -> dict[str, Any]:
-            return corruption_grid(lambda d: done.scorer(done.model, d), base, tail,
-                                   asked.corruptions, asked.severities, asked.seed)
-
+        grid = partial(corruption_grid, lambda d: done.scorer(done.model, d), base, tail,
+                       asked.corruptions, asked.severities, asked.seed)
         out["corruptions"] = {**grid(), "clean_accuracy": clean, "package": package_version()}
     if asked.wise:
         start_model, start = load_start(run_dir, done.ckpt.get("config"), len(done.classes),
