@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from transferlab.config import RunConfig
 from transferlab.data import build_splits
 from transferlab.data.transforms import eval_stages
+from transferlab.errors import UserError
 from transferlab.run.predictions import Predictions, predict
 from transferlab.run.wise import load_start
 from transferlab.tools.corruptions import (
@@ -104,6 +105,12 @@ def robustness(run_dir: Path, split: str, dataset_overrides: dict | None, asked:
     if asked.wise:
         start_model, start = load_start(run_dir, done.ckpt.get("config"), len(done.classes),
                                         dataset_overrides)
+        epoch = done.ckpt.get("epoch")
+        if epoch is not None and start["epoch"] is not None and epoch <= start["epoch"]:
+            raise UserError(f"wise=: the checkpoint is of epoch {epoch}, before fine-tuning began "
+                            f"(stage {start['stage']} after epoch {start['epoch']}): it holds the "
+                            "start weights, so every alpha would give the same model; use "
+                            "checkpoint=last")
         start_state = start_model.to(done.scorer.device).state_dict()
 
         def measure() -> dict[str, Any]:
