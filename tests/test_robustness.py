@@ -200,9 +200,9 @@ def test_corruption_mistakes_are_one_line(lpft, tiny_run, capsys):
     with pytest.raises(UserError, match="at least 32 px .* this run's input is 16 px"):
         check_size(16)  # (imagecorruptions refuses smaller images)
     # a linear probe trains no backbone: no start weights, and wise= says why
-    assert not (tiny_run / "checkpoints" / "wise_start.pt").exists()
+    assert not (tiny_run / "wise_start.pt").exists()
     assert main([f"run={tiny_run}", "wise=0:1:0.5"]) == 2
-    assert "has no checkpoints/wise_start.pt" in capsys.readouterr().err
+    assert "has no wise_start.pt" in capsys.readouterr().err
 
 
 # -- WiSE-FT ---------------------------------------------------------------------------------------

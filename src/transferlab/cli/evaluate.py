@@ -57,7 +57,7 @@ SPEC = Spec(
         Key("seed", "with corruptions=: seeds their randomness (the same seed, the same images)",
             integer, default=0),
         Key("wise", "WiSE-FT: also evaluate the weights interpolated between the start of "
-            "fine-tuning (checkpoints/wise_start.pt) and the checkpoint, at these alphas: "
+            "fine-tuning (wise_start.pt) and the checkpoint, at these alphas: "
             "start:stop:step or a comma-separated list", alphas,
             metavar="0:1:0.1|<a>,<b>...", default_text="none"),
     ),

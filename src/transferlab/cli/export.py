@@ -67,7 +67,7 @@ SPEC = Spec(
         Key("weights", "the trained weights (raw) or their EMA (ema: runs trained with "
             "trainer.ema.decay)", default="raw", choices=WEIGHTS),
         Key("wise", "WiSE-FT: export the weights interpolated between the start of "
-            "fine-tuning (the run's checkpoints/wise_start.pt: alpha 0) and the checkpoint's "
+            "fine-tuning (the run's wise_start.pt: alpha 0) and the checkpoint's "
             "(alpha 1), at this alpha (choose it with transferlab-eval wise=)", alpha,
             metavar="<alpha>", default_text="none: the checkpoint's weights"),
         Key("format", "the files to write: model.onnx, model.ts or both", default="both",

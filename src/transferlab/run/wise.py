@@ -2,7 +2,7 @@
 weights a run starts fine-tuning from, and the interpolation between them and its final ones.
 
 A classification run whose freeze policy has a stage that trains backbone parameters writes
-``checkpoints/wise_start.pt`` when the first such stage starts (:class:`WiseStart`): the model
+``wise_start.pt`` when the first such stage starts (:class:`WiseStart`): the model
 as it is then, the pretrained backbone and the head that earlier stages trained (the probed
 head of ``freeze=lp_ft``; a freshly initialised head where the first stage already trains the
 backbone, e.g. ``freeze=none``). Once per run; a linear probe writes none. Where the run's
@@ -37,7 +37,8 @@ FORMAT = "transferlab-wise-start/1"
 
 
 def start_path(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints" / START_FILE
+    """Beside ``checkpoints/``, not in it: it is no checkpoint to resume or evaluate from."""
+    return Path(run_dir) / START_FILE
 
 
 def trains_backbone(plan) -> bool:
@@ -47,7 +48,7 @@ def trains_backbone(plan) -> bool:
 
 
 class WiseStart(Hook):
-    """Writes ``checkpoints/wise_start.pt`` when the first stage with epochs that trains
+    """Writes ``wise_start.pt`` when the first stage with epochs that trains
     backbone parameters starts at its first epoch (rank 0); a resume that goes on within or
     after that stage finds the file written."""
 
@@ -86,11 +87,11 @@ def load_start(run_dir: Path | None, config: Any, num_classes: int,
     from transferlab.run.saved import restore_model, saved_run_config
 
     if run_dir is None:
-        raise UserError("wise= needs the run directory (its checkpoints/wise_start.pt): give "
+        raise UserError("wise= needs the run directory (its wise_start.pt): give "
                         "run=<run dir>, or a checkpoint inside <run dir>/checkpoints/")
     path = start_path(run_dir)
     if not path.is_file():
-        raise UserError(f"wise=: {run_dir} has no checkpoints/{START_FILE}: a run writes it when "
+        raise UserError(f"wise=: {run_dir} has no {START_FILE}: a run writes it when "
                         "its first stage that trains the backbone starts; this one trained none "
                         "(a linear probe?) or was trained before transferlab recorded it")
     ckpt = load_checkpoint(path)

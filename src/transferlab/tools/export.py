@@ -118,7 +118,7 @@ def load_saved_model(path: Path, weights: str = "raw", wise: float | None = None
                      run_dir: Path | None = None) -> SavedModel:
     """The classifier of the checkpoint at ``path``; a run with no network to export is a
     one-line :class:`UserError`. ``wise``: its weights interpolated with those the run
-    started fine-tuning from (``run_dir``'s ``checkpoints/wise_start.pt``), ``wise`` being the
+    started fine-tuning from (``run_dir``'s ``wise_start.pt``), ``wise`` being the
     final weights' share (:func:`transferlab.run.wise.interpolate`)."""
     ckpt = load_checkpoint(path)
     run = checkpoint_config(ckpt)  # an autoencoder run is refused here
