@@ -43,7 +43,9 @@ class StopRequest:
     (:mod:`transferlab.infra.cluster`): it is the one :class:`Interrupted` carries when both came
     (SLURM may send SIGTERM first), so that the job is requeued."""
 
-    late: int | None = None  # a stop that came after the fit's last look (take_late)
+    # a stop the fit did not end with Interrupted for: it came after the fit's last look, or
+    # the fit failed after it came (take_late)
+    late: int | None = None
 
     def __init__(self):
         self.signum: int | None = None
@@ -53,7 +55,8 @@ class StopRequest:
     @classmethod
     def take_late(cls) -> int | None:
         """The signal of a stop asked for after the fit's last look at it (the run completed
-        anyway), once: the sweep that runs the job stops before its next one."""
+        anyway) or before the fit failed, once: the sweep that runs the job stops before its
+        next one."""
         late, cls.late = cls.late, None
         return late
 
