@@ -108,9 +108,8 @@ def why_no_cam(backbone: Backbone) -> str | None:
     if len(shape) != 3:
         return "no overlay: the backbone's features are not a spatial map"
     if min(shape[1:]) < MIN_CAM_SIDE:
-        return (f"no overlay: the backbone's last feature map is {shape[1]}x{shape[2]} at this "
-                f"image size, too coarse to show where the model looked (under "
-                f"{MIN_CAM_SIDE}x{MIN_CAM_SIDE}; larger images: dataset.image_size)")
+        return (f"no overlay: the last feature map is {shape[1]}x{shape[2]}, too coarse "
+                f"(under {MIN_CAM_SIDE}x{MIN_CAM_SIDE}: raise dataset.image_size)")
     return None
 
 
@@ -156,6 +155,17 @@ def _fit(draw, text: str, font, width: int) -> str:
     return text + "…"
 
 
+def tile_boxes(n: int, side: int) -> list[tuple[int, int, int, int]]:
+    """Where a grid of ``n`` tiles of ``side`` px puts each tile's image: (left, top, right,
+    bottom), :data:`COLUMNS` a row under the title, each row's captions under its images."""
+    boxes = []
+    for k in range(n):
+        left = PAD + (k % COLUMNS) * (side + PAD)
+        top = TITLE + (k // COLUMNS) * (side + CAPTION + PAD)
+        boxes.append((left, top, left + side, top + side))
+    return boxes
+
+
 def draw_grid(tiles: np.ndarray, captions: list[tuple[str, str]], title: tuple[str, str]
               ) -> tuple[Image.Image, list[tuple[int, int, int, int]]]:
     """The grid: ``tiles`` (N, H, W, 3 in [0, 1]) scaled up to at least :data:`MIN_TILE` px,
@@ -166,20 +176,17 @@ def draw_grid(tiles: np.ndarray, captions: list[tuple[str, str]], title: tuple[s
     n = len(tiles)
     side = max(MIN_TILE, tiles.shape[1] if n else MIN_TILE)
     cols, rows = max(1, min(COLUMNS, n)), max(1, -(-n // COLUMNS))
-    width = max(cols * (side + PAD) + PAD, 480)
+    width = max(cols * (side + PAD) + PAD, 560)
     canvas = Image.new("RGB", (width, TITLE + rows * (side + CAPTION + PAD) + PAD), "white")
     draw = ImageDraw.Draw(canvas)
     big, small = _font(15), _font(12)
     draw.text((PAD, 4), _fit(draw, title[0], big, width - 2 * PAD), fill="black", font=big)
     draw.text((PAD, 22), _fit(draw, title[1], small, width - 2 * PAD), fill=(60, 60, 60),
               font=small)
-    boxes = []
-    for k, (tile, (truth, guess)) in enumerate(zip(tiles, captions, strict=True)):
-        left = PAD + (k % COLUMNS) * (side + PAD)
-        top = TITLE + (k // COLUMNS) * (side + CAPTION + PAD)
+    boxes = tile_boxes(n, side)
+    for (left, top, _, _), tile, (truth, guess) in zip(boxes, tiles, captions, strict=True):
         image = Image.fromarray(np.clip(np.rint(tile * 255), 0, 255).astype(np.uint8))
         canvas.paste(image.resize((side, side), Image.Resampling.BILINEAR), (left, top))
-        boxes.append((left, top, left + side, top + side))
         draw.text((left, top + side + 2), _fit(draw, truth, small, side), fill=(0, 110, 0),
                   font=small)
         draw.text((left, top + side + 17), _fit(draw, guess, small, side), fill=(190, 0, 0),
@@ -220,7 +227,8 @@ def mistakes_grid(model: nn.Module, backbone: Backbone, dataset, pred: Predictio
     captions = [(f"true: {classes[pred.targets[i]]}",
                  f"pred: {classes[pred.predicted[i]]}  p(true) {pred.label_prob[i]:.2f}")
                 for i in shown]
-    title = (f"{heading}: {len(shown)} of {wrong} misclassified", note)
+    title = (f"{heading}: {len(shown)} of {wrong} misclassified (of {len(pred.targets)} images)",
+             note)
     image, boxes = draw_grid(tiles, captions, title)
     return MistakesGrid(np.asarray(image), shown, wrong, overlay, boxes)
 

@@ -155,7 +155,8 @@ def mismatch(member: Member, first: Member) -> str | None:
     for part in ("backbone", "head"):
         mine, theirs = member.config.get(part) or {}, first.config.get(part) or {}
         if mine != theirs:
-            key = next(k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k))
+            keys = sorted(set(mine) | set(theirs), key=lambda k: (k != "name", k))
+            key = next(k for k in keys if mine.get(k) != theirs.get(k))
             return f"{part}.{key} is {mine.get(key)!r}, not {theirs.get(key)!r}"
     if member.classes != first.classes:
         return f"its classes {member.classes} differ from {first.classes}"
