@@ -87,7 +87,7 @@ def test_eval_draws_grad_cam_overlays_that_differ_from_the_raw_images(tiny_run):
     # the test model's map at 96 px: 3x3; a val split of 90 images (5 %), for speed
     dataset = {"image_size": 32 * MIN_CAM_SIDE, "val_fraction": 0.05}
     assert eval_main([f"run={tiny_run}", *(f"dataset.{k}={v}" for k, v in dataset.items()),
-                      "device=cpu"]) == 0
+                      "device=cpu", "mistakes=true"]) == 0
     pred = load_predictions(tiny_run / EVAL_PREDICTIONS)
     model, backbone, val = saved_model(tiny_run, dataset)
     classes = pred.header["classes"]

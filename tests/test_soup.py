@@ -93,7 +93,7 @@ def test_a_uniform_soup_is_the_mean_of_its_runs_and_transferlab_eval_reads_it(ru
     assert moved > 0  # the runs differ: the mean is not either of them
     record = json.loads((tmp_path / "soup" / "soup.json").read_text())
     assert [m["in_soup"] for m in record["members"]] == [True, True]
-    assert eval_main([f"run={tmp_path / 'soup'}", "mistakes=false"]) == 0
+    assert eval_main([f"run={tmp_path / 'soup'}"]) == 0
     evaluated = json.loads((tmp_path / "soup" / "eval.json").read_text())
     metrics = json.loads((tmp_path / "soup" / "metrics.json").read_text())
     assert evaluated["accuracy"] == metrics["best"]["val_acc"] == record["soup"]["val"]["accuracy"]
@@ -139,7 +139,7 @@ def test_greedy_adds_a_run_only_when_the_held_out_accuracy_improves(runs, tmp_pa
     assert rejected["measure"]["accuracy"] < steps[0]["measure"]["accuracy"]
     # the soup written is the one measured: transferlab-eval on the held-out split agrees
     assert record["soup"]["test"] == current
-    assert eval_main([f"run={sweep / 'soup_greedy'}", "split=test", "mistakes=false"]) == 0
+    assert eval_main([f"run={sweep / 'soup_greedy'}", "split=test"]) == 0
     evaluated = json.loads((sweep / "soup_greedy" / "eval.json").read_text())
     assert evaluated["accuracy"] == current["accuracy"]
     assert evaluated["loss"] == pytest.approx(current["loss"], rel=1e-5)

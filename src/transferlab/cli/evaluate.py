@@ -44,8 +44,8 @@ SPEC = Spec(
         Key("device", "auto, cpu, cuda, cuda:N or mps", metavar="auto|cpu|cuda|...",
             default_text="the run's trainer.device"),
         Key("tta", TTA_HELP, default="none", choices=TTA_MODES),
-        Key("mistakes", "also draw the split's misclassified images, with Grad-CAM overlays "
-            "where grad-cam is installed, into eval_mistakes.png", bool, True),
+        Key("mistakes", "also draw the split's first 16 misclassified images, with Grad-CAM "
+            "overlays where grad-cam is installed, into eval_mistakes.png", bool, False),
     ),
     prefixes=(Prefix("dataset.", "a field of the run's dataset config, e.g. dataset.root=/data"
                                  "/copy (numbers and true/false are read as YAML)"),),
@@ -55,6 +55,7 @@ SPEC = Spec(
         "transferlab-eval run=<run dir> checkpoint=last split=test device=cpu",
         "transferlab-eval run=<run dir> dataset.root=/data/other_copy",
         "transferlab-eval run=<run dir> weights=ema checkpoint=best_ema tta=flip",
+        "transferlab-eval run=<run dir> split=test mistakes=true",
     ),
 )
 
