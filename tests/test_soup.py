@@ -117,11 +117,15 @@ def poisoned_copy(source, target):
 def test_greedy_adds_a_run_only_when_the_held_out_accuracy_improves(runs, tmp_path, capsys):
     sweep = sweep_of(runs, tmp_path, ["0_lr0.03", "1_lr0.01", "3_mlp"])
     poisoned_copy(runs / "0_lr0.03", sweep / "2_random_head")
+    shutil.copytree(runs / "1_lr0.01", sweep / "4_no_checkpoint",
+                    ignore=shutil.ignore_patterns("checkpoints"))  # its record alone
     assert soup_main([f"sweep={sweep}", "method=greedy", "held_out=test"]) == 0
     out = capsys.readouterr().out
     assert "left out 3_mlp: head.name is 'mlp', not 'linear'" in out
     record = json.loads((sweep / "soup_greedy" / "soup.json").read_text())
-    assert [item["run"] for item in record["left_out"]] == [str(sweep / "3_mlp")]
+    assert [item["run"] for item in record["left_out"]] == [str(sweep / "4_no_checkpoint"),
+                                                            str(sweep / "3_mlp")]
+    assert "left out 4_no_checkpoint: no checkpoints/best.pt" in out
     members = {m["run"]: m for m in record["members"]}
     poisoned = members[str(sweep / "2_random_head")]
     assert not poisoned["in_soup"]

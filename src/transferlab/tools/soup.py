@@ -120,19 +120,24 @@ class Soup:
 
 
 # -- members ---------------------------------------------------------------------------------
-def member_dirs(sweep: Path, checkpoint: str, output: Path) -> list[Path]:
-    """Run directories under ``sweep`` with ``checkpoints/<checkpoint>.pt``, in name order;
-    not the output, nor an earlier soup (a directory with soup.json)."""
+def member_dirs(sweep: Path, checkpoint: str, output: Path) -> tuple[list[Path], list[dict]]:
+    """The runs under ``sweep`` (directories with ``metrics.json`` or the checkpoint), in name
+    order, not the output nor an earlier soup (a directory with soup.json): those with
+    ``checkpoints/<checkpoint>.pt``, and one line for each without."""
     if not sweep.is_dir():
         raise UserError(f"sweep directory {sweep} does not exist")
     out = output.resolve()
-    dirs = sorted(p.parent.parent for p in sweep.rglob(f"checkpoints/{checkpoint}.pt"))
-    dirs = [d for d in dirs if d.resolve() != out and out not in d.resolve().parents
+    found = {p.parent.parent for p in sweep.rglob(f"checkpoints/{checkpoint}.pt")}
+    found |= {p.parent for p in sweep.rglob("metrics.json")}
+    runs = [d for d in sorted(found) if d.resolve() != out and out not in d.resolve().parents
             and not (d / SOUP_JSON).is_file()]
-    if not dirs:
+    have = [d for d in runs if (d / "checkpoints" / f"{checkpoint}.pt").is_file()]
+    if not have:
         raise UserError(f"no run under {sweep} has checkpoints/{checkpoint}.pt: give the "
                         "directory of a finished transferlab-train -m sweep")
-    return dirs
+    left_out = [{"run": str(d), "why": f"no checkpoints/{checkpoint}.pt (a task=logreg run, "
+                 "or one that saved none)"} for d in runs if d not in have]
+    return have, left_out
 
 
 def load_member(run_dir: Path, checkpoint: str) -> Member:
@@ -177,8 +182,9 @@ def mismatch(member: Member, first: Member) -> str | None:
 
 def gather_members(args: SoupArgs) -> tuple[list[Member], list[dict[str, str]]]:
     """The runs that share the first one's architecture, and one line for each left out."""
-    members, left_out = [], []
-    for run_dir in member_dirs(args.sweep, args.checkpoint, args.out_dir):
+    members = []
+    dirs, left_out = member_dirs(args.sweep, args.checkpoint, args.out_dir)
+    for run_dir in dirs:
         try:
             member = load_member(run_dir, args.checkpoint)
         except UserError as exc:
