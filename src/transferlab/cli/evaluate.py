@@ -44,6 +44,8 @@ SPEC = Spec(
         Key("device", "auto, cpu, cuda, cuda:N or mps", metavar="auto|cpu|cuda|...",
             default_text="the run's trainer.device"),
         Key("tta", TTA_HELP, default="none", choices=TTA_MODES),
+        Key("mistakes", "also draw the split's first 16 misclassified images, with Grad-CAM "
+            "overlays where grad-cam is installed, into eval_mistakes.png", bool, False),
     ),
     prefixes=(Prefix("dataset.", "a field of the run's dataset config, e.g. dataset.root=/data"
                                  "/copy (numbers and true/false are read as YAML)"),),
@@ -53,6 +55,7 @@ SPEC = Spec(
         "transferlab-eval run=<run dir> checkpoint=last split=test device=cpu",
         "transferlab-eval run=<run dir> dataset.root=/data/other_copy",
         "transferlab-eval run=<run dir> weights=ema checkpoint=best_ema tta=flip",
+        "transferlab-eval run=<run dir> split=test mistakes=true",
     ),
 )
 
@@ -74,6 +77,10 @@ def run_cli(argv: list[str]) -> None:
     json_path, png_path = write_reports(args.run, report, report["classes"])
     tag = tb_tag(args.split, args.tta)
     print(summary_text(report))
+    if parse(SPEC, argv)["mistakes"]:
+        from transferlab.tools.mistakes import eval_mistakes
+
+        print(f"Misclassified images: {eval_mistakes(args, report['epoch'])}")
     print(f"\nMetrics saved to: {json_path}\nConfusion matrix: {png_path}\n"
           f"Per-image predictions: {args.run / EVAL_PREDICTIONS}\n"
           f"TensorBoard: tensorboard --logdir {args.run / 'tb'} "

@@ -229,7 +229,8 @@ class Checkpoint(Hook):
 
 class RecordPredictions(Hook):
     """After the last stage, the per-image predictions of the run's best weights on its val
-    (and test) split: ``predictions_<split>.npz`` (:mod:`transferlab.run.predictions`). The
+    (and test) split: ``predictions_<split>.npz`` (:mod:`transferlab.run.predictions`), and the
+    grid of val's misclassified images, ``mistakes.png`` (:mod:`transferlab.run.mistakes`). The
     best epoch's weights of the current stage are kept (rank 0, without DDP) so that they
     are scored on the stage's own val inputs."""
 
@@ -244,9 +245,11 @@ class RecordPredictions(Hook):
             self.kept.keep(loop)
 
     def on_fit_end(self, loop) -> None:
+        from transferlab.run.mistakes import record_mistakes
         from transferlab.run.predictions import record_run_predictions
 
-        record_run_predictions(self.built, loop, self.tracker, self.kept)
+        record_run_predictions(self.built, loop, self.tracker, self.kept, with_best=lambda model:
+                               record_mistakes(self.built, model, self.tracker))
 
 
 class ReconstructionImages(Hook):
