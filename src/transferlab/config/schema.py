@@ -278,6 +278,19 @@ class FakeDatasetConfig(DatasetConfig):
     num_classes: int = 4
 
 
+@dataclass
+class WebDatasetConfig(DatasetConfig):
+    """``kind: webdataset``: WebDataset tar shards (samples grouped by basename: ``<key>.jpg``,
+    ``<key>.cls``), named by brace patterns (``/data/shards/train-{000000..000009}.tar``)."""
+
+    kind: str = "webdataset"
+    urls: str = MISSING  # the training shards
+    val_urls: str | None = None  # None: val held out of the training shards by val_fraction
+    test_urls: str | None = None  # None: test_fraction of the training shards (0: no test)
+    image_key: str = "jpg;jpeg;png;webp;bmp;ppm;tif;tiff"  # the first of these a sample has
+    label_key: str = "cls"  # the integer class index, as text
+
+
 # --- augment ------------------------------------------------------------------------------------
 
 
