@@ -291,6 +291,19 @@ class WebDatasetConfig(DatasetConfig):
     label_key: str = "cls"  # the integer class index, as text
 
 
+@dataclass
+class HfDatasetConfig(DatasetConfig):
+    """``kind: hf``: a Hugging Face dataset (``path``: a Hub name or a ``save_to_disk`` folder)."""
+
+    kind: str = "hf"
+    path: str = MISSING
+    image_key: str = "image"
+    label_key: str = "label"
+    train_split: str = "train"
+    val_split: str | None = None  # None: val held out of train_split by val_fraction
+    test_split: str | None = None  # None: test_fraction of train_split (0: no test)
+
+
 # --- augment ------------------------------------------------------------------------------------
 
 
