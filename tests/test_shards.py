@@ -142,3 +142,20 @@ def test_a_run_reads_the_shards_images_and_labels_as_the_folders(tmp_path):
         a, b = getattr(folder, split), getattr(shards, split)
         assert [a[i] for i in range(len(a))] == [b[i] for i in range(len(b))]
     assert len(shards.train) == 9 and shards.train_labels == folder.train_labels
+
+
+def test_shards_without_an_index_are_read_from_their_tar_headers(tmp_path):
+    """Shards of another writer (no index.json): the same samples, found by scanning; the
+    class names are then the label numbers."""
+    from transferlab.data.shards import index_shards
+
+    _numbered_folder(tmp_path / "images", 10, classes=2)
+    report = write_shards(tmp_path / "images", tmp_path / "shards", maxcount=4)
+    pattern = report.splits["train"]["urls"]
+    indexed, classes = index_shards(pattern, "png", "cls")
+    (tmp_path / "shards" / "index.json").unlink()
+    scanned, none = index_shards(pattern, "png", "cls")
+    assert scanned == indexed and len(scanned) == 10 and classes == ["c0", "c1"]
+    assert none is None
+    with pytest.raises(UserError, match="no sample in 3 shard.*has an image \\(jpg\\)"):
+        index_shards(pattern, "jpg", "cls")

@@ -145,14 +145,16 @@ def index_shards(pattern: str, image_key: str, label_key: str,
                         f"{len(paths)} missing): check the pattern")
     keys = image_keys(image_key)
     samples: list[ShardSample] = []
-    for path in paths:
+    listed = True  # every shard in the index.json beside it: its class names hold for them
+    for path in (os.path.abspath(p) for p in paths):  # a resume may start elsewhere
         found = _indexed(path, keys, label_key)
+        listed = listed and found is not None
         samples += found if found is not None else scan_shard(path, keys, label_key)
     if not samples:
         raise UserError(f"{what}: no sample in {len(paths)} shard(s) has an image "
                         f"({image_key}) and a label ({label_key}): check dataset.image_key "
                         "and dataset.label_key")
-    return samples, _classes(Path(paths[0]).parent / INDEX_FILE)
+    return samples, _classes(Path(paths[0]).parent / INDEX_FILE) if listed else None
 
 
 def image_keys(text: str) -> list[str]:
