@@ -159,3 +159,28 @@ def test_shards_without_an_index_are_read_from_their_tar_headers(tmp_path):
     assert none is None
     with pytest.raises(UserError, match="no sample in 3 shard.*has an image \\(jpg\\)"):
         index_shards(pattern, "jpg", "cls")
+
+
+def test_the_shard_command_prints_the_overrides_that_train_from_its_shards(tmp_path, capsys,
+                                                                          compose_cfg):
+    """transferlab-shard: what it prints composes (Hydra's grammar, braces quoted) into the
+    dataset it wrote; a mistake is one line and exit 2."""
+    import shlex
+
+    from transferlab.cli import shard as shard_cli
+    from transferlab.config import load_config
+    from transferlab.registry import DATASETS
+
+    for split, n in (("train", 8), ("val", 4)):
+        _numbered_folder(tmp_path / "images" / split, n)
+    assert shard_cli.main([f"root={tmp_path / 'images'}", f"output={tmp_path / 's'}",
+                           "maxcount=3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["train", "val"]
+    overrides = [shlex.split(line.split("shard(s): ")[1])[0] for line in lines]
+    run = load_config(compose_cfg(["dataset=webdataset", *overrides]))
+    splits = DATASETS.builder("webdataset")(run.dataset, _value, _value)
+    assert (len(splits.train), len(splits.val)) == (8, 4)
+    assert shard_cli.main([f"root={tmp_path / 'none'}", f"output={tmp_path / 't'}"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: root=") and "is not a folder" in line
