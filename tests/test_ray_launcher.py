@@ -40,3 +40,13 @@ def test_a_ray_sweep_matches_the_basic_launcher_job_for_job(tmp_path):
     assert results["ray"] == results["basic"]
     assert results["ray"]["0_seed-0"] != results["ray"]["1_seed-1"]  # the seeds differ
     assert len(results["ray pids"]) == 2  # two Ray workers, one job each
+
+
+@pytest.mark.slow  # a process of its own (Hydra composes the launcher in its multirun)
+@pytest.mark.skipif(RAY, reason="the plugin is installed")
+def test_without_the_plugin_the_preset_is_one_line_naming_the_extra(tmp_path):
+    proc = cli(["-m", "hydra/launcher=ray_tasks", "seed=0,1"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.splitlines() == [
+        "error: hydra/launcher=ray_tasks needs a Hydra plugin that is not installed "
+        "(hydra/launcher/ray could not be loaded): pip install 'transferlab[ray]'"]
