@@ -184,3 +184,58 @@ def test_the_shard_command_prints_the_overrides_that_train_from_its_shards(tmp_p
     assert shard_cli.main([f"root={tmp_path / 'none'}", f"output={tmp_path / 't'}"]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("error: root=") and "is not a folder" in line
+
+
+@pytest.mark.slow  # a real HTTP server and downloads (under a second)
+def test_remote_shards_are_downloaded_once_and_read_as_local_ones(tmp_path):
+    """Shards on an HTTP server (a real one, on this machine): the run's splits hold the same
+    images, labels and class names (their index.json came along) as from the local shards; a
+    second build reads the local copies (the server is gone); an unreachable shard is one
+    line saying what to do."""
+    import functools
+    import http.server
+    import threading
+
+    from transferlab.config.schema import WebDatasetConfig
+    from transferlab.registry import DATASETS
+
+    for split, n in (("train", 9), ("val", 6)):
+        _numbered_folder(tmp_path / "images" / split, n, classes=3)
+    report = write_shards(tmp_path / "images", tmp_path / "shards", maxcount=4)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path / "shards")))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+
+    def remote(split: str) -> str:
+        return report.splits[split]["urls"].replace(str(tmp_path / "shards"), url)
+
+    def build(**urls):
+        return DATASETS.builder("webdataset")(
+            WebDatasetConfig(name="w", cache_dir=str(tmp_path / "cache"), **urls), _value,
+            _value)
+
+    local = build(urls=report.splits["train"]["urls"], val_urls=report.splits["val"]["urls"])
+    try:
+        fetched = build(urls=remote("train"), val_urls=remote("val"))
+    finally:
+        server.shutdown()
+        server.server_close()
+    again = build(urls=remote("train"), val_urls=remote("val"))
+    for splits in (fetched, again):
+        assert splits.classes == local.classes == ["c0", "c1", "c2"]
+        for split in ("train", "val"):
+            a, b = getattr(local, split), getattr(splits, split)
+            assert [a[i] for i in range(len(a))] == [b[i] for i in range(len(b))]
+    copies = sorted(p.name for p in (tmp_path / "cache").glob("*/*"))
+    assert copies == sorted(["index.json", *(Path(u).name for s in ("train", "val")
+                                             for u in expand_urls(report.splits[s]["urls"]))])
+    with pytest.raises(UserError, match=r"^dataset.urls: could not download http://127.0.0.1:"
+                                        r"\d+/other-000000.tar \(.*\): check the network, or "
+                                        r"download the shards and give their local paths$"):
+        build(urls=f"{url}/other-000000.tar")

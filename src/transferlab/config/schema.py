@@ -289,6 +289,7 @@ class WebDatasetConfig(DatasetConfig):
     test_urls: str | None = None  # None: test_fraction of the training shards (0: no test)
     image_key: str = "jpg;jpeg;png;webp;bmp;ppm;tif;tiff"  # the first of these a sample has
     label_key: str = "cls"  # the integer class index, as text
+    cache_dir: str | None = None  # remote shards' local copies (None: ~/.cache/transferlab/shards)
 
 
 @dataclass

@@ -6,7 +6,9 @@ Two readers of the same files:
 - :class:`ShardSamples`, what a run trains from (``dataset=webdataset``): random access to
   local shards by each image's byte offset (from the ``index.json`` that ``transferlab-shard``
   writes beside them, or found by reading the tar headers once), so that the run's own seeded
-  order, exact resume, DDP sampler and feature cache work as they do for a folder.
+  order, exact resume, DDP sampler and feature cache work as they do for a folder. Remote
+  shards (``http(s)://``) are downloaded once into a local cache (:func:`fetched`, with the
+  ``index.json`` beside them where there is one), then read as local ones.
 - :class:`ShardStream`, a streamed reader for shards that are remote (``https://...``) or too
   many to index: every epoch the shard order is shuffled and the samples pass through a
   seeded shuffle buffer; each DDP rank, and each DataLoader worker within it, reads its own
@@ -127,18 +129,64 @@ def _indexed(path: str, image_keys: list[str], label_key: str) -> list[ShardSamp
             for key, label, offset, size in entry["samples"]]
 
 
-def index_shards(pattern: str, image_key: str, label_key: str,
-                 what: str = "dataset.urls") -> tuple[list[ShardSample], list[str] | None]:
-    """Every sample of the local shards ``pattern`` names, in shard order, and the class names
-    the shards' ``index.json`` gives (None where there is none)."""
+def shard_cache(cache_dir: str | None) -> Path:
+    """Where remote shards are downloaded: ``dataset.cache_dir``, else the ``shards/`` folder
+    of transferlab's cache (``$TRANSFERLAB_CACHE_DIR``, ``~/.cache/transferlab``)."""
+    from transferlab.infra.runtime import cache_root
+
+    return Path(cache_dir).expanduser() if cache_dir else cache_root() / "shards"
+
+
+def fetched(url: str, cache: Path, what: str = "dataset.urls") -> str:
+    """The local copy of the remote shard ``url`` (downloaded once, atomically, into a folder
+    of ``cache`` named after the URL's folder, with the ``index.json`` beside it where the
+    server has one); a failed download is one line saying what to do."""
+    from urllib.error import URLError
+
+    base, _, name = url.rpartition("/")
+    folder = cache / hashlib.sha256(base.encode()).hexdigest()[:16]
+    target = folder / name
+    if target.is_file():
+        return str(target)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        _download(url, target)
+    except (URLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise UserError(f"{what}: could not download {url} ({reason}): check the network, or "
+                        "download the shards and give their local paths") from None
+    index = folder / INDEX_FILE
+    if not index.is_file():
+        try:
+            _download(f"{base}/{INDEX_FILE}", index)
+        except (URLError, OSError):  # none (shards of another writer): their headers are read
+            pass
+    return str(target)
+
+
+def _download(url: str, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+    try:
+        with open_url(url) as src, open(tmp, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def index_shards(pattern: str, image_key: str, label_key: str, what: str = "dataset.urls",
+                 cache_dir: str | None = None) -> tuple[list[ShardSample], list[str] | None]:
+    """Every sample of the shards ``pattern`` names, in shard order (remote ones downloaded
+    first: :func:`fetched`), and the class names the shards' ``index.json`` gives (None where
+    there is none)."""
     paths = expand_urls(pattern)
     if not paths:
         raise UserError(f"{what} is empty: give a brace pattern of tar shards, e.g. "
                         f"{what}=/data/shards/train-{{000000..000003}}.tar")
-    remote = [p for p in paths if "://" in p]
-    if remote:
-        raise UserError(f"{what}: {remote[0]} is remote; a run reads local shards (download "
-                        "them first); ShardStream streams remote ones (docs/data.md)")
+    if any("://" in p for p in paths):
+        cache = shard_cache(cache_dir)
+        paths = [fetched(p, cache, what) if "://" in p else p for p in paths]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise UserError(f"{what}: shard {missing[0]} does not exist ({len(missing)} of "
@@ -210,7 +258,8 @@ class ShardSamples(Dataset):
 def build_webdataset(cfg: WebDatasetConfig, train_tf, eval_tf) -> DataSplits:
     """``dataset=webdataset``: train from ``urls``; val from ``val_urls`` or held out of train
     by ``val_fraction``; test from ``test_urls`` or ``test_fraction`` of train."""
-    train, classes = index_shards(cfg.urls, cfg.image_key, cfg.label_key)
+    train, classes = index_shards(cfg.urls, cfg.image_key, cfg.label_key,
+                                  cache_dir=cfg.cache_dir)
     labels = [s.label for s in train]
     classes = classes or [str(i) for i in range(max(labels) + 1)]
     _check_labels(labels, classes, "dataset.urls")
@@ -232,7 +281,7 @@ def build_webdataset(cfg: WebDatasetConfig, train_tf, eval_tf) -> DataSplits:
 
 def _split_shards(cfg: WebDatasetConfig, pattern: str, classes: list[str],
                   what: str) -> list[ShardSample]:
-    samples, named = index_shards(pattern, cfg.image_key, cfg.label_key, what)
+    samples, named = index_shards(pattern, cfg.image_key, cfg.label_key, what, cfg.cache_dir)
     if named is not None and named != classes:
         raise UserError(f"{what} has classes {named[:5]}..., dataset.urls {classes[:5]}...: "
                         "write every split's shards from one folder with transferlab-shard")
