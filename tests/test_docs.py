@@ -386,6 +386,8 @@ def test_documented_command_runs_as_written(cmd: Command):
         message = None
     except (UserError, AssertionError) as exc:
         message = f"error: {exc}"
+    if message and "needs a Hydra plugin that is not installed" in message:
+        pytest.skip(f"{cmd.where}: {message}")  # an optional extra (checked where installed)
     if cmd.error is None and message is not None:
         pytest.fail(f"{cmd.where}: `{cmd.text}` no longer runs as written:\n  {message}",
                     pytrace=False)

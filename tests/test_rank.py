@@ -99,6 +99,8 @@ def test_probe_accuracy_separates_separable_from_random():
                                         "blocks=false, or rgn_batches="),
     (["blocks=maybe"], "error: invalid value for blocks: 'maybe': expected true/false "
                        "(or 1/0, yes/no)"),
+    (["against=,"], "error: invalid value for against: ',': expected one name or more, "
+                    "separated by commas"),
 ])
 def test_mistakes_are_one_line_before_anything_is_built(argv, error, capsys):
     assert main(argv) == 2
@@ -123,7 +125,8 @@ def test_rank_twice_the_second_from_the_cache_and_an_offline_backbone_is_one_row
     monkeypatch.setattr("transferlab.backbones.timm_zoo._hf_cached", lambda hub_id: False)
     cache = f"trainer.feature_cache.dir={tmp_path / 'cache'}"
     first = tmp_path / "first"
-    argv = [*DIGITS, cache, "backbones=efficientnet_lite0,resnet10t", "scores=logme,leep"]
+    argv = [*DIGITS, cache, "backbones=efficientnet_lite0,resnet10t", "scores=logme,leep",
+            "against=none"]
     assert main([*argv, f"output={first}"]) == 1  # resnet10t failed, the rest came
     out = capsys.readouterr().out
     assert "failed: pretrained weights for timm model resnet10t" in out
@@ -138,7 +141,7 @@ def test_rank_twice_the_second_from_the_cache_and_an_offline_backbone_is_one_row
     monkeypatch.setattr("transferlab.tools.rank._block_pass", no_backbone_pass)
     second = tmp_path / "second"
     assert main([*DIGITS, cache, "backbones=efficientnet_lite0", "scores=logme,leep",
-                 f"output={second}"]) == 0
+                 f"output={second}", "against=none"]) == 0
     again = json.loads((second / "rank.json").read_text())
     assert _same_scores(again["rows"], saved["rows"])  # the same features, the same scores
     whole = again["rows"][0]
@@ -223,3 +226,59 @@ def test_source_probabilities_from_pooled_features_only_when_the_head_averages()
     backbone.imagenet_head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(1),
                                            nn.Linear(24, 10))
     assert source_probs(backbone, maps.mean(dim=(2, 3)).numpy()) is None
+
+
+# -- how the scores ranked the runs trained before -----------------------------------------------
+def _past_run(root, name: str, dataset: str, backbone: dict, best: float | None,
+              status: str = "completed") -> None:
+    """A run directory as transferlab-train leaves it (the metrics.json contract)."""
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("[]\n")
+    epoch = {"epoch": 1, "stage": "train", "val_loss": 0.5, "val_acc": best}
+    (run / "metrics.json").write_text(json.dumps({
+        "status": status, "history": [epoch] if best is not None else [],
+        "best": epoch if best is not None else None, "final": epoch if best is not None else None,
+        "params": {}, "hparams": {"dataset": dataset, **backbone}}))
+
+
+def test_kendall_tau_and_the_pairs_in_order_agree_with_scipy():
+    from scipy.stats import kendalltau
+
+    from transferlab.tools.rank_history import kendall
+
+    xs, ys = [0.1, 0.3, 0.2, 0.4], [0.90, 0.95, 0.97, 0.99]
+    tau, agree, total = kendall(xs, ys)
+    assert (agree, total) == (5, 6)  # only (0.3, 0.2) against (0.95, 0.97) is out of order
+    assert tau == pytest.approx(kendalltau(xs, ys).statistic) == pytest.approx(4 / 6)
+    assert kendall([0.1], [0.9]) == (None, 0, 0)
+    assert kendall([0.1, 0.1], [0.9, 0.8])[0] is None  # a tie in the score: no untied pair
+
+
+def test_runs_before_on_the_same_data_set_say_how_each_score_ranked_the_backbones(tmp_path):
+    """Each backbone's best val acc over its completed runs on the data set; failed runs,
+    other data sets and other backbones left out; tau per score over those backbones."""
+    from transferlab.tools.rank_history import before, before_text
+
+    past = tmp_path / "outputs"
+    _past_run(past, "a1", "digits", {"backbone": "a"}, 0.90)
+    _past_run(past, "a2", "digits", {"backbone": "a"}, 0.93)  # a's best
+    _past_run(past, "b1", "digits", {"backbone": "timm", "backbone.name": "b"}, 0.97)
+    _past_run(past, "c1", "digits", {"backbone": "c"}, 0.95)
+    _past_run(past, "c2", "digits", {"backbone": "c"}, None, status="failed")
+    _past_run(past, "c3", "hymenoptera", {"backbone": "c"}, 0.99)  # another data set
+    _past_run(past, "z1", "digits", {"backbone": "z"}, 0.99)  # not a candidate
+    found = before(_rows(), ["logme", "leep"], "digits", [past, tmp_path / "absent"])
+    assert found.runs == 4
+    assert found.accuracy == {"b": 0.97, "c": 0.95, "a": 0.93}
+    # logme: c 0.25 > b 0.20 > a 0.10 against b > c > a: 2 of 3 pairs in order
+    assert found.pairs["logme"] == (2, 3) and found.tau["logme"] == pytest.approx(1 / 3)
+    # leep: a -0.5 > c -0.7 (b has none) against c > a: 0 of 1
+    assert found.pairs["leep"] == (0, 1) and found.tau["leep"] == pytest.approx(-1.0)
+    lines = before_text(found, [past])
+    assert lines[0] == (f"before, on digits: 4 completed run(s) under {past} trained 3 of these "
+                        "backbones (best val acc: b 0.9700, c 0.9500, a 0.9300)")
+    assert lines[1] == "  logme ranked them with Kendall's tau +0.33 (2 of 3 pair(s) in order)"
+    text = console_text(report(_rows(), ["logme", "leep"], ["dataset=digits"], lines))
+    assert "\n".join(lines) in text
+    assert before(_rows(), ["logme"], "mnist", [past]) is None  # no run on that data set

@@ -387,3 +387,19 @@ def test_a_figure_that_cannot_be_written_is_a_warning_or_one_error_line(tmp_path
     assert compare_cli.main([str(tmp_path), f"plot={tmp_path / 'compare_val_acc.png'}"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: Is a directory: ")
+
+
+def test_a_sweep_with_a_job_interrupted_on_its_own_does_not_end_with_exit_0(tmp_path, capsys):
+    """A SIGTERM to one job's process (under joblib the sweep goes on): the summary says the
+    job was interrupted and the exit code is 1, as for a failed job (before: 0 failed, exit 0,
+    with a job not done)."""
+    from transferlab.tools.sweep import SweepSummary
+
+    _fake_run(tmp_path, "0_seed-0", ["seed=0"], [0.5, 0.7])
+    _fake_run(tmp_path, "1_seed-1", ["seed=1"], [0.5], status="interrupted")
+    SweepSummary.reset()
+    SweepSummary.summarize(tmp_path)
+    assert f"Sweep {tmp_path}: 2 job(s), 0 failed, 1 interrupted (resume=auto goes on with " \
+           "them)" in capsys.readouterr().out
+    assert SweepSummary.failed_jobs == 1
+    SweepSummary.reset()

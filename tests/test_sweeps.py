@@ -482,3 +482,36 @@ def test_a_second_ctrl_c_stops_the_jobs_at_once_and_they_still_end_interrupted(t
     assert "SIGINT again: the sweep's jobs stop at once" in out
     (sweep,) = sweep_dirs(tmp_path)
     assert [metrics(job)["status"] for job in job_dirs(sweep)] == ["interrupted"] * 2
+
+
+def test_sigterm_to_the_whole_group_stops_the_sweep_with_the_job_saved(tmp_path):
+    """``timeout``, SLURM's ``scancel`` and container stops send SIGTERM to every process of
+    the group, loader processes included. The job finishes its step, saves its checkpoint and
+    ends ``interrupted``; the sweep stops before its next job, exit 143 (before: torch's
+    loader processes died at once, their death raised in the middle of the job's checkpoint,
+    the job failed and the sweep went on to the next one)."""
+    args = ["-m", *SWEEP, "dataset.samples_per_class=100", "trainer.epochs=3", "freeze=none",
+            "trainer.num_workers=1", "seed=0,1"]
+    proc = _start(args, tmp_path, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the first job did not train an epoch"
+            with contextlib.suppress(OSError, ValueError):
+                (path,) = (tmp_path / "outputs" / "sweeps").glob("*/*/0_*/metrics.json")
+                if len(json.loads(path.read_text()).get("history", [])) >= 1:
+                    break
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert [line for line in err.splitlines() if line.strip()][-1] == (
+        f"interrupted (SIGTERM): go on with transferlab-train {shlex.join(args)} resume=auto")
+    (sweep,) = sweep_dirs(tmp_path)
+    (job,) = job_dirs(sweep)  # the second job was not started
+    assert metrics(job)["status"] == "interrupted", metrics(job).get("error")
+    assert (job / "checkpoints" / "last.pt").is_file()

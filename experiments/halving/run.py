@@ -1,6 +1,7 @@
 """What a halving sweep saves: the same grid run exhaustively and with ``hydra/sweeper=halving``.
 
     python experiments/halving/run.py digits      # 9 configurations, both ways (minutes)
+    python experiments/halving/run.py hymenoptera # 24 configurations x 3 folds (about 1.5 h)
     python experiments/halving/run.py --report    # README's table from results.json
 
 The digits grid: 3 learning rates x 3 freeze policies (``linear_probe`` 9 epochs;
@@ -13,6 +14,16 @@ halving sweeps (``HALVING``) are eta 3 from epoch 1, and eta 3 on rungs that sta
 shared head stage. Each sweep runs in one process, one after the other, so their wall times
 compare on the same machine, after a short warm-up sweep that fills the feature cache, so
 that none pays for it.
+
+The hymenoptera study (``run_cv_study``) is the issue's: 24 configurations (3 learning rates x
+linear_probe, two_stage at 3 depths, lp_ft, surgical at 3 blocks), 10-epoch plans, at 224 px,
+each ranked by its mean over a 3-fold split of the *training* images. Both arms are sweeps of
+``hydra/sweeper=halving``: the exhaustive one with a single rung (every configuration to the end
+of its plan: the same jobs as ``-m``, with the same ranking), the halving one with eta 3 on the
+rungs ``CV_RUNGS``. The halving arm runs first, on an empty feature cache (it pays the
+extraction; the exhaustive arm reads the cache it filled: a bias against halving). Then each
+arm's pick trains on the whole training split with seeds 0, 1, 2 and is measured on the held-out
+validation split, which no choice looked at (the weights each run ends with).
 
 Results go to ``results.json`` beside this script (one entry per study, replaced by a rerun).
 """
@@ -42,6 +53,17 @@ WARMUP = ["trainer.epochs=1", "freeze.head_epochs=1", "freeze.probe_epochs=1",
 WARMUP_KEYS = [w.split("=")[0] for w in WARMUP]
 # the halving sweeps: eta 3 from epoch 1 (the sweeper's defaults), and rungs that start after
 # the head stage the three policies share (epochs 1-3 are the same training for all three)
+CV_STUDIES = {
+    "hymenoptera": ["dataset=hymenoptera", "optimizer.lr=1e-2,3e-3,1e-3",
+                    "freeze=linear_probe,two_stage,lp_ft,surgical", "freeze.fine_tune_at=14,9,5",
+                    "freeze.block=17,12,6", "trainer.epochs=10", "freeze.head_epochs=1",
+                    "freeze.probe_epochs=1", "freeze.finetune_epochs=9"],
+}
+FOLDS = ["dataset.folds=3", "dataset.fold=range(0,3)"]
+# every policy trains the head alone for epoch 1, so the first rung is after epoch 2 (the
+# first that tells the policies apart); eta 3 cuts 24 -> 8 -> 2
+CV_RUNGS = [2, 4, 10]
+CV_KEYS = ("optimizer.lr", "freeze", "freeze.fine_tune_at", "freeze.block", "dataset.fold")
 HALVING = {"from epoch 1": ["hydra/sweeper=halving", "hydra.sweeper.eta=3",
                             "hydra.sweeper.min_epochs=1"],
            "rungs 4, 6, 9": ["hydra/sweeper=halving", "hydra.sweeper.eta=3",
@@ -60,13 +82,13 @@ def sweep(args: list[str], out: Path) -> float:
     return wall
 
 
-def jobs(out: Path) -> dict[str, dict]:
-    """Every job's record under ``out``, by its overrides."""
+def jobs(out: Path, keys: tuple[str, ...] = ("optimizer.lr", "freeze")) -> dict[str, dict]:
+    """Every job's record under ``out``, by its overrides (those of ``keys``)."""
     found = {}
     for path in sorted(out.glob("*/metrics.json")):
         record = json.loads(path.read_text())
         overrides = yaml.safe_load((path.parent / ".hydra" / "overrides.yaml").read_text())
-        key = " ".join(o for o in overrides if o.split("=")[0] in ("optimizer.lr", "freeze"))
+        key = " ".join(o for o in overrides if o.split("=")[0].lstrip("+") in keys)
         found[key] = {"status": record["status"], "epochs": len(record["history"]),
                       "finetune_epochs": sum(e["stage"] == "finetune" for e in record["history"]),
                       "best_val_acc": (record.get("best") or {}).get("val_acc"),
@@ -104,6 +126,56 @@ def run_study(name: str) -> dict:
     return out
 
 
+def held_out(grid: list[str], pick: list[str], out: Path) -> dict:
+    """``pick`` trained on the whole training split with seeds 0, 1, 2: the val accuracy each
+    run ends with (the split no choice looked at)."""
+    fixed = [g for g in grid if "," not in g and g.split("=")[0] in
+             ("dataset", "dataset.image_size", "trainer.epochs", "freeze.head_epochs",
+              "freeze.probe_epochs", "freeze.finetune_epochs")]
+    wall = sweep([*fixed, *pick, "seed=0,1,2"], out)
+    final = {}
+    for path in sorted(out.glob("*/metrics.json")):
+        record = json.loads(path.read_text())
+        overrides = yaml.safe_load((path.parent / ".hydra" / "overrides.yaml").read_text())
+        final[next(o for o in overrides if o.startswith("seed="))] = \
+            record["history"][-1]["val_acc"]
+    values = list(final.values())
+    mean = sum(values) / len(values)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return {"wall_s": round(wall, 1), "final_val_acc": values, "mean": round(mean, 4),
+            "sd": round(sd, 4)}
+
+
+def run_cv_study(name: str) -> dict:
+    """Both arms on the k-fold split of the training images, then the picks on held-out val."""
+    grid = CV_STUDIES[name]
+    out = {"grid": grid + FOLDS, "rungs": CV_RUNGS}
+    with tempfile.TemporaryDirectory(prefix="halving-") as tmp:
+        root = Path(tmp)
+        arms = {"halving": ["hydra/sweeper=halving", "hydra.sweeper.eta=3",
+                            f"hydra.sweeper.rungs=[{','.join(map(str, CV_RUNGS))}]"],
+                "exhaustive": ["hydra/sweeper=halving", f"hydra.sweeper.rungs=[{CV_RUNGS[-1]}]"]}
+        for label, args in arms.items():
+            wall = sweep([*args, *grid, *FOLDS], root / label)
+            record = json.loads((root / label / "halving.json").read_text())
+            found = jobs(root / label, CV_KEYS)
+            out[label] = {**summary(wall, found, " ".join(record["winner"]["overrides"]),
+                                    record["winner"]["value"]),
+                          "rungs": record["rungs"], "configurations": record["configurations"],
+                          "winner": record["winner"]["overrides"]}
+            print(label, json.dumps({k: v for k, v in out[label].items()
+                                     if k in ("wall_s", "epochs", "finetune_epochs", "pick",
+                                              "pick_val_acc")}), flush=True)
+        picks = {label: out[label]["winner"] for label in arms}
+        for i, pick in enumerate(dict.fromkeys(map(tuple, picks.values()))):
+            result = held_out(grid, list(pick), root / f"held_out{i}")
+            for label in arms:
+                if tuple(picks[label]) == pick:
+                    out[label]["held_out"] = result
+            print("held out", " ".join(pick), json.dumps(result), flush=True)
+    return out
+
+
 def report(results: dict) -> str:
     lines = ["| study | sweep | epochs trained | of them fine-tuning | wall time | pick | its "
              "best val acc |", "|---|---|---|---|---|---|---|"]
@@ -117,12 +189,13 @@ def report(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("study", nargs="?", choices=sorted(STUDIES))
+    parser.add_argument("study", nargs="?", choices=sorted([*STUDIES, *CV_STUDIES]))
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     if args.study:
-        results[args.study] = run_study(args.study)
+        results[args.study] = (run_cv_study if args.study in CV_STUDIES
+                               else run_study)(args.study)
         RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     print(report(results))
 

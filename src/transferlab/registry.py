@@ -158,6 +158,8 @@ def load_builtins() -> None:
         (DATASETS, "csv", c.CsvDatasetConfig, f"{data}:_csv"),
         (DATASETS, "torchvision", c.TorchvisionDatasetConfig, f"{data}:_torchvision"),
         (DATASETS, "fake", c.FakeDatasetConfig, f"{data}:_fake"),
+        (DATASETS, "webdataset", c.WebDatasetConfig, f"{data}.shards:build_webdataset"),
+        (DATASETS, "hf", c.HfDatasetConfig, f"{data}.hf:build_hf"),
         (AUGMENTS, "none", c.AugmentConfig, f"{augments}:_none"),
         (AUGMENTS, "flip", c.FlipConfig, f"{augments}:_flip"),
         (AUGMENTS, "randaugment", c.RandAugmentConfig, f"{augments}:_randaugment"),

@@ -60,6 +60,8 @@ SPEC = Spec(
             "fine-tuning (wise_start.pt) and the checkpoint, at these alphas: "
             "start:stop:step or a comma-separated list", alphas,
             metavar="0:1:0.1|<a>,<b>...", default_text="none"),
+        Key("mistakes", "also draw the split's first 16 misclassified images, with Grad-CAM "
+            "overlays where grad-cam is installed, into eval_mistakes.png", bool, False),
     ),
     prefixes=(Prefix("dataset.", "a field of the run's dataset config, e.g. dataset.root=/data"
                                  "/copy (numbers and true/false are read as YAML)"),),
@@ -71,6 +73,7 @@ SPEC = Spec(
         "transferlab-eval run=<run dir> weights=ema checkpoint=best_ema tta=flip",
         "transferlab-eval run=<run dir> corruptions=gaussian_noise,defocus_blur severity=3",
         "transferlab-eval run=<run dir> wise=0:1:0.1 corruptions=all severity=3",
+        "transferlab-eval run=<run dir> split=test mistakes=true",
     ),
 )
 
@@ -104,6 +107,10 @@ def run_cli(argv: list[str]) -> None:
     print(summary_text(report))
     if figures:
         print(f"\n{robustness_text(report)}\n\nFigures: {', '.join(map(str, figures))}")
+    if parse(SPEC, argv)["mistakes"]:
+        from transferlab.tools.mistakes import eval_mistakes
+
+        print(f"Misclassified images: {eval_mistakes(args, report['epoch'])}")
     print(f"\nMetrics saved to: {json_path}\nConfusion matrix: {png_path}\n"
           f"Per-image predictions: {args.run / EVAL_PREDICTIONS}\n"
           f"TensorBoard: tensorboard --logdir {args.run / 'tb'} "

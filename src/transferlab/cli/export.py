@@ -16,6 +16,7 @@ from transferlab.run.saved import (
     WEIGHTS,
     checkpoint_path,
 )
+from transferlab.run.trackers import log_export
 from transferlab.tools.export import (
     DEFAULT_OPSET,
     FORMATS,
@@ -163,14 +164,15 @@ def run_cli(argv: list[str]) -> int:
     record = export_run(args)
     print("\n".join(summary_lines(args, record)), flush=True)
     check = record["verification"]
-    if check is None:
-        print("Not verified (verify=false).", flush=True)
-        return 0
-    if not check["passed"]:
+    if check is not None and not check["passed"]:
         print(f"error: verification failed: {verification_line(check)}; the files are kept "
               f"in {args.output}", file=sys.stderr, flush=True)
         return EXIT_JOB_FAILED
-    print(f"Verified: {verification_line(check)}.", flush=True)
+    print("Not verified (verify=false)." if check is None
+          else f"Verified: {verification_line(check)}.", flush=True)
+    if args.run is not None:  # the run's trackers (MLflow) keep the files with its record
+        for tracker, where in log_export(args.run, args.output).items():
+            print(f"Logged to {tracker}: {where}", flush=True)
     return 0
 
 

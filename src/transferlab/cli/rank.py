@@ -32,6 +32,11 @@ def score_names(text: str) -> list[str]:
     return items
 
 
+def folders(text: str) -> list[Path]:
+    """Comma-separated folders; ``none``: no folder."""
+    return [] if text.strip() == "none" else [Path(t) for t in names(text)]
+
+
 def batches(text: str) -> int:
     value = integer(text)
     if value < 0:
@@ -60,12 +65,16 @@ SPEC = Spec(
             score_names, default=["logme"], metavar="<a,b,...>", default_text="logme"),
         Key("output", "the folder of rank.json, rank.md, rank.png", Path, metavar="<dir>",
             default_text="outputs/rank/<date>/<time>_<dataset>"),
+        Key("against", "comma-separated folders of runs or sweeps trained before (none: "
+            "not read): each score's Kendall tau against the best val accuracy its "
+            "backbones reached there on the same data set", folders, default=[Path("outputs")],
+            metavar="<dir,...>|none", default_text="outputs"),
     ),
     overrides="a config override, as for transferlab-train: dataset=..., dataset.root=..., "
               "dataset.train_fraction=0.1, dataset.folds=5 dataset.fold=0, "
               "dataset.image_size=..., trainer.device=cpu (not backbone=: use backbones=)",
     usage="transferlab-rank [backbones=<a,b,...>] [blocks=true|false] [rgn_batches=N] "
-          "[scores=<a,b,...>] [output=<dir>] [<override> ...]",
+          "[scores=<a,b,...>] [output=<dir>] [against=<dir,...>|none] [<override> ...]",
     examples=(
         "transferlab-rank dataset=hymenoptera",
         "transferlab-rank dataset=hymenoptera backbones=efficientnet_lite0,resnet18 "
@@ -98,7 +107,11 @@ def run_cli(argv: list[str]) -> int:
     started = time.perf_counter()
     rows = rank(run, args["backbones"], args["scores"], args["blocks"], args["rgn_batches"])
     seconds = time.perf_counter() - started
-    rep = report(rows, args["scores"], args.overrides)
+    from transferlab.tools.rank_history import before, before_text
+
+    past = before(rows, args["scores"], run.dataset.name, args["against"])
+    rep = report(rows, args["scores"], args.overrides,
+                 before_text(past, args["against"]) if past else None)
     write_report(out, rows, rep, seconds)
     print(console_text(rep))
     print(f"Report saved to: {out} (rank.md, rank.json, rank.png; {seconds:.0f} s)", flush=True)

@@ -281,6 +281,33 @@ class FakeDatasetConfig(DatasetConfig):
     num_classes: int = 4
 
 
+@dataclass
+class WebDatasetConfig(DatasetConfig):
+    """``kind: webdataset``: WebDataset tar shards (samples grouped by basename: ``<key>.jpg``,
+    ``<key>.cls``), named by brace patterns (``/data/shards/train-{000000..000009}.tar``)."""
+
+    kind: str = "webdataset"
+    urls: str = MISSING  # the training shards
+    val_urls: str | None = None  # None: val held out of the training shards by val_fraction
+    test_urls: str | None = None  # None: test_fraction of the training shards (0: no test)
+    image_key: str = "jpg;jpeg;png;webp;bmp;ppm;tif;tiff"  # the first of these a sample has
+    label_key: str = "cls"  # the integer class index, as text
+    cache_dir: str | None = None  # remote shards' local copies (None: ~/.cache/transferlab/shards)
+
+
+@dataclass
+class HfDatasetConfig(DatasetConfig):
+    """``kind: hf``: a Hugging Face dataset (``path``: a Hub name or a ``save_to_disk`` folder)."""
+
+    kind: str = "hf"
+    path: str = MISSING
+    image_key: str = "image"
+    label_key: str = "label"
+    train_split: str = "train"
+    val_split: str | None = None  # None: val held out of train_split by val_fraction
+    test_split: str | None = None  # None: test_fraction of train_split (0: no test)
+
+
 # --- augment ------------------------------------------------------------------------------------
 
 

@@ -134,6 +134,24 @@ def omegaconf_error(exc: OmegaConfBaseException, where: str = "",
 
 _MISSING_OPTION = re.compile(r"Could not find '([^']+)/([^'/]+)'")
 _OPTION_LIST = re.compile(r"Available options in '[^']+':\s*\n((?:\t.*\n?)*)")
+# a preset of ours (conf/hydra/launcher/<name>.yaml) that extends a plugin's config which is
+# not installed: its YAML's first lines say which pip extra adds the plugin
+_PLUGIN_MISSING = re.compile(r"In '(hydra/launcher)/([\w-]+)': Could not load '([^']+)'")
+_PIP_HINT = re.compile(r"pip install '[^']+'")
+
+
+def plugin_missing(group: str, preset: str, base: str) -> UserError:
+    """``hydra/launcher=<preset>`` whose plugin is not installed: one line with its extra."""
+    from importlib.resources import files
+
+    try:
+        text = files("transferlab.conf").joinpath(group, f"{preset}.yaml").read_text()
+    except OSError:
+        text = ""
+    hint = _PIP_HINT.search(text)
+    how = hint.group(0) if hint else "install the Hydra plugin that provides it"
+    return UserError(f"{group}={preset} needs a Hydra plugin that is "
+                     f"not installed ({base} could not be loaded): {how}")
 
 
 def user_error_in(exc: BaseException) -> UserError | None:
@@ -163,6 +181,8 @@ def composition_error(exc: BaseException) -> UserError:
         return omegaconf_error(cause, source=source.group(1) if source else "")
     if isinstance(exc, OmegaConfBaseException):
         return omegaconf_error(exc)
+    if plugin := _PLUGIN_MISSING.search(text):
+        return plugin_missing(*plugin.groups())
     missing = _MISSING_OPTION.search(text)
     if missing:
         group, option = missing.groups()

@@ -371,10 +371,18 @@ def default_num_workers() -> int:
 
 
 def _seed_worker(worker_id: int) -> None:
+    """A loader process's start: seeded, and deaf to SIGTERM. A SIGTERM to the run's whole
+    process group (``timeout``, SLURM's ``scancel``, a container's stop) is the main
+    process's to act on: it finishes the step and saves its checkpoint, then ends its loader
+    processes itself. Torch's own SIGTERM handler would end them at once, and their death
+    would raise in the main process in the middle of that checkpoint (the job: failed).
+    A loader process still ends when the main process dies (torch watches for that)."""
     import random
+    import signal
 
     import numpy as np
 
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)

@@ -5,8 +5,10 @@ value; image files by path and content (``content=True``, the default: every fil
 are read) or by path, size and modification time (``content=False``: a file replaced by
 another of the same size with its modification time kept goes unnoticed); in-memory images
 by value; torchvision datasets by class, settings (root, split, ...), length and the items
-used. The transform (size, resize, crop, interpolation, mean/std) is part of every split's
-identity. Paths are hashed as the file system's bytes (``os.fsencode``): any file name works.
+used; a dataset with a ``cache_identity(content)`` method (shards, Hugging Face datasets)
+by what it returns. The transform (size, resize, crop, interpolation, mean/std) is part of
+every split's identity. Paths are hashed as the file system's bytes (``os.fsencode``): any
+file name works.
 """
 
 from __future__ import annotations
@@ -66,7 +68,9 @@ def dataset_identity(dataset, content: bool = True) -> str | None:
     replaced in place with its time kept)."""
     h = hashlib.sha256()
     h.update(f"transform {getattr(dataset, 'transform', None)!r}\n".encode())
-    if isinstance(dataset, ImageFileDataset):
+    if hasattr(dataset, "cache_identity"):  # a dataset that knows its own (shards, hf)
+        h.update(f"{type(dataset).__qualname__} {dataset.cache_identity(content)}\n".encode())
+    elif isinstance(dataset, ImageFileDataset):
         h.update(b"files by content\n" if content else b"files by stat\n")
         for path, label in dataset.samples:
             h.update(file_identity(path, content) + f"|{label}\n".encode())
@@ -92,7 +96,9 @@ def dataset_identity(dataset, content: bool = True) -> str | None:
 def dataset_labels(dataset) -> np.ndarray | None:
     """The split's labels in order (int64), read without decoding an image; None for a
     dataset type :func:`dataset_identity` does not know."""
-    if isinstance(dataset, ImageFileDataset):
+    if hasattr(dataset, "cache_identity"):
+        labels = list(dataset.labels)
+    elif isinstance(dataset, ImageFileDataset):
         labels = [label for _, label in dataset.samples]
     elif isinstance(dataset, TensorImageDataset):
         labels = list(dataset.labels)

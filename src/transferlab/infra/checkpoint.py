@@ -213,7 +213,8 @@ def save_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
 
 
 def write_sealed(path: Path, payload: dict[str, Any]) -> None:
-    """``torch.save(payload)`` at ``path``, atomically and durably, sealed (:func:`seal`)."""
+    """``torch.save`` of ``payload`` at ``path``, sealed (:func:`seal`), atomically and
+    durably: a temporary file, fsync, rename, fsync of the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with tmp.open("w+b") as f:

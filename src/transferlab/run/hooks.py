@@ -43,7 +43,9 @@ class StopRequest:
     (:mod:`transferlab.infra.cluster`): it is the one :class:`Interrupted` carries when both came
     (SLURM may send SIGTERM first), so that the job is requeued."""
 
-    late: int | None = None  # a stop that came after the fit's last look (take_late)
+    # a stop the fit did not end with Interrupted for: it came after the fit's last look, or
+    # the fit failed after it came (take_late)
+    late: int | None = None
 
     def __init__(self):
         self.signum: int | None = None
@@ -53,7 +55,8 @@ class StopRequest:
     @classmethod
     def take_late(cls) -> int | None:
         """The signal of a stop asked for after the fit's last look at it (the run completed
-        anyway), once: the sweep that runs the job stops before its next one."""
+        anyway) or before the fit failed, once: the sweep that runs the job stops before its
+        next one."""
         late, cls.late = cls.late, None
         return late
 
@@ -226,7 +229,8 @@ class Checkpoint(Hook):
 
 class RecordPredictions(Hook):
     """After the last stage, the per-image predictions of the run's best weights on its val
-    (and test) split: ``predictions_<split>.npz`` (:mod:`transferlab.run.predictions`). The
+    (and test) split: ``predictions_<split>.npz`` (:mod:`transferlab.run.predictions`), and the
+    grid of val's misclassified images, ``mistakes.png`` (:mod:`transferlab.run.mistakes`). The
     best epoch's weights of the current stage are kept (rank 0, without DDP) so that they
     are scored on the stage's own val inputs."""
 
@@ -241,9 +245,11 @@ class RecordPredictions(Hook):
             self.kept.keep(loop)
 
     def on_fit_end(self, loop) -> None:
+        from transferlab.run.mistakes import record_mistakes
         from transferlab.run.predictions import record_run_predictions
 
-        record_run_predictions(self.built, loop, self.tracker, self.kept)
+        record_run_predictions(self.built, loop, self.tracker, self.kept, with_best=lambda model:
+                               record_mistakes(self.built, model, self.tracker))
 
 
 class ReconstructionImages(Hook):

@@ -117,15 +117,22 @@ def _run_job(cfg: DictConfig, hc) -> float | None:
         # metrics.json the first line; the summary at the end counts it as failed.
         log.exception("job failed")
         print(f"error: job {hc.job.num} failed: {exc}", file=sys.stderr, flush=True)
+        if (signum := _late_stop()) is not None:  # it failed after a stop was asked for:
+            raise Interrupted(signum) from None  # the sweep stops before its next job
         return None
     if env_rank() == 0:
         _say_saved(run_dir)
-    if hc.mode == RunMode.MULTIRUN and result.built is not None:
-        from transferlab.run.hooks import StopRequest  # (torch is imported: a run trained)
+    if hc.mode == RunMode.MULTIRUN and (signum := _late_stop()) is not None:
+        raise Interrupted(signum)  # Ctrl-C at the run's very end: the job completed, the
+    return result.best_val_acc     # sweep stops before the next
 
-        if (signum := StopRequest.take_late()) is not None:  # Ctrl-C at the run's very end:
-            raise Interrupted(signum)  # the job completed, the sweep stops before the next
-    return result.best_val_acc
+
+def _late_stop() -> int | None:
+    """A stop (SIGINT / SIGTERM) asked for during the job that did not end it with
+    :class:`Interrupted` (:meth:`StopRequest.take_late`); None where no run of this process
+    reached its fit (the module that handles stops is not even imported)."""
+    hooks = sys.modules.get("transferlab.run.hooks")
+    return hooks.StopRequest.take_late() if hooks is not None else None
 
 
 def _job(cfg: DictConfig, run_dir: Path, overrides: list[str], *,

@@ -187,10 +187,12 @@ def swapped_in(model: nn.Module, state: dict | None):
         model.load_state_dict(own, strict=False)
 
 
-def record_run_predictions(built: BuiltRun, loop, tracker, kept: BestWeights) -> None:
+def record_run_predictions(built: BuiltRun, loop, tracker, kept: BestWeights,
+                           with_best: Callable[[nn.Module], None] | None = None) -> None:
     """The predictions of the run's best weights (those of ``best.pt``) on its val split (and
     its test split, where it has one), saved as ``predictions_<split>.npz`` and listed in
-    ``metrics.json["predictions"]``. Rank 0 alone, after the last stage.
+    ``metrics.json["predictions"]``. Rank 0 alone, after the last stage. ``with_best(model)``
+    is then called with the whole model holding those weights, in eval mode.
 
     When the best epoch is in the last stage (the last epoch, or one ``kept`` holds), val's
     predictions come from that stage's own val inputs (the feature cache's, where the stage
@@ -213,6 +215,8 @@ def record_run_predictions(built: BuiltRun, loop, tracker, kept: BestWeights) ->
                                              loop.inputs if own_inputs and split == "val"
                                              else None, tracker.run_dir, best["epoch"])
                    for split in ("val", "test") if getattr(built.splits, split) is not None}
+        if with_best is not None:  # e.g. the grid of val's misclassified images
+            with_best(model)
     tracker.extra["predictions"] = written
     log.info("predictions of best.pt (epoch %d): %s", best["epoch"],
              ", ".join(f"{s} acc {w['accuracy']:.4f} -> {w['file']}" for s, w in written.items()))

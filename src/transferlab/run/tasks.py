@@ -134,7 +134,12 @@ class Task:
             self.start(built, tracker)
             if built.resume is not None:
                 set_rng_state(built.resume.rng_of(built.world.rank))
-            fit_stages(loop)
+            try:
+                fit_stages(loop)
+            except Exception:
+                if stop():  # failed after a stop was asked for: the sweep stops all the same
+                    StopRequest.late = stop.signum
+                raise
             if stop():  # (after the last epoch's look: the run is complete, the sweep stops)
                 StopRequest.late = stop.signum
 

@@ -121,6 +121,13 @@ class Tracker:
         """``summary``: best and final val accuracy and loss; ``epoch``: the last one."""
 
     @classmethod
+    def log_export(cls, run_dir: Path, folder: Path, state: dict) -> str | None:
+        """Attach the files of an export of the run (``folder``, by ``transferlab-export``) to
+        the run's record in this tracker (``state``: its entry in :data:`STATE_FILE`); where
+        they went, or None where this tracker keeps no files."""
+        return None
+
+    @classmethod
     def start_sweep(cls, sweep_dir: Path, trainer: dict) -> None:
         """In the process that launches a sweep, before its jobs."""
 
@@ -158,6 +165,17 @@ def open_trackers(run_dir: Path, config: dict, resumed: bool) -> list[Tracker]:
     for tracker in trackers:
         tracker.start(params, resumed)
     return trackers
+
+
+def log_export(run_dir: Path, folder: Path) -> dict[str, str]:
+    """The exported model's files (``folder``) attached to the run's record in every tracker
+    the run logged to (its :data:`STATE_FILE` says which) that keeps files: {tracker: where}."""
+    attached = {}
+    for name, state in read_state(run_dir).items():
+        where = TRACKERS[name].log_export(run_dir, folder, state) if name in TRACKERS else None
+        if where is not None:
+            attached[name] = where
+    return attached
 
 
 def start_sweep(sweep_dir: Path, trainer: dict) -> None:
@@ -204,6 +222,7 @@ class Csv(Tracker):
 
 MLFLOW_PARENT = ".mlflow_sweep.json"  # in a sweep directory: the parent run of its jobs
 MLFLOW_STATUS = {"completed": "FINISHED", "failed": "FAILED"}  # else KILLED (it may resume)
+MLFLOW_EXPORT = "export"  # the artifact folder of transferlab-export's files in a run
 
 
 def _mlflow_client(trainer: dict, uri: str | None = None):
@@ -324,6 +343,14 @@ class MLflow(Tracker):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps({"tracking_uri": uri, "run_id": run.info.run_id,
                                             "experiment_id": experiment}, indent=2))
+
+    @classmethod
+    def log_export(cls, run_dir: Path, folder: Path, state: dict) -> str | None:
+        """The export's files as artifacts of the run's MLflow run, under ``export/``."""
+        client, uri = _mlflow_client({}, state["tracking_uri"])
+        with _store_errors(uri):
+            client.log_artifacts(state["run_id"], str(folder), MLFLOW_EXPORT)
+        return f"runs:/{state['run_id']}/{MLFLOW_EXPORT} ({uri})"
 
     @classmethod
     def end_sweep(cls, sweep_dir: Path, trainer: dict, status: str) -> None:

@@ -125,8 +125,11 @@ def halving_command(plain: str) -> str:
     return plain.replace("transferlab-train -m ", "transferlab-train -m hydra/sweeper=halving ", 1)
 
 
-def report(rows: list[Row], scores: list[str], overrides: list[str]) -> dict:
-    """Everything the command shows and writes, as data: the tables, readings, command."""
+def report(rows: list[Row], scores: list[str], overrides: list[str],
+           before: list[str] | None = None) -> dict:
+    """Everything the command shows and writes, as data: the tables, readings, command, and
+    ``before``: how each score ranked the backbones of the runs trained before
+    (:func:`transferlab.tools.rank_history.text`)."""
     primary = scores[0]
     backbones = list(dict.fromkeys(r.backbone for r in rows))
     return {
@@ -138,6 +141,7 @@ def report(rows: list[Row], scores: list[str], overrides: list[str]) -> dict:
         "readings": [t for b in backbones if (t := reading(rows, b, primary))],
         "next": (plain := next_command(rows, primary, overrides)),
         "next_halving": halving_command(plain) if plain else None,
+        "before": before or [],
         "rows": [asdict(r) for r in rows],
     }
 
@@ -146,6 +150,8 @@ def console_text(rep: dict) -> str:
     primary = rep["scores"][0]
     lines = [f"ranked by {primary} on the training split (higher is better; "
              f"{rep['meaning'][primary]})", text_table(rep["table"])]
+    if rep["before"]:
+        lines += ["", *rep["before"]]
     for backbone, table in rep["blocks"].items():
         lines += ["", f"{backbone}, after each block (input to output):", text_table(table)]
     if rep["readings"]:
@@ -164,6 +170,9 @@ def markdown(rep: dict, seconds: float) -> str:
              f"in {seconds:.0f} s.", "",
              *(f"- `{s}`: {m}" for s, m in rep["meaning"].items()), "",
              md_table(rep["table"]), ""]
+    if rep["before"]:
+        parts += ["## How the scores ranked the runs trained before", "",
+                  rep["before"][0], "", *(f"- {t.strip()}" for t in rep["before"][1:]), ""]
     for backbone, table in rep["blocks"].items():
         parts += [f"## {backbone}: after each block", "", md_table(table), ""]
     if rep["readings"]:

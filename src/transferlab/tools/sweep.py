@@ -175,9 +175,13 @@ class SweepSummary(Callback):
         if not runs:
             return
         failed = [r for r in runs if r.status in ("failed", "dead", "unreadable", "pending")]
-        SweepSummary.failed_jobs = len(failed)
+        # a job stopped on its own (a SIGTERM to its process alone) while the sweep went on:
+        # not done either, so not exit 0
+        stopped = [r for r in runs if r.status == "interrupted"]
+        SweepSummary.failed_jobs = len(failed) + len(stopped)
         write_sweep_views(sweep_dir, runs)
-        print(f"\nSweep {sweep_dir}: {len(runs)} job(s), {len(failed)} failed\n"
+        also = f", {len(stopped)} interrupted (resume=auto goes on with them)" if stopped else ""
+        print(f"\nSweep {sweep_dir}: {len(runs)} job(s), {len(failed)} failed{also}\n"
               f"{format_table(runs, 'table', root=sweep_dir)}\n"
               f"Compare: transferlab-compare {sweep_dir}\n"
               f"Open it in TensorBoard: tensorboard --logdir {sweep_dir}", file=sys.stdout,
