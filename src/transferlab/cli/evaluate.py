@@ -8,7 +8,8 @@ from pathlib import Path
 
 import matplotlib
 
-from transferlab.cli.args import Key, Prefix, Spec, parse, run_main, yaml_value
+from transferlab.cli.args import Key, Prefix, Spec, integer, parse, run_main, yaml_value
+from transferlab.errors import UserError
 from transferlab.run.saved import (
     CHECKPOINTS,
     WEIGHTS,
@@ -18,6 +19,7 @@ from transferlab.tools.tta import TTA_MODES
 
 matplotlib.use("Agg")
 from transferlab.run.predictions import EVAL_PREDICTIONS
+from transferlab.tools.corruptions import corruption_names, severities
 from transferlab.tools.evaluate import (
     SPLITS,
     EvalArgs,
@@ -26,6 +28,8 @@ from transferlab.tools.evaluate import (
     tb_tag,
     write_reports,
 )
+from transferlab.tools.robustness import RobustnessArgs, robustness_text, write_robustness
+from transferlab.tools.wise import alphas
 
 # -- command line -------------------------------------------------------------------------------
 SPEC = Spec(
@@ -44,6 +48,18 @@ SPEC = Spec(
         Key("device", "auto, cpu, cuda, cuda:N or mps", metavar="auto|cpu|cuda|...",
             default_text="the run's trainer.device"),
         Key("tta", TTA_HELP, default="none", choices=TTA_MODES),
+        Key("corruptions", "also evaluate on ImageNet-C-style corruptions of the split: all "
+            "(the 15) or a comma-separated list (needs pip install 'transferlab[robust]')",
+            corruption_names, metavar="all|<name>,<name>...", default_text="none"),
+        Key("severity", "with corruptions=: the severities, all or a comma-separated list of "
+            "1 to 5", severities, default=(1, 2, 3, 4, 5), metavar="all|1-5,...",
+            default_text="all"),
+        Key("seed", "with corruptions=: seeds their randomness (the same seed, the same images)",
+            integer, default=0),
+        Key("wise", "WiSE-FT: also evaluate the weights interpolated between the start of "
+            "fine-tuning (wise_start.pt) and the checkpoint, at these alphas: "
+            "start:stop:step or a comma-separated list", alphas,
+            metavar="0:1:0.1|<a>,<b>...", default_text="none"),
         Key("mistakes", "also draw the split's first 16 misclassified images, with Grad-CAM "
             "overlays where grad-cam is installed, into eval_mistakes.png", bool, False),
     ),
@@ -55,6 +71,8 @@ SPEC = Spec(
         "transferlab-eval run=<run dir> checkpoint=last split=test device=cpu",
         "transferlab-eval run=<run dir> dataset.root=/data/other_copy",
         "transferlab-eval run=<run dir> weights=ema checkpoint=best_ema tta=flip",
+        "transferlab-eval run=<run dir> corruptions=gaussian_noise,defocus_blur severity=3",
+        "transferlab-eval run=<run dir> wise=0:1:0.1 corruptions=all severity=3",
         "transferlab-eval run=<run dir> split=test mistakes=true",
     ),
 )
@@ -65,9 +83,18 @@ def parse_args(argv: list[str]) -> EvalArgs:
     parsed = parse(SPEC, argv)
     dataset = {key.removeprefix("dataset."): yaml_value(value)
                for key, value in parsed.prefixed.items()}
+    corruptions = parsed["corruptions"] or ()
+    if not corruptions:
+        alone = [key for key in ("severity", "seed") if key in parsed.given]
+        if alone:
+            raise UserError(f"{alone[0]}= goes with corruptions=<names>|all")
+    elif parsed["tta"] != "none":
+        raise UserError("corruptions= evaluates without test-time augmentation: drop tta=")
+    robust = RobustnessArgs(corruptions, parsed["severity"], parsed["seed"],
+                            parsed["wise"] or ())
     return EvalArgs(run=parsed["run"], checkpoint=parsed["checkpoint"], split=parsed["split"],
                     weights=parsed["weights"], device=parsed["device"], tta=parsed["tta"],
-                    dataset=dataset or None)
+                    dataset=dataset or None, robust=robust)
 
 
 def run_cli(argv: list[str]) -> None:
@@ -76,7 +103,10 @@ def run_cli(argv: list[str]) -> None:
     report = evaluate_run(args)
     json_path, png_path = write_reports(args.run, report, report["classes"])
     tag = tb_tag(args.split, args.tta)
+    figures = write_robustness(args.run, report, tag)
     print(summary_text(report))
+    if figures:
+        print(f"\n{robustness_text(report)}\n\nFigures: {', '.join(map(str, figures))}")
     if parse(SPEC, argv)["mistakes"]:
         from transferlab.tools.mistakes import eval_mistakes
 

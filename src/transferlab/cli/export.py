@@ -26,6 +26,7 @@ from transferlab.tools.export import (
     ExportArgs,
     export_run,
 )
+from transferlab.tools.wise import alpha
 
 
 def checkpoint_arg(text: str) -> str | Path:
@@ -66,6 +67,10 @@ SPEC = Spec(
             metavar="best|last|best_ema|<file.pt>"),
         Key("weights", "the trained weights (raw) or their EMA (ema: runs trained with "
             "trainer.ema.decay)", default="raw", choices=WEIGHTS),
+        Key("wise", "WiSE-FT: export the weights interpolated between the start of "
+            "fine-tuning (the run's wise_start.pt: alpha 0) and the checkpoint's "
+            "(alpha 1), at this alpha (choose it with transferlab-eval wise=)", alpha,
+            metavar="<alpha>", default_text="none: the checkpoint's weights"),
         Key("format", "the files to write: model.onnx, model.ts or both", default="both",
             choices=FORMATS),
         Key("output", "the folder to write into", Path, metavar="<dir>",
@@ -88,6 +93,7 @@ SPEC = Spec(
         "efficientnet_lite0-linear_probe",
         "transferlab-export run=<run dir> checkpoint=last format=onnx output=deploy/",
         "transferlab-export checkpoint=<run dir>/checkpoints/best.pt images=photos/ samples=all",
+        "transferlab-export run=<run dir> wise=0.5 output=deploy-wise/",
     ),
 )
 
@@ -122,12 +128,13 @@ def parse_args(argv: list[str]) -> ExportArgs:
     output = parsed["output"] or (run_dir or path.parent) / "export"
     return ExportArgs(checkpoint=path, output=output, run=run_dir,
                       **{k: parsed[k] for k in ("format", "opset", "verify", "images",
-                                                "samples", "tolerance", "weights")})
+                                                "samples", "tolerance", "weights", "wise")})
 
 
 def summary_lines(args: ExportArgs, record: dict[str, Any]) -> list[str]:
     run = record["run"]
-    lines = [f"Exported {Path(run['checkpoint']).name} (epoch {run['epoch']}) of "
+    mixed = f", WiSE-FT alpha {run['wise']['alpha']:g}" if run.get("wise") else ""
+    lines = [f"Exported {Path(run['checkpoint']).name} (epoch {run['epoch']}{mixed}) of "
              f"{run['dir'] or run['checkpoint']} to {args.output}:"]
     for fmt, info in record["files"].items():
         how = "traced"

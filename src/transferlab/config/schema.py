@@ -238,6 +238,9 @@ class DatasetConfig:
     image_size: int | None = None  # None: the backbone's native input size (images resized)
     # None: the backbone's (resize to image_size / crop_pct, then a centre crop)
     crop_pct: float | None = None
+    # shifted test sets evaluated at the end of a classification run beside val:
+    # {name: folder of class folders named as the run's classes} (transferlab.run.extra_test)
+    extra_test: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

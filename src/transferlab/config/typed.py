@@ -113,6 +113,11 @@ def omegaconf_error(exc: OmegaConfBaseException, where: str = "",
     if isinstance(exc, ConfigKeyError | ConfigAttributeError) and object_type is not None \
             and dataclasses.is_dataclass(object_type):
         return unknown_key_error(full_key, object_type, source)
+    if isinstance(exc, ConfigKeyError) and object_type is dict and "." in full_key:
+        mapping, _, key = full_key.rpartition(".")  # a new key of a mapping field (Hydra's rule)
+        return UserError(f"{full_key}: {mapping} is a mapping, and Hydra adds a key to one with "
+                         f"a leading +: write +{full_key}=<value> or "
+                         f"'+{mapping}={{{key}: <value>}}'")
     if isinstance(exc, MissingMandatoryValue):
         return UserError(f"{full_key} is not set: add {full_key}=... to the command line")
     if isinstance(exc, ValidationError):

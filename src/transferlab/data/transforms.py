@@ -43,6 +43,14 @@ def eval_transform(spec: InputSpec, image_size: int, crop_pct: float | None = No
     ])
 
 
+def eval_stages(spec: InputSpec, image_size: int,
+                crop_pct: float | None = None) -> tuple[T.Compose, T.Compose]:
+    """The eval transform in two: (image conversion, resize and centre crop: a uint8 image at
+    the model's input size; scaling to [0, 1] and normalisation), for work on the image
+    in between (corruptions, :mod:`transferlab.tools.corruptions`)."""
+    return T.Compose(_fixed(spec, image_size, crop_pct)), T.Compose(_tail(spec))
+
+
 def train_transform(spec: InputSpec, image_size: int, augment: AugmentConfig,
                     crop_pct: float | None = None) -> T.Compose:
     """The training transform: ``none`` is the eval transform (best for frozen backbones)."""

@@ -211,9 +211,13 @@ class Classify(Task):
             tracker.extra["mix"] = mix_record(run.augment)
 
     def hooks(self, built: BuiltRun, tracker: RunTracker) -> list[Hook]:
+        from transferlab.run.extra_test import ExtraTests
         from transferlab.run.hooks import RecordPredictions
+        from transferlab.run.wise import WiseStart
 
-        return [RecordPredictions(built, tracker)]
+        return [RecordPredictions(built, tracker),
+                ExtraTests(built, tracker),
+                WiseStart(built, tracker.run_dir)]
 
     def input_hooks(self, built: BuiltRun, recorder) -> list[Hook]:
         from transferlab.data.mixup import mixing_reason
@@ -251,7 +255,8 @@ class LogReg(Task):
             *self.unused_groups, "trainer.epochs", "trainer.label_smoothing",
             "trainer.class_weights", "trainer.sampler", "trainer.log_every_n_steps", "trainer.amp",
             "trainer.ema", "trainer.accumulate_grad_batches", "trainer.gradient_clip_val",
-            "trainer.gradient_clip_algorithm", "trainer.early_stopping", "trainer.regularize"))]
+            "trainer.gradient_clip_algorithm", "trainer.early_stopping", "trainer.regularize",
+            "dataset.extra_test"))]
 
     def stages_from_freeze(self, run: RunConfig) -> bool:
         return False
@@ -317,7 +322,7 @@ class Autoencode(Task):
     def unused(self, run: RunConfig) -> list[tuple[str, tuple[str, ...]]]:
         return [("task=autoencoder trains an encoder and its decoder without labels",
                  ("head", "freeze", "trainer.label_smoothing", "trainer.class_weights",
-                  "trainer.feature_cache", "trainer.regularize"))]
+                  "trainer.feature_cache", "trainer.regularize", "dataset.extra_test"))]
 
     def stages_from_freeze(self, run: RunConfig) -> bool:
         return False

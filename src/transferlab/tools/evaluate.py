@@ -37,7 +37,8 @@ Writes into the run directory (each evaluation replaces the previous one's files
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,6 @@ from transferlab.run.predictions import (
     EVAL_PREDICTIONS,
     Predictions,
     logits_scores,
-    predict,
     save_predictions,
 )
 from transferlab.run.saved import (
@@ -66,6 +66,7 @@ from transferlab.run.saved import (
     checkpoint_path,
     restore_saved,
 )
+from transferlab.tools.robustness import Evaluated, RobustnessArgs, Scorer, robustness
 from transferlab.tools.tta import describe, mean_log_probs, views_transform
 
 matplotlib.use("Agg")
@@ -88,6 +89,7 @@ class EvalArgs:
     device: str | None = None  # None: the run's trainer.device
     tta: str = "none"  # test-time augmentation (transferlab.tools.tta)
     dataset: dict[str, Any] | None = None  # dataset.<field> overrides
+    robust: RobustnessArgs = field(default_factory=RobustnessArgs)  # corruptions=, wise=
 
 
 # -- checkpoint, config, model, data -------------------------------------------------------------
@@ -279,18 +281,23 @@ def evaluate_run(args: EvalArgs) -> dict[str, Any]:
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    pred = predict(model, eval_loader(dataset, run, device), device,
-                   Precision(device, run.trainer.amp, inference=True), channels_last,
-                   tta_scores(channels_last))
+    scorer = Scorer(partial(eval_loader, run=run, device=device), device,
+                    Precision(device, run.trainer.amp, inference=True), channels_last,
+                    tta_scores(channels_last))
+    pred = scorer(model, dataset)
     identity = dataset_identity(dataset) if not args.dataset and args.tta == "none" else None
     save_predictions(args.run / EVAL_PREDICTIONS, pred, {
         "checkpoint": args.checkpoint, "epoch": ckpt.get("epoch"), "weights": args.weights,
         "split": args.split, "tta": args.tta, "classes": classes, "identity": identity,
         "dataset_overrides": args.dataset or {}})
-    return {
+    report = {
         "run": str(args.run), "checkpoint": args.checkpoint, "checkpoint_path": str(path),
         "epoch": ckpt.get("epoch"), "split": args.split, "weights": args.weights,
         "tta": args.tta,
         "dataset_overrides": args.dataset or {}, "device": str(device),
         "classes": classes, **classification_metrics(pred, classes),
     }
+    done = Evaluated(run, ckpt, model, backbone, image_size, classes, dataset, scorer)
+    report.update(robustness(args.run, args.split, args.dataset, args.robust, done,
+                             report["accuracy"]))
+    return report

@@ -59,6 +59,7 @@ from transferlab.run.saved import (
     checkpoint_config,
     restore_saved,
 )
+from transferlab.run.wise import interpolate, load_start
 
 FORMATS = ("onnx", "torchscript", "both")
 log = logging.getLogger("transferlab")
@@ -86,6 +87,7 @@ class ExportArgs:
     samples: int | None = 32  # None: every image
     tolerance: float = 1e-4
     weights: str = "raw"  # raw | ema
+    wise: float | None = None  # WiSE-FT: the weights this far from the start (run.wise)
 
     @property
     def formats(self) -> tuple[str, ...]:
@@ -107,13 +109,17 @@ class SavedModel:
     checkpoint: Path
     epoch: int | None
     weights: str = "raw"
+    wise: dict[str, Any] | None = None  # WiSE-FT: alpha and the start weights' file
     adapters: dict[str, Any] | None = None  # freeze=lora: the adapters merged into ``model``
     adapted: nn.Module | None = None  # ... and the model with them, to check the merge against
 
 
-def load_saved_model(path: Path, weights: str = "raw") -> SavedModel:
+def load_saved_model(path: Path, weights: str = "raw", wise: float | None = None,
+                     run_dir: Path | None = None) -> SavedModel:
     """The classifier of the checkpoint at ``path``; a run with no network to export is a
-    one-line :class:`UserError`."""
+    one-line :class:`UserError`. ``wise``: its weights interpolated with those the run
+    started fine-tuning from (``run_dir``'s ``wise_start.pt``), ``wise`` being the
+    final weights' share (:func:`transferlab.run.wise.interpolate`)."""
     ckpt = load_checkpoint(path)
     run = checkpoint_config(ckpt)  # an autoencoder run is refused here
     classes = [str(c) for c in ckpt.get("classes") or []]
@@ -122,6 +128,11 @@ def load_saved_model(path: Path, weights: str = "raw") -> SavedModel:
                         "written by transferlab-train?)")
     model, backbone, image_size = restore_saved(run, ckpt, path, weights, len(classes))
     model = model.float().cpu().eval()
+    mixed = None
+    if wise is not None:
+        start, mixed = load_start(run_dir, ckpt.get("config"), len(classes))
+        model.load_state_dict(interpolate(start.float().state_dict(), model.state_dict(), wise))
+        mixed["alpha"] = wise
     adapters = adapted = None
     if model.adapters is not None:  # freeze=lora: export the plain layers with merged weights
         from transferlab.lora import merge_adapters
@@ -130,7 +141,7 @@ def load_saved_model(path: Path, weights: str = "raw") -> SavedModel:
         adapted = copy.deepcopy(model)
         adapters["merged"] = merge_adapters(model)
     return SavedModel(model, run, backbone, image_size, classes, path, ckpt.get("epoch"), weights,
-                      adapters, adapted)
+                      mixed, adapters, adapted)
 
 
 def eval_steps(saved: SavedModel) -> dict[str, Any]:
@@ -183,7 +194,7 @@ def preprocessing(saved: SavedModel, args: ExportArgs) -> dict[str, Any]:
                 "dir": str(args.run) if args.run is not None else None,
                 "config_path": str(config) if config is not None and config.is_file() else None,
                 "checkpoint": str(saved.checkpoint), "epoch": saved.epoch,
-                "weights": saved.weights},
+                "weights": saved.weights, "wise": saved.wise},
     }
 
 
@@ -402,7 +413,7 @@ def export_run(args: ExportArgs) -> dict[str, Any]:
         require("onnx", "format=onnx")
         if args.verify:
             require("onnxruntime", "verifying model.onnx")
-    saved = load_saved_model(args.checkpoint, args.weights)
+    saved = load_saved_model(args.checkpoint, args.weights, args.wise, args.run)
     images, source = None, None
     if args.verify:  # read the images first: a missing data set fails before any export
         images, source = (folder_images(saved, args.images, args.samples) if args.images
