@@ -349,7 +349,9 @@ def test_every_option_file_is_registered(group):
 
 # values these options leave to the command line
 REQUIRED = {"dataset=image_folder": ["dataset.root=/d"],
-            "dataset=csv": ["dataset.root=/d", "dataset.csv_file=labels.csv"]}
+            "dataset=csv": ["dataset.root=/d", "dataset.csv_file=labels.csv"],
+            "dataset=hf": ["dataset.path=/d"],
+            "dataset=webdataset": ["dataset.urls=/d/train-000000.tar"]}
 
 
 @pytest.mark.slow  # composes every preset

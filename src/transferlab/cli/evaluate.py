@@ -68,12 +68,9 @@ SPEC = Spec(
     examples=(
         "transferlab-eval run=outputs/runs/2026-11-23/10-00-00_digits-efficientnet_lite0-"
         "linear_probe",
-        "transferlab-eval run=<run dir> checkpoint=last split=test device=cpu",
-        "transferlab-eval run=<run dir> dataset.root=/data/other_copy",
+        "transferlab-eval run=<run dir> checkpoint=last split=test mistakes=true",
         "transferlab-eval run=<run dir> weights=ema checkpoint=best_ema tta=flip",
-        "transferlab-eval run=<run dir> corruptions=gaussian_noise,defocus_blur severity=3",
         "transferlab-eval run=<run dir> wise=0:1:0.1 corruptions=all severity=3",
-        "transferlab-eval run=<run dir> split=test mistakes=true",
     ),
 )
 
