@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 from transferlab.cli.args import Key, Spec, parse, positive_int, run_main
-from transferlab.tools.shard import write_shards
 
 SPEC = Spec(
     prog="transferlab-shard",
@@ -32,6 +31,8 @@ SPEC = Spec(
 
 def run_cli(argv: list[str]) -> int:
     args = parse(SPEC, argv)
+    from transferlab.tools.shard import write_shards  # (torch: not for --help)
+
     report = write_shards(args["root"], args["output"], args["maxcount"])
     for split, info in report.splits.items():
         key = "urls" if split == "train" else f"{split}_urls"
