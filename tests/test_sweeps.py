@@ -385,8 +385,10 @@ def _start(args: list[str], cwd: Path, **popen) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
-def _wait_until_both_jobs_run(proc: subprocess.Popen, cwd: Path, epochs: int) -> list[dict]:
-    """The records of the sweep's two jobs once both are running with ``epochs`` done."""
+def _wait_until_both_jobs_run(proc: subprocess.Popen, cwd: Path, epochs: int,
+                              jobs: int = 2) -> list[dict]:
+    """The records of the sweep's two jobs (or ``jobs``) once they are running with
+    ``epochs`` done."""
     deadline = time.monotonic() + 240
     while True:
         assert proc.poll() is None, proc.communicate()
@@ -395,7 +397,7 @@ def _wait_until_both_jobs_run(proc: subprocess.Popen, cwd: Path, epochs: int) ->
         for path in sorted((cwd / "outputs" / "sweeps").glob("*/*/*/metrics.json")):
             with contextlib.suppress(OSError, ValueError):
                 records.append(json.loads(path.read_text()))
-        if len(records) == 2 and all(r.get("status") == "running"
+        if len(records) == jobs and all(r.get("status") == "running"
                                      and len(r.get("history", [])) >= epochs for r in records):
             return records
         time.sleep(0.05)
@@ -494,15 +496,7 @@ def test_sigterm_to_the_whole_group_stops_the_sweep_with_the_job_saved(tmp_path)
             "trainer.num_workers=1", "seed=0,1"]
     proc = _start(args, tmp_path, start_new_session=True)
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the first job did not train an epoch"
-            with contextlib.suppress(OSError, ValueError):
-                (path,) = (tmp_path / "outputs" / "sweeps").glob("*/*/0_*/metrics.json")
-                if len(json.loads(path.read_text()).get("history", [])) >= 1:
-                    break
-            time.sleep(0.05)
+        _wait_until_both_jobs_run(proc, tmp_path, 1, jobs=1)  # (the basic launcher: one job)
         os.killpg(proc.pid, signal.SIGTERM)
         out, err = proc.communicate(timeout=300)
     finally:

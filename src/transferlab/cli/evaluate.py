@@ -91,7 +91,7 @@ def parse_args(argv: list[str]) -> EvalArgs:
                             parsed["wise"] or ())
     return EvalArgs(run=parsed["run"], checkpoint=parsed["checkpoint"], split=parsed["split"],
                     weights=parsed["weights"], device=parsed["device"], tta=parsed["tta"],
-                    dataset=dataset or None, robust=robust)
+                    dataset=dataset or None, robust=robust, mistakes=parsed["mistakes"])
 
 
 def run_cli(argv: list[str]) -> None:
@@ -104,7 +104,7 @@ def run_cli(argv: list[str]) -> None:
     print(summary_text(report))
     if figures:
         print(f"\n{robustness_text(report)}\n\nFigures: {', '.join(map(str, figures))}")
-    if parse(SPEC, argv)["mistakes"]:
+    if args.mistakes:
         from transferlab.tools.mistakes import eval_mistakes
 
         print(f"Misclassified images: {eval_mistakes(args, report['epoch'])}")

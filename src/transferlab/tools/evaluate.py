@@ -90,6 +90,7 @@ class EvalArgs:
     tta: str = "none"  # test-time augmentation (transferlab.tools.tta)
     dataset: dict[str, Any] | None = None  # dataset.<field> overrides
     robust: RobustnessArgs = field(default_factory=RobustnessArgs)  # corruptions=, wise=
+    mistakes: bool = False  # also eval_mistakes.png (transferlab.tools.mistakes)
 
 
 # -- checkpoint, config, model, data -------------------------------------------------------------
