@@ -288,6 +288,7 @@ def test_fit_stages_calls_every_hook_point_in_order():
     assert loop.step == 4 and loop.epoch == 2  # two optimizer steps an epoch, two epochs
 
 
+@pytest.mark.slow  # 3.5 s
 def test_a_range_test_step_is_one_optimizer_step_of_accumulated_batches():
     from torch.utils.data import DataLoader, TensorDataset
 
