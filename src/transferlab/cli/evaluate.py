@@ -105,9 +105,9 @@ def run_cli(argv: list[str]) -> None:
     if figures:
         print(f"\n{robustness_text(report)}\n\nFigures: {', '.join(map(str, figures))}")
     if args.mistakes:
-        from transferlab.tools.mistakes import eval_mistakes
+        from transferlab.tools.mistakes import EVAL_MISTAKES
 
-        print(f"Misclassified images: {eval_mistakes(args, report['epoch'])}")
+        print(f"Misclassified images: {args.run / EVAL_MISTAKES}")
     print(f"\nMetrics saved to: {json_path}\nConfusion matrix: {png_path}\n"
           f"Per-image predictions: {args.run / EVAL_PREDICTIONS}\n"
           f"TensorBoard: tensorboard --logdir {args.run / 'tb'} "

@@ -3,8 +3,9 @@ a classification run beside val.
 
 Each folder holds class folders named as the run's classes (all of them or some: a shifted set
 may cover fewer classes); a folder with another name is a one-line error when the run starts,
-before any epoch. At the end of the run the weights of ``best.pt`` (those the run's val
-predictions come from) are scored on every set through the run's eval transform; the results
+before any epoch. At the end of the run the weights of ``best.pt`` (the model the run's val
+predictions come from, handed over by :class:`~transferlab.run.hooks.RecordPredictions`:
+not restored a second time) are scored on every set through the run's eval transform; the results
 go to ``metrics.json["extra_test"][<name>]`` (``acc``, ``loss``, ``samples``, ``epoch``,
 ``checkpoint``, ``root``) and TensorBoard (``extra_test/<name>/acc`` and ``.../loss`` at the
 best epoch).
@@ -19,7 +20,6 @@ from typing import TYPE_CHECKING
 
 from transferlab.data.extra_test import extra_test_set
 from transferlab.data.image_folder import ImageFileDataset
-from transferlab.engine.hooks import Hook
 
 if TYPE_CHECKING:
     from transferlab.run.build import BuiltRun
@@ -28,9 +28,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("transferlab")
 
 
-class ExtraTests(Hook):
-    """``dataset.extra_test``: its sets indexed (and checked) when built, scored with
-    ``best.pt``'s weights after the last stage (rank 0)."""
+class ExtraTests:
+    """``dataset.extra_test``: its sets indexed (and checked) when built; :meth:`score` scores
+    them with the model holding ``best.pt``'s weights (rank 0, after the last stage)."""
 
     def __init__(self, built: BuiltRun, tracker: RunTracker):
         from transferlab.data.transforms import eval_transform
@@ -42,33 +42,17 @@ class ExtraTests(Hook):
         self.sets = {name: extra_test_set(name, folder, classes, transform)
                      for name, folder in dataset.extra_test.items()}
 
-    def on_fit_end(self, loop) -> None:
+    def score(self, model) -> None:
+        """Every set scored with ``model`` (best.pt's weights, in eval mode)."""
         best = self.tracker.best or {}
-        if not self.sets or not self.built.world.main or "epoch" not in best:
+        if not self.sets or "epoch" not in best:
             return
-        model = self._best_model()
         results = {name: self._score(model, dataset, name, best["epoch"])
                    for name, dataset in self.sets.items()}
         self.tracker.extra["extra_test"] = results
         self.tracker.writer.flush()
         log.info("extra test sets, best.pt (epoch %d): %s", best["epoch"], ", ".join(
             f"{name} acc {r['acc']:.4f} ({r['samples']} images)" for name, r in results.items()))
-
-    def _best_model(self):
-        """``best.pt``'s raw weights, restored as ``transferlab-eval`` restores them."""
-        import torch
-
-        from transferlab.infra.checkpoint import load_checkpoint
-        from transferlab.run.saved import checkpoint_config, restore_saved
-
-        path = self.tracker.run_dir / "checkpoints" / "best.pt"
-        ckpt = load_checkpoint(path)
-        model, _, _ = restore_saved(checkpoint_config(ckpt), ckpt, path, "raw",
-                                    len(self.built.splits.classes))
-        model.to(self.built.device)
-        if self.built.channels_last:
-            model.to(memory_format=torch.channels_last)
-        return model
 
     def _score(self, model, dataset: ImageFileDataset, name: str, epoch: int) -> dict:
         from torch.utils.data import DataLoader

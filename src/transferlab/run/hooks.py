@@ -31,6 +31,8 @@ from transferlab.run.record import RunTracker
 from transferlab.staging.summary import stage_table
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from transferlab.run.build import BuiltRun
 
 log = logging.getLogger("transferlab")
@@ -234,10 +236,12 @@ class RecordPredictions(Hook):
     best epoch's weights of the current stage are kept (rank 0, without DDP) so that they
     are scored on the stage's own val inputs."""
 
-    def __init__(self, built: BuiltRun, tracker: RunTracker):
+    def __init__(self, built: BuiltRun, tracker: RunTracker,
+                 also: tuple[Callable[[nn.Module], None], ...] = ()):
         from transferlab.run.predictions import BestWeights
 
         self.built, self.tracker, self.kept = built, tracker, BestWeights()
+        self.also = also  # more users of the best weights' model (dataset.extra_test's sets)
 
     def on_epoch_end(self, loop) -> None:
         world = self.built.world
@@ -248,8 +252,12 @@ class RecordPredictions(Hook):
         from transferlab.run.mistakes import record_mistakes
         from transferlab.run.predictions import record_run_predictions
 
-        record_run_predictions(self.built, loop, self.tracker, self.kept, with_best=lambda model:
-                               record_mistakes(self.built, model, self.tracker))
+        def with_best(model) -> None:
+            record_mistakes(self.built, model, self.tracker)
+            for use in self.also:
+                use(model)
+
+        record_run_predictions(self.built, loop, self.tracker, self.kept, with_best=with_best)
 
 
 class ReconstructionImages(Hook):

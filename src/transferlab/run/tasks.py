@@ -215,8 +215,8 @@ class Classify(Task):
         from transferlab.run.hooks import RecordPredictions
         from transferlab.run.wise import WiseStart
 
-        return [RecordPredictions(built, tracker),
-                ExtraTests(built, tracker),
+        extra = ExtraTests(built, tracker)
+        return [RecordPredictions(built, tracker, also=(extra.score,) if extra.sets else ()),
                 WiseStart(built, tracker.run_dir)]
 
     def input_hooks(self, built: BuiltRun, recorder) -> list[Hook]:

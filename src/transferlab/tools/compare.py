@@ -90,8 +90,9 @@ def _overrides(run_dir: Path) -> list[str]:
             and not is_session_override(str(i))]
 
 
-def read_run(run_dir: Path) -> RunRecord:
-    """A run directory's record; ``pending`` before its first ``metrics.json``."""
+def read_run(run_dir: Path, scored: bool = True) -> RunRecord:
+    """A run directory's record; ``pending`` before its first ``metrics.json``. ``scored``:
+    with its per-image predictions (for the paired tests), read from their file."""
     path = run_dir / "metrics.json"
     overrides = _overrides(run_dir)
     if not path.is_file():
@@ -116,7 +117,7 @@ def read_run(run_dir: Path) -> RunRecord:
     }
     return RunRecord(run_dir, run_status(data), overrides, values, history, data.get("error"),
                      hparams=dict(data.get("hparams") or {}),
-                     scored=read_scored(run_dir, best.get("epoch")))
+                     scored=read_scored(run_dir, best.get("epoch")) if scored else None)
 
 
 def _foreign(data: object) -> str | None:
@@ -137,8 +138,9 @@ def _foreign(data: object) -> str | None:
     return None
 
 
-def find_runs(paths: Iterable[Path]) -> list[RunRecord]:
-    """Every run under ``paths`` (a run directory, a sweep, or a whole ``outputs/``)."""
+def find_runs(paths: Iterable[Path], scored: bool = True) -> list[RunRecord]:
+    """Every run under ``paths`` (a run directory, a sweep, or a whole ``outputs/``);
+    ``scored``: as :func:`read_run`."""
     dirs: dict[Path, None] = {}
     for root in paths:
         root = Path(root)
@@ -148,7 +150,7 @@ def find_runs(paths: Iterable[Path]) -> list[RunRecord]:
         found += [p.parent.parent for p in root.rglob(".hydra/overrides.yaml")]
         for d in sorted(set(found)):
             dirs.setdefault(d.resolve(), None)
-    return [read_run(d) for d in dirs]
+    return [read_run(d, scored) for d in dirs]
 
 
 def sort_runs(runs: list[RunRecord], key: str, reverse: bool = False) -> list[RunRecord]:

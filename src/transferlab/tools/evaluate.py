@@ -299,6 +299,14 @@ def evaluate_run(args: EvalArgs) -> dict[str, Any]:
         "classes": classes, **classification_metrics(pred, classes),
     }
     done = Evaluated(run, ckpt, model, backbone, image_size, classes, dataset, scorer)
+    if args.mistakes:  # (drawn from the split's images, without TTA's views)
+        from transferlab.tools.mistakes import eval_mistakes
+
+        plain = dataset if args.tta == "none" else eval_dataset(run, backbone, image_size,
+                                                                args.split, classes)
+        with_tta = "" if args.tta == "none" else f", tta={args.tta}"
+        heading = f"{args.checkpoint}.pt (epoch {ckpt.get('epoch')}) on {args.split}{with_tta}"
+        eval_mistakes(args.run, done, plain, pred, heading, tb_tag(args.split, args.tta))
     report.update(robustness(args.run, args.split, args.dataset, args.robust, done,
                              report["accuracy"]))
     return report

@@ -1,44 +1,42 @@
 """``transferlab-eval``'s pictures of the mistakes: the grid of the evaluated split's
-misclassified images (:mod:`transferlab.run.mistakes`) from the ``eval_predictions.npz`` the
-evaluation just wrote, with the checkpoint's model for the Grad-CAM overlays:
-``eval_mistakes.png`` and TensorBoard's ``eval/<split>/mistakes``."""
+misclassified images (:mod:`transferlab.run.mistakes`), drawn with the model, data and
+predictions the evaluation already has, with the Grad-CAM overlays: ``eval_mistakes.png`` and
+TensorBoard's ``eval/<split>/mistakes``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from transferlab.infra.checkpoint import load_checkpoint
-from transferlab.infra.runtime import pick_device
 from transferlab.run.mistakes import mistakes_grid, save_grid
-from transferlab.run.predictions import EVAL_PREDICTIONS, load_predictions
-from transferlab.run.saved import checkpoint_config, checkpoint_path, restore_saved
-from transferlab.tools.evaluate import EvalArgs, eval_dataset, tb_tag
+from transferlab.run.predictions import Predictions
+from transferlab.tools.robustness import Evaluated
 
 EVAL_MISTAKES = "eval_mistakes.png"
 
 
-def eval_mistakes(args: EvalArgs, epoch: int | None) -> Path:
-    """``eval_mistakes.png`` of the evaluation ``args`` describes (its images without TTA's
-    views), and the same grid in the run's TensorBoard; its path."""
-    path = checkpoint_path(args.run, args.checkpoint)
-    ckpt = load_checkpoint(path)
-    run = checkpoint_config(ckpt, args.dataset)
-    classes = [str(c) for c in ckpt.get("classes") or []]
-    model, backbone, image_size = restore_saved(run, ckpt, path, args.weights, len(classes))
-    device = pick_device(args.device or run.trainer.device)
-    model.to(device)
-    dataset = eval_dataset(run, backbone, image_size, args.split, classes)
-    pred = load_predictions(args.run / EVAL_PREDICTIONS)
-    with_tta = "" if args.tta == "none" else f", tta={args.tta}"
-    grid = mistakes_grid(model, backbone, dataset, pred, classes, device,
-                         f"{args.checkpoint}.pt (epoch {epoch}) on {args.split}{with_tta}")
-    out = save_grid(grid, args.run / EVAL_MISTAKES)
+def eval_mistakes(run_dir: Path, done: Evaluated, dataset, pred: Predictions, heading: str,
+                  tag: str) -> Path:
+    """``eval_mistakes.png`` of an evaluation (``done``, its predictions ``pred`` of
+    ``dataset``: the split's images without TTA's views), and the same grid in the run's
+    TensorBoard; its path."""
+    import torch
+
+    # the CAM of the model as the checkpoint restores it (a channels-last copy's gradients
+    # differ in the last bits), then back as the evaluation scores it
+    model = done.model.to(memory_format=torch.contiguous_format)
+    try:
+        grid = mistakes_grid(model, done.backbone, dataset, pred, done.classes,
+                             done.scorer.device, heading)
+    finally:
+        if done.scorer.channels_last:
+            model.to(memory_format=torch.channels_last)
+    out = save_grid(grid, run_dir / EVAL_MISTAKES)
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(log_dir=str(args.run / "tb"))
+    epoch = done.ckpt.get("epoch")
+    writer = SummaryWriter(log_dir=str(run_dir / "tb"))
     try:
-        writer.add_image(f"eval/{tb_tag(args.split, args.tta)}/mistakes", grid.image, epoch or 0,
-                         dataformats="HWC")
+        writer.add_image(f"eval/{tag}/mistakes", grid.image, epoch or 0, dataformats="HWC")
     finally:
         writer.close()
     return out

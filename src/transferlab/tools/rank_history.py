@@ -62,7 +62,7 @@ def before(rows: list[Row], scores: list[str], dataset: str, roots: list[Path]) 
     """What the runs under ``roots`` say about the ranking of ``rows`` (whole backbones) on
     the data set named ``dataset``; None when no completed run of two candidates is there."""
     candidates = {r.backbone for r in rows if r.block is None and r.error is None}
-    runs = [r for root in roots if root.is_dir() for r in find_runs([root])
+    runs = [r for root in roots if root.is_dir() for r in find_runs([root], scored=False)
             if r.status == "completed" and r.hparams.get("dataset") == dataset
             and backbone_of(r) in candidates and r.value(METRIC) is not None]
     accuracy: dict[str, float] = {}
