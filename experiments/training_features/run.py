@@ -36,6 +36,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from study_stats import interval_cell, last_correct, verdict_lines  # noqa: E402
+
 COMMON = ["dataset=hymenoptera", "freeze=two_stage", "trainer.progress=false"]
 VARIANTS = {
     "baseline": [],
@@ -91,15 +94,29 @@ def table(results: dict) -> str:
     rows = ["| variant | val acc of the weights it ends with | last epoch's val acc | best epoch's "
             "val acc | EMA weights' final val acc | epochs trained | wall time (process) |",
             "|---|---:|---:|---:|---:|---:|---:|"]
+    if any("val_correct" in r for runs in results.values() for r in runs):
+        rows[0] = rows[0].replace("| last epoch's val acc |", "| last epoch's val acc | its "
+                                  "95 % CI (seeds × images) |")
+        rows[1] += "---:|"
     for name, runs in results.items():
         ema = [r["final_val_acc_ema"] for r in runs if "final_val_acc_ema" in r]
         rows.append(
             f"| {name} | {mean_sd([r.get('end_val_acc', r['final_val_acc']) for r in runs])} | "
             f"{mean_sd([r['final_val_acc'] for r in runs])} | "
+            + (f"{interval_cell(runs)} | " if "CI" in rows[0] else "") +
             f"{mean_sd([r['best_val_acc'] for r in runs])} | "
             f"{mean_sd(ema) if ema else ''} | "
             f"{' / '.join(str(r['epochs_trained']) for r in runs)} | "
             f"{statistics.mean(r['wall_seconds'] for r in runs):.1f} s |")
+    if "CI" not in rows[0] or "baseline" not in results:
+        return "\n".join(rows)
+    rows += ["", "Each variant's last-epoch weights against the baseline's (paired by seed and "
+             "image):", ""]
+    rows += [f"- {line}" for line in verdict_lines(results, "baseline")]
+    ema = {"baseline": results["baseline"], **{
+        f"{name} (EMA weights)": [{**r, "val_correct": r["val_correct_ema"]} for r in runs]
+        for name, runs in results.items() if all("val_correct_ema" in r for r in runs)}}
+    rows += [f"- {line}" for line in verdict_lines(ema, "baseline")]
     return "\n".join(rows)
 
 
@@ -107,7 +124,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--report", action="store_true", help="only the table, from results.json")
     args = parser.parse_args()
+    out = HERE / "results.json"
+    if args.report:
+        print(table(json.loads(out.read_text())))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root, cache = Path(tmp), Path(tmp) / "cache"
         train(["freeze.head_epochs=1", "freeze.finetune_epochs=1"], root / "warmup", cache)
@@ -115,9 +137,14 @@ def main() -> None:
         for seed in args.seeds:
             for name in args.variants:
                 wall, m = train([*VARIANTS[name], f"seed={seed}"], root / f"{name}-{seed}", cache)
-                results[name].append({"seed": seed, **summary(m, wall)})
-                print(json.dumps(results[name][-1]), flush=True)
-    out = HERE / "results.json"  # other variants' results stay (a run of some of them)
+                out = root / f"{name}-{seed}"
+                row = {"seed": seed, **summary(m, wall), "val_correct": last_correct(out)}
+                if "final_val_acc_ema" in row:
+                    row["val_correct_ema"] = last_correct(out, "weights=ema")
+                results[name].append(row)
+                print(json.dumps({k: v for k, v in row.items() if "correct" not in k}),
+                      flush=True)
+    # other variants' results stay (a run of some of them)
     kept = json.loads(out.read_text()) if out.is_file() else {}
     results = {name: ({**kept, **results})[name] for name in VARIANTS
                if name in kept or name in results}

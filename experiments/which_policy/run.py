@@ -40,6 +40,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from study_stats import against, difference_cell, interval_cell, last_correct  # noqa: E402
+
 RESULTS = HERE / "results.json"
 COMMON = ["augment=none", "optimizer=adam", "optimizer.lr=1e-3", "trainer.batch_size=16",
           "trainer.progress=false", "trainer.keep_checkpoints=best_last"]
@@ -67,9 +70,10 @@ POLICIES = {
 BLOCKS = [0, 6, 12, 17]  # of the default backbone's 18 blocks
 
 
-def sweep(args: list[str], out: Path) -> list[dict]:
+def sweep(args: list[str], out: Path, correctness: bool = False) -> list[dict]:
     """One ``transferlab-train -m`` (its jobs one after the other in one process: the imports
-    and the model build are paid once); every job's summary and its ``hparams``."""
+    and the model build are paid once); every job's summary and its ``hparams``, and with
+    ``correctness`` the held-out correctness of its last weights, image by image."""
     cmd = ["transferlab-train", "-m", *COMMON, *args, f"hydra.sweep.dir={out}"]
     print("$", " ".join(cmd), flush=True)
     started = time.perf_counter()
@@ -87,7 +91,8 @@ def sweep(args: list[str], out: Path) -> list[dict]:
                      "trainable_params": m["params"]["trainable"],
                      "train_seconds": round(m["wall_seconds"], 1),
                      "train_images": m["data"]["train"], "val_images": m["data"]["val"],
-                     "hparams": m["hparams"]})
+                     "hparams": m["hparams"],
+                     **({"val_correct": last_correct(path.parent)} if correctness else {})})
     print(f"  {len(jobs)} jobs, {wall:.0f} s", flush=True)
     return jobs
 
@@ -155,18 +160,22 @@ def run_all(args) -> None:
                         extra = [f"freeze.block={block}"]
                     wanted = [key(dataset, fraction, policy, f"seed{s}") for s in args.seeds]
                     results = {**load(), **results}  # what other processes of this script added
-                    todo = [s for s, k in zip(args.seeds, wanted, strict=True) if k not in results]
+                    # a final run recorded before its per-image correctness was kept runs again
+                    todo = [s for s, k in zip(args.seeds, wanted, strict=True)
+                            if "val_correct" not in results.get(k, {})]
                     if not todo:
                         continue
                     # one sweep of the seeds (the imports paid once), or one per seed (a result
                     # saved as soon as it is there)
                     groups = [[s] for s in todo] if args.seed_by_seed else [todo]
                     for group in groups:
-                        if all(key(dataset, fraction, policy, f"seed{s}") in load() for s in group):
+                        if all("val_correct" in load().get(key(dataset, fraction, policy,
+                                                                f"seed{s}"), {}) for s in group):
                             continue  # another process of this script did it meanwhile
                         seeds = ",".join(map(str, group))
                         for job in sweep([*base, *POLICIES[policy], *extra, f"seed={seeds}"],
-                                         root / key(dataset, fraction, policy, seeds)):
+                                         root / key(dataset, fraction, policy, seeds),
+                                         correctness=True):
                             results[key(dataset, fraction, policy,
                                         f"seed{job['hparams']['seed']}")] = {
                                 **job, **({"block": block} if extra else {})}
@@ -198,6 +207,7 @@ def report(args) -> None:
                     cell += f" (block {results[key(dataset, fraction, policy, 'seed0')]['block']})"
                 cells.append(cell)
             print(f"| {policy} | " + " | ".join(cells) + " |")
+        statistics_table(results, dataset, args)
         print(f"\nk-fold ({args.folds} folds, seed 0) mean accuracy of surgical per block:\n")
         print("| block | " + " | ".join(f"{f:g}" for f in fractions) + " |")
         print("|---|" + "---:|" * len(fractions))
@@ -212,6 +222,27 @@ def report(args) -> None:
             print(f"| {b} | " + " | ".join(f"{means[f][b]:.3f}" if b in means[f] else ""
                                           for f in fractions) + " |")
     figure(results, args)
+
+
+def statistics_table(results: dict, dataset: str, args) -> None:
+    """linear_probe's accuracy with its 95 % interval (seeds and images resampled), and every
+    other policy's paired difference from it (Holm over the policies at one data size)."""
+    by_fraction = {f: {p: [results[k] for s in args.seeds
+                           if (k := key(dataset, f, p, f"seed{s}")) in results]
+                       for p in POLICIES} for f in args.fractions}
+    if not any(interval_cell(g["linear_probe"]) for g in by_fraction.values()):
+        return
+    print("\nThe same runs' last weights: linear_probe's accuracy with its 95 % interval, and "
+          "every other policy minus linear_probe in points, its paired 95 % interval and "
+          "Holm's p:\n")
+    print("| policy | " + " | ".join(f"{f:g} of train" for f in args.fractions) + " |")
+    print("|---|" + "---:|" * len(args.fractions))
+    diffs = {f: against(groups, "linear_probe") for f, groups in by_fraction.items()}
+    for policy in POLICIES:
+        cells = [interval_cell(by_fraction[f][policy]) if policy == "linear_probe" else
+                 difference_cell(*diffs[f][policy]) if policy in diffs[f] else ""
+                 for f in args.fractions]
+        print(f"| {policy} | " + " | ".join(cells) + " |")
 
 
 def figure(results: dict, args) -> None:

@@ -1,0 +1,91 @@
+"""What the studies share: every run's per-image correctness, and its intervals and verdicts.
+
+A study keeps, for each final run, the correctness of the weights the run ends with on the
+held-out split, image by image, as a string of ``0``/``1`` in its ``results.json``
+(``val_correct``): ``transferlab-eval run=<dir> checkpoint=last`` writes the predictions
+(``eval_predictions.npz``), read here. Its report then gives each group of seeds its 95 %
+bootstrap interval and each pair of groups its paired verdict, both from
+:mod:`transferlab.tools.stats` (the numbers ``transferlab-compare group_seeds=true`` prints).
+
+Imported by the studies' ``run.py`` (``sys.path`` gets this folder).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from transferlab.run.predictions import EVAL_PREDICTIONS, load_predictions
+from transferlab.tools.stats import (
+    Difference,
+    accuracy_interval,
+    holm,
+    p_text,
+    paired_difference,
+    points,
+    verdict,
+)
+
+
+def last_correct(run_dir: Path, *extra: str) -> str:
+    """Evaluate ``run_dir``'s ``last.pt`` on its val split; its correctness as ``0``/``1``."""
+    cmd = ["transferlab-eval", f"run={run_dir}", "checkpoint=last", *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return bits(load_predictions(run_dir / EVAL_PREDICTIONS).correct)
+
+
+def bits(correct: np.ndarray) -> str:
+    return "".join("1" if c else "0" for c in np.asarray(correct, dtype=bool))
+
+
+def matrix(runs: list[dict], key: str = "val_correct") -> np.ndarray | None:
+    """The ``(seeds, images)`` correctness of a group's runs; None when one lacks it."""
+    rows = [r.get(key) for r in runs]
+    if not rows or any(row is None for row in rows):
+        return None
+    return np.array([[c == "1" for c in row] for row in rows], dtype=bool)
+
+
+def interval_cell(runs: list[dict], key: str = "val_correct") -> str:
+    """``0.946 [0.922, 0.965]``: the group's accuracy and its two-level bootstrap interval."""
+    m = matrix(runs, key)
+    if m is None:
+        return ""
+    got = accuracy_interval(m)
+    return f"{got.estimate:.3f} [{got.low:.3f}, {got.high:.3f}]"
+
+
+def against(groups: dict[str, list[dict]], reference: str,
+            key: str = "val_correct") -> dict[str, tuple[Difference, float]]:
+    """Every group minus ``reference``: the paired bootstrap over seeds (paired: the same
+    seeds) and images, and its ``p`` Holm-adjusted over the pairs."""
+    ref = matrix(groups.get(reference, []), key)
+    pairs = [(name, matrix(runs, key)) for name, runs in groups.items() if name != reference]
+    pairs = [(name, m) for name, m in pairs if m is not None and ref is not None
+             and len(m) == len(ref)]
+    diffs = [(name, paired_difference(m, ref, paired_seeds=True)) for name, m in pairs]
+    adjusted = holm([d.p for _, d in diffs]) if diffs else []
+    return {name: (d, float(p)) for (name, d), p in zip(diffs, adjusted, strict=True)}
+
+
+def verdict_lines(groups: dict[str, list[dict]], reference: str,
+                  key: str = "val_correct") -> list[str]:
+    """:func:`against`, worded as ``transferlab-compare`` words it."""
+    found = against(groups, reference, key)
+    return [verdict(name, reference, d, adjusted=(p, len(found)))
+            for name, (d, p) in found.items()]
+
+
+def difference_cell(diff: Difference, holm_p: float) -> str:
+    """``+1.3 [−0.6, +3.1], p 0.42``: points, the interval, Holm's p."""
+    return (f"{points(diff.estimate)} [{points(diff.low)}, {points(diff.high)}], "
+            f"{p_text(holm_p).replace(' = ', ' ')}")
+
+
+__all__ = ["against", "bits", "difference_cell", "interval_cell", "last_correct", "matrix",
+           "verdict_lines"]
