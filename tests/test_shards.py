@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -215,13 +216,16 @@ def test_remote_shards_are_downloaded_once_and_read_as_local_ones(tmp_path):
     def remote(split: str) -> str:
         return report.splits[split]["urls"].replace(str(tmp_path / "shards"), url)
 
-    def build(**urls):
+    def build(train_tf=_value, **urls):
         return DATASETS.builder("webdataset")(
-            WebDatasetConfig(name="w", cache_dir=str(tmp_path / "cache"), **urls), _value,
+            WebDatasetConfig(name="w", cache_dir=str(tmp_path / "cache"), **urls), train_tf,
             _value)
 
     local = build(urls=report.splits["train"]["urls"], val_urls=report.splits["val"]["urls"])
     try:
+        streamed = build(_noisy, urls=remote("train"), val_urls=remote("val"), stream=True)
+        read = [v for batch in _epoch(streamed, 1) for v, _, _ in batch]
+        assert not list((tmp_path / "cache").glob("*/train-*"))  # streamed: never copied
         fetched = build(urls=remote("train"), val_urls=remote("val"))
     finally:
         server.shutdown()
@@ -232,6 +236,8 @@ def test_remote_shards_are_downloaded_once_and_read_as_local_ones(tmp_path):
         for split in ("train", "val"):
             a, b = getattr(local, split), getattr(splits, split)
             assert [a[i] for i in range(len(a))] == [b[i] for i in range(len(b))]
+    # 8 of the 9 training images: a last batch of one (of 4) is left out
+    assert len(set(read)) == len(read) == 8 and set(read) < {local.train[i][0] for i in range(9)}
     copies = sorted(p.name for p in (tmp_path / "cache").glob("*/*"))
     assert copies == sorted(["index.json", *(Path(u).name for s in ("train", "val")
                                              for u in expand_urls(report.splits[s]["urls"]))])
@@ -239,3 +245,133 @@ def test_remote_shards_are_downloaded_once_and_read_as_local_ones(tmp_path):
                                         r"\d+/other-000000.tar \(.*\): check the network, or "
                                         r"download the shards and give their local paths$"):
         build(urls=f"{url}/other-000000.tar")
+
+
+# --- dataset.stream=true: the training shards streamed inside a run ---------------------------
+
+def _noisy(image: Image.Image) -> tuple[int, float]:
+    """A sample's number and a random draw (an augmentation's randomness)."""
+    return _value(image), float(torch.rand(()))
+
+
+def _write_stream(tmp_path: Path, n: int = 30) -> dict:
+    for split, count in (("train", n), ("val", 6)):
+        _numbered_folder(tmp_path / "images" / split, count, classes=3)
+    return write_shards(tmp_path / "images", tmp_path / "shards", maxcount=7).splits
+
+
+def _build_stream(splits: dict, **cfg):
+    """The streamed training split of shards written by :func:`_write_stream`, and val."""
+    from transferlab.config.schema import WebDatasetConfig
+    from transferlab.registry import DATASETS
+
+    return DATASETS.builder("webdataset")(
+        WebDatasetConfig(name="w", urls=splits["train"]["urls"], stream=True,
+                         val_urls=splits["val"]["urls"], **cfg), _noisy, _value)
+
+
+def _epoch(splits, epoch: int, workers: int = 0, skip: int = 0, rank: int = 0,
+           world: int = 1) -> list[list[tuple[int, float, int]]]:
+    """One epoch of the run's loader: every batch's (number, draw, label)s."""
+    from transferlab.config.schema import TrainerConfig
+    from transferlab.data import epoch_order, make_loaders
+    from transferlab.infra.distributed import World
+
+    train, _ = make_loaders(splits, TrainerConfig(batch_size=4, num_workers=workers), seed=5,
+                            device=torch.device("cpu"),
+                            world=World(rank=rank, size=world) if world > 1 else None)
+    order = epoch_order(train)
+    order.set_epoch(epoch)
+    order.skip_batches = skip
+    return [[(int(v), float(d), int(y)) for v, d, y in zip(values, draws, labels, strict=True)]
+            for (values, draws), labels in train]
+
+
+def test_a_streamed_split_reads_every_image_once_an_epoch_and_resumes_mid_epoch(tmp_path):
+    """dataset.stream=true: the run's loader reads the 30 images once an epoch (batches of 4:
+    7 whole and one of 2), in a new order each epoch; an image's augmentation is drawn by
+    (seed, epoch, image), so a loader told to skip 3 batches (a resume mid-epoch) delivers
+    exactly the rest of the epoch, the same draws included."""
+    splits = _build_stream(_write_stream(tmp_path), shuffle_buffer=5)
+    assert len(splits.train) == 30 and splits.train_labels == sorted(i % 3 for i in range(30))
+    first = _epoch(splits, 1)
+    assert [len(b) for b in first] == [4] * 7 + [2]
+    items = [item for batch in first for item in batch]
+    assert sorted(v for v, _, _ in items) == list(range(30))
+    assert all(y == v % 3 for v, _, y in items)
+    assert [item for batch in _epoch(splits, 1, skip=3) for item in batch] == items[12:]
+    second = [item for batch in _epoch(splits, 2) for item in batch]
+    assert [v for v, _, _ in second] != [v for v, _, _ in items]
+    assert {v: d for v, d, _ in second} != {v: d for v, d, _ in items}  # new draws
+
+
+@pytest.mark.slow  # loader worker processes
+def test_a_streamed_split_shared_by_two_ranks_of_two_workers(tmp_path):
+    """Two ranks of two loader workers: every image once an epoch across the ranks, each
+    image drawn as with no worker process; a resume mid-epoch skips exactly the batches the
+    loader delivered first, workers taking turns."""
+    splits = _build_stream(_write_stream(tmp_path, n=46), shuffle_buffer=5)
+    single = {v: d for batch in _epoch(splits, 1) for v, d, _ in batch}
+    seen = []
+    for rank in (0, 1):
+        batches = _epoch(splits, 1, workers=2, rank=rank, world=2)
+        assert [len(b) for b in batches] == [4] * 5 + [3]  # 23 of the 46 a rank
+        seen += [item for batch in batches for item in batch]
+        assert _epoch(splits, 1, workers=2, skip=3, rank=rank, world=2) == batches[3:]
+    assert sorted(v for v, _, _ in seen) == list(range(46))  # each once
+    assert all(single[v] == d for v, d, _ in seen)
+
+
+def test_a_streamed_split_refuses_what_needs_an_index(tmp_path):
+    """What needs the training images by index is one line naming what to change."""
+    from transferlab.config.schema import TrainerConfig
+    from transferlab.data import make_loaders
+
+    written = _write_stream(tmp_path)
+    with pytest.raises(UserError, match=r"^dataset.stream=true reads the training shards in "
+                                        r"order, so a training subset cannot be drawn"):
+        _build_stream(written, train_fraction=0.5)
+    with pytest.raises(UserError, match=r"^dataset.stream=true reads the training shards in "
+                                        r"order, so val cannot be held out of them"):
+        _build_stream({**written, "val": {"urls": None}})
+    with pytest.raises(UserError, match=r"^trainer.sampler=balanced draws images by index"):
+        make_loaders(_build_stream(written), TrainerConfig(sampler="balanced", num_workers=0),
+                     seed=0, device=torch.device("cpu"))
+    (tmp_path / "shards" / "index.json").unlink()
+    with pytest.raises(UserError, match=r"^cannot read the sample counts of 5 shard\(s\)"):
+        _build_stream(written)
+
+
+@pytest.mark.slow
+def test_a_run_streams_its_training_shards_and_resumes_from_a_pause_bit_for_bit(tmp_path):
+    """dataset=webdataset dataset.stream=true end to end: a linear probe (whose features are
+    not cached: the split has no index to key them by) trains 3 epochs of 30 streamed images;
+    paused after epoch 1 and resumed, it ends with the uninterrupted run's weights and
+    record, to the last bit."""
+    from transferlab.run import resume_run, train
+
+    from .conftest import compose_train
+
+    written = _write_stream(tmp_path)
+    given = [*TINY, "dataset=webdataset", f"dataset.urls='{written['train']['urls']}'",
+             f"dataset.val_urls='{written['val']['urls']}'", "dataset.stream=true",
+             "dataset.shuffle_buffer=8", "freeze=linear_probe", "trainer.epochs=3",
+             "trainer.batch_size=4", "augment=none", "trainer.deterministic=true",
+             f"trainer.feature_cache.dir={tmp_path / 'cache'}"]
+    reference = train(compose_train(given), tmp_path / "ref", overrides=given)
+    metrics = reference.metrics
+    assert metrics["status"] == "completed" and metrics["data"]["train"] == 30
+    assert [stage["reason"] for stage in metrics["feature_cache"].values()] == [
+        "not cached: the training split is streamed (dataset.stream=true)"]
+    paused = [*given, "trainer.pause_after_epoch=1"]
+    assert train(compose_train(paused), tmp_path / "run", overrides=paused).metrics[
+        "status"] == "paused"
+    done = resume_run(tmp_path / "run")
+    a, b = (torch.load(r.run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+            for r in (reference, done))
+    assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) == 0.0
+    drop = ("seconds",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in done.metrics["history"]] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in metrics["history"]]
+    losses = [r["train_loss"] for r in metrics["history"]]
+    assert len(set(losses)) == 3  # it trained

@@ -293,6 +293,12 @@ class WebDatasetConfig(DatasetConfig):
     image_key: str = "jpg;jpeg;png;webp;bmp;ppm;tif;tiff"  # the first of these a sample has
     label_key: str = "cls"  # the integer class index, as text
     cache_dir: str | None = None  # remote shards' local copies (None: ~/.cache/transferlab/shards)
+    # true: the training shards are streamed every epoch (never copied, never read by index;
+    # transferlab.data.shards.ShardStream), shuffled by shard order and a buffer of this many
+    # samples; their counts and labels come from the index.json beside them (or ``index``)
+    stream: bool = False
+    shuffle_buffer: int = 1000
+    index: str | None = None  # with stream: the index.json's path or URL (None: beside urls)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -17,6 +18,7 @@ import torch
 from torch.utils.data import (
     DataLoader,
     Dataset,
+    IterableDataset,
     RandomSampler,
     Sampler,
     WeightedRandomSampler,
@@ -460,26 +462,33 @@ class SeededSamples(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i):
-        import random
-
-        epoch = getattr(i, "epoch", 0)
-        seed = derived_seed("sample", self.seed, epoch, int(i))
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            try:
-                return self.dataset[int(i)]
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
+        with sample_rngs(self.seed, getattr(i, "epoch", 0), int(i)):
+            return self.dataset[int(i)]
 
     def __getitems__(self, indices: list) -> SeededBatch:
         """A batch's samples, with the epoch and indices that seed a batch-level draw (MixUp /
         CutMix in the collate function, :mod:`transferlab.data.mixup`)."""
         epoch = getattr(indices[0], "epoch", 0) if indices else 0
         return SeededBatch([self[i] for i in indices], epoch, [int(i) for i in indices])
+
+
+@contextlib.contextmanager
+def sample_rngs(seed: int, epoch: int, index: int):
+    """Torch's, Python's and NumPy's RNGs seeded by (seed, epoch, index) for the block (a
+    sample's random augmentation); the process's own states are restored after it."""
+    import random
+
+    drawn = derived_seed("sample", seed, epoch, index)
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(drawn)
+        random.seed(drawn)
+        np.random.seed(drawn % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 class SeededBatch(list):
@@ -515,6 +524,12 @@ def make_loaders(splits: DataSplits, trainer: TrainerConfig, seed: int, device: 
         multiprocessing_context=worker_context() if workers > 0 else None,
     )
     bs = trainer.batch_size
+    val_order = (dict(sampler=world.shard(len(splits.val))) if world.active
+                 else dict(shuffle=False))
+    val = DataLoader(splits.val, batch_size=eval_batch_size(trainer),
+                     generator=_loader_generator(seed), **val_order, **common)
+    if isinstance(splits.train, IterableDataset):  # streamed: it orders and shares itself out
+        return streamed_loader(splits.train, trainer, seed, world, collate, common), val
     order_generator = torch.Generator().manual_seed(seed)
     if trainer.sampler == "balanced":  # every class drawn equally often, with replacement
         per_class = splits.class_counts()
@@ -530,11 +545,40 @@ def make_loaders(splits: DataSplits, trainer: TrainerConfig, seed: int, device: 
     train = DataLoader(SeededSamples(splits.train, seed), batch_size=bs,
                        generator=_loader_generator(seed), sampler=sampler,
                        drop_last=len(sampler) % bs == 1, collate_fn=collate, **common)
-    val_order = (dict(sampler=world.shard(len(splits.val))) if world.active
-                 else dict(shuffle=False))
-    val = DataLoader(splits.val, batch_size=eval_batch_size(trainer),
-                     generator=_loader_generator(seed), **val_order, **common)
     return train, val
+
+
+def streamed_loader(stream, trainer: TrainerConfig, seed: int, world: World,
+                    collate: Callable | None, common: dict) -> DataLoader:
+    """The loader of a streamed training split (``dataset.stream=true``,
+    :class:`~transferlab.data.shards.ShardStream`): this process's share of every epoch, in
+    batches that each loader worker reads whole. Its workers are started again every epoch
+    (not persistent): they take the epoch (and a resume's skipped batches) from the stream as
+    the main process set it. Batches are :class:`SeededBatch` es, so that MixUp / CutMix draw
+    by (seed, epoch, samples) as they do for a split read by index."""
+    if trainer.sampler == "balanced":
+        raise UserError("trainer.sampler=balanced draws images by index, and a streamed "
+                        "training split (dataset.stream=true) is read in order: use "
+                        "trainer.class_weights=balanced, or dataset.stream=false")
+    share = stream.shared(seed, trainer.batch_size, world.rank if world.active else 0,
+                          world.size if world.active else 1)
+    fold = collate or torch.utils.data.default_collate
+
+    def batch(items):
+        epoch = items[0][2] if items else 0
+        return fold(SeededBatch([(x, y) for x, y, _, _ in items], epoch,
+                                [index for _, _, _, index in items]))
+
+    return DataLoader(share, batch_size=trainer.batch_size, collate_fn=batch,
+                      **{**common, "persistent_workers": False})
+
+
+def epoch_order(loader: DataLoader):
+    """What orders ``loader``'s epochs: its :class:`ResumableSampler`, or the streamed split
+    itself (both have ``set_epoch`` and ``skip_batches``); None for another loader."""
+    if isinstance(loader.dataset, IterableDataset):
+        return loader.dataset
+    return loader.sampler if hasattr(loader.sampler, "set_epoch") else None
 
 
 def eval_batch_size(trainer: TrainerConfig) -> int:

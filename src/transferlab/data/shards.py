@@ -17,6 +17,7 @@ Two readers of the same files:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import itertools
@@ -34,7 +35,7 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from transferlab.config.schema import WebDatasetConfig
-from transferlab.data import DataSplits, assemble, derived_seed, holdout
+from transferlab.data import DataSplits, assemble, derived_seed, holdout, sample_rngs
 from transferlab.data.image_folder import to_rgb
 from transferlab.errors import UserError
 
@@ -258,6 +259,8 @@ class ShardSamples(Dataset):
 def build_webdataset(cfg: WebDatasetConfig, train_tf, eval_tf) -> DataSplits:
     """``dataset=webdataset``: train from ``urls``; val from ``val_urls`` or held out of train
     by ``val_fraction``; test from ``test_urls`` or ``test_fraction`` of train."""
+    if cfg.stream:
+        return build_stream(cfg, train_tf, eval_tf)
     train, classes = index_shards(cfg.urls, cfg.image_key, cfg.label_key,
                                   cache_dir=cfg.cache_dir)
     labels = [s.label for s in train]
@@ -320,45 +323,100 @@ def stream_samples(url: str, image_keys: list[str], label_key: str):
 
 class ShardStream(IterableDataset):
     """Samples streamed from shards (local or remote) whose sample counts are known
-    (``counts``: :func:`shard_counts` reads them from the ``index.json`` written beside them).
+    (``counts``: :func:`shard_counts` reads them from the ``index.json`` written beside them):
+    the training split of ``dataset.stream=true``, never copied nor read by index.
 
     Epoch ``e`` (:meth:`set_epoch`) reads the shards in an order drawn by (seed, e) (when
     ``shuffle_buffer`` > 0) as one sequence of ``N`` samples. Rank ``r`` of ``world_size``
     takes the ``r``-th of ``world_size`` contiguous parts of that sequence (padded, as
     PyTorch's ``DistributedSampler``, by wrapping to its start where ``N`` is not a multiple
-    of ``world_size``: every rank then steps the same number of batches); DataLoader worker
-    ``w`` of ``W`` takes the ``w``-th contiguous part of its rank's. A shard is opened only by
-    the workers whose parts overlap it, and read up to the end of their part. Each worker
-    passes its samples through a shuffle buffer of ``shuffle_buffer`` samples drawn by (seed,
-    e, rank, w). Items are ``(transform(image), label)``."""
+    of ``world_size``: every rank then steps the same number of batches). Its part is cut into
+    batches of ``batch_size`` and DataLoader worker ``w`` of ``W`` takes the ``w``-th contiguous
+    run of them: each worker's batches are whole but the rank's last (a last batch of one
+    sample is left out: it would break BatchNorm in train mode), and the loader delivers them
+    in turn, worker after worker. A shard is opened only by the workers whose parts overlap
+    it, and read up to the end of their part. Each worker passes its samples through a
+    shuffle buffer of ``shuffle_buffer`` samples drawn by (seed, e, rank, w).
+
+    Items are ``(transform(image), label)``; a run's share (:meth:`shared`) gives
+    ``(transform(image), label, epoch, index)``, the transform's randomness drawn by (seed,
+    epoch, index) (``index``: the sample's place in the shards as listed), as for a split read
+    by index. ``skip_batches``: the first batches of the epoch the loader would deliver are
+    read past, not decoded (a run resumed from a checkpoint written mid-epoch)."""
 
     def __init__(self, urls: list[str], counts: list[int], image_key: str = "jpg;png",
                  label_key: str = "cls", transform=None, seed: int = 0,
-                 shuffle_buffer: int = 0, rank: int = 0, world_size: int = 1):
+                 shuffle_buffer: int = 0, rank: int = 0, world_size: int = 1,
+                 batch_size: int = 1, labels: list[int] | None = None):
         if len(urls) != len(counts):
             raise ValueError(f"{len(urls)} shards but {len(counts)} counts")
         self.urls, self.counts = list(urls), list(counts)
         self.image_keys, self.label_key = image_keys(image_key), label_key
         self.transform, self.seed, self.shuffle_buffer = transform, seed, shuffle_buffer
         self.rank, self.world_size, self.epoch = rank, world_size, 0
+        self.batch_size, self.labels, self.indexed = batch_size, labels, False
+        self.skip_batches = 0
+
+    def shared(self, seed: int, batch_size: int, rank: int, world_size: int) -> ShardStream:
+        """A run's share of the stream: process ``rank`` of ``world_size``, in batches of
+        ``batch_size``, items with their epoch and index, augmentations seeded by ``seed``."""
+        share = copy.copy(self)
+        share.seed, share.batch_size, share.rank, share.world_size = (seed, batch_size, rank,
+                                                                      world_size)
+        share.indexed = True
+        return share
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
     def __len__(self) -> int:
         """Samples per rank and epoch."""
-        return math.ceil(sum(self.counts) / self.world_size)
+        per_rank = math.ceil(self.total / self.world_size)
+        return per_rank - 1 if self.batch_size > 1 and per_rank % self.batch_size == 1 \
+            else per_rank
 
-    def _parts(self) -> list[tuple[int, int, int]]:
-        """(shard index, first, end) sample ranges this worker reads, in order."""
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    def cache_identity(self, content: bool) -> str:
+        """The shards (as named) and their samples' counts and labels: what a resume checks."""
+        h = hashlib.sha256(b"streamed webdataset shards\n")
+        for url, count in zip(self.urls, self.counts, strict=True):
+            h.update(f"{url}|{count}\n".encode())
+        h.update(repr(self.labels).encode())
+        return h.hexdigest()
+
+    def _worker_batches(self, workers: int) -> list[tuple[int, int]]:
+        """Each worker's run of batches (first, end) of this rank's part."""
+        batches = math.ceil(len(self) / self.batch_size)
+        return [(w * batches // workers, (w + 1) * batches // workers) for w in range(workers)]
+
+    def _turns(self, workers: int) -> tuple[list[int], list[int]]:
+        """(which run of batches each loader worker reads, how many of that run's batches it
+        reads past). The loader takes one batch of every worker in turn (worker 0 first),
+        passing over those done: to go on after its first ``skip_batches`` batches exactly as
+        the whole epoch would, the runs go to the workers in the order the rest of the epoch
+        takes them."""
+        runs = [end - first for first, end in self._worker_batches(workers)]
+        order = [w for turn in range(max(runs, default=0)) for w in range(workers)
+                 if runs[w] > turn]
+        done = [0] * workers
+        for w in order[:self.skip_batches]:
+            done[w] += 1
+        rest = list(dict.fromkeys(order[self.skip_batches:]))
+        return rest + [w for w in range(workers) if w not in rest], done
+
+    def _parts(self, run: int, workers: int) -> list[tuple[int, int, int]]:
+        """(shard index, first, end) sample ranges of the ``run``-th of ``workers`` runs of
+        batches, in order."""
         order = list(range(len(self.urls)))
         if self.shuffle_buffer > 0:
             random.Random(derived_seed("shards", self.seed, self.epoch)).shuffle(order)
-        total, per_rank = sum(self.counts), len(self)
-        lo = self.rank * per_rank + worker * per_rank // workers
-        hi = self.rank * per_rank + (worker + 1) * per_rank // workers
+        total, per_rank = self.total, math.ceil(self.total / self.world_size)
+        first, end = self._worker_batches(workers)[run]
+        lo = self.rank * per_rank + first * self.batch_size
+        hi = self.rank * per_rank + min(end * self.batch_size, len(self))
         # positions past the end are the padding: they wrap to the start
         spans = [(lo, hi)] if hi <= total else (
             [(lo - total, hi - total)] if lo >= total else [(lo, total), (0, hi - total)])
@@ -371,43 +429,104 @@ class ShardStream(IterableDataset):
                     parts.append((shard, first, end))
         return parts
 
-    def _read(self) -> Iterator[tuple[bytes, int]]:
-        for shard, first, end in self._parts():
+    def _read(self, parts: list[tuple[int, int, int]]) -> Iterator[tuple[bytes, int, int]]:
+        listed = list(itertools.accumulate(self.counts, initial=0))
+        for shard, first, end in parts:
             samples = stream_samples(self.urls[shard], self.image_keys, self.label_key)
-            for _, image, label in itertools.islice(samples, first, end):
-                yield image, label
+            for i, (_, image, label) in enumerate(itertools.islice(samples, first, end)):
+                yield image, label, listed[shard] + first + i
 
     def __iter__(self):
         info = get_worker_info()
-        worker = info.id if info is not None else 0
-        rng = random.Random(derived_seed("buffer", self.seed, self.epoch, self.rank, worker))
-        buffer: list[tuple[bytes, int]] = []
-        for item in self._read():
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        runs, done = self._turns(workers)
+        run = runs[worker]
+        rng = random.Random(derived_seed("buffer", self.seed, self.epoch, self.rank, run))
+        skip = done[run] * self.batch_size
+        for n, item in enumerate(self._buffered(self._read(self._parts(run, workers)), rng)):
+            if n >= skip:
+                yield self._item(*item)
+
+    def _buffered(self, items: Iterator[tuple[bytes, int, int]], rng: random.Random
+                  ) -> Iterator[tuple[bytes, int, int]]:
+        buffer: list[tuple[bytes, int, int]] = []
+        for item in items:
             if len(buffer) < self.shuffle_buffer:
                 buffer.append(item)
                 continue
             if buffer:
                 j = rng.randrange(len(buffer))
                 buffer[j], item = item, buffer[j]
-            yield self._item(*item)
+            yield item
         rng.shuffle(buffer)
-        for item in buffer:
-            yield self._item(*item)
+        yield from buffer
 
-    def _item(self, data: bytes, label: int):
-        image = decode(data)
-        return (self.transform(image) if self.transform else image), label
+    def _item(self, data: bytes, label: int, index: int):
+        if not self.indexed:
+            image = decode(data)
+            return (self.transform(image) if self.transform else image), label
+        with sample_rngs(self.seed, self.epoch, index):
+            image = decode(data)
+            return (self.transform(image) if self.transform else image), label, self.epoch, \
+                index
 
 
 def shard_counts(urls: list[str], index: str | None = None) -> list[int]:
     """Each shard's sample count from an ``index.json`` (``index``, a path or URL; default:
     the one beside the first shard)."""
+    return stream_index(urls, index)[0]
+
+
+def stream_index(urls: list[str], index: str | None = None
+                 ) -> tuple[list[int], list[int] | None, list[str] | None]:
+    """(each shard's sample count, every sample's label in order where the index lists them,
+    the class names) from an ``index.json`` (``index``, a path or URL; default: the one
+    beside the first shard), read without opening a shard."""
     where = index or urls[0].rsplit("/", 1)[0] + "/" + INDEX_FILE
     try:
         with open_url(where) as f:
-            shards = json.loads(f.read())["shards"]
-        return [shards[u.rsplit("/", 1)[-1]]["count"] for u in urls]
+            data = json.loads(f.read())
+        entries = [data["shards"][u.rsplit("/", 1)[-1]] for u in urls]
+        counts = [int(e["count"]) for e in entries]
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"cannot read the sample counts of {len(urls)} shard(s) from {where} "
                         f"({exc}): write the shards with transferlab-shard, which writes it") \
             from None
+    listed = all("samples" in e for e in entries)
+    labels = [int(s[1]) for e in entries for s in e["samples"]] if listed else None
+    return counts, labels, data.get("classes")
+
+
+def build_stream(cfg: WebDatasetConfig, train_tf, eval_tf) -> DataSplits:
+    """``dataset=webdataset dataset.stream=true``: the training shards streamed
+    (:class:`ShardStream`, their counts and labels from their ``index.json``); val (and test)
+    from their own shards, read as ``stream=false`` reads them."""
+    for bad, why in ((not cfg.val_urls, "val cannot be held out of them: give "
+                      "dataset.val_urls (transferlab-shard writes val shards from a val/ "
+                      "folder)"),
+                     (cfg.train_fraction < 1.0 or cfg.samples_per_class is not None,
+                      "a training subset cannot be drawn from them: use "
+                      "dataset.train_fraction=1 and no samples_per_class"),
+                     (cfg.folds is not None, "k-fold splits cannot be drawn from them: use "
+                      "dataset.folds=null"),
+                     (cfg.test_fraction > 0 and not cfg.test_urls, "test cannot be held out "
+                      "of them: give dataset.test_urls, or dataset.test_fraction=0")):
+        if bad:
+            raise UserError("dataset.stream=true reads the training shards in order, so "
+                            f"{why}; or dataset.stream=false")
+    urls = expand_urls(cfg.urls)
+    if not urls:
+        raise UserError("dataset.urls is empty: give a brace pattern of tar shards, e.g. "
+                        "dataset.urls=/data/shards/train-{000000..000003}.tar")
+    counts, labels, classes = stream_index(urls, cfg.index)
+    if labels is None or classes is None:
+        raise UserError(f"dataset.stream=true: the index.json of {urls[0]} lists no samples or "
+                        "classes: write the shards with transferlab-shard")
+    _check_labels(labels, classes, "dataset.urls")
+    train = ShardStream(urls, counts, cfg.image_key, cfg.label_key, train_tf,
+                        shuffle_buffer=cfg.shuffle_buffer, labels=labels)
+    val = ShardSamples(_split_shards(cfg, cfg.val_urls, classes, "dataset.val_urls"), eval_tf)
+    test = (ShardSamples(_split_shards(cfg, cfg.test_urls, classes, "dataset.test_urls"),
+                         eval_tf) if cfg.test_urls else None)
+    return DataSplits(train=train, val=val, classes=list(classes), test=test,
+                      train_labels=labels)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from transferlab.config.schema import OptimizerConfig, SchedulerConfig
+from transferlab.data import epoch_order
 from transferlab.engine.context import EpochContext
 from transferlab.engine.epoch import EpochStats, Objective, evaluate, reduced, train_epoch
 from transferlab.engine.stepping import StepHooks, StepOptions
@@ -172,17 +173,17 @@ def _resumed_part(loop: Loop) -> EpochStats | None:
     partial, loop.partial = loop.partial, None
     if partial is None:
         return None
-    loop.train_loader.sampler.skip_batches = partial["steps"]
+    epoch_order(loop.train_loader).skip_batches = partial["steps"]
     sums = tuple(partial["sums"]) if loop.ctx.world.main else (0.0, 0, 0)  # all ranks' sums
     return EpochStats(0.0, 0.0, 0, partial["seconds"], partial["steps"], sums=sums)
 
 
 def _run_epoch(loop: Loop, epoch: int) -> None:
     plan, inputs, world = loop.plan, loop.inputs, loop.ctx.world
-    sampler = loop.train_loader.sampler
+    sampler = epoch_order(loop.train_loader)
     set_train_mode(loop.model, plan)
     done = _resumed_part(loop)
-    if hasattr(sampler, "set_epoch"):  # a run's ResumableSampler: the order of (seed, epoch)
+    if sampler is not None:  # a run's ResumableSampler or its stream: the order of (seed, epoch)
         sampler.set_epoch(epoch)
     loop.epoch = epoch
     try:

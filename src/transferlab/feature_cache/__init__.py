@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from transferlab.backbones import Backbone
 from transferlab.config.schema import CacheIdentity, CacheMode, FeatureCacheConfig, TrainerConfig
@@ -138,6 +138,9 @@ class FeatureCache:
             return None
         if random_inputs:
             return self._skip(stage, f"not cached: {random_inputs}")
+        if isinstance(splits.train, IterableDataset):  # no index to key its features by
+            return self._skip(stage, "not cached: the training split is streamed "
+                                     "(dataset.stream=true)")
         cut, why = find_cut(model, backbone, image_size, self.view)
         if cut is None:
             return self._skip(stage, why)
@@ -165,6 +168,10 @@ class FeatureCache:
                         stage: str = "features") -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Per split: (features (N, D) float32, labels (N,)), the backbone's output globally
         average-pooled, through the cache (``parts`` take the eval transform)."""
+        streamed = [name for name, d in parts.items() if isinstance(d, IterableDataset)]
+        if streamed:
+            raise UserError(f"{stage}: the {streamed[0]} split is streamed (dataset.stream=true) "
+                            "and its features are read by index: use dataset.stream=false")
         pooled = len(backbone.feature_shape) == 3
         cut = Cut([], None, pooled, backbone.blocks[-1].name if backbone.blocks else "")
         module = backbone.module.to(self.device).eval()

@@ -3,8 +3,11 @@ labelled by class) and an autoencoder's reconstructions."""
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
+from torch.utils.data import IterableDataset
 
 from transferlab.run.record import RunTracker
 
@@ -16,12 +19,17 @@ def log_training_samples(tracker: RunTracker, splits, spec, n: int = 16) -> None
     dataset, labels = splits.train, splits.train_labels
     if len(dataset) == 0:
         return
-    picks = sample_indices(labels or [0] * len(dataset), n)
     mean = torch.tensor(spec.mean).view(3, 1, 1)
     std = torch.tensor(spec.std).view(3, 1, 1)
     with torch.random.fork_rng():
-        images = [(dataset[i][0].float() * std + mean).clamp(0, 1) for i in picks]
-    names = [splits.classes[labels[i]] if labels else "" for i in picks]
+        if isinstance(dataset, IterableDataset):  # streamed: its first images, as read
+            drawn = list(itertools.islice(iter(dataset), n))
+            images, names = ([(x.float() * std + mean).clamp(0, 1) for x, _ in drawn],
+                             [splits.classes[y] for _, y in drawn])
+        else:
+            picks = sample_indices(labels or [0] * len(dataset), n)
+            images = [(dataset[i][0].float() * std + mean).clamp(0, 1) for i in picks]
+            names = [splits.classes[labels[i]] if labels else "" for i in picks]
     tracker.log_images("data/train_samples", torch.stack(
         [_labelled(x, name) for x, name in zip(images, names, strict=True)]))
 

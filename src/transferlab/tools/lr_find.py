@@ -61,6 +61,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from transferlab.config import RunConfig, TwoStageConfig
+from transferlab.data import epoch_order
 from transferlab.engine.context import EpochContext
 from transferlab.engine.epoch import Objective, train_epoch
 from transferlab.engine.hooks import Distributed, EarlyStop, Hook, NullRecorder
@@ -148,7 +149,7 @@ class _Snapshot:
 def _batches(loader: Iterable) -> Iterable:
     """The loader's batches, again and again (a loader with a :class:`ResumableSampler` draws
     a new order each pass; its epoch is put back afterwards)."""
-    sampler = getattr(loader, "sampler", None)
+    sampler = epoch_order(loader) if isinstance(loader, DataLoader) else None
     epoch = getattr(sampler, "epoch", None)
     passes = 0
     try:
@@ -380,7 +381,7 @@ def prepare_stage(run: RunConfig, stage: str | None = None,
     apply_stage(model, plan)
     set_train_mode(model, plan)
     optimizer = stage_optimizer(model, plan, run.optimizer, loop.optimizer)
-    loop.train_loader.sampler.set_epoch(plan.first_epoch)
+    epoch_order(loop.train_loader).set_epoch(plan.first_epoch)
     return StageSetup(built, plan, optimizer, loop.train_loader, loop.train_objective,
                       loop.stepping)
 
