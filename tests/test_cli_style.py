@@ -332,6 +332,23 @@ def test_the_console_scripts_are_these_modules_main():
         assert scripts[command] == f"transferlab.cli.{module}:main"
 
 
+@pytest.mark.slow  # a process of its own
+def test_every_other_console_script_answers_help_without_torch_scipy_or_matplotlib():
+    """``--help`` of every console script but transferlab-train (above) answers before the
+    heavy imports: the spec's choices come from :mod:`transferlab.choices`."""
+    code = ("import contextlib, io, sys\n"
+            "from importlib import import_module\n"
+            f"for name in {sorted(m for m in SCRIPTS if m != 'train')!r}:\n"
+            "    with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "        assert import_module('transferlab.cli.' + name).main(['--help']) == 0\n"
+            "    assert out.getvalue().startswith('usage: transferlab-'), name\n"
+            "print(sorted(m for m in ('torch', 'scipy', 'matplotlib') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["[]"]
+
+
 def test_train_help_composes_the_config_and_imports_no_torch():
     """``transferlab-train [overrides] --help``: conf/train.yaml's help text with the config the
     overrides compose, answered without importing torch (it starts faster than torch imports)."""

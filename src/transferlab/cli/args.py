@@ -339,7 +339,10 @@ def run_main(fn: Callable[[list[str]], int | None], argv: Sequence[str] | None =
     try:
         code = fn(args)
     except HelpRequested as request:
-        print(request.text, flush=True)
+        try:
+            print(request.text, flush=True)
+        except BrokenPipeError:  # `--help | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except UserError as exc:
         sys.stdout.flush()

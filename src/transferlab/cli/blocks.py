@@ -31,9 +31,9 @@ SPEC = Spec(
 
 
 def run_cli(argv: list[str]) -> None:
+    parsed = parse(SPEC, argv)
     from transferlab.tools.blocks import show_blocks
 
-    parsed = parse(SPEC, argv)
     fields = {key.removeprefix("backbone."): yaml_value(value)
               for key, value in parsed.prefixed.items()}
     print(show_blocks(parsed["backbone"], parsed["backbone_source"], fields), flush=True)

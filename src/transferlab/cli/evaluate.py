@@ -6,30 +6,25 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import matplotlib
-
+from transferlab.choices import (
+    CHECKPOINTS,
+    EVAL_SPLITS,
+    TTA_HELP,
+    TTA_MODES,
+    WEIGHTS,
+    alphas,
+    severities,
+)
 from transferlab.cli.args import Key, Prefix, Spec, integer, parse, run_main, yaml_value
 from transferlab.errors import UserError
-from transferlab.run.saved import (
-    CHECKPOINTS,
-    WEIGHTS,
-)
-from transferlab.tools.tta import HELP as TTA_HELP
-from transferlab.tools.tta import TTA_MODES
 
-matplotlib.use("Agg")
-from transferlab.run.predictions import EVAL_PREDICTIONS
-from transferlab.tools.corruptions import corruption_names, severities
-from transferlab.tools.evaluate import (
-    SPLITS,
-    EvalArgs,
-    evaluate_run,
-    summary_text,
-    tb_tag,
-    write_reports,
-)
-from transferlab.tools.robustness import RobustnessArgs, robustness_text, write_robustness
-from transferlab.tools.wise import alphas
+
+def corruption_names(text: str) -> tuple[str, ...]:
+    """:func:`transferlab.tools.corruptions.corruption_names`, imported when a value is given."""
+    from transferlab.tools.corruptions import corruption_names as names
+
+    return names(text)
+
 
 # -- command line -------------------------------------------------------------------------------
 SPEC = Spec(
@@ -42,7 +37,7 @@ SPEC = Spec(
         Key("run", "a run directory written by transferlab-train", Path, required=True,
             metavar="<run dir>"),
         Key("checkpoint", "which checkpoint of the run", default="best", choices=CHECKPOINTS),
-        Key("split", "which split to evaluate on", default="val", choices=SPLITS),
+        Key("split", "which split to evaluate on", default="val", choices=EVAL_SPLITS),
         Key("weights", "the trained weights (raw) or their EMA (ema: runs trained with "
             "trainer.ema.decay)", default="raw", choices=WEIGHTS),
         Key("device", "auto, cpu, cuda, cuda:N or mps", metavar="auto|cpu|cuda|...",
@@ -75,9 +70,14 @@ SPEC = Spec(
 )
 
 
-def parse_args(argv: list[str]) -> EvalArgs:
-    """``key=value`` items (like Hydra overrides) -> :class:`EvalArgs`; mistakes are UserErrors."""
+def parse_args(argv: list[str]):
+    """``key=value`` items (like Hydra overrides) -> :class:`~transferlab.tools.evaluate.EvalArgs`;
+    mistakes are UserErrors. Torch is imported after the items are read (``--help`` and a
+    mistake answer without it)."""
     parsed = parse(SPEC, argv)
+    from transferlab.tools.evaluate import EvalArgs
+    from transferlab.tools.robustness import RobustnessArgs
+
     dataset = {key.removeprefix("dataset."): yaml_value(value)
                for key, value in parsed.prefixed.items()}
     corruptions = parsed["corruptions"] or ()
@@ -97,6 +97,10 @@ def parse_args(argv: list[str]) -> EvalArgs:
 def run_cli(argv: list[str]) -> None:
     """Parse, evaluate, write the reports, print the summary."""
     args = parse_args(argv)
+    from transferlab.run.predictions import EVAL_PREDICTIONS
+    from transferlab.tools.evaluate import evaluate_run, summary_text, tb_tag, write_reports
+    from transferlab.tools.robustness import robustness_text, write_robustness
+
     report = evaluate_run(args)
     json_path, png_path = write_reports(args.run, report, report["classes"])
     tag = tb_tag(args.split, args.tta)

@@ -7,26 +7,22 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from transferlab.choices import (
+    CHECKPOINTS,
+    DEFAULT_OPSET,
+    EXPORT_FORMATS,
+    EXPORT_INSTALL,
+    EXPORT_NAMES,
+    WEIGHTS,
+    alpha,
+)
 from transferlab.cli.args import Key, Spec, parse, positive_int, run_main
 from transferlab.errors import EXIT_JOB_FAILED, UserError, did_you_mean
-from transferlab.run.saved import (
-    CHECKPOINTS,
-    WEIGHTS,
-    checkpoint_path,
-)
-from transferlab.run.trackers import log_export
-from transferlab.tools.export import (
-    DEFAULT_OPSET,
-    FORMATS,
-    INSTALL_HINT,
-    NAMES,
-    PREPROCESSING_FILE,
-    ExportArgs,
-    export_run,
-)
-from transferlab.tools.wise import alpha
+
+if TYPE_CHECKING:
+    from transferlab.tools.export import ExportArgs
 
 
 def checkpoint_arg(text: str) -> str | Path:
@@ -72,7 +68,7 @@ SPEC = Spec(
             "(alpha 1), at this alpha (choose it with transferlab-eval wise=)", alpha,
             metavar="<alpha>", default_text="none: the checkpoint's weights"),
         Key("format", "the files to write: model.onnx, model.ts or both", default="both",
-            choices=FORMATS),
+            choices=EXPORT_FORMATS),
         Key("output", "the folder to write into", Path, metavar="<dir>",
             default_text="<run dir>/export"),
         Key("opset", "the ONNX opset version", positive_int, DEFAULT_OPSET),
@@ -85,7 +81,7 @@ SPEC = Spec(
         Key("tolerance", "the largest difference in any class probability that passes",
             tolerance_arg, 1e-4, metavar="X"),
     ),
-    notes=(f"ONNX needs the onnx and onnxruntime packages: {INSTALL_HINT}.",
+    notes=(f"ONNX needs the onnx and onnxruntime packages: {EXPORT_INSTALL}.",
            "Exit code 1: verification failed (one line 'error: verification failed: ...'; the "
            "files are kept)."),
     examples=(
@@ -102,8 +98,12 @@ VERIFY_ONLY = ("images", "samples", "tolerance")
 
 
 def parse_args(argv: list[str]) -> ExportArgs:
-    """``key=value`` arguments -> :class:`ExportArgs`; mistakes are UserErrors."""
+    """``key=value`` arguments -> :class:`ExportArgs`; mistakes are UserErrors. Torch is
+    imported after the items are read (``--help`` and a mistake answer without it)."""
     parsed = parse(SPEC, argv)
+    from transferlab.run.saved import checkpoint_path
+    from transferlab.tools.export import ExportArgs
+
     given, checkpoint = parsed.given, parsed["checkpoint"]
     if not parsed["verify"]:
         extra = [k for k in VERIFY_ONLY if k in given]
@@ -132,6 +132,8 @@ def parse_args(argv: list[str]) -> ExportArgs:
 
 
 def summary_lines(args: ExportArgs, record: dict[str, Any]) -> list[str]:
+    from transferlab.tools.export import PREPROCESSING_FILE
+
     run = record["run"]
     mixed = f", WiSE-FT alpha {run['wise']['alpha']:g}" if run.get("wise") else ""
     lines = [f"Exported {Path(run['checkpoint']).name} (epoch {run['epoch']}{mixed}) of "
@@ -141,7 +143,7 @@ def summary_lines(args: ExportArgs, record: dict[str, Any]) -> list[str]:
         if fmt == "onnx":
             asked = "" if info["opset"] == args.opset else f" (opset={args.opset} asked)"
             how = f"opset {info['opset']}{asked}, dynamic batch, {info['exporter']} exporter"
-        lines.append(f"  {NAMES[fmt]:<12} {args.output / info['file']}  ({how})")
+        lines.append(f"  {EXPORT_NAMES[fmt]:<12} {args.output / info['file']}  ({how})")
     lines.append(f"  {'preprocess':<12} {args.output / PREPROCESSING_FILE}  "
                  f"({record['image_size']} px, {len(record['classes'])} classes)")
     if record.get("lora"):
@@ -151,7 +153,7 @@ def summary_lines(args: ExportArgs, record: dict[str, Any]) -> list[str]:
 
 
 def verification_line(check: dict[str, Any]) -> str:
-    diffs = ", ".join(f"{NAMES[f]} {d:.1e}" for f, d in check["max_abs_diff"].items())
+    diffs = ", ".join(f"{EXPORT_NAMES[f]} {d:.1e}" for f, d in check["max_abs_diff"].items())
     if "merge_max_abs_diff" in check:
         diffs += f", merged LoRA vs adapters {check['merge_max_abs_diff']:.1e}"
     return (f"max |probability difference| vs PyTorch on {check['source']}: {diffs} "
@@ -161,6 +163,9 @@ def verification_line(check: dict[str, Any]) -> str:
 def run_cli(argv: list[str]) -> int:
     """Parse, export, verify, print where everything went."""
     args = parse_args(argv)
+    from transferlab.run.trackers import log_export
+    from transferlab.tools.export import export_run
+
     record = export_run(args)
     print("\n".join(summary_lines(args, record)), flush=True)
     check = record["verification"]

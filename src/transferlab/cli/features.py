@@ -8,15 +8,6 @@ import sys
 from pathlib import Path
 
 from transferlab.cli.args import Key, Spec, parse, run_main
-from transferlab.config import (
-    compose_config,
-    load_config,
-)
-from transferlab.tools.features import (
-    check_writable,
-    run_features,
-    save_npz,
-)
 
 SPEC = Spec(
     prog="transferlab-features",
@@ -42,6 +33,9 @@ SPEC = Spec(
 def run_cli(argv: list[str]) -> int:
     """Compose the run from the overrides, extract its features, save them."""
     args = parse(SPEC, argv)
+    from transferlab.config import compose_config, load_config
+    from transferlab.tools.features import check_writable, run_features, save_npz
+
     run = load_config(compose_config(args.overrides), args.overrides)
     out = args["output"] or Path(f"features_{run.dataset.name}_{run.backbone.name}.npz")
     check_writable(out, "output")  # before extracting anything

@@ -8,21 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-import matplotlib
-
+from transferlab.choices import LR_RULE_TEXT, LR_RULES
 from transferlab.cli.args import Key, Spec, boolean, number, parse, positive_int, run_main
-from transferlab.config import compose_config, load_config
 from transferlab.errors import UserError
-from transferlab.infra.run_dirs import claim
-
-matplotlib.use("Agg")
-from transferlab.tools.lr_find import (
-    RULE_TEXT,
-    RULES,
-    apply_hint,
-    lr_find,
-    write_outputs,
-)
 
 # -- the command ---------------------------------------------------------------------------------
 SPEC = Spec(
@@ -46,7 +34,7 @@ SPEC = Spec(
         Key("diverge", "stop when the smoothed loss exceeds diverge x its best", number, 4.0),
         Key("rule", "how the LR is suggested: steepest = the smoothed loss's steepest descent "
             "(before its minimum), min10 = a tenth of the LR at its minimum", default="steepest",
-            choices=RULES),
+            choices=LR_RULES),
         Key("warmup", "first train the stages before this one as the policy says (false: the "
             "model as built, as fastai and torch-lr-finder do)", boolean, False),
         Key("apply", "also print the override(s) that set the suggested LR", boolean, False),
@@ -67,6 +55,10 @@ SPEC = Spec(
 
 def run_cli(argv: list[str]) -> int:
     args = parse(SPEC, argv)
+    from transferlab.config import compose_config, load_config
+    from transferlab.infra.run_dirs import claim
+    from transferlab.tools.lr_find import apply_hint, lr_find, write_outputs
+
     run = load_config(compose_config(args.overrides), args.overrides)
     settings = {k: args[k] for k in ("start_lr", "end_lr", "steps", "smooth", "diverge",
                                      "warmup")}
@@ -88,7 +80,7 @@ def run_cli(argv: list[str]) -> int:
     else:
         print(f"lr_find: suggested optimizer.lr={result.suggestion:.3g} for stage "
               f"{result.stage.index + 1} {result.stage.name} (rule {result.rule}: "
-              f"{RULE_TEXT[result.rule]}; {swept})")
+              f"{LR_RULE_TEXT[result.rule]}; {swept})")
         if args["apply"]:
             print("use: " + "\n  or: ".join(apply_hint(run, result)))
     print(f"Saved to: {out}")

@@ -7,27 +7,15 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from transferlab.choices import CHECKPOINTS, TTA_HELP, TTA_MODES, WEIGHTS
 from transferlab.cli.args import Key, Prefix, Spec, parse, positive_int, run_main, yaml_value
 from transferlab.errors import UserError
-from transferlab.infra.runtime import pick_device
 from transferlab.registry import BACKBONE_SOURCES
-from transferlab.run.saved import (
-    CHECKPOINTS,
-    WEIGHTS,
-)
-from transferlab.tools.predict import (
-    Inputs,
-    format_top_k,
-    gather_inputs,
-    imagenet_predictor,
-    predict,
-    run_predictor,
-    skipped_warning,
-    write_csv,
-)
-from transferlab.tools.tta import HELP as TTA_HELP
-from transferlab.tools.tta import TTA_MODES, describe
+
+if TYPE_CHECKING:
+    from transferlab.tools.predict import Inputs
 
 IMAGENET_ONLY, RUN_ONLY = ("top_k", "backbone_source"), ("checkpoint", "output", "weights")
 
@@ -118,6 +106,10 @@ def parse_args(argv: list[str]) -> PredictArgs:
 
 def imagenet_mode(args: PredictArgs, inputs: Inputs) -> None:
     """Print the top-k ImageNet classes of each image."""
+    from transferlab.infra.runtime import pick_device
+    from transferlab.tools.predict import format_top_k, imagenet_predictor, predict
+    from transferlab.tools.tta import describe
+
     predictor = imagenet_predictor(args.backbone, args.backbone_source, args.tta,
                                    args.backbone_fields)
     if args.tta != "none":
@@ -132,6 +124,10 @@ def imagenet_mode(args: PredictArgs, inputs: Inputs) -> None:
 
 def run_mode(args: PredictArgs, inputs: Inputs) -> None:
     """Write a trained run's predictions to a CSV and say where it went."""
+    from transferlab.infra.runtime import pick_device
+    from transferlab.tools.predict import predict, run_predictor, write_csv
+    from transferlab.tools.tta import describe
+
     predictor = run_predictor(args.run, args.checkpoint, args.weights, args.tta)
     if args.tta != "none":
         print(describe(args.tta), flush=True)
@@ -146,6 +142,8 @@ def run_mode(args: PredictArgs, inputs: Inputs) -> None:
 def run_cli(argv: list[str]) -> int:
     """Parse, classify, warn about the skipped files."""
     args = parse_args(argv)
+    from transferlab.tools.predict import gather_inputs, skipped_warning
+
     inputs = gather_inputs(args.paths)
     (run_mode if args.run is not None else imagenet_mode)(args, inputs)
     if inputs.skipped:

@@ -6,17 +6,13 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from transferlab.choices import CHECKPOINTS, SOUP_JSON, SOUP_METHODS, held_out_split
 from transferlab.cli.args import Key, Spec, parse, run_main
-from transferlab.run.saved import CHECKPOINTS
-from transferlab.tools.soup import (
-    METHODS,
-    SOUP_JSON,
-    SoupArgs,
-    held_out_split,
-    soup_run,
-    summary_lines,
-)
+
+if TYPE_CHECKING:
+    from transferlab.tools.soup import SoupArgs
 
 SPEC = Spec(
     prog="transferlab-soup",
@@ -29,7 +25,7 @@ SPEC = Spec(
         Key("sweep", "a sweep directory (transferlab-train -m): its runs are the candidates",
             Path, required=True, metavar="<sweep dir>"),
         Key("method", "uniform: the mean of every run; greedy: runs added best first while "
-            "the held-out accuracy improves", default="uniform", choices=METHODS),
+            "the held-out accuracy improves", default="uniform", choices=SOUP_METHODS),
         Key("held_out", "the split greedy chooses by (uniform: measured, not used): test, "
             "which the runs must have (e.g. dataset.test_fraction=0.1); val and train are "
             "refused", held_out_split, metavar="test"),
@@ -51,6 +47,8 @@ SPEC = Spec(
 def parse_args(argv: list[str]) -> SoupArgs:
     """``key=value`` items -> :class:`SoupArgs`; mistakes are UserErrors."""
     parsed = parse(SPEC, argv)
+    from transferlab.tools.soup import SoupArgs
+
     return SoupArgs(sweep=parsed["sweep"], method=parsed["method"], held_out=parsed["held_out"],
                     output=parsed["output"], checkpoint=parsed["checkpoint"],
                     device=parsed["device"])
@@ -60,6 +58,8 @@ def run_cli(argv: list[str]) -> None:
     """Parse, make and write the soup, print its table."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    from transferlab.tools.soup import soup_run, summary_lines
+
     record = soup_run(args)
     print("\n".join(summary_lines(record)))
     print(f"\nSoup run: {args.out_dir} (members and measures: {args.out_dir / SOUP_JSON})\n"

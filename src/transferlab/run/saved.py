@@ -12,15 +12,13 @@ from typing import Any
 from torch import nn
 
 from transferlab.backbones import build_backbone, probe_features
+from transferlab.choices import CHECKPOINTS, WEIGHTS  # noqa: F401 (run.saved's vocabulary)
 from transferlab.config import RunConfig, load_config
 from transferlab.errors import UserError
 from transferlab.infra.delta import complete, is_delta
 from transferlab.registry import TASKS
 from transferlab.run.build import build_classifier
 from transferlab.run.resume import read_status
-
-CHECKPOINTS = ("best", "last", "best_ema")  # best_ema.pt: runs with trainer.ema.decay
-WEIGHTS = ("raw", "ema")
 
 
 def checkpoint_path(run_dir: Path, name: str) -> Path:

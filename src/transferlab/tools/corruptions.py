@@ -24,10 +24,10 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from transferlab.choices import SEVERITIES, severities  # noqa: F401 (severity='s parser)
 from transferlab.data import derived_seed
 from transferlab.errors import UserError, did_you_mean
 
-SEVERITIES = (1, 2, 3, 4, 5)
 MIN_SIZE = 32  # imagecorruptions' smallest image side
 INSTALL = "pip install 'transferlab[robust]'"
 
@@ -56,19 +56,6 @@ def corruption_names(text: str) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise ValueError("a corruption is named twice")
     return names
-
-
-def severities(text: str) -> tuple[int, ...]:
-    """``all`` (1 to 5) or a comma-separated list of severities from 1 to 5."""
-    if text == "all":
-        return SEVERITIES
-    try:
-        levels = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise ValueError("expected all, or severities from 1 to 5 (e.g. 3 or 1,3,5)") from None
-    if any(level not in SEVERITIES for level in levels) or len(set(levels)) != len(levels):
-        raise ValueError("expected all, or distinct severities from 1 to 5 (e.g. 3 or 1,3,5)")
-    return levels
 
 
 def corrupt_image(image: torch.Tensor, name: str, severity: int, seed: int) -> tv_tensors.Image:

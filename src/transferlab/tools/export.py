@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from transferlab.choices import DEFAULT_OPSET, EXPORT_FORMATS, EXPORT_INSTALL, EXPORT_NAMES
 from transferlab.config import RunConfig
 from transferlab.errors import UserError
 from transferlab.infra.checkpoint import load_checkpoint
@@ -61,13 +62,12 @@ from transferlab.run.saved import (
 )
 from transferlab.run.wise import interpolate, load_start
 
-FORMATS = ("onnx", "torchscript", "both")
+FORMATS = EXPORT_FORMATS
 log = logging.getLogger("transferlab")
 ONNX_FILE, TORCHSCRIPT_FILE, PREPROCESSING_FILE = "model.onnx", "model.ts", "preprocessing.json"
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 FORMAT_TAG = "transferlab-export/1"
-DEFAULT_OPSET = 17  # read by onnxruntime >= 1.12 and every current runtime
-INSTALL_HINT = "pip install 'transferlab[export]'"
+INSTALL_HINT = EXPORT_INSTALL
 
 
 # -- command line -------------------------------------------------------------------------------
@@ -404,7 +404,7 @@ def verify(saved: SavedModel, files: dict[str, Path], images: torch.Tensor,
 
 
 # -- the whole export -------------------------------------------------------------------------
-NAMES = {"onnx": "ONNX", "torchscript": "TorchScript"}
+NAMES = EXPORT_NAMES
 
 
 def export_run(args: ExportArgs) -> dict[str, Any]:

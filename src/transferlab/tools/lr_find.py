@@ -60,6 +60,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from transferlab.choices import LR_RULE_TEXT, LR_RULES
 from transferlab.config import RunConfig, TwoStageConfig
 from transferlab.data import epoch_order
 from transferlab.engine.context import EpochContext
@@ -79,11 +80,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 log = logging.getLogger("transferlab")
 
-RULES = ("steepest", "min10")
-RULE_TEXT = {
-    "steepest": "steepest descent of the smoothed loss against log lr, before its minimum",
-    "min10": "a tenth of the lr at the smoothed loss's minimum",
-}
+RULES, RULE_TEXT = LR_RULES, LR_RULE_TEXT
 JSON_NAME, PNG_NAME = "lr_find.json", "lr_find.png"
 
 @dataclass

@@ -32,6 +32,7 @@ import torch
 import yaml
 from torch import nn
 
+from transferlab.choices import SOUP_HELD_OUT, SOUP_JSON, SOUP_METHODS, held_out_split  # noqa: F401
 from transferlab.errors import UserError
 from transferlab.infra.checkpoint import FORMAT, load_checkpoint, write_sealed
 from transferlab.infra.runtime import Precision, pick_device
@@ -40,29 +41,7 @@ from transferlab.run.saved import checkpoint_config, restore_model, restore_save
 
 log = logging.getLogger("transferlab")
 
-METHODS = ("uniform", "greedy")
-HELD_OUT = ("test",)  # the splits a greedy soup may choose its members by
-SOUP_JSON = "soup.json"
-
-
-def held_out_split(text: str) -> str:
-    """A ``held_out=`` value: a split the members did not train on and that is not reported
-    (ValueError with the reason otherwise)."""
-    if text == "val":
-        raise ValueError("val is the split the soup's accuracy is reported on: choosing the "
-                         "members by it would make that accuracy optimistic; use held_out=test "
-                         "(train the sweep with dataset.test_fraction=0.1 where the data has "
-                         "no test split)")
-    if text == "train":
-        raise ValueError("the members trained on the train split, so it cannot tell a better "
-                         "soup from a more memorising one; use held_out=test")
-    if text.startswith("fold"):
-        raise ValueError("a fold of the training split is not held out from a sweep's runs: "
-                         "each trained on every fold; use held_out=test (dataset.test_fraction "
-                         "carves a test split the runs never see)")
-    if text not in HELD_OUT:
-        raise ValueError(f"expected one of {', '.join(HELD_OUT)}")
-    return text
+METHODS, HELD_OUT = SOUP_METHODS, SOUP_HELD_OUT
 
 
 @dataclass

@@ -31,7 +31,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import binomtest
 
 LEVEL = 0.95
 REPS = 10_000
@@ -122,6 +121,8 @@ def mcnemar(a, b, reps: int = REPS, seed: int = SEED, level: float = LEVEL) -> D
     """Two single runs on the same images: ``A - B``, the paired bootstrap interval (the
     images resampled together: a multinomial draw of the three kinds of image, A alone right,
     B alone right, both alike) and McNemar's exact ``p``."""
+    from scipy.stats import binomtest  # here: transferlab-compare --help answers without SciPy
+
     a, b = as_matrix(a)[0], as_matrix(b)[0]
     _same_images(a, b)
     n = len(a)

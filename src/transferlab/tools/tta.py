@@ -25,13 +25,11 @@ from torch import nn
 from torchvision.transforms import v2 as T
 
 from transferlab.backbones import InputSpec
+from transferlab.choices import TTA_HELP, TTA_MODES
 from transferlab.data.transforms import eval_transform
 
-TTA_MODES = ("none", "flip", "five_crop", "ten_crop")
 VIEWS = {"none": 1, "flip": 2, "five_crop": 5, "ten_crop": 10}
-HELP = ("average the softmax probabilities over views of each image: none (the eval crop), "
-        "flip (+ its mirror), five_crop (4 corners + centre of the eval resize), ten_crop "
-        "(five_crop + their mirrors)")
+HELP = TTA_HELP
 
 
 def describe(mode: str) -> str:

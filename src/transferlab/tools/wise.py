@@ -9,42 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from transferlab.choices import alpha, alphas  # noqa: F401 (the parsers of wise=)
 from transferlab.run.wise import interpolate
-
-
-def alpha(text: str) -> float:
-    """One mixing coefficient in [0, 1] (0: the start weights, 1: the final ones)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError("expected a number from 0 to 1") from None
-    if not 0.0 <= value <= 1.0:
-        raise ValueError("expected a number from 0 to 1 (0: the start weights, 1: the final)")
-    return value
-
-
-def alphas(text: str) -> tuple[float, ...]:
-    """``start:stop:step`` (stop included, e.g. ``0:1:0.1``: 11 points) or a comma-separated
-    list (``0,0.5,1``) of coefficients in [0, 1]."""
-    if ":" not in text:
-        points = tuple(alpha(part) for part in text.split(","))
-    else:
-        parts = text.split(":")
-        if len(parts) != 3:
-            raise ValueError("expected start:stop:step (e.g. 0:1:0.1) or a list (0,0.5,1)")
-        start, stop = alpha(parts[0]), alpha(parts[1])
-        try:
-            step = float(parts[2])
-        except ValueError:
-            raise ValueError("expected a step > 0 (e.g. 0:1:0.1)") from None
-        count = (stop - start) / step if step > 0 else -1.0
-        if count < 0 or abs(count - round(count)) > 1e-6:
-            raise ValueError(f"the step {parts[2]} does not go from {parts[0]} to {parts[1]} in "
-                             "whole steps (e.g. 0:1:0.1)")
-        points = tuple(round(start + i * step, 10) for i in range(round(count) + 1))
-    if len(set(points)) != len(points):
-        raise ValueError("an alpha is given twice")
-    return points
 
 
 def wise_curve(model: nn.Module, start: dict[str, torch.Tensor], points: tuple[float, ...],
