@@ -343,10 +343,15 @@ def test_every_other_console_script_answers_help_without_torch_scipy_or_matplotl
             "        assert import_module('transferlab.cli.' + name).main(['--help']) == 0\n"
             "    assert out.getvalue().startswith('usage: transferlab-'), name\n"
             "print(sorted(m for m in ('torch', 'scipy', 'matplotlib') if m in sys.modules))\n")
+    assert _python(code).splitlines() == ["[]"]
+
+
+def _python(code: str) -> str:
+    """What ``python -c code`` prints (it must succeed)."""
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == ["[]"]
+    return proc.stdout
 
 
 def test_train_help_composes_the_config_and_imports_no_torch():
@@ -356,10 +361,7 @@ def test_train_help_composes_the_config_and_imports_no_torch():
             "from transferlab.cli.train import _cli\n"
             "assert _cli(['freeze=two_stage', '--help']) == 0\n"
             "print('torch' in sys.modules, 'timm' in sys.modules)\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
+    out = _python(code)
     assert out.startswith("transferlab-train: compose a run from config groups and train it.")
     assert "== Config groups (group=option) ==" in out and "freeze: discriminative," in out
     assert "name: two_stage" in out and "finetune_epochs: 5" in out  # the composed overrides
