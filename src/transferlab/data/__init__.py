@@ -562,15 +562,22 @@ def streamed_loader(stream, trainer: TrainerConfig, seed: int, world: World,
                         "trainer.class_weights=balanced, or dataset.stream=false")
     share = stream.shared(seed, trainer.batch_size, world.rank if world.active else 0,
                           world.size if world.active else 1)
-    fold = collate or torch.utils.data.default_collate
-
-    def batch(items):
-        epoch = items[0][2] if items else 0
-        return fold(SeededBatch([(x, y) for x, y, _, _ in items], epoch,
-                                [index for _, _, _, index in items]))
-
-    return DataLoader(share, batch_size=trainer.batch_size, collate_fn=batch,
+    return DataLoader(share, batch_size=trainer.batch_size, collate_fn=StreamedBatch(collate),
                       **{**common, "persistent_workers": False})
+
+
+class StreamedBatch:
+    """A streamed split's collate function: its ``(x, y, epoch, index)`` items as a
+    :class:`SeededBatch` of ``(x, y)``, through ``collate`` (the default one when None). A
+    class, not a closure: loader processes started by spawn or forkserver unpickle it."""
+
+    def __init__(self, collate: Callable | None):
+        self.collate = collate or torch.utils.data.default_collate
+
+    def __call__(self, items):
+        epoch = items[0][2] if items else 0
+        return self.collate(SeededBatch([(x, y) for x, y, _, _ in items], epoch,
+                                        [index for _, _, _, index in items]))
 
 
 def epoch_order(loader: DataLoader):
