@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -17,6 +20,7 @@ from transferlab.infra.job_process import (
     SweepStop,
     record_end,
     run_in_child,
+    running_jobs,
     stop_requested,
 )
 
@@ -67,6 +71,20 @@ def test_a_child_gets_the_stop_signals_its_worker_gets(tmp_path):
     assert end["code"] == 130  # KeyboardInterrupt in the child; the worker went on
 
 
+def test_a_child_of_a_worker_that_blocks_sigint_gets_it(tmp_path):
+    """A Ray worker blocks SIGINT (Ray starts its processes so): its job's child does not."""
+    def stopped():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)
+
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        (end,) = _in_a_worker(tmp_path, stopped)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    assert end["code"] == 130
+
+
 def _record(job, **fields):
     (job / "metrics.json").write_text(json.dumps(fields))
 
@@ -105,3 +123,22 @@ def test_a_sweep_stop_is_marked_for_its_launch_and_a_third_ctrl_c_ends_it(tmp_pa
         stop._handle(signal.SIGINT, None)
     stop.clear()
     assert not (tmp_path / STOP_MARK).exists()
+
+
+def test_a_sweep_on_remote_workers_signals_its_running_jobs_by_their_records(tmp_path):
+    """Ray's workers are not the sweep's children: its stop goes to the pids of the jobs'
+    running records on this machine (not to a job that ended, nor to one of another host)."""
+    job = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        host = socket.gethostname()
+        for name, fields in {"0_a": dict(status="running", pid=job.pid, host=host),
+                             "1_b": dict(status="completed", pid=os.getpid(), host=host),
+                             "2_c": dict(status="running", pid=1, host="elsewhere"),
+                             "x": dict(status="running", pid=job.pid, host=host)}.items():
+            (tmp_path / name).mkdir()
+            _record(tmp_path / name, **fields)
+        assert running_jobs(tmp_path) == [job.pid]
+        SweepStop(tmp_path, "host:1:100", remote_workers=True)._handle(signal.SIGTERM, None)
+        assert job.wait(timeout=30) == -signal.SIGTERM
+    finally:
+        job.kill()

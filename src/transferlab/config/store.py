@@ -47,16 +47,19 @@ def register_configs() -> None:
         if group in BY_GROUP:
             for entry in BY_GROUP[group]:
                 store.store(group=f"schema/{group}", name=entry.name, node=entry.schema)
-    register_sweeper()
+    register_plugins()
     _done = True
 
 
-def register_sweeper() -> None:
-    """``hydra/sweeper=halving``: the plugin module stores its config on import. Hydra's plugin
-    discovery finds the sweeper's class in an installed package, but not through the import
-    hook of an editable install (``pip install -e``), so it is also registered here."""
+def register_plugins() -> None:
+    """``hydra/sweeper=halving`` (the plugin module stores its config on import) and the
+    launcher of ``hydra/launcher=ray_tasks``. Hydra's plugin discovery finds their classes in
+    an installed package, but not through the import hook of an editable install (``pip
+    install -e``), so they are also registered here."""
     from hydra.core.plugins import Plugins
 
     import hydra_plugins.transferlab_halving.halving_sweeper as halving
+    import hydra_plugins.transferlab_ray.ray_tasks_launcher as ray_tasks
 
     Plugins.instance().register(halving.HalvingSweeper)
+    Plugins.instance().register(ray_tasks.RayTasksLauncher)

@@ -15,6 +15,10 @@ workers down before their jobs had saved a checkpoint. So:
   written into the sweep directory (:data:`STOP_MARK`), so a job that had not started yet is
   not started (:func:`stop_requested`). A worker that runs a job leaves the terminal's process
   group: a Ctrl-C reaches the main process alone, and each job gets the signal once.
+
+``hydra/launcher=ray_tasks`` runs each job the same way in a child of its Ray worker; those
+workers are not the sweep's children (and block SIGINT), so the sweep signals the jobs
+themselves, by the pids of their running records.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -53,8 +58,11 @@ class SweepStop:
     second Ctrl-C is passed on too (the jobs stop at once, unsaved); a third ends the sweep
     without waiting for them."""
 
-    def __init__(self, sweep_dir: Path, launch_id: str):
+    def __init__(self, sweep_dir: Path, launch_id: str, *, remote_workers: bool = False):
         self.sweep_dir, self.launch_id = Path(sweep_dir), launch_id
+        # the workers are not this process's children (Ray's): the signals go to the jobs'
+        # own processes, found by their running records
+        self.remote_workers = remote_workers
         self.signum: int | None = None
         self.count = 0  # the SIGINTs so far
         self.owner = os.getpid()
@@ -92,7 +100,7 @@ class SweepStop:
                         "sweep without waiting for them)", name)
         if self.count > 2:
             raise KeyboardInterrupt
-        for pid in job_workers():
+        for pid in running_jobs(self.sweep_dir) if self.remote_workers else job_workers():
             with contextlib.suppress(OSError):
                 os.kill(pid, signum)
 
@@ -106,6 +114,18 @@ def job_workers() -> list[int]:
         with contextlib.suppress(OSError):
             if child.pid is not None and os.getpgid(child.pid) != mine:
                 pids.append(child.pid)
+    return pids
+
+
+def running_jobs(sweep_dir: Path) -> list[int]:
+    """The pids of the sweep's jobs that run on this machine (their records ``running``)."""
+    pids = []
+    for job in _job_dirs(sweep_dir):
+        record = _record(job)
+        if record is not None and run_status(record) == "running" \
+                and record.get("host") == socket.gethostname() \
+                and isinstance(record.get("pid"), int):
+            pids.append(record["pid"])
     return pids
 
 
@@ -191,6 +211,7 @@ def run_in_child(body: Callable[[], Any]) -> ChildEnd:
             for s, handler in _worker_handlers.items():
                 signal.signal(s, handler)
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)  # (a Ray worker blocks SIGINT)
             code = _child(body, write)
         finally:
             os._exit(code)
@@ -281,8 +302,7 @@ def close_dead_jobs(sweep_dir: Path, cause: str, *, poll_s: float = 0.5,
     died ``failed``, saying so. Returns (job directory name, error) of those."""
     started = time.monotonic()
     while True:
-        jobs = [p for p in Path(sweep_dir).iterdir() if p.is_dir() and p.name[:1].isdigit()]
-        records = {job: _record(job) for job in jobs}
+        records = {job: _record(job) for job in _job_dirs(sweep_dir)}
         going = [j for j, r in records.items() if r is not None and run_status(r) == "running"]
         unrecorded = [j for j, r in records.items() if r is None]
         if not going and (not unrecorded or time.monotonic() - started > unrecorded_s):
@@ -296,6 +316,13 @@ def close_dead_jobs(sweep_dir: Path, cause: str, *, poll_s: float = 0.5,
             _write_record(job, record)
             closed.append((job.name, error))
     return closed
+
+
+def _job_dirs(sweep_dir: Path) -> list[Path]:
+    try:
+        return [p for p in Path(sweep_dir).iterdir() if p.is_dir() and p.name[:1].isdigit()]
+    except OSError:
+        return []
 
 
 def _record(job: Path) -> dict | None:

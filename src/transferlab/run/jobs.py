@@ -70,7 +70,7 @@ def _main(cfg: DictConfig) -> float | None:
 
 
 def _in_own_process(cfg: DictConfig, hc) -> float | None:
-    """A job in a worker process that several jobs share (joblib): run in a child of its own
+    """A job in a worker process that several jobs share (joblib, Ray): run in a child of its own
     (:func:`~transferlab.infra.job_process.run_in_child`), so that its death is one failed row
     of the sweep, not the end of the worker and of every other job. A job of a sweep that was
     stopped (Ctrl-C) before it started is not started."""
@@ -309,10 +309,12 @@ def _sweep_stopped_by() -> int | None:
 
 def _lost_a_job(exc: BaseException) -> bool:
     """Whether the launcher gave up because a job's process died: submitit's job without a
-    result, or a joblib worker that died itself (a job's death is contained in it)."""
+    result, a joblib worker or a Ray worker that died itself (a job's death is contained in
+    it)."""
     kinds = [getattr(sys.modules.get(module), name, None) for module, name in (
         ("submitit.core.utils", "UncompletedJobError"),
-        ("joblib.externals.loky.process_executor", "TerminatedWorkerError"))]
+        ("joblib.externals.loky.process_executor", "TerminatedWorkerError"),
+        ("ray.exceptions", "WorkerCrashedError"))]
     return isinstance(exc, tuple(k for k in kinds if isinstance(k, type)))
 
 

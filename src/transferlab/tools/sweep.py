@@ -123,12 +123,25 @@ def register_resolver() -> None:
 register_resolver()  # on import: joblib workers import this module with the task function
 
 
-def runs_jobs_in_workers(launcher: DictConfig | None) -> bool:
-    """Whether ``hydra.launcher`` runs the jobs in local worker processes that several jobs
-    share (Hydra's joblib launcher): each job then runs in a child of its worker, and the
-    sweep's stop signals are passed on (:mod:`transferlab.infra.job_process`)."""
+# The launchers (``hydra.launcher._target_``'s class) that run jobs in worker processes that
+# several jobs share, and where those workers are: ``local``, children of the sweep's process
+# (joblib's loky workers: the sweep signals them, they pass it on to their job), or ``remote``
+# (the workers of the Ray that ``hydra/launcher=ray_tasks`` starts: the sweep signals the jobs
+# by the pids of their running records).
+_JOB_WORKERS = {"JoblibLauncher": "local", "RayTasksLauncher": "remote"}
+
+
+def _job_workers(launcher: DictConfig | None) -> str | None:
     target = str(OmegaConf.select(launcher, "_target_", default="") if launcher else "")
-    return target.rpartition(".")[2] == "JoblibLauncher"
+    return _JOB_WORKERS.get(target.rpartition(".")[2])
+
+
+def runs_jobs_in_workers(launcher: DictConfig | None) -> bool:
+    """Whether ``hydra.launcher`` runs the jobs in worker processes that several jobs share
+    (Hydra's joblib launcher, ``hydra/launcher=ray_tasks``): each job then runs in a child of
+    its worker, and the sweep's stop signals are passed on
+    (:mod:`transferlab.infra.job_process`)."""
+    return _job_workers(launcher) is not None
 
 
 class SweepSummary(Callback):
@@ -148,9 +161,11 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         SweepSummary.sweep_dir = Path(config.hydra.sweep.dir)
-        if runs_jobs_in_workers(OmegaConf.select(config, "hydra.launcher")):
+        workers = _job_workers(OmegaConf.select(config, "hydra.launcher"))
+        if workers is not None:
             SweepSummary.stop = SweepStop(Path(config.hydra.sweep.dir),
-                                          os.environ.get(SWEEP_ID_ENV, "?")).install()
+                                          os.environ.get(SWEEP_ID_ENV, "?"),
+                                          remote_workers=workers == "remote").install()
         try:  # the sweep's record in its trackers (MLflow's parent run)
             trackers.start_sweep(SweepSummary.sweep_dir, _trainer(config))
         except UserError as exc:  # each job then fails with it, one row each
