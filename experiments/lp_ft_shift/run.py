@@ -89,13 +89,14 @@ def mean_sd(values: list[float]) -> str:
 
 def report(results: dict) -> str:
     lines = ["| policy | clean val acc, 95 % CI (seeds × images) | mean of 14 corruptions, "
-             "severity 3 | clean − corrupted | train wall time |", "|---|---:|---:|---:|---:|"]
+             "severity 3 | clean − corrupted | train wall time (median of seeds) |",
+             "|---|---:|---:|---:|---:|"]
     for name, runs in results.items():
         clean = [r["final_val_acc"] for r in runs]
         corrupted = [r["corruption_mean_accuracy"] for r in runs]
         lines.append(f"| {name} | {interval_cell(runs)} | {mean_sd(corrupted)} | "
                      f"{statistics.mean(clean) - statistics.mean(corrupted):.3f} | "
-                     f"{statistics.mean(r['train_wall_seconds'] for r in runs):.0f} s |")
+                     f"{statistics.median(r['train_wall_seconds'] for r in runs):.0f} s |")
     lines += ["", "Per corruption (mean over seeds):", "",
               "| corruption | " + " | ".join(results) + " |",
               "|---|" + "---:|" * len(results)]
