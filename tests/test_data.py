@@ -433,3 +433,28 @@ def test_a_split_is_remembered_and_read_back_without_scikit_learn(tmp_path, monk
     assert stratified_split(labels, 0.25, 7) == (keep, held)
     with pytest.raises(ImportError):
         stratified_split(labels, 0.25, 8)  # another seed: not remembered
+
+
+@pytest.mark.slow  # a process of its own
+def test_a_process_exits_with_its_loader_processes_still_running():
+    """Loader processes ignore SIGTERM (the main process ends them after its checkpoint); a
+    process that exits with a loader's iterator alive (persistent workers) still exits at
+    once: its loader processes are killed, not sent SIGTERM and waited for forever."""
+    import subprocess
+    import sys
+
+    code = ("import torch\n"
+            "from torch.utils.data import DataLoader, TensorDataset\n"
+            "from transferlab.config import TrainerConfig\n"
+            "from transferlab.data import DataSplits, make_loaders\n"
+            "data = TensorDataset(torch.arange(8.0), torch.zeros(8, dtype=torch.long))\n"
+            "splits = DataSplits(train=data, val=data, classes=['a'], train_labels=[0] * 8)\n"
+            "train, _ = make_loaders(splits, TrainerConfig(batch_size=2, num_workers=1), 0,\n"
+            "                        torch.device('cpu'))\n"
+            "assert train.persistent_workers\n"
+            "batches = iter(train)\n"
+            "next(batches)\n"
+            "print('done', flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "done\n", "")

@@ -378,7 +378,8 @@ def _seed_worker(worker_id: int) -> None:
     process's to act on: it finishes the step and saves its checkpoint, then ends its loader
     processes itself. Torch's own SIGTERM handler would end them at once, and their death
     would raise in the main process in the middle of that checkpoint (the job: failed).
-    A loader process still ends when the main process dies (torch watches for that)."""
+    A loader process still ends when the main process dies (torch watches for that), and
+    when it exits with the loader still running (:func:`_end_loader_processes`)."""
     import random
     import signal
 
@@ -388,6 +389,28 @@ def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+
+
+def _end_loader_processes() -> None:
+    """At the main process's exit, its daemonic processes still running (loader processes of
+    an iterator alive to the end, e.g. persistent workers) are killed. multiprocessing's exit
+    handler would send them SIGTERM, which loader processes ignore (:func:`_seed_worker`),
+    and then wait for them forever."""
+    import multiprocessing
+    import signal
+
+    ending = [p for p in multiprocessing.active_children() if p.daemon]
+    if ending:  # torch's SIGCHLD handler would raise for each (the process is ending anyway)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for process in ending:
+        process.kill()
+        process.join(timeout=5)
+
+
+# multiprocessing's exit handler runs its finalizers of priority >= 0 before it sends its
+# children SIGTERM and joins them
+importlib.import_module("multiprocessing.util").Finalize(None, _end_loader_processes,
+                                                         exitpriority=100)
 
 
 class SampleIndex(int):
