@@ -68,7 +68,7 @@ def test_an_unwritable_output_fails_before_extracting(monkeypatch, capsys):
     def extracting(*args, **kwargs):
         raise AssertionError("extracted before checking the output")
 
-    monkeypatch.setattr("transferlab.cli.features.run_features", extracting)
+    monkeypatch.setattr("transferlab.tools.features.run_features", extracting)
     assert features_main(["output=/proc/transferlab/feats.npz", *TINY]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: output=/proc/transferlab/feats.npz: cannot write in") \
