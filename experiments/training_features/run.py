@@ -130,25 +130,25 @@ def main() -> None:
     if args.report:
         print(table(json.loads(out.read_text())))
         return
+    # every run's row goes into the file as soon as it is there (a run of some variants or
+    # seeds replaces those rows, and keeps the others)
+    results = json.loads(out.read_text()) if out.is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
         root, cache = Path(tmp), Path(tmp) / "cache"
         train(["freeze.head_epochs=1", "freeze.finetune_epochs=1"], root / "warmup", cache)
-        results: dict[str, list[dict]] = {name: [] for name in args.variants}
         for seed in args.seeds:
             for name in args.variants:
-                wall, m = train([*VARIANTS[name], f"seed={seed}"], root / f"{name}-{seed}", cache)
-                out = root / f"{name}-{seed}"
-                row = {"seed": seed, **summary(m, wall), "val_correct": last_correct(out)}
+                run_dir = root / f"{name}-{seed}"
+                wall, m = train([*VARIANTS[name], f"seed={seed}"], run_dir, cache)
+                row = {"seed": seed, **summary(m, wall), "val_correct": last_correct(run_dir)}
                 if "final_val_acc_ema" in row:
-                    row["val_correct_ema"] = last_correct(out, "weights=ema")
-                results[name].append(row)
+                    row["val_correct_ema"] = last_correct(run_dir, "weights=ema")
+                rows = [r for r in results.get(name, []) if r["seed"] != seed] + [row]
+                results[name] = sorted(rows, key=lambda r: r["seed"])
+                results = {v: results[v] for v in VARIANTS if v in results}
+                out.write_text(json.dumps(results, indent=2) + "\n")
                 print(json.dumps({k: v for k, v in row.items() if "correct" not in k}),
                       flush=True)
-    # other variants' results stay (a run of some of them)
-    kept = json.loads(out.read_text()) if out.is_file() else {}
-    results = {name: ({**kept, **results})[name] for name in VARIANTS
-               if name in kept or name in results}
-    out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
 
 
