@@ -120,6 +120,7 @@ def test_a_checkpoint_file_alone_and_one_format(tiny_run, capsys, one_thread):
     assert opsets[""] == 18
 
 
+@pytest.mark.slow  # it trains the module's tiny run (the fast tier stays under a minute)
 def test_a_file_that_differs_from_pytorch_fails_verification(tiny_run, tmp_path, capsys,
                                                              monkeypatch, one_thread):
     """An exporter that gets the model slightly wrong (a shifted logit) is caught."""
