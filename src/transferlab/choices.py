@@ -56,6 +56,7 @@ def held_out_split(text: str) -> str:
         raise ValueError(f"expected one of {', '.join(SOUP_HELD_OUT)}")
     return text
 
+
 # corruptions (transferlab.tools.corruptions)
 SEVERITIES = (1, 2, 3, 4, 5)
 
