@@ -142,3 +142,39 @@ def test_a_sweep_on_remote_workers_signals_its_running_jobs_by_their_records(tmp
         assert job.wait(timeout=30) == -signal.SIGTERM
     finally:
         job.kill()
+
+
+def test_a_stop_signal_during_a_write_to_the_log_stream_still_logs_its_line(tmp_path, capsys):
+    """A Ctrl-C that arrives while the process writes a line to the stream its log goes to
+    (a progress line): the handler's own line follows it, not a ``--- Logging error ---``
+    traceback (a buffered stream refuses a reentrant write)."""
+    import io
+    import logging
+    import threading
+
+    from transferlab.infra import job_process
+
+    stop = SweepStop(tmp_path, "host:1:100")
+
+    class Raw(io.FileIO):
+        def write(self, data):  # the signal arrives in the middle of this write
+            if b"progress" in bytes(data) and stop.signum is None:
+                stop._handle(signal.SIGINT, None)
+            return super().write(data)
+
+    stream = io.TextIOWrapper(io.BufferedWriter(Raw(tmp_path / "log.txt", "w")),
+                              write_through=True)
+    handler = logging.StreamHandler(stream)
+    job_process.log.addHandler(handler)
+    try:
+        job_process.log.warning("progress: epoch 1")
+        for thread in threading.enumerate():
+            if thread.name == "warning-from-a-signal":
+                thread.join(timeout=10)
+    finally:
+        job_process.log.removeHandler(handler)
+        stream.close()
+    lines = (tmp_path / "log.txt").read_text().splitlines()
+    assert lines[0] == "progress: epoch 1"
+    assert lines[1].startswith("SIGINT: the sweep's jobs finish their step")
+    assert "Logging error" not in capsys.readouterr().err

@@ -40,6 +40,7 @@ from typing import Any
 
 from transferlab.errors import Interrupted
 from transferlab.infra.liveness import run_status
+from transferlab.infra.processes import warn_from_signal_handler
 from transferlab.infra.run_dirs import atomic_write_text
 
 log = logging.getLogger("transferlab")
@@ -93,11 +94,12 @@ class SweepStop:
             self.signum = signum
             with contextlib.suppress(OSError):
                 (self.sweep_dir / STOP_MARK).write_text(f"{self.launch_id} {name}\n")
-            log.warning("%s: the sweep's jobs finish their step and save a checkpoint; no new "
-                        "job starts (Ctrl-C again to stop them at once)", name)
+            warn_from_signal_handler(log, "%s: the sweep's jobs finish their step and save a "
+                                     "checkpoint; no new job starts (Ctrl-C again to stop them "
+                                     "at once)", name)
         elif self.count == 2:
-            log.warning("%s again: the sweep's jobs stop at once (Ctrl-C again to end the "
-                        "sweep without waiting for them)", name)
+            warn_from_signal_handler(log, "%s again: the sweep's jobs stop at once (Ctrl-C "
+                                     "again to end the sweep without waiting for them)", name)
         if self.count > 2:
             raise KeyboardInterrupt
         for pid in running_jobs(self.sweep_dir) if self.remote_workers else job_workers():

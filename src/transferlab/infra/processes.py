@@ -71,3 +71,15 @@ def shutdown() -> None:
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def warn_from_signal_handler(logger: logging.Logger, message: str, *args: object) -> None:
+    """``logger.warning(message, *args)`` from a signal handler. The handler may have stopped
+    this process in the middle of a write to the very stream the log goes to (a progress
+    line), and a buffered stream refuses a reentrant call: logging would print a ``--- Logging
+    error ---`` traceback instead of the line. A thread of its own writes it, as soon as the
+    interrupted write is done (the handler's lock is held until then)."""
+    import threading
+
+    threading.Thread(target=logger.warning, args=(message, *args),
+                     name="warning-from-a-signal").start()

@@ -25,6 +25,7 @@ from transferlab.errors import Interrupted, Paused
 from transferlab.infra.checkpoint import save_epoch_checkpoints
 from transferlab.infra.cluster import preemption_signal
 from transferlab.infra.distributed import World
+from transferlab.infra.processes import warn_from_signal_handler
 from transferlab.infra.runtime import rng_state
 from transferlab.run.images import reconstruction_grid
 from transferlab.run.record import RunTracker
@@ -86,8 +87,9 @@ class StopRequest:
             raise KeyboardInterrupt
         if self.signum is None or self.signum != self.preemption:
             self.signum = signum
-        log.warning("%s: finishing the current step, then saving a checkpoint to resume "
-                    "from (Ctrl-C again to stop at once)", signal.Signals(signum).name)
+        warn_from_signal_handler(log, "%s: finishing the current step, then saving a "
+                                 "checkpoint to resume from (Ctrl-C again to stop at once)",
+                                 signal.Signals(signum).name)
 
     @contextlib.contextmanager
     def installed(self):
