@@ -12,6 +12,7 @@ Imported by the studies' ``run.py`` (``sys.path`` gets this folder).
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,13 @@ def last_correct(run_dir: Path, *extra: str) -> str:
     if done.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return bits(load_predictions(run_dir / EVAL_PREDICTIONS).correct)
+
+
+def mean_sd(values: list[float], digits: int = 3) -> str:
+    """``0.946 ± 0.010``: the mean and the sample standard deviation (the value alone for one)."""
+    if len(values) < 2:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def bits(correct: np.ndarray) -> str:
@@ -88,4 +96,4 @@ def difference_cell(diff: Difference, holm_p: float) -> str:
 
 
 __all__ = ["against", "bits", "difference_cell", "interval_cell", "last_correct", "matrix",
-           "verdict_lines"]
+           "mean_sd", "verdict_lines"]

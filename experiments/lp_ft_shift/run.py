@@ -36,7 +36,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from study_stats import interval_cell, last_correct, verdict_lines  # noqa: E402
+from study_stats import interval_cell, last_correct, mean_sd, verdict_lines  # noqa: E402
 
 COMMON = ["dataset=hymenoptera", "augment=none", "trainer.progress=false"]
 POLICIES = {
@@ -80,11 +80,6 @@ def one(policy: str, seed: int, out: Path, cache: Path) -> dict:
     row["eval_wall_seconds"] = round(time.perf_counter() - started, 1)
     return row
 
-
-def mean_sd(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def report(results: dict) -> str:

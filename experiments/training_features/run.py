@@ -37,7 +37,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from study_stats import interval_cell, last_correct, verdict_lines  # noqa: E402
+from study_stats import interval_cell, last_correct, mean_sd, verdict_lines  # noqa: E402
 
 COMMON = ["dataset=hymenoptera", "freeze=two_stage", "trainer.progress=false"]
 VARIANTS = {
@@ -84,10 +84,9 @@ def summary(m: dict, wall: float) -> dict:
     return out
 
 
-def mean_sd(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+def mean_sd4(values: list[float]) -> str:
+    return mean_sd(values, 4)
 
 
 def table(results: dict) -> str:
@@ -101,11 +100,11 @@ def table(results: dict) -> str:
     for name, runs in results.items():
         ema = [r["final_val_acc_ema"] for r in runs if "final_val_acc_ema" in r]
         rows.append(
-            f"| {name} | {mean_sd([r.get('end_val_acc', r['final_val_acc']) for r in runs])} | "
-            f"{mean_sd([r['final_val_acc'] for r in runs])} | "
+            f"| {name} | {mean_sd4([r.get('end_val_acc', r['final_val_acc']) for r in runs])} | "
+            f"{mean_sd4([r['final_val_acc'] for r in runs])} | "
             + (f"{interval_cell(runs)} | " if "CI" in rows[0] else "") +
-            f"{mean_sd([r['best_val_acc'] for r in runs])} | "
-            f"{mean_sd(ema) if ema else ''} | "
+            f"{mean_sd4([r['best_val_acc'] for r in runs])} | "
+            f"{mean_sd4(ema) if ema else ''} | "
             f"{' / '.join(str(r['epochs_trained']) for r in runs)} | "
             f"{statistics.mean(r['wall_seconds'] for r in runs):.1f} s |")
     if "CI" not in rows[0] or "baseline" not in results:

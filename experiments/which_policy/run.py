@@ -41,7 +41,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from study_stats import against, difference_cell, interval_cell, last_correct  # noqa: E402
+from study_stats import against, difference_cell, interval_cell, last_correct, mean_sd  # noqa: E402
 
 RESULTS = HERE / "results.json"
 COMMON = ["augment=none", "optimizer=adam", "optimizer.lr=1e-3", "trainer.batch_size=16",
@@ -183,11 +183,6 @@ def run_all(args) -> None:
                     print(dataset, fraction, policy, [results[k]["final_val_acc"]
                                                       for k in wanted], flush=True)
 
-
-def mean_sd(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def report(args) -> None:
