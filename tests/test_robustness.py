@@ -88,7 +88,7 @@ def test_interpolation_mixes_floats_and_keeps_the_final_integer_buffers():
 
 
 def test_alpha_grids():
-    from transferlab.tools.wise import alphas
+    from transferlab.choices import alphas
 
     assert alphas("0:1:0.25") == (0.0, 0.25, 0.5, 0.75, 1.0)
     assert len(alphas("0:1:0.1")) == 11 and alphas("0:1:0.1")[3] == 0.3

@@ -67,6 +67,15 @@ def expand_urls(pattern: str) -> list[str]:
     return out
 
 
+def shard_urls(pattern: str, what: str = "dataset.urls") -> list[str]:
+    """The shards ``pattern`` names (:func:`expand_urls`); none is one line saying what to give."""
+    urls = expand_urls(pattern)
+    if not urls:
+        raise UserError(f"{what} is empty: give a brace pattern of tar shards, e.g. "
+                        f"{what}=/data/shards/train-{{000000..000003}}.tar")
+    return urls
+
+
 def split_key(name: str) -> tuple[str, str]:
     """(key, extension) of a member: the key is the path up to the first dot of the file
     name (WebDataset's grouping rule), the extension the rest, lower case."""
@@ -181,10 +190,7 @@ def index_shards(pattern: str, image_key: str, label_key: str, what: str = "data
     """Every sample of the shards ``pattern`` names, in shard order (remote ones downloaded
     first: :func:`fetched`), and the class names the shards' ``index.json`` gives (None where
     there is none)."""
-    paths = expand_urls(pattern)
-    if not paths:
-        raise UserError(f"{what} is empty: give a brace pattern of tar shards, e.g. "
-                        f"{what}=/data/shards/train-{{000000..000003}}.tar")
+    paths = shard_urls(pattern, what)
     if any("://" in p for p in paths):
         cache = shard_cache(cache_dir)
         paths = [fetched(p, cache, what) if "://" in p else p for p in paths]
@@ -514,10 +520,7 @@ def build_stream(cfg: WebDatasetConfig, train_tf, eval_tf) -> DataSplits:
         if bad:
             raise UserError("dataset.stream=true reads the training shards in order, so "
                             f"{why}; or dataset.stream=false")
-    urls = expand_urls(cfg.urls)
-    if not urls:
-        raise UserError("dataset.urls is empty: give a brace pattern of tar shards, e.g. "
-                        "dataset.urls=/data/shards/train-{000000..000003}.tar")
+    urls = shard_urls(cfg.urls)
     counts, labels, classes = stream_index(urls, cfg.index)
     if labels is None or classes is None:
         raise UserError(f"dataset.stream=true: the index.json of {urls[0]} lists no samples or "

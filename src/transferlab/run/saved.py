@@ -12,7 +12,6 @@ from typing import Any
 from torch import nn
 
 from transferlab.backbones import build_backbone, probe_features
-from transferlab.choices import CHECKPOINTS, WEIGHTS  # noqa: F401 (run.saved's vocabulary)
 from transferlab.config import RunConfig, load_config
 from transferlab.errors import UserError
 from transferlab.infra.delta import complete, is_delta

@@ -24,7 +24,6 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from transferlab.choices import SEVERITIES, severities  # noqa: F401 (severity='s parser)
 from transferlab.data import derived_seed
 from transferlab.errors import UserError, did_you_mean
 

@@ -49,7 +49,6 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from transferlab.choices import EVAL_SPLITS
 from transferlab.config import RunConfig
 from transferlab.data import build_splits, default_num_workers
 from transferlab.errors import UserError
@@ -74,7 +73,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-SPLITS = EVAL_SPLITS
 EVAL_JSON = "eval.json"
 EVAL_PNG = "eval_confusion_matrix.png"
 

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from transferlab.choices import DEFAULT_OPSET, EXPORT_FORMATS, EXPORT_INSTALL, EXPORT_NAMES
+from transferlab.choices import DEFAULT_OPSET, EXPORT_INSTALL
 from transferlab.config import RunConfig
 from transferlab.errors import UserError
 from transferlab.infra.checkpoint import load_checkpoint
@@ -62,12 +62,10 @@ from transferlab.run.saved import (
 )
 from transferlab.run.wise import interpolate, load_start
 
-FORMATS = EXPORT_FORMATS
 log = logging.getLogger("transferlab")
 ONNX_FILE, TORCHSCRIPT_FILE, PREPROCESSING_FILE = "model.onnx", "model.ts", "preprocessing.json"
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 FORMAT_TAG = "transferlab-export/1"
-INSTALL_HINT = EXPORT_INSTALL
 
 
 # -- command line -------------------------------------------------------------------------------
@@ -241,7 +239,7 @@ def require(module: str, what: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise UserError(f"{what} needs the {module} package: {INSTALL_HINT}") from None
+        raise UserError(f"{what} needs the {module} package: {EXPORT_INSTALL}") from None
 
 
 def _onnx_torchscript(model: nn.Module, x: torch.Tensor, path: Path, opset: int) -> None:
@@ -404,7 +402,6 @@ def verify(saved: SavedModel, files: dict[str, Path], images: torch.Tensor,
 
 
 # -- the whole export -------------------------------------------------------------------------
-NAMES = EXPORT_NAMES
 
 
 def export_run(args: ExportArgs) -> dict[str, Any]:

@@ -80,7 +80,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 log = logging.getLogger("transferlab")
 
-RULES, RULE_TEXT = LR_RULES, LR_RULE_TEXT
 JSON_NAME, PNG_NAME = "lr_find.json", "lr_find.png"
 
 @dataclass
@@ -106,7 +105,7 @@ class LRFindResult:
     def as_dict(self, settings: dict) -> dict:
         return {"stage": {"index": self.stage.index, "number": self.stage.index + 1,
                           "name": self.stage.name},
-                "rule": self.rule, "rule_text": RULE_TEXT[self.rule],
+                "rule": self.rule, "rule_text": LR_RULE_TEXT[self.rule],
                 "suggestion": self.suggestion, "stopped": self.test.stopped,
                 "group_lr_mults": self.test.group_mults, "settings": settings,
                 "lrs": self.test.lrs, "losses": self.test.losses,
@@ -265,11 +264,11 @@ def range_test(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Itera
 
 # -- the suggestion ------------------------------------------------------------------------------
 def suggest(lrs: list[float], smoothed: list[float], rule: str = "steepest") -> float | None:
-    """The suggested base LR by ``rule`` (:data:`RULES`), always one of the swept ``lrs``
+    """The suggested base LR by ``rule`` (:data:`LR_RULES`), always one of the swept ``lrs``
     (None when the curve is too short to judge: fewer than 5 points before its minimum)."""
-    if rule not in RULES:
-        raise UserError(f"rule={rule!r}{did_you_mean(rule, RULES)}; choose one of "
-                        f"{', '.join(RULES)}")
+    if rule not in LR_RULES:
+        raise UserError(f"rule={rule!r}{did_you_mean(rule, LR_RULES)}; choose one of "
+                        f"{', '.join(LR_RULES)}")
     if not lrs:
         return None
     low = int(np.argmin(smoothed))
@@ -388,9 +387,9 @@ def lr_find(run: RunConfig, stage: str | None = None, *, start_lr: float = 1e-7,
             diverge: float = 4.0, rule: str = "steepest", warmup: bool = False) -> LRFindResult:
     """Build ``run`` as training does and run the range test for one stage of its freeze
     policy (see the module's docstring); returns the curve, the suggestion and the build."""
-    if rule not in RULES:
-        raise UserError(f"rule={rule!r}{did_you_mean(rule, RULES)}; choose one of "
-                        f"{', '.join(RULES)}")
+    if rule not in LR_RULES:
+        raise UserError(f"rule={rule!r}{did_you_mean(rule, LR_RULES)}; choose one of "
+                        f"{', '.join(LR_RULES)}")
     check_settings(start_lr, end_lr, smooth, diverge)  # before anything is built
     setup = prepare_stage(run, stage, warmup)
     test = setup.range_test(start_lr=start_lr, end_lr=end_lr, steps=steps, smooth=smooth,

@@ -32,7 +32,7 @@ import torch
 import yaml
 from torch import nn
 
-from transferlab.choices import SOUP_HELD_OUT, SOUP_JSON, SOUP_METHODS, held_out_split  # noqa: F401
+from transferlab.choices import SOUP_JSON
 from transferlab.errors import UserError
 from transferlab.infra.checkpoint import FORMAT, load_checkpoint, write_sealed
 from transferlab.infra.runtime import Precision, pick_device
@@ -41,7 +41,6 @@ from transferlab.run.saved import checkpoint_config, restore_model, restore_save
 
 log = logging.getLogger("transferlab")
 
-METHODS, HELD_OUT = SOUP_METHODS, SOUP_HELD_OUT
 
 
 @dataclass

@@ -25,11 +25,10 @@ from torch import nn
 from torchvision.transforms import v2 as T
 
 from transferlab.backbones import InputSpec
-from transferlab.choices import TTA_HELP, TTA_MODES
+from transferlab.choices import TTA_MODES
 from transferlab.data.transforms import eval_transform
 
 VIEWS = {"none": 1, "flip": 2, "five_crop": 5, "ten_crop": 10}
-HELP = TTA_HELP
 
 
 def describe(mode: str) -> str:

@@ -9,7 +9,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from transferlab.choices import alpha, alphas  # noqa: F401 (the parsers of wise=)
 from transferlab.run.wise import interpolate
 
 
