@@ -173,9 +173,10 @@ def run_all(args) -> None:
                                                                 f"seed{s}"), {}) for s in group):
                             continue  # another process of this script did it meanwhile
                         seeds = ",".join(map(str, group))
+                        # (a comma in hydra.sweep.dir would read as a sweep of it)
+                        folder = root / key(dataset, fraction, policy, seeds.replace(",", "-"))
                         for job in sweep([*base, *POLICIES[policy], *extra, f"seed={seeds}"],
-                                         root / key(dataset, fraction, policy, seeds),
-                                         correctness=True):
+                                         folder, correctness=True):
                             results[key(dataset, fraction, policy,
                                         f"seed{job['hparams']['seed']}")] = {
                                 **job, **({"block": block} if extra else {})}
