@@ -305,6 +305,22 @@ def test_extra_test_sets_beside_val(tmp_path, one_thread):
     assert extra["three"]["acc"] == pytest.approx(float(val.correct[keep].mean()), abs=1e-12)
     assert scalars(run_dir, "extra_test/three/acc") == pytest.approx(
         {best["epoch"]: extra["three"]["acc"]})
+    # transferlab-eval takes the set by name, or one added at eval time (the run's others kept)
+    report = evaluate(run_dir, "split=three")
+    assert (report["split"], report["accuracy"]) == ("three", extra["three"]["acc"])
+    again = evaluate(run_dir, f"dataset.extra_test.again={three}", "split=again")
+    assert again["accuracy"] == extra["three"]["acc"] and again["samples"] == 12
+    assert evaluate(run_dir, f"dataset.extra_test.again={three}", "split=copy")["accuracy"] == (
+        best["val_acc"])
+    from transferlab.cli.evaluate import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main([f"run={run_dir}", "split=night"]) == 2
+    assert err.getvalue().strip() == (
+        "error: split=night: the run has no such split: give val, test or one of its "
+        "dataset.extra_test sets (copy, three), or add one with "
+        "dataset.extra_test.night=<folder of class folders>")
 
 
 def test_extra_test_class_folders_must_be_the_runs(tmp_path):

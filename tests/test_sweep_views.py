@@ -91,6 +91,17 @@ def test_the_keys_that_differ_are_marked_and_come_first(tmp_path):
     assert not any(h.differs for h in infos[2:]) and len(infos) == 9
 
 
+def test_a_long_group_label_is_capped_and_two_that_share_a_start_stay_two_folders(tmp_path):
+    common = [f"trainer.some_long_option_{i}=a_long_value_{i}" for i in range(12)]
+    a = compare.group_label([*common, "optimizer.lr=0.1", "seed=0"])
+    b = compare.group_label([*common, "optimizer.lr=0.01", "seed=0"])
+    assert a != b and len(a) == len(b) == 120 and a[:100] == b[:100]
+    assert compare.group_label(["freeze=none", "seed=1"]) == "freeze-none"  # short: as it is
+    histories = [[{"epoch": 1, "val_acc": 0.5}], [{"epoch": 1, "val_acc": 0.7}]]
+    write_seed_groups(tmp_path, {a: histories, b: histories})  # a 400-byte name would fail
+    assert sorted(p.name for p in (tmp_path / "seed_groups").iterdir()) == sorted([a, b])
+
+
 def test_seed_groups_write_mean_min_max_runs(tmp_path):
     histories = [[{"epoch": 1, "val_acc": 0.5, "val_loss": 1.0, "train_acc": 0.4,
                    "train_loss": 2.0}, {"epoch": 2, "val_acc": 0.7, "val_loss": 0.8,

@@ -37,7 +37,9 @@ SPEC = Spec(
         Key("run", "a run directory written by transferlab-train", Path, required=True,
             metavar="<run dir>"),
         Key("checkpoint", "which checkpoint of the run", default="best", choices=CHECKPOINTS),
-        Key("split", "which split to evaluate on", default="val", choices=EVAL_SPLITS),
+        Key("split", f"which split to evaluate on: {', '.join(EVAL_SPLITS)} or the name of "
+            "one of the run's dataset.extra_test sets (add one with dataset.extra_test.<name>="
+            "<folder>)", default="val", metavar="|".join((*EVAL_SPLITS, "<name>"))),
         Key("weights", "the trained weights (raw) or their EMA (ema: runs trained with "
             "trainer.ema.decay)", default="raw", choices=WEIGHTS),
         Key("device", "auto, cpu, cuda, cuda:N or mps", metavar="auto|cpu|cuda|...",
@@ -78,8 +80,15 @@ def parse_args(argv: list[str]):
     from transferlab.tools.evaluate import EvalArgs
     from transferlab.tools.robustness import RobustnessArgs
 
-    dataset = {key.removeprefix("dataset."): yaml_value(value)
-               for key, value in parsed.prefixed.items()}
+    dataset: dict = {}  # dataset.extra_test.<name>=<folder> nests
+    for key, value in parsed.prefixed.items():
+        *parents, leaf = key.removeprefix("dataset.").split(".")
+        node = dataset
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"{key}: dataset.{part} is given a value of its own as well")
+        node[leaf] = yaml_value(value)
     corruptions = parsed["corruptions"] or ()
     if not corruptions:
         alone = [key for key in ("severity", "seed") if key in parsed.given]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -315,6 +316,16 @@ def safe_name(text: str) -> str:
         if len(text) > 8 and not number.is_integer():
             text = f"{number:.4g}"
     return re.sub(r"[/\\\s:,=\[\]{}()'\"]+", "_", text).strip("_") or "_"
+
+
+def capped_name(text: str, limit: int = 120) -> str:
+    """``text`` as it is when it fits ``limit`` characters; else its start, ``~`` and 8 hex
+    digits of its hash, so that two long names that share a start stay two folders (a file
+    system refuses names over 255 bytes)."""
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+    return f"{text[: limit - 9]}~{digest}"
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -52,6 +52,16 @@ def checkpoint_weights(ckpt: dict, weights: str, path: Path) -> dict:
     return ema["model"]
 
 
+def merged(saved: dict, overrides: dict) -> dict:
+    """``saved`` with ``overrides`` applied key by key, into nested dicts (a new
+    ``extra_test`` set beside the run's own)."""
+    out = dict(saved)
+    for key, value in overrides.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merged(out[key], value) if both else value
+    return out
+
+
 def saved_run_config(saved: Any, dataset_overrides: dict[str, Any] | None = None,
                      pretrained: bool = False) -> RunConfig:
     """The run's saved config with ``dataset.*`` overrides applied, no ``backbone.init`` and
@@ -66,7 +76,7 @@ def saved_run_config(saved: Any, dataset_overrides: dict[str, Any] | None = None
         if isinstance(raw["backbone"].get("init"), dict):
             raw["backbone"]["init"]["path"] = None
     if dataset_overrides and isinstance(raw.get("dataset"), dict):
-        raw["dataset"].update(dataset_overrides)
+        raw["dataset"] = merged(raw["dataset"], dataset_overrides)
     run = load_config(raw)  # unknown dataset.<field> keys are one-line errors here
     task = TASKS.builder(run.task.name)
     if not task.has_classes:

@@ -32,7 +32,7 @@ import yaml
 
 from transferlab.config.validate import is_session_override
 from transferlab.infra.liveness import run_status
-from transferlab.infra.run_dirs import safe_name
+from transferlab.infra.run_dirs import capped_name, safe_name
 from transferlab.tools.compare_stats import (
     Scored,
     group_scored,
@@ -555,9 +555,9 @@ def write_tensorboard(root: Path, runs: list[RunRecord], groups: list[RunRecord]
 
 def group_label(overrides: list[str], keys: tuple[str, ...] = SEED_KEYS) -> str:
     """A group's TensorBoard run name: what sets it apart (its overrides but the grouped keys,
-    by default the seed)."""
+    by default the seed), capped to a folder name's length (:func:`capped_name`)."""
     parts = [o for o in overrides if _key_of(o) not in keys]
-    return "__".join(safe_name(o.replace("=", "-")) for o in parts) or "all"
+    return capped_name("__".join(safe_name(o.replace("=", "-")) for o in parts) or "all")
 
 
 def write_report(path: Path, runs: list[RunRecord], figure: Path | None,

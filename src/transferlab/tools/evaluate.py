@@ -50,7 +50,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from transferlab.config import RunConfig
-from transferlab.data import build_splits, default_num_workers
+from transferlab.data import default_num_workers
+from transferlab.data.extra_test import named_split
 from transferlab.errors import UserError
 from transferlab.feature_cache.identity import dataset_identity
 from transferlab.infra.checkpoint import load_checkpoint
@@ -95,18 +96,12 @@ class EvalArgs:
 # -- checkpoint, config, model, data -------------------------------------------------------------
 def eval_dataset(run: RunConfig, backbone, image_size: int, split: str,
                  classes: list[str], tta: str = "none") -> Dataset:
-    """The ``split`` dataset of the run, with the eval transform (``tta``'s views of each
-    image, ``(V, C, H, W)``, unless ``none``); its classes must match."""
+    """The ``split`` dataset of the run (val, test or a ``dataset.extra_test`` set by name:
+    :func:`~transferlab.data.extra_test.named_split`), with the eval transform (``tta``'s views
+    of each image, ``(V, C, H, W)``, unless ``none``)."""
     views = None if tta == "none" else views_transform(tta, backbone.input, image_size,
                                                        run.dataset.crop_pct)
-    splits = build_splits(run.dataset, run.augment, backbone.input, image_size, views)
-    dataset = getattr(splits, split, None)
-    if dataset is None:
-        raise UserError(f"dataset {run.dataset.name} has no {split} split: use split=val")
-    if list(splits.classes) != list(classes):
-        raise UserError(f"the dataset's classes {splits.classes} differ from the checkpoint's "
-                        f"{classes}")
-    return dataset
+    return named_split(run, backbone.input, image_size, split, classes, views)
 
 
 def eval_loader(dataset: Dataset, run: RunConfig, device: torch.device) -> DataLoader:

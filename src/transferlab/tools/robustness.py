@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from transferlab.config import RunConfig
-from transferlab.data import build_splits
+from transferlab.data.extra_test import named_split
 from transferlab.data.transforms import eval_stages
 from transferlab.errors import UserError
 from transferlab.run.predictions import Predictions, predict
@@ -96,9 +96,8 @@ def robustness(run_dir: Path, split: str, dataset_overrides: dict | None, asked:
     if asked.corruptions:
         check_size(done.image_size)
         fixed, tail = eval_stages(done.backbone.input, done.image_size, done.run.dataset.crop_pct)
-        splits = build_splits(done.run.dataset, done.run.augment, done.backbone.input,
-                              done.image_size, fixed)
-        base = getattr(splits, split)
+        base = named_split(done.run, done.backbone.input, done.image_size, split, done.classes,
+                           fixed)
         grid = partial(corruption_grid, lambda d: done.scorer(done.model, d), base, tail,
                        asked.corruptions, asked.severities, asked.seed)
         out["corruptions"] = {**grid(), "clean_accuracy": clean, "package": package_version()}
