@@ -85,7 +85,7 @@ def verdict_lines(groups: dict[str, list[dict]], reference: str,
                   key: str = "val_correct") -> list[str]:
     """:func:`against`, worded as ``transferlab-compare`` words it."""
     found = against(groups, reference, key)
-    return [verdict(name, reference, d, adjusted=(p, len(found)))
+    return [verdict(name, reference, d, adjusted=(p, len(found)) if len(found) > 1 else None)
             for name, (d, p) in found.items()]
 
 

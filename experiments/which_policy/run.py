@@ -41,7 +41,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from study_stats import against, difference_cell, interval_cell, last_correct, mean_sd  # noqa: E402
+from study_stats import (  # noqa: E402
+    against,
+    difference_cell,
+    interval_cell,
+    last_correct,
+    mean_sd,
+    verdict_lines,
+)
 
 RESULTS = HERE / "results.json"
 COMMON = ["augment=none", "optimizer=adam", "optimizer.lr=1e-3", "trainer.batch_size=16",
@@ -239,6 +246,15 @@ def statistics_table(results: dict, dataset: str, args) -> None:
                  difference_cell(*diffs[f][policy]) if policy in diffs[f] else ""
                  for f in args.fractions]
         print(f"| {policy} | " + " | ".join(cells) + " |")
+    print("\nThe pairs the reading cites (one paired test each): the best mean against the "
+          "runner-up, and l2sp against lp_ft (what the L2-SP penalty adds):\n")
+    for f, groups in by_fraction.items():
+        ranked = sorted((p for p in groups if groups[p]),
+                        key=lambda p: -statistics.mean(r["final_val_acc"] for r in groups[p]))
+        pairs = [tuple(ranked[:2]), ("l2sp", "lp_ft")]
+        for a, b in pairs[:1] if set(pairs[0]) == set(pairs[1]) else pairs:
+            for line in verdict_lines({a: groups[a], b: groups[b]}, b):
+                print(f"- {f:g} of train: {line}")
 
 
 def figure(results: dict, args) -> None:
