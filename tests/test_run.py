@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 
 import pytest
@@ -210,6 +211,31 @@ def test_non_finite_numbers_are_written_as_null(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text(),
                          parse_constant=lambda c: pytest.fail(f"bare {c}"))
     assert metrics["history"][0]["train_loss"] is None and metrics["final"]["val_loss"] is None
+
+
+def test_the_record_keeps_the_runtime_and_a_resume_under_another_says_so(tmp_path, caplog):
+    from transferlab.run.record import RunTracker
+
+    tracker = RunTracker(tmp_path, {}, {"seed": 0})
+    tracker.log_epoch({"epoch": 1, "stage": "s", "train_loss": 1.0, "train_acc": 0.5,
+                       "val_loss": 1.0, "val_acc": 0.5, "lr": {}, "seconds": 1.0}, 0)
+    tracker.finish("interrupted")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    runtime = dict(metrics["runtime"])
+    assert runtime["threads"] == torch.get_num_threads()
+    assert runtime["torch"] == importlib.metadata.version("torch")
+    resume = {"epoch": 1, "step": 0, "history": metrics["history"], "best": metrics["best"]}
+    RunTracker(tmp_path, {}, {"seed": 0}, resume=resume).finish("interrupted")  # the same one
+    assert "runtime_changed" not in json.loads((tmp_path / "metrics.json").read_text())[
+        "resumes"][-1] and "another runtime" not in caplog.text
+    metrics["runtime"]["threads"] = runtime["threads"] + 3  # as if started with other threads
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    with caplog.at_level("WARNING", logger="transferlab"):
+        RunTracker(tmp_path, {}, {"seed": 0}, resume=resume).finish("interrupted")
+    changed = f"threads {runtime['threads'] + 3} -> {runtime['threads']}"
+    assert f"resuming with another runtime ({changed})" in caplog.text
+    after = json.loads((tmp_path / "metrics.json").read_text())
+    assert after["resumes"][-1]["runtime_changed"] == [changed] and after["runtime"] == runtime
 
 
 @pytest.mark.slow  # (a whole run)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
+import platform
 import random
 from pathlib import Path
 
@@ -136,3 +138,25 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def runtime_record() -> dict:
+    """What a run's numbers depend on beyond its config: the versions of Python, torch,
+    torchvision and transferlab, and torch's intra-op threads (a CPU run's reductions split by
+    them: the same seed with another thread count is not bit-identical)."""
+    versions = {}
+    for name in ("torch", "torchvision", "transferlab"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"python": platform.python_version(), **versions,
+            "threads": torch.get_num_threads()}
+
+
+def runtime_changes(before: dict | None, now: dict) -> list[str]:
+    """``key a -> b`` for each entry of :func:`runtime_record` that differs (none when the run
+    recorded none)."""
+    if not isinstance(before, dict):
+        return []
+    return [f"{k} {before.get(k)} -> {v}" for k, v in now.items() if before.get(k) != v]

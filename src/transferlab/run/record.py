@@ -21,6 +21,7 @@ from transferlab.errors import Interrupted, Paused, error_line
 from transferlab.infra.liveness import process_started
 from transferlab.infra.processes import resume_command
 from transferlab.infra.run_dirs import atomic_write_text, lock_run
+from transferlab.infra.runtime import runtime_changes, runtime_record
 from transferlab.run.trackers import open_trackers
 
 log = logging.getLogger("transferlab")
@@ -149,7 +150,7 @@ class RunTracker:
         self.wall_before = 0.0  # seconds of the sessions before a resume
         # where and when it ran (sweeps launched in parallel show their worker processes)
         here = {"host": socket.gethostname(), "pid": os.getpid(),
-                "pid_started": process_started(os.getpid())}
+                "pid_started": process_started(os.getpid()), "runtime": runtime_record()}
         # trainer.loggers (run.trackers): TensorBoard's writer is self.writer
         self.trackers = open_trackers(run_dir, config, resume is not None) if writes else []
         if resume is None:
@@ -172,6 +173,11 @@ class RunTracker:
             self.extra = {k: v for k, v in previous.items() if k not in RECORD_KEYS}
             for key in ("error", "resume_command", "paused"):
                 self.extra.pop(key, None)
+            changed = runtime_changes(self.extra.get("runtime"), here["runtime"])
+            if changed and writes:
+                log.warning("resuming with another runtime (%s): the epochs from here are not "
+                            "bit-identical to an uninterrupted run's (OMP_NUM_THREADS sets the "
+                            "threads)", ", ".join(changed))
             self.extra.update(here)
             if "best_ema" in self.extra:  # as of the checkpoint, not of a later epoch
                 self.extra["best_ema"] = best_ema(self.history)
@@ -179,7 +185,8 @@ class RunTracker:
             self.wall_before = float(previous.get("wall_seconds") or 0.0)
             self.extra["resumes"] = [*self.extra.get("resumes", []), {
                 "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from_epoch": resume["epoch"],
-                "from_step": resume["step"], "mid_epoch": resume.get("partial") is not None}]
+                "from_step": resume["step"], "mid_epoch": resume.get("partial") is not None,
+                **({"runtime_changed": changed} if changed else {})}]
             if writes:
                 trim_events(run_dir / "tb", resume["epoch"], resume["step"])
             self.writer = self._events()
