@@ -50,20 +50,20 @@ def named_split(run: RunConfig, spec: InputSpec, image_size: int, split: str,
     from transferlab.data.transforms import eval_transform
 
     dataset = run.dataset
-    if split not in EVAL_SPLITS and split in dataset.extra_test:
+    if split in EVAL_SPLITS:
+        splits = build_splits(dataset, run.augment, spec, image_size, eval_tf)
+        found = getattr(splits, split, None)
+        if found is None:
+            raise UserError(f"dataset {dataset.name} has no {split} split: use split=val")
+        if list(splits.classes) != list(classes):
+            raise UserError(f"the dataset's classes {splits.classes} differ from the "
+                            f"checkpoint's {classes}")
+        return found
+    if split in dataset.extra_test:
         transform = eval_tf or eval_transform(spec, image_size, dataset.crop_pct)
         return extra_test_set(split, dataset.extra_test[split], classes, transform)
-    if split not in EVAL_SPLITS:
-        sets = ", ".join(dataset.extra_test) or "none"
-        known = did_you_mean(split, (*EVAL_SPLITS, *dataset.extra_test))
-        raise UserError(f"split={split}: the run has no such split{known}: give val, test or "
-                        f"one of its dataset.extra_test sets ({sets}), or add one with "
-                        f"dataset.extra_test.{split}=<folder of class folders>")
-    splits = build_splits(dataset, run.augment, spec, image_size, eval_tf)
-    found = getattr(splits, split, None)
-    if found is None:
-        raise UserError(f"dataset {dataset.name} has no {split} split: use split=val")
-    if list(splits.classes) != list(classes):
-        raise UserError(f"the dataset's classes {splits.classes} differ from the checkpoint's "
-                        f"{classes}")
-    return found
+    sets = ", ".join(dataset.extra_test) or "none"
+    known = did_you_mean(split, (*EVAL_SPLITS, *dataset.extra_test))
+    raise UserError(f"split={split}: the run has no such split{known}: give val, test or one of "
+                    f"its dataset.extra_test sets ({sets}), or add one with "
+                    f"dataset.extra_test.{split}=<folder of class folders>")
