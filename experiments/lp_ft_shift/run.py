@@ -81,7 +81,6 @@ def one(policy: str, seed: int, out: Path, cache: Path) -> dict:
     return row
 
 
-
 def report(results: dict) -> str:
     lines = ["| policy | clean val acc, 95 % CI (seeds × images) | mean of 14 corruptions, "
              "severity 3 | clean − corrupted | train wall time (median of seeds) |",

@@ -84,11 +84,6 @@ def summary(m: dict, wall: float) -> dict:
     return out
 
 
-
-def mean_sd4(values: list[float]) -> str:
-    return mean_sd(values, 4)
-
-
 def table(results: dict) -> str:
     rows = ["| variant | val acc of the weights it ends with | last epoch's val acc | best epoch's "
             "val acc | EMA weights' final val acc | epochs trained | wall time (process) |",
@@ -100,11 +95,11 @@ def table(results: dict) -> str:
     for name, runs in results.items():
         ema = [r["final_val_acc_ema"] for r in runs if "final_val_acc_ema" in r]
         rows.append(
-            f"| {name} | {mean_sd4([r.get('end_val_acc', r['final_val_acc']) for r in runs])} | "
-            f"{mean_sd4([r['final_val_acc'] for r in runs])} | "
+            f"| {name} | {mean_sd([r.get('end_val_acc', r['final_val_acc']) for r in runs], 4)} | "
+            f"{mean_sd([r['final_val_acc'] for r in runs], 4)} | "
             + (f"{interval_cell(runs)} | " if "CI" in rows[0] else "") +
-            f"{mean_sd4([r['best_val_acc'] for r in runs])} | "
-            f"{mean_sd4(ema) if ema else ''} | "
+            f"{mean_sd([r['best_val_acc'] for r in runs], 4)} | "
+            f"{mean_sd(ema, 4) if ema else ''} | "
             f"{' / '.join(str(r['epochs_trained']) for r in runs)} | "
             f"{statistics.mean(r['wall_seconds'] for r in runs):.1f} s |")
     if "CI" not in rows[0] or "baseline" not in results:

@@ -192,7 +192,6 @@ def run_all(args) -> None:
                                                       for k in wanted], flush=True)
 
 
-
 def report(args) -> None:
     results = load()
     fractions = args.fractions

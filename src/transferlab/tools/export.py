@@ -402,8 +402,6 @@ def verify(saved: SavedModel, files: dict[str, Path], images: torch.Tensor,
 
 
 # -- the whole export -------------------------------------------------------------------------
-
-
 def export_run(args: ExportArgs) -> dict[str, Any]:
     """Export, verify and describe: the preprocessing.json record (written too)."""
     if "onnx" in args.formats:  # before any work

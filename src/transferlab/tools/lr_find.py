@@ -263,12 +263,17 @@ def range_test(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Itera
 
 
 # -- the suggestion ------------------------------------------------------------------------------
-def suggest(lrs: list[float], smoothed: list[float], rule: str = "steepest") -> float | None:
-    """The suggested base LR by ``rule`` (:data:`LR_RULES`), always one of the swept ``lrs``
-    (None when the curve is too short to judge: fewer than 5 points before its minimum)."""
+def check_rule(rule: str) -> None:
+    """A suggestion rule of :data:`LR_RULES`, else one line naming them."""
     if rule not in LR_RULES:
         raise UserError(f"rule={rule!r}{did_you_mean(rule, LR_RULES)}; choose one of "
                         f"{', '.join(LR_RULES)}")
+
+
+def suggest(lrs: list[float], smoothed: list[float], rule: str = "steepest") -> float | None:
+    """The suggested base LR by ``rule`` (:data:`LR_RULES`), always one of the swept ``lrs``
+    (None when the curve is too short to judge: fewer than 5 points before its minimum)."""
+    check_rule(rule)
     if not lrs:
         return None
     low = int(np.argmin(smoothed))
@@ -387,9 +392,7 @@ def lr_find(run: RunConfig, stage: str | None = None, *, start_lr: float = 1e-7,
             diverge: float = 4.0, rule: str = "steepest", warmup: bool = False) -> LRFindResult:
     """Build ``run`` as training does and run the range test for one stage of its freeze
     policy (see the module's docstring); returns the curve, the suggestion and the build."""
-    if rule not in LR_RULES:
-        raise UserError(f"rule={rule!r}{did_you_mean(rule, LR_RULES)}; choose one of "
-                        f"{', '.join(LR_RULES)}")
+    check_rule(rule)
     check_settings(start_lr, end_lr, smooth, diverge)  # before anything is built
     setup = prepare_stage(run, stage, warmup)
     test = setup.range_test(start_lr=start_lr, end_lr=end_lr, steps=steps, smooth=smooth,

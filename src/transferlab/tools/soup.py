@@ -42,7 +42,6 @@ from transferlab.run.saved import checkpoint_config, restore_model, restore_save
 log = logging.getLogger("transferlab")
 
 
-
 @dataclass
 class SoupArgs:
     """The parsed command line."""
