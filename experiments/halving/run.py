@@ -26,6 +26,9 @@ arm's pick trains on the whole training split with seeds 0, 1, 2 and is measured
 validation split, which no choice looked at (the weights each run ends with).
 
 Results go to ``results.json`` beside this script (one entry per study, replaced by a rerun).
+The k-fold study keeps its sweeps under ``--root`` (default ``outputs/halving-study/<study>``)
+and each finished step there: stopped, it goes on from the step it was in (delete the folder to
+start over).
 """
 
 from __future__ import annotations
@@ -71,8 +74,10 @@ HALVING = {"from epoch 1": ["hydra/sweeper=halving", "hydra.sweeper.eta=3",
 
 
 def sweep(args: list[str], out: Path) -> float:
-    """``transferlab-train -m <args>`` into ``out``; its wall time."""
-    cmd = ["transferlab-train", "-m", *COMMON, *args, f"hydra.sweep.dir={out}"]
+    """``transferlab-train -m <args>`` into ``out``; its wall time. A sweep stopped earlier in
+    ``out`` goes on (``resume=auto``): then the wall time is that of the part run now."""
+    again = ["resume=auto"] if any(out.glob("*/metrics.json")) else []
+    cmd = ["transferlab-train", "-m", *COMMON, *args, *again, f"hydra.sweep.dir={out}"]
     print("$", " ".join(cmd), flush=True)
     started = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -93,13 +98,15 @@ def jobs(out: Path, keys: tuple[str, ...] = ("optimizer.lr", "freeze")) -> dict[
                       "finetune_epochs": sum(e["stage"] == "finetune" for e in record["history"]),
                       "best_val_acc": (record.get("best") or {}).get("val_acc"),
                       "history": [round(e["val_acc"], 4) for e in record["history"]],
-                      "resumes": len(record.get("resumes", []))}
+                      "resumes": len(record.get("resumes", [])),
+                      "epoch_s": round(sum(e["seconds"] for e in record["history"]), 1)}
     return found
 
 
 def summary(wall: float, found: dict[str, dict], pick: str, value: float) -> dict:
     return {"wall_s": round(wall, 1), "epochs": sum(j["epochs"] for j in found.values()),
             "finetune_epochs": sum(j["finetune_epochs"] for j in found.values()),
+            "epoch_s": round(sum(j["epoch_s"] for j in found.values()), 1),
             "pick": pick, "pick_val_acc": value, "jobs": found}
 
 
@@ -146,33 +153,49 @@ def held_out(grid: list[str], pick: list[str], out: Path) -> dict:
             "sd": round(sd, 4)}
 
 
-def run_cv_study(name: str) -> dict:
-    """Both arms on the k-fold split of the training images, then the picks on held-out val."""
+def run_cv_study(name: str, root: Path) -> dict:
+    """Both arms on the k-fold split of the training images, then the picks on held-out val.
+
+    Each step's result is kept in ``root`` as it ends (``<step>.json``), so a rerun after a
+    stop skips what is done and goes on from the next step."""
     grid = CV_STUDIES[name]
     out = {"grid": grid + FOLDS, "rungs": CV_RUNGS}
-    with tempfile.TemporaryDirectory(prefix="halving-") as tmp:
-        root = Path(tmp)
-        arms = {"halving": ["hydra/sweeper=halving", "hydra.sweeper.eta=3",
-                            f"hydra.sweeper.rungs=[{','.join(map(str, CV_RUNGS))}]"],
-                "exhaustive": ["hydra/sweeper=halving", f"hydra.sweeper.rungs=[{CV_RUNGS[-1]}]"]}
-        for label, args in arms.items():
-            wall = sweep([*args, *grid, *FOLDS], root / label)
-            record = json.loads((root / label / "halving.json").read_text())
-            found = jobs(root / label, CV_KEYS)
-            out[label] = {**summary(wall, found, " ".join(record["winner"]["overrides"]),
-                                    record["winner"]["value"]),
-                          "rungs": record["rungs"], "configurations": record["configurations"],
-                          "winner": record["winner"]["overrides"]}
-            print(label, json.dumps({k: v for k, v in out[label].items()
-                                     if k in ("wall_s", "epochs", "finetune_epochs", "pick",
-                                              "pick_val_acc")}), flush=True)
-        picks = {label: out[label]["winner"] for label in arms}
-        for i, pick in enumerate(dict.fromkeys(map(tuple, picks.values()))):
-            result = held_out(grid, list(pick), root / f"held_out{i}")
-            for label in arms:
-                if tuple(picks[label]) == pick:
-                    out[label]["held_out"] = result
-            print("held out", " ".join(pick), json.dumps(result), flush=True)
+    root.mkdir(parents=True, exist_ok=True)
+
+    def step(label: str, compute) -> dict:
+        kept = root / f"{label}.json"
+        if kept.is_file():
+            print(f"{label}: kept from an earlier run ({kept})", flush=True)
+            return json.loads(kept.read_text())
+        result = compute()
+        kept.write_text(json.dumps(result, indent=1) + "\n")
+        return result
+
+    def arm(label: str, args: list[str]) -> dict:
+        wall = sweep([*args, *grid, *FOLDS], root / label)
+        record = json.loads((root / label / "halving.json").read_text())
+        found = jobs(root / label, CV_KEYS)
+        return {**summary(wall, found, " ".join(record["winner"]["overrides"]),
+                          record["winner"]["value"]),
+                "rungs": record["rungs"], "configurations": record["configurations"],
+                "winner": record["winner"]["overrides"]}
+
+    arms = {"halving": ["hydra/sweeper=halving", "hydra.sweeper.eta=3",
+                        f"hydra.sweeper.rungs=[{','.join(map(str, CV_RUNGS))}]"],
+            "exhaustive": ["hydra/sweeper=halving", f"hydra.sweeper.rungs=[{CV_RUNGS[-1]}]"]}
+    for label, args in arms.items():
+        out[label] = step(label, lambda label=label, args=args: arm(label, args))
+        print(label, json.dumps({k: v for k, v in out[label].items()
+                                 if k in ("wall_s", "epochs", "finetune_epochs", "pick",
+                                          "pick_val_acc")}), flush=True)
+    picks = {label: out[label]["winner"] for label in arms}
+    for i, pick in enumerate(dict.fromkeys(map(tuple, picks.values()))):
+        result = step(f"held_out{i}", lambda i=i, pick=pick:
+                      held_out(grid, list(pick), root / f"held_out{i}"))
+        for label in arms:
+            if tuple(picks[label]) == pick:
+                out[label]["held_out"] = result
+        print("held out", " ".join(pick), json.dumps(result), flush=True)
     return out
 
 
@@ -191,11 +214,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", nargs="?", choices=sorted([*STUDIES, *CV_STUDIES]))
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--root", type=Path, default=Path("outputs/halving-study"),
+                        help="where the k-fold study keeps its sweeps and finished steps "
+                             "(a rerun goes on from there)")
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     if args.study:
-        results[args.study] = (run_cv_study if args.study in CV_STUDIES
-                               else run_study)(args.study)
+        results[args.study] = (run_cv_study(args.study, args.root / args.study)
+                               if args.study in CV_STUDIES else run_study(args.study))
         RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     print(report(results))
 
