@@ -57,6 +57,7 @@ def test_blocks_listed_input_to_output_with_their_rank():
 def test_reading_names_the_blocks_after_the_peak():
     text = reading(_rows(), "a", "logme")
     assert "peaks after block 1 (b1" in text and "freeze=top_k freeze.k=1" in text
+    assert "backbone.cut=1 (the features after block 1)" in text
     rows = [Row("x", "s", 0, scores={"logme": 0.1}), Row("x", "t", 1, scores={"logme": 0.2})]
     assert "highest after its last block (t)" in reading(rows, "x", "logme")
     assert reading(_rows(), "c", "logme") is None  # no blocks scored

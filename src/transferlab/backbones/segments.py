@@ -13,12 +13,13 @@ the same output is not used.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from transferlab.backbones.base import Backbone
+from transferlab.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -120,3 +121,66 @@ def block_boundaries(segments: list[Segment], backbone: Backbone) -> list[int]:
         if not before & after:
             cuts.append(i)
     return cuts
+
+
+def boundary_points(backbone: Backbone, segments: list[Segment]) -> list[tuple[int, int, str]]:
+    """(segment index, block index, block name) of the last cut after each block of the
+    backbone's sequential view ``segments``, input to output: the features "after block j"
+    (those ``transferlab-rank`` scores and ``backbone.cut`` keeps)."""
+    last: dict[int, int] = {}
+    for cut in block_boundaries(segments, backbone):
+        names = [n for s in segments[:cut] for n in s.param_names()]
+        owners = [j for j, b in enumerate(backbone.blocks) for n in names if b.owns(n)]
+        if owners:
+            last[max(owners)] = cut
+    return [(cut, j, backbone.blocks[j].name) for j, cut in sorted(last.items())]
+
+
+class Chain(nn.Module):
+    """The first segments of a backbone, each under its path in the whole backbone (so that
+    parameter names, blocks and checkpoints read the same), run one after the other."""
+
+    def __init__(self, segments: list[Segment]):
+        super().__init__()
+        for seg in segments:
+            parent: nn.Module = self
+            *outer, leaf = seg.path.split(".")
+            for name in outer:
+                if name not in parent._modules:
+                    parent.add_module(name, nn.Module())
+                parent = parent._modules[name]
+            parent.add_module(leaf, seg.module)
+        self.paths = [seg.path for seg in segments]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for path in self.paths:
+            x = self.get_submodule(path)(x)
+        return x
+
+
+def cut_after(backbone: Backbone, block: str) -> Backbone:
+    """``backbone`` up to and including ``block`` (its name or index; ``backbone.cut``): the
+    blocks after it are dropped, and the features are that block's output (unpooled)."""
+    names = [b.name for b in backbone.blocks]
+    index = names.index(block) if block in names else (
+        int(block) if block.lstrip("-").isdigit() else None)
+    if index is None or not -len(names) <= index < len(names):
+        raise UserError(f"backbone.cut={block}: {backbone.name} has no such block; name one of "
+                        f"its {len(names)} blocks by index (0-{len(names) - 1}) or by name "
+                        f"({names[0]} ... {names[-1]}; transferlab-blocks lists them)")
+    index %= len(names)
+    segments = sequential_view(backbone, backbone.input.size)
+    points = {j: cut for cut, j, _ in boundary_points(backbone, segments)} if segments else {}
+    if index not in points:
+        why = ("it has no block-by-block view (backbone.cut takes torchvision CNNs, timm's "
+               "EfficientNet / MobileNet / ResNet families and transferlab's conv_encoder)"
+               if not segments else f"block {names[index]} does not end at a segment boundary")
+        raise UserError(f"backbone.cut={block}: {backbone.name} cannot be cut there: {why}")
+    if index == len(names) - 1:
+        return backbone
+    kept = [seg for seg in segments[:points[index]] if seg.module is not None]
+    if len(kept) != points[index]:
+        raise UserError(f"backbone.cut={block}: {backbone.name} cannot be cut there: a step "
+                        "before the cut is not a module of its own")
+    return replace(backbone, module=Chain(kept), blocks=backbone.blocks[:index + 1],
+                   categories=None, imagenet_head=None, feature_shape=(), source=None)

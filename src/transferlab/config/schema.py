@@ -176,6 +176,9 @@ class BackboneConfig:
     pretrained: bool = True
     weights_path: str | None = None  # a local file of the pretrained weights (no download)
     init: InitConfig = field(default_factory=InitConfig)
+    # keep the backbone up to and including this block (its index or name; transferlab-blocks
+    # lists them) and drop the rest: the features are that block's output. null: whole
+    cut: str | None = None
 
 
 @dataclass

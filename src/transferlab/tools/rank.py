@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from transferlab.backbones import Backbone
-from transferlab.backbones.segments import Segment, block_boundaries, sequential_view
+from transferlab.backbones.segments import Segment, boundary_points, sequential_view
 from transferlab.config import AugmentConfig, RunConfig
 from transferlab.data import build_splits, eval_batch_size, loader_workers, worker_context
 from transferlab.errors import UserError
@@ -103,18 +103,6 @@ def source_probs(backbone: Backbone, pooled: np.ndarray) -> np.ndarray | None:
 
 
 # -- block boundaries ----------------------------------------------------------------------------
-def boundary_points(backbone: Backbone, segments: list[Segment]) -> list[tuple[int, int, str]]:
-    """(segment index, block index, block name) of the last cut after each block of the
-    backbone's sequential view ``segments``, input to output."""
-    last: dict[int, int] = {}
-    for cut in block_boundaries(segments, backbone):
-        names = [n for s in segments[:cut] for n in s.param_names()]
-        owners = [j for j, b in enumerate(backbone.blocks) for n in names if b.owns(n)]
-        if owners:
-            last[max(owners)] = cut
-    return [(cut, j, backbone.blocks[j].name) for j, cut in sorted(last.items())]
-
-
 def _pooled_at(segments: list[Segment], cuts: list[int], x: torch.Tensor) -> list[torch.Tensor]:
     """The chain run on ``x`` up to the last cut: the globally pooled output at each cut."""
     pooled, stops = [], set(cuts)

@@ -81,7 +81,9 @@ def reading(rows: list[Row], backbone: str, primary: str) -> str | None:
         text = (f"{backbone}: {primary} peaks after block {best.block_index} ({best.block}, "
                 f"{best.scores[primary]:.4f}) and falls to {last.scores[primary]:.4f} by the "
                 f"last block: the {after} blocks after it are the ImageNet-specific ones; try "
-                f"freeze=top_k freeze.k={after} (they train, the rest stays frozen)")
+                f"freeze=top_k freeze.k={after} (they train, the rest stays frozen), or "
+                f"drop them: backbone.cut={best.block_index} (the features after block "
+                f"{best.block_index})")
     return text + _rgn_reading(blocks)
 
 
