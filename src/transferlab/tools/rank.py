@@ -197,14 +197,26 @@ def feature_cache(run: RunConfig, backbone: Backbone, device: torch.device) -> F
 
 def rank_backbone(run: RunConfig, name: str, scores: list[str], blocks: bool,
                   device: torch.device, rgn_batches: int = 0) -> list[Row]:
-    """The rows of one backbone: whole, then (``blocks``) after each block, with their
-    relative gradient norm on ``rgn_batches`` batches (0: not measured); one row with the
-    error when it cannot be built or its features cannot be made."""
+    """The rows of the backbone ``name`` (a preset, or a torchvision / timm model name):
+    :func:`rank_run_backbone` of ``run`` with that backbone."""
+    try:
+        run = dataclasses.replace(run, backbone=backbone_config(name, None))
+    except UserError as exc:
+        return [Row(name, error=str(exc))]
+    return rank_run_backbone(run, name, scores, blocks, device, rgn_batches)
+
+
+def rank_run_backbone(run: RunConfig, name: str, scores: list[str], blocks: bool,
+                      device: torch.device, rgn_batches: int = 0) -> list[Row]:
+    """The rows of ``run``'s backbone as its config builds it (``backbone.cut``,
+    ``backbone.init``, ``pretrained=false``...), named ``name``: whole, then (``blocks``) after
+    each block, with their relative gradient norm on ``rgn_batches`` batches (0: not
+    measured); one row with the error when it cannot be built or its features cannot be
+    made."""
     from transferlab.run.build import build_backbone_of
 
     started = time.perf_counter()
     try:
-        run = dataclasses.replace(run, backbone=backbone_config(name, None))
         backbone, _, size, _ = build_backbone_of(run)
         splits = build_splits(run.dataset, AugmentConfig(), backbone.input, size)
         cache = feature_cache(run, backbone, device)
