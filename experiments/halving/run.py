@@ -62,6 +62,7 @@ CV_STUDIES = {
                     "freeze.block=17,12,6", "trainer.epochs=10", "freeze.head_epochs=1",
                     "freeze.probe_epochs=1", "freeze.finetune_epochs=9"],
 }
+HEAD_ONLY = ("head", "probe")  # the stages of these policies that train the head alone
 FOLDS = ["dataset.folds=3", "dataset.fold=range(0,3)"]
 # every policy trains the head alone for epoch 1, so the first rung is after epoch 2 (the
 # first that tells the policies apart); eta 3 cuts 24 -> 8 -> 2
@@ -95,7 +96,10 @@ def jobs(out: Path, keys: tuple[str, ...] = ("optimizer.lr", "freeze")) -> dict[
         overrides = yaml.safe_load((path.parent / ".hydra" / "overrides.yaml").read_text())
         key = " ".join(o for o in overrides if o.split("=")[0].lstrip("+") in keys)
         found[key] = {"status": record["status"], "epochs": len(record["history"]),
-                      "finetune_epochs": sum(e["stage"] == "finetune" for e in record["history"]),
+                      # epochs that train backbone blocks (every stage of these policies
+                      # but the head-only ones: two_stage's head, lp_ft's probe, linear_probe)
+                      "finetune_epochs": sum(e["stage"] not in HEAD_ONLY
+                                             for e in record["history"]),
                       "best_val_acc": (record.get("best") or {}).get("val_acc"),
                       "history": [round(e["val_acc"], 4) for e in record["history"]],
                       "resumes": len(record.get("resumes", [])),
@@ -185,6 +189,10 @@ def run_cv_study(name: str, root: Path) -> dict:
             "exhaustive": ["hydra/sweeper=halving", f"hydra.sweeper.rungs=[{CV_RUNGS[-1]}]"]}
     for label, args in arms.items():
         out[label] = step(label, lambda label=label, args=args: arm(label, args))
+        # the counts, read again from the sweep's records (a kept step may predate a recount)
+        recount = summary(out[label]["wall_s"], jobs(root / label, CV_KEYS), "", 0.0)
+        out[label].update({k: recount[k] for k in ("epochs", "finetune_epochs", "epoch_s",
+                                                   "jobs")})
         print(label, json.dumps({k: v for k, v in out[label].items()
                                  if k in ("wall_s", "epochs", "finetune_epochs", "pick",
                                           "pick_val_acc")}), flush=True)
@@ -210,6 +218,37 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _held(h: dict | None) -> str:
+    if not h:
+        return "n/a"
+    return (f"{h['mean']:.4f} ± {h['sd']:.4f} ("
+            + ", ".join(f"{v:.4f}" for v in h["final_val_acc"]) + ")")
+
+
+def cv_report(r: dict) -> str:
+    """The k-fold study: both arms, then every configuration's exhaustive CV mean beside the
+    rung halving took it to."""
+    lines = ["| arm | epochs trained | of them fine-tuning | seconds in epochs | wall time | "
+             "pick | its 3-fold CV mean | pick's held-out val acc, 3 seeds (mean ± sd) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label in ("exhaustive", "halving"):
+        s = r[label]
+        lines.append(f"| {label} | {s['epochs']} | {s['finetune_epochs']} | "
+                     f"{s['epoch_s']:.0f} s | {s['wall_s']:.0f} s | `{s['pick']}` | "
+                     f"{s['pick_val_acc']:.4f} | {_held(s.get('held_out'))} |")
+    reached = {tuple(c["overrides"]): c for c in r["halving"]["configurations"]}
+    full = sorted(r["exhaustive"]["configurations"], key=lambda c: -(c["values"][-1] or -1))
+    lines += ["", "| configuration | exhaustive: 3-fold CV mean at epoch 10 | halving: "
+              "CV mean at each rung it reached |", "|---|---|---|"]
+    budgets = r["rungs"]
+    for c in full:
+        h = reached[tuple(c["overrides"])]
+        steps = ", ".join(f"{v:.4f} (epoch {budgets[i]})" for i, v in enumerate(h["values"])
+                          if v is not None)
+        lines.append(f"| `{' '.join(c['overrides'])}` | {c['values'][-1]:.4f} | {steps} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", nargs="?", choices=sorted([*STUDIES, *CV_STUDIES]))
@@ -223,7 +262,10 @@ def main() -> None:
         results[args.study] = (run_cv_study(args.study, args.root / args.study)
                                if args.study in CV_STUDIES else run_study(args.study))
         RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    print(report(results))
+    print(report({k: v for k, v in results.items() if k in STUDIES}))
+    for name in CV_STUDIES:
+        if name in results and "exhaustive" in results[name]:
+            print(f"\n{name}:\n{cv_report(results[name])}")
 
 
 if __name__ == "__main__":
