@@ -95,6 +95,10 @@ def test_probe_accuracy_separates_separable_from_random():
                             "leep, nce, h_score, h_score_shrinkage, transrate, probe"),
     (["backbone=resnet18"], "error: backbone=resnet18: transferlab-rank takes "
                             "backbones=<a,b,...> (one or more), not backbone="),
+    (["backbone.cut=12"], "error: backbone.cut=12: transferlab-rank builds each of "
+                          "backbones= as its preset and would not apply it; drop it (the block "
+                          "rows score the features after every block, as backbone.cut would "
+                          "give)"),
     (["--blocks"], "error: --blocks is not an option: write blocks=true"),
     (["blocks=false", "rgn_batches=2"], "error: rgn_batches=2 measures blocks: drop "
                                         "blocks=false, or rgn_batches="),

@@ -94,6 +94,11 @@ def run_cli(argv: list[str]) -> int:
     if given_backbone:
         raise UserError(f"{given_backbone[0]}: transferlab-rank takes backbones=<a,b,...> "
                         "(one or more), not backbone=")
+    fields = [o for o in args.overrides if o.split("=")[0].lstrip("+~").startswith("backbone.")]
+    if fields:
+        raise UserError(f"{fields[0]}: transferlab-rank builds each of backbones= as its preset "
+                        "and would not apply it; drop it (the block rows score the features "
+                        "after every block, as backbone.cut would give)")
     if args["rgn_batches"] and not args["blocks"]:
         raise UserError(f"rgn_batches={args['rgn_batches']} measures blocks: drop "
                         "blocks=false, or rgn_batches=")
