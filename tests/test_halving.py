@@ -129,6 +129,25 @@ def test_intervals_are_sampled_with_a_seed():
         configurations(parsed(*args), [], None, 0)
 
 
+def test_folds_with_the_same_accuracies_in_another_order_tie(tmp_path):
+    """The hymenoptera study's rung 0 (2026-12-06): 3-fold means that a plain sum put one bit
+    apart, so the float's last bit, not the command line's order, decided who went on."""
+    folds, other = [75 / 82, 76 / 81, 77 / 82], [75 / 82, 77 / 82, 76 / 81]
+    assert sum(folds) / 3 != sum(other) / 3  # the plain means differ in the last bit
+    configs = configurations(parsed("optimizer.lr=1e-2,1e-3", "dataset.fold=0,1,2"),
+                             ["dataset.fold"], None, 0)
+    halving = Halving(plan(eta=2), configs, tmp_path)
+    for config, order in zip(configs, [other, folds], strict=True):
+        for job, value in zip(config.jobs, order, strict=True):
+            (tmp_path / job.subdir).mkdir()
+            (tmp_path / job.subdir / "metrics.json").write_text(json.dumps(
+                {"status": "paused", "history": [{"epoch": 1, "val_acc": value}],
+                 "paused": {"epoch": 1}}))
+    on = halving.score(0, configs)
+    assert configs[0].value == configs[1].value == round(math.fsum(folds) / 3, 12)
+    assert [c.index for c in on] == [0] and halving.rungs[0]["tied_at_cut"] == 2
+
+
 def test_a_rung_launches_only_the_jobs_short_of_its_budget(tmp_path):
     configs = configurations(parsed("optimizer.lr=1e-2,1e-3,1e-4"), [], None, 0)
     halving = Halving(plan(), configs, tmp_path)

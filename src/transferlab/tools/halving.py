@@ -108,6 +108,14 @@ def ranked(values: list[float | None], mode: str) -> list[int]:
                                                      sign * (values[i] or 0.0), i))
 
 
+def mean_of(values: list[float]) -> float:
+    """A configuration's value: the mean of its jobs' (folds', seeds'), the same whatever the
+    order of the jobs (``math.fsum`` is exact: a plain sum in another order can differ in its
+    last bit, and that bit would decide a tie at a rung's cut instead of the command line's
+    order), rounded to 12 decimals."""
+    return round(math.fsum(values) / len(values), 12)
+
+
 def run_value(status: dict, metric: str, mode: str, budget: int | None) -> float | None:
     """A job's value at a rung: the best ``metric`` over its record's epochs up to ``budget``
     (None: a failed run, or no epoch with the metric)."""
@@ -242,7 +250,7 @@ class Halving:
             values = [run_value(read_status(self.sweep_dir / j.subdir), self.metric, self.mode,
                                 pause) for j in config.jobs]
             config.values.append(None if None in values or not values
-                                 else sum(values) / len(values))
+                                 else mean_of(values))
             config.rung = rung
         last = self.plan.is_last(rung, len(alive))
         order = ranked([c.value for c in alive], self.mode)
