@@ -137,12 +137,32 @@ def run_study(name: str) -> dict:
     return out
 
 
+def applicable(fixed: list[str], pick: list[str]) -> list[str]:
+    """The grid's fixed keys that the pick's freeze policy has: one run is strict, where the
+    sweep applied each key to the jobs whose policy has it (docs/sweeps.md)."""
+    from omegaconf import OmegaConf
+
+    from transferlab.config.load import option_layers, uses_trainer_epochs
+
+    policy = next(o.split("=", 1)[1] for o in pick if o.lstrip("+").startswith("freeze="))
+    freeze = OmegaConf.merge(*option_layers("freeze", policy))
+    keep = []
+    for item in fixed:
+        key = item.split("=")[0]
+        if key.startswith("freeze.") and key.split(".", 1)[1] not in freeze:
+            continue
+        if key == "trainer.epochs" and not uses_trainer_epochs(freeze):
+            continue
+        keep.append(item)
+    return keep
+
+
 def held_out(grid: list[str], pick: list[str], out: Path) -> dict:
     """``pick`` trained on the whole training split with seeds 0, 1, 2: the val accuracy each
     run ends with (the split no choice looked at)."""
-    fixed = [g for g in grid if "," not in g and g.split("=")[0] in
-             ("dataset", "dataset.image_size", "trainer.epochs", "freeze.head_epochs",
-              "freeze.probe_epochs", "freeze.finetune_epochs")]
+    fixed = applicable([g for g in grid if "," not in g and g.split("=")[0] in
+                        ("dataset", "dataset.image_size", "trainer.epochs", "freeze.head_epochs",
+                         "freeze.probe_epochs", "freeze.finetune_epochs")], pick)
     wall = sweep([*fixed, *pick, "seed=0,1,2"], out)
     final = {}
     for path in sorted(out.glob("*/metrics.json")):
@@ -218,6 +238,37 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
+def replay(root: Path, rungs: list[int], eta: int = 3) -> list[str]:
+    """The halving arm's decisions again, from the exhaustive arm's records (every job's
+    epoch-by-epoch history; resume is exact, so a paused and resumed run has the same one):
+    once with a plain mean over folds, as the sweeper had it when the study ran, and once
+    with the sweeper's exact mean (``mean_of``). No training: it reads the records."""
+    from transferlab.tools.halving import mean_of, ranked
+
+    record = json.loads((root / "exhaustive" / "halving.json").read_text())
+    histories = {c["config"]: [json.loads((root / "exhaustive" / r / "metrics.json")
+                                          .read_text())["history"] for r in c["runs"]]
+                 for c in record["configurations"]}
+    names = {c["config"]: " ".join(c["overrides"]) for c in record["configurations"]}
+    lines = []
+    for label, mean in (("plain mean", lambda v: sum(v) / len(v)), ("exact mean", mean_of)):
+        alive = sorted(histories)
+        for rung, budget in enumerate(rungs):
+            keep = 1 if rung == len(rungs) - 1 else max(1, len(alive) // eta)
+            values = [mean([max(e["val_acc"] for e in h[:budget]) for h in histories[c]])
+                      for c in alive]
+            order = ranked(values, "max")
+            cut = values[order[keep - 1]]
+            tied = (sum(v == cut for v in values)
+                    if keep < len(values) and values[order[keep]] == cut else 0)
+            alive = sorted(alive[i] for i in order[:keep])
+            went = ", ".join(f"`{names[c]}`" for c in alive) if keep <= 2 else \
+                f"{keep} configurations"
+            lines.append(f"{label}: rung {rung} (epoch {budget}): {went} went on"
+                         f"{f'; {tied} tied at the cut' if tied else ''}")
+    return lines
+
+
 def _held(h: dict | None) -> str:
     if not h:
         return "n/a"
@@ -253,6 +304,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", nargs="?", choices=sorted([*STUDIES, *CV_STUDIES]))
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--replay", action="store_true",
+                        help="the k-fold study's halving decisions again from the exhaustive "
+                             "arm's records (needs --root's sweeps)")
     parser.add_argument("--root", type=Path, default=Path("outputs/halving-study"),
                         help="where the k-fold study keeps its sweeps and finished steps "
                              "(a rerun goes on from there)")
@@ -262,6 +316,10 @@ def main() -> None:
         results[args.study] = (run_cv_study(args.study, args.root / args.study)
                                if args.study in CV_STUDIES else run_study(args.study))
         RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    if args.replay:
+        for name in CV_STUDIES:
+            print("\n".join(replay(args.root / name, CV_RUNGS)))
+        return
     print(report({k: v for k, v in results.items() if k in STUDIES}))
     for name in CV_STUDIES:
         if name in results and "exhaustive" in results[name]:
