@@ -178,6 +178,7 @@ def test_onnx_falls_back_to_the_torch_export_based_exporter(tiny_run, tmp_path, 
     assert dims[0].dim_param and not dims[0].dim_value  # the batch axis stays symbolic
 
 
+@pytest.mark.slow  # it needs the session's tiny trained run (the fast tier stays under a minute)
 def test_images_from_a_folder(tiny_run, tmp_path, capsys, one_thread):
     images, labels = digits_images()
     folder = tmp_path / "photos"

@@ -81,6 +81,7 @@ def test_trained_run_writes_one_csv_row_per_image(tiny_run, tmp_path, capsys, on
         assert float(row["probability"]) == max(probs) == float(row[row["label"]])
 
 
+@pytest.mark.slow  # it needs the session's tiny trained run (the fast tier stays under a minute)
 def test_trained_run_default_csv_is_in_the_run_dir(tiny_run, tmp_path, capsys, one_thread):
     save_digits(tmp_path / "digits", 2)
     assert main([f"run={tiny_run}", str(tmp_path / "digits" / "0_0.png")]) == 0
@@ -89,6 +90,7 @@ def test_trained_run_default_csv_is_in_the_run_dir(tiny_run, tmp_path, capsys, o
         assert len(list(csv.DictReader(f))) == 1
 
 
+@pytest.mark.slow  # it needs the session's tiny trained run (the fast tier stays under a minute)
 @pytest.mark.parametrize("how", ["nothing decodes", "interrupted", "fails"])
 def test_an_earlier_csv_survives_a_predict_that_does_not_finish(how, tiny_run, tmp_path,
                                                                 capsys, monkeypatch, one_thread):

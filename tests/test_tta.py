@@ -186,6 +186,7 @@ def test_eval_with_tta_writes_it_in_the_reports(tta, tiny_run, capsys, one_threa
     assert plain["loss"] != report["loss"]  # other inputs, other numbers
 
 
+@pytest.mark.slow  # it needs the session's tiny trained run (the fast tier stays under a minute)
 def test_predict_csv_of_a_run_has_the_tta(tiny_run, tmp_path, capsys, one_thread):
     save_digits(tmp_path / "digits", 3)
     out_csv = tmp_path / "preds.csv"
