@@ -12,6 +12,7 @@ Imported by the studies' ``run.py`` (``sys.path`` gets this folder).
 
 from __future__ import annotations
 
+import json
 import statistics
 import subprocess
 import sys
@@ -97,3 +98,15 @@ def difference_cell(diff: Difference, holm_p: float) -> str:
 
 __all__ = ["against", "bits", "difference_cell", "interval_cell", "last_correct", "matrix",
            "mean_sd", "verdict_lines"]
+
+
+def kept(path: Path, compute) -> dict:
+    """``compute()``, written to ``path`` (JSON) as it ends; or what an earlier run of the
+    study kept there: a study stopped part-way goes on from the step it was in."""
+    if path.is_file():
+        print(f"{path.stem}: kept from an earlier run ({path})", flush=True)
+        return json.loads(path.read_text())
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return result

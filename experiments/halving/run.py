@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,6 +45,9 @@ from pathlib import Path
 import yaml
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from study_stats import kept  # noqa: E402
+
 RESULTS = HERE / "results.json"
 COMMON = ["augment=none", "trainer.progress=false", "trainer.deterministic=true"]
 STUDIES = {
@@ -171,10 +175,8 @@ def held_out(grid: list[str], pick: list[str], out: Path) -> dict:
         final[next(o for o in overrides if o.startswith("seed="))] = \
             record["history"][-1]["val_acc"]
     values = list(final.values())
-    mean = sum(values) / len(values)
-    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-    return {"wall_s": round(wall, 1), "final_val_acc": values, "mean": round(mean, 4),
-            "sd": round(sd, 4)}
+    return {"wall_s": round(wall, 1), "final_val_acc": values,
+            "mean": round(statistics.mean(values), 4), "sd": round(statistics.stdev(values), 4)}
 
 
 def run_cv_study(name: str, root: Path) -> dict:
@@ -186,39 +188,28 @@ def run_cv_study(name: str, root: Path) -> dict:
     out = {"grid": grid + FOLDS, "rungs": CV_RUNGS}
     root.mkdir(parents=True, exist_ok=True)
 
-    def step(label: str, compute) -> dict:
-        kept = root / f"{label}.json"
-        if kept.is_file():
-            print(f"{label}: kept from an earlier run ({kept})", flush=True)
-            return json.loads(kept.read_text())
-        result = compute()
-        kept.write_text(json.dumps(result, indent=1) + "\n")
-        return result
-
     def arm(label: str, args: list[str]) -> dict:
         wall = sweep([*args, *grid, *FOLDS], root / label)
         record = json.loads((root / label / "halving.json").read_text())
-        found = jobs(root / label, CV_KEYS)
-        return {**summary(wall, found, " ".join(record["winner"]["overrides"]),
-                          record["winner"]["value"]),
-                "rungs": record["rungs"], "configurations": record["configurations"],
-                "winner": record["winner"]["overrides"]}
+        return {"wall_s": round(wall, 1), "rungs": record["rungs"],
+                "configurations": record["configurations"], "winner": record["winner"]}
 
     arms = {"halving": ["hydra/sweeper=halving", "hydra.sweeper.eta=3",
                         f"hydra.sweeper.rungs=[{','.join(map(str, CV_RUNGS))}]"],
             "exhaustive": ["hydra/sweeper=halving", f"hydra.sweeper.rungs=[{CV_RUNGS[-1]}]"]}
     for label, args in arms.items():
-        out[label] = step(label, lambda label=label, args=args: arm(label, args))
-        # the counts, read again from the sweep's records (a kept step may predate a recount)
-        recount = summary(out[label]["wall_s"], jobs(root / label, CV_KEYS), "", 0.0)
-        out[label].update({k: recount[k] for k in ("epochs", "finetune_epochs", "epoch_s",
-                                                   "jobs")})
+        ran = kept(root / f"{label}.json", lambda label=label, args=args: arm(label, args))
+        # the counts are read from the sweep's records, never kept: they follow the script
+        out[label] = {**summary(ran["wall_s"], jobs(root / label, CV_KEYS),
+                                " ".join(ran["winner"]["overrides"]), ran["winner"]["value"]),
+                      "rungs": ran["rungs"], "configurations": ran["configurations"],
+                      "winner": ran["winner"]["overrides"]}
         print(label, json.dumps({k: v for k, v in out[label].items()
                                  if k in ("wall_s", "epochs", "finetune_epochs", "pick",
                                           "pick_val_acc")}), flush=True)
     picks = {label: out[label]["winner"] for label in arms}
     for i, pick in enumerate(dict.fromkeys(map(tuple, picks.values()))):
-        result = step(f"held_out{i}", lambda i=i, pick=pick:
+        result = kept(root / f"held_out{i}.json", lambda i=i, pick=pick:
                       held_out(grid, list(pick), root / f"held_out{i}"))
         for label in arms:
             if tuple(picks[label]) == pick:
@@ -242,20 +233,21 @@ def replay(root: Path, rungs: list[int], eta: int = 3) -> list[str]:
     """The halving arm's decisions again, from the exhaustive arm's records (every job's
     epoch-by-epoch history; resume is exact, so a paused and resumed run has the same one):
     once with a plain mean over folds, as the sweeper had it when the study ran, and once
-    with the sweeper's exact mean (``mean_of``). No training: it reads the records."""
-    from transferlab.tools.halving import mean_of, ranked
+    with the sweeper's exact mean (``mean_of``). No training: it reads the records, and ranks
+    with the sweeper's own rung arithmetic (``HalvingPlan``) and job value (``run_value``)."""
+    from transferlab.tools.halving import HalvingPlan, mean_of, ranked, run_value
 
     record = json.loads((root / "exhaustive" / "halving.json").read_text())
-    histories = {c["config"]: [json.loads((root / "exhaustive" / r / "metrics.json")
-                                          .read_text())["history"] for r in c["runs"]]
-                 for c in record["configurations"]}
+    statuses = {c["config"]: [json.loads((root / "exhaustive" / r / "metrics.json").read_text())
+                              for r in c["runs"]] for c in record["configurations"]}
     names = {c["config"]: " ".join(c["overrides"]) for c in record["configurations"]}
+    plan = HalvingPlan(eta, 1, rungs, None)
     lines = []
     for label, mean in (("plain mean", lambda v: sum(v) / len(v)), ("exact mean", mean_of)):
-        alive = sorted(histories)
+        alive = sorted(statuses)
         for rung, budget in enumerate(rungs):
-            keep = 1 if rung == len(rungs) - 1 else max(1, len(alive) // eta)
-            values = [mean([max(e["val_acc"] for e in h[:budget]) for h in histories[c]])
+            keep = 1 if plan.is_last(rung, len(alive)) else plan.going_on(len(alive))
+            values = [mean([run_value(s, "val_acc", "max", budget) for s in statuses[c]])
                       for c in alive]
             order = ranked(values, "max")
             cut = values[order[keep - 1]]

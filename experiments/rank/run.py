@@ -40,12 +40,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from study_stats import kept  # noqa: E402
+
 RESULTS = HERE / "results.json"
 DATASETS = {
     "digits": ["dataset=digits", "dataset.image_size=32"],
@@ -77,16 +81,6 @@ def command(cmd: list[str], log: Path) -> float:
     if done.returncode != 0:
         sys.exit(f"failed ({done.returncode}): see {log}")
     return time.perf_counter() - started
-
-
-def kept(path: Path, compute) -> dict:
-    """``compute()``, or what an earlier run of the study kept in ``path``."""
-    if path.is_file():
-        return json.loads(path.read_text())
-    result = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    return result
 
 
 def candidates(rank_rows: list[dict]) -> dict[str, list[str]]:
@@ -135,10 +129,8 @@ def fine_tune(data: list[str], overrides: list[str], out: Path, log: Path) -> di
     for path in sorted(out.glob("*/metrics.json")):
         record = json.loads(path.read_text())
         finals.append(record["history"][-1]["val_acc"])
-    mean = sum(finals) / len(finals)
-    sd = (sum((v - mean) ** 2 for v in finals) / (len(finals) - 1)) ** 0.5
-    return {"final_val_acc": finals, "mean": round(mean, 4), "sd": round(sd, 4),
-            "wall_s": round(wall, 1)}
+    return {"final_val_acc": finals, "mean": round(statistics.mean(finals), 4),
+            "sd": round(statistics.stdev(finals), 4), "wall_s": round(wall, 1)}
 
 
 def taus(found: dict[str, dict]) -> dict[str, dict]:
