@@ -1,4 +1,6 @@
-"""What the studies share: every run's per-image correctness, and its intervals and verdicts.
+"""What the studies share: every run's per-image correctness, and its intervals and verdicts;
+the sweeps they launch, and a pick trained again on the whole training split (``sweep``,
+``seeds_held_out``).
 
 A study keeps, for each final run, the correctness of the weights the run ends with on the
 held-out split, image by image, as a string of ``0``/``1`` in its ``results.json``
@@ -16,6 +18,7 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -96,8 +99,8 @@ def difference_cell(diff: Difference, holm_p: float) -> str:
             f"{p_text(holm_p).replace(' = ', ' ')}")
 
 
-__all__ = ["against", "bits", "difference_cell", "interval_cell", "last_correct", "matrix",
-           "mean_sd", "verdict_lines"]
+__all__ = ["against", "applicable", "bits", "difference_cell", "interval_cell", "kept",
+           "last_correct", "matrix", "mean_sd", "seeds_held_out", "sweep", "verdict_lines"]
 
 
 def kept(path: Path, compute) -> dict:
@@ -110,3 +113,61 @@ def kept(path: Path, compute) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def sweep(args: list[str], out: Path) -> float:
+    """``transferlab-train -m <args>`` into ``out``; its wall time. A sweep stopped earlier in
+    ``out`` goes on (``resume=auto``): then the wall time is that of the part run now."""
+    again = ["resume=auto"] if any(out.glob("*/metrics.json")) else []
+    cmd = ["transferlab-train", "-m", *args, *again, f"hydra.sweep.dir={out}"]
+    print("$", " ".join(cmd), flush=True)
+    started = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        sys.exit(f"failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return wall
+
+
+def applicable(fixed: list[str], pick: list[str]) -> list[str]:
+    """The fixed keys of a sweep that the pick's freeze policy has: one run is strict, where
+    the sweep applied each key to the jobs whose policy has it (docs/sweeps.md)."""
+    from omegaconf import OmegaConf
+
+    from transferlab.config.load import option_layers, uses_trainer_epochs
+
+    policy = next(o.split("=", 1)[1] for o in pick if o.lstrip("+").startswith("freeze="))
+    freeze = OmegaConf.merge(*option_layers("freeze", policy))
+    keep = []
+    for item in fixed:
+        key = item.split("=")[0].lstrip("+")
+        if key.startswith("freeze.") and key.split(".", 1)[1] not in freeze:
+            continue
+        if key == "trainer.epochs" and not uses_trainer_epochs(freeze):
+            continue
+        keep.append(item)
+    return keep
+
+
+def seeds_held_out(fixed: list[str], pick: list[str], out: Path,
+                   correctness: bool = False) -> dict:
+    """``pick`` (a sweep's winning overrides) with the sweep's ``fixed`` ones, trained on the
+    whole training split with seeds 0, 1, 2: the val accuracy each run ends with (the split
+    no choice looked at), and with ``correctness`` each run's image-by-image correctness
+    there (``val_correct``, for :func:`interval_cell`)."""
+    import yaml
+
+    wall = sweep([*applicable(fixed, pick), *pick, "seed=0,1,2"], out)
+    final, correct = {}, []
+    for path in sorted(out.glob("*/metrics.json")):
+        record = json.loads(path.read_text())
+        overrides = yaml.safe_load((path.parent / ".hydra" / "overrides.yaml").read_text())
+        final[next(o for o in overrides if o.startswith("seed="))] = \
+            record["history"][-1]["val_acc"]
+        if correctness:
+            correct.append(last_correct(path.parent))
+    values = list(final.values())
+    result = {"wall_s": round(wall, 1), "final_val_acc": values,
+              "mean": round(statistics.mean(values), 4),
+              "sd": round(statistics.stdev(values), 4)}
+    return {**result, "val_correct": correct} if correctness else result

@@ -35,18 +35,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from study_stats import kept  # noqa: E402
+from study_stats import kept, seeds_held_out, sweep  # noqa: E402
 
 RESULTS = HERE / "results.json"
 COMMON = ["augment=none", "trainer.progress=false", "trainer.deterministic=true"]
@@ -76,20 +73,6 @@ HALVING = {"from epoch 1": ["hydra/sweeper=halving", "hydra.sweeper.eta=3",
                             "hydra.sweeper.min_epochs=1"],
            "rungs 4, 6, 9": ["hydra/sweeper=halving", "hydra.sweeper.eta=3",
                              "hydra.sweeper.rungs=[4,6,9]"]}
-
-
-def sweep(args: list[str], out: Path) -> float:
-    """``transferlab-train -m <args>`` into ``out``; its wall time. A sweep stopped earlier in
-    ``out`` goes on (``resume=auto``): then the wall time is that of the part run now."""
-    again = ["resume=auto"] if any(out.glob("*/metrics.json")) else []
-    cmd = ["transferlab-train", "-m", *COMMON, *args, *again, f"hydra.sweep.dir={out}"]
-    print("$", " ".join(cmd), flush=True)
-    started = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        sys.exit(f"failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return wall
 
 
 def jobs(out: Path, keys: tuple[str, ...] = ("optimizer.lr", "freeze")) -> dict[str, dict]:
@@ -125,14 +108,14 @@ def run_study(name: str) -> dict:
         root = Path(tmp)
         # fill the feature cache first (each policy for 1 + 1 epochs: the frozen backbone's
         # and the frozen prefix's outputs), so that no sweep pays for it
-        sweep([g for g in grid if g.split("=")[0].split(".")[0] in ("dataset", "freeze")
-               and g.split("=")[0] not in WARMUP_KEYS] + WARMUP, root / "warmup")
-        wall = sweep(grid, root / "exhaustive")
+        sweep([*COMMON, *(g for g in grid if g.split("=")[0].split(".")[0] in ("dataset", "freeze")
+               and g.split("=")[0] not in WARMUP_KEYS), *WARMUP], root / "warmup")
+        wall = sweep([*COMMON, *grid], root / "exhaustive")
         found = jobs(root / "exhaustive")
         pick = max(found, key=lambda k: (found[k]["best_val_acc"], -list(found).index(k)))
         out["exhaustive"] = summary(wall, found, pick, found[pick]["best_val_acc"])
         for i, (label, args) in enumerate(HALVING.items()):
-            wall = sweep([*args, *grid], root / f"halving{i}")
+            wall = sweep([*COMMON, *args, *grid], root / f"halving{i}")
             record = json.loads((root / f"halving{i}" / "halving.json").read_text())
             out[label] = {**summary(wall, jobs(root / f"halving{i}"),
                                     " ".join(record["winner"]["overrides"]),
@@ -141,42 +124,12 @@ def run_study(name: str) -> dict:
     return out
 
 
-def applicable(fixed: list[str], pick: list[str]) -> list[str]:
-    """The grid's fixed keys that the pick's freeze policy has: one run is strict, where the
-    sweep applied each key to the jobs whose policy has it (docs/sweeps.md)."""
-    from omegaconf import OmegaConf
-
-    from transferlab.config.load import option_layers, uses_trainer_epochs
-
-    policy = next(o.split("=", 1)[1] for o in pick if o.lstrip("+").startswith("freeze="))
-    freeze = OmegaConf.merge(*option_layers("freeze", policy))
-    keep = []
-    for item in fixed:
-        key = item.split("=")[0]
-        if key.startswith("freeze.") and key.split(".", 1)[1] not in freeze:
-            continue
-        if key == "trainer.epochs" and not uses_trainer_epochs(freeze):
-            continue
-        keep.append(item)
-    return keep
-
-
 def held_out(grid: list[str], pick: list[str], out: Path) -> dict:
-    """``pick`` trained on the whole training split with seeds 0, 1, 2: the val accuracy each
-    run ends with (the split no choice looked at)."""
-    fixed = applicable([g for g in grid if "," not in g and g.split("=")[0] in
-                        ("dataset", "dataset.image_size", "trainer.epochs", "freeze.head_epochs",
-                         "freeze.probe_epochs", "freeze.finetune_epochs")], pick)
-    wall = sweep([*fixed, *pick, "seed=0,1,2"], out)
-    final = {}
-    for path in sorted(out.glob("*/metrics.json")):
-        record = json.loads(path.read_text())
-        overrides = yaml.safe_load((path.parent / ".hydra" / "overrides.yaml").read_text())
-        final[next(o for o in overrides if o.startswith("seed="))] = \
-            record["history"][-1]["val_acc"]
-    values = list(final.values())
-    return {"wall_s": round(wall, 1), "final_val_acc": values,
-            "mean": round(statistics.mean(values), 4), "sd": round(statistics.stdev(values), 4)}
+    """``pick`` trained on the whole training split with seeds 0, 1, 2 (study_stats)."""
+    return seeds_held_out([*COMMON, *[g for g in grid if "," not in g and g.split("=")[0] in
+                                      ("dataset", "dataset.image_size", "trainer.epochs",
+                                       "freeze.head_epochs", "freeze.probe_epochs",
+                                       "freeze.finetune_epochs")]], pick, out)
 
 
 def run_cv_study(name: str, root: Path) -> dict:
@@ -189,7 +142,7 @@ def run_cv_study(name: str, root: Path) -> dict:
     root.mkdir(parents=True, exist_ok=True)
 
     def arm(label: str, args: list[str]) -> dict:
-        wall = sweep([*args, *grid, *FOLDS], root / label)
+        wall = sweep([*COMMON, *args, *grid, *FOLDS], root / label)
         record = json.loads((root / label / "halving.json").read_text())
         return {"wall_s": round(wall, 1), "rungs": record["rungs"],
                 "configurations": record["configurations"], "winner": record["winner"]}
