@@ -100,7 +100,8 @@ def difference_cell(diff: Difference, holm_p: float) -> str:
 
 
 __all__ = ["against", "applicable", "bits", "difference_cell", "interval_cell", "kept",
-           "last_correct", "matrix", "mean_sd", "seeds_held_out", "sweep", "verdict_lines"]
+           "last_correct", "matrix", "mean_sd", "seeds_held_out", "sweep", "timed",
+           "verdict_lines"]
 
 
 def kept(path: Path, compute) -> dict:
@@ -115,18 +116,28 @@ def kept(path: Path, compute) -> dict:
     return result
 
 
-def sweep(args: list[str], out: Path) -> float:
+def timed(cmd: list[str], log: Path | None = None) -> float:
+    """Run ``cmd`` (printed first; its output appended to ``log`` when given); its wall time.
+    A failure ends the study with the command's last words (or the log's name)."""
+    print("$", " ".join(cmd), flush=True)
+    started = time.perf_counter()
+    if log is None:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+    else:
+        with open(log, "a") as f:
+            done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        sys.exit(f"failed ({done.returncode}): "
+                 + (f"see {log}" if log is not None else f"\n{done.stderr[-3000:]}"))
+    return wall
+
+
+def sweep(args: list[str], out: Path, log: Path | None = None) -> float:
     """``transferlab-train -m <args>`` into ``out``; its wall time. A sweep stopped earlier in
     ``out`` goes on (``resume=auto``): then the wall time is that of the part run now."""
     again = ["resume=auto"] if any(out.glob("*/metrics.json")) else []
-    cmd = ["transferlab-train", "-m", *args, *again, f"hydra.sweep.dir={out}"]
-    print("$", " ".join(cmd), flush=True)
-    started = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        sys.exit(f"failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return wall
+    return timed(["transferlab-train", "-m", *args, *again, f"hydra.sweep.dir={out}"], log)
 
 
 def applicable(fixed: list[str], pick: list[str]) -> list[str]:

@@ -24,13 +24,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from study_stats import timed  # noqa: E402
+
 EPOCHS = 10
 COMMON = ["dataset=hymenoptera", "trainer.progress=false"]
 PROBE = [f"trainer.epochs={EPOCHS}"]  # linear probes; two_stage: 5 + 5 epochs (its default)
@@ -42,15 +44,8 @@ MIDDLE = 9  # of the 18 blocks of EfficientNet-Lite0: blocks[9:] (blocks.4.0 up)
 def train(args: list[str], out: Path, cache: Path, multirun: bool = False) -> tuple[float, Path]:
     """Run transferlab-train; (wall seconds of the whole process, its run or sweep dir)."""
     where = (f"hydra.sweep.dir={out}" if multirun else f"hydra.run.dir={out}")
-    cmd = ["transferlab-train", *(["-m"] if multirun else []), *COMMON, *args, where,
-           f"trainer.feature_cache.dir={cache}"]
-    print("$", " ".join(cmd), flush=True)
-    started = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        sys.exit(f"failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return wall, out
+    return timed(["transferlab-train", *(["-m"] if multirun else []), *COMMON, *args, where,
+                  f"trainer.feature_cache.dir={cache}"]), out
 
 
 def metrics(run_dir: Path) -> dict:

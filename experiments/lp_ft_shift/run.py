@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from study_stats import interval_cell, last_correct, mean_sd, verdict_lines  # noqa: E402
+from study_stats import interval_cell, last_correct, mean_sd, timed, verdict_lines  # noqa: E402
 
 COMMON = ["dataset=hymenoptera", "augment=none", "trainer.progress=false"]
 POLICIES = {
@@ -50,17 +49,8 @@ WISE_CORRUPTIONS = "gaussian_noise,motion_blur,fog,jpeg_compression"
 RESULTS = HERE / "results.json"
 
 
-def run(cmd: list[str]) -> float:
-    print("$", " ".join(cmd), flush=True)
-    started = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return time.perf_counter() - started
-
-
 def one(policy: str, seed: int, out: Path, cache: Path) -> dict:
-    wall = run(["transferlab-train", *COMMON, *POLICIES[policy], f"seed={seed}",
+    wall = timed(["transferlab-train", *COMMON, *POLICIES[policy], f"seed={seed}",
                 f"hydra.run.dir={out}", f"trainer.feature_cache.dir={cache}"])
     m = json.loads((out / "metrics.json").read_text())
     started = time.perf_counter()
@@ -71,7 +61,7 @@ def one(policy: str, seed: int, out: Path, cache: Path) -> dict:
            "corruption_accuracy": grid["per_corruption"],
            "corruption_mean_accuracy": grid["mean_accuracy"]}
     if policy != "linear_probe":
-        run(["transferlab-eval", f"run={out}", "checkpoint=last", "wise=0:1:0.25",
+        timed(["transferlab-eval", f"run={out}", "checkpoint=last", "wise=0:1:0.25",
              f"corruptions={WISE_CORRUPTIONS}", "severity=3"])
         wise = json.loads((out / "eval.json").read_text())["wise"]
         row["wise"] = [{"alpha": p["alpha"], "accuracy": p["accuracy"],

@@ -41,14 +41,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from study_stats import kept  # noqa: E402
+from study_stats import kept, timed  # noqa: E402
 
 RESULTS = HERE / "results.json"
 DATASETS = {
@@ -70,17 +69,6 @@ SEEDS = "0,1,2"
 AE_EPOCHS = 20
 AE_INIT = ["backbone.init.include=[encoder.conv*]", "backbone.init.strip_prefix=encoder."]
 SMALL = ["dataset.image_size=32", "dataset.crop_pct=1.0"]
-
-
-def command(cmd: list[str], log: Path) -> float:
-    """Run ``cmd`` (its output to ``log``); its wall time. A failure ends the study."""
-    print("$", " ".join(cmd), flush=True)
-    started = time.perf_counter()
-    with open(log, "a") as f:
-        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        sys.exit(f"failed ({done.returncode}): see {log}")
-    return time.perf_counter() - started
 
 
 def candidates(rank_rows: list[dict]) -> dict[str, list[str]]:
@@ -123,7 +111,7 @@ def score_negative(data: list[str], overrides: list[str], label: str) -> dict:
 def fine_tune(data: list[str], overrides: list[str], out: Path, log: Path) -> dict:
     """The recipe on one candidate, seeds 0, 1, 2: the final val accuracy of each."""
     again = ["resume=auto"] if any(out.glob("*/metrics.json")) else []
-    wall = command(["transferlab-train", "-m", *data, *RECIPE, *COMMON, *overrides,
+    wall = timed(["transferlab-train", "-m", *data, *RECIPE, *COMMON, *overrides,
                     f"seed={SEEDS}", *again, f"hydra.sweep.dir={out}"], log)
     finals = []
     for path in sorted(out.glob("*/metrics.json")):
@@ -162,7 +150,7 @@ def run_dataset(name: str, root: Path) -> dict:
     cache = [f"trainer.feature_cache.dir={root / 'feature_cache'}"]  # this study's own store
 
     def ranking() -> dict:
-        wall = command(["transferlab-rank", *data, *cache, f"backbones={','.join(ZOO)}",
+        wall = timed(["transferlab-rank", *data, *cache, f"backbones={','.join(ZOO)}",
                         f"scores={','.join(SCORES)}", "against=none",
                         f"output={root / 'rank'}"], log)
         rows = json.loads((root / "rank" / "rank.json").read_text())["rows"]
@@ -171,7 +159,7 @@ def run_dataset(name: str, root: Path) -> dict:
     ranked = kept(root / "rank_step.json", ranking)
     pretrained = candidates(ranked["rows"])
     ae_run = root / "ae"
-    kept(root / "ae_step.json", lambda: {"wall_s": round(command(
+    kept(root / "ae_step.json", lambda: {"wall_s": round(timed(
         ["transferlab-train", "experiment=ae_pretrain", *data, *SMALL, *COMMON,
          f"trainer.epochs={AE_EPOCHS}", f"hydra.run.dir={ae_run}"], log), 1)})
     negatives = {

@@ -29,15 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from study_stats import interval_cell, last_correct, mean_sd, verdict_lines  # noqa: E402
+from study_stats import interval_cell, last_correct, mean_sd, timed, verdict_lines  # noqa: E402
 
 COMMON = ["dataset=hymenoptera", "freeze=two_stage", "trainer.progress=false"]
 VARIANTS = {
@@ -53,14 +51,8 @@ VARIANTS = {
 
 def train(args: list[str], out: Path, cache: Path) -> tuple[float, dict]:
     """Run transferlab-train; (wall seconds of the whole process, its metrics.json)."""
-    cmd = ["transferlab-train", *COMMON, *args, f"hydra.run.dir={out}",
-           f"trainer.feature_cache.dir={cache}"]
-    print("$", " ".join(cmd), flush=True)
-    started = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        sys.exit(f"failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    wall = timed(["transferlab-train", *COMMON, *args, f"hydra.run.dir={out}",
+                  f"trainer.feature_cache.dir={cache}"])
     return wall, json.loads((out / "metrics.json").read_text())
 
 

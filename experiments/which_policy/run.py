@@ -33,10 +33,8 @@ import argparse
 import fcntl
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -47,6 +45,7 @@ from study_stats import (  # noqa: E402
     interval_cell,
     last_correct,
     mean_sd,
+    timed,
     verdict_lines,
 )
 
@@ -81,13 +80,7 @@ def sweep(args: list[str], out: Path, correctness: bool = False) -> list[dict]:
     """One ``transferlab-train -m`` (its jobs one after the other in one process: the imports
     and the model build are paid once); every job's summary and its ``hparams``, and with
     ``correctness`` the held-out correctness of its last weights, image by image."""
-    cmd = ["transferlab-train", "-m", *COMMON, *args, f"hydra.sweep.dir={out}"]
-    print("$", " ".join(cmd), flush=True)
-    started = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        sys.exit(f"failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    wall = timed(["transferlab-train", "-m", *COMMON, *args, f"hydra.sweep.dir={out}"])
     jobs = []
     for path in sorted(out.glob("*/metrics.json")):
         m = json.loads(path.read_text())
