@@ -133,6 +133,9 @@ def taus(found: dict[str, dict]) -> dict[str, dict]:
             continue
         xs = [v["scores"][score] for v in have.values()]
         ys = [v["fine_tuned"]["mean"] for v in have.values()]
+        if len(set(xs)) == 1:  # no order to compare (NCE on a few images: every one 0)
+            out[score] = {"tied": xs[0], "n": len(have)}
+            continue
         tau, p = kendalltau(xs, ys)
         top = max(have, key=lambda k: have[k]["scores"][score])
         best = max(have, key=lambda k: have[k]["fine_tuned"]["mean"])
@@ -195,12 +198,15 @@ def report(results: dict) -> str:
         cells = []
         for score in SCORES:
             t = r["taus"].get(score)
-            cells.append("n/a" if t is None else f"{t['tau']:+.2f} (p {t['p']:.2f}, n {t['n']})")
+            cells.append("n/a" if t is None else f"all {t['tied']:g}: no order (n {t['n']})"
+                         if "tied" in t else f"{t['tau']:+.2f} (p {t['p']:.2f}, n {t['n']})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "| data | score | its top candidate | that one fine-tuned | the best fine-tuned "
               "| points below |", "|---|---|---|---|---|---|"]
     for name, r in results.items():
         for score, t in r["taus"].items():
+            if "tied" in t:
+                continue
             lines.append(f"| {name} | {score} | {t['top']} | {t['top_mean']:.4f} | "
                          f"{t['best']} {t['best_mean']:.4f} | "
                          f"{100 * (t['best_mean'] - t['top_mean']):.1f} |")
