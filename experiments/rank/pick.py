@@ -21,6 +21,10 @@ Every choice is made on the training split; the val split is read once, at the e
    end (an early rung would favour no augmentation, which pays off late), ranked on the same
    folds; its winner on held-out val as in 3. Added after step 3 fell short of the bar on
    hymenoptera: that decision read val, the choice within the step does not.
+5. **Larger and deeper** (``LARGER``): step 3's winner again, 10 epochs without augmentation
+   (the frozen prefix reads the feature cache), over ``dataset.image_size=260,300,340`` x
+   ``freeze.k=2,5`` (where the winner's policy has ``k``), halving on the same folds as in 2;
+   its winner on val as in 3. Added, as step 4 was, after step 4 fell short of the bar on val.
 
 Each step is kept under ``--root`` (default ``outputs/rank-pick/<data>``) as it ends: a stopped
 run goes on from the step it was in. Results go to ``picks.json`` beside this script.
@@ -36,7 +40,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from study_stats import interval_cell, kept, seeds_held_out, sweep, timed  # noqa: E402
+from study_stats import applicable, interval_cell, kept, seeds_held_out, sweep, timed  # noqa: E402
 
 RESULTS = HERE / "picks.json"
 DATASETS = {
@@ -52,6 +56,8 @@ PLAN = ["trainer.epochs=10", "hydra.sweeper.eta=3", "hydra.sweeper.rungs=[2,4,10
 FOLDS = ["dataset.folds=3", "dataset.fold=range(0,3)"]
 FURTHER = ["hydra/sweeper=halving", "hydra.sweeper.rungs=[20]", "trainer.epochs=20",
            "augment=none,flip,trivialaugment"]
+LARGER = ["hydra/sweeper=halving", "hydra.sweeper.eta=3", "hydra.sweeper.rungs=[2,4,10]",
+          "dataset.image_size=260,300,340", "freeze.k=2,5"]
 
 
 def ranking(data: list[str], root: Path) -> dict:
@@ -104,6 +110,17 @@ def run_pick(name: str, root: Path) -> dict:
                          "pick": winner2, "cv_mean": further["winner"]["value"],
                          "held_out": held2}
     print(json.dumps({k: v for k, v in held2.items() if k != "val_correct"}), flush=True)
+    # step 5: the same winner at larger inputs and with more blocks trained (10 epochs, cached)
+    # (freeze.k only where the winner's policy has it: not a linear probe's)
+    grid = [*fixed, *winner, *applicable(LARGER, winner)]
+    larger = kept(root / "larger_step.json", lambda: halving(grid, root / "larger"))
+    winner3 = [*winner, *larger["winner"]["overrides"]]
+    held3 = kept(root / "larger_held_out_step.json", lambda: seeds_held_out(
+        fixed, winner3, root / "larger_held_out", correctness=True))
+    result["larger"] = {"sweep": [*grid, *FOLDS], "halving": larger,
+                        "pick": winner3, "cv_mean": larger["winner"]["value"],
+                        "held_out": held3}
+    print(json.dumps({k: v for k, v in held3.items() if k != "val_correct"}), flush=True)
     return result
 
 
@@ -114,7 +131,8 @@ def report(results: dict) -> str:
     for name, r in results.items():
         order = " > ".join(row[1].removeprefix("efficientnet_") for row in r["rank"]["table"][1:])
         steps = [("the suggested sweep", r, f"{r['rank']['wall_s']:.0f} s rank + "),
-                 ("20 epochs, augmentation", r.get("further"), "")]
+                 ("20 epochs, augmentation", r.get("further"), ""),
+                 ("larger inputs, more blocks", r.get("larger"), "")]
         for label, step, rank_s in (s for s in steps if s[1]):
             h = step["held_out"]
             runs = [{"val_correct": bits} for bits in h["val_correct"]]
