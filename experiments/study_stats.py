@@ -141,8 +141,9 @@ def sweep(args: list[str], out: Path, log: Path | None = None) -> float:
 
 
 def applicable(fixed: list[str], pick: list[str]) -> list[str]:
-    """The fixed keys of a sweep that the pick's freeze policy has: one run is strict, where
-    the sweep applied each key to the jobs whose policy has it (docs/sweeps.md)."""
+    """The overrides of ``fixed`` (fixed or swept) that the freeze policy of ``pick`` has: one
+    run is strict, where a sweep applied each key to the jobs whose policy has it
+    (docs/sweeps.md); ``trainer.epochs`` counts only for a policy that reads it."""
     from omegaconf import OmegaConf
 
     from transferlab.config.load import option_layers, uses_trainer_epochs

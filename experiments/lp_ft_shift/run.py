@@ -51,7 +51,7 @@ RESULTS = HERE / "results.json"
 
 def one(policy: str, seed: int, out: Path, cache: Path) -> dict:
     wall = timed(["transferlab-train", *COMMON, *POLICIES[policy], f"seed={seed}",
-                f"hydra.run.dir={out}", f"trainer.feature_cache.dir={cache}"])
+                  f"hydra.run.dir={out}", f"trainer.feature_cache.dir={cache}"])
     m = json.loads((out / "metrics.json").read_text())
     started = time.perf_counter()
     correct = last_correct(out, f"corruptions={CORRUPTIONS}", "severity=3")
@@ -62,7 +62,7 @@ def one(policy: str, seed: int, out: Path, cache: Path) -> dict:
            "corruption_mean_accuracy": grid["mean_accuracy"]}
     if policy != "linear_probe":
         timed(["transferlab-eval", f"run={out}", "checkpoint=last", "wise=0:1:0.25",
-             f"corruptions={WISE_CORRUPTIONS}", "severity=3"])
+               f"corruptions={WISE_CORRUPTIONS}", "severity=3"])
         wise = json.loads((out / "eval.json").read_text())["wise"]
         row["wise"] = [{"alpha": p["alpha"], "accuracy": p["accuracy"],
                         "corruption_mean_accuracy": p["corruption_mean_accuracy"]}

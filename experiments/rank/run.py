@@ -47,7 +47,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from study_stats import kept, timed  # noqa: E402
+from study_stats import kept, sweep, timed  # noqa: E402
 
 RESULTS = HERE / "results.json"
 DATASETS = {
@@ -110,9 +110,7 @@ def score_negative(data: list[str], overrides: list[str], label: str) -> dict:
 
 def fine_tune(data: list[str], overrides: list[str], out: Path, log: Path) -> dict:
     """The recipe on one candidate, seeds 0, 1, 2: the final val accuracy of each."""
-    again = ["resume=auto"] if any(out.glob("*/metrics.json")) else []
-    wall = timed(["transferlab-train", "-m", *data, *RECIPE, *COMMON, *overrides,
-                    f"seed={SEEDS}", *again, f"hydra.sweep.dir={out}"], log)
+    wall = sweep([*data, *RECIPE, *COMMON, *overrides, f"seed={SEEDS}"], out, log)
     finals = []
     for path in sorted(out.glob("*/metrics.json")):
         record = json.loads(path.read_text())
@@ -154,8 +152,8 @@ def run_dataset(name: str, root: Path) -> dict:
 
     def ranking() -> dict:
         wall = timed(["transferlab-rank", *data, *cache, f"backbones={','.join(ZOO)}",
-                        f"scores={','.join(SCORES)}", "against=none",
-                        f"output={root / 'rank'}"], log)
+                      f"scores={','.join(SCORES)}", "against=none",
+                      f"output={root / 'rank'}"], log)
         rows = json.loads((root / "rank" / "rank.json").read_text())["rows"]
         return {"wall_s": round(wall, 1), "rows": rows}
 
