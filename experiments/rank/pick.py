@@ -1,10 +1,11 @@
 """How far the tool's own choices go: rank, then halve on the training folds, then held-out val.
 
-    python experiments/rank/pick.py hymenoptera          # all 245 training images
+    python experiments/rank/pick.py hymenoptera          # all 244 training images
     python experiments/rank/pick.py hymenoptera_10pct    # 10 % of them (24 images)
     python experiments/rank/pick.py --report             # README's table from picks.json
 
-Every choice is made on the training split; the val split is read once, at the end.
+Every choice is made on the training split; only the held-out runs that end steps 3, 4 and 5
+read the val split.
 
 1. **Rank.** ``transferlab-rank`` scores the three offline backbones (LogME, its default) on the
    training images and suggests a halving sweep (``next_halving`` in its ``rank.json``: the top
