@@ -188,7 +188,7 @@ def replay(root: Path, rungs: list[int], eta: int = 3) -> list[str]:
     once with a plain mean over folds, as the sweeper had it when the study ran, and once
     with the sweeper's exact mean (``mean_of``). No training: it reads the records, and ranks
     with the sweeper's own rung arithmetic (``HalvingPlan``) and job value (``run_value``)."""
-    from transferlab.tools.halving import HalvingPlan, mean_of, ranked, run_value
+    from transferlab.tools.halving import HalvingPlan, mean_of, ranked, run_value, tied_at_cut
 
     record = json.loads((root / "exhaustive" / "halving.json").read_text())
     statuses = {c["config"]: [json.loads((root / "exhaustive" / r / "metrics.json").read_text())
@@ -203,9 +203,7 @@ def replay(root: Path, rungs: list[int], eta: int = 3) -> list[str]:
             values = [mean([run_value(s, "val_acc", "max", budget) for s in statuses[c]])
                       for c in alive]
             order = ranked(values, "max")
-            cut = values[order[keep - 1]]
-            tied = (sum(v == cut for v in values)
-                    if keep < len(values) and values[order[keep]] == cut else 0)
+            tied = tied_at_cut(values, order, keep)
             alive = sorted(alive[i] for i in order[:keep])
             went = ", ".join(f"`{names[c]}`" for c in alive) if keep <= 2 else \
                 f"{keep} configurations"

@@ -108,6 +108,15 @@ def ranked(values: list[float | None], mode: str) -> list[int]:
                                                      sign * (values[i] or 0.0), i))
 
 
+def tied_at_cut(values: list[float | None], order: list[int], keep: int) -> int:
+    """How many of ``values`` share the value at the cut after the ``keep`` best (``order``:
+    :func:`ranked`'s); 0 when the cut falls between two different values, or none is cut."""
+    if keep >= len(values) or values[order[keep]] is None:
+        return 0
+    cut = values[order[keep - 1]]
+    return sum(v == cut for v in values) if values[order[keep]] == cut else 0
+
+
 def mean_of(values: list[float]) -> float:
     """A configuration's value: the mean of its jobs' (folds', seeds'), the same whatever the
     order of the jobs (``math.fsum`` is exact: a plain sum in another order can differ in its
@@ -253,10 +262,17 @@ class Halving:
                                  else mean_of(values))
             config.rung = rung
         last = self.plan.is_last(rung, len(alive))
-        order = ranked([c.value for c in alive], self.mode)
+        values = [c.value for c in alive]
+        order = ranked(values, self.mode)
         keep = len(alive) if last else self.plan.going_on(len(alive))
         on = [alive[i] for i in sorted(order[:keep])]
-        tied = self._tied_at_cut(rung, [alive[i] for i in order], keep)
+        tied = tied_at_cut(values, order, keep)
+        if tied:
+            log.warning("halving: rung %d: %d configurations tie at %s %.4f where it cuts; the "
+                        "first listed went on (configurations that train the same first stage "
+                        "are alike until it ends: start the rungs after it with hydra.sweeper."
+                        "min_epochs=N or hydra.sweeper.rungs=[...])", rung, tied, self.metric,
+                        values[order[keep - 1]])
         self.rungs.append({"rung": rung, "budget": pause, "last": last, "tied_at_cut": tied,
                            "configurations": [
                                {"config": c.index, "value": c.value,
@@ -264,23 +280,6 @@ class Halving:
                                for c in (alive[i] for i in order)]})
         self.write()
         return on
-
-    def _tied_at_cut(self, rung: int, ranked_configs: list[Configuration], keep: int) -> int:
-        """How many configurations share the value at the rung's cut (0: no tie there). A tie
-        at the cut is decided by the order of the command line, not by evidence: typically
-        policies still in the head stage they share. Said in one warning line."""
-        if keep >= len(ranked_configs) or ranked_configs[keep].value is None:
-            return 0
-        cut = ranked_configs[keep - 1].value
-        if ranked_configs[keep].value != cut:
-            return 0
-        tied = [c for c in ranked_configs if c.value == cut]
-        log.warning("halving: rung %d: %d configurations tie at %s %.4f where it cuts; the "
-                    "first listed went on (configurations that train the same first stage are "
-                    "alike until it ends: start the rungs after it with hydra.sweeper."
-                    "min_epochs=N or hydra.sweeper.rungs=[...])", rung, len(tied), self.metric,
-                    cut)
-        return len(tied)
 
     def mark_runs(self) -> None:
         """Every run's HParams gain the rung it reached (``halving.rung``): the sweep's
