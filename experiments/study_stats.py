@@ -161,15 +161,15 @@ def applicable(fixed: list[str], pick: list[str]) -> list[str]:
     return keep
 
 
-def seeds_held_out(fixed: list[str], pick: list[str], out: Path,
-                   correctness: bool = False) -> dict:
+def seeds_held_out(fixed: list[str], pick: list[str], out: Path, correctness: bool = False,
+                   log: Path | None = None) -> dict:
     """``pick`` (a sweep's winning overrides) with the sweep's ``fixed`` ones, trained on the
     whole training split with seeds 0, 1, 2: the val accuracy each run ends with (the split
     no choice looked at), and with ``correctness`` each run's image-by-image correctness
-    there (``val_correct``, for :func:`interval_cell`)."""
+    there (``val_correct``, for :func:`interval_cell`). ``log``: as :func:`timed`'s."""
     import yaml
 
-    wall = sweep([*applicable(fixed, pick), *pick, "seed=0,1,2"], out)
+    wall = sweep([*applicable(fixed, pick), *pick, "seed=0,1,2"], out, log)
     final, correct = {}, []
     for path in sorted(out.glob("*/metrics.json")):
         record = json.loads(path.read_text())

@@ -41,17 +41,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+from run import COMMON, ZOO  # noqa: E402  (the rank study's, beside this script)
+from run import DATASETS as RANK_DATASETS  # noqa: E402
 from study_stats import applicable, interval_cell, kept, seeds_held_out, sweep, timed  # noqa: E402
 
 RESULTS = HERE / "picks.json"
-DATASETS = {
-    "hymenoptera": ["dataset=hymenoptera"],
-    "hymenoptera_10pct": ["dataset=hymenoptera", "dataset.train_fraction=0.1",
-                          "dataset.subset_seed=0"],
-}
 TARGETS = {"hymenoptera": 0.975, "hymenoptera_10pct": 0.94}  # the issue's held-out val bars
-ZOO = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
-COMMON = ["trainer.progress=false", "trainer.deterministic=true"]
+DATASETS = {name: RANK_DATASETS[name] for name in TARGETS}
 LRS = "optimizer.lr=3e-3,1e-3,3e-4"
 PLAN = ["trainer.epochs=10", "hydra.sweeper.eta=3", "hydra.sweeper.rungs=[2,4,10]"]
 FOLDS = ["dataset.folds=3", "dataset.fold=range(0,3)"]
@@ -75,10 +71,24 @@ def halving(args: list[str], out: Path) -> dict:
     """A halving sweep of ``args`` on the folds of the training images; its record."""
     wall = sweep([*args, *FOLDS], out)
     record = json.loads((out / "halving.json").read_text())
-    records = [json.loads(p.read_text()) for p in out.glob("*/metrics.json")]
-    return {"wall_s": round(wall, 1), "jobs": len(records),
-            "epochs": sum(len(r["history"]) for r in records),
+    return {"wall_s": round(wall, 1), "epochs": record["epochs_trained"],
+            "jobs": sum(len(c["runs"]) for c in record["configurations"]),
             "configurations": record["configurations"], "winner": record["winner"]}
+
+
+def settle(root: Path, label: str, grid: list[str], fixed: list[str], base: list[str]) -> dict:
+    """One step: the halving sweep of ``grid`` on the folds, then its winner (after ``base``,
+    the overrides it refines) with ``fixed`` on held-out val, 3 seeds. Both parts are kept
+    under ``root`` as ``<label>_step.json`` and ``<label>_held_out_step.json``."""
+    swept = kept(root / f"{label}_step.json", lambda: halving(grid, root / label))
+    pick = [*base, *swept["winner"]["overrides"]]
+    held = kept(root / f"{label}_held_out_step.json", lambda: seeds_held_out(
+        fixed, pick, root / f"{label}_held_out", correctness=True))
+    print(label, json.dumps({"pick": pick, "cv_mean": swept["winner"]["value"],
+                             **{k: v for k, v in held.items() if k != "val_correct"}}),
+          flush=True)
+    return {"sweep": [*grid, *FOLDS], "halving": swept, "pick": pick,
+            "cv_mean": swept["winner"]["value"], "held_out": held}
 
 
 def run_pick(name: str, root: Path) -> dict:
@@ -87,42 +97,20 @@ def run_pick(name: str, root: Path) -> dict:
     ranked = kept(root / "rank_step.json", lambda: ranking(data, root))
     # the suggested command without its program and -m: the sweep's own overrides
     suggested = shlex.split(ranked["next_halving"])[2:]
-    swept = kept(root / "halving_step.json", lambda: halving(
-        [*suggested, *COMMON, LRS, *PLAN], root / "halving"))
-    winner = swept["winner"]["overrides"]
     fixed = [o for o in [*suggested, *COMMON, *PLAN]
              if "," not in o and not o.startswith(("hydra", "backbone=", "freeze="))]
-    held = kept(root / "held_out_step.json", lambda: seeds_held_out(
-        fixed, winner, root / "held_out", correctness=True))
-    result = {"data": data, "rank": ranked, "suggested": ranked["next_halving"],
-              "sweep": [*suggested, *COMMON, LRS, *PLAN, *FOLDS], "halving": swept,
-              "pick": winner, "cv_mean": swept["winner"]["value"], "held_out": held,
-              "target": TARGETS[name]}
-    print(json.dumps({k: result[k] for k in ("pick", "cv_mean", "target")}),
-          json.dumps({k: v for k, v in held.items() if k != "val_correct"}), flush=True)
-    # step 4: the same winner, longer and augmented; the epochs are FURTHER's
+    first = settle(root, "halving", [*suggested, *COMMON, LRS, *PLAN], fixed, [])
+    winner = first["pick"]
+    # step 4: the same winner, longer and augmented (the epochs are FURTHER's)
     longer = [o for o in fixed if not o.startswith("trainer.epochs=")]
-    further = kept(root / "further_step.json", lambda: halving(
-        [*longer, *winner, *FURTHER], root / "further"))
-    winner2 = [*winner, *further["winner"]["overrides"]]
-    held2 = kept(root / "further_held_out_step.json", lambda: seeds_held_out(
-        [*longer, "trainer.epochs=20"], winner2, root / "further_held_out", correctness=True))
-    result["further"] = {"sweep": [*longer, *winner, *FURTHER, *FOLDS], "halving": further,
-                         "pick": winner2, "cv_mean": further["winner"]["value"],
-                         "held_out": held2}
-    print(json.dumps({k: v for k, v in held2.items() if k != "val_correct"}), flush=True)
-    # step 5: the same winner at larger inputs and with more blocks trained (10 epochs, cached)
-    # (freeze.k only where the winner's policy has it: not a linear probe's)
-    grid = [*fixed, *winner, *applicable(LARGER, winner)]
-    larger = kept(root / "larger_step.json", lambda: halving(grid, root / "larger"))
-    winner3 = [*winner, *larger["winner"]["overrides"]]
-    held3 = kept(root / "larger_held_out_step.json", lambda: seeds_held_out(
-        fixed, winner3, root / "larger_held_out", correctness=True))
-    result["larger"] = {"sweep": [*grid, *FOLDS], "halving": larger,
-                        "pick": winner3, "cv_mean": larger["winner"]["value"],
-                        "held_out": held3}
-    print(json.dumps({k: v for k, v in held3.items() if k != "val_correct"}), flush=True)
-    return result
+    further = settle(root, "further", [*longer, *winner, *FURTHER],
+                     [*longer, "trainer.epochs=20"], winner)
+    # step 5: larger inputs and more blocks (freeze.k only where the winner's policy has it:
+    # not a linear probe's), 10 epochs, cached
+    larger = settle(root, "larger", [*fixed, *winner, *applicable(LARGER, winner)], fixed,
+                    winner)
+    return {"data": data, "rank": ranked, "suggested": ranked["next_halving"], **first,
+            "target": TARGETS[name], "further": further, "larger": larger}
 
 
 def report(results: dict) -> str:

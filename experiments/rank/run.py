@@ -40,14 +40,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from study_stats import kept, sweep, timed  # noqa: E402
+from study_stats import kept, seeds_held_out, timed  # noqa: E402
 
 RESULTS = HERE / "results.json"
 DATASETS = {
@@ -65,7 +64,6 @@ RECIPE = ["augment=none", "optimizer=adam", "optimizer.lr=1e-3", "trainer.batch_
           "freeze=two_stage", "freeze.head_epochs=10", "freeze.finetune_epochs=4",
           "freeze.fine_tune_at=-2"]
 COMMON = ["trainer.progress=false", "trainer.deterministic=true"]
-SEEDS = "0,1,2"
 AE_EPOCHS = 20
 AE_INIT = ["backbone.init.include=[encoder.conv*]", "backbone.init.strip_prefix=encoder."]
 SMALL = ["dataset.image_size=32", "dataset.crop_pct=1.0"]
@@ -110,13 +108,7 @@ def score_negative(data: list[str], overrides: list[str], label: str) -> dict:
 
 def fine_tune(data: list[str], overrides: list[str], out: Path, log: Path) -> dict:
     """The recipe on one candidate, seeds 0, 1, 2: the final val accuracy of each."""
-    wall = sweep([*data, *RECIPE, *COMMON, *overrides, f"seed={SEEDS}"], out, log)
-    finals = []
-    for path in sorted(out.glob("*/metrics.json")):
-        record = json.loads(path.read_text())
-        finals.append(record["history"][-1]["val_acc"])
-    return {"final_val_acc": finals, "mean": round(statistics.mean(finals), 4),
-            "sd": round(statistics.stdev(finals), 4), "wall_s": round(wall, 1)}
+    return seeds_held_out([*data, *COMMON, *overrides], RECIPE, out, log=log)
 
 
 def taus(found: dict[str, dict]) -> dict[str, dict]:
