@@ -4,7 +4,7 @@
     python experiments/rank/pick.py hymenoptera_10pct    # 10 % of them (24 images)
     python experiments/rank/pick.py --report             # README's table from picks.json
 
-Every choice is made on the training split; only the held-out runs that end steps 3 to 6
+Every choice is made on the training split; only the held-out runs that end steps 3 to 7
 read the val split.
 
 1. **Rank.** ``transferlab-rank`` scores the three offline backbones (LogME, its default) on the
@@ -29,7 +29,12 @@ read the val split.
 6. **Every block** (``FULL``): step 3's backbone fully fine-tuned (``freeze=none``) under a
    cosine schedule, 10 epochs, over ``optimizer.lr=1e-3,3e-4,1e-4`` x ``augment=none,flip``,
    halving on the same folds as in 2; its winner on val as in 3. Added, as steps 4 and 5
-   were, after step 5 fell short of the bar on val; so only on hymenoptera (``FULL_ON``).
+   were, after step 5 fell short of the bar on val; so only on hymenoptera (``SHORT_OF_BAR``).
+7. **Test-time augmentation** (``TTA``): step 3's winner, evaluated with ``tta=none``, ``flip``,
+   ``five_crop`` and ``ten_crop``. Each mode is scored by the mean accuracy of the winner's
+   three fold runs of step 2 (their last weights, on the training images each fold held out);
+   the best (the first listed among equals) evaluates step 3's held-out runs' last weights on
+   val. Nothing trains. Added after step 6 fell short, like it only on hymenoptera.
 
 Each step is kept under ``--root`` (default ``outputs/rank-pick/<data>``) as it ends: a stopped
 run goes on from the step it was in. Results go to ``picks.json`` beside this script.
@@ -40,14 +45,25 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
+import statistics
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from run import COMMON, ZOO  # noqa: E402  (the rank study's, beside this script)
 from run import DATASETS as RANK_DATASETS  # noqa: E402
-from study_stats import applicable, interval_cell, kept, seeds_held_out, sweep, timed  # noqa: E402
+from study_stats import (  # noqa: E402
+    applicable,
+    interval_cell,
+    kept,
+    last_correct,
+    seeds_held_out,
+    sweep,
+    timed,
+)
 
 from transferlab.run.predictions import EVAL_PREDICTIONS, load_predictions  # noqa: E402
 
@@ -61,7 +77,8 @@ FURTHER = ["hydra/sweeper=halving", "hydra.sweeper.rungs=[20]", "trainer.epochs=
            "augment=none,flip,trivialaugment"]
 LARGER = ["hydra/sweeper=halving", "hydra.sweeper.eta=3", "hydra.sweeper.rungs=[2,4,10]",
           "dataset.image_size=260,300,340", "freeze.k=2,5"]
-FULL_ON = {"hymenoptera"}  # step 6: only where steps 3 to 5 fell short of the bar on val
+SHORT_OF_BAR = {"hymenoptera"}  # steps 6 and 7: only where steps 3 to 5 fell short on val
+TTA = ["none", "flip", "five_crop", "ten_crop"]  # step 7's choices; among equals, the first
 FULL = ["hydra/sweeper=halving", "hydra.sweeper.eta=3", "hydra.sweeper.rungs=[2,4,10]",
         "optimizer.lr=1e-3,3e-4,1e-4", "augment=none,flip"]
 
@@ -112,6 +129,44 @@ def settle(root: Path, label: str, grid: list[str], fixed: list[str], base: list
             "cv_mean": swept["winner"]["value"], "held_out": held}
 
 
+def last_weights(run: Path, copy: Path, mode: str) -> str:
+    """``run``'s last weights on its val split with ``tta=mode``: the correctness bits.
+    Evaluated in ``copy`` (the run without its TensorBoard files and evaluation), so the kept
+    run's own evaluation stays as it was."""
+    if not copy.exists():
+        shutil.copytree(run, copy, ignore=shutil.ignore_patterns(
+            "tb", "wise_start.pt", "eval*", "*.png"))
+    return last_correct(copy, f"tta={mode}", "mistakes=false")
+
+
+def accuracy(correct: str) -> float:
+    return correct.count("1") / len(correct)
+
+
+def tta_pick(root: Path, label: str) -> dict:
+    """Step 7: the test-time augmentation (``TTA``) of step ``label``'s winner. Each mode is
+    scored by the mean accuracy of the winner's fold runs (the last weights, on the training
+    images each fold held out); the best mode then evaluates the held-out runs' last weights
+    on val."""
+    record = json.loads((root / label / "halving.json").read_text())
+    config = next(c for c in record["configurations"]
+                  if c["config"] == record["winner"]["config"])
+    started = time.perf_counter()
+    means = {mode: statistics.mean(
+        accuracy(last_weights(root / label / run, root / "tta_folds" / run, mode))
+        for run in config["runs"]) for mode in TTA}
+    folds_s = time.perf_counter() - started
+    mode = max(TTA, key=means.__getitem__)
+    started = time.perf_counter()
+    runs = sorted(p.parent for p in (root / f"{label}_held_out").glob("*/metrics.json"))
+    correct = [last_weights(run, root / "tta_held_out" / run.name, mode) for run in runs]
+    values = [accuracy(c) for c in correct]
+    return {"folds": means, "mode": mode, "folds_s": round(folds_s, 1),
+            "held_out": {"wall_s": round(time.perf_counter() - started, 1),
+                         "final_val_acc": values, "mean": round(statistics.mean(values), 4),
+                         "sd": round(statistics.stdev(values), 4), "val_correct": correct}}
+
+
 def run_pick(name: str, root: Path) -> dict:
     data = DATASETS[name]
     root.mkdir(parents=True, exist_ok=True)
@@ -132,11 +187,17 @@ def run_pick(name: str, root: Path) -> dict:
                     winner)
     result = {"data": data, "rank": ranked, "suggested": ranked["next_halving"], **first,
               "target": TARGETS[name], "further": further, "larger": larger}
-    if name in FULL_ON:  # step 6: the winner's backbone, every block, a cosine schedule
+    if name in SHORT_OF_BAR:
+        # step 6: the winner's backbone, every block, a cosine schedule
         backbone = [o for o in winner if o.startswith("backbone=")]
         every = [*backbone, "freeze=none"]
         result["full"] = settle(root, "full", [*fixed, *every, "scheduler=cosine", *FULL],
                                 [*fixed, "scheduler=cosine"], every)
+        # step 7: step 3's winner with the test-time augmentation its folds prefer
+        tta = kept(root / "tta_step.json", lambda: tta_pick(root, "halving"))
+        tta["held_out"]["ensemble_errors"] = seed_ensemble(root / "tta_held_out")
+        result["tta"] = {**tta, "pick": [*winner, f"tta={tta['mode']}"],
+                         "cv_mean": tta["folds"][tta["mode"]]}
     return result
 
 
@@ -150,17 +211,21 @@ def report(results: dict) -> str:
         steps = [("the suggested sweep", r, f"{r['rank']['wall_s']:.0f} s rank + "),
                  ("20 epochs, augmentation", r.get("further"), ""),
                  ("larger inputs, more blocks", r.get("larger"), ""),
-                 ("every block, cosine schedule", r.get("full"), "")]
+                 ("every block, cosine schedule", r.get("full"), ""),
+                 ("test-time augmentation", r.get("tta"), "")]
         for label, step, rank_s in (s for s in steps if s[1]):
             h = step["held_out"]
             runs = [{"val_correct": bits} for bits in h["val_correct"]]
             met = "met" if h["mean"] >= r["target"] else "not met"
             errors = f"{', '.join(str(b.count('0')) for b in h['val_correct'])}; " \
                      f"{h['ensemble_errors']}"
+            wall = (f"{step['halving']['wall_s']:.0f} s sweep + {h['wall_s']:.0f} s seeds"
+                    if "halving" in step else  # step 7 trains nothing: it evaluates
+                    f"{step['folds_s']:.0f} s on the folds + {h['wall_s']:.0f} s on val")
             lines.append(f"| {name} | {order} | {label} | `{' '.join(step['pick'])}` | "
                          f"{step['cv_mean']:.4f} | {h['mean']:.4f} ± {h['sd']:.4f} | "
                          f"{interval_cell(runs)} | {errors} | {r['target']:.3f}: {met} | {rank_s}"
-                         f"{step['halving']['wall_s']:.0f} s sweep + {h['wall_s']:.0f} s seeds |")
+                         f"{wall} |")
     return "\n".join(lines)
 
 
