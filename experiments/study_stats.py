@@ -99,9 +99,9 @@ def difference_cell(diff: Difference, holm_p: float) -> str:
             f"{p_text(holm_p).replace(' = ', ' ')}")
 
 
-__all__ = ["against", "applicable", "bits", "difference_cell", "interval_cell", "kept",
-           "last_correct", "matrix", "mean_sd", "seeds_held_out", "sweep", "timed",
-           "verdict_lines"]
+__all__ = ["against", "applicable", "bits", "difference_cell", "held_out_record",
+           "interval_cell", "kept", "last_correct", "matrix", "mean_sd", "seeds_held_out",
+           "sweep", "timed", "verdict_lines"]
 
 
 def kept(path: Path, compute) -> dict:
@@ -178,8 +178,13 @@ def seeds_held_out(fixed: list[str], pick: list[str], out: Path, correctness: bo
             record["history"][-1]["val_acc"]
         if correctness:
             correct.append(last_correct(path.parent))
-    values = list(final.values())
+    return held_out_record(wall, list(final.values()), correct if correctness else None)
+
+
+def held_out_record(wall: float, values: list[float], correct: list[str] | None = None) -> dict:
+    """What a held-out step keeps: its wall time, each run's val accuracy, their mean and sd,
+    and with ``correct`` each run's image-by-image correctness (``val_correct``)."""
     result = {"wall_s": round(wall, 1), "final_val_acc": values,
               "mean": round(statistics.mean(values), 4),
               "sd": round(statistics.stdev(values), 4)}
-    return {**result, "val_correct": correct} if correctness else result
+    return result if correct is None else {**result, "val_correct": correct}

@@ -57,6 +57,7 @@ from run import COMMON, ZOO  # noqa: E402  (the rank study's, beside this script
 from run import DATASETS as RANK_DATASETS  # noqa: E402
 from study_stats import (  # noqa: E402
     applicable,
+    held_out_record,
     interval_cell,
     kept,
     last_correct,
@@ -160,11 +161,9 @@ def tta_pick(root: Path, label: str) -> dict:
     started = time.perf_counter()
     runs = sorted(p.parent for p in (root / f"{label}_held_out").glob("*/metrics.json"))
     correct = [last_weights(run, root / "tta_held_out" / run.name, mode) for run in runs]
-    values = [accuracy(c) for c in correct]
-    return {"folds": means, "mode": mode, "folds_s": round(folds_s, 1),
-            "held_out": {"wall_s": round(time.perf_counter() - started, 1),
-                         "final_val_acc": values, "mean": round(statistics.mean(values), 4),
-                         "sd": round(statistics.stdev(values), 4), "val_correct": correct}}
+    held = held_out_record(time.perf_counter() - started, [accuracy(c) for c in correct],
+                           correct)
+    return {"folds": means, "mode": mode, "folds_s": round(folds_s, 1), "held_out": held}
 
 
 def run_pick(name: str, root: Path) -> dict:
