@@ -144,18 +144,21 @@ def accuracy(correct: str) -> float:
     return correct.count("1") / len(correct)
 
 
-def tta_pick(root: Path, label: str) -> dict:
-    """Step 7: the test-time augmentation (``TTA``) of step ``label``'s winner. Each mode is
-    scored by the mean accuracy of the winner's fold runs (the last weights, on the training
-    images each fold held out); the best mode then evaluates the held-out runs' last weights
-    on val."""
-    record = json.loads((root / label / "halving.json").read_text())
-    config = next(c for c in record["configurations"]
-                  if c["config"] == record["winner"]["config"])
+def tta_pick(root: Path, label: str, swept: dict) -> dict:
+    """Step 7: the test-time augmentation (``TTA``) of step ``label``'s winner (``swept``: its
+    halving record). Each mode is scored by the mean accuracy of the winner's fold runs (the
+    last weights, on the training images each fold held out); the best mode then evaluates
+    the held-out runs' last weights on val."""
+    folds = next(c["runs"] for c in swept["configurations"]
+                 if c["config"] == swept["winner"]["config"])
+
+    def on_folds(mode: str) -> float:
+        return statistics.mean(
+            accuracy(last_weights(root / label / run, root / "tta_folds" / run, mode))
+            for run in folds)
+
     started = time.perf_counter()
-    means = {mode: statistics.mean(
-        accuracy(last_weights(root / label / run, root / "tta_folds" / run, mode))
-        for run in config["runs"]) for mode in TTA}
+    means = {mode: on_folds(mode) for mode in TTA}
     folds_s = time.perf_counter() - started
     mode = max(TTA, key=means.__getitem__)
     started = time.perf_counter()
@@ -193,7 +196,8 @@ def run_pick(name: str, root: Path) -> dict:
         result["full"] = settle(root, "full", [*fixed, *every, "scheduler=cosine", *FULL],
                                 [*fixed, "scheduler=cosine"], every)
         # step 7: step 3's winner with the test-time augmentation its folds prefer
-        tta = kept(root / "tta_step.json", lambda: tta_pick(root, "halving"))
+        tta = kept(root / "tta_step.json",
+                   lambda: tta_pick(root, "halving", first["halving"]))
         tta["held_out"]["ensemble_errors"] = seed_ensemble(root / "tta_held_out")
         result["tta"] = {**tta, "pick": [*winner, f"tta={tta['mode']}"],
                          "cv_mean": tta["folds"][tta["mode"]]}
