@@ -260,3 +260,62 @@ def test_a_stop_asked_after_the_last_epochs_look_completes_the_run_and_is_kept(
     result = train(compose_cfg(TINY), tmp_path / "run")
     assert result.metrics["status"] == "completed"
     assert StopRequest.take_late() == signal.SIGINT and StopRequest.take_late() is None
+
+
+def _epoch(tracker):
+    tracker.log_epoch({"epoch": 1, "stage": "s", "train_loss": 1.0, "train_acc": 0.5,
+                       "val_loss": 1.0, "val_acc": 0.5, "lr": {}, "seconds": 1.0}, 0)
+
+
+def _import_hit_by_ctrl_c():
+    """What a second Ctrl-C that lands while pybind11 imports a module reaches Python as."""
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt as stop:
+        raise ImportError("initialization failed") from stop
+
+
+def test_a_ctrl_c_that_lands_in_an_import_ends_the_run_interrupted_not_failed(tmp_path):
+    """(CI once saw ``error: job 1 failed: initialization failed`` after two Ctrl-C.)"""
+    from transferlab.run.record import RunTracker
+
+    tracker = RunTracker(tmp_path, {}, {"seed": 0})
+    with pytest.raises(KeyboardInterrupt), tracker.recording():
+        _epoch(tracker)
+        _import_hit_by_ctrl_c()
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert (metrics["status"], metrics["error"]) == ("interrupted", "KeyboardInterrupt")
+
+
+def test_a_ctrl_c_while_the_curves_are_drawn_still_ends_the_record(tmp_path, monkeypatch):
+    """The first Ctrl-C ended the fit (Interrupted); the second lands in matplotlib's import
+    as the curves are drawn: the record still says ``interrupted`` with the first signal, and
+    the stop goes on as a KeyboardInterrupt."""
+    from transferlab.errors import Interrupted
+    from transferlab.run import plots
+    from transferlab.run.record import RunTracker
+
+    monkeypatch.setattr(plots, "save_learning_curves", lambda *a: _import_hit_by_ctrl_c())
+    tracker = RunTracker(tmp_path, {}, {"seed": 0})
+    with pytest.raises(KeyboardInterrupt), tracker.recording("curves"):
+        _epoch(tracker)
+        raise Interrupted(2)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert (metrics["status"], metrics["error"]) == ("interrupted", "signal 2")
+
+
+def test_an_error_is_a_stop_only_when_a_stop_is_behind_it():
+    from transferlab.errors import Interrupted, stop_behind, stops_unwrapped
+
+    with pytest.raises(ImportError) as plain:
+        raise ImportError("initialization failed")
+    assert stop_behind(plain.value) is None
+    with pytest.raises(KeyboardInterrupt), stops_unwrapped():
+        _import_hit_by_ctrl_c()
+    with pytest.raises(Interrupted), stops_unwrapped():
+        try:
+            raise Interrupted(15)
+        except Interrupted:
+            raise OSError("a write cut short") from None  # (its context: the stop)
+    with pytest.raises(ValueError), stops_unwrapped():
+        raise ValueError("a bug")

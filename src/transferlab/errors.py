@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from collections.abc import Iterable
 
@@ -35,6 +36,33 @@ class Paused(BaseException):  # noqa: N818 (the end of a run's budget: not an er
     def __init__(self, epoch: int, total: int):
         super().__init__(epoch, total)
         self.epoch, self.total = epoch, total
+
+
+def stop_behind(exc: BaseException | None) -> BaseException | None:
+    """The Ctrl-C (``KeyboardInterrupt``) or stop (:class:`Interrupted`) behind an exception,
+    or None. A second Ctrl-C that lands while an extension module is being imported (matplotlib
+    drawing the curves, scipy) reaches Python as that import's error: pybind11 raises
+    ``ImportError: initialization failed`` from it."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, (KeyboardInterrupt, Interrupted)):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@contextlib.contextmanager
+def stops_unwrapped():
+    """An error that stands for a stop (:func:`stop_behind`) is raised as that stop: the run
+    is ``interrupted``, not ``failed``, and the sweep says how to go on, not that a job
+    failed."""
+    try:
+        yield
+    except Exception as exc:
+        if (stop := stop_behind(exc)) is None:
+            raise
+        raise stop from None
 
 
 def nearest(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:

@@ -30,7 +30,7 @@ from transferlab.config import composition_error
 from transferlab.config.store import register_configs
 from transferlab.config.sweep_keys import OPTIONAL_KEYS_ENV, drop_unused, optional_keys, relaxed
 from transferlab.config.validate import check_name
-from transferlab.errors import EXIT_JOB_FAILED, Interrupted, UserError
+from transferlab.errors import EXIT_JOB_FAILED, Interrupted, UserError, stops_unwrapped
 from transferlab.infra.cluster import export_submitit_env, hand_over, job_environment
 from transferlab.infra.job_process import record_end, run_in_child, stop_requested
 from transferlab.infra.processes import (
@@ -98,7 +98,8 @@ def _run_job(cfg: DictConfig, hc) -> float | None:
         quiet_logging(env_rank())  # after Hydra's own logging setup
     try:
         sweep = hc.job.num if hc.mode == RunMode.MULTIRUN else None
-        result = _job(cfg, run_dir, overrides, sweep=sweep)
+        with stops_unwrapped():  # (a Ctrl-C that landed in an import is a stop, not a failure)
+            result = _job(cfg, run_dir, overrides, sweep=sweep)
     except Interrupted as stop:
         hand_over(stop.signum)  # submitit's preemption signal: requeued (rank 0 exits here)
         raise

@@ -17,7 +17,7 @@ from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from transferlab.engine.best import epoch_rank
 from transferlab.engine.ema import best_ema
-from transferlab.errors import Interrupted, Paused, error_line
+from transferlab.errors import Interrupted, Paused, error_line, stops_unwrapped
 from transferlab.infra.liveness import process_started
 from transferlab.infra.processes import resume_command
 from transferlab.infra.run_dirs import atomic_write_text, lock_run
@@ -292,7 +292,8 @@ class RunTracker:
         that ran (``curves_title``: the figure's title). The result is in ``self.metrics``."""
         status, error = "completed", None
         try:
-            yield self
+            with stops_unwrapped():
+                yield self
         except KeyboardInterrupt:
             status, error = "interrupted", "KeyboardInterrupt"
             self._resume_hint()
@@ -310,12 +311,15 @@ class RunTracker:
             status, error = "failed", error_line(exc)
             raise
         finally:
-            if self.history and curves_title is not None and self.writes:
-                from transferlab.run.plots import save_learning_curves
+            try:  # (a second Ctrl-C while matplotlib is imported: the record still ends)
+                if self.history and curves_title is not None and self.writes:
+                    from transferlab.run.plots import save_learning_curves
 
-                save_learning_curves(self.history, self.run_dir / "learning_curves.png",
-                                     curves_title, self.extra.get("stopped_early"))
-            self.finish(status, error)
+                    with stops_unwrapped():
+                        save_learning_curves(self.history, self.run_dir / "learning_curves.png",
+                                             curves_title, self.extra.get("stopped_early"))
+            finally:
+                self.finish(status, error)
 
     def _resume_hint(self) -> None:
         if (self.run_dir / "checkpoints" / "last.pt").is_file():
