@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import re
 import subprocess
@@ -344,6 +345,22 @@ def test_every_other_console_script_answers_help_without_torch_scipy_or_matplotl
             "    assert out.getvalue().startswith('usage: transferlab-'), name\n"
             "print(sorted(m for m in ('torch', 'scipy', 'matplotlib') if m in sys.modules))\n")
     assert _python(code).splitlines() == ["[]"]
+
+
+@pytest.mark.slow  # a process of its own
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed")
+def test_timm_is_imported_without_wandb_and_wandb_still_imports_in_full():
+    """timm imports wandb when it is installed (2.3 s of every run's start): transferlab's
+    import of timm hides it, and wandb imports as before afterwards."""
+    code = ("import sys\n"
+            "from transferlab.backbones import build_backbone\n"
+            "from transferlab.config import BackboneConfig\n"
+            "build_backbone(BackboneConfig(name='test_efficientnet', source='timm', "
+            "pretrained=False))\n"
+            "print('timm.utils.summary' in sys.modules, 'wandb' in sys.modules)\n"
+            "import wandb\n"
+            "print(callable(wandb.init))\n")
+    assert _python(code).splitlines() == ["True False", "True"]
 
 
 def _python(code: str) -> str:

@@ -20,6 +20,7 @@ from torch import nn
 
 from transferlab.backbones.base import Backbone
 from transferlab.errors import UserError
+from transferlab.infra.imports import import_timm
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ def _top_level(module: nn.Module) -> list[Segment] | None:
     if _is_plain_sequential(module):
         return [Segment(n, m, m) for n, m in module.named_children()]
     try:
+        import_timm()
         from timm.models.efficientnet import EfficientNet
         from timm.models.resnet import ResNet
     except ImportError:  # pragma: no cover - timm is a dependency

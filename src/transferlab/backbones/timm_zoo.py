@@ -18,6 +18,7 @@ from transferlab.backbones.weights import (
     timm_weights_hint,
 )
 from transferlab.errors import UserError, did_you_mean
+from transferlab.infra.imports import import_timm
 
 
 def _input_spec(model: nn.Module) -> InputSpec:
@@ -55,6 +56,7 @@ def _timm_blocks(model: nn.Module) -> list[Block]:
     single layers (``conv_head``, ``bn2``), so each block is one structural unit.
     """
     try:
+        import_timm()
         from timm.models import group_parameters
 
         groups = list(group_parameters(model, model.group_matcher(coarse=False)).values())
@@ -109,7 +111,7 @@ def _imagenet_categories() -> list[str]:
 
 
 def build_timm(cfg) -> Backbone:
-    import timm
+    timm = import_timm()
 
     if not timm.is_model(cfg.name):
         raise UserError(
@@ -231,7 +233,7 @@ def load_lite_package_weights(model: nn.Module, lite: LitePackage) -> str:
 def build_lite_package(cfg, lite: LitePackage) -> Backbone:
     """timm's ``lite.timm_name`` with ImageNet weights that ship in a pip package; its input
     (size, mean, std, interpolation) is timm's for that model (lite0 224, lite1 240, lite2 260)."""
-    import timm
+    timm = import_timm()
 
     model = timm.create_model(lite.timm_name, pretrained=False)
     if cfg.pretrained and cfg.weights_path:  # timm's names, not the package's

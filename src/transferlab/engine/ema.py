@@ -32,6 +32,7 @@ from torch import nn
 
 from transferlab.config.schema import EmaConfig
 from transferlab.engine.best import epoch_rank
+from transferlab.infra.imports import import_timm
 
 
 class WeightsEma:
@@ -39,6 +40,7 @@ class WeightsEma:
     model after a feature-cache cut included, shares its parameters)."""
 
     def __init__(self, cfg: EmaConfig, model: nn.Module, state: dict[str, Any] | None = None):
+        import_timm()
         from timm.utils.model_ema import ModelEmaV3
 
         self.cfg, self.model = cfg, model

@@ -10,6 +10,7 @@ from importlib import resources
 from transferlab.config import BackboneConfig, compose_config, load_config
 from transferlab.config.typed import typed_object
 from transferlab.errors import UserError, did_you_mean
+from transferlab.infra.imports import import_timm
 from transferlab.registry import BACKBONE_SOURCES
 
 
@@ -42,8 +43,9 @@ def _named(name: str, source: str | None) -> BackboneConfig:
     preset = preset_config(name)
     if preset is not None:
         return dataclasses.replace(preset, pretrained=True)
-    import timm
     from torchvision import models as tvm
+
+    timm = import_timm()
 
     torchvision_names = tvm.list_models(module=tvm)
     if name in torchvision_names:
