@@ -171,6 +171,33 @@ def test_the_runs_predictions_are_best_pts_and_eval_writes_its_own(tiny_metrics,
     assert (run_dir / "predictions_val.npz").stat().st_size < 20_000  # 360 images
 
 
+def test_output_writes_an_evaluation_elsewhere_and_keeps_the_runs(tiny_metrics, tmp_path,
+                                                                  capsys):
+    """``output=<dir>``: every file of the evaluation (and its TensorBoard records) goes there;
+    the run directory's own evaluation is left as it was."""
+    from transferlab.run.predictions import EVAL_PREDICTIONS, load_predictions
+
+    run_dir, _ = tiny_metrics
+    plain = evaluate(run_dir)
+    kept = {name: (run_dir / name).read_bytes() for name in (EVAL_JSON, EVAL_PREDICTIONS)}
+    capsys.readouterr()
+    out = tmp_path / "flip" / "eval"  # (made, parents too)
+    assert main([f"run={run_dir}", "tta=flip", f"output={out}"]) == 0
+    printed = capsys.readouterr().out
+    assert f"Metrics saved to: {out / EVAL_JSON}" in printed and str(run_dir) not in printed
+    flip = json.loads((out / EVAL_JSON).read_text())
+    assert flip["tta"] == "flip" and flip["run"] == str(run_dir) and plain["tta"] == "none"
+    assert load_predictions(out / EVAL_PREDICTIONS).header["tta"] == "flip"
+    assert (out / EVAL_PNG).is_file() and list((out / "tb").glob("events.out.tfevents.*"))
+    assert {name: (run_dir / name).read_bytes() for name in kept} == kept
+
+    (tmp_path / "a_file").write_text("")
+    assert main([f"run={run_dir}", f"output={tmp_path / 'a_file' / 'eval'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: output={tmp_path / 'a_file' / 'eval'}: cannot make the folder")
+    assert "\n" not in err
+
+
 def metrics_identity(run_dir) -> str:
     """The val split's identity in the run's data fingerprint (its last checkpoint)."""
     from transferlab.infra.checkpoint import load_checkpoint

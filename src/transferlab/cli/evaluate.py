@@ -31,7 +31,7 @@ SPEC = Spec(
     prog="transferlab-eval",
     summary="Evaluate a saved checkpoint of a run on one of its data splits. Writes eval.json, "
             "eval_confusion_matrix.png, eval_predictions.npz and TensorBoard records into the run "
-            "directory, and "
+            "directory (or output=), and "
             "prints accuracy, loss and a per-class table.",
     keys=(
         Key("run", "a run directory written by transferlab-train", Path, required=True,
@@ -59,6 +59,9 @@ SPEC = Spec(
             metavar="0:1:0.1|<a>,<b>...", default_text="none"),
         Key("mistakes", "also draw the split's first 16 misclassified images, with Grad-CAM "
             "overlays where grad-cam is installed, into eval_mistakes.png", bool, False),
+        Key("output", "the folder to write the evaluation's files and TensorBoard records "
+            "into (made if missing), so that those of an earlier evaluation in the run "
+            "directory are kept", Path, metavar="<dir>", default_text="the run directory"),
     ),
     prefixes=(Prefix("dataset.", "a field of the run's dataset config, e.g. dataset.root=/data"
                                  "/copy (numbers and true/false are read as YAML)"),),
@@ -68,6 +71,7 @@ SPEC = Spec(
         "transferlab-eval run=<run dir> checkpoint=last split=test mistakes=true",
         "transferlab-eval run=<run dir> weights=ema checkpoint=best_ema tta=flip",
         "transferlab-eval run=<run dir> wise=0:1:0.1 corruptions=all severity=3",
+        "transferlab-eval run=<run dir> tta=five_crop output=<run dir>/eval_five_crop",
     ),
 )
 
@@ -100,7 +104,8 @@ def parse_args(argv: list[str]):
                             parsed["wise"] or ())
     return EvalArgs(run=parsed["run"], checkpoint=parsed["checkpoint"], split=parsed["split"],
                     weights=parsed["weights"], device=parsed["device"], tta=parsed["tta"],
-                    dataset=dataset or None, robust=robust, mistakes=parsed["mistakes"])
+                    dataset=dataset or None, robust=robust, mistakes=parsed["mistakes"],
+                    output=parsed["output"])
 
 
 def run_cli(argv: list[str]) -> None:
@@ -111,19 +116,19 @@ def run_cli(argv: list[str]) -> None:
     from transferlab.tools.robustness import robustness_text, write_robustness
 
     report = evaluate_run(args)
-    json_path, png_path = write_reports(args.run, report, report["classes"])
+    json_path, png_path = write_reports(args.out, report, report["classes"])
     tag = tb_tag(args.split, args.tta)
-    figures = write_robustness(args.run, report, tag)
+    figures = write_robustness(args.out, report, tag)
     print(summary_text(report))
     if figures:
         print(f"\n{robustness_text(report)}\n\nFigures: {', '.join(map(str, figures))}")
     if args.mistakes:
         from transferlab.tools.mistakes import EVAL_MISTAKES
 
-        print(f"Misclassified images: {args.run / EVAL_MISTAKES}")
+        print(f"Misclassified images: {args.out / EVAL_MISTAKES}")
     print(f"\nMetrics saved to: {json_path}\nConfusion matrix: {png_path}\n"
-          f"Per-image predictions: {args.run / EVAL_PREDICTIONS}\n"
-          f"TensorBoard: tensorboard --logdir {args.run / 'tb'} "
+          f"Per-image predictions: {args.out / EVAL_PREDICTIONS}\n"
+          f"TensorBoard: tensorboard --logdir {args.out / 'tb'} "
           f"(tag eval/{tag}/confusion_matrix)", flush=True)
 
 

@@ -91,6 +91,12 @@ class EvalArgs:
     dataset: dict[str, Any] | None = None  # dataset.<field> overrides
     robust: RobustnessArgs = field(default_factory=RobustnessArgs)  # corruptions=, wise=
     mistakes: bool = False  # also eval_mistakes.png (transferlab.tools.mistakes)
+    output: Path | None = None  # where the files go; None: the run directory
+
+    @property
+    def out(self) -> Path:
+        """The folder the evaluation's files are written into."""
+        return self.output if self.output is not None else self.run
 
 
 # -- checkpoint, config, model, data -------------------------------------------------------------
@@ -264,6 +270,12 @@ def write_reports(run_dir: Path, report: dict[str, Any], classes: list[str]) -> 
 def evaluate_run(args: EvalArgs) -> dict[str, Any]:
     """Evaluate ``args.checkpoint`` of ``args.run`` on ``args.split``; the eval.json record."""
     path = checkpoint_path(args.run, args.checkpoint)
+    if args.output is not None:
+        try:
+            args.output.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"output={args.output}: cannot make the folder "
+                            f"({exc.strerror or exc}): give a writable one") from None
     ckpt = load_checkpoint(path)
     run = checkpoint_config(ckpt, args.dataset)
     classes = [str(c) for c in ckpt.get("classes") or []]
@@ -281,7 +293,7 @@ def evaluate_run(args: EvalArgs) -> dict[str, Any]:
                     tta_scores(channels_last))
     pred = scorer(model, dataset)
     identity = dataset_identity(dataset) if not args.dataset and args.tta == "none" else None
-    save_predictions(args.run / EVAL_PREDICTIONS, pred, {
+    save_predictions(args.out / EVAL_PREDICTIONS, pred, {
         "checkpoint": args.checkpoint, "epoch": ckpt.get("epoch"), "weights": args.weights,
         "split": args.split, "tta": args.tta, "classes": classes, "identity": identity,
         "dataset_overrides": args.dataset or {}})
@@ -300,7 +312,7 @@ def evaluate_run(args: EvalArgs) -> dict[str, Any]:
                                                                 args.split, classes)
         with_tta = "" if args.tta == "none" else f", tta={args.tta}"
         heading = f"{args.checkpoint}.pt (epoch {ckpt.get('epoch')}) on {args.split}{with_tta}"
-        eval_mistakes(args.run, done, plain, pred, heading, tb_tag(args.split, args.tta))
+        eval_mistakes(args.out, done, plain, pred, heading, tb_tag(args.split, args.tta))
     report.update(robustness(args.run, args.split, args.dataset, args.robust, done,
                              report["accuracy"]))
     return report
