@@ -69,9 +69,9 @@ SPEC = Spec(
         "transferlab-eval run=outputs/runs/2026-11-23/10-00-00_digits-efficientnet_lite0-"
         "linear_probe",
         "transferlab-eval run=<run dir> checkpoint=last split=test mistakes=true",
-        "transferlab-eval run=<run dir> weights=ema checkpoint=best_ema tta=flip",
+        "transferlab-eval run=<run dir> weights=ema checkpoint=best_ema tta=flip "
+        "output=<run dir>/eval_ema_flip",
         "transferlab-eval run=<run dir> wise=0:1:0.1 corruptions=all severity=3",
-        "transferlab-eval run=<run dir> tta=five_crop output=<run dir>/eval_five_crop",
     ),
 )
 
