@@ -313,9 +313,9 @@ class RunTracker:
         finally:
             try:  # (a second Ctrl-C while matplotlib is imported: the record still ends)
                 if self.history and curves_title is not None and self.writes:
-                    from transferlab.run.plots import save_learning_curves
-
                     with stops_unwrapped():
+                        from transferlab.run.plots import save_learning_curves
+
                         save_learning_curves(self.history, self.run_dir / "learning_curves.png",
                                              curves_title, self.extra.get("stopped_early"))
             finally:
