@@ -35,13 +35,16 @@ from transferlab.tools.stats import (
 )
 
 
-def last_correct(run_dir: Path, *extra: str) -> str:
-    """Evaluate ``run_dir``'s ``last.pt`` on its val split; its correctness as ``0``/``1``."""
-    cmd = ["transferlab-eval", f"run={run_dir}", "checkpoint=last", *extra]
+def last_correct(run_dir: Path, *extra: str, output: Path | None = None) -> str:
+    """Evaluate ``run_dir``'s ``last.pt`` on its val split; its correctness as ``0``/``1``.
+    With ``output``, the evaluation's files go there (``transferlab-eval output=``) and the
+    run's own evaluation stays as it was."""
+    cmd = ["transferlab-eval", f"run={run_dir}", "checkpoint=last", *extra,
+           *([f"output={output}"] if output is not None else [])]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return bits(load_predictions(run_dir / EVAL_PREDICTIONS).correct)
+    return bits(load_predictions((output or run_dir) / EVAL_PREDICTIONS).correct)
 
 
 def mean_sd(values: list[float], digits: int = 3) -> str:

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import shutil
 import statistics
 import sys
 import time
@@ -130,14 +129,10 @@ def settle(root: Path, label: str, grid: list[str], fixed: list[str], base: list
             "cv_mean": swept["winner"]["value"], "held_out": held}
 
 
-def last_weights(run: Path, copy: Path, mode: str) -> str:
-    """``run``'s last weights on its val split with ``tta=mode``: the correctness bits.
-    Evaluated in ``copy`` (the run without its TensorBoard files and evaluation), so the kept
-    run's own evaluation stays as it was."""
-    if not copy.exists():
-        shutil.copytree(run, copy, ignore=shutil.ignore_patterns(
-            "tb", "wise_start.pt", "eval*", "*.png"))
-    return last_correct(copy, f"tta={mode}", "mistakes=false")
+def last_weights(run: Path, out: Path, mode: str) -> str:
+    """``run``'s last weights on its val split with ``tta=mode``: the correctness bits. The
+    evaluation's files go to ``out``, so the kept run's own evaluation stays as it was."""
+    return last_correct(run, f"tta={mode}", "mistakes=false", output=out)
 
 
 def accuracy(correct: str) -> float:
